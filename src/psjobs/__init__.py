@@ -1,0 +1,127 @@
+"""psjobs: PowerShell-style background jobs for Python.
+
+Start work in the background and get the prompt back at once; then list the jobs, receive partial
+results while they run, wait (with a timeout), stop, remove, and read why a job failed. The same
+verbs drive work in a thread, in another process, and on remote computers over SSH::
+
+    import psjobs
+    job = psjobs.start_job("sleep 1; echo done")
+    psjobs.get_job()                 # the Get-Job table
+    psjobs.wait_job(job, timeout=5)
+    psjobs.receive_job(job)          # ['done']
+"""
+
+from ._api import (
+    default_session,
+    get_job,
+    invoke_command,
+    receive_job,
+    remove_job,
+    start_job,
+    start_thread_job,
+    stop_job,
+    wait_job,
+)
+from ._errors import (
+    ExitStatusError,
+    JobBlockedError,
+    JobFailedError,
+    JobNotFinishedError,
+    JobNotFoundError,
+    JobStateError,
+    JobStopped,
+    ProtocolError,
+    PsJobsError,
+    PsJobsWarning,
+    RemoteError,
+    RemoteTraceback,
+    StopTimeoutWarning,
+    WorkerError,
+)
+from ._format import JobList, format_table
+from ._inside import (
+    job_input,
+    read_host,
+    stop_requested,
+    write_debug,
+    write_error,
+    write_information,
+    write_output,
+    write_progress,
+    write_verbose,
+    write_warning,
+)
+from ._job import Job, JobStateInfo
+from ._records import (
+    ErrorRecord,
+    InformationRecord,
+    OutputRecord,
+    ProgressRecord,
+    Record,
+    Snapshot,
+    Stream,
+)
+from ._session import Host, Session
+from ._state import JobState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ErrorRecord",
+    "ExitStatusError",
+    "Host",
+    "InformationRecord",
+    "Job",
+    "JobBlockedError",
+    "JobFailedError",
+    "JobList",
+    "JobNotFinishedError",
+    "JobNotFoundError",
+    "JobState",
+    "JobStateError",
+    "JobStateInfo",
+    "JobStopped",
+    "OutputRecord",
+    "ProgressRecord",
+    "ProtocolError",
+    "PsJobsError",
+    "PsJobsWarning",
+    "Record",
+    "RemoteError",
+    "RemoteTraceback",
+    "Session",
+    "Snapshot",
+    "StopTimeoutWarning",
+    "Stream",
+    "WorkerError",
+    "default_session",
+    "format_table",
+    "get_job",
+    "invoke_command",
+    "job_input",
+    "read_host",
+    "receive_job",
+    "remove_job",
+    "start_job",
+    "start_thread_job",
+    "stop_job",
+    "stop_requested",
+    "wait_job",
+    "write_debug",
+    "write_error",
+    "write_information",
+    "write_output",
+    "write_progress",
+    "write_verbose",
+    "write_warning",
+]
+
+# One public face: objects say they come from psjobs, not from its private modules.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("psjobs._"):
+        try:
+            _obj.__module__ = "psjobs"
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

@@ -1,0 +1,85 @@
+"""The verbs as module functions, over one default Session per process (thin, as httpx's _api)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ._format import JobList
+from ._job import Job
+from ._session import JobSelector, Session
+
+_default: Session | None = None
+_lock = threading.Lock()
+
+
+def default_session() -> Session:
+    """The process's default session, made on first use and closed at exit."""
+    global _default
+    if _default is None:
+        with _lock:
+            if _default is None:
+                _default = Session()
+                atexit.register(_close_default)
+    return _default
+
+
+def _close_default() -> None:
+    if _default is not None:
+        _default.close()
+
+
+def start_job(target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
+              init: Callable[[], Any] | None = None, working_directory: str | os.PathLike[str] | None = None,
+              env: Mapping[str, str | None] | None = None, **kwargs: Any) -> Job:
+    """Run ``target`` in another process and return its BackgroundJob at once.
+
+    ``target`` is a callable (run with ``*args, **kwargs``), a shell command line (``*args`` are
+    ``$1, $2...``) or an argv list. Example: ``job = psjobs.start_job("ls -l /tmp")``.
+    """
+    return default_session().start_job(target, *args, name=name, input=input, init=init,
+                                       working_directory=working_directory, env=env, **kwargs)
+
+
+def start_thread_job(target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
+                     init: Callable[[], Any] | None = None, throttle_limit: int | None = None,
+                     **kwargs: Any) -> Job:
+    """Run ``target`` in a thread and return its ThreadJob at once (queued past the throttle limit)."""
+    return default_session().start_thread_job(target, *args, name=name, input=input, init=init,
+                                              throttle_limit=throttle_limit, **kwargs)
+
+
+def invoke_command(target: Any, *args: Any, computer_name: str | Iterable[str] | None = None,
+                   as_job: bool = True, throttle_limit: int = 32, job_name: str | None = None,
+                   **kwargs: Any) -> Any:
+    """Run ``target`` on every computer over SSH; one RemoteJob with a child per computer."""
+    return default_session().invoke_command(target, *args, computer_name=computer_name, as_job=as_job,
+                                            throttle_limit=throttle_limit, job_name=job_name, **kwargs)
+
+
+def get_job(id: Any = None, **filters: Any) -> list[Job]:
+    """The session's jobs by ascending id; see Session.get_job for the filters."""
+    return JobList(default_session().get_job(id, **filters))
+
+
+def receive_job(jobs: JobSelector, **options: Any) -> list[Any]:
+    """The output not yet received; see Session.receive_job for the options."""
+    return default_session().receive_job(jobs, **options)
+
+
+def wait_job(jobs: JobSelector, **options: Any) -> list[Job]:
+    """Wait until the jobs are done; ``[]`` on timeout. See Session.wait_job."""
+    return JobList(default_session().wait_job(jobs, **options))
+
+
+def stop_job(jobs: JobSelector, *, pass_thru: bool = False) -> list[Job]:
+    """Stop the jobs for real and return when they are finished."""
+    return JobList(default_session().stop_job(jobs, pass_thru=pass_thru))
+
+
+def remove_job(jobs: JobSelector, *, force: bool = False) -> None:
+    """Drop finished jobs and all their data; ``force=True`` stops running ones first."""
+    default_session().remove_job(jobs, force=force)

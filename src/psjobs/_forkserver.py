@@ -1,0 +1,164 @@
+"""The fork server: a small warm Python that forks one worker per process job.
+
+::
+
+    session --ctl (SOCK_SEQPACKET): ("fork", token, meta) + the job's socket (SCM_RIGHTS)--> server
+    server  --fork--> worker (own process group) --serves the job on that socket--> session
+    server  --ctl: ("forked", token, pid) / ("exited", token, pid, wait status)--> session
+    session closes ctl (or dies) --> server kills every worker group it still has, then exits
+
+It is started as a fresh interpreter (never forked from the session, whose size and threads would
+make every fork slow and unsafe), preloads the worker runtime, and freezes the GC so children share
+its pages. It is a child subreaper, so the orphans a job leaves are reaped here, not left as zombies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _subreaper() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: orphans go to init, as they would anyway
+
+
+def main() -> None:
+    ctl = socket.socket(fileno=int(sys.argv[1]))
+    ctl.setblocking(True)
+    _subreaper()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C is for the session, which stops jobs itself
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    # Preload what every job needs, so a forked child starts with it in shared pages.
+    import cloudpickle  # noqa: F401
+
+    from . import _inside, _worker  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+    ctl.send(pickle.dumps(("ready", os.getpid())))
+
+    workers: dict[int, Any] = {}  # pid -> token
+    poller = select.poll()
+    poller.register(ctl.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            events = []
+        for fd, mask in events:
+            if fd == wake_r:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                continue
+            try:
+                msg, fds, _, _ = socket.recv_fds(ctl, 1 << 20, 4)
+            except InterruptedError:
+                continue
+            except OSError:
+                msg, fds = b"", []
+            if not msg:
+                _shutdown(workers)
+                return
+            request = pickle.loads(msg)
+            if request[0] == "fork":
+                _fork(ctl, request[1], fds, workers, (wake_r, wake_w))
+            else:
+                for extra in fds:
+                    os.close(extra)
+        _reap(ctl, workers)
+
+
+def _fork(ctl: socket.socket, token: Any, fds: list[int], workers: dict[int, Any],
+          own_fds: tuple[int, int]) -> None:
+    fd = fds[0]
+    for extra in fds[1:]:
+        os.close(extra)
+    pid = os.fork()
+    if pid == 0:
+        status = 70
+        try:
+            os.setpgid(0, 0)
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            ctl.close()
+            for own in own_fds:
+                os.close(own)
+            gc.unfreeze()
+            from ._worker import serve
+
+            status = serve(fd, fd)
+        except BaseException:
+            status = 70
+        finally:
+            os._exit(status)
+    try:
+        os.setpgid(pid, pid)  # also here, so the session may signal the group at once
+    except OSError:
+        pass
+    os.close(fd)
+    workers[pid] = token
+    ctl.send(pickle.dumps(("forked", token, pid)))
+
+
+def _reap(ctl: socket.socket, workers: dict[int, Any]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        token = workers.pop(pid, None)
+        if token is not None:
+            try:
+                ctl.send(pickle.dumps(("exited", token, pid, status)))
+            except OSError:
+                pass
+
+
+def _shutdown(workers: dict[int, Any]) -> None:
+    """The session is gone: leave nothing of its jobs behind."""
+    for pid in list(workers):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in list(workers):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    while True:  # orphans we adopted as subreaper
+        try:
+            os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        else:
+            break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""What code running inside a job calls: write_output, write_error, ..., stop_requested, job_input.
+
+::
+
+    job code --write_*()--> current emitter --> thread job: the job's journal (under the lock)
+                                            --> process job: the worker's batching writer --> frames
+
+The emitter is found through a context variable (thread jobs: set in the job's thread) or, in a
+worker process that serves one job, a process-wide one. ``print``, ``warnings.warn`` and
+``logging`` reach the same emitter through small routers installed on sys.stdout/sys.stderr,
+``warnings.showwarning`` and the root logger; outside a job they fall through untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import io
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any, Protocol, TextIO
+
+from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
+
+
+class Emitter(Protocol):
+    computer_name: str | None
+    line_buffers: dict[int, str]
+
+    def emit(self, stream: int, payload: Any, t: float | None = None) -> None: ...
+
+    def stop_requested(self) -> bool: ...
+
+    def input(self) -> Iterator[Any]: ...
+
+    def read_host(self, prompt: str) -> str: ...
+
+
+_current: contextvars.ContextVar[Emitter | None] = contextvars.ContextVar("psjobs_emitter", default=None)
+_process_emitter: Emitter | None = None  # set in a worker process, which serves one job
+
+
+def current() -> Emitter | None:
+    return _current.get() or _process_emitter
+
+
+def set_process_emitter(emitter: Emitter | None) -> None:
+    global _process_emitter
+    _process_emitter = emitter
+
+
+def write_output(obj: Any) -> None:
+    """Add ``obj`` to the job's output (outside a job: print it)."""
+    e = current()
+    if e is None:
+        print(obj)
+    else:
+        e.emit(Stream.OUTPUT, obj)
+
+
+def write_error(message_or_exception: str | BaseException) -> None:
+    """Add a non-terminating error to the job's error stream; the job goes on."""
+    exc = message_or_exception if isinstance(message_or_exception, BaseException) else None
+    message = str(message_or_exception) if exc is None else (str(exc) or type(exc).__name__)
+    e = current()
+    if e is None:
+        print(message, file=sys.stderr)
+        return
+    e.emit(Stream.ERROR, ErrorRecord(message, time.time(), e.computer_name, exc))
+
+
+def _simple(stream: Stream, text: Any) -> None:
+    e = current()
+    if e is None:
+        if stream is Stream.WARNING:
+            print(f"WARNING: {text}", file=sys.stderr)
+        return
+    e.emit(stream, Record(stream, str(text), time.time(), e.computer_name))
+
+
+def write_warning(text: str) -> None:
+    """Add a record to the job's warning stream."""
+    _simple(Stream.WARNING, text)
+
+
+def write_verbose(text: str) -> None:
+    """Add a record to the job's verbose stream (shown when the session is verbose)."""
+    _simple(Stream.VERBOSE, text)
+
+
+def write_debug(text: str) -> None:
+    """Add a record to the job's debug stream (shown when the session debugs)."""
+    _simple(Stream.DEBUG, text)
+
+
+def write_information(obj: Any) -> None:
+    """Add ``obj`` to the job's information stream (what ``print`` does, with any object)."""
+    e = current()
+    if e is None:
+        print(obj)
+        return
+    e.emit(Stream.INFORMATION, InformationRecord(str(obj), time.time(), e.computer_name, obj))
+
+
+def write_progress(activity: str, status: str | None = None, percent_complete: float | None = None,
+                   completed: bool = False) -> None:
+    """Report progress: an activity, its status, how far along (0 to 100), whether it is done."""
+    if not isinstance(activity, str) or not activity:
+        raise ValueError("write_progress: activity must be a non-empty str naming what progresses")
+    if percent_complete is not None:
+        if isinstance(percent_complete, bool) or not isinstance(percent_complete, (int, float)) \
+                or not 0 <= percent_complete <= 100:
+            raise ValueError(f"write_progress: percent_complete must be from 0 to 100, not {percent_complete!r}")
+    e = current()
+    if e is None:
+        return
+    e.emit(Stream.PROGRESS, ProgressRecord(activity, status, percent_complete, bool(completed),
+                                           time.time(), e.computer_name))
+
+
+def stop_requested() -> bool:
+    """True once the job was asked to stop: long loops can end cleanly by checking it."""
+    e = current()
+    return False if e is None else e.stop_requested()
+
+
+def job_input() -> Iterator[Any]:
+    """The items given as the job's ``input`` (empty outside a job or without input)."""
+    e = current()
+    return iter(()) if e is None else e.input()
+
+
+def read_host(prompt: str = "") -> str:
+    """Ask the user of the session for a line of text (the job is Blocked until answered)."""
+    e = current()
+    if e is None:
+        return input(prompt)
+    return e.read_host(prompt)
+
+
+# --- routers: print, warnings and logging inside a job ---------------------------------------
+
+class StreamRouter(io.TextIOBase):
+    """sys.stdout/sys.stderr stand-in: lines written inside a job become records of it."""
+
+    def __init__(self, fallback: TextIO | None, stream: Stream) -> None:
+        self.fallback = fallback
+        self.stream = stream
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        e = current()
+        if e is None:
+            if self.fallback is not None:
+                return self.fallback.write(text)
+            return len(text)
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        key = int(self.stream)
+        pending = e.line_buffers.get(key, "") + text
+        if "\n" not in pending:
+            e.line_buffers[key] = pending
+            return len(text)
+        *lines, rest = pending.split("\n")
+        e.line_buffers[key] = rest
+        for line in lines:
+            emit_line(e, self.stream, line)
+        return len(text)
+
+    def flush(self) -> None:
+        e = current()
+        if e is None and self.fallback is not None:
+            self.fallback.flush()
+
+
+def emit_line(e: Emitter, stream: Stream, line: str) -> None:
+    t = time.time()
+    if stream is Stream.ERROR:
+        e.emit(stream, ErrorRecord(line, t, e.computer_name), t)
+    else:
+        e.emit(Stream.INFORMATION, InformationRecord(line, t, e.computer_name), t)
+
+
+def flush_lines(e: Emitter) -> None:
+    """Emit what was printed without a final newline (at the end of a job)."""
+    for key, rest in list(e.line_buffers.items()):
+        if rest:
+            emit_line(e, Stream(key), rest)
+    e.line_buffers.clear()
+
+
+_original_showwarning = warnings.showwarning
+
+
+def _showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    e = current()
+    if e is None:
+        _original_showwarning(message, category, filename, lineno, file, line)
+        return
+    e.emit(Stream.WARNING, Record(Stream.WARNING, str(message), time.time(), e.computer_name))
+
+
+_LEVELS = ((logging.ERROR, Stream.ERROR), (logging.WARNING, Stream.WARNING),
+           (logging.INFO, Stream.INFORMATION), (0, Stream.DEBUG))
+
+
+class JobLogHandler(logging.Handler):
+    """Turns logging records made inside a job into records of the stream of their level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        e = current()
+        if e is None:
+            # Our handler must not silence the process: with no handler of the user's, Python
+            # would have shown warnings through its last resort handler, so keep doing that.
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level \
+                    and all(h is self for h in logging.getLogger().handlers):
+                last.handle(record)
+            return
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        stream = next(s for level, s in _LEVELS if record.levelno >= level)
+        t = record.created
+        tb = None
+        if record.exc_info and record.exc_info[1] is not None:
+            tb = logging.Formatter().formatException(record.exc_info)
+        if stream is Stream.ERROR:
+            exc = record.exc_info[1] if record.exc_info else None
+            e.emit(stream, ErrorRecord(message, t, e.computer_name, exc, tb))
+        elif stream is Stream.INFORMATION:
+            e.emit(stream, InformationRecord(message, t, e.computer_name))
+        else:
+            e.emit(stream, Record(stream, message, t, e.computer_name))
+
+
+_log_handler = JobLogHandler()
+
+
+def install_routers(*, whole_process: bool = False) -> None:
+    """Route print, warnings and logging of job code to the job; idempotent.
+
+    In a thread job this wraps whatever sys.stdout is now (a test runner may swap it), and leaves
+    other threads' output where it was. In a worker process (``whole_process``) the root logger
+    also takes every level, since the process belongs to the job.
+    """
+    if not isinstance(sys.stdout, StreamRouter):
+        sys.stdout = StreamRouter(sys.stdout, Stream.INFORMATION)
+    if not isinstance(sys.stderr, StreamRouter):
+        sys.stderr = StreamRouter(sys.stderr, Stream.ERROR)
+    if warnings.showwarning is not _showwarning:
+        warnings.showwarning = _showwarning
+    root = logging.getLogger()
+    if _log_handler not in root.handlers:
+        root.addHandler(_log_handler)
+    if whole_process:
+        root.setLevel(logging.DEBUG)
+        warnings.simplefilter("default")

@@ -1,0 +1,292 @@
+"""The Job: the contract's attributes, a journal of records, and state changed only by events.
+
+::
+
+    backend --(Event, records)--> Job._apply / Job._extend   (under the session's lock)
+                                     |  state: only through _state.next_state
+                                     |  parent: only through _state.derive_parent_state
+                                     v
+                                  journal: [(stream, payload, time), ...] + one read cursor
+                                     |
+                 receive_job <-------+  reads from the cursor (keep=True leaves it where it is)
+                 job.output etc. <---+  every record of a stream, whatever was received
+
+Every mutation happens with the session's condition held, and ends with a notify so that
+waiters (wait_job, receive_job(wait=True)) see it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
+from ._state import Event, JobState, derive_parent_state, next_state
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+# PowerShell takes ids from one counter for the whole process, parents before their children.
+_ids = itertools.count(1)
+_ids_lock = threading.Lock()
+
+
+def _next_ids(n: int) -> list[int]:
+    with _ids_lock:
+        return [next(_ids) for _ in range(n)]
+
+
+Entry = tuple[int, Any, float]  # (stream, value or record, time.time())
+
+
+class JobStateInfo:
+    """A job's state and, for a failed job, the exception that failed it."""
+
+    __slots__ = ("reason", "state")
+
+    def __init__(self, state: JobState, reason: BaseException | None) -> None:
+        self.state = state
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.state)
+
+    def __repr__(self) -> str:
+        return f"JobStateInfo(state={self.state}, reason={self.reason!r})"
+
+
+class Job:
+    """A unit of background work, and the handle to manage it (see the module verbs)."""
+
+    __slots__ = (
+        "_begin", "_children", "_cursor", "_end", "_entries", "_history", "_iid", "_parent",
+        "_reason", "_session", "_state", "_stop_requested", "backend_data", "command",
+        "computer_name", "exit_code", "id", "job_type", "location", "name", "pid", "status_message",
+    )
+
+    def __init__(self, session: Session, job_id: int, *, job_type: str, name: str | None,
+                 command: str, location: str = "localhost", state: JobState = JobState.NOT_STARTED,
+                 parent: Job | None = None, computer_name: str | None = None) -> None:
+        self.id = job_id
+        self.name = name if name else f"Job{job_id}"
+        self.job_type = job_type
+        self.command = command
+        self.location = location
+        self.computer_name = computer_name
+        self._session = session
+        self._parent = parent
+        self._children: list[Job] | None = None
+        self._state = state
+        self._reason: BaseException | None = None
+        self._iid: uuid.UUID | None = None
+        self._begin: float | None = time.time() if state is JobState.RUNNING else None
+        self._end: float | None = None
+        self._entries: list[Entry] | None = None
+        self._cursor = 0
+        self._stop_requested = False
+        self._history: list[tuple[JobState, float]] | None = None
+        self.exit_code: int | None = None
+        self.pid: int | None = None
+        self.status_message = ""
+        #: what the backend keeps for this job (process handle, thread, connection, ...)
+        self.backend_data: Any = None
+        if parent is not None:
+            if parent._children is None:
+                parent._children = []
+            parent._children.append(self)
+
+    # --- identity ------------------------------------------------------------------------
+    @property
+    def instance_id(self) -> uuid.UUID:
+        """The job's unique key (made on first use: most jobs are never asked for it)."""
+        if self._iid is None:
+            self._iid = uuid.uuid4()
+        return self._iid
+
+    @property
+    def parent(self) -> Job | None:
+        """The parent job, or None for a top-level job."""
+        return self._parent
+
+    @property
+    def child_jobs(self) -> list[Job]:
+        return list(self._children) if self._children else []
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    # --- state -----------------------------------------------------------------------------
+    @property
+    def state(self) -> JobState:
+        return self._state
+
+    @property
+    def job_state_info(self) -> JobStateInfo:
+        return JobStateInfo(self._state, self._reason)
+
+    @property
+    def reason(self) -> BaseException | None:
+        """The exception that failed this job or, for a parent, its first failed child's."""
+        if self._reason is not None or not self._children:
+            return self._reason
+        for child in self._children:
+            if child.reason is not None:
+                return child.reason
+        return None
+
+    @property
+    def begin_time(self) -> datetime | None:
+        return None if self._begin is None else datetime.fromtimestamp(self._begin, timezone.utc).astimezone()
+
+    @property
+    def end_time(self) -> datetime | None:
+        return None if self._end is None else datetime.fromtimestamp(self._end, timezone.utc).astimezone()
+
+    @property
+    def history(self) -> list[tuple[JobState, datetime]]:
+        """Every state the job entered after its first, with when."""
+        return [(s, datetime.fromtimestamp(t, timezone.utc).astimezone()) for s, t in self._history or ()]
+
+    @property
+    def has_more_data(self) -> bool:
+        """True while the job is not finished or records remain that were not received."""
+        if not self._state.is_finished:
+            return True
+        if self._children:
+            return any(c.has_more_data for c in self._children)
+        return self._entries is not None and self._cursor < len(self._entries)
+
+    def _leaves(self) -> list[Job]:
+        if not self._children:
+            return [self]
+        out: list[Job] = []
+        for child in self._children:
+            out.extend(child._leaves())
+        return out
+
+    # --- streams ---------------------------------------------------------------------------
+    def _stream(self, stream: Stream) -> list[Any]:
+        with self._session._cond:
+            out: list[Any] = []
+            for leaf in self._leaves():
+                if leaf._entries:
+                    out.extend(p for s, p, _ in leaf._entries if s == stream)
+            return out
+
+    @property
+    def output(self) -> list[Any]:
+        return self._stream(Stream.OUTPUT)
+
+    @property
+    def error(self) -> list[ErrorRecord]:
+        return self._stream(Stream.ERROR)
+
+    @property
+    def warning(self) -> list[Record]:
+        return self._stream(Stream.WARNING)
+
+    @property
+    def verbose(self) -> list[Record]:
+        return self._stream(Stream.VERBOSE)
+
+    @property
+    def debug(self) -> list[Record]:
+        return self._stream(Stream.DEBUG)
+
+    @property
+    def information(self) -> list[InformationRecord]:
+        return self._stream(Stream.INFORMATION)
+
+    @property
+    def progress(self) -> list[ProgressRecord]:
+        return self._stream(Stream.PROGRESS)
+
+    # --- verbs -----------------------------------------------------------------------------
+    def receive(self, **kwargs: Any) -> list[Any]:
+        """``receive_job(self, **kwargs)``."""
+        return self._session.receive_job(self, **kwargs)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the job is done; True if it is, False on timeout."""
+        return bool(self._session.wait_job(self, timeout=timeout))
+
+    def stop(self) -> None:
+        """``stop_job(self)``."""
+        self._session.stop_job(self)
+
+    def remove(self, force: bool = False) -> None:
+        """``remove_job(self, force=force)``."""
+        self._session.remove_job(self, force=force)
+
+    # --- events (the session's lock is held by the caller) ---------------------------------
+    def _apply(self, event: Event, *, reason: BaseException | None = None,
+               exit_code: int | None = None, now: float | None = None) -> None:
+        new = next_state(self._state, event)
+        if exit_code is not None and self.exit_code is None and not self._state.is_finished:
+            self.exit_code = exit_code
+        if new is self._state:
+            return
+        if new is JobState.FAILED and reason is not None:
+            self._reason = reason
+        self._set_state(new, now)
+
+    def _set_state(self, new: JobState, now: float | None = None) -> None:
+        t = time.time() if now is None else now
+        self._state = new
+        if self._history is None:
+            self._history = []
+        self._history.append((new, t))
+        if self._begin is None and new is not JobState.NOT_STARTED:
+            self._begin = t
+        if new.is_finished:
+            self._end = t
+        parent = self._parent
+        if parent is not None:
+            parent._rederive(t)
+        self._session._cond.notify_all()
+
+    def _rederive(self, now: float) -> None:
+        assert self._children is not None
+        new = derive_parent_state((c._state for c in self._children), self._stop_requested)
+        if new is self._state:
+            return
+        if new.is_finished:
+            codes = [c.exit_code for c in self._children]
+            nonzero = [c for c in codes if c]
+            self.exit_code = nonzero[0] if nonzero else (0 if any(c == 0 for c in codes) else None)
+        self._set_state(new, now)
+
+    def _extend(self, entries: list[Entry]) -> None:
+        if self._state.is_finished or not entries:
+            return  # a finished job absorbs late records
+        if self._entries is None:
+            self._entries = entries if isinstance(entries, list) else list(entries)
+        else:
+            self._entries.extend(entries)
+        self._session._cond.notify_all()
+
+    def _append(self, entry: Entry) -> None:
+        if self._state.is_finished:
+            return
+        if self._entries is None:
+            self._entries = [entry]
+        else:
+            self._entries.append(entry)
+        self._session._cond.notify_all()
+
+    # --- display ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        pid = f" pid={self.pid}" if self.pid is not None and not self._state.is_finished else ""
+        where = self.location
+        return f"<Job {self.id} {self.name!r} {self._state} {where}{pid}>"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        from ._format import format_table
+
+        p.text(format_table([self]))
+

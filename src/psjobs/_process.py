@@ -1,0 +1,746 @@
+"""Process jobs (BackgroundJob): the session side.
+
+::
+
+    start_job(callable) --JOB frame--> job socket <--HELLO, RECORDS, DONE-- worker
+          |                                ^                                   ^
+          +-- ("fork", token) + socket --> fork server --fork-----------------+
+                                           fork server --("forked"/"exited", status)--> I/O loop
+    start_job("cmd" | [argv]) --Popen(own session)--> stdout lines -> output, stderr lines -> errors,
+                                                      pidfd -> exit status
+    one I/O loop thread (selectors) reads every job's socket, pipe and pidfd of the session
+
+A job ends only when its worker has exited *and* its channel or pipes reached their end, so a
+receive right after a wait sees the tail. A stop sends SIGTERM to the job's process group, then
+SIGKILL after the grace period, and the job is Stopped only when no process of its group is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import os
+import pickle
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._backend import deliver, finish, report
+from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
+from ._records import ErrorRecord, Stream
+from ._state import Event
+from ._wire import DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, frame
+
+if TYPE_CHECKING:
+    from ._job import Entry, Job
+    from ._session import Session
+    from ._target import JobSpec
+
+_SOCK_BUF = 1 << 20  # 1 MiB socket buffers: large values cross in few syscalls
+
+
+def status_text(status: int | None) -> str:
+    """A wait status as words: 'exited with status 3', 'was killed by SIGSEGV'."""
+    if status is None:
+        return "ended (its exit status is unknown: the fork server that started it died)"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"was killed by {name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def group_gone(pgid: int) -> bool:
+    """True when no live process is left in the process group (zombies do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    # Something answers: it may be a zombie adopted by an init that does not reap.
+    target = str(pgid)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    stat = f.read().decode("ascii", "replace")
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            if len(fields) > 2 and fields[2] == target and fields[0] != "Z":
+                return False
+        return True
+    return False
+
+
+class IOLoop:
+    """One thread that reads every process job's channel, pipes and pidfd for a session."""
+
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self.sel.register(self._r, selectors.EVENT_READ, self._drain_wake)
+        self._calls: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._closing = False
+        self.thread = threading.Thread(target=self._run, name="psjobs-io", daemon=True)
+        self.thread.start()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._calls.append(fn)
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._w, b"x")
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        when = time.monotonic() + delay
+        self.call_soon(lambda: heapq.heappush(self._timers, (when, next(self._seq), fn)))
+
+    def _drain_wake(self, mask: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._r, 4096):
+                pass
+
+    def _run(self) -> None:
+        while not self._closing:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            try:
+                events = self.sel.select(timeout)
+            except OSError:
+                events = []
+            for key, mask in events:
+                try:
+                    key.data(mask)
+                except Exception as exc:  # a handler must never take the loop down
+                    _loop_error(key.data, exc)
+            while self._calls:
+                fn = self._calls.popleft()
+                try:
+                    fn()
+                except Exception as exc:
+                    _loop_error(fn, exc)
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, fn = heapq.heappop(self._timers)
+                try:
+                    fn()
+                except Exception as exc:
+                    _loop_error(fn, exc)
+
+    def close(self) -> None:
+        self._closing = True
+        self.call_soon(lambda: None)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
+        with contextlib.suppress(OSError):
+            self.sel.close()
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _loop_error(where: Any, exc: BaseException) -> None:
+    owner = getattr(where, "__self__", None)
+    fail = getattr(owner, "broken", None)
+    if callable(fail):
+        fail(exc)
+    else:  # pragma: no cover - a bug in psjobs itself; say it rather than hide it
+        print(f"psjobs: internal error in the I/O loop: {exc!r}", file=sys.__stderr__)
+
+
+class _Handle:
+    """Common end-of-job logic for a process job (callable or command)."""
+
+    backend_kind = "process"
+
+    def __init__(self, backend: ProcessBackend, job: Job) -> None:
+        self.backend = backend
+        self.job = job
+        self.pid: int | None = None
+        self.status: int | None = None
+        self.status_known = False
+        self.finished = False
+        self.stop_at: float | None = None
+
+    def kill(self, sig: int) -> None:
+        if self.pid is None or self.finished:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def stop(self, grace: float) -> None:
+        def escalate() -> None:
+            if not self.finished:
+                self.kill(signal.SIGKILL)
+
+        self.stop_at = time.monotonic()
+        self.kill(signal.SIGTERM)
+        self.backend.loop.call_later(grace, escalate)
+
+    def end(self, entries: list[Entry], event: Event, reason: BaseException | None,
+            code: int | None) -> None:
+        """Finish the job, after making sure (on a stop) that nothing of its group is left."""
+        if self.finished:
+            return
+        if self.job._stop_requested and self.pid is not None:
+            self._after_stop(entries, event, reason, code, time.monotonic() + 5.0)
+            return
+        self.finished = True
+        finish(self.job, entries, event, reason=reason, exit_code=code)
+
+    def _after_stop(self, entries: list[Entry], event: Event, reason: BaseException | None,
+                    code: int | None, deadline: float) -> None:
+        assert self.pid is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        if group_gone(self.pid) or time.monotonic() > deadline:
+            self.finished = True
+            finish(self.job, entries, event, reason=reason, exit_code=code)
+            return
+        self.backend.loop.call_later(0.002, lambda: self._after_stop(entries, event, reason, code, deadline))
+
+    def broken(self, exc: BaseException) -> None:
+        """Something went wrong reading this job: fail it (never hang it)."""
+        self.kill(signal.SIGKILL)
+        self.close()
+        err = exc if isinstance(exc, WorkerError) else WorkerError(
+            f"psjobs could not read the worker of Job {self.job.id}: {type(exc).__name__}: {exc}")
+        if err is not exc:
+            err.__cause__ = exc
+        self.status_known = True
+        self.end([], Event.FAIL, err, None)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _CallHandle(_Handle):
+    """A Python callable served by a forked (or spawned) worker over a socket."""
+
+    def __init__(self, backend: ProcessBackend, job: Job, sock: socket.socket, worker_sock: socket.socket,
+                 job_frame: bytes) -> None:
+        super().__init__(backend, job)
+        self.sock = sock
+        self.worker_sock: socket.socket | None = worker_sock
+        self.reader = FrameReader()
+        self.out = memoryview(job_frame)
+        self.done: tuple[str, bytes | None, str | None, int | None] | None = None
+        self.eof = False
+        self.server_lost = False
+        self.registered = False
+        self.prompt: str | None = None
+
+    def register(self) -> None:
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        self.backend.loop.sel.register(self.sock, mask, self.on_event)
+        self.registered = True
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and self.out:
+            try:
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                n, self.out = 0, memoryview(b"")
+            self.out = self.out[n:]
+            if not self.out:
+                self.backend.loop.sel.modify(self.sock, selectors.EVENT_READ, self.on_event)
+        if mask & selectors.EVENT_READ:
+            frames: list[tuple[int, bytes | bytearray]] = []
+            try:
+                alive = self.reader.read(self.sock, frames)
+            except ConnectionResetError:
+                alive = False
+            for kind, payload in frames:
+                self.on_frame(kind, payload)
+            if not alive:
+                self.eof = True
+                self.close()
+                self.maybe_end()
+
+    def on_frame(self, kind: int, payload: bytes | bytearray) -> None:
+        if kind == RECORDS:
+            try:
+                entries = pickle.loads(payload)
+            except Exception as exc:
+                entries = [(Stream.ERROR, ErrorRecord(
+                    f"psjobs could not unpickle records from the worker ({type(exc).__name__}: {exc}); "
+                    f"they are lost, the job goes on", time.time(), "localhost", exc), time.time())]
+            deliver(self.job, entries)
+        elif kind == DONE:
+            self.done = pickle.loads(payload)
+        elif kind == HELLO:
+            version, _pid, python = pickle.loads(payload)
+            if version != VERSION:
+                raise ProtocolError(f"the worker speaks protocol {version}, this session {VERSION}; "
+                                    f"install the same psjobs on both sides")
+            _ = python
+        elif kind == PROMPT:
+            self.prompt = pickle.loads(payload)
+            report(self.job, Event.BLOCK)
+        else:
+            raise ProtocolError(f"unexpected frame kind {kind} from a worker")
+
+    def on_forked(self, pid: int) -> None:
+        self.pid = pid
+        if self.worker_sock is not None:
+            self.worker_sock.close()
+            self.worker_sock = None
+        with self.job.session._cond:
+            self.job.pid = pid
+            self.job._apply(Event.START)
+        if self.job._stop_requested:  # stopped before the fork was done
+            self.stop(self.backend.session.stop_grace)
+
+    def on_exited(self, status: int | None) -> None:
+        self.status = status
+        self.status_known = True
+        self.maybe_end()
+
+    def on_server_lost(self) -> None:
+        self.server_lost = True
+        self.maybe_end()
+
+    def maybe_end(self) -> None:
+        if self.finished or not self.eof or not (self.status_known or self.server_lost):
+            return
+        stopped = self.job._stop_requested
+        if self.done is not None:
+            name, blob, tb, code = self.done
+            event = {"complete": Event.COMPLETE, "fail": Event.FAIL, "stopped": Event.STOPPED}[name]
+            reason = _load_reason(blob, tb) if blob is not None else None
+            if self.status_known and self.status is not None and self.status != 0 and name == "complete":
+                event, reason = Event.FAIL, WorkerError(f"the worker process {self.pid} {status_text(self.status)} "
+                                                        f"after it finished the job")
+        else:
+            code = None
+            event = Event.STOPPED if stopped else Event.FAIL
+            status = self.status if self.status_known else None
+            reason = WorkerError(f"the worker process {self.pid} {status_text(status)} before it reported "
+                                 f"the end of the job")
+        self.end([], event, reason, code)
+
+    def send_input(self, text: str) -> None:
+        from ._wire import ANSWER
+
+        data = frame(ANSWER, pickle.dumps(text))
+        self.prompt = None
+
+        def write() -> None:
+            self.out = memoryview(bytes(self.out) + data)
+            if self.registered:
+                self.backend.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                             self.on_event)
+
+        self.backend.loop.call_soon(write)
+        report(self.job, Event.UNBLOCK)
+
+    def close(self) -> None:
+        if self.registered:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(self.sock)
+            self.registered = False
+        self.sock.close()
+        if self.worker_sock is not None:
+            self.worker_sock.close()
+            self.worker_sock = None
+
+
+def _load_reason(blob: bytes, tb: str | None) -> BaseException:
+    try:
+        reason = pickle.loads(blob)
+        if not isinstance(reason, BaseException):
+            raise TypeError(f"not an exception: {type(reason).__name__}")
+    except Exception as exc:
+        reason = RemoteError(f"(the exception could not be brought back: {exc})", "Exception")
+    if tb:
+        reason.__cause__ = RemoteTraceback(tb)
+    return reason  # type: ignore[no-any-return]
+
+
+class _CommandHandle(_Handle):
+    """A command line or argv run straight from the session in its own process group."""
+
+    def __init__(self, backend: ProcessBackend, job: Job, proc: subprocess.Popen[bytes], feed: bytes | None) -> None:
+        super().__init__(backend, job)
+        self.proc = proc
+        self.pid = proc.pid
+        self.pidfd = os.pidfd_open(proc.pid)
+        assert proc.stdout is not None and proc.stderr is not None
+        self.fds = {proc.stdout.fileno(): Stream.OUTPUT, proc.stderr.fileno(): Stream.ERROR}
+        self.partial = {fd: b"" for fd in self.fds}
+        self.feed = memoryview(feed) if feed else None
+
+    def register(self) -> None:
+        sel = self.backend.loop.sel
+        for fd in self.fds:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, self.on_pipe)
+        sel.register(self.pidfd, selectors.EVENT_READ, self.on_exit)
+        stdin = self.proc.stdin
+        if stdin is not None:
+            if self.feed is None:
+                stdin.close()
+            else:
+                os.set_blocking(stdin.fileno(), False)
+                sel.register(stdin.fileno(), selectors.EVENT_WRITE, self.on_stdin)
+
+    def on_stdin(self, mask: int) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None and self.feed is not None
+        try:
+            n = os.write(stdin.fileno(), self.feed[:262144])
+        except BlockingIOError:
+            return
+        except OSError:
+            n = len(self.feed)
+        self.feed = self.feed[n:]
+        if not self.feed:
+            self.backend.loop.sel.unregister(stdin.fileno())
+            stdin.close()
+
+    def on_pipe(self, mask: int) -> None:
+        # The selector hands us the callback only; find which pipe is ready.
+        for fd in list(self.fds):
+            self._read(fd)
+        self.maybe_end()
+
+    def _read(self, fd: int) -> None:
+        stream = self.fds[fd]
+        entries: list[Entry] = []
+        now = time.time()
+        for _ in range(16):
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.backend.loop.sel.unregister(fd)
+                del self.fds[fd]
+                rest = self.partial.pop(fd)
+                if rest:
+                    _lines(entries, stream, [rest], now)
+                os.close(fd)
+                break
+            *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
+            _lines(entries, stream, lines, now)
+        if entries:
+            deliver(self.job, entries)
+
+    def on_exit(self, mask: int) -> None:
+        pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return
+        self.proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it, not Popen
+        self.backend.loop.sel.unregister(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        self.status = status
+        self.status_known = True
+        self.maybe_end()
+
+    def maybe_end(self) -> None:
+        if self.finished or self.fds or not self.status_known:
+            return
+        assert self.status is not None
+        code = os.waitstatus_to_exitcode(self.status)
+        if self.job._stop_requested:
+            event, reason = Event.STOPPED, None
+        elif code == 0:
+            event, reason = Event.COMPLETE, None
+        else:
+            from ._thread import _status_error
+
+            event, reason = Event.FAIL, _status_error("the command", code)
+        self._close_stdin()
+        self.end([], event, reason, code)
+
+    def _close_stdin(self) -> None:
+        stdin = self.proc.stdin
+        if stdin is not None and not stdin.closed:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(stdin.fileno())
+            stdin.close()
+
+    def close(self) -> None:
+        sel = self.backend.loop.sel
+        for fd in list(self.fds):
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                sel.unregister(fd)
+            os.close(fd)
+        self.fds.clear()
+        if self.pidfd >= 0:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self._close_stdin()
+
+
+def _lines(entries: list[Entry], stream: Stream, lines: list[bytes], now: float) -> None:
+    for raw in lines:
+        text = raw.decode("utf-8", "replace")
+        if text.endswith("\r"):
+            text = text[:-1]
+        if stream is Stream.OUTPUT:
+            entries.append((Stream.OUTPUT, text, now))
+        else:
+            entries.append((Stream.ERROR, ErrorRecord(text, now, "localhost"), now))
+
+
+class _ForkServer:
+    """The session's handle on its fork server process."""
+
+    def __init__(self, backend: ProcessBackend) -> None:
+        self.backend = backend
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([here, *[p for p in sys.path if p and os.path.isdir(p)]])
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "psjobs._forkserver", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True)
+        finally:
+            theirs.close()
+        self.sock = ours
+        ours.settimeout(30)
+        try:
+            msg = ours.recv(65536)
+        except OSError as exc:
+            self.proc.kill()
+            self.proc.wait()
+            raise WorkerError(f"the fork server did not start: {exc}") from exc
+        if not msg or pickle.loads(msg)[0] != "ready":
+            self.proc.wait()
+            raise WorkerError(f"the fork server did not start (it exited with status {self.proc.returncode})")
+        ours.settimeout(None)
+        self.alive = True
+        backend.loop.call_soon(lambda: backend.loop.sel.register(self.sock, selectors.EVENT_READ,
+                                                                  self.on_message))
+
+    def submit(self, token: int, fd: int) -> None:
+        socket.send_fds(self.sock, [pickle.dumps(("fork", token))], [fd])
+
+    def on_message(self, mask: int) -> None:
+        while True:
+            try:
+                msg = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                self.lost()
+                return
+            what, token, *rest = pickle.loads(msg)
+            handle = self.backend.pending_calls.get(token)
+            if handle is None:
+                continue
+            if what == "forked":
+                handle.on_forked(rest[0])
+            elif what == "exited":
+                self.backend.pending_calls.pop(token, None)
+                handle.on_exited(rest[1])
+
+    def lost(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.backend.loop.sel.unregister(self.sock)
+        self.sock.close()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=1)
+        self.backend.server_lost(self)
+
+    def close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ProcessBackend:
+    """Runs BackgroundJob children: callables in forked workers, commands straight from here."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.loop = IOLoop()
+        self.pending_calls: dict[int, _CallHandle] = {}  # token -> handle, until the worker exited
+        self._server: _ForkServer | None = None
+        self._server_lock = threading.Lock()
+        self._closed = False
+        self.start_method = os.environ.get("PSJOBS_START_METHOD", "fork")
+
+    def prepare(self, spec: JobSpec) -> None:
+        from ._target import CALL
+
+        if spec.kind != CALL:
+            return
+        import cloudpickle
+
+        try:
+            spec.payload = cloudpickle.dumps((spec.target, spec.args, spec.kwargs, spec.init, spec.input),
+                                             protocol=5)
+        except Exception as exc:
+            raise TypeError(f"start_job: the callable {spec.command!r} or its arguments cannot be sent to "
+                            f"another process ({type(exc).__name__}: {exc}); pass picklable values, or use "
+                            f"start_thread_job to share objects") from exc
+
+    # --- starting ----------------------------------------------------------------------------
+    def start(self, job: Job, spec: JobSpec) -> None:
+        from ._target import CALL
+
+        if spec.kind == CALL:
+            self._start_call(job, spec)
+        else:
+            self._start_command(job, spec)
+
+    def _start_call(self, job: Job, spec: JobSpec) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (ours, theirs):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUF)
+        meta = {"cwd": spec.cwd, "env": spec.env, "sys_path": list(sys.path), "call": spec.payload}
+        job_frame = frame(JOB, pickle.dumps(meta, protocol=5))
+        ours.setblocking(False)
+        try:
+            sent = ours.send(job_frame)  # usually all of it: the loop writes any rest
+        except BlockingIOError:
+            sent = 0
+        handle = _CallHandle(self, job, ours, theirs, job_frame[sent:])
+        job.backend_data = handle
+        self.pending_calls[job.id] = handle
+        self.loop.call_soon(handle.register)
+        self._submit(handle)
+
+    def _submit(self, handle: _CallHandle) -> None:
+        assert handle.worker_sock is not None
+        if self.start_method == "spawn":
+            self._spawn(handle)
+            return
+        for _attempt in range(3):
+            with self._server_lock:
+                if self._closed:
+                    raise WorkerError("the session is closing; no new process job can start")
+                server = self._server
+                if server is None or not server.alive:
+                    try:
+                        server = self._server = _ForkServer(self)
+                    except (OSError, WorkerError) as exc:
+                        # Forking cannot serve here: a fresh interpreter per job still works.
+                        print(f"psjobs: no fork server ({exc}); starting process jobs as fresh "
+                              f"interpreters", file=sys.stderr)
+                        self.start_method = "spawn"
+                        self._spawn(handle)
+                        return
+            try:
+                server.submit(handle.job.id, handle.worker_sock.fileno())
+                return
+            except OSError:
+                server.alive = False
+                self.loop.call_soon(server.lost)
+        raise WorkerError("the fork server keeps dying; process jobs cannot start")
+
+    def _spawn(self, handle: _CallHandle) -> None:
+        assert handle.worker_sock is not None
+        fd = handle.worker_sock.fileno()
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+        proc = subprocess.Popen([sys.executable, "-m", "psjobs._worker", str(fd)], pass_fds=[fd],
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        pidfd = os.pidfd_open(proc.pid)
+
+        def on_exit(mask: int) -> None:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid == 0:
+                return
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            self.loop.sel.unregister(pidfd)
+            os.close(pidfd)
+            self.pending_calls.pop(handle.job.id, None)
+            handle.on_exited(status)
+
+        self.loop.call_soon(lambda: self.loop.sel.register(pidfd, selectors.EVENT_READ, on_exit))
+        self.loop.call_soon(lambda: handle.on_forked(proc.pid))
+
+    def server_lost(self, server: _ForkServer) -> None:
+        """The fork server died: jobs it had not forked yet go to a new one; the others finish."""
+        for handle in list(self.pending_calls.values()):
+            if handle.pid is None and handle.worker_sock is not None:
+                threading.Thread(target=self._resubmit, args=(handle,), daemon=True).start()
+            elif handle.pid is not None:
+                self.pending_calls.pop(handle.job.id, None)
+                handle.on_server_lost()
+
+    def _resubmit(self, handle: _CallHandle) -> None:
+        try:
+            self._submit(handle)
+        except Exception as exc:
+            self.loop.call_soon(lambda: handle.broken(exc))
+
+    def _start_command(self, job: Job, spec: JobSpec) -> None:
+        feed = None
+        if spec.input is not None:
+            feed = b"".join(f"{item}\n".encode() for item in spec.input)
+        try:
+            proc = subprocess.Popen(spec.argv, stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=spec.cwd, env=spec.env,
+                                    start_new_session=True)
+        except OSError as exc:
+            report(job, Event.FAIL, reason=exc)
+            return
+        handle = _CommandHandle(self, job, proc, feed)
+        job.backend_data = handle
+        with self.session._cond:
+            job.pid = proc.pid
+            job._apply(Event.START)
+        self.loop.call_soon(handle.register)
+
+    # --- stopping and the rest -----------------------------------------------------------------
+    def stop(self, job: Job, grace: float) -> None:
+        handle = job.backend_data
+        if isinstance(handle, _Handle):
+            self.loop.call_soon(lambda: handle.stop(grace))
+
+    def forget(self, job: Job) -> None:
+        self.pending_calls.pop(job.id, None)
+
+    def send_input(self, job: Job, text: str) -> None:
+        handle = job.backend_data
+        if isinstance(handle, _CallHandle):
+            handle.send_input(text)
+
+    def close(self) -> None:
+        with self._server_lock:
+            self._closed = True
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        self.loop.close()

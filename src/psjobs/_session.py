@@ -1,0 +1,624 @@
+"""The Session: the job table, the verbs over it, and the host that shows what jobs report.
+
+::
+
+    start_*  --> make_spec (checks) --> Job(s) in the table --> backend.start(leaf, spec)
+    backend  --> Job._apply / Job._extend (under self._cond)  --> notify_all
+    receive  --> reads leaves' journals from their cursors    --> output returned,
+                                                                  other records to the Host
+    wait     --> self._cond.wait until the jobs are done
+    stop     --> Event.STOP on the leaves, backend.stop(leaf), wait (grace), warn if stuck
+    remove   --> drop from the table, backend.forget(leaf), free the journal
+
+One lock (a Condition) guards every job of the session; nothing slow runs under it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from ._errors import (
+    JobBlockedError,
+    JobFailedError,
+    JobNotFinishedError,
+    JobNotFoundError,
+    JobStateError,
+    StopTimeoutWarning,
+)
+from ._job import Job, _next_ids
+from ._records import ErrorRecord, OutputRecord, Record, Stream
+from ._state import Event, JobState
+from ._target import JobSpec, check_directory, make_env, make_spec
+
+if TYPE_CHECKING:
+    from ._backend import Backend
+
+JobSelector = Any  # Job | int | str | uuid.UUID | Iterable of these
+
+_ERROR_ACTIONS = {"continue": "continue", "stop": "stop", "silentlycontinue": "silent",
+                  "silently_continue": "silent", "ignore": "silent"}
+
+
+class Host:
+    """Shows the records that ``receive_job`` does not return: information, warnings, errors.
+
+    Information goes to ``sys.stdout``; warnings (``WARNING: text``), errors and failure reasons to
+    ``sys.stderr``. Verbose and debug records are shown only when asked for. Streams are looked up
+    at each call, so redirections made after the session was created apply.
+    """
+
+    def __init__(self, *, verbose: bool = False, debug: bool = False,
+                 stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
+        self.verbose = verbose
+        self.debug = debug
+        self._stdout = stdout
+        self._stderr = stderr
+
+    @property
+    def stdout(self) -> TextIO:
+        return self._stdout or sys.stdout
+
+    @property
+    def stderr(self) -> TextIO:
+        return self._stderr or sys.stderr
+
+    def write_record(self, job: Job, record: Record) -> None:
+        stream = record.stream
+        where = record.computer_name
+        prefix = f"[{where}] " if where and where != "localhost" else ""
+        if stream is Stream.INFORMATION:
+            print(f"{prefix}{record.message}", file=self.stdout)
+        elif stream is Stream.WARNING:
+            print(f"{prefix}WARNING: {record.message}", file=self.stderr)
+        elif stream is Stream.ERROR:
+            print(f"{prefix}{record.message}", file=self.stderr)
+        elif stream is Stream.VERBOSE and self.verbose:
+            print(f"{prefix}VERBOSE: {record.message}", file=self.stderr)
+        elif stream is Stream.DEBUG and self.debug:
+            print(f"{prefix}DEBUG: {record.message}", file=self.stderr)
+
+    def write_failure(self, job: Job, reason: BaseException) -> None:
+        where = job.computer_name
+        prefix = f"[{where}] " if where and where != "localhost" else ""
+        print(f"{prefix}Job {job.id} {job.name!r} failed: {_reason_text(reason)}", file=self.stderr)
+
+
+def _reason_text(reason: BaseException) -> str:
+    text = str(reason)
+    name = type(reason).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+def describe_job(job: Job) -> str:
+    """'Job 3 'backup' (Running)': how every message names a job."""
+    return f"Job {job.id} {job.name!r} ({job.state})"
+
+
+class ThreadStarter(Protocol):
+    def __call__(self, job: Job, spec: JobSpec) -> None: ...
+
+
+class Session:
+    """A table of jobs and the verbs over it. Thread-safe.
+
+    ``thread_throttle_limit``: how many thread jobs run at once (default 5; the rest wait
+    NotStarted). ``stop_grace``: seconds a stop waits before it kills (processes) or gives up with a
+    warning (threads that cannot be interrupted). ``verbose``/``debug``: show those records when
+    received. ``host``: what shows received records (see :class:`Host`).
+    """
+
+    def __init__(self, *, thread_throttle_limit: int = 5, stop_grace: float = 5.0,
+                 verbose: bool = False, debug: bool = False, host: Host | None = None) -> None:
+        _check_limit("Session", thread_throttle_limit)
+        if not isinstance(stop_grace, (int, float)) or stop_grace < 0:
+            raise ValueError(f"Session: stop_grace must be a number of seconds >= 0, not {stop_grace!r}")
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: dict[int, Job] = {}      # top-level jobs by id (ids only grow: insertion = id order)
+        self._all: dict[int, Job] = {}       # every job, children too
+        self._backends: dict[str, Backend] = {}
+        self._backend_lock = threading.Lock()
+        self.thread_throttle_limit = thread_throttle_limit
+        self.stop_grace = float(stop_grace)
+        self.host = host or Host(verbose=verbose, debug=debug)
+        self._closed = False
+
+    # --- backends ------------------------------------------------------------------------
+    def _backend(self, kind: str) -> Backend:
+        backend = self._backends.get(kind)
+        if backend is not None:
+            return backend
+        with self._backend_lock:
+            if self._closed:
+                raise JobStateError("this session is closed; create a new psjobs.Session() to start jobs")
+            backend = self._backends.get(kind)
+            if backend is None:
+                from ._backend import load_backend
+
+                backend = load_backend(kind, self)
+                self._backends[kind] = backend
+            return backend
+
+    def _register(self, jobs: list[Job]) -> None:
+        with self._cond:
+            for job in jobs:
+                self._all[job.id] = job
+                if job.parent is None:
+                    self._jobs[job.id] = job
+
+    # --- starting --------------------------------------------------------------------------
+    def start_job(self, target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
+                  init: Callable[[], Any] | None = None,
+                  working_directory: str | os.PathLike[str] | None = None,
+                  env: Mapping[str, str | None] | None = None, **kwargs: Any) -> Job:
+        """Run ``target`` in another process; return its BackgroundJob at once (see the docs)."""
+        _check_name("start_job", name)
+        spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_job")
+        spec.cwd = check_directory("start_job", working_directory)
+        spec.env = make_env("start_job", env)
+        if spec.input is not None:
+            spec.input = list(spec.input)
+        backend = self._backend("process")
+        backend.prepare(spec)  # pickles a callable now: a bad argument raises before a job exists
+        pid, cid = _next_ids(2)
+        parent = Job(self, pid, job_type="BackgroundJob", name=name, command=spec.command,
+                     state=JobState.RUNNING)
+        child = Job(self, cid, job_type="", name=None, command=spec.command, parent=parent,
+                    computer_name="localhost")
+        self._register([parent, child])
+        backend.start(child, spec)
+        return parent
+
+    def start_thread_job(self, target: Any, *args: Any, name: str | None = None,
+                         input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
+                         throttle_limit: int | None = None, **kwargs: Any) -> Job:
+        """Run ``target`` in a thread of this process; return its ThreadJob at once."""
+        _check_name("start_thread_job", name)
+        if throttle_limit is not None:
+            _check_limit("start_thread_job", throttle_limit)
+        spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
+        spec.cwd = os.getcwd()
+        backend = self._backend("thread")
+        if throttle_limit is not None:
+            self.thread_throttle_limit = throttle_limit
+        (jid,) = _next_ids(1)
+        job = Job(self, jid, job_type="ThreadJob", name=name, command=spec.command)
+        self._register([job])
+        backend.start(job, spec)
+        return job
+
+    def invoke_command(self, target: Any, *args: Any, computer_name: str | Iterable[str] | None = None,
+                       as_job: bool = True, throttle_limit: int = 32, job_name: str | None = None,
+                       **kwargs: Any) -> Any:
+        """Run ``target`` on each computer over SSH: one RemoteJob, one child per computer."""
+        from ._remote import invoke_command
+
+        return invoke_command(self, target, *args, computer_name=computer_name, as_job=as_job,
+                              throttle_limit=throttle_limit, job_name=job_name, **kwargs)
+
+    def _add_tree(self, parent_kwargs: dict[str, Any], children: list[dict[str, Any]]) -> Job:
+        """Make a parent and its children with consecutive ids and register them (for backends)."""
+        ids = _next_ids(1 + len(children))
+        parent = Job(self, ids[0], **parent_kwargs)
+        for cid, kw in zip(ids[1:], children):
+            Job(self, cid, parent=parent, **kw)
+        self._register([parent, *parent.child_jobs])
+        return parent
+
+    # --- finding ---------------------------------------------------------------------------
+    def get_job(self, id: Any = None, *, name: str | Iterable[str] | None = None,
+                instance_id: uuid.UUID | str | Iterable[uuid.UUID | str] | None = None,
+                state: JobState | str | None = None, command: str | Iterable[str] | None = None,
+                has_more_data: bool | None = None, before: datetime | None = None,
+                after: datetime | None = None, newest: int | None = None,
+                include_child_jobs: bool = False,
+                child_job_state: JobState | str | None = None) -> list[Job]:
+        """The session's jobs, by ascending id (see the docs for the filters)."""
+        want_state = JobState.parse(state) if state is not None else None
+        want_child = JobState.parse(child_job_state) if child_job_state is not None else None
+        if newest is not None and (isinstance(newest, bool) or not isinstance(newest, int) or newest < 0):
+            raise ValueError(f"get_job: newest must be a whole number >= 0, not {newest!r}")
+        b = _as_timestamp("before", before)
+        a = _as_timestamp("after", after)
+        with self._cond:
+            if id is None and name is None and instance_id is None:
+                jobs = list(self._jobs.values())
+            else:
+                jobs = []
+                if id is not None:
+                    jobs += self._resolve_locked(id, "get_job")
+                if name is not None:
+                    jobs += self._by_names(_strings("name", name), "get_job")
+                if instance_id is not None:
+                    jobs += self._resolve_locked(_uuids(instance_id), "get_job")
+            if want_state is not None:
+                jobs = [j for j in jobs if j.state is want_state]
+            if command is not None:
+                pats = [_wildcard(c.strip()) for c in _strings("command", command)]
+                jobs = [j for j in jobs if any(p.fullmatch(j.command.strip()) for p in pats)]
+            if want_child is not None or include_child_jobs:
+                extra = [c for j in jobs for c in j.child_jobs if want_child is None or c.state is want_child]
+                jobs = jobs + extra
+            if has_more_data is not None:
+                jobs = [j for j in jobs if j.has_more_data == bool(has_more_data)]
+            if b is not None:
+                jobs = [j for j in jobs if j._end is not None and j._end < b]
+            if a is not None:
+                jobs = [j for j in jobs if j._end is not None and j._end > a]
+            if newest is not None:
+                # Unfinished jobs count as the newest: their end is still to come.
+                jobs.sort(key=lambda j: j._end if j._end is not None else float("inf"), reverse=True)
+                jobs = jobs[:newest]
+            return sorted(_unique(jobs), key=lambda j: j.id)
+
+    def _resolve(self, jobs: JobSelector, verb: str) -> list[Job]:
+        with self._cond:
+            return self._resolve_locked(jobs, verb)
+
+    def _resolve_locked(self, jobs: JobSelector, verb: str) -> list[Job]:
+        out: list[Job] = []
+        items = [jobs] if isinstance(jobs, (Job, int, str, uuid.UUID)) else jobs
+        if not isinstance(items, Iterable):
+            raise TypeError(f"{verb}: jobs must be a Job, an id, a name, an instance id or a list of them, "
+                            f"not {type(jobs).__name__}")
+        for item in items:
+            if isinstance(item, Job):
+                if item._session is not self:
+                    raise JobNotFoundError(f"{verb}: Job {item.id} {item.name!r} belongs to another session; "
+                                           f"use that session's verbs")
+                if item.id not in self._all:
+                    raise JobNotFoundError(f"{verb}: Job {item.id} {item.name!r} was removed from this "
+                                           f"session; start it again to run it again")
+                out.append(item)
+            elif isinstance(item, bool):
+                raise TypeError(f"{verb}: a job id must be an int, not a bool")
+            elif isinstance(item, int):
+                found = self._all.get(item)
+                if found is None:
+                    raise JobNotFoundError(f"{verb}: cannot find a job with the id {item}; "
+                                           f"list the session's jobs with get_job()")
+                out.append(found)
+            elif isinstance(item, uuid.UUID):
+                match = [j for j in self._all.values() if j._iid == item]
+                if not match:
+                    raise JobNotFoundError(f"{verb}: cannot find a job with the instance id {item}; "
+                                           f"list the session's jobs with get_job()")
+                out.extend(match)
+            elif isinstance(item, str):
+                out.extend(self._by_names([item], verb))
+            else:
+                raise TypeError(f"{verb}: cannot select a job with a {type(item).__name__} ({item!r}); "
+                                f"give a Job, an id, a name or an instance id")
+        return _unique(out)
+
+    def _by_names(self, names: list[str], verb: str) -> list[Job]:
+        out: list[Job] = []
+        for name in names:
+            pattern = _wildcard(name)
+            match = [j for j in self._all.values() if pattern.fullmatch(j.name)]
+            if not match and not _has_wildcard(name):
+                raise JobNotFoundError(f"{verb}: cannot find a job named {name!r}; list the session's "
+                                       f"jobs with get_job()")
+            out.extend(match)
+        return out
+
+    # --- receiving -------------------------------------------------------------------------
+    def receive_job(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
+                    timeout: float | None = None, auto_remove: bool = False, no_recurse: bool = False,
+                    error_action: str = "continue", records: bool = False) -> list[Any]:
+        """The output not yet received, in production order; other records go to the host."""
+        action = _ERROR_ACTIONS.get(str(error_action).lower())
+        if action is None:
+            raise ValueError(f"receive_job: error_action must be 'continue', 'stop', 'silentlycontinue' "
+                             f"or 'ignore', not {error_action!r}")
+        if auto_remove and not wait:
+            raise ValueError("receive_job: auto_remove=True needs wait=True (a job is removed only once "
+                             "it is finished)")
+        _check_timeout("receive_job", timeout)
+        selected = self._resolve(jobs, "receive_job")
+        leaves: list[Job] = []
+        for job in selected:
+            leaves.extend([job] if no_recurse else job._leaves())
+        leaves = _unique(leaves)
+        positions = {leaf.id: leaf._cursor for leaf in leaves}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        output: list[Any] = []
+        errors: list[ErrorRecord] = []
+        reasons: list[BaseException] = []
+        host = self.host
+        while True:
+            with self._cond:
+                if wait:
+                    while not self._has_news(leaves, positions):
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                done = all(leaf._state.is_finished for leaf in leaves)
+                batch: list[tuple[Job, list[Any]]] = []
+                for leaf in leaves:
+                    entries = leaf._entries
+                    start = positions[leaf.id]
+                    if entries is not None and start < len(entries):
+                        batch.append((leaf, entries[start:]))
+                        positions[leaf.id] = len(entries)
+                        if not keep:
+                            leaf._cursor = len(entries)
+            # Outside the lock: a host may be slow, and a job must never wait for a printer.
+            for leaf, entries in batch:
+                for stream, payload, t in entries:
+                    if stream == Stream.OUTPUT:
+                        output.append(OutputRecord(payload, t, leaf.computer_name, leaf) if records else payload)
+                        continue
+                    if stream == Stream.ERROR:
+                        errors.append(payload)
+                        if action == "silent":
+                            continue
+                    host.write_record(leaf, payload)
+            if not wait or done or (deadline is not None and time.monotonic() >= deadline):
+                break
+        for leaf in leaves:
+            if leaf._state is JobState.FAILED and leaf._reason is not None:
+                reasons.append(leaf._reason)
+                if action == "continue":
+                    host.write_failure(leaf, leaf._reason)
+        if auto_remove:
+            finished = [j for j in selected if j.parent is None and j.state.is_finished]
+            if finished:
+                self.remove_job(finished)
+        if action == "stop" and (errors or reasons):
+            first = selected[0] if selected else None
+            what = describe_job(first) if first is not None else "the jobs"
+            detail = _reason_text(reasons[0]) if reasons else errors[0].message
+            raise JobFailedError(f"receive_job: {what} reported an error: {detail}. What was received is on "
+                                 f"this exception's .output and .errors", output=output, errors=errors,
+                                 reason=reasons[0] if reasons else None)
+        return output
+
+    @staticmethod
+    def _has_news(leaves: list[Job], positions: dict[int, int]) -> bool:
+        for leaf in leaves:
+            if leaf._entries is not None and positions[leaf.id] < len(leaf._entries):
+                return True
+        return all(leaf._state.is_finished for leaf in leaves)
+
+    # --- waiting ---------------------------------------------------------------------------
+    def wait_job(self, jobs: JobSelector, *, any: bool = False, timeout: float | None = None,
+                 state: JobState | str | None = None) -> list[Job]:
+        """Wait until the jobs are done (or one, with any=True); [] on timeout."""
+        _check_timeout("wait_job", timeout)
+        want = JobState.parse(state) if state is not None else None
+        selected = self._resolve(jobs, "wait_job")
+        if want is not None:
+            selected = [j for j in selected if j.state is want]
+        if not selected:
+            return []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                done = [j for j in selected if j._state.is_persistent]
+                if any and done:
+                    return [done[0]]
+                if not any and len(done) == len(selected):
+                    return selected
+                blocked = [j for j in selected if j._state is JobState.BLOCKED]
+                if blocked and (not any or len(blocked) + len(done) == len(selected)):
+                    job = blocked[0]
+                    raise JobBlockedError(
+                        f"wait_job: {describe_job(job)} waits for input, so waiting would never end; "
+                        f"answer it with receive_job({job.id}) or job.send_input(text), then wait again")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+
+    # --- stopping --------------------------------------------------------------------------
+    def stop_job(self, jobs: JobSelector, *, pass_thru: bool = False) -> list[Job]:
+        """Stop running work for real and return when it is over (see the docs for threads)."""
+        selected = self._resolve(jobs, "stop_job")
+        self._stop(selected)
+        return selected if pass_thru else []
+
+    def _stop(self, selected: list[Job], grace: float | None = None) -> None:
+        grace = self.stop_grace if grace is None else grace
+        to_signal: list[Job] = []
+        with self._cond:
+            for job in selected:
+                if job._state.is_finished:
+                    continue
+                for leaf in job._leaves():
+                    if leaf._state.is_finished:
+                        continue
+                    was = leaf._state
+                    leaf._stop_requested = True
+                    node = leaf._parent
+                    while node is not None:
+                        node._stop_requested = True
+                        node = node._parent
+                    leaf._apply(Event.STOP)
+                    if was is not JobState.NOT_STARTED:
+                        to_signal.append(leaf)
+                for node in [job, *job._leaves()]:
+                    if node._children:
+                        node._rederive(time.time())
+        for leaf in to_signal:
+            self._backends_of(leaf).stop(leaf, grace)
+        # Each backend ends its work within the grace period (a process is killed then); only
+        # a thread stuck where Python cannot interrupt it may outlast it, and we say so.
+        deadline = time.monotonic() + grace + 2.0
+        with self._cond:
+            while True:
+                pending = [j for j in selected if not j._state.is_finished]
+                if not pending:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            for job in pending:
+                for leaf in job._leaves():
+                    if not leaf._state.is_finished and not leaf.status_message:
+                        leaf.status_message = (f"stop requested {grace:g}s ago; the work cannot be interrupted "
+                                               f"where it is (a long C call?) and ends Stopped when it returns")
+        for job in pending:
+            warnings.warn(f"stop_job: {describe_job(job)} did not stop within {grace:g}s; it cannot be "
+                          f"interrupted where it is and will be Stopped when that call returns. See "
+                          f"job.status_message; remove it later with remove_job({job.id}, force=True)",
+                          StopTimeoutWarning, stacklevel=3)
+
+    def _backends_of(self, leaf: Job) -> Backend:
+        kind = getattr(leaf.backend_data, "backend_kind", None)
+        if kind is None:
+            kind = "thread" if leaf.job_type == "ThreadJob" else "process"
+        return self._backend(kind)
+
+    # --- removing --------------------------------------------------------------------------
+    def remove_job(self, jobs: JobSelector, *, force: bool = False) -> None:
+        """Drop finished jobs and all their data (force=True stops running ones first)."""
+        selected = self._resolve(jobs, "remove_job")
+        for job in selected:
+            if job.parent is not None:
+                raise JobStateError(f"remove_job: {describe_job(job)} is a child job; child jobs are removed "
+                                    f"with their parent: remove_job({job.parent.id})")
+            if not job.state.is_finished and not force:
+                raise JobNotFinishedError(f"remove_job: {describe_job(job)} is not finished; stop it first "
+                                          f"with stop_job({job.id}), or pass force=True")
+        running = [j for j in selected if not j.state.is_finished]
+        if running:
+            self._stop(running)
+        with self._cond:
+            for job in selected:
+                for node in [job, *_descendants(job)]:
+                    self._all.pop(node.id, None)
+                    node._entries = None
+                self._jobs.pop(job.id, None)
+        for job in selected:
+            for leaf in job._leaves():
+                kind = getattr(leaf.backend_data, "backend_kind", None)
+                backend = self._backends.get(kind) if kind else None
+                if backend is not None:
+                    backend.forget(leaf)
+                leaf.backend_data = None
+
+    # --- lifetime --------------------------------------------------------------------------
+    def close(self, grace: float = 1.0) -> None:
+        """Stop every running job (processes are killed after ``grace``) and free the workers."""
+        with self._backend_lock:
+            if self._closed:
+                return
+            self._closed = True
+        with self._cond:
+            running = [j for j in self._jobs.values() if not j._state.is_finished]
+        if running:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", StopTimeoutWarning)
+                self._stop(running, grace)
+        for backend in list(self._backends.values()):
+            backend.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        with self._cond:
+            n = len(self._jobs)
+            running = sum(1 for j in self._jobs.values() if not j._state.is_finished)
+        return f"<psjobs.Session jobs={n} running={running}>"
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _descendants(job: Job) -> list[Job]:
+    out: list[Job] = []
+    for child in job.child_jobs:
+        out.append(child)
+        out.extend(_descendants(child))
+    return out
+
+
+def _unique(jobs: list[Job]) -> list[Job]:
+    seen: set[int] = set()
+    out = []
+    for job in jobs:
+        if job.id not in seen:
+            seen.add(job.id)
+            out.append(job)
+    return out
+
+
+def _has_wildcard(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+_pattern_cache: dict[str, re.Pattern[str]] = {}
+
+
+def _wildcard(text: str) -> re.Pattern[str]:
+    pat = _pattern_cache.get(text)
+    if pat is None:
+        pat = re.compile(fnmatch.translate(text), re.IGNORECASE | re.DOTALL)
+        if len(_pattern_cache) < 1000:
+            _pattern_cache[text] = pat
+    return pat
+
+
+def _strings(what: str, value: str | Iterable[str]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"get_job: {what} must be a str or a list of str, not {type(item).__name__}")
+    return items
+
+
+def _uuids(value: Any) -> list[uuid.UUID]:
+    items = [value] if isinstance(value, (str, uuid.UUID)) else list(value)
+    out = []
+    for item in items:
+        try:
+            out.append(item if isinstance(item, uuid.UUID) else uuid.UUID(str(item)))
+        except ValueError:
+            raise ValueError(f"get_job: {item!r} is not an instance id (a UUID)") from None
+    return out
+
+
+def _as_timestamp(what: str, value: datetime | None) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise TypeError(f"get_job: {what} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None:
+        value = value.astimezone()  # a naive datetime means local time
+    return value.timestamp()
+
+
+def _check_timeout(verb: str, timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"{verb}: timeout must be a number of seconds >= 0 or None, not {timeout!r}")
+
+
+def _check_limit(verb: str, limit: Any) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1_000_000:
+        raise ValueError(f"{verb}: throttle limit must be a whole number from 1 to 1000000, not {limit!r}")
+
+
+def _check_name(verb: str, name: Any) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"{verb}: name must be a str, not {type(name).__name__}")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,170 @@
+"""Job states, the one transition table, and how a parent's state follows its children.
+
+Pure: no I/O, no threads, no clock. Backends report *events*; a job turns an event into its next
+state only through :func:`next_state`, and a parent's state is only ever computed by
+:func:`derive_parent_state`. Finished states absorb every late event.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+
+class JobState(enum.Enum):
+    """The states of a job, with PowerShell's names as values (``str(state)`` gives the name)."""
+
+    NOT_STARTED = "NotStarted"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    STOPPED = "Stopped"
+    BLOCKED = "Blocked"
+    SUSPENDED = "Suspended"
+    DISCONNECTED = "Disconnected"
+    SUSPENDING = "Suspending"
+    STOPPING = "Stopping"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_finished(self) -> bool:
+        """True for Completed, Failed and Stopped: states a job never leaves."""
+        return self in _FINISHED
+
+    @property
+    def is_persistent(self) -> bool:
+        """Finished, Suspended or Disconnected: nothing changes without the user acting."""
+        return self in _PERSISTENT
+
+    @classmethod
+    def parse(cls, value: JobState | str) -> JobState:
+        """Accept a JobState, its PowerShell name or its Python name, in any case."""
+        if isinstance(value, JobState):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"state must be a JobState or its name, not {type(value).__name__}")
+        key = value.replace("_", "").replace("-", "").lower()
+        for state in cls:
+            if state.value.lower() == key:
+                return state
+        names = ", ".join(s.value for s in cls)
+        raise ValueError(f"unknown job state {value!r}; use one of: {names}")
+
+
+_FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.STOPPED})
+_PERSISTENT = _FINISHED | {JobState.SUSPENDED, JobState.DISCONNECTED}
+
+
+class Event(enum.Enum):
+    """What a backend (or the user, for stop) says happened to a job."""
+
+    START = "start"            # the worker runs the job
+    COMPLETE = "complete"      # the worker ended well and every record has arrived
+    FAIL = "fail"              # the worker ended with an error, or could not start
+    STOP = "stop"              # the user asked for a stop
+    STOPPED = "stopped"        # the worker ended because of a stop
+    BLOCK = "block"            # the job waits for input
+    UNBLOCK = "unblock"        # the input came
+    SUSPEND = "suspend"        # the user asked for a suspend
+    SUSPENDED = "suspended"    # the worker is suspended
+    RESUME = "resume"          # the worker runs again
+    DISCONNECT = "disconnect"  # the connection to the worker was lost, the worker may live on
+    RECONNECT = "reconnect"    # the connection came back
+
+
+S, E = JobState, Event
+
+#: (state, event) -> next state. A pair that is absent leaves the state as it is.
+TRANSITIONS: dict[tuple[JobState, Event], JobState] = {
+    (S.NOT_STARTED, E.START): S.RUNNING,
+    (S.NOT_STARTED, E.COMPLETE): S.COMPLETED,
+    (S.NOT_STARTED, E.FAIL): S.FAILED,
+    (S.NOT_STARTED, E.STOP): S.STOPPED,        # a queued job never ran: nothing to wait for
+    (S.NOT_STARTED, E.STOPPED): S.STOPPED,
+
+    (S.RUNNING, E.COMPLETE): S.COMPLETED,
+    (S.RUNNING, E.FAIL): S.FAILED,
+    (S.RUNNING, E.STOP): S.STOPPING,
+    (S.RUNNING, E.STOPPED): S.STOPPED,
+    (S.RUNNING, E.BLOCK): S.BLOCKED,
+    (S.RUNNING, E.SUSPEND): S.SUSPENDING,
+    (S.RUNNING, E.SUSPENDED): S.SUSPENDED,
+    (S.RUNNING, E.DISCONNECT): S.DISCONNECTED,
+
+    (S.BLOCKED, E.UNBLOCK): S.RUNNING,
+    (S.BLOCKED, E.COMPLETE): S.COMPLETED,
+    (S.BLOCKED, E.FAIL): S.FAILED,
+    (S.BLOCKED, E.STOP): S.STOPPING,
+    (S.BLOCKED, E.STOPPED): S.STOPPED,
+    (S.BLOCKED, E.DISCONNECT): S.DISCONNECTED,
+
+    # Once a stop was asked for, however the worker ends, the job was stopped.
+    (S.STOPPING, E.COMPLETE): S.STOPPED,
+    (S.STOPPING, E.FAIL): S.STOPPED,
+    (S.STOPPING, E.STOPPED): S.STOPPED,
+
+    (S.SUSPENDING, E.SUSPENDED): S.SUSPENDED,
+    (S.SUSPENDING, E.RESUME): S.RUNNING,
+    (S.SUSPENDING, E.STOP): S.STOPPING,
+    (S.SUSPENDING, E.COMPLETE): S.COMPLETED,
+    (S.SUSPENDING, E.FAIL): S.FAILED,
+    (S.SUSPENDING, E.STOPPED): S.STOPPED,
+
+    (S.SUSPENDED, E.RESUME): S.RUNNING,
+    (S.SUSPENDED, E.STOP): S.STOPPING,
+    (S.SUSPENDED, E.COMPLETE): S.COMPLETED,
+    (S.SUSPENDED, E.FAIL): S.FAILED,
+    (S.SUSPENDED, E.STOPPED): S.STOPPED,
+
+    (S.DISCONNECTED, E.RECONNECT): S.RUNNING,
+    (S.DISCONNECTED, E.STOP): S.STOPPING,
+    (S.DISCONNECTED, E.COMPLETE): S.COMPLETED,
+    (S.DISCONNECTED, E.FAIL): S.FAILED,
+    (S.DISCONNECTED, E.STOPPED): S.STOPPED,
+}
+del S, E
+
+
+def next_state(state: JobState, event: Event) -> JobState:
+    """The state a job in ``state`` moves to on ``event`` (itself when the table says nothing)."""
+    if state.is_finished:
+        return state
+    return TRANSITIONS.get((state, event), state)
+
+
+def derive_parent_state(children: Iterable[JobState], stop_requested: bool) -> JobState:
+    """A parent's state from its children's, as PowerShell's PSRemotingJob derives it.
+
+    When every child is finished (or disconnected) the final state has the precedence
+    Disconnected > Failed > Stopped > Completed; psjobs counts a parent as Stopped when either the
+    parent or any child was stopped (PowerShell looks only at the parent, which leaves a parent
+    Completed after its only child was stopped). Before that: Blocked if any child is Blocked,
+    Disconnected when the rest are done, Suspended(ing) when every unfinished child is, Stopping
+    after a stop request, else Running (a parent is Running from the moment it exists).
+    """
+    states = list(children)
+    if not states:
+        return JobState.STOPPED if stop_requested else JobState.RUNNING
+    unfinished = [s for s in states if not s.is_finished]
+    if all(s is JobState.DISCONNECTED for s in unfinished):
+        if unfinished:
+            return JobState.DISCONNECTED
+        if JobState.FAILED in states:
+            return JobState.FAILED
+        if stop_requested or JobState.STOPPED in states:
+            return JobState.STOPPED
+        return JobState.COMPLETED
+    if JobState.BLOCKED in unfinished:
+        return JobState.BLOCKED
+    if all(s in (JobState.DISCONNECTED, JobState.BLOCKED) for s in unfinished) \
+            and JobState.DISCONNECTED in unfinished:
+        return JobState.DISCONNECTED
+    if stop_requested:
+        return JobState.STOPPING
+    if all(s is JobState.SUSPENDED for s in unfinished):
+        return JobState.SUSPENDED
+    if all(s in (JobState.SUSPENDED, JobState.SUSPENDING) for s in unfinished):
+        return JobState.SUSPENDING
+    return JobState.RUNNING

@@ -1,0 +1,160 @@
+"""What a job runs: a callable, a shell command line or an argv, checked before any job exists."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import os
+import shlex
+import textwrap
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+CALL, SHELL, ARGV = "call", "shell", "argv"
+
+
+@dataclass
+class JobSpec:
+    """A checked description of a job's work, shared by every backend."""
+
+    kind: str                       # CALL, SHELL or ARGV
+    target: Any                     # the callable, or the argv list for SHELL and ARGV
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    init: Callable[[], Any] | None = None
+    input: Iterable[Any] | None = None
+    cwd: str | None = None
+    env: dict[str, str] | None = None   # the whole environment, for process jobs
+    command: str = ""
+    payload: bytes | None = None        # the pickled call, made by the backend's prepare()
+
+    @property
+    def argv(self) -> list[str]:
+        assert self.kind != CALL
+        return list(self.target)
+
+
+def make_spec(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+              init: Callable[[], Any] | None = None, input: Iterable[Any] | None = None,
+              verb: str = "start_job") -> JobSpec:
+    """Check a job's target and arguments; raise TypeError/ValueError before any job exists."""
+    if init is not None and not callable(init):
+        raise TypeError(f"{verb}: init must be a callable run before the target, not {type(init).__name__}")
+    if input is not None and (isinstance(input, (str, bytes)) or not isinstance(input, Iterable)):
+        raise TypeError(f"{verb}: input must be an iterable of items (a list, a generator...), "
+                        f"not {type(input).__name__}; wrap a single value in a list")
+    if isinstance(target, str):
+        if not target.strip():
+            raise ValueError(f"{verb}: the command line is empty; give a command such as 'ls -l'")
+        _no_kwargs(verb, kwargs, "a command line")
+        if init is not None:
+            raise TypeError(f"{verb}: init applies to Python callables, not to a command line")
+        # $0 is "sh" and the arguments become $1, $2...: they are never pasted into the text.
+        argv = ["/bin/sh", "-c", target, "sh", *(_arg(verb, a) for a in args)]
+        return JobSpec(SHELL, argv, input=input, command=target)
+    if isinstance(target, (list, tuple)):
+        if not target:
+            raise ValueError(f"{verb}: the argv list is empty; give at least the program name")
+        _no_kwargs(verb, kwargs, "an argv list")
+        if init is not None:
+            raise TypeError(f"{verb}: init applies to Python callables, not to an argv list")
+        argv = [_arg(verb, a) for a in (*target, *args)]
+        return JobSpec(ARGV, argv, input=input, command=shlex.join(argv))
+    if callable(target):
+        return JobSpec(CALL, target, tuple(args), dict(kwargs), init, input, command=describe(target))
+    raise TypeError(f"{verb}: target must be a callable, a command line (str) or an argv (list of str), "
+                    f"not {type(target).__name__}")
+
+
+def _no_kwargs(verb: str, kwargs: Mapping[str, Any], what: str) -> None:
+    if kwargs:
+        names = ", ".join(sorted(kwargs))
+        raise TypeError(f"{verb}: keyword arguments ({names}) apply to callables, not to {what}; "
+                        f"pass them as positional arguments")
+
+
+def _arg(verb: str, value: Any) -> str:
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)  # type: ignore[return-value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"{verb}: arguments of a command must be strings, paths or numbers, "
+                    f"not {type(value).__name__} ({value!r})")
+
+
+def check_directory(verb: str, working_directory: str | os.PathLike[str] | None) -> str:
+    """The job's working directory: the caller's now, or the one given, which must exist."""
+    if working_directory is None:
+        return os.getcwd()
+    if not isinstance(working_directory, (str, os.PathLike)):
+        raise TypeError(f"{verb}: working_directory must be a str or a path, "
+                        f"not {type(working_directory).__name__}")
+    path = os.fspath(working_directory)
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{verb}: working_directory is empty; give a directory or leave it out "
+                         f"to use the current one")
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{verb}: cannot find the working directory {path!r}; create it or give "
+                                f"another one")
+    return path
+
+
+def make_env(verb: str, env: Mapping[str, str | None] | None) -> dict[str, str]:
+    """The caller's environment now, updated with ``env`` (a None value removes a variable)."""
+    out = dict(os.environ)
+    if env is None:
+        return out
+    if not isinstance(env, Mapping):
+        raise TypeError(f"{verb}: env must be a mapping of names to values, not {type(env).__name__}")
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key:
+            raise ValueError(f"{verb}: env has an invalid variable name {key!r}")
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, str):
+            out[key] = value
+        else:
+            raise TypeError(f"{verb}: env[{key!r}] must be a str (or None to remove it), "
+                            f"not {type(value).__name__}")
+    return out
+
+
+def describe(fn: Any) -> str:
+    """Readable text for a callable: its qualified name, or a lambda's source."""
+    if isinstance(fn, functools.partial):
+        return f"partial({describe(fn.func)})"
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if name is None:
+        name = type(fn).__qualname__
+    if name == "<lambda>" or name.endswith(".<lambda>"):
+        src = _lambda_source(fn)
+        if src:
+            return src
+    return str(name)
+
+
+def _lambda_source(fn: Any) -> str | None:
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return None
+    tree = None
+    for candidate in (src, src.rstrip().rstrip(",)") + "\n", "(" + src.strip() + ")"):
+        try:
+            tree = ast.parse(candidate)
+            src = candidate
+            break
+        except SyntaxError:
+            continue
+    if tree is None:
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Lambda):
+            text = ast.get_source_segment(src, node)
+            if text:
+                text = " ".join(text.split())
+                return text if len(text) <= 200 else text[:197] + "..."
+    return None

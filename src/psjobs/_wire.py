@@ -1,0 +1,156 @@
+"""Frames between the session and a worker: a length, a kind, a payload.
+
+::
+
+    +----------------+--------+---------------------------+
+    | length: uint32 | kind:1 | payload (length bytes)    |
+    +----------------+--------+---------------------------+
+
+The first frame a worker sends is HELLO with the protocol version and its Python version; a
+session that speaks another version refuses it with a clear error instead of unpickling. A
+length above MAX_FRAME is a protocol error (never an allocation). The channel is a socket of its
+own: a job's stdout is never part of it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from ._errors import ProtocolError
+
+VERSION = 1
+HEADER = struct.Struct("!IB")
+MAX_FRAME = 1 << 30  # 1 GiB: larger values fail their job with a clear error instead
+
+HELLO = 1     # worker -> session: (VERSION, pid, python version)
+JOB = 2       # session -> worker: the pickled job
+RECORDS = 3   # worker -> session: pickled [(stream, payload, time), ...]
+DONE = 4      # worker -> session: pickled (event name, reason, traceback text, exit code)
+PROMPT = 5    # worker -> session: the job waits for input (prompt text)
+ANSWER = 6    # session -> worker: the input
+
+KINDS = frozenset({HELLO, JOB, RECORDS, DONE, PROMPT, ANSWER})
+_BIG = 1 << 20  # payloads above this are read straight into their own buffer
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    if len(payload) > MAX_FRAME:
+        raise ProtocolError(f"a {len(payload)}-byte frame is over the {MAX_FRAME}-byte limit")
+    return HEADER.pack(len(payload), kind) + payload
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
+    """Blocking send (worker side): the header, then the payload without copying it."""
+    if len(payload) > MAX_FRAME:
+        raise ProtocolError(f"a {len(payload)}-byte frame is over the {MAX_FRAME}-byte limit")
+    if len(payload) < 65536:
+        sock.sendall(HEADER.pack(len(payload), kind) + payload)
+    else:
+        sock.sendall(HEADER.pack(len(payload), kind))
+        sock.sendall(payload)
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+    """Blocking read of one frame (worker side); None at end of stream."""
+    head = _recv_exact(sock, HEADER.size)
+    if head is None:
+        return None
+    length, kind = HEADER.unpack(head)
+    _check(length, kind)
+    body = _recv_exact(sock, length)
+    if body is None:
+        raise ProtocolError("the channel closed in the middle of a frame")
+    return kind, body
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got == 0:
+                return None
+            raise ProtocolError("the channel closed in the middle of a frame")
+        got += k
+    return bytes(buf)
+
+
+def _check(length: int, kind: int) -> None:
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown frame kind {kind} (a worker of another psjobs version, or garbage)")
+    if length > MAX_FRAME:
+        raise ProtocolError(f"a frame announced {length} bytes, over the {MAX_FRAME}-byte limit")
+
+
+class FrameReader:
+    """Non-blocking reader (session side): feed it what the socket has, get whole frames.
+
+    Large payloads are received straight into a buffer of their announced size, so a 100 MB
+    value is copied from the kernel once.
+    """
+
+    __slots__ = ("_big", "_buf", "_kind", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._big: bytearray | None = None
+        self._pos = 0
+        self._kind = 0
+
+    def read(self, sock: socket.socket, frames: list[tuple[int, bytes | bytearray]],
+             budget: int = 16) -> bool:
+        """Read what is there (at most ``budget`` reads); False at end of stream."""
+        for _ in range(budget):
+            big = self._big
+            if big is not None:
+                try:
+                    n = sock.recv_into(memoryview(big)[self._pos:])
+                except (BlockingIOError, InterruptedError):
+                    return True
+                if n == 0:
+                    return self._eof()
+                self._pos += n
+                if self._pos == len(big):
+                    frames.append((self._kind, big))
+                    self._big = None
+                continue
+            try:
+                chunk = sock.recv(262144)
+            except (BlockingIOError, InterruptedError):
+                return True
+            if not chunk:
+                return self._eof()
+            buf = self._buf
+            buf += chunk
+            self._parse(frames)
+        return True
+
+    def _parse(self, frames: list[tuple[int, bytes | bytearray]]) -> None:
+        buf = self._buf
+        start = 0
+        size = HEADER.size
+        while len(buf) - start >= size:
+            length, kind = HEADER.unpack_from(buf, start)
+            _check(length, kind)
+            end = start + size + length
+            if len(buf) >= end:
+                frames.append((kind, bytes(buf[start + size:end])))
+                start = end
+                continue
+            if length > _BIG:
+                big = bytearray(length)
+                have = len(buf) - start - size
+                big[:have] = buf[start + size:]
+                self._big, self._pos, self._kind = big, have, kind
+                start = len(buf)
+            break
+        if start:
+            del buf[:start]
+
+    def _eof(self) -> bool:
+        if self._buf or self._big is not None:
+            raise ProtocolError("the worker's channel closed in the middle of a frame")
+        return False

@@ -1,0 +1,407 @@
+"""The runtime inside a job's worker process (forked by the fork server, or a fresh interpreter).
+
+::
+
+    session ==JOB frame==> worker: cwd, env, sys.path, then the cloudpickled call
+    worker: write_*() / print / warnings / logging --> Writer batch --(1 ms or 1000 items)--> RECORDS
+            fd 1 and fd 2 (C code, subprocesses) --> pipe --> pump thread --> information / error
+    worker ==DONE==> session: how it ended, the exception and its traceback text; then it exits
+
+The channel is a pair of file descriptors of its own (a socket locally, the SSH channel's
+stdin/stdout remotely): fd 1 is never the channel. SIGTERM raises JobStopped in the job's code, so
+``finally`` blocks run and every record written before the stop still arrives.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+from . import _inside
+from ._errors import ExitStatusError, JobStopped, ProtocolError, RemoteError, WorkerError
+from ._records import ErrorRecord, Stream, snapshot
+from ._wire import ANSWER, DONE, HEADER, HELLO, JOB, MAX_FRAME, PROMPT, RECORDS, VERSION
+
+FLUSH_SECONDS = 0.001  # a trickle arrives within about a millisecond...
+FLUSH_ITEMS = 1000     # ...and a flood goes in batches that amortize pickling and syscalls
+
+
+class Channel:
+    """Blocking frames over a pair of file descriptors (the same one for a socket)."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.lock = threading.Lock()
+
+    def send(self, kind: int, payload: bytes) -> None:
+        if len(payload) > MAX_FRAME:
+            raise ProtocolError(f"a {len(payload)}-byte value is over the {MAX_FRAME}-byte frame limit")
+        with self.lock:
+            self._write(HEADER.pack(len(payload), kind))
+            self._write(payload)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.wfd, view)
+            view = view[n:]
+
+    def recv(self) -> tuple[int, bytes] | None:
+        head = self._read(HEADER.size)
+        if head is None:
+            return None
+        length, kind = HEADER.unpack(head)
+        if length > MAX_FRAME:
+            raise ProtocolError(f"a frame announced {length} bytes, over the {MAX_FRAME}-byte limit")
+        body = self._read(length)
+        if body is None:
+            raise ProtocolError("the channel closed in the middle of a frame")
+        return kind, body
+
+    def _read(self, n: int) -> bytes | None:
+        chunks = []
+        got = 0
+        while got < n:
+            chunk = os.read(self.rfd, n - got)
+            if not chunk:
+                if got == 0:
+                    return None
+                raise ProtocolError("the channel closed in the middle of a frame")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+
+class _Ctx:
+    """Process-wide job state the signal handler reads."""
+
+    in_user = False
+    sending = False
+    stop = False
+
+
+def _dumps_batch(batch: list[tuple[int, Any, float]]) -> bytes:
+    try:
+        return pickle.dumps(batch, protocol=5)
+    except Exception:
+        pass
+    import cloudpickle  # values of classes made at run time (defined in __main__, closures...)
+
+    try:
+        data: bytes = cloudpickle.dumps(batch, protocol=5)
+        return data
+    except Exception:
+        pass
+    safe = []
+    for stream, payload, t in batch:
+        try:
+            cloudpickle.dumps(payload, protocol=5)
+            safe.append((stream, payload, t))
+        except Exception as exc:
+            safe.append((stream, _stand_in(payload, exc), t))
+    out: bytes = cloudpickle.dumps(safe, protocol=5)
+    return out
+
+
+def _stand_in(payload: Any, exc: BaseException) -> Any:
+    if isinstance(payload, ErrorRecord) and payload.exception is not None:
+        ex = payload.exception
+        return ErrorRecord(payload.message, payload._t, payload.computer_name,
+                           RemoteError(str(ex), _qualname(ex)), payload.traceback)
+    return snapshot(payload, f"{type(exc).__name__}: {exc}")
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Writer:
+    """Batches records and sends them by time or by count; thread-safe."""
+
+    def __init__(self, channel: Channel, computer_name: str | None) -> None:
+        self.channel = channel
+        self.computer_name = computer_name
+        self.line_buffers: dict[int, str] = {}
+        self._buf: list[tuple[int, Any, float]] = []
+        self._first = 0.0
+        self._lock = threading.Lock()
+        self._wake_w = -1
+        self.input_items: list[Any] | None = None
+
+    # Emitter protocol ---------------------------------------------------------------------
+    def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
+        now = time.time() if t is None else t
+        with self._lock:
+            buf = self._buf
+            buf.append((stream, payload, now))
+            if len(buf) == 1:
+                self._first = now
+                if self._wake_w >= 0:
+                    try:
+                        os.write(self._wake_w, b"x")
+                    except BlockingIOError:
+                        pass
+                return
+            if len(buf) < FLUSH_ITEMS and now - self._first < FLUSH_SECONDS:
+                return
+            self._flush_locked()
+        if _Ctx.stop and _Ctx.in_user and threading.current_thread() is threading.main_thread():
+            raise JobStopped()
+
+    def stop_requested(self) -> bool:
+        return _Ctx.stop
+
+    def input(self) -> Iterator[Any]:
+        return iter(self.input_items or ())
+
+    def read_host(self, prompt: str) -> str:
+        self.flush()
+        self.channel.send(PROMPT, pickle.dumps(str(prompt)))
+        reply = self.channel.recv()
+        if reply is None or reply[0] != ANSWER:
+            raise WorkerError("the session went away while the job waited for input")
+        answer: str = pickle.loads(reply[1])
+        return answer
+
+    # batching -----------------------------------------------------------------------------
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        buf = self._buf
+        if not buf:
+            return
+        self._buf = []
+        payload = _dumps_batch(buf)
+        _Ctx.sending = True
+        try:
+            self.channel.send(RECORDS, payload)
+        finally:
+            _Ctx.sending = False
+
+    def due(self) -> float | None:
+        """Seconds until the pending batch must go (None: nothing pending)."""
+        with self._lock:
+            if not self._buf:
+                return None
+            return max(0.0, self._first + FLUSH_SECONDS - time.time())
+
+
+class _Pump(threading.Thread):
+    """Flushes a batch that waited 1 ms, and turns fd-level stdout/stderr lines into records."""
+
+    def __init__(self, writer: Writer, fds: dict[int, Stream]) -> None:
+        super().__init__(name="psjobs-pump", daemon=True)
+        self.writer = writer
+        self.fds = dict(fds)
+        self.partial = {fd: b"" for fd in fds}
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        writer._wake_w = wake_w
+        self.done = False
+
+    def run(self) -> None:
+        poller = select.poll()
+        for fd in self.fds:
+            poller.register(fd, select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        writer = self.writer
+        while self.fds or not self.done:
+            due = writer.due()
+            timeout = None if due is None else int(due * 1000 + 0.999)
+            for fd, _ in poller.poll(timeout if not self.done else 10):
+                if fd == self.wake_r:
+                    os.read(fd, 4096)
+                    continue
+                chunk = os.read(fd, 65536)
+                stream = self.fds.get(fd)
+                if stream is None:
+                    continue
+                if not chunk:
+                    poller.unregister(fd)
+                    del self.fds[fd]
+                    if self.partial[fd]:
+                        self._lines(stream, [self.partial[fd]])
+                    continue
+                *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
+                self._lines(stream, lines)
+            if writer.due() == 0.0:
+                try:
+                    writer.flush()
+                except OSError:
+                    return
+            if self.done and not self.fds:
+                return
+
+    def _lines(self, stream: Stream, lines: list[bytes]) -> None:
+        for raw in lines:
+            text = raw.decode("utf-8", "replace")
+            _inside.emit_line(self.writer, stream, text[:-1] if text.endswith("\r") else text)
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    _Ctx.stop = True
+    if _Ctx.in_user and not _Ctx.sending:
+        raise JobStopped()
+
+
+def serve(rfd: int, wfd: int, *, computer_name: str | None = None, capture_fds: bool = True) -> int:
+    """Run the one job that arrives on the channel; return the process exit status to use."""
+    channel = Channel(rfd, wfd)
+    writer = Writer(channel, computer_name)
+    channel.send(HELLO, pickle.dumps((VERSION, os.getpid(), tuple(sys.version_info[:2]))))
+    got = channel.recv()
+    if got is None:
+        return 0  # the session went away before sending the job
+    kind, body = got
+    if kind != JOB:
+        raise ProtocolError(f"expected the job, got frame kind {kind}")
+    meta: dict[str, Any] = pickle.loads(body)
+    _settle(meta)
+
+    pump = None
+    if capture_fds:
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        os.dup2(w1, 1)
+        os.dup2(w2, 2)
+        os.close(w1)
+        os.close(w2)
+        pump = _Pump(writer, {r1: Stream.INFORMATION, r2: Stream.ERROR})
+    else:
+        pump = _Pump(writer, {})
+    pump.start()
+    _inside.set_process_emitter(writer)
+    sys.stdout = _inside.StreamRouter(None, Stream.INFORMATION)
+    sys.stderr = _inside.StreamRouter(None, Stream.ERROR)
+    _inside.install_routers(whole_process=True)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    event, reason, code = "complete", None, None
+    try:
+        try:
+            _Ctx.in_user = True
+            if _Ctx.stop:
+                raise JobStopped()
+            code = _run(meta, writer)
+        finally:
+            _Ctx.in_user = False
+    except JobStopped:
+        event = "stopped"
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = status
+        if status != 0:
+            event, reason = "fail", ExitStatusError(f"the job called sys.exit({exc.code!r})", status)
+    except BaseException as exc:
+        event, reason = "fail", exc
+    if _Ctx.stop and event == "fail" and isinstance(reason, KeyboardInterrupt):
+        event, reason = "stopped", None
+    _finish(writer, pump, event, reason, code)
+    return 0
+
+
+def _settle(meta: dict[str, Any]) -> None:
+    """Put the worker where the caller was: directory, environment, import path."""
+    cwd = meta.get("cwd")
+    if cwd:
+        os.chdir(cwd)
+    env = meta.get("env")
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    path = meta.get("sys_path")
+    if path is not None:
+        sys.path[:] = path
+
+
+def _run(meta: dict[str, Any], writer: Writer) -> int | None:
+    if "argv" in meta:  # a command, when the worker is the remote bootstrap
+        raise WorkerError("this worker runs Python callables only")
+    import cloudpickle
+
+    try:
+        target, args, kwargs, init, items = cloudpickle.loads(meta["call"])
+    except Exception as exc:
+        raise WorkerError(f"the worker could not unpickle the job's callable or its arguments: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    writer.input_items = items
+    if init is not None:
+        init()
+    result = target(*args, **kwargs)
+    if inspect.isgenerator(result):
+        for item in result:
+            writer.emit(Stream.OUTPUT, item)
+    elif result is not None:
+        writer.emit(Stream.OUTPUT, result)
+    return None
+
+
+def _finish(writer: Writer, pump: _Pump | None, event: str, reason: BaseException | None,
+            code: int | None) -> None:
+    _inside.flush_lines(writer)
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    if pump is not None:
+        # Close our ends of fd 1 and 2 so the pump sees the end of what C code and children
+        # printed; a grandchild that keeps them open does not hold the job (bounded wait).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        pump.done = True
+        try:
+            os.write(writer._wake_w, b"x")
+        except OSError:
+            pass
+        pump.join(0.2)
+    tb = None
+    blob = None
+    if reason is not None:
+        tb = "".join(traceback.format_exception(type(reason), reason, reason.__traceback__))
+        blob = _dump_reason(reason)
+    writer.flush()
+    writer.channel.send(DONE, pickle.dumps((event, blob, tb, code)))
+
+
+def _dump_reason(reason: BaseException) -> bytes:
+    import cloudpickle
+
+    reason.__traceback__ = None
+    try:
+        data: bytes = cloudpickle.dumps(reason)
+        pickle.loads(data)
+        return data
+    except Exception:
+        fallback: bytes = pickle.dumps(RemoteError(str(reason), _qualname(reason)))
+        return fallback
+
+
+def main() -> None:
+    """``python -m psjobs._worker FD``: serve one job on a socket inherited as FD."""
+    fd = int(sys.argv[1])
+    os.setpgid(0, 0) if os.getpgid(0) != os.getpid() else None
+    try:
+        status = serve(fd, fd)
+    except BaseException:
+        status = 70
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    main()
