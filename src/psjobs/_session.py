@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
@@ -35,6 +35,7 @@ from ._errors import (
     JobStateError,
     StopTimeoutWarning,
 )
+from ._format import JobList
 from ._job import Job, _next_ids
 from ._records import ErrorRecord, OutputRecord, Record, Stream
 from ._state import Event, JobState
@@ -258,7 +259,7 @@ class Session:
                 # Unfinished jobs count as the newest: their end is still to come.
                 jobs.sort(key=lambda j: j._end if j._end is not None else float("inf"), reverse=True)
                 jobs = jobs[:newest]
-            return sorted(_unique(jobs), key=lambda j: j.id)
+            return JobList(sorted(_unique(jobs), key=lambda j: j.id))
 
     def _resolve(self, jobs: JobSelector, verb: str) -> list[Job]:
         with self._cond:
@@ -325,47 +326,20 @@ class Session:
                              "it is finished)")
         _check_timeout("receive_job", timeout)
         selected = self._resolve(jobs, "receive_job")
-        leaves: list[Job] = []
-        for job in selected:
-            leaves.extend([job] if no_recurse else job._leaves())
-        leaves = _unique(leaves)
-        positions = {leaf.id: leaf._cursor for leaf in leaves}
-        deadline = None if timeout is None else time.monotonic() + timeout
+        leaves = self._leaves_of(selected, no_recurse)
         output: list[Any] = []
         errors: list[ErrorRecord] = []
         reasons: list[BaseException] = []
         host = self.host
-        while True:
-            with self._cond:
-                if wait:
-                    while not self._has_news(leaves, positions):
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                done = all(leaf._state.is_finished for leaf in leaves)
-                batch: list[tuple[Job, list[Any]]] = []
-                for leaf in leaves:
-                    entries = leaf._entries
-                    start = positions[leaf.id]
-                    if entries is not None and start < len(entries):
-                        batch.append((leaf, entries[start:]))
-                        positions[leaf.id] = len(entries)
-                        if not keep:
-                            leaf._cursor = len(entries)
-            # Outside the lock: a host may be slow, and a job must never wait for a printer.
-            for leaf, entries in batch:
-                for stream, payload, t in entries:
-                    if stream == Stream.OUTPUT:
-                        output.append(OutputRecord(payload, t, leaf.computer_name, leaf) if records else payload)
-                        continue
-                    if stream == Stream.ERROR:
-                        errors.append(payload)
-                        if action == "silent":
-                            continue
-                    host.write_record(leaf, payload)
-            if not wait or done or (deadline is not None and time.monotonic() >= deadline):
-                break
+        for leaf, stream, payload, t in self.read_entries(leaves, keep=keep, wait=wait, timeout=timeout):
+            if stream == Stream.OUTPUT:
+                output.append(OutputRecord(payload, t, leaf.computer_name, leaf) if records else payload)
+                continue
+            if stream == Stream.ERROR:
+                errors.append(payload)
+                if action == "silent":
+                    continue
+            host.write_record(leaf, payload)
         for leaf in leaves:
             if leaf._state is JobState.FAILED and leaf._reason is not None:
                 reasons.append(leaf._reason)
@@ -385,6 +359,53 @@ class Session:
         return output
 
     @staticmethod
+    def _leaves_of(selected: list[Job], no_recurse: bool = False) -> list[Job]:
+        leaves: list[Job] = []
+        for job in selected:
+            leaves.extend([job] if no_recurse else job._leaves())
+        return _unique(leaves)
+
+    def read_entries(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
+                     timeout: float | None = None) -> Iterator[tuple[Job, Stream, Any, float]]:
+        """Every record not yet received, of all seven streams, in production order per job.
+
+        Yields ``(leaf job, stream, value or record, time.time())``; this is what receive_job is
+        made of, for readers that keep records themselves (the session host stores them). With
+        ``wait=True`` it follows the jobs until they finish (or ``timeout``), yielding as records
+        arrive. Moves the jobs' read cursors unless ``keep``.
+        """
+        if isinstance(jobs, list) and all(isinstance(j, Job) and not j._children for j in jobs):
+            leaves = jobs
+        else:
+            leaves = self._leaves_of(self._resolve(jobs, "read_entries"))
+        positions = {leaf.id: leaf._cursor for leaf in leaves}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if wait:
+                    while not self._has_news(leaves, positions):
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                done = all(leaf._state.is_finished for leaf in leaves)
+                batch: list[tuple[Job, list[Any]]] = []
+                for leaf in leaves:
+                    entries = leaf._entries
+                    start = positions[leaf.id]
+                    if entries is not None and start < len(entries):
+                        batch.append((leaf, entries[start:]))
+                        positions[leaf.id] = len(entries)
+                        if not keep:
+                            leaf._cursor = len(entries)
+            # Outside the lock: a consumer may be slow, and a job must never wait for a printer.
+            for leaf, entries in batch:
+                for stream, payload, t in entries:
+                    yield leaf, Stream(stream), payload, t
+            if not wait or done or (deadline is not None and time.monotonic() >= deadline):
+                return
+
+    @staticmethod
     def _has_news(leaves: list[Job], positions: dict[int, int]) -> bool:
         for leaf in leaves:
             if leaf._entries is not None and positions[leaf.id] < len(leaf._entries):
@@ -401,15 +422,15 @@ class Session:
         if want is not None:
             selected = [j for j in selected if j.state is want]
         if not selected:
-            return []
+            return JobList()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 done = [j for j in selected if j._state.is_persistent]
                 if any and done:
-                    return [done[0]]
+                    return JobList([done[0]])
                 if not any and len(done) == len(selected):
-                    return selected
+                    return JobList(selected)
                 blocked = [j for j in selected if j._state is JobState.BLOCKED]
                 if blocked and (not any or len(blocked) + len(done) == len(selected)):
                     job = blocked[0]
@@ -418,7 +439,7 @@ class Session:
                         f"answer it with receive_job({job.id}) or job.send_input(text), then wait again")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return []
+                    return JobList()
                 self._cond.wait(remaining)
 
     # --- stopping --------------------------------------------------------------------------
@@ -426,7 +447,7 @@ class Session:
         """Stop running work for real and return when it is over (see the docs for threads)."""
         selected = self._resolve(jobs, "stop_job")
         self._stop(selected)
-        return selected if pass_thru else []
+        return JobList(selected if pass_thru else [])
 
     def _stop(self, selected: list[Job], grace: float | None = None) -> None:
         grace = self.stop_grace if grace is None else grace
