@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
-from ._state import Event, JobState, derive_parent_state, next_state
+from ._state import Event, JobState, derive_parent_state_counts, next_state
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -63,7 +63,7 @@ class Job:
     """A unit of background work, and the handle to manage it (see the module verbs)."""
 
     __slots__ = (
-        "_begin", "_children", "_cursor", "_end", "_entries", "_history", "_iid", "_parent",
+        "_begin", "_children", "_counts", "_cursor", "_end", "_entries", "_history", "_iid", "_parent",
         "_reason", "_session", "_state", "_stop_requested", "backend_data", "command",
         "computer_name", "exit_code", "id", "job_type", "location", "name", "pid", "status_message",
     )
@@ -80,6 +80,7 @@ class Job:
         self._session = session
         self._parent = parent
         self._children: list[Job] | None = None
+        self._counts: dict[JobState, int] | None = None  # children per state, for _rederive
         self._state = state
         self._reason: BaseException | None = None
         self._iid: uuid.UUID | None = None
@@ -97,7 +98,11 @@ class Job:
         if parent is not None:
             if parent._children is None:
                 parent._children = []
+                parent._counts = {}
             parent._children.append(self)
+            counts = parent._counts
+            assert counts is not None
+            counts[state] = counts.get(state, 0) + 1
 
     # --- identity ------------------------------------------------------------------------
     @property
@@ -237,6 +242,7 @@ class Job:
 
     def _set_state(self, new: JobState, now: float | None = None) -> None:
         t = time.time() if now is None else now
+        old = self._state
         self._state = new
         if self._history is None:
             self._history = []
@@ -247,12 +253,16 @@ class Job:
             self._end = t
         parent = self._parent
         if parent is not None:
+            counts = parent._counts
+            assert counts is not None
+            counts[old] -= 1
+            counts[new] = counts.get(new, 0) + 1
             parent._rederive(t)
         self._session._cond.notify_all()
 
     def _rederive(self, now: float) -> None:
-        assert self._children is not None
-        new = derive_parent_state((c._state for c in self._children), self._stop_requested)
+        assert self._children is not None and self._counts is not None
+        new = derive_parent_state_counts(self._counts, self._stop_requested)
         if new is self._state:
             return
         if new.is_finished:

@@ -8,7 +8,8 @@ state only through :func:`next_state`, and a parent's state is only ever compute
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 
 
 class JobState(enum.Enum):
@@ -144,27 +145,36 @@ def derive_parent_state(children: Iterable[JobState], stop_requested: bool) -> J
     Disconnected when the rest are done, Suspended(ing) when every unfinished child is, Stopping
     after a stop request, else Running (a parent is Running from the moment it exists).
     """
-    states = list(children)
-    if not states:
-        return JobState.STOPPED if stop_requested else JobState.RUNNING
-    unfinished = [s for s in states if not s.is_finished]
-    if all(s is JobState.DISCONNECTED for s in unfinished):
+    return derive_parent_state_counts(Counter(children), stop_requested)
+
+
+def derive_parent_state_counts(counts: Mapping[JobState, int], stop_requested: bool) -> JobState:
+    """:func:`derive_parent_state` from how many children are in each state.
+
+    A parent keeps these counts up to date as its children change, so re-deriving costs the same
+    for 2 children as for a 10,000-child fan-out (scanning them made such a fan-out quadratic).
+    """
+    S = JobState
+    total = sum(counts.values())
+    if not total:
+        return S.STOPPED if stop_requested else S.RUNNING
+    unfinished = total - counts.get(S.COMPLETED, 0) - counts.get(S.FAILED, 0) - counts.get(S.STOPPED, 0)
+    disconnected = counts.get(S.DISCONNECTED, 0)
+    if unfinished == disconnected:  # every unfinished child is Disconnected (or none is left)
         if unfinished:
-            return JobState.DISCONNECTED
-        if JobState.FAILED in states:
-            return JobState.FAILED
-        if stop_requested or JobState.STOPPED in states:
-            return JobState.STOPPED
-        return JobState.COMPLETED
-    if JobState.BLOCKED in unfinished:
-        return JobState.BLOCKED
-    if all(s in (JobState.DISCONNECTED, JobState.BLOCKED) for s in unfinished) \
-            and JobState.DISCONNECTED in unfinished:
-        return JobState.DISCONNECTED
+            return S.DISCONNECTED
+        if counts.get(S.FAILED, 0):
+            return S.FAILED
+        if stop_requested or counts.get(S.STOPPED, 0):
+            return S.STOPPED
+        return S.COMPLETED
+    if counts.get(S.BLOCKED, 0):
+        return S.BLOCKED
     if stop_requested:
-        return JobState.STOPPING
-    if all(s is JobState.SUSPENDED for s in unfinished):
-        return JobState.SUSPENDED
-    if all(s in (JobState.SUSPENDED, JobState.SUSPENDING) for s in unfinished):
-        return JobState.SUSPENDING
-    return JobState.RUNNING
+        return S.STOPPING
+    suspended = counts.get(S.SUSPENDED, 0)
+    if unfinished == suspended:
+        return S.SUSPENDED
+    if unfinished == suspended + counts.get(S.SUSPENDING, 0):
+        return S.SUSPENDING
+    return S.RUNNING
