@@ -355,6 +355,7 @@ class _CallHandle(_Handle):
         report(self.job, Event.UNBLOCK)
 
     def close(self) -> None:
+        self.backend.handles.discard(self)
         if self.registered:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.backend.loop.sel.unregister(self.sock)
@@ -387,6 +388,8 @@ class _CommandHandle(_Handle):
         self.pidfd = os.pidfd_open(proc.pid)
         assert proc.stdout is not None and proc.stderr is not None
         self.fds = {proc.stdout.fileno(): Stream.OUTPUT, proc.stderr.fileno(): Stream.ERROR}
+        # Popen's file objects own the descriptors: close through them, never twice.
+        self.files = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
         self.partial = {fd: b"" for fd in self.fds}
         self.feed = memoryview(feed) if feed else None
 
@@ -439,7 +442,7 @@ class _CommandHandle(_Handle):
                 rest = self.partial.pop(fd)
                 if rest:
                     _lines(entries, stream, [rest], now)
-                os.close(fd)
+                self.files.pop(fd).close()
                 break
             *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
             _lines(entries, stream, lines, now)
@@ -472,6 +475,7 @@ class _CommandHandle(_Handle):
 
             event, reason = Event.FAIL, _status_error("the command", code)
         self._close_stdin()
+        self.backend.handles.discard(self)
         self.end([], event, reason, code)
 
     def _close_stdin(self) -> None:
@@ -482,11 +486,12 @@ class _CommandHandle(_Handle):
             stdin.close()
 
     def close(self) -> None:
+        self.backend.handles.discard(self)
         sel = self.backend.loop.sel
         for fd in list(self.fds):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 sel.unregister(fd)
-            os.close(fd)
+            self.files.pop(fd).close()
         self.fds.clear()
         if self.pidfd >= 0:
             with contextlib.suppress(KeyError, ValueError, OSError):
@@ -592,6 +597,7 @@ class ProcessBackend:
         self.session = session
         self.loop = IOLoop()
         self.pending_calls: dict[int, _CallHandle] = {}  # token -> handle, until the worker exited
+        self.handles: set[_Handle] = set()                # every handle whose descriptors are open
         self._server: _ForkServer | None = None
         self._server_lock = threading.Lock()
         self._closed = False
@@ -635,6 +641,7 @@ class ProcessBackend:
             sent = 0
         handle = _CallHandle(self, job, ours, theirs, job_frame[sent:])
         job.backend_data = handle
+        self.handles.add(handle)
         self.pending_calls[job.id] = handle
         self.loop.call_soon(handle.register)
         self._submit(handle)
@@ -718,6 +725,7 @@ class ProcessBackend:
             return
         handle = _CommandHandle(self, job, proc, feed)
         job.backend_data = handle
+        self.handles.add(handle)
         with self.session._cond:
             job.pid = proc.pid
             job._apply(Event.START)
@@ -744,3 +752,5 @@ class ProcessBackend:
         if server is not None:
             server.close()
         self.loop.close()
+        for handle in list(self.handles):
+            handle.close()
