@@ -247,6 +247,7 @@ class _CallHandle(_Handle):
         self.server_lost = False
         self.registered = False
         self.prompt: str | None = None
+        self.server: _ForkServer | None = None  # where it was submitted (a new one after a death)
         # fd 1 and 2 of the worker (C code, child processes): their lines become records.
         r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
         r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
@@ -724,6 +725,7 @@ class ProcessBackend:
                         self._spawn(handle)
                         return
             try:
+                handle.server = server
                 server.submit(handle.job.id, handle.worker_fds())
                 return
             except OSError:
@@ -758,6 +760,8 @@ class ProcessBackend:
     def server_lost(self, server: _ForkServer) -> None:
         """The fork server died: jobs it had not forked yet go to a new one; the others finish."""
         for handle in list(self.pending_calls.values()):
+            if handle.server is not server:
+                continue  # already sent to the new server
             if handle.pid is None and handle.worker_sock is not None:
                 threading.Thread(target=self._resubmit, args=(handle,), daemon=True).start()
             elif handle.pid is not None:
