@@ -90,6 +90,6 @@ def no_stray_threads() -> Iterator[None]:
 
 
 @pytest.fixture
-def tmp_cwd(tmp_path: "os.PathLike[str]", monkeypatch: pytest.MonkeyPatch) -> "os.PathLike[str]":
+def tmp_cwd(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> os.PathLike[str]:
     monkeypatch.chdir(tmp_path)
     return tmp_path

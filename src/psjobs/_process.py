@@ -598,8 +598,10 @@ class _ForkServer:
             raise WorkerError(f"the fork server did not start (it exited with status {self.proc.returncode})")
         ours.settimeout(None)
         self.alive = True
-        backend.loop.call_soon(lambda: backend.loop.sel.register(self.sock, selectors.EVENT_READ,
-                                                                  self.on_message))
+        def register() -> None:
+            backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
+
+        backend.loop.call_soon(register)
 
     def submit(self, token: int, fds: list[int]) -> None:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
@@ -754,7 +756,10 @@ class ProcessBackend:
             self.pending_calls.pop(handle.job.id, None)
             handle.on_exited(status)
 
-        self.loop.call_soon(lambda: self.loop.sel.register(pidfd, selectors.EVENT_READ, on_exit))
+        def register() -> None:
+            self.loop.sel.register(pidfd, selectors.EVENT_READ, on_exit)
+
+        self.loop.call_soon(register)
         self.loop.call_soon(lambda: handle.on_forked(proc.pid))
 
     def server_lost(self, server: _ForkServer) -> None:
@@ -772,7 +777,8 @@ class ProcessBackend:
         try:
             self._submit(handle)
         except Exception as exc:
-            self.loop.call_soon(lambda: handle.broken(exc))
+            err = exc  # the name of an except clause does not outlive it
+            self.loop.call_soon(lambda: handle.broken(err))
 
     def _start_command(self, job: Job, spec: JobSpec) -> None:
         feed = None
