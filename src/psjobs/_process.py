@@ -71,8 +71,8 @@ def group_gone(pgid: int) -> bool:
         return False
     # Something answers: it may be a zombie adopted by an init that does not reap.
     target = str(pgid)
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
+    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
             if not entry.name.isdigit():
                 continue
             try:
