@@ -485,8 +485,9 @@ class Session:
                     continue
                 method = getattr(self._backends_of(leaf), verb, None)
                 if method is None:
+                    done = {"suspend": "suspended", "resume": "resumed"}[verb]
                     raise JobStateError(f"{verb}_job: {describe_job(leaf)} is a {leaf.job_type or job.job_type} "
-                                        f"which cannot be {verb.rstrip('e')}ed (Python cannot pause a thread from outside); "
+                                        f"which cannot be {done} (Python cannot pause a thread from outside); "
                                         f"use stop_job, or run it with start_job")
                 work.append((leaf, method))
         for leaf, method in work:  # checked them all first: a refusal changes nothing
