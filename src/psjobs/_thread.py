@@ -311,7 +311,7 @@ def _pump(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: _Emitter) 
         while sel.get_map():
             for key, _ in sel.select(timeout=0.05):  # short, so a stop lands promptly
                 fd = key.fd
-                if proc.stdin is not None and fd == proc.stdin.fileno():
+                if proc.stdin is not None and not proc.stdin.closed and fd == proc.stdin.fileno():
                     assert view is not None
                     try:
                         n = os.write(fd, view[:65536])
