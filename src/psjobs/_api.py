@@ -34,14 +34,34 @@ def _close_default() -> None:
 
 def start_job(target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
               init: Callable[[], Any] | None = None, working_directory: str | os.PathLike[str] | None = None,
-              env: Mapping[str, str | None] | None = None, **kwargs: Any) -> Job:
+              env: Mapping[str, str | None] | None = None, cluster: Any = None, **kwargs: Any) -> Job:
     """Run ``target`` in another process and return its BackgroundJob at once.
 
     ``target`` is a callable (run with ``*args, **kwargs``), a shell command line (``*args`` are
     ``$1, $2...``) or an argv list. Example: ``job = psjobs.start_job("ls -l /tmp")``.
+    With ``cluster=`` (a dask Client, cluster or scheduler address) it runs on a Dask cluster
+    as a ClusterJob (see start_cluster_job).
     """
     return default_session().start_job(target, *args, name=name, input=input, init=init,
-                                       working_directory=working_directory, env=env, **kwargs)
+                                       working_directory=working_directory, env=env, cluster=cluster,
+                                       **kwargs)
+
+
+def start_cluster_job(target: Any, *args: Any, cluster: Any, for_each: Iterable[Any] | None = None,
+                      name: str | None = None, input: Iterable[Any] | None = None,
+                      init: Callable[[], Any] | None = None,
+                      working_directory: str | os.PathLike[str] | None = None,
+                      env: Mapping[str, str | None] | None = None, retries: int = 0,
+                      resources: Mapping[str, float] | None = None, **kwargs: Any) -> Job:
+    """Run ``target`` as Dask tasks on ``cluster`` and return its ClusterJob at once.
+
+    ``for_each=items`` makes one child job per item, each running ``target(item, *args, **kwargs)``
+    (PowerShell's ``ForEach-Object -Parallel -AsJob``). Example:
+    ``job = psjobs.start_cluster_job(square, for_each=range(100), cluster="tcp://127.0.0.1:8786")``.
+    """
+    return default_session().start_cluster_job(target, *args, cluster=cluster, for_each=for_each, name=name,
+                                               input=input, init=init, working_directory=working_directory,
+                                               env=env, retries=retries, resources=resources, **kwargs)
 
 
 def start_thread_job(target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,

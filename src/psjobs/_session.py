@@ -171,8 +171,15 @@ class Session:
     def start_job(self, target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
                   init: Callable[[], Any] | None = None,
                   working_directory: str | os.PathLike[str] | None = None,
-                  env: Mapping[str, str | None] | None = None, **kwargs: Any) -> Job:
-        """Run ``target`` in another process; return its BackgroundJob at once (see the docs)."""
+                  env: Mapping[str, str | None] | None = None, cluster: Any = None, **kwargs: Any) -> Job:
+        """Run ``target`` in another process; return its BackgroundJob at once (see the docs).
+
+        With ``cluster=`` (a dask ``Client``, a cluster object or a scheduler address) the job runs
+        on that Dask cluster instead: a ClusterJob, see :meth:`start_cluster_job`.
+        """
+        if cluster is not None:
+            return self.start_cluster_job(target, *args, cluster=cluster, name=name, input=input, init=init,
+                                          working_directory=working_directory, env=env, **kwargs)
         _check_name("start_job", name)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_job")
         spec.cwd = check_directory("start_job", working_directory)
@@ -189,6 +196,23 @@ class Session:
         self._register([parent, child])
         backend.start(child, spec)
         return parent
+
+    def start_cluster_job(self, target: Any, *args: Any, cluster: Any, for_each: Iterable[Any] | None = None,
+                          name: str | None = None, input: Iterable[Any] | None = None,
+                          init: Callable[[], Any] | None = None,
+                          working_directory: str | os.PathLike[str] | None = None,
+                          env: Mapping[str, str | None] | None = None, retries: int = 0,
+                          resources: Mapping[str, float] | None = None, **kwargs: Any) -> Job:
+        """Run ``target`` as Dask tasks on ``cluster``; return its ClusterJob at once (docs/dask.md).
+
+        One child job runs the call; with ``for_each=items``, one child per item runs
+        ``target(item, *args, **kwargs)``.
+        """
+        from ._dask import start_cluster_job
+
+        return start_cluster_job(self, target, *args, cluster=cluster, for_each=for_each, name=name,
+                                 input=input, init=init, working_directory=working_directory, env=env,
+                                 retries=retries, resources=resources, **kwargs)
 
     def start_thread_job(self, target: Any, *args: Any, name: str | None = None,
                          input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
@@ -548,7 +572,10 @@ class Session:
                         node._stop_requested = True
                         node = node._parent
                     leaf._apply(Event.STOP)
-                    if was is not JobState.NOT_STARTED:
+                    # A queued job is Stopped at once; a backend whose queue lives elsewhere (a
+                    # cluster's scheduler) still has to hear of it, so the work never starts.
+                    if was is not JobState.NOT_STARTED \
+                            or getattr(leaf.backend_data, "stop_unstarted", False):
                         to_signal.append(leaf)
                 for node in [job, *job._leaves()]:
                     if node._children:
