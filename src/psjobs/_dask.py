@@ -1,0 +1,706 @@
+"""Cluster jobs (ClusterJob): psjobs' verbs over tasks of a Dask cluster, the session side.
+
+::
+
+    start_cluster_job --checks, pickles (TypeError/ValueError before any job)--> parent + children
+        --client.submit / client.map(run_task), key psjobs-<token>-<child id>--> scheduler --> workers
+    worker: records --log_event("psjobs-<token>", chunk)--> scheduler --subscribe_topic--> inbox
+    guard plugin (scheduler): a task given back by a lost worker --> {"psjobs": "lost"} --> inbox
+    Future done --add_done_callback--> inbox
+    dispatcher thread (one per cluster connection) takes the inbox in order:
+        chunk -> report(START) the first time (location: the worker), deliver(records)
+        done  -> client.gather in batches -> finish(last records, outcome), once every chunk the
+                 task shipped has arrived (chunks go through the scheduler, results come direct)
+        lost  -> finish(FAIL, WorkerError naming the worker), cancel the task
+        stop  -> client.cancel(tasks not started) + client.run(stop_tasks) on every worker
+
+The worker side is _dask_worker.py; the scheduler plugin is _dask_guard.py. Nothing here imports
+``distributed`` until a cluster is used, so ``import psjobs`` works without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._backend import NullPrepare, deliver, finish, report
+from ._errors import PsJobsError, WorkerError
+from ._job import Entry, Job, _next_ids
+from ._process import _load_reason
+from ._records import ErrorRecord, Record, Stream
+from ._state import Event, JobState
+from ._target import CALL, _arg, make_spec
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+PARK_SECONDS = 10.0   # a result waits this long for chunks still on their way through the scheduler
+GATHER_BATCH = 1000   # results fetched in one client.gather
+CONNECT_TIMEOUT = 10  # seconds to reach a scheduler given by address
+
+_OUTCOMES = {"complete": Event.COMPLETE, "fail": Event.FAIL, "stopped": Event.STOPPED, "refused": Event.FAIL}
+
+
+class MissingDependencyError(PsJobsError, ImportError):
+    """A cluster job was started where Dask's ``distributed`` is not installed."""
+
+
+class _Group:
+    """The children of one start call: they share a spec, and a stop may name them all at once."""
+
+    __slots__ = ("id", "leaves", "parent", "workers")
+
+    def __init__(self, group_id: str, parent: Job) -> None:
+        self.id = group_id
+        self.parent = parent
+        self.leaves: list[_Leaf] = []
+        self.workers: set[str] = set()
+
+
+class _Leaf:
+    """What the dask backend keeps per child job (its ``backend_data``)."""
+
+    backend_kind = "dask"
+    stop_unstarted = True  # a queued child is Stopped at once, but its task must still be cancelled
+    __slots__ = ("attempt", "conn", "future", "group", "job", "key", "losses", "parked", "recv", "retries",
+                 "started")
+
+    def __init__(self, conn: _Conn, group: _Group, job: Job, retries: int) -> None:
+        self.conn = conn
+        self.group = group
+        self.job = job
+        self.key = f"{conn.topic}-{job.id}"
+        self.retries = retries
+        self.future: Any = None
+        self.started = False
+        self.attempt = 0      # which run of the task the chunks came from (> 0 after a retry)
+        self.recv = 0         # chunks received from that run
+        self.losses = 0
+        self.parked: tuple[Any, float] | None = None  # (outcome, deadline) waiting for chunks
+
+
+class _Conn:
+    """One connection to a scheduler: the Client, the topic, the dispatcher thread."""
+
+    _seq = itertools.count(1)
+
+    def __init__(self, backend: DaskBackend, client: Any, owned: bool) -> None:
+        from ._dask_guard import Guard
+
+        self.backend = backend
+        self.session = backend.session
+        self.client = client
+        self.owned = owned
+        self.address: str = client.scheduler.address
+        self.topic = f"psjobs-{backend.token}"
+        self.keys: dict[str, _Leaf] = {}
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.stops: list[tuple[_Leaf, float]] = []
+        self.parked: set[_Leaf] = set()
+        self.helpers: set[threading.Thread] = set()
+        self.closed = False
+        try:
+            client.register_plugin(Guard(), name=Guard.name)
+        except Exception as exc:
+            raise WorkerError(f"the Dask scheduler at {self.address} could not load psjobs' scheduler plugin "
+                              f"({type(exc).__name__}: {exc}); install psjobs[dask] where the scheduler runs "
+                              f"(it stops Dask from running a task twice after a worker is lost)") from exc
+        client.subscribe_topic(self.topic, self._on_event)
+        self.thread = threading.Thread(target=self._run, name=f"psjobs-dask-{next(self._seq)}", daemon=True)
+        self.thread.start()
+
+    # --- called from other threads: only put things in the inbox ---------------------------
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        self.inbox.put(("event", event[1]))  # on the Client's event loop: never block it
+
+    def _on_done(self, future: Any) -> None:
+        self.inbox.put(("done", future))
+
+    def request_stop(self, leaf: _Leaf, grace: float) -> None:
+        with self.lock:
+            self.stops.append((leaf, grace))
+        self.inbox.put(("stop", None))
+
+    # --- submitting ----------------------------------------------------------------------------
+    def submit(self, group: _Group, spec_id: str, spec: bytes, items: list[Any] | None,
+               resources: Mapping[str, float] | None) -> None:
+        from ._dask_worker import run_task
+
+        leaves = group.leaves
+        for leaf in leaves:
+            self.keys[leaf.key] = leaf  # before submitting: a chunk may come back at once
+        options: dict[str, Any] = {"pure": False, "retries": 0, "resources": dict(resources) if resources else None}
+        task_kwargs = {"spec_id": spec_id, "spec": spec, "topic": self.topic, "group": group.id}
+        keys = [leaf.key for leaf in leaves]
+        if items is None:
+            futures = [self.client.submit(run_task, keys[0], None, key=keys[0], **options, **task_kwargs)]
+        else:
+            # One message to the scheduler for every item: map, not a submit per item.
+            futures = self.client.map(run_task, keys, items, key=keys, **options, **task_kwargs)
+        for leaf, future in zip(leaves, futures):
+            leaf.future = future
+            future.add_done_callback(self._on_done)
+
+    # --- the dispatcher thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = [self.inbox.get(timeout=0.2 if self.parked else None)]
+            except queue.Empty:
+                batch = []
+            while len(batch) < 5000:
+                try:
+                    batch.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if not self._handle(batch):
+                return
+            # Hold no Future while idle: a held Future keeps its task's result on a worker.
+            del batch
+
+    def _handle(self, batch: list[tuple[str, Any]]) -> bool:
+        """Take one batch from the inbox; False once the connection closes."""
+        done: list[Any] = []
+        closing = False
+        for kind, payload in batch:
+            try:
+                if kind == "event":
+                    self._on_message(payload)
+                elif kind == "done":
+                    done.append(payload)
+                elif kind == "close":
+                    closing = True
+            except Exception as exc:  # a bug here must not stop every job of the session
+                _internal_error(exc)
+        try:
+            with self.lock:
+                stops, self.stops = self.stops, []
+            if stops:
+                self._stop(stops)
+            if done:
+                self._finished(done)
+            if self.parked:
+                self._expire_parked()
+        except Exception as exc:
+            _internal_error(exc)
+        return not closing
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, dict):
+            if msg.get("psjobs") == "lost":
+                self._lost(str(msg.get("key")), str(msg.get("worker") or ""), str(msg.get("stimulus") or ""))
+            return
+        where, items = pickle.loads(msg)
+        for key, attempt, _seq, _begin, blob in items:
+            leaf = self.keys.get(key)
+            if leaf is None:
+                continue  # removed, or already finished
+            if attempt != leaf.attempt:
+                leaf.attempt, leaf.recv = attempt, 0
+                self._start(leaf, where)
+            elif not leaf.started:
+                self._start(leaf, where)
+            if blob is not None:
+                deliver(leaf.job, _load_entries(blob, where))
+            leaf.recv += 1
+            parked = leaf.parked
+            if parked is not None and parked[0][1] == leaf.attempt and leaf.recv >= parked[0][2]:
+                self.parked.discard(leaf)
+                leaf.parked = None
+                self._final(leaf, parked[0])
+
+    def _start(self, leaf: _Leaf, where: str) -> None:
+        leaf.started = True
+        job = leaf.job
+        group = leaf.group
+        with self.session._cond:
+            job.location = where
+            job.computer_name = where
+            if where not in group.workers:
+                group.workers.add(where)
+                group.parent.location = ", ".join(sorted(group.workers))
+        report(job, Event.START)
+
+    def _finished(self, futures: list[Any]) -> None:
+        ready: list[tuple[_Leaf, Any]] = []
+        for future in futures:
+            leaf = self.keys.get(future.key)
+            if leaf is None or leaf.future is not future:
+                continue
+            if future.status == "finished":
+                ready.append((leaf, future))
+            else:
+                self._broken(leaf, future)
+        for i in range(0, len(ready), GATHER_BATCH):
+            part = ready[i:i + GATHER_BATCH]
+            try:
+                results = self.client.gather([f for _, f in part])
+            except Exception:
+                results = None
+            for n, (leaf, future) in enumerate(part):
+                if results is not None:
+                    self._settle(leaf, results[n])
+                    continue
+                try:
+                    outcome = future.result()
+                except Exception as exc:
+                    self._fail(leaf, WorkerError(f"Job {leaf.job.id} {leaf.job.name!r} failed: psjobs could not "
+                                                 f"fetch its result from the cluster ({type(exc).__name__}: "
+                                                 f"{exc}); start it again"), exc)
+                    continue
+                self._settle(leaf, outcome)
+
+    def _settle(self, leaf: _Leaf, outcome: Any) -> None:
+        _status, attempt, sent = outcome[0], outcome[1], outcome[2]
+        received = leaf.recv if attempt == leaf.attempt else 0
+        if received < sent:
+            # Its chunks travel through the scheduler, its result came straight from the worker.
+            leaf.attempt, leaf.recv = attempt, received
+            leaf.parked = (outcome, time.monotonic() + PARK_SECONDS)
+            self.parked.add(leaf)
+            return
+        self._final(leaf, outcome)
+
+    def _final(self, leaf: _Leaf, outcome: Any, missing: int = 0) -> None:
+        status, _attempt, _sent, _begin, where, tail, blob, tb, code = outcome
+        job = leaf.job
+        if not leaf.started:
+            self._start(leaf, where)
+        entries: list[Entry] = _load_entries(tail, where) if tail is not None else []
+        if missing:
+            now = time.time()
+            entries.insert(0, (Stream.WARNING, Record(
+                Stream.WARNING, f"{missing} batch(es) of this job's records did not arrive from {where} within "
+                f"{PARK_SECONDS:g}s; they are lost", now, where), now))
+        reason = _load_reason(blob, tb) if blob is not None else None
+        if status == "refused":
+            reason = _lost_error(job, where, "", leaf.retries)
+        self._drop(leaf)
+        finish(job, entries, _OUTCOMES.get(status, Event.FAIL), reason=reason, exit_code=code)
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        for leaf in [leaf for leaf in self.parked if leaf.parked is not None and leaf.parked[1] <= now]:
+            outcome = leaf.parked[0]  # type: ignore[index]
+            self.parked.discard(leaf)
+            leaf.parked = None
+            self._final(leaf, outcome, missing=max(1, outcome[2] - leaf.recv))
+
+    def _broken(self, leaf: _Leaf, future: Any) -> None:
+        job = leaf.job
+        status = future.status
+        if status == "cancelled":
+            if job._stop_requested:
+                self._drop(leaf)
+                finish(job, [], Event.STOPPED)
+                return
+            why = (f"the cluster cancelled its task (the client lost its scheduler at {self.address}, the "
+                   f"cluster restarted, or another client cancelled it)")
+            cause = None
+        elif status == "lost":
+            why = "the worker that held its result was lost before psjobs fetched it"
+            cause = None
+        else:
+            try:
+                cause = future.exception(timeout=5)
+            except Exception as exc:
+                cause = exc
+            if type(cause).__name__ == "KilledWorker":
+                why = f"Dask gave up on its task after the workers running it died ({cause})"
+            else:
+                why = (f"the cluster could not run its task ({type(cause).__name__}: {cause}); the scheduler "
+                       f"and the workers need psjobs installed (pip install 'psjobs[dask]') and the modules "
+                       f"the job uses")
+        self._fail(leaf, WorkerError(f"Job {job.id} {job.name!r} failed: {why}. Start it again"), cause)
+
+    def _fail(self, leaf: _Leaf, reason: WorkerError, cause: BaseException | None) -> None:
+        if cause is not None:
+            reason.__cause__ = cause
+        self._drop(leaf)
+        finish(leaf.job, [], Event.FAIL, reason=reason)
+
+    def _lost(self, key: str, worker: str, stimulus: str) -> None:
+        leaf = self.keys.get(key)
+        if leaf is None:
+            return
+        leaf.losses += 1
+        job = leaf.job
+        where = worker or (job.location if leaf.started else "")
+        if leaf.losses <= leaf.retries:
+            now = time.time()
+            deliver(job, [(Stream.WARNING, Record(
+                Stream.WARNING, f"the Dask worker {where or '?'} was lost while this task ran or was about to "
+                f"run there; Dask runs it again (retry {leaf.losses} of {leaf.retries})", now, where or None),
+                now)])
+            return
+        future = leaf.future
+        self._drop(leaf)
+        finish(job, [], Event.FAIL, reason=_lost_error(job, where, stimulus, leaf.retries))
+        if future is not None:
+            try:
+                self.client.cancel([future], reason="psjobs: its worker was lost")
+            except Exception:
+                pass  # the re-run refuses to start anyway (the guard plugin marked it)
+
+    def _drop(self, leaf: _Leaf) -> None:
+        if self.keys.get(leaf.key) is leaf:
+            del self.keys[leaf.key]
+        leaf.future = None  # the scheduler forgets the key: a lost result is never recomputed
+        if leaf.parked is not None:
+            leaf.parked = None
+            self.parked.discard(leaf)
+
+    # --- stopping ------------------------------------------------------------------------------
+    def _stop(self, stops: list[tuple[_Leaf, float]]) -> None:
+        grace = max(g for _, g in stops)
+        leaves = [leaf for leaf, _ in stops if self.keys.get(leaf.key) is leaf]
+        if not leaves:
+            return
+        queued = [leaf for leaf in leaves if not leaf.started]
+        if queued:
+            # Already Stopped in the table (they never started): the scheduler must drop them.
+            futures = [leaf.future for leaf in queued if leaf.future is not None]
+            for leaf in queued:
+                self._drop(leaf)
+            try:
+                self.client.cancel(futures, reason="psjobs: stop_job")
+            except Exception:
+                pass  # the stop marks below still keep them from running
+        keys, groups = _stop_targets(leaves)
+        helper = threading.Thread(target=self._broadcast, args=(keys, groups, grace),
+                                  name="psjobs-dask-stop", daemon=True)
+        with self.lock:
+            self.helpers.add(helper)
+        helper.start()
+
+    def _broadcast(self, keys: list[str], groups: list[str], grace: float) -> None:
+        """Tell every worker: stop these tasks now, and never start them later."""
+        from ._dask_worker import stop_tasks
+
+        try:
+            self.client.run(stop_tasks, keys, groups, grace, on_error="return", callback_timeout=30)
+        except Exception:
+            pass  # a stopping job then stays Stopping, and stop_job says so after the grace period
+        finally:
+            with self.lock:
+                self.helpers.discard(threading.current_thread())
+
+    def forget(self, leaf: _Leaf) -> None:
+        self._drop(leaf)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.inbox.put(("close", None))
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
+        with self.lock:
+            helpers = list(self.helpers)
+        for helper in helpers:
+            helper.join(5)
+        for leaf in list(self.keys.values()):
+            leaf.future = None
+        self.keys.clear()
+        try:
+            from ._dask_guard import forget_topic
+
+            self.client.unsubscribe_topic(self.topic)
+            self.client.run_on_scheduler(forget_topic, self.topic)
+        except Exception:
+            pass  # the scheduler is gone, or the client was closed by its owner
+        if self.owned:
+            try:
+                self.client.close(timeout=5)
+            except Exception:
+                pass
+
+
+def _probe(address: str) -> None:
+    """Fail at once on a refused TCP address (the Client would retry it for CONNECT_TIMEOUT seconds)."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme != "tcp":
+        return
+    host, port = parse_host_port(location)
+    socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+
+
+def _stop_targets(leaves: list[_Leaf]) -> tuple[list[str], list[str]]:
+    """Name whole groups when every unfinished child of a group is stopped (a fan-out's stop)."""
+    keys: list[str] = []
+    groups: list[str] = []
+    by_group: dict[str, list[_Leaf]] = {}
+    for leaf in leaves:
+        by_group.setdefault(leaf.group.id, []).append(leaf)
+    for members in by_group.values():
+        group = members[0].group
+        chosen = {id(leaf) for leaf in members}
+        if len(members) > 8 and all(id(leaf) in chosen or leaf.job._state.is_finished for leaf in group.leaves):
+            groups.append(group.id)
+        else:
+            keys.extend(leaf.key for leaf in members)
+    return keys, groups
+
+
+def _lost_error(job: Job, where: str, stimulus: str, retries: int) -> WorkerError:
+    if not stimulus or "worker" in stimulus:
+        what = (f"the Dask worker {where or 'running it'} was lost (it died or left the cluster) while the "
+                f"task ran or was about to run there")
+    else:
+        what = f"the Dask scheduler took the task back from {where or 'its worker'} ({stimulus})"
+    tried = f" (it was already retried {retries} time(s))" if retries else ""
+    return WorkerError(f"Job {job.id} {job.name!r} failed: {what}{tried}; psjobs does not run it again "
+                       f"elsewhere, since that could run your code twice. Start it again, or pass retries=N to "
+                       f"start_cluster_job to let Dask re-run it")
+
+
+def _load_entries(blob: bytes, where: str) -> list[Entry]:
+    try:
+        entries: list[Entry] = pickle.loads(blob)
+        return entries
+    except Exception as exc:
+        now = time.time()
+        return [(Stream.ERROR, ErrorRecord(
+            f"psjobs could not unpickle records from {where} ({type(exc).__name__}: {exc}); they are lost, "
+            f"the job goes on", now, where, exc), now)]
+
+
+def _internal_error(exc: BaseException) -> None:  # pragma: no cover - a bug in psjobs itself
+    import sys
+    import traceback
+
+    print(f"psjobs: internal error in the dask dispatcher: {exc!r}", file=sys.__stderr__)
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.__stderr__)
+
+
+class DaskBackend(NullPrepare):
+    """The session's way to Dask clusters: one connection per cluster given to start_cluster_job."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.token = uuid.uuid4().hex[:12]
+        self.lock = threading.Lock()
+        self.conns: dict[Any, _Conn] = {}
+        self._specs = itertools.count(1)
+
+    def connect(self, cluster: Any, verb: str) -> _Conn:
+        """The connection for ``cluster`` (a Client, a cluster object or an address), made once."""
+        try:
+            import distributed
+        except ImportError as exc:
+            raise MissingDependencyError(f"{verb}: running jobs on a cluster needs Dask's distributed; "
+                                         f"install it with: pip install 'psjobs[dask]'") from exc
+        if isinstance(cluster, distributed.Client):
+            if cluster.asynchronous:
+                raise TypeError(f"{verb}: cluster must be a synchronous dask Client (this one was made with "
+                                f"asynchronous=True); give its scheduler address instead")
+            key: Any = ("client", id(cluster))
+            address = None
+        elif isinstance(cluster, str):
+            if not cluster.strip():
+                raise ValueError(f"{verb}: cluster is an empty address; give one such as 'tcp://127.0.0.1:8786'")
+            key = address = cluster.strip()
+        elif isinstance(getattr(cluster, "scheduler_address", None), str):
+            key = address = cluster.scheduler_address
+        else:
+            raise TypeError(f"{verb}: cluster must be a dask Client, a cluster object (LocalCluster, "
+                            f"SSHCluster...) or a scheduler address, not {type(cluster).__name__}")
+        with self.lock:
+            conn = self.conns.get(key)
+            if conn is not None and not conn.closed and conn.client.status in ("running", "connecting"):
+                return conn
+            if address is None:
+                if cluster.status not in ("running", "connecting"):
+                    raise WorkerError(f"{verb}: the dask Client given as cluster is {cluster.status}; give an "
+                                      f"open one, or the scheduler's address")
+                client, owned = cluster, False
+            else:
+                try:
+                    _probe(address)
+                    client = distributed.Client(  # type: ignore[no-untyped-call]
+                        address, set_as_default=False, timeout=CONNECT_TIMEOUT)
+                except Exception as exc:
+                    raise WorkerError(f"{verb}: cannot reach the Dask scheduler at {address!r} "
+                                      f"({type(exc).__name__}: {exc}); start it (dask scheduler) or check the "
+                                      f"address") from exc
+                owned = True
+            try:
+                conn = _Conn(self, client, owned)
+            except BaseException:
+                if owned:
+                    client.close()
+                raise
+            self.conns[key] = conn
+            return conn
+
+    # --- the Backend interface --------------------------------------------------------------------
+    def start(self, job: Job, spec: Any) -> None:
+        raise NotImplementedError("cluster jobs start through start_cluster_job")
+
+    def stop(self, job: Job, grace: float) -> None:
+        leaf = job.backend_data
+        if isinstance(leaf, _Leaf):
+            leaf.conn.request_stop(leaf, grace)
+
+    def forget(self, job: Job) -> None:
+        leaf = job.backend_data
+        if isinstance(leaf, _Leaf):
+            leaf.conn.forget(leaf)
+
+    def close(self) -> None:
+        with self.lock:
+            conns = list(self.conns.values())
+            self.conns.clear()
+        for conn in conns:
+            conn.close()
+
+
+# --- starting -------------------------------------------------------------------------------------
+
+def start_cluster_job(session: Session, target: Any, *args: Any, cluster: Any,
+                      for_each: Iterable[Any] | None = None, name: str | None = None,
+                      input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
+                      working_directory: str | os.PathLike[str] | None = None,
+                      env: Mapping[str, str | None] | None = None, retries: int = 0,
+                      resources: Mapping[str, float] | None = None, **kwargs: Any) -> Job:
+    """Check everything, make the job tree, submit its tasks (see Session.start_cluster_job)."""
+    from ._session import _check_name
+
+    verb = "start_cluster_job"
+    _check_name(verb, name)
+    if cluster is None:
+        raise TypeError(f"{verb}: cluster is required: a dask Client, a cluster object or a scheduler address")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"{verb}: retries must be a whole number >= 0, not {retries!r}")
+    if resources is not None:
+        if not isinstance(resources, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                for k, v in resources.items()):
+            raise TypeError(f"{verb}: resources must map resource names to amounts, such as {{'GPU': 1}}, "
+                            f"not {resources!r}")
+    items: list[Any] | None = None
+    if for_each is not None:
+        if isinstance(for_each, (str, bytes)) or not isinstance(for_each, Iterable):
+            raise TypeError(f"{verb}: for_each must be an iterable of items (a list, a range...), not "
+                            f"{type(for_each).__name__}; wrap a single value in a list")
+        if input is not None:
+            raise ValueError(f"{verb}: give each item through for_each, or input for one job, not both")
+        items = list(for_each)
+    spec = make_spec(target, (), kwargs, init=init, input=input, verb=verb)
+    data: dict[str, Any] = {"kind": "call" if spec.kind == CALL else "command", "retries": retries,
+                            "input": None if input is None else list(input)}
+    if spec.kind == CALL:
+        if working_directory is not None or env is not None:
+            raise ValueError(f"{verb}: working_directory and env apply to commands on a cluster; a callable "
+                             f"shares its worker process with other tasks, so it cannot have its own (change "
+                             f"them inside the callable, or run a command)")
+        data.update(target=target, args=tuple(args), kwargs=dict(kwargs), init=init)
+        if items is not None:
+            items = [_dump_item(verb, n, item) for n, item in enumerate(items)]
+    else:
+        data.update(argv=spec.argv, args=[_arg(verb, a) for a in args], cwd=_check_cwd(verb, working_directory),
+                    env=_check_env(verb, env))
+        if items is not None:
+            items = [_arg(verb, item) for item in items]
+    import cloudpickle
+
+    try:
+        blob: bytes = cloudpickle.dumps(data, protocol=5)
+    except Exception as exc:
+        raise TypeError(f"{verb}: the callable {spec.command!r} or its arguments cannot be sent to the cluster "
+                        f"({type(exc).__name__}: {exc}); pass picklable values") from exc
+
+    backend = session._backend("dask")
+    assert isinstance(backend, DaskBackend)
+    conn = backend.connect(cluster, verb)
+
+    count = 1 if items is None else len(items)
+    ids = _next_ids(1 + count)
+    parent = Job(session, ids[0], job_type="ClusterJob", name=name, command=spec.command, location=conn.address,
+                 state=JobState.RUNNING)
+    group = _Group(f"{conn.topic}-g{ids[0]}", parent)
+    for cid in ids[1:]:
+        child = Job(session, cid, job_type="", name=None, command=spec.command, parent=parent,
+                    location=conn.address)
+        leaf = _Leaf(conn, group, child, retries)
+        child.backend_data = leaf
+        group.leaves.append(leaf)
+    session._register([parent, *parent.child_jobs])
+    if not count:
+        report(parent, Event.COMPLETE)  # an empty for_each: nothing to run, nothing failed
+        return parent
+    try:
+        conn.submit(group, f"{backend.token}-{next(backend._specs)}", blob, items, resources)
+    except Exception as exc:
+        for leaf in group.leaves:
+            conn._fail(leaf, WorkerError(f"Job {leaf.job.id} {leaf.job.name!r} failed: psjobs could not submit "
+                                         f"its task to the scheduler at {conn.address} ({type(exc).__name__}: "
+                                         f"{exc}); start it again"), exc)
+    return parent
+
+
+def _dump_item(verb: str, n: int, item: Any) -> bytes:
+    """An item as bytes, so the scheduler never has to import the classes of the user's data."""
+    try:
+        data = pickle.dumps(item, protocol=5)
+        if b"__main__" not in data:
+            return data
+    except Exception:
+        pass
+    import cloudpickle  # values of classes made at run time (defined in __main__, closures...)
+
+    try:
+        out: bytes = cloudpickle.dumps(item, protocol=5)
+        return out
+    except Exception as exc:
+        raise TypeError(f"{verb}: item {n} of for_each ({_short(item)}) cannot be sent to the cluster "
+                        f"({type(exc).__name__}: {exc}); pass picklable values") from exc
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_cwd(verb: str, working_directory: str | os.PathLike[str] | None) -> str | None:
+    """The command's directory on the worker (not checked here: it is another machine's)."""
+    if working_directory is None:
+        return None
+    if not isinstance(working_directory, (str, os.PathLike)):
+        raise TypeError(f"{verb}: working_directory must be a str or a path, not {type(working_directory).__name__}")
+    path = os.fspath(working_directory)
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{verb}: working_directory is empty; give a directory of the workers or leave it out "
+                         f"to use the worker's own")
+    return path
+
+
+def _check_env(verb: str, env: Mapping[str, str | None] | None) -> dict[str, str | None] | None:
+    """Changes to the worker's environment for a command (None removes a variable)."""
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise TypeError(f"{verb}: env must be a mapping of names to values, not {type(env).__name__}")
+    out: dict[str, str | None] = {}
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key:
+            raise ValueError(f"{verb}: env has an invalid variable name {key!r}")
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{verb}: env[{key!r}] must be a str (or None to remove it), not {type(value).__name__}")
+        out[key] = value
+    return out

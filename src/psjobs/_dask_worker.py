@@ -1,0 +1,526 @@
+"""The worker side of cluster jobs: what runs inside a Dask worker process.
+
+::
+
+    scheduler --compute-task run_task(key, item, spec)--> a worker thread
+        run_task: refuses a re-run after a lost worker (the guard plugin's annotation) and a
+                  stopped key or group, then makes this thread's psjobs emitter a _TaskEmitter
+                  and runs init + target (or the command, its lines streamed)
+    write_*() / print / warnings / logging --> _TaskEmitter --> _Shipper (one per worker process)
+    _Shipper thread --every 2 ms, or 1,000 records--> worker.log_event("psjobs-<token>", chunk)
+        --> scheduler --> the session's Client (subscribe_topic), in the order they were made
+    run_task returns (outcome, last records, how many chunks it shipped) --> fetched by the session
+    session --client.run(stop_tasks)--> every worker: stop_requested() turns True, JobStopped is
+        raised in the task's thread, SIGTERM to the processes the task started, SIGKILL after grace
+
+A worker process serves many tasks at once, one per thread, so nothing here is process-wide
+except what is shared on purpose: the shipper, the registry of running tasks, and the stop marks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import inspect
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from . import _inside
+from ._errors import ExitStatusError, JobStateError, JobStopped, WorkerError
+from ._records import Stream
+from ._worker import _dump_reason, _dumps_batch
+
+FLUSH_SECONDS = 0.002   # a trickle reaches the session within a few ms (plus the scheduler hop)...
+FLUSH_ITEMS = 1000      # ...and a flood goes in batches: every chunk is one scheduler message
+START_DELAY = 0.01      # a task still running after 10 ms says where it runs (short ones never need to)
+MAX_PENDING = 20_000    # records a task may have waiting before write_* waits for the shipper
+MAX_BACKLOG = 64        # messages the worker may hold for the scheduler before the shipper waits
+STOP_MEMORY = 3600.0    # seconds a worker remembers a stopped key, in case it is dispatched late
+LOST = "psjobs_lost"    # annotation the guard plugin sets: times the task's worker was lost
+
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+#: The result of run_task, by position:
+#: (outcome, attempt, chunks shipped, begin time, worker address, last records (pickled),
+#:  reason (pickled), traceback text, exit code); outcome is "complete", "fail", "stopped" or
+#:  "refused" (a re-run after a lost worker, which psjobs does not allow unless asked).
+Outcome = tuple[str, int, int, float, str, "bytes | None", "bytes | None", "str | None", "int | None"]
+
+
+class _Spec:
+    """What a start call runs, unpickled once per worker process (shared by every item)."""
+
+    __slots__ = ("args", "argv", "cwd", "env", "init", "input", "kind", "kwargs", "retries", "target")
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.kind: str = data["kind"]
+        self.target: Any = data.get("target")
+        self.argv: list[str] = data.get("argv") or []
+        self.args: tuple[Any, ...] = data.get("args", ())
+        self.kwargs: dict[str, Any] = data.get("kwargs", {})
+        self.init: Any = data.get("init")
+        self.input: list[Any] | None = data.get("input")
+        self.cwd: str | None = data.get("cwd")
+        self.env: dict[str, str | None] | None = data.get("env")
+        self.retries: int = data.get("retries", 0)
+
+
+class _Task:
+    """One running task: its records waiting to ship, its stop state, the processes it started."""
+
+    __slots__ = ("attempt", "begin", "first", "grace", "group", "in_user", "injected", "input", "key",
+                 "lock", "pending", "procs", "seq", "start_due", "start_sent", "stop", "thread_id",
+                 "timer", "topic")
+
+    def __init__(self, key: str, group: str, topic: str, attempt: int, items: list[Any] | None) -> None:
+        self.key = key
+        self.group = group
+        self.topic = topic
+        self.attempt = attempt
+        self.input = items
+        self.begin = time.time()
+        self.pending: list[tuple[int, Any, float]] = []
+        self.first = 0.0                 # monotonic time of the oldest pending record
+        self.seq = 0                     # chunks shipped so far
+        self.start_due = time.monotonic() + START_DELAY
+        self.start_sent = False
+        self.stop = False
+        self.grace = 5.0
+        self.lock = threading.Lock()
+        self.in_user = False
+        self.injected = False
+        self.thread_id: int | None = None
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.timer: threading.Timer | None = None
+
+    def request_stop(self, grace: float) -> None:
+        """Cooperative flag, JobStopped in the thread, SIGTERM now and SIGKILL after ``grace``."""
+        with self.lock:
+            if self.stop:
+                return
+            self.stop = True
+            self.grace = grace
+            if self.in_user and not self.injected and self.thread_id is not None:
+                _set_async_exc(ctypes.c_ulong(self.thread_id), ctypes.py_object(JobStopped))
+                self.injected = True
+            procs = list(self.procs)
+        _signal_all(procs, signal.SIGTERM)
+        timer = threading.Timer(grace, self.kill)
+        timer.name = "psjobs-dask-kill"
+        timer.daemon = True
+        self.timer = timer
+        timer.start()
+
+    def kill(self) -> None:
+        with self.lock:
+            procs = list(self.procs)
+        _signal_all(procs, signal.SIGKILL)
+
+    def leave_user(self) -> None:
+        with self.lock:
+            self.in_user = False
+            if self.injected and self.thread_id is not None:
+                # A stop raised at the very end would land in Dask's thread pool: take it back.
+                _set_async_exc(ctypes.c_ulong(self.thread_id), None)
+                self.injected = False
+
+
+class _TaskEmitter:
+    """psjobs' emitter for a task's thread: records go to the shipper, tagged with the task."""
+
+    def __init__(self, task: _Task, runtime: _Runtime) -> None:
+        self.task = task
+        self.shipper = runtime.shipper
+        self.computer_name: str | None = runtime.address
+        self.line_buffers: dict[int, str] = {}
+
+    def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
+        self.shipper.add(self.task, (stream, payload, time.time() if t is None else t))
+
+    def stop_requested(self) -> bool:
+        return self.task.stop
+
+    def input(self) -> Iterator[Any]:
+        return iter(self.task.input or ())
+
+    def read_host(self, prompt: str) -> str:
+        raise JobStateError(f"read_host: the cluster task {self.task.key} cannot ask the session for input "
+                            f"(it runs on {self.computer_name}); pass what it needs as arguments or input=")
+
+
+class _Shipper:
+    """Batches the records of every task of this worker process and sends them to the scheduler."""
+
+    def __init__(self, runtime: _Runtime) -> None:
+        self.runtime = runtime
+        self.cond = threading.Condition(threading.Lock())
+        self.dirty: dict[str, _Task] = {}   # tasks with records to ship or a start to announce
+        self.urgent = False
+        self.thread = threading.Thread(target=self._run, name="psjobs-dask-shipper", daemon=True)
+        self.thread.start()
+
+    def started(self, task: _Task) -> None:
+        with self.cond:
+            self.dirty[task.key] = task
+            self.cond.notify()
+
+    def add(self, task: _Task, entry: tuple[int, Any, float]) -> None:
+        with self.cond:
+            pending = task.pending
+            pending.append(entry)
+            if len(pending) == 1:
+                task.first = time.monotonic()
+                self.dirty[task.key] = task
+                self.cond.notify()
+            elif len(pending) >= FLUSH_ITEMS:
+                self.urgent = True
+                self.cond.notify()
+            # Backpressure: a task that produces faster than the scheduler forwards waits here
+            # instead of filling the worker's memory (a stop wakes it: see _Runtime.stop).
+            while len(task.pending) >= MAX_PENDING and not task.stop:
+                self.cond.wait(0.05)
+
+    def take(self, task: _Task) -> tuple[list[tuple[int, Any, float]], int]:
+        """The task ended: what it has not shipped goes with its result; how many chunks went."""
+        with self.cond:
+            self.dirty.pop(task.key, None)
+            pending, task.pending = task.pending, []
+            return pending, task.seq
+
+    def _due(self, now: float) -> float | None:
+        due: float | None = None
+        for task in self.dirty.values():
+            when = task.first + FLUSH_SECONDS if task.pending else task.start_due
+            if due is None or when < due:
+                due = when
+        return due
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    now = time.monotonic()
+                    due = self._due(now)
+                    if self.urgent or (due is not None and due <= now):
+                        break
+                    self.cond.wait(None if due is None else due - now)
+                self.urgent = False
+                chunks: dict[str, list[tuple[str, int, int, float | None, list[Any]]]] = {}
+                for key, task in list(self.dirty.items()):
+                    if not task.pending and task.start_due > now:
+                        continue  # nothing to say yet: a short task never costs a message
+                    chunks.setdefault(task.topic, []).append(
+                        (key, task.attempt, task.seq, None if task.start_sent else task.begin, task.pending))
+                    task.seq += 1
+                    task.pending = []
+                    task.start_sent = True
+                    del self.dirty[key]
+                self.cond.notify_all()  # wake tasks that waited for room
+            self._wait_for_room()
+            for topic, items in chunks.items():
+                try:
+                    blob = pickle.dumps((self.runtime.address, [
+                        (key, attempt, seq, begin, _dumps_batch(entries) if entries else None)
+                        for key, attempt, seq, begin, entries in items]), protocol=5)
+                    self.runtime.worker.log_event(topic, blob)
+                except Exception as exc:  # the worker is closing: the session fails the job then
+                    print(f"psjobs: could not ship records to {topic}: {exc!r}", file=sys.__stderr__)
+
+    def _wait_for_room(self) -> None:
+        stream = getattr(self.runtime.worker, "batched_stream", None)
+        buffer = getattr(stream, "buffer", None)
+        if buffer is None:
+            return
+        deadline = time.monotonic() + 5.0
+        while len(buffer) > MAX_BACKLOG and time.monotonic() < deadline:
+            time.sleep(0.001)  # the worker's event loop drains it; there is nothing to wait on
+
+
+class _Runtime:
+    """Per worker process: the shipper, the running tasks, the stop marks, the spec cache."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.address: str = worker.address
+        self.lock = threading.Lock()
+        self.tasks: dict[str, _Task] = {}
+        self.stopped_keys: dict[str, float] = {}
+        self.stopped_groups: dict[str, float] = {}
+        self.specs: OrderedDict[str, _Spec] = OrderedDict()
+        self.shipper = _Shipper(self)
+
+    def spec(self, spec_id: str, blob: bytes) -> _Spec:
+        with self.lock:
+            spec = self.specs.get(spec_id)
+            if spec is not None:
+                self.specs.move_to_end(spec_id)
+                return spec
+        import cloudpickle
+
+        try:
+            spec = _Spec(cloudpickle.loads(blob))
+        except Exception as exc:
+            raise WorkerError(f"the worker {self.address} could not unpickle the job's callable or its "
+                              f"arguments ({type(exc).__name__}: {exc}); the workers need the modules the "
+                              f"callable uses") from exc
+        with self.lock:
+            self.specs[spec_id] = spec
+            while len(self.specs) > 64:
+                self.specs.popitem(last=False)
+        return spec
+
+    def stopped(self, key: str, group: str) -> bool:
+        with self.lock:
+            return key in self.stopped_keys or group in self.stopped_groups
+
+    def stop(self, keys: list[str], groups: list[str], grace: float) -> int:
+        until = time.time() + STOP_MEMORY
+        with self.lock:
+            for key in keys:
+                self.stopped_keys[key] = until
+            for group in groups:
+                self.stopped_groups[group] = until
+            for marks in (self.stopped_keys, self.stopped_groups):
+                if len(marks) > 50_000:
+                    now = time.time()
+                    for name in [n for n, t in marks.items() if t < now]:
+                        del marks[name]
+            wanted_keys, wanted_groups = set(keys), set(groups)
+            victims = [t for t in self.tasks.values() if t.key in wanted_keys or t.group in wanted_groups]
+        for task in victims:
+            task.request_stop(grace)
+        if victims:
+            with self.shipper.cond:
+                self.shipper.cond.notify_all()  # a task waiting for room must see its stop
+        return len(victims)
+
+
+_runtime: _Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def _get_runtime(worker: Any) -> _Runtime:
+    global _runtime
+    rt = _runtime
+    if rt is not None and rt.worker is worker:
+        return rt
+    with _runtime_lock:
+        if _runtime is None or _runtime.worker is not worker:
+            _inside.install_routers()
+            _track_popen()
+            _runtime = _Runtime(worker)
+        return _runtime
+
+
+# --- the task -----------------------------------------------------------------------------------
+
+def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, topic: str,
+             group: str) -> Outcome:
+    """Run one child job's work in this worker thread (Dask calls this; see the module diagram)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    rt = _get_runtime(worker)
+    begin = time.time()
+    state = worker.state.tasks.get(key)
+    lost = int((getattr(state, "annotations", None) or {}).get(LOST, 0))
+    try:
+        s = rt.spec(spec_id, spec)
+    except WorkerError as exc:
+        return ("fail", lost, 0, begin, rt.address, None, _dump_reason(exc), None, None)
+    if lost > s.retries:
+        return ("refused", lost, 0, begin, rt.address, None, None, None, None)
+    if rt.stopped(key, group):
+        return ("stopped", lost, 0, begin, rt.address, None, None, None, None)
+
+    task = _Task(key, group, topic, lost, s.input)
+    with rt.lock:
+        rt.tasks[key] = task
+    rt.shipper.started(task)
+    emitter = _TaskEmitter(task, rt)
+    token = _inside._current.set(emitter)
+    event, code, result = "complete", None, None
+    reason: BaseException | None = None
+    try:
+        try:
+            with task.lock:
+                task.in_user = True
+                task.thread_id = threading.get_ident()
+            if task.stop:
+                raise JobStopped()
+            code, result = _call(s, item, task, emitter)
+        finally:
+            task.leave_user()
+    except JobStopped:
+        task.leave_user()
+        event = "stopped"
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = status
+        if status != 0:
+            event, reason = "fail", ExitStatusError(f"the job called sys.exit({exc.code!r})", status)
+    except BaseException as exc:
+        event, reason = "fail", exc
+        if isinstance(exc, ExitStatusError) and s.kind != "call":
+            code = exc.status  # the command's own status, kept as the job's exit_code
+    finally:
+        _inside.flush_lines(emitter)
+        _inside._current.reset(token)
+        _end(rt, task)
+    tail, sent = rt.shipper.take(task)
+    if result is not None:
+        tail.append((Stream.OUTPUT, result, time.time()))  # a returned value comes straight back
+    tb = blob = None
+    if reason is not None:
+        import traceback
+
+        tb = "".join(traceback.format_exception(type(reason), reason, reason.__traceback__))
+        blob = _dump_reason(reason)
+    return (event, lost, sent, begin, rt.address, _dumps_batch(tail) if tail else None, blob, tb, code)
+
+
+def _call(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter) -> tuple[int | None, Any]:
+    if s.kind != "call":
+        return _command(s, item, task, emitter), None
+    args = s.args if item is None else (pickle.loads(item), *s.args)  # type: ignore[arg-type]
+    if s.init is not None:
+        s.init()
+    result = s.target(*args, **s.kwargs)
+    if inspect.isgenerator(result):
+        for value in result:
+            emitter.emit(Stream.OUTPUT, value)
+        return None, None
+    return None, result
+
+
+def _command(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter) -> int:
+    from ._thread import _kill_group, _pump, _status_error
+
+    # The item (already text) comes first: $1 of a command line, the first extra argument of an argv.
+    argv = [*s.argv, *(() if item is None else (str(item),)), *s.args]
+    env = None
+    if s.env:
+        env = dict(os.environ)
+        for name, value in s.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+    feed = b"".join(f"{x}\n".encode() for x in task.input) if task.input is not None else None
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=s.cwd, env=env,
+                            start_new_session=True)
+    try:
+        _pump(proc, feed, emitter)  # type: ignore[arg-type]
+        status = proc.wait()
+    except JobStopped:
+        _kill_group(proc, task.grace)
+        raise
+    if status != 0:
+        if task.stop:
+            raise JobStopped()
+        raise _status_error("the command", status)
+    return status
+
+
+def _end(rt: _Runtime, task: _Task) -> None:
+    """The task's code returned: after a stop, nothing it started may outlive it."""
+    with rt.lock:
+        rt.tasks.pop(task.key, None)
+    if task.timer is not None:
+        task.timer.cancel()
+    if task.stop:
+        task.kill()
+        for proc in task.procs:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=2)  # reap it: a worker must not collect zombies
+    task.procs.clear()
+
+
+def stop_tasks(keys: list[str], groups: list[str], grace: float, dask_worker: Any = None) -> int:
+    """Run by ``client.run`` on every worker: stop these keys and groups, now and when they come."""
+    if dask_worker is None:
+        from distributed import get_worker
+
+        dask_worker = get_worker()
+    return _get_runtime(dask_worker).stop(keys, groups, grace)
+
+
+# --- the processes a task starts ------------------------------------------------------------------
+
+_popen_init = subprocess.Popen.__init__
+
+
+def _track_popen() -> None:
+    """Note every process a task's thread starts, so a stop can end it (and what it started).
+
+    Only calls made in a thread that runs a psjobs task are noted; such a process gets a session
+    of its own unless the caller chose otherwise, so that its whole process group can be ended.
+    """
+    if getattr(subprocess.Popen.__init__, "_psjobs", False):
+        return
+
+    def __init__(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+        emitter = _inside._current.get()
+        task = emitter.task if isinstance(emitter, _TaskEmitter) else None
+        if task is not None and len(args) <= 1 and "process_group" not in kwargs \
+                and "preexec_fn" not in kwargs:
+            kwargs.setdefault("start_new_session", True)
+        _popen_init(self, *args, **kwargs)
+        if task is not None:
+            with task.lock:
+                task.procs.append(self)
+                stopping = task.stop
+            if stopping:
+                _signal_all([self], signal.SIGKILL)
+
+    __init__._psjobs = True  # type: ignore[attr-defined]
+    subprocess.Popen.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _signal_all(procs: list[subprocess.Popen[Any]], sig: int) -> None:
+    for proc in procs:
+        if proc.returncode is not None:
+            continue
+        pids = {proc.pid, *_descendants(proc.pid)}
+        with contextlib.suppress(OSError):
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of ``root`` (Linux /proc; elsewhere none, and the group kill must do)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            out.append(child)
+            todo.append(child)
+    return out
