@@ -106,6 +106,7 @@ class _Conn:
         self.stops: list[tuple[_Leaf, float]] = []
         self.parked: set[_Leaf] = set()
         self.helpers: set[threading.Thread] = set()
+        self.watchers: set[Any] = set()  # asyncio tasks on the Client's loop, one per pending future
         self.closed = False
         try:
             client.register_plugin(Guard(), name=Guard.name)
@@ -147,7 +148,28 @@ class _Conn:
             futures = self.client.map(run_task, keys, items, key=keys, **options, **task_kwargs)
         for leaf, future in zip(leaves, futures):
             leaf.future = future
-            future.add_done_callback(self._on_done)
+        # One hop to the Client's event loop for all of them (add_done_callback makes a
+        # cross-thread call, and a thread hop, per future: about 1 ms each on a busy machine).
+        self.client.loop.add_callback(self._watch_all, futures)
+
+    def _watch_all(self, futures: list[Any]) -> None:
+        """On the Client's event loop: a small watcher per future puts it in the inbox when done."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        for future in futures:
+            state = getattr(future, "_state", None)
+            if callable(getattr(state, "wait", None)):
+                task = loop.create_task(self._watch(future, state))
+                self.watchers.add(task)  # asyncio keeps only weak references to tasks
+                task.add_done_callback(self.watchers.discard)
+            else:  # a distributed without FutureState.wait: the public, slower way
+                future.add_done_callback(self._on_done)
+
+    async def _watch(self, future: Any, state: Any) -> None:
+        while future.status == "pending":  # as distributed's own done_callback waits
+            await state.wait()
+        self.inbox.put(("done", future))
 
     # --- the dispatcher thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -410,6 +432,10 @@ class _Conn:
         for leaf in list(self.keys.values()):
             leaf.future = None
         self.keys.clear()
+        try:  # the watchers hold their futures: let them go, so the scheduler forgets the tasks
+            self.client.loop.add_callback(lambda: [task.cancel() for task in list(self.watchers)])
+        except Exception:
+            pass
         try:
             from ._dask_guard import forget_topic
 

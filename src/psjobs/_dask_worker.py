@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
+import math
 import os
 import pickle
 import signal
@@ -164,13 +165,21 @@ class _Shipper:
         self.cond = threading.Condition(threading.Lock())
         self.dirty: dict[str, _Task] = {}   # tasks with records to ship or a start to announce
         self.urgent = False
+        # When the thread wakes next: a task wakes it only to make that earlier, so a stream of
+        # short tasks costs no thread switch each (inf: it waits for a poke; 0: it is shipping).
+        self.wake_at = math.inf
         self.thread = threading.Thread(target=self._run, name="psjobs-dask-shipper", daemon=True)
         self.thread.start()
+
+    def _poke(self, when: float) -> None:
+        if when < self.wake_at:
+            self.wake_at = when
+            self.cond.notify()
 
     def started(self, task: _Task) -> None:
         with self.cond:
             self.dirty[task.key] = task
-            self.cond.notify()
+            self._poke(task.start_due)
 
     def add(self, task: _Task, entry: tuple[int, Any, float]) -> None:
         with self.cond:
@@ -179,10 +188,10 @@ class _Shipper:
             if len(pending) == 1:
                 task.first = time.monotonic()
                 self.dirty[task.key] = task
-                self.cond.notify()
+                self._poke(task.first + FLUSH_SECONDS)
             elif len(pending) >= FLUSH_ITEMS:
                 self.urgent = True
-                self.cond.notify()
+                self._poke(0.0)
             # Backpressure: a task that produces faster than the scheduler forwards waits here
             # instead of filling the worker's memory (a stop wakes it: see _Runtime.stop).
             while len(task.pending) >= MAX_PENDING and not task.stop:
@@ -211,8 +220,10 @@ class _Shipper:
                     due = self._due(now)
                     if self.urgent or (due is not None and due <= now):
                         break
+                    self.wake_at = math.inf if due is None else due
                     self.cond.wait(None if due is None else due - now)
                 self.urgent = False
+                self.wake_at = 0.0  # shipping: the loop looks at every task again before it waits
                 chunks: dict[str, list[tuple[str, int, int, float | None, list[Any]]]] = {}
                 for key, task in list(self.dirty.items()):
                     if not task.pending and task.start_due > now:
