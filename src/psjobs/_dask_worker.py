@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -220,8 +221,11 @@ class _Shipper:
                     due = self._due(now)
                     if self.urgent or (due is not None and due <= now):
                         break
+                    if due is None and self._worker_gone():
+                        _runtimes.pop(self.runtime.worker, None)
+                        return  # an in-process worker closed: its shipper ends with it
                     self.wake_at = math.inf if due is None else due
-                    self.cond.wait(None if due is None else due - now)
+                    self.cond.wait(1.0 if due is None else due - now)
                 self.urgent = False
                 self.wake_at = 0.0  # shipping: the loop looks at every task again before it waits
                 chunks: dict[str, list[tuple[str, int, int, float | None, list[Any]]]] = {}
@@ -244,6 +248,10 @@ class _Shipper:
                     self.runtime.worker.log_event(topic, blob)
                 except Exception as exc:  # the worker is closing: the session fails the job then
                     print(f"psjobs: could not ship records to {topic}: {exc!r}", file=sys.__stderr__)
+
+    def _worker_gone(self) -> bool:
+        status = getattr(self.runtime.worker, "status", None)
+        return getattr(status, "name", "") in ("closing", "closed", "failed")
 
     def _wait_for_room(self) -> None:
         stream = getattr(self.runtime.worker, "batched_stream", None)
@@ -314,21 +322,26 @@ class _Runtime:
         return len(victims)
 
 
-_runtime: _Runtime | None = None
+_runtimes: weakref.WeakKeyDictionary[Any, _Runtime] = weakref.WeakKeyDictionary()
 _runtime_lock = threading.Lock()
+_installed = False
 
 
 def _get_runtime(worker: Any) -> _Runtime:
-    global _runtime
-    rt = _runtime
-    if rt is not None and rt.worker is worker:
+    """The runtime of ``worker`` (one per worker: a LocalCluster of threads has several per process)."""
+    rt = _runtimes.get(worker)
+    if rt is not None:
         return rt
+    global _installed
     with _runtime_lock:
-        if _runtime is None or _runtime.worker is not worker:
+        if not _installed:
             _inside.install_routers()
             _track_popen()
-            _runtime = _Runtime(worker)
-        return _runtime
+            _installed = True
+        rt = _runtimes.get(worker)
+        if rt is None:
+            rt = _runtimes[worker] = _Runtime(worker)
+        return rt
 
 
 # --- the task -----------------------------------------------------------------------------------
@@ -435,6 +448,10 @@ def _command(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmit
     except JobStopped:
         _kill_group(proc, task.grace)
         raise
+    finally:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     if status != 0:
         if task.stop:
             raise JobStopped()
