@@ -8,6 +8,7 @@ on the workers.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -53,10 +54,9 @@ def local_client() -> Iterator[Any]:
         cluster.close()
 
 
-@pytest.fixture(scope="module")
-def cli_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``dask scheduler`` on 127.0.0.1 and two ``dask worker`` on 127.0.0.1 and 127.0.0.2."""
-    logs = tmp_path_factory.mktemp("dask-cli")
+@contextlib.contextmanager
+def cli_cluster(logs: Path, hosts: tuple[str, ...]) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """``dask scheduler`` on 127.0.0.1 and one ``dask worker`` per host, through the command line."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -80,23 +80,30 @@ def cli_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return False
 
         wait_until(scheduler_up, 30, "the dask scheduler to listen")
-        for n, host in enumerate(("127.0.0.1", "127.0.0.2")):
+        for n, host in enumerate(hosts):
             spawn([sys.executable, "-m", "distributed.cli.dask_worker", address, "--host", host, "--nthreads", "2",
                    "--no-nanny", "--dashboard-address", f"{host}:0", "--name", f"cli-{n}"], f"worker{n}.log")
         with distributed.Client(address, set_as_default=False) as client:
-            client.wait_for_workers(2, timeout=30)
-            hosts = {w["host"] for w in client.scheduler_info()["workers"].values()}
-            assert hosts == {"127.0.0.1", "127.0.0.2"}
-        yield address
+            client.wait_for_workers(len(hosts), timeout=30)
+            assert {w["host"] for w in client.scheduler_info()["workers"].values()} == set(hosts)
+        yield address, procs
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
         for proc in procs:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cli_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A scheduler and two workers, on 127.0.0.1 and 127.0.0.2, started as a user would."""
+    with cli_cluster(tmp_path_factory.mktemp("dask-cli"), ("127.0.0.1", "127.0.0.2")) as (address, _):
+        yield address
 
 
 @pytest.fixture(scope="module", params=["local", "cli"])
@@ -184,6 +191,14 @@ def pid_then_wait() -> Iterator[int]:
     time.sleep(60)
 
 
+def pid_then_return(marker: str) -> Iterator[Any]:
+    yield os.getpid()
+    if not os.path.exists(marker):  # the first run waits to be killed; a second run goes on
+        Path(marker).write_text("first run")
+        time.sleep(30)
+    yield "done"
+
+
 def sleepy(seconds: float) -> str:
     time.sleep(seconds)
     return "woke"
@@ -205,6 +220,9 @@ def test_a_callable_runs_on_a_worker(session: psjobs.Session, cluster: Any) -> N
     assert job.location == child.location
     assert child.begin_time is not None and child.end_time is not None
     assert repr(job).startswith("<Job ") and "'sq' Completed tcp://127.0.0." in repr(job)
+    if isinstance(cluster, distributed.Client):  # a cluster object works as well as its Client
+        again = session.start_job(square, 8, cluster=cluster.cluster)
+        assert again.wait(30) and again.receive() == [64]
 
 
 def test_receive_with_and_without_keep(session: psjobs.Session, cluster: Any) -> None:
@@ -408,6 +426,32 @@ def test_a_killed_worker_fails_its_job_and_it_is_not_run_again(session: psjobs.S
     assert len(job.output) == 1  # not run a second time
     wait_until(lambda: not _psjobs_tasks(local_client), 30, "the scheduler to drop the task")
     local_client.wait_for_workers(2, timeout=30)
+
+
+@pytest.mark.leaves_processes  # the nanny starts a new worker process in place of the killed one
+def test_retries_let_dask_run_a_task_again(session: psjobs.Session, local_client: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    job = session.start_cluster_job(pid_then_return, str(marker), cluster=local_client, retries=1)
+    wait_until(lambda: len(job.output) == 1 and marker.exists(), 30, "the task to report its worker's pid")
+    os.kill(job.output[0], signal.SIGKILL)
+    assert job.wait(60)
+    assert job.state is JobState.COMPLETED
+    first, second, last = job.output
+    assert first != second and last == "done"  # it ran again, in another worker process
+    assert any("Dask runs it again (retry 1 of 1)" in str(w) for w in job.warning)
+    local_client.wait_for_workers(2, timeout=30)
+
+
+def test_a_lost_scheduler_fails_the_job_with_a_reason(session: psjobs.Session, tmp_path: Path) -> None:
+    with cli_cluster(tmp_path, ("127.0.0.1",)) as (address, procs):
+        job = session.start_job(sleepy, 1.0, cluster=address, name="orphan")
+        wait_until(lambda: job.child_jobs[0].state is JobState.RUNNING, 30, "the task to start")
+        procs[0].kill()  # the scheduler
+        assert job.wait(30)
+        assert job.state is JobState.FAILED
+        reason = job.child_jobs[0].job_state_info.reason
+        assert isinstance(reason, psjobs.WorkerError)
+        assert "connection to the Dask scheduler" in str(reason) and address in str(reason)
 
 
 def test_bad_arguments_raise_before_a_job_exists(session: psjobs.Session, local_client: Any) -> None:

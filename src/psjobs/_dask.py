@@ -324,8 +324,11 @@ class _Conn:
                 self._drop(leaf)
                 finish(job, [], Event.STOPPED)
                 return
-            why = (f"the cluster cancelled its task (the client lost its scheduler at {self.address}, the "
-                   f"cluster restarted, or another client cancelled it)")
+            if not self.connected():
+                why = (f"the connection to the Dask scheduler at {self.address} was lost, and its task with "
+                       f"it (the scheduler died, or the network failed)")
+            else:
+                why = "the cluster cancelled its task (the cluster restarted, or another client cancelled it)"
             cause = None
         elif status == "lost":
             why = "the worker that held its result was lost before psjobs fetched it"
@@ -408,7 +411,8 @@ class _Conn:
         from ._dask_worker import stop_tasks
 
         try:
-            self.client.run(stop_tasks, keys, groups, grace, on_error="return", callback_timeout=30)
+            if self.connected() and not self.closed:
+                self.client.run(stop_tasks, keys, groups, grace, on_error="return", callback_timeout=30)
         except Exception:
             pass  # a stopping job then stays Stopping, and stop_job says so after the grace period
         finally:
@@ -417,6 +421,9 @@ class _Conn:
 
     def forget(self, leaf: _Leaf) -> None:
         self._drop(leaf)
+
+    def connected(self) -> bool:
+        return bool(self.client.status == "running")
 
     def close(self) -> None:
         if self.closed:
@@ -436,13 +443,14 @@ class _Conn:
             self.client.loop.add_callback(lambda: [task.cancel() for task in list(self.watchers)])
         except Exception:
             pass
-        try:
-            from ._dask_guard import forget_topic
+        if self.connected():  # else every call would wait for a scheduler that is gone
+            try:
+                from ._dask_guard import forget_topic
 
-            self.client.unsubscribe_topic(self.topic)
-            self.client.run_on_scheduler(forget_topic, self.topic)
-        except Exception:
-            pass  # the scheduler is gone, or the client was closed by its owner
+                self.client.unsubscribe_topic(self.topic)
+                self.client.run_on_scheduler(forget_topic, self.topic, callback_timeout=10)
+            except Exception:
+                pass  # the client was closed by its owner meanwhile
         if self.owned:
             try:
                 self.client.close(timeout=5)
@@ -519,6 +527,7 @@ class DaskBackend(NullPrepare):
         self.token = uuid.uuid4().hex[:12]
         self.lock = threading.Lock()
         self.conns: dict[Any, _Conn] = {}
+        self.retired: list[_Conn] = []
         self._specs = itertools.count(1)
 
     def connect(self, cluster: Any, verb: str) -> _Conn:
@@ -545,8 +554,10 @@ class DaskBackend(NullPrepare):
                             f"SSHCluster...) or a scheduler address, not {type(cluster).__name__}")
         with self.lock:
             conn = self.conns.get(key)
-            if conn is not None and not conn.closed and conn.client.status in ("running", "connecting"):
+            if conn is not None and not conn.closed and conn.connected():
                 return conn
+            if conn is not None:
+                self.retired.append(conn)  # its jobs end on their own; it is closed with the session
             if address is None:
                 if cluster.status not in ("running", "connecting"):
                     raise WorkerError(f"{verb}: the dask Client given as cluster is {cluster.status}; give an "
@@ -587,8 +598,9 @@ class DaskBackend(NullPrepare):
 
     def close(self) -> None:
         with self.lock:
-            conns = list(self.conns.values())
+            conns = [*self.conns.values(), *self.retired]
             self.conns.clear()
+            self.retired.clear()
         for conn in conns:
             conn.close()
 
