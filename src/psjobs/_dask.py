@@ -377,7 +377,7 @@ class _Conn:
 
     def _drop(self, leaf: _Leaf) -> None:
         if self.keys.get(leaf.key) is leaf:
-            del self.keys[leaf.key]
+            self.keys.pop(leaf.key, None)  # forget() may race the dispatcher here
         leaf.future = None  # the scheduler forgets the key: a lost result is never recomputed
         if leaf.parked is not None:
             leaf.parked = None
