@@ -159,6 +159,13 @@ class StreamRouter(io.TextIOBase):
     def isatty(self) -> bool:
         return False
 
+    def fileno(self) -> int:
+        # Code such as faulthandler needs a real descriptor: give the one underneath (in a
+        # worker process fds 1 and 2 are pipes whose lines also become records).
+        if self.fallback is not None:
+            return self.fallback.fileno()
+        return 2 if self.stream is Stream.ERROR else 1
+
     def write(self, text: str) -> int:
         e = current()
         if e is None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._backend import deliver, finish, report
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
-from ._records import ErrorRecord, Stream
+from ._records import ErrorRecord, InformationRecord, Stream
 from ._state import Event
 from ._wire import DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, frame
 
@@ -247,10 +247,60 @@ class _CallHandle(_Handle):
         self.server_lost = False
         self.registered = False
         self.prompt: str | None = None
+        # fd 1 and 2 of the worker (C code, child processes): their lines become records.
+        r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
+        r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
+        self.pipes = {r_out: Stream.INFORMATION, r_err: Stream.ERROR}
+        self.partial = {r_out: b"", r_err: b""}
+
+    def worker_fds(self) -> list[int]:
+        assert self.worker_sock is not None
+        return [self.worker_sock.fileno(), self.w_out, self.w_err]
+
+    def _close_worker_ends(self) -> None:
+        if self.worker_sock is not None:
+            self.worker_sock.close()
+            self.worker_sock = None
+        for fd in (self.w_out, self.w_err):
+            if fd >= 0:
+                os.close(fd)
+        self.w_out = self.w_err = -1
+
+    def on_pipe(self, mask: int) -> None:
+        for fd in list(self.pipes):
+            self._read_pipe(fd, final=False)
+
+    def _read_pipe(self, fd: int, final: bool) -> None:
+        stream = self.pipes[fd]
+        entries: list[Entry] = []
+        now = time.time()
+        for _ in range(64 if final else 16):
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                if not final:
+                    break
+                chunk = b""
+            if not chunk:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.backend.loop.sel.unregister(fd)
+                del self.pipes[fd]
+                rest = self.partial.pop(fd)
+                if rest:
+                    _lines(entries, stream, [rest], now, info=True)
+                os.close(fd)
+                break
+            *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
+            _lines(entries, stream, lines, now, info=True)
+        if entries:
+            deliver(self.job, entries)
 
     def register(self) -> None:
         mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
         self.backend.loop.sel.register(self.sock, mask, self.on_event)
+        for fd in self.pipes:
+            os.set_blocking(fd, False)
+            self.backend.loop.sel.register(fd, selectors.EVENT_READ, self.on_pipe)
         self.registered = True
 
     def on_event(self, mask: int) -> None:
@@ -302,9 +352,7 @@ class _CallHandle(_Handle):
 
     def on_forked(self, pid: int) -> None:
         self.pid = pid
-        if self.worker_sock is not None:
-            self.worker_sock.close()
-            self.worker_sock = None
+        self._close_worker_ends()
         with self.job.session._cond:
             self.job.pid = pid
             self.job._apply(Event.START)
@@ -323,6 +371,10 @@ class _CallHandle(_Handle):
     def maybe_end(self) -> None:
         if self.finished or not self.eof or not (self.status_known or self.server_lost):
             return
+        # What the worker printed at fd level is in the pipes now; a grandchild that keeps
+        # them open does not hold the job (we take what is there and close).
+        for fd in list(self.pipes):
+            self._read_pipe(fd, final=True)
         stopped = self.job._stop_requested
         if self.done is not None:
             name, blob, tb, code = self.done
@@ -355,14 +407,18 @@ class _CallHandle(_Handle):
         report(self.job, Event.UNBLOCK)
 
     def close(self) -> None:
+        self.backend.handles.discard(self)
         if self.registered:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.backend.loop.sel.unregister(self.sock)
             self.registered = False
         self.sock.close()
-        if self.worker_sock is not None:
-            self.worker_sock.close()
-            self.worker_sock = None
+        for fd in list(self.pipes):
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(fd)
+            os.close(fd)
+        self.pipes.clear()
+        self._close_worker_ends()
 
 
 def _load_reason(blob: bytes, tb: str | None) -> BaseException:
@@ -387,6 +443,8 @@ class _CommandHandle(_Handle):
         self.pidfd = os.pidfd_open(proc.pid)
         assert proc.stdout is not None and proc.stderr is not None
         self.fds = {proc.stdout.fileno(): Stream.OUTPUT, proc.stderr.fileno(): Stream.ERROR}
+        # Popen's file objects own the descriptors: close through them, never twice.
+        self.files = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
         self.partial = {fd: b"" for fd in self.fds}
         self.feed = memoryview(feed) if feed else None
 
@@ -439,7 +497,7 @@ class _CommandHandle(_Handle):
                 rest = self.partial.pop(fd)
                 if rest:
                     _lines(entries, stream, [rest], now)
-                os.close(fd)
+                self.files.pop(fd).close()
                 break
             *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
             _lines(entries, stream, lines, now)
@@ -472,6 +530,7 @@ class _CommandHandle(_Handle):
 
             event, reason = Event.FAIL, _status_error("the command", code)
         self._close_stdin()
+        self.backend.handles.discard(self)
         self.end([], event, reason, code)
 
     def _close_stdin(self) -> None:
@@ -482,11 +541,12 @@ class _CommandHandle(_Handle):
             stdin.close()
 
     def close(self) -> None:
+        self.backend.handles.discard(self)
         sel = self.backend.loop.sel
         for fd in list(self.fds):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 sel.unregister(fd)
-            os.close(fd)
+            self.files.pop(fd).close()
         self.fds.clear()
         if self.pidfd >= 0:
             with contextlib.suppress(KeyError, ValueError, OSError):
@@ -496,12 +556,14 @@ class _CommandHandle(_Handle):
         self._close_stdin()
 
 
-def _lines(entries: list[Entry], stream: Stream, lines: list[bytes], now: float) -> None:
+def _lines(entries: list[Entry], stream: Stream, lines: list[bytes], now: float, info: bool = False) -> None:
     for raw in lines:
         text = raw.decode("utf-8", "replace")
         if text.endswith("\r"):
             text = text[:-1]
-        if stream is Stream.OUTPUT:
+        if stream is Stream.INFORMATION:
+            entries.append((Stream.INFORMATION, InformationRecord(text, now, "localhost"), now))
+        elif stream is Stream.OUTPUT:
             entries.append((Stream.OUTPUT, text, now))
         else:
             entries.append((Stream.ERROR, ErrorRecord(text, now, "localhost"), now))
@@ -538,8 +600,8 @@ class _ForkServer:
         backend.loop.call_soon(lambda: backend.loop.sel.register(self.sock, selectors.EVENT_READ,
                                                                   self.on_message))
 
-    def submit(self, token: int, fd: int) -> None:
-        socket.send_fds(self.sock, [pickle.dumps(("fork", token))], [fd])
+    def submit(self, token: int, fds: list[int]) -> None:
+        socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
 
     def on_message(self, mask: int) -> None:
         while True:
@@ -592,6 +654,7 @@ class ProcessBackend:
         self.session = session
         self.loop = IOLoop()
         self.pending_calls: dict[int, _CallHandle] = {}  # token -> handle, until the worker exited
+        self.handles: set[_Handle] = set()                # every handle whose descriptors are open
         self._server: _ForkServer | None = None
         self._server_lock = threading.Lock()
         self._closed = False
@@ -635,6 +698,7 @@ class ProcessBackend:
             sent = 0
         handle = _CallHandle(self, job, ours, theirs, job_frame[sent:])
         job.backend_data = handle
+        self.handles.add(handle)
         self.pending_calls[job.id] = handle
         self.loop.call_soon(handle.register)
         self._submit(handle)
@@ -660,7 +724,7 @@ class ProcessBackend:
                         self._spawn(handle)
                         return
             try:
-                server.submit(handle.job.id, handle.worker_sock.fileno())
+                server.submit(handle.job.id, handle.worker_fds())
                 return
             except OSError:
                 server.alive = False
@@ -674,7 +738,8 @@ class ProcessBackend:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
         proc = subprocess.Popen([sys.executable, "-m", "psjobs._worker", str(fd)], pass_fds=[fd],
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, stdout=handle.w_out, stderr=handle.w_err,
+                                env=env, start_new_session=True)
         pidfd = os.pidfd_open(proc.pid)
 
         def on_exit(mask: int) -> None:
@@ -718,6 +783,7 @@ class ProcessBackend:
             return
         handle = _CommandHandle(self, job, proc, feed)
         job.backend_data = handle
+        self.handles.add(handle)
         with self.session._cond:
             job.pid = proc.pid
             job._apply(Event.START)
@@ -744,3 +810,5 @@ class ProcessBackend:
         if server is not None:
             server.close()
         self.loop.close()
+        for handle in list(self.handles):
+            handle.close()

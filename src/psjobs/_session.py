@@ -331,7 +331,7 @@ class Session:
         errors: list[ErrorRecord] = []
         reasons: list[BaseException] = []
         host = self.host
-        for leaf, stream, payload, t in self.read_entries(leaves, keep=keep, wait=wait, timeout=timeout):
+        for leaf, stream, payload, t in self._read(leaves, keep, wait, timeout):
             if stream == Stream.OUTPUT:
                 output.append(OutputRecord(payload, t, leaf.computer_name, leaf) if records else payload)
                 continue
@@ -374,10 +374,10 @@ class Session:
         ``wait=True`` it follows the jobs until they finish (or ``timeout``), yielding as records
         arrive. Moves the jobs' read cursors unless ``keep``.
         """
-        if isinstance(jobs, list) and all(isinstance(j, Job) and not j._children for j in jobs):
-            leaves = jobs
-        else:
-            leaves = self._leaves_of(self._resolve(jobs, "read_entries"))
+        return self._read(self._leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
+
+    def _read(self, leaves: list[Job], keep: bool, wait: bool,
+              timeout: float | None) -> Iterator[tuple[Job, Stream, Any, float]]:
         positions = {leaf.id: leaf._cursor for leaf in leaves}
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

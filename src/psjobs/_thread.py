@@ -148,7 +148,9 @@ class ThreadBackend(NullPrepare):
 
     # --- running -------------------------------------------------------------------------
     def _run(self, job: Job) -> None:
-        data: _Data = job.backend_data
+        data: _Data | None = job.backend_data
+        if data is None or job.state is not JobState.NOT_STARTED:
+            return  # stopped, or stopped and removed, while it waited for this thread
         data.thread_id = threading.get_ident()
         emitter = _Emitter(job, data)
         token = _current.set(emitter)
@@ -177,6 +179,8 @@ class ThreadBackend(NullPrepare):
                 event, reason = Event.FAIL, ExitStatusError(f"the job called sys.exit({exc.code!r})", status)
         except BaseException as exc:
             event, reason = Event.FAIL, exc
+            if isinstance(exc, ExitStatusError):
+                code = exc.status
         finally:
             flush_lines(emitter)
             _current.reset(token)
@@ -220,6 +224,10 @@ class ThreadBackend(NullPrepare):
         except JobStopped:
             _kill_group(proc, self._session.stop_grace)
             raise
+        finally:
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         if status != 0:
             raise _status_error("the command", status)
         return status
