@@ -258,7 +258,7 @@ def _compile_expression(text: str, namespace: dict[str, Any]) -> types.FunctionT
     """A function of no arguments that evaluates ``text`` over ``namespace`` (its globals)."""
     code = compile(f"lambda: ({text}\n)", "<psjobs &>", "eval")
     fn = eval(code, namespace)
-    fn.__qualname__ = " ".join(text.split())  # the job's command is the expression's text
+    fn.__qualname__ = text.strip()  # the job's command is the expression's text
     return fn  # type: ignore[no-any-return]
 
 
@@ -381,6 +381,7 @@ class JobMagics(Magics):
                                       include_child_jobs=children)
             else:
                 jobs = psjobs.get_job(state=state, include_child_jobs=children)
+        self.ext.seen(jobs)  # as a shell's `jobs`: a Done shown here is not announced again
         return JobList(jobs)
 
     @line_magic  # type: ignore[untyped-decorator]
