@@ -279,8 +279,10 @@ def test_wait_magic_and_its_timeout(ip: Any, capsys: pytest.CaptureFixture[str])
     job = run(ip, "time.sleep(30) &")
     assert run(ip, f"%wait {job.id} --timeout 0.1") is None
     assert "timed out" in capsys.readouterr().err
+    capsys.readouterr()
     run(ip, f"%stop {job.id}")
     assert job.state is psjobs.JobState.STOPPED
+    assert capsys.readouterr().out == ""  # no notice for a job the user stopped
     done = run(ip, f"%wait {job.id}")
     assert list(done) == [job]
 

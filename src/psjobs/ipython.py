@@ -431,7 +431,8 @@ class JobMagics(Magics):
         self._no_other_options(words, "%stop", "none")
         jobs = self._select(self._need(words, "%stop"), local_ns)
         with _as_usage("%stop"):
-            psjobs.stop_job(jobs)
+            stopped = psjobs.stop_job(jobs, pass_thru=True)
+        self.ext.seen(stopped)  # the user stopped them: no notice that they stopped
 
     @line_magic  # type: ignore[untyped-decorator]
     @needs_local_scope  # type: ignore[untyped-decorator]
