@@ -116,6 +116,32 @@ def test_the_transform_only_claims_the_last_token(ip: Any) -> None:
     assert BackgroundOperator.find(make_tokens_by_line(["y = x & 1 &\n"])) is not None
 
 
+def test_the_transform_never_breaks_input_ipython_accepts(ip: Any) -> None:
+    # A token transform that raises breaks every cell of the shell: feed it random cells made of
+    # the awkward pieces (unclosed brackets and strings, escapes, continuations, unicode).
+    import random
+
+    pieces = ["x", " = ", "&", " &", "&&", "!", "!!", "%", "%%", "(", ")", "[", "]", "{", "}", "'", '"',
+              '"""', "\\\n", "\n", "    ", "#", ";", ":", "f(1)", "é", "?", " ", "lambda", "if ", "\t",
+              "=", ",", "*", "$x", "{y}", "\r\n"]
+    rng = random.Random(6)
+    manager = ip.input_transformer_manager
+    for _ in range(3000):
+        cell = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        for step in (manager.transform_cell, manager.check_complete):
+            try:
+                step(cell)
+            except SyntaxError:
+                pass
+            except Exception:
+                manager.token_transformers.remove(BackgroundOperator)
+                try:
+                    with pytest.raises(Exception):  # noqa: B017 - IPython alone fails the same way
+                        step(cell)
+                finally:
+                    manager.token_transformers.append(BackgroundOperator)
+
+
 # --- process jobs (the default) ------------------------------------------------------------
 
 def test_assignment_binds_the_job_and_its_value_is_the_expression(ip: Any) -> None:

@@ -665,7 +665,9 @@ class _Extension:
         return None if jobs is None else render_html(jobs)
 
     def _use_rich(self) -> bool:
-        if not self.config.rich or type(self.shell).__name__ != "TerminalInteractiveShell":
+        # By name: importing IPython.terminal would pull prompt_toolkit into a notebook kernel.
+        terminal = any(c.__name__ == "TerminalInteractiveShell" for c in type(self.shell).__mro__)
+        if not self.config.rich or not terminal:
             return False
         try:
             if not sys.stdout.isatty():
