@@ -71,7 +71,7 @@ def main() -> None:
             events = poller.poll()
         except InterruptedError:
             events = []
-        for fd, mask in events:
+        for fd, _mask in events:
             if fd == wake_r:
                 try:
                     os.read(wake_r, 4096)

@@ -71,8 +71,8 @@ def group_gone(pgid: int) -> bool:
         return False
     # Something answers: it may be a zombie adopted by an init that does not reap.
     target = str(pgid)
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
+    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
             if not entry.name.isdigit():
                 continue
             try:
@@ -247,6 +247,7 @@ class _CallHandle(_Handle):
         self.server_lost = False
         self.registered = False
         self.prompt: str | None = None
+        self.server: _ForkServer | None = None  # where it was submitted (a new one after a death)
         # fd 1 and 2 of the worker (C code, child processes): their lines become records.
         r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
         r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
@@ -597,8 +598,10 @@ class _ForkServer:
             raise WorkerError(f"the fork server did not start (it exited with status {self.proc.returncode})")
         ours.settimeout(None)
         self.alive = True
-        backend.loop.call_soon(lambda: backend.loop.sel.register(self.sock, selectors.EVENT_READ,
-                                                                  self.on_message))
+        def register() -> None:
+            backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
+
+        backend.loop.call_soon(register)
 
     def submit(self, token: int, fds: list[int]) -> None:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
@@ -724,6 +727,7 @@ class ProcessBackend:
                         self._spawn(handle)
                         return
             try:
+                handle.server = server
                 server.submit(handle.job.id, handle.worker_fds())
                 return
             except OSError:
@@ -752,12 +756,17 @@ class ProcessBackend:
             self.pending_calls.pop(handle.job.id, None)
             handle.on_exited(status)
 
-        self.loop.call_soon(lambda: self.loop.sel.register(pidfd, selectors.EVENT_READ, on_exit))
+        def register() -> None:
+            self.loop.sel.register(pidfd, selectors.EVENT_READ, on_exit)
+
+        self.loop.call_soon(register)
         self.loop.call_soon(lambda: handle.on_forked(proc.pid))
 
     def server_lost(self, server: _ForkServer) -> None:
         """The fork server died: jobs it had not forked yet go to a new one; the others finish."""
         for handle in list(self.pending_calls.values()):
+            if handle.server is not server:
+                continue  # already sent to the new server
             if handle.pid is None and handle.worker_sock is not None:
                 threading.Thread(target=self._resubmit, args=(handle,), daemon=True).start()
             elif handle.pid is not None:
@@ -768,7 +777,8 @@ class ProcessBackend:
         try:
             self._submit(handle)
         except Exception as exc:
-            self.loop.call_soon(lambda: handle.broken(exc))
+            err = exc  # the name of an except clause does not outlive it
+            self.loop.call_soon(lambda: handle.broken(err))
 
     def _start_command(self, job: Job, spec: JobSpec) -> None:
         feed = None

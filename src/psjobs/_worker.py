@@ -355,7 +355,8 @@ def serve(rfd: int, wfd: int, *, computer_name: str | None = None, capture_fds: 
     meta: dict[str, Any] = pickle.loads(body)
     _settle(meta)
 
-    event, reason, code = "complete", None, None
+    event, code = "complete", None
+    reason: BaseException | None = None
     try:
         try:
             _Ctx.in_user = True
