@@ -488,7 +488,7 @@ class JobMagics(Magics):
 
 def _split(line: str) -> list[str]:
     try:
-        return shlex.split(line)
+        return shlex.split(line, comments=True)  # "%stop 3  # the slow one" works as it reads
     except ValueError as exc:
         raise UsageError(f"cannot read the arguments {line!r}: {exc}") from None
 
