@@ -154,15 +154,15 @@ class BackgroundOperator(TokenTransformBase):
         # (tokenize reports the blank before a '!' as an error token of its own)
         toks = [t for t in line
                 if t.type not in _SKIP and not (t.type == tokenize.ERRORTOKEN and t.string.isspace())]
-        if len(toks) < 2 or not line:
+        if len(toks) < 2:
             return None
-        lines = _source_lines(line)
         first = toks[0]
         if first.string == "!":  # !command &  (textual: shell text need not be Python tokens)
-            return cls._command(lines, first.start, "")
+            return cls._command(_source_lines(line), first.start, "")
         amp, before = toks[-1], toks[-2]
         if amp.string != "&" or amp.type != tokenize.OP:
-            return None
+            return None  # the common case: every cell passes here, so it stays cheap
+        lines = _source_lines(line)
         if before.end == amp.start:  # "x&", "a &&": only a spaced, single & at the end counts
             return None
         # A statement after the last top-level ';' is the job; what comes before stays.
