@@ -244,6 +244,9 @@ class Session:
         with self._cond:
             if id is None and name is None and instance_id is None:
                 jobs = list(self._jobs.values())
+                if state is None and command is None and has_more_data is None and before is None \
+                        and after is None and newest is None and not include_child_jobs and child_job_state is None:
+                    return JobList(jobs)  # the table is in id order already
             else:
                 jobs = []
                 if id is not None:
