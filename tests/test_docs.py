@@ -16,7 +16,7 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
 def pages() -> list[Path]:
-    return sorted(DOCS.glob("*.md"))
+    return [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)

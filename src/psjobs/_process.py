@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._backend import deliver, finish, report
+from ._backend import block, deliver, finish, report, unblock
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
 from ._records import ErrorRecord, InformationRecord, Stream
 from ._state import Event
@@ -193,6 +193,7 @@ class _Handle:
 
         self.stop_at = time.monotonic()
         self.kill(signal.SIGTERM)
+        self.kill(signal.SIGCONT)  # a suspended job must run to act on its SIGTERM
         self.backend.loop.call_later(grace, escalate)
 
     def end(self, entries: list[Entry], event: Event, reason: BaseException | None,
@@ -347,7 +348,7 @@ class _CallHandle(_Handle):
             _ = python
         elif kind == PROMPT:
             self.prompt = pickle.loads(payload)
-            report(self.job, Event.BLOCK)
+            block(self.job, str(self.prompt))
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from a worker")
 
@@ -405,7 +406,7 @@ class _CallHandle(_Handle):
                                              self.on_event)
 
         self.backend.loop.call_soon(write)
-        report(self.job, Event.UNBLOCK)
+        unblock(self.job)
 
     def close(self) -> None:
         self.backend.handles.discard(self)
@@ -808,10 +809,26 @@ class ProcessBackend:
     def forget(self, job: Job) -> None:
         self.pending_calls.pop(job.id, None)
 
+    def suspend(self, job: Job) -> None:
+        """SIGSTOP to the whole process group: nothing of the job runs until resume."""
+        handle = job.backend_data
+        report(job, Event.SUSPEND)
+        if isinstance(handle, _Handle):
+            handle.kill(signal.SIGSTOP)
+        report(job, Event.SUSPENDED)
+
+    def resume(self, job: Job) -> None:
+        handle = job.backend_data
+        if isinstance(handle, _Handle):
+            handle.kill(signal.SIGCONT)
+        report(job, Event.RESUME)
+
     def send_input(self, job: Job, text: str) -> None:
         handle = job.backend_data
         if isinstance(handle, _CallHandle):
             handle.send_input(text)
+        else:
+            unblock(job)
 
     def close(self) -> None:
         with self._server_lock:
