@@ -384,6 +384,22 @@ def test_done_is_announced_once(ip: Any, capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().out == ""  # never twice
 
 
+def test_a_job_waiting_for_input_is_announced_once(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    job = run(ip, "input('Name? ') &")
+    wait_until(lambda: job.state is psjobs.JobState.BLOCKED, 20, "the job to ask for input")
+    capsys.readouterr()
+    run(ip, "pass")
+    assert capsys.readouterr().out == f"[{job.id}] Blocked  input('Name? ')  (waits for input 'Name?': " \
+                                      f"%receive {job.id} to answer)\n"
+    run(ip, "pass")
+    assert capsys.readouterr().out == ""
+    job.send_input("Ada")
+    assert job.wait(timeout=20)
+    run(ip, "pass")
+    assert f"[{job.id}] Completed" in capsys.readouterr().out
+    assert job.receive() == ["Ada"]
+
+
 def test_jobs_the_user_waited_for_are_not_announced(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
     run(ip, "x = 2 + 3 &")
     run(ip, "%receive x --wait")

@@ -602,6 +602,7 @@ class _Extension:
         self.config = PsJobs(parent=shell)
         self.magics = JobMagics(shell, self)
         self._watched: dict[int, Job] = {}
+        self._told_blocked: set[int] = set()
         self._last_id = 0
         self._printers: list[tuple[str, type]] = []
 
@@ -719,14 +720,31 @@ class _Extension:
             return
         live = {j.id for j in jobs}
         done: list[Job] = []
+        asking: list[Job] = []
         for jid, job in list(self._watched.items()):
             if jid not in live:
                 del self._watched[jid]  # removed by the user: nothing to announce
             elif job.state.is_finished:
                 done.append(job)
                 del self._watched[jid]
-        if done and self.config.announce:
+            elif job.state is psjobs.JobState.BLOCKED and jid not in self._told_blocked:
+                asking.append(job)  # a shell says "Stopped (tty input)": say it once too
+                self._told_blocked.add(jid)
+        self._told_blocked.intersection_update(self._watched)
+        if not self.config.announce:
+            return
+        for job in asking:
+            prompt = next((j.prompt for j in [job, *job.child_jobs] if j.prompt), None)
+            asked = f" {prompt.strip()!r}" if prompt else ""
+            print(f"[{job.id}] Blocked  {_short(job.command)}  (waits for input{asked}: "
+                  f"%receive {job.id} to answer)")
+        if done:
             print(announcement(done, self.MAX_LINES))
+
+
+def _short(command: str) -> str:
+    command = " ".join(command.split())
+    return command if len(command) <= 60 else command[:57] + "..."
 
 
 def announcement(done: list[Job], max_lines: int = 5) -> str:
@@ -741,10 +759,7 @@ def announcement(done: list[Job], max_lines: int = 5) -> str:
     width = max(len(str(j.state)) for j in done)
     lines = []
     for job in done:
-        command = " ".join(job.command.split())
-        if len(command) > 60:
-            command = command[:57] + "..."
-        line = f"[{job.id}] {str(job.state).ljust(width)}  {command}"
+        line = f"[{job.id}] {str(job.state).ljust(width)}  {_short(job.command)}"
         reason = job.reason
         if job.state is psjobs.JobState.FAILED and reason is not None:
             text = f"{type(reason).__name__}: {reason}".splitlines()[0]
