@@ -146,7 +146,7 @@ def _lambda_source(fn: Any) -> str | None:
     if not lines:
         return None
     first = code.co_firstlineno
-    last = max([p[1] for p in code.co_positions() if p[1] is not None] or [first])
+    last = max([line for _, _, line in code.co_lines() if line is not None] or [first])
     src = textwrap.dedent("".join(lines[first - 1:last]))
     tree = None
     for candidate in (src, src.rstrip().rstrip(",)") + "\n", "(" + src.strip() + ")"):
