@@ -14,6 +14,7 @@ rotating order, and keeps every sample; the row's value is the median.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 import traceback
@@ -29,6 +30,24 @@ REQUIRED = {"case": str, "impl": str, "unit": str, "better": str}
 
 def now() -> float:
     return time.perf_counter()
+
+
+def favour(pid: int) -> None:
+    """With ``python -m bench --renice``: give the scheduling group of ``pid`` the top priority.
+
+    Linux schedules each session (autogroup) as one entity, so ``nice`` alone does nothing against
+    busy processes of other sessions on a shared machine; the autogroup's own nice does. psjobs
+    puts its fork server in a session of its own, so the runner favours that group too, and
+    psjobs and its peers meet the same scheduler. (Needs root; silently skipped otherwise.)
+    """
+    level = os.environ.get("BENCH_RENICE")
+    if not level:
+        return
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(level)
+    except OSError:
+        pass
 
 
 def interleave(impls: Mapping[str, Callable[[], Sample]], rounds: int, *, warmup: int = 1,
