@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench import _harness
+from bench.__main__ import areas
 
-from bench import _harness  # noqa: E402
-from bench.__main__ import areas  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # tests/ is a package: pytest puts ROOT on sys.path
 
 CORE_CASES = {
     "process job, trivial callable: start -> result",

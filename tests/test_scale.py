@@ -6,9 +6,10 @@ from __future__ import annotations
 import socket
 
 import psutil
-from conftest import wait_until
 
 import psjobs
+
+from .conftest import wait_until
 
 N = 1000
 
