@@ -387,6 +387,9 @@ class _CommandHandle(_Handle):
         self.pidfd = os.pidfd_open(proc.pid)
         assert proc.stdout is not None and proc.stderr is not None
         self.fds = {proc.stdout.fileno(): Stream.OUTPUT, proc.stderr.fileno(): Stream.ERROR}
+        # The pipes belong to Popen's file objects: close them through those objects, or the objects
+        # close the same numbers again when collected, by then another job's pipes (EBADF, lost jobs).
+        self.files = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
         self.partial = {fd: b"" for fd in self.fds}
         self.feed = memoryview(feed) if feed else None
 
@@ -439,7 +442,7 @@ class _CommandHandle(_Handle):
                 rest = self.partial.pop(fd)
                 if rest:
                     _lines(entries, stream, [rest], now)
-                os.close(fd)
+                self.files.pop(fd).close()
                 break
             *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
             _lines(entries, stream, lines, now)
@@ -486,7 +489,7 @@ class _CommandHandle(_Handle):
         for fd in list(self.fds):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 sel.unregister(fd)
-            os.close(fd)
+            self.files.pop(fd).close()
         self.fds.clear()
         if self.pidfd >= 0:
             with contextlib.suppress(KeyError, ValueError, OSError):
