@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-
 from conftest import wait_until
+
 from psjobs._cli import main
 from psjobs._host import Client, HostError, Paths, host_free
 

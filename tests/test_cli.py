@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from clitools import ok, private_home, run, subprocess_env
-
 from conftest import wait_until
+
 from psjobs._cli import ALIASES, EXIT_CODES, build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +150,8 @@ def test_json_everywhere(home: Path) -> None:
     done = json.loads(ok("wait", "--json", "json-demo"))
     assert [d["state"] for d in done] == ["Completed"]
     lines = [json.loads(x) for x in ok("receive", "--json", "json-demo").splitlines()]
-    assert [(x["stream"], x.get("value", x.get("message"))) for x in lines] == [("Output", "x"), ("Error", "y")]
+    got = [(x["stream"], x.get("value", x.get("message"))) for x in lines]
+    assert got == [("Output", "x"), ("Error", "y")]
     assert json.loads(ok("remove", "--json", "json-demo")) == {"removed": [row["id"]]}
     status = json.loads(ok("host", "status", "--json"))
     assert status["running"] is True and status["pid"] > 0

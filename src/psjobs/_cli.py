@@ -68,11 +68,11 @@ class _View:
         self.command = row["command"]
 
 
-def _print_jobs(rows: list[dict[str, Any]], as_json: bool) -> None:
+def _print_jobs(rows: list[dict[str, Any]] | dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        print(format_table(cast(Any, [_View(r) for r in rows])))
+        print(format_table(cast(Any, [_View(r) for r in (rows if isinstance(rows, list) else [rows])])))
 
 
 class _Ordered:
@@ -127,7 +127,7 @@ def _show_new(row: dict[str, Any], a: argparse.Namespace) -> int:
     if a.quiet:
         print(row["id"])
     else:
-        _print_jobs([row] if not a.json else row, a.json)
+        _print_jobs(row, a.json)
     return 0
 
 
@@ -145,7 +145,7 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     for response in client.stream("receive", ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout,
                                   auto_remove=a.auto_remove):
         if response.get("more"):
-            for seq, job, stream, t, is_json, value in response["result"]["records"]:
+            for _, job, stream, t, is_json, value in response["result"]["records"]:
                 if a.json:
                     item = {"id": job, "stream": Stream(stream).name.title(), "time": _iso(t)}
                     if stream == Stream.OUTPUT:
@@ -158,8 +158,9 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
                               if is_json else value + "\n")
                 else:
                     fields = value if is_json else {"message": value}
-                    host.write_record(cast(Any, None), Record(Stream(stream), str(fields.get("message", "")), t,
-                                                              fields.get("computer_name")))
+                    message = str(fields.get("message", ""))
+                    record = Record(Stream(stream), message, t, fields.get("computer_name"))
+                    host.write_record(cast(Any, None), record)
         else:
             result = response["result"]
     err = ordered.stream(sys.stderr)
@@ -310,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
             "IDs, names (wildcards allowed: 'build*') and instance ids select jobs.")
     p.add_argument("ids", nargs="*", metavar="ID|NAME")
     p.add_argument("--state", help="only jobs in this state (Running, Completed, Failed, Stopped, ...)")
-    p.add_argument("--newest", type=int, metavar="N", help="only the N most recently finished (running count as newest)")
+    p.add_argument("--newest", type=int, metavar="N",
+                   help="only the N most recently finished (running jobs count as the newest)")
     p.add_argument("--children", action="store_true", help="list the child jobs too")
 
     p = add("receive", cmd_receive, "Write what jobs produced and was not received yet.",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import selectors
@@ -343,7 +344,8 @@ class HostServer:
                 return  # the client went away
 
     def _handle(self, body: bytes, reply: Reply) -> dict[str, Any]:
-        _collect.sink = sink = []
+        sink: list[str] = []
+        _collect.sink = sink
         try:
             try:
                 request = json.loads(body)
@@ -355,7 +357,8 @@ class HostServer:
             args = request.get("args", {})
             handler = self.handlers.get(verb)
             if handler is None:
-                raise RequestError(f"unknown verb {verb!r}; the host knows: {', '.join(sorted(self.handlers))}")
+                known = ", ".join(sorted(self.handlers))
+                raise RequestError(f"unknown verb {verb!r}; the host knows: {known}")
             if not isinstance(args, dict):
                 raise RequestError(f"{verb}: the request's args must be a JSON object")
             return {"ok": True, "more": False, "result": handler(args, reply), "warnings": sink}
@@ -434,6 +437,9 @@ class HostServer:
         for r in selected:
             walk(r)
         return out
+
+    def _moved_on(self, generation: int) -> bool:
+        return self.store.generation != generation
 
     @contextlib.contextmanager
     def _reading(self, leaves: list[int]) -> Iterator[None]:
@@ -538,9 +544,9 @@ class HostServer:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
-            self.store.wait_for(lambda: self.store.generation != generation, remaining)
+            self.store.wait_for(functools.partial(self._moved_on, generation), remaining)
         after = self.store.rows(leaves)
-        failures = [{"id": r["id"], "name": r["name"], "computer_name": r["computer_name"], "reason": r["reason"]}
+        failures = [{k: r[k] for k in ("id", "name", "computer_name", "reason")}
                     for r in after if r["state"] == "Failed" and r["reason"]]
         done = all(is_finished(r) for r in after)
         removed: list[int] = []
@@ -605,7 +611,8 @@ class HostServer:
         from . import __version__
 
         rows = self.rows()
-        return {"pid": os.getpid(), "version": __version__, "protocol": VERSION, "started": _iso(self.started),
+        return {"pid": os.getpid(), "version": __version__, "protocol": VERSION,
+                "started": _iso(self.started),
                 "home": str(self.paths.home), "socket": str(self.paths.socket),
                 "database": str(self.paths.database), "log": str(self.paths.log),
                 "jobs": sum(1 for r in rows if r["parent"] is None),
@@ -662,8 +669,8 @@ def _take_lock(paths: Paths, wait: float = 15.0) -> int:
             if _answers(paths) or time.monotonic() > deadline:
                 pid = _lock_pid(paths)
                 os.close(fd)
-                raise _AlreadyRunning(f"a psjobs host already runs for {paths.home} (pid {pid}); "
-                                      f"see `psjobs host status`, or stop it with `psjobs host stop`") from None
+                raise _AlreadyRunning(f"a psjobs host already runs for {paths.home} (pid {pid}); see "
+                                      f"`psjobs host status`, or stop it with `psjobs host stop`") from None
             time.sleep(0.05)  # another host is starting or stopping; it holds the lock for moments
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
@@ -823,22 +830,28 @@ class Client:
     def stream(self, verb: str, start: bool = True, **args: Any) -> Iterator[dict[str, Any]]:
         """Send one request; yield each response (parts first, the final one last)."""
         with self.connect(start) as sock:
-            sock.sendall(pack({"verb": verb, "args": args}))
-            while True:
-                body = read_frame(sock, MAX_RESPONSE, "the host")
-                if body is None:
-                    raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "
-                                    f"crashed; see {self.paths.log})")
-                response = json.loads(body)
-                for text in response.get("warnings") or ():
-                    print(f"WARNING: {text}", file=sys.stderr)
-                if not response.get("ok"):
-                    err = response.get("error") or {}
-                    raise HostReplyError(str(err.get("message", "the host refused the request")),
-                                         str(err.get("type", "HostError")), int(err.get("exit_code", 1)))
-                yield response
-                if not response.get("more"):
-                    return
+            try:
+                sock.sendall(pack({"verb": verb, "args": args}))
+                yield from self._responses(sock)
+            except ConnectionError as exc:  # also a host that died while it had us in its backlog
+                raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "
+                                f"crashed; see {self.paths.log}); run the command again") from exc
+
+    def _responses(self, sock: socket.socket) -> Iterator[dict[str, Any]]:
+        while True:
+            body = read_frame(sock, MAX_RESPONSE, "the host")
+            if body is None:
+                raise ConnectionResetError("end of stream before the last response")
+            response = json.loads(body)
+            for text in response.get("warnings") or ():
+                print(f"WARNING: {text}", file=sys.stderr)
+            if not response.get("ok"):
+                err = response.get("error") or {}
+                raise HostReplyError(str(err.get("message", "the host refused the request")),
+                                     str(err.get("type", "HostError")), int(err.get("exit_code", 1)))
+            yield response
+            if not response.get("more"):
+                return
 
     def call(self, verb: str, start: bool = True, **args: Any) -> Any:
         result = None

@@ -181,7 +181,7 @@ class Store:
         """The first job id this host may give: ids are never reused, across restarts too."""
         with self._lock:
             stored = self._meta("next_id")
-            top = self._db.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
+            top = int(self._db.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0])
             return max(int(stored or 1), top + 1)
 
     def add_jobs(self, rows: list[Row]) -> None:
@@ -256,8 +256,8 @@ class Store:
     def cursors(self, leaves: list[int]) -> dict[int, int]:
         """Where each job's reading stands (the seq of its last received record)."""
         with self._lock:
-            marks = self._db.execute(f"SELECT id, cursor FROM jobs WHERE id IN ({', '.join('?' * len(leaves))})",
-                                     leaves).fetchall()
+            marks = self._db.execute(f"SELECT id, cursor FROM jobs WHERE id IN "
+                                     f"({', '.join('?' * len(leaves))})", leaves).fetchall()
             return {job: cur for job, cur in marks}
 
     def receive_page(self, leaves: list[int], positions: dict[int, int],
@@ -360,8 +360,10 @@ def select(rows: list[Row], selectors: list[str], verb: str) -> list[Row]:
             raise JobNotFoundError(f"{verb}: cannot find a job named {text!r}; list the jobs with "
                                    f"`psjobs get`")
         out.extend(match)
-    seen: set[int] = set()
-    return [r for r in out if not (r["id"] in seen or seen.add(r["id"]))]  # type: ignore[func-returns-value]
+    unique: dict[int, Row] = {}
+    for row in out:
+        unique.setdefault(row["id"], row)
+    return list(unique.values())
 
 
 # --- the persister ---------------------------------------------------------------------------------
