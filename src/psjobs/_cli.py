@@ -166,7 +166,8 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     err = ordered.stream(sys.stderr)
     for f in result.get("failures", ()):
         if a.json:
-            out.write(json.dumps({"id": f["id"], "stream": "Failure", "reason": f["reason"]}) + "\n")
+            out.write(json.dumps({"id": f["id"], "child_id": f["child_id"], "stream": "Failure",
+                                  "reason": f["reason"]}) + "\n")
         else:
             where = f["computer_name"]
             prefix = f"[{where}] " if where and where != "localhost" else ""

@@ -546,7 +546,16 @@ class HostServer:
                 break
             self.store.wait_for(functools.partial(self._moved_on, generation), remaining)
         after = self.store.rows(leaves)
-        failures = [{k: r[k] for k in ("id", "name", "computer_name", "reason")}
+        by_id = {r["id"]: r for r in rows}
+
+        def top(r: Row) -> Row:
+            while r["parent"] is not None and r["parent"] in by_id:
+                r = by_id[r["parent"]]
+            return r
+
+        # Named after the job the user knows (the top-level one), with the child that failed.
+        failures = [{"id": top(r)["id"], "name": top(r)["name"], "child_id": r["id"],
+                     "computer_name": r["computer_name"], "reason": r["reason"]}
                     for r in after if r["state"] == "Failed" and r["reason"]]
         done = all(is_finished(r) for r in after)
         removed: list[int] = []

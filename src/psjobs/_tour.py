@@ -60,7 +60,9 @@ def run_tour(main: Main, out: object = None) -> int:
             if code:
                 print(f"[exit status {code}]", flush=True)
             print(flush=True)
-        print("# Next: `psjobs --help`, and docs/cli.md for more examples.")
+        print("# Remote jobs: `psjobs invoke -c HOST[,HOST...] -- CMD` runs CMD on each computer over SSH\n"
+              "# (needs SSH access, so the tour leaves it out).\n"
+              "# Next: `psjobs --help`, and docs/cli.md for more examples.")
         return 0
     finally:
         main(["host", "stop"])
