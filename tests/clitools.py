@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from conftest import wait_until
 
 from psjobs._cli import main
 from psjobs._host import Client, HostError, Paths, host_free
+
+from .conftest import wait_until
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clitools import ok, private_home, run, subprocess_env
-from conftest import wait_until
 
 from psjobs._cli import ALIASES, EXIT_CODES, build_parser, main
+
+from .clitools import ok, private_home, run, subprocess_env
+from .conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

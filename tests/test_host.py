@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clitools import gone, host_pid, ok, private_home, run, subprocess_env
-from conftest import wait_until
 
 from psjobs._host import (
     _BOOT,
@@ -35,6 +33,9 @@ from psjobs._host import (
 )
 from psjobs._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Snapshot, Stream
 from psjobs._store import encode
+
+from .clitools import gone, host_pid, ok, private_home, run, subprocess_env
+from .conftest import wait_until
 
 
 @pytest.fixture
