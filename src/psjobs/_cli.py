@@ -254,11 +254,11 @@ def _wait_free(client: Client, timeout: float = 30.0) -> None:
 def cmd_shell(client: Client, a: argparse.Namespace) -> int:
     try:
         start_shell = importlib.import_module("psjobs.ipython").start_shell
-    except ImportError as exc:
+        result = start_shell(list(a.args))  # it imports IPython itself
+    except (ImportError, AttributeError) as exc:
         print(f"psjobs shell: needs IPython, which cannot be imported here ({exc}); install it with "
               f"`pip install 'psjobs[ipython]'`", file=sys.stderr)
         return UsageError.exit_code
-    result = start_shell(list(a.args))
     return result if isinstance(result, int) else 0
 
 

@@ -444,6 +444,11 @@ class Persister:
 
     def _pass(self, leaves: list[Job]) -> None:
         with self._cond:
+            # A leaf the session no longer has (removed behind our back) has nothing more to give.
+            gone = [leaf for leaf in leaves if leaf.id not in self._session._all]
+            for leaf in gone:
+                self._leaves.pop(leaf.id, None)
+            leaves = [leaf for leaf in leaves if leaf.id in self._session._all]
             before = {leaf.id: leaf._cursor for leaf in leaves}
         records: list[RecordRow] = []
         last: dict[int, int] = {}
