@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._errors import JobNotFinishedError, JobStateError, PsJobsError
+from ._errors import JobNotFinishedError, JobStateError, ProtocolError, PsJobsError
 from ._job import Job
 from ._session import Session
 from ._store import (
@@ -57,8 +57,11 @@ from ._store import (
     kill_orphans,
     select,
     set_next_id,
+    subtree,
+    tree,
 )
 from ._target import check_directory
+from ._wire import _recv_exact as recv_exact
 
 MAGIC = b"PSJH"
 VERSION = 1
@@ -155,17 +158,10 @@ def read_frame(sock: socket.socket, cap: int, who: str) -> bytes | None:
 
 
 def _recv_exact(sock: socket.socket, n: int, who: str) -> bytes | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            if got == 0:
-                return None
-            raise RequestError(f"{who} closed the connection in the middle of a frame")
-        got += k
-    return bytes(buf)
+    try:
+        return recv_exact(sock, n)
+    except ProtocolError:
+        raise RequestError(f"{who} closed the connection in the middle of a frame") from None
 
 
 def _iso(t: float | None) -> str | None:
@@ -414,29 +410,9 @@ class HostServer:
         return done
 
     def _register(self, job: Job, cwd: str | None) -> Row:
-        from ._store import _tree
-
-        self.store.add_jobs([job_row(n, cwd=cwd, host_pid=os.getpid()) for n in _tree(job)])
+        self.store.add_jobs([job_row(n, cwd=cwd, host_pid=os.getpid()) for n in tree(job)])
         self.persister.add(job)
         return next(public(r) for r in self.rows() if r["id"] == job.id)
-
-    def _leaf_ids(self, rows: list[Row], selected: list[Row]) -> list[int]:
-        kids: dict[int, list[Row]] = {}
-        for r in rows:
-            if r["parent"] is not None:
-                kids.setdefault(r["parent"], []).append(r)
-        out: list[int] = []
-
-        def walk(r: Row) -> None:
-            if r["id"] in kids:
-                for k in kids[r["id"]]:
-                    walk(k)
-            elif r["id"] not in out:
-                out.append(r["id"])
-
-        for r in selected:
-            walk(r)
-        return out
 
     def _moved_on(self, generation: int) -> bool:
         return self.store.generation != generation
@@ -524,7 +500,7 @@ class HostServer:
             raise ValueError("receive: --auto-remove needs --wait (a job is removed once it is finished)")
         timeout = _timeout(args, "receive")
         deadline = None if timeout is None else time.monotonic() + timeout
-        leaves = self._leaf_ids(rows, selected)
+        leaves = subtree(rows, selected, leaves_only=True)
         positions: dict[int, int] | None = None
         while True:
             generation = self.store.generation
@@ -560,8 +536,7 @@ class HostServer:
         done = all(is_finished(r) for r in after)
         removed: list[int] = []
         if auto_remove and done:
-            tops = [r for r in selected if r["parent"] is None]
-            removed = self._delete([r["id"] for r in tops])
+            removed = self._delete([r for r in selected if r["parent"] is None])
         return {"failures": failures, "timed_out": wait and not done, "removed": removed}
 
     def h_wait(self, args: dict[str, Any], reply: Reply) -> Any:
@@ -599,22 +574,11 @@ class HostServer:
         if running:
             self.session.stop_job(running)
         self._wait_stored([r["id"] for r in selected], self.session.stop_grace + 10.0)
-        return {"removed": self._delete([r["id"] for r in selected])}
+        return {"removed": self._delete(selected)}
 
-    def _delete(self, tops: list[int]) -> list[int]:
-        rows = self.store.rows()
-        kids: dict[int, list[int]] = {}
-        for r in rows:
-            if r["parent"] is not None:
-                kids.setdefault(r["parent"], []).append(r["id"])
-        ids: list[int] = []
-        todo = list(tops)
-        while todo:
-            i = todo.pop()
-            ids.append(i)
-            todo.extend(kids.get(i, ()))
-        self.store.delete(ids)
-        return sorted(tops)
+    def _delete(self, tops: list[Row]) -> list[int]:
+        self.store.delete(subtree(self.store.rows(), tops, leaves_only=False))
+        return sorted(r["id"] for r in tops)
 
     def h_status(self, args: dict[str, Any], reply: Reply) -> Any:
         from . import __version__

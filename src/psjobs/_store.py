@@ -308,12 +308,35 @@ def is_finished(row: Row) -> bool:
     return row["state"] in _FINISHED
 
 
-def fill_more_data(rows: list[Row]) -> None:
-    """HasMoreData: a job not finished, or a leaf with records after its cursor, or such a child."""
-    by_parent: dict[int, list[Row]] = {}
+def children(rows: list[Row]) -> dict[int, list[Row]]:
+    """Each job's child rows, by the parent's id."""
+    out: dict[int, list[Row]] = {}
     for row in rows:
         if row["parent"] is not None:
-            by_parent.setdefault(row["parent"], []).append(row)
+            out.setdefault(row["parent"], []).append(row)
+    return out
+
+
+def subtree(rows: list[Row], selected: list[Row], leaves_only: bool) -> list[int]:
+    """The ids under the selected jobs (themselves included), or only their leaves; each once."""
+    kids = children(rows)
+    out: dict[int, None] = {}
+
+    def walk(row: Row) -> None:
+        below = kids.get(row["id"], [])
+        if not (leaves_only and below):
+            out[row["id"]] = None
+        for kid in below:
+            walk(kid)
+
+    for row in selected:
+        walk(row)
+    return list(out)
+
+
+def fill_more_data(rows: list[Row]) -> None:
+    """HasMoreData: a job not finished, or a leaf with records after its cursor, or such a child."""
+    by_parent = children(rows)
 
     def more(row: Row) -> bool:
         if not is_finished(row):
@@ -393,7 +416,7 @@ class Persister:
 
     def add(self, top: Job) -> None:
         with self._cond:
-            nodes = _tree(top)
+            nodes = tree(top)
             for node in nodes:
                 self.live[node.id] = node
             self._tops[top.id] = top
@@ -479,7 +502,7 @@ class Persister:
                 if top.id in self._tops and top not in done_tops \
                         and not any(x.id in remaining for x in top._leaves()):
                     done_tops.append(top)
-                    updates += [(node.id, _final(node)) for node in _tree(top) if node._children]
+                    updates += [(node.id, _final(node)) for node in tree(top) if node._children]
         try:
             self._store.commit_pass(records, last, updates)
         except BaseException:
@@ -500,7 +523,7 @@ class Persister:
                 self._leaves.pop(leaf.id, None)
             for top in done_tops:
                 self._tops.pop(top.id, None)
-                for node in _tree(top):
+                for node in tree(top):
                     self.live.pop(node.id, None)
                     self._pid_known.discard(node.id)
         for top in done_tops:
@@ -509,10 +532,10 @@ class Persister:
                 self._session.remove_job(top)
 
 
-def _tree(job: Job) -> list[Job]:
+def tree(job: Job) -> list[Job]:
     out = [job]
     for child in job._children or ():
-        out.extend(_tree(child))
+        out.extend(tree(child))
     return out
 
 
