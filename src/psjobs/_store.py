@@ -29,11 +29,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _job
-from ._errors import JobNotFoundError
+from ._errors import JobNotFoundError, PsJobsError
 from ._records import ErrorRecord, InformationRecord, ProgressRecord
 from ._session import _reason_text
 from ._state import JobState
@@ -68,6 +68,10 @@ _FINISHED = {s.value for s in JobState if s.is_finished}
 _TEXT_LIMIT = 1_000_000  # a readable form longer than this is cut: it is a stand-in, not the value
 
 Row = dict[str, Any]
+
+
+class HostLostError(PsJobsError):
+    """The reason of a job that was running when its session host ended (killed, crashed)."""
 RecordRow = tuple[int, int, int, float, int, str]  # seq, job, stream, time, is-json, data
 
 
@@ -161,9 +165,19 @@ class Store:
                                    f"reads version {SCHEMA_VERSION}; move the file away to start afresh")
             self.max_seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
 
-    def _committed(self) -> None:
-        self.generation += 1
-        self.changed.notify_all()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction under the lock: committed (and waiters told) or rolled back whole."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self.generation += 1
+            self.changed.notify_all()
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -185,14 +199,11 @@ class Store:
             return max(int(stored or 1), top + 1)
 
     def add_jobs(self, rows: list[Row]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._transaction():
             self._db.executemany(
                 f"INSERT INTO jobs ({', '.join(rows[0])}) VALUES ({', '.join('?' * len(rows[0]))})",
                 [tuple(r.values()) for r in rows])
             self._set_meta("next_id", str(max(r["id"] for r in rows) + 1))
-            self._db.execute("COMMIT")
-            self._committed()
 
     def rows(self, ids: Iterable[int] | None = None) -> list[Row]:
         """Job rows by ascending id (all of them, or those of ``ids``)."""
@@ -214,34 +225,26 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT id, host_pid, pid, pid_start FROM jobs WHERE state NOT IN "
                                     f"({', '.join('?' * len(_FINISHED))})", sorted(_FINISHED)).fetchall()
-            if not rows:
-                return []
-            self._db.execute("BEGIN")
-            for job_id, old_pid, _, _ in rows:
-                reason = (f"HostLostError: the psjobs host (pid {old_pid}) ended while this job was running "
-                          f"(it was killed or crashed), so the job was ended too; what it produced until "
-                          f"then is kept: `psjobs receive {job_id} --keep`")
-                self._db.execute("UPDATE jobs SET state = 'Failed', reason = ?, end_time = ? WHERE id = ?",
-                                 (reason, now, job_id))
-            self._db.execute("COMMIT")
-            self._committed()
+            with self._transaction():
+                for job_id, old_pid, _, _ in rows:
+                    reason = HostLostError(f"the psjobs host (pid {old_pid}) ended while this job was running "
+                                           f"(it was killed or crashed), so the job was ended too; what it "
+                                           f"produced until then is kept: `psjobs receive {job_id} --keep`")
+                    self._db.execute("UPDATE jobs SET state = 'Failed', reason = ?, end_time = ? WHERE id = ?",
+                                     (_reason_text(reason), now, job_id))
         return [(pid, start) for _, _, pid, start in rows if pid and start]
 
     def delete(self, ids: list[int]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._transaction():
             for job_id in ids:
                 self._db.execute("DELETE FROM records WHERE job = ?", (job_id,))
                 self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-            self._db.execute("COMMIT")
-            self._committed()
 
     # --- records ---------------------------------------------------------------------------
     def commit_pass(self, records: list[RecordRow], last_seq: dict[int, int],
                     updates: list[tuple[int, dict[str, Any]]]) -> None:
         """Store a pass of the Persister in one transaction: records, then what changed on jobs."""
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._transaction():
             if records:
                 self._db.executemany("INSERT INTO records (seq, job, stream, time, json, data) "
                                      "VALUES (?, ?, ?, ?, ?, ?)", records)
@@ -250,8 +253,6 @@ class Store:
             for job_id, fields in updates:
                 sets = ", ".join(f"{k} = ?" for k in fields)
                 self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
-            self._db.execute("COMMIT")
-            self._committed()
 
     def cursors(self, leaves: list[int]) -> dict[int, int]:
         """Where each job's reading stands (the seq of its last received record)."""
@@ -286,11 +287,9 @@ class Store:
         return rows, moved
 
     def move_cursors(self, moved: dict[int, int], before: dict[int, int]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._transaction():
             self._db.executemany("UPDATE jobs SET cursor = ? WHERE id = ?",
                                  [(seq, job) for job, seq in moved.items() if seq != before.get(job)])
-            self._db.execute("COMMIT")
 
     def count_records(self) -> int:
         with self._lock:
