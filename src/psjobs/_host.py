@@ -278,6 +278,7 @@ class HostServer:
     def serve(self) -> None:
         """Accept connections until a shutdown request or SIGTERM/SIGINT, then shut down."""
         warnings.showwarning = _showwarning
+        warnings.simplefilter("always")  # each client is told, not only the first one
         os.set_blocking(self._wake_w, False)
         if threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(self._wake_w)
@@ -577,7 +578,11 @@ class HostServer:
         return {"removed": self._delete(selected)}
 
     def _delete(self, tops: list[Row]) -> list[int]:
-        self.store.delete(subtree(self.store.rows(), tops, leaves_only=False))
+        ids = subtree(self.store.rows(), tops, leaves_only=False)
+        self.store.delete(ids)
+        with self._read_locks_guard:
+            for i in ids:
+                self._read_locks.pop(i, None)
         return sorted(r["id"] for r in tops)
 
     def h_status(self, args: dict[str, Any], reply: Reply) -> Any:

