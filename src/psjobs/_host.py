@@ -277,8 +277,6 @@ class HostServer:
     # --- the loop --------------------------------------------------------------------------------
     def serve(self) -> None:
         """Accept connections until a shutdown request or SIGTERM/SIGINT, then shut down."""
-        warnings.showwarning = _showwarning
-        warnings.simplefilter("always")  # each client is told, not only the first one
         os.set_blocking(self._wake_w, False)
         if threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(self._wake_w)
@@ -720,6 +718,8 @@ def host_main(argv: list[str]) -> int:
     except Exception as exc:
         return _ready(ready_w, f"psjobs host: cannot start: {exc}\n", f"cannot start: {exc}", 1)
     print(f"psjobs host {os.getpid()} serving {paths.socket}", file=sys.stderr, flush=True)
+    warnings.showwarning = _showwarning  # a warning raised for a request goes back to its client
+    warnings.simplefilter("always")      # each client is told, not only the first one
     _ready(ready_w, "ok\n", "", 0)
     try:
         server.serve()
