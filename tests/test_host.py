@@ -18,19 +18,8 @@ from typing import Any
 
 import pytest
 
-from psjobs._host import (
-    _BOOT,
-    HEADER,
-    MAGIC,
-    MAX_REQUEST,
-    VERSION,
-    Client,
-    HostServer,
-    Paths,
-    host_free,
-    pack,
-    read_frame,
-)
+from psjobs._client import _BOOT, HEADER, MAGIC, MAX_REQUEST, VERSION, Client, Paths, host_free, pack, read_frame
+from psjobs._host import HostServer
 from psjobs._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Snapshot, Stream
 from psjobs._store import encode
 

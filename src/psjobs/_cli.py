@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO, cast
 
+from ._client import Client, HostError, host_free
 from ._errors import JobFailedError, JobNotFinishedError, JobNotFoundError, PsJobsError
 from ._format import format_table
-from ._host import Client, HostError, host_free
 from ._records import Record, Stream
 from ._session import Host
 
