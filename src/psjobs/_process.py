@@ -160,10 +160,14 @@ class IOLoop:
 def _loop_error(where: Any, exc: BaseException) -> None:
     owner = getattr(where, "__self__", None)
     fail = getattr(owner, "broken", None)
-    if callable(fail):
-        fail(exc)
-    else:  # pragma: no cover - a bug in psjobs itself; say it rather than hide it
-        print(f"psjobs: internal error in the I/O loop: {exc!r}", file=sys.__stderr__)
+    try:
+        if callable(fail):
+            fail(exc)  # fails that one job with the reason
+            return
+    except Exception as again:
+        exc = again
+    # A bug in psjobs itself: say it rather than hide it, and keep the loop (and every other job) alive.
+    print(f"psjobs: internal error in the I/O loop: {exc!r}", file=sys.__stderr__)
 
 
 class _Handle:
@@ -298,6 +302,8 @@ class _CallHandle(_Handle):
             deliver(self.job, entries)
 
     def register(self) -> None:
+        if self.sock.fileno() < 0:
+            return  # closed before the loop came to it (the session is closing)
         mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
         self.backend.loop.sel.register(self.sock, mask, self.on_event)
         for fd in self.pipes:
@@ -600,7 +606,8 @@ class _ForkServer:
         ours.settimeout(None)
         self.alive = True
         def register() -> None:
-            backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
+            if self.alive and self.sock.fileno() >= 0:  # not already closed by a closing session
+                backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
 
         backend.loop.call_soon(register)
 

@@ -53,6 +53,10 @@ class Channel:
                 self._write(payload)
             finally:
                 _Ctx.sending = False
+        # A SIGTERM that came while the frame was on its way only set the flag (a frame is never
+        # cut in half): act on it now, or a busy job would run on until the SIGKILL.
+        if _Ctx.stop and _Ctx.in_user and threading.current_thread() is threading.main_thread():
+            raise JobStopped()
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
