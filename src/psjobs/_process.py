@@ -37,7 +37,7 @@ from ._backend import block, deliver, finish, report, unblock
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
 from ._records import ErrorRecord, InformationRecord, Stream
 from ._state import Event
-from ._wire import DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, frame
+from ._wire import DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, decode_records, frame
 
 if TYPE_CHECKING:
     from ._job import Entry, Job
@@ -340,7 +340,7 @@ class _CallHandle(_Handle):
     def on_frame(self, kind: int, payload: bytes | bytearray) -> None:
         if kind == RECORDS:
             try:
-                entries = pickle.loads(payload)
+                entries = decode_records(payload)
             except Exception as exc:
                 entries = [(Stream.ERROR, ErrorRecord(
                     f"psjobs could not unpickle records from the worker ({type(exc).__name__}: {exc}); "
