@@ -188,6 +188,7 @@ class ThreadBackend(NullPrepare):
         if isinstance(reason, ExitStatusError) and data.stop:
             event = Event.STOPPED
         report(job, event, reason=reason, exit_code=code)
+        job.backend_data = None  # the spec (target, arguments, input) is not needed any more
 
     @staticmethod
     def _leave_user(data: _Data) -> None:
@@ -235,7 +236,9 @@ class ThreadBackend(NullPrepare):
 
     # --- stopping ------------------------------------------------------------------------
     def stop(self, job: Job, grace: float) -> None:
-        data: _Data = job.backend_data
+        data: _Data | None = job.backend_data
+        if data is None:
+            return  # it just ended
         data.stop = True
         with data.lock:
             if data.in_user and not data.injected and data.thread_id is not None:
