@@ -501,9 +501,10 @@ def _lost_error(job: Job, where: str, stimulus: str, retries: int) -> WorkerErro
 
 
 def _load_entries(blob: bytes, where: str) -> list[Entry]:
+    from ._wire import decode_records
+
     try:
-        entries: list[Entry] = pickle.loads(blob)
-        return entries
+        return decode_records(blob)
     except Exception as exc:
         now = time.time()
         return [(Stream.ERROR, ErrorRecord(

@@ -50,6 +50,8 @@ LOST = "psjobs_lost"    # annotation the guard plugin sets: times the task's wor
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 
+Columns = tuple[bytes, list[Any], list[float]]  # streams (a byte each), values, times
+
 #: The result of run_task, by position:
 #: (outcome, attempt, chunks shipped, begin time, worker address, last records (pickled),
 #:  reason (pickled), traceback text, exit code); outcome is "complete", "fail", "stopped" or
@@ -78,9 +80,9 @@ class _Spec:
 class _Task:
     """One running task: its records waiting to ship, its stop state, the processes it started."""
 
-    __slots__ = ("attempt", "begin", "first", "grace", "group", "in_user", "injected", "input", "key",
-                 "lock", "pending", "procs", "seq", "start_due", "start_sent", "stop", "thread_id",
-                 "timer", "topic")
+    __slots__ = ("attempt", "begin", "first", "grace", "group", "in_user", "injected", "input", "key", "lock",
+                 "procs", "seq", "start_due", "start_sent", "stop", "streams", "thread_id", "timer", "times",
+                 "topic", "values")
 
     def __init__(self, key: str, group: str, topic: str, attempt: int, items: list[Any] | None) -> None:
         self.key = key
@@ -89,8 +91,11 @@ class _Task:
         self.attempt = attempt
         self.input = items
         self.begin = time.time()
-        self.pending: list[tuple[int, Any, float]] = []
-        self.first = 0.0                 # monotonic time of the oldest pending record
+        # Records not shipped yet, in columns as the process worker keeps them (_wire.decode_records).
+        self.streams = bytearray()
+        self.values: list[Any] = []
+        self.times: list[float] = []
+        self.first = 0.0                 # monotonic time of the oldest of them
         self.seq = 0                     # chunks shipped so far
         self.start_due = time.monotonic() + START_DELAY
         self.start_sent = False
@@ -102,6 +107,14 @@ class _Task:
         self.thread_id: int | None = None
         self.procs: list[subprocess.Popen[Any]] = []
         self.timer: threading.Timer | None = None
+
+    def columns(self) -> Columns:
+        """Hand over the records not shipped yet (the caller holds the shipper's lock)."""
+        out = (bytes(self.streams), self.values, self.times)
+        self.streams = bytearray()
+        self.values = []
+        self.times = []
+        return out
 
     def request_stop(self, grace: float) -> None:
         """Cooperative flag, JobStopped in the thread, SIGTERM now and SIGKILL after ``grace``."""
@@ -145,7 +158,7 @@ class _TaskEmitter:
         self.line_buffers: dict[int, str] = {}
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
-        self.shipper.add(self.task, (stream, payload, time.time() if t is None else t))
+        self.shipper.add(self.task, stream, payload, time.time() if t is None else t)
 
     def stop_requested(self) -> bool:
         return self.task.stop
@@ -182,33 +195,34 @@ class _Shipper:
             self.dirty[task.key] = task
             self._poke(task.start_due)
 
-    def add(self, task: _Task, entry: tuple[int, Any, float]) -> None:
+    def add(self, task: _Task, stream: int, payload: Any, t: float) -> None:
         with self.cond:
-            pending = task.pending
-            pending.append(entry)
-            if len(pending) == 1:
+            task.streams.append(stream)
+            task.values.append(payload)
+            task.times.append(t)
+            n = len(task.values)
+            if n == 1:
                 task.first = time.monotonic()
                 self.dirty[task.key] = task
                 self._poke(task.first + FLUSH_SECONDS)
-            elif len(pending) >= FLUSH_ITEMS:
+            elif n >= FLUSH_ITEMS:
                 self.urgent = True
                 self._poke(0.0)
             # Backpressure: a task that produces faster than the scheduler forwards waits here
             # instead of filling the worker's memory (a stop wakes it: see _Runtime.stop).
-            while len(task.pending) >= MAX_PENDING and not task.stop:
+            while len(task.values) >= MAX_PENDING and not task.stop:
                 self.cond.wait(0.05)
 
-    def take(self, task: _Task) -> tuple[list[tuple[int, Any, float]], int]:
+    def take(self, task: _Task) -> tuple[Columns, int]:
         """The task ended: what it has not shipped goes with its result; how many chunks went."""
         with self.cond:
             self.dirty.pop(task.key, None)
-            pending, task.pending = task.pending, []
-            return pending, task.seq
+            return task.columns(), task.seq
 
     def _due(self, now: float) -> float | None:
         due: float | None = None
         for task in self.dirty.values():
-            when = task.first + FLUSH_SECONDS if task.pending else task.start_due
+            when = task.first + FLUSH_SECONDS if task.values else task.start_due
             if due is None or when < due:
                 due = when
         return due
@@ -228,14 +242,13 @@ class _Shipper:
                     self.cond.wait(1.0 if due is None else due - now)
                 self.urgent = False
                 self.wake_at = 0.0  # shipping: the loop looks at every task again before it waits
-                chunks: dict[str, list[tuple[str, int, int, float | None, list[Any]]]] = {}
+                chunks: dict[str, list[tuple[str, int, int, float | None, Columns]]] = {}
                 for key, task in list(self.dirty.items()):
-                    if not task.pending and task.start_due > now:
+                    if not task.values and task.start_due > now:
                         continue  # nothing to say yet: a short task never costs a message
                     chunks.setdefault(task.topic, []).append(
-                        (key, task.attempt, task.seq, None if task.start_sent else task.begin, task.pending))
+                        (key, task.attempt, task.seq, None if task.start_sent else task.begin, task.columns()))
                     task.seq += 1
-                    task.pending = []
                     task.start_sent = True
                     del self.dirty[key]
                 self.cond.notify_all()  # wake tasks that waited for room
@@ -243,8 +256,8 @@ class _Shipper:
             for topic, items in chunks.items():
                 try:
                     blob = pickle.dumps((self.runtime.address, [
-                        (key, attempt, seq, begin, _dumps_batch(entries) if entries else None)
-                        for key, attempt, seq, begin, entries in items]), protocol=5)
+                        (key, attempt, seq, begin, _dumps_batch(*columns) if columns[1] else None)
+                        for key, attempt, seq, begin, columns in items]), protocol=5)
                     self.runtime.worker.log_event(topic, blob)
                 except Exception as exc:  # the worker is closing: the session fails the job then
                     print(f"psjobs: could not ship records to {topic}: {exc!r}", file=sys.__stderr__)
@@ -399,16 +412,19 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
         _inside.flush_lines(emitter)
         _inside._current.reset(token)
         _end(rt, task)
-    tail, sent = rt.shipper.take(task)
-    if result is not None:
-        tail.append((Stream.OUTPUT, result, time.time()))  # a returned value comes straight back
+    (streams, values, times), sent = rt.shipper.take(task)
+    if result is not None:  # a returned value comes straight back, with the result
+        streams += bytes((Stream.OUTPUT,))
+        values.append(result)
+        times.append(time.time())
     tb = blob = None
     if reason is not None:
         import traceback
 
         tb = "".join(traceback.format_exception(type(reason), reason, reason.__traceback__))
         blob = _dump_reason(reason)
-    return (event, lost, sent, begin, rt.address, _dumps_batch(tail) if tail else None, blob, tb, code)
+    tail = _dumps_batch(streams, values, times) if values else None
+    return (event, lost, sent, begin, rt.address, tail, blob, tb, code)
 
 
 def _call(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter) -> tuple[int | None, Any]:
