@@ -61,6 +61,13 @@ from ._records import (
     Snapshot,
     Stream,
 )
+from ._remote import (
+    HostKeyError,
+    RemoteConnectionError,
+    RemoteVersionError,
+    SSHOptions,
+    configure_ssh,
+)
 from ._session import Host, Session
 from ._state import JobState
 
@@ -70,6 +77,7 @@ __all__ = [
     "ErrorRecord",
     "ExitStatusError",
     "Host",
+    "HostKeyError",
     "InformationRecord",
     "Job",
     "JobBlockedError",
@@ -87,13 +95,17 @@ __all__ = [
     "PsJobsError",
     "PsJobsWarning",
     "Record",
+    "RemoteConnectionError",
     "RemoteError",
     "RemoteTraceback",
+    "RemoteVersionError",
+    "SSHOptions",
     "Session",
     "Snapshot",
     "StopTimeoutWarning",
     "Stream",
     "WorkerError",
+    "configure_ssh",
     "default_session",
     "format_table",
     "get_job",
