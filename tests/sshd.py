@@ -125,7 +125,7 @@ class LoopbackSSHD:
         for _attempt in range(5):
             self.port = _free_port()
             self._configs()
-            log = open(self.dir / "sshd.log", "ab")  # noqa: SIM115 - the child keeps it
+            log = open(self.dir / "sshd.log", "ab")
             try:
                 self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(self.dir / "sshd_config")],
                                              stdin=subprocess.DEVNULL, stdout=log, stderr=log,

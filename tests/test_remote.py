@@ -48,6 +48,12 @@ def rs(server: sshd_helper.LoopbackSSHD) -> Iterator[psjobs.Session]:
         s.close()
 
 
+def gather(job: psjobs.Job, got: list[Any], count: int) -> bool:
+    """Receive what ``job`` has into ``got``; True once ``count`` items arrived (for wait_until)."""
+    got.extend(job.receive())
+    return len(got) >= count
+
+
 def remote_procs(server: sshd_helper.LoopbackSSHD, argv: list[str]) -> list[psutil.Process]:
     """Live (non-zombie) processes of the server's sessions running ``argv``."""
     out = []
@@ -87,7 +93,7 @@ def test_output_streams_while_the_command_runs(rs: psjobs.Session, tmp_path: Pat
     job = rs.invoke_command('echo first; while [ ! -e "$1" ]; do sleep 0.02; done; echo second', str(go),
                             computer_name="127.0.0.2")
     got: list[Any] = []
-    wait_until(lambda: got.extend(job.receive()) or got, 30, "the first line while the command runs")
+    wait_until(lambda: gather(job, got, 1), 30, "the first line while the command runs")
     assert got == ["first"] and job.state is JobState.RUNNING
     go.touch()
     assert job.wait(30)
@@ -131,7 +137,8 @@ def test_one_connection_per_computer_is_reused(rs: psjobs.Session, server: sshd_
 
 # --- failures of one computer ----------------------------------------------------------------------
 
-def test_a_computer_that_is_down_fails_only_its_child(rs: psjobs.Session, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_computer_that_is_down_fails_only_its_child(rs: psjobs.Session,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     job = rs.invoke_command("echo up", computer_name=["127.0.0.1", sshd_helper.DOWN, "127.0.0.3"])
     assert job.wait(30)
     up1, down, up3 = job.child_jobs
@@ -230,7 +237,8 @@ def test_throttle_one_runs_one_computer_at_a_time_in_order(rs: psjobs.Session, t
     assert job.state is JobState.RUNNING
     go.touch()
     assert job.wait(30) and job.state is JobState.COMPLETED
-    assert first.end_time <= second.begin_time and second.end_time <= third.begin_time  # type: ignore[operator]
+    assert first.end_time and second.begin_time and second.end_time and third.begin_time
+    assert first.end_time <= second.begin_time and second.end_time <= third.begin_time
 
 
 def test_stopping_a_child_that_waits_for_a_slot(rs: psjobs.Session, tmp_path: Path) -> None:
@@ -271,7 +279,8 @@ def test_closing_the_session_ends_remote_jobs(server: sshd_helper.LoopbackSSHD) 
     assert not [t for t in __import__("threading").enumerate() if t.name == "psjobs-ssh"]
 
 
-def test_remove_force_stops_a_running_remote_job(rs: psjobs.Session, server: sshd_helper.LoopbackSSHD) -> None:
+def test_remove_force_stops_a_running_remote_job(rs: psjobs.Session,
+                                                server: sshd_helper.LoopbackSSHD) -> None:
     job = rs.invoke_command(["sleep", "100"], computer_name="127.0.0.2")
     wait_until(lambda: remote_procs(server, ["sleep", "100"]), 30, "the remote sleep")
     with pytest.raises(psjobs.JobNotFinishedError):
@@ -345,7 +354,7 @@ def test_remote_generator_streams_its_items(rs: psjobs.Session, tmp_path: Path) 
     gate = tmp_path / "gate"
     job = rs.invoke_command(squares, 5, str(gate), computer_name=["127.0.0.1", "127.0.0.2"])
     got: list[Any] = []
-    wait_until(lambda: got.extend(job.receive()) or len(got) == 2, 60, "the first item of each computer")
+    wait_until(lambda: gather(job, got, 2), 60, "the first item of each computer")
     assert got == [0, 0] and job.state is JobState.RUNNING
     gate.touch()
     assert job.wait(60) and job.state is JobState.COMPLETED
@@ -402,7 +411,8 @@ def test_a_python_version_mismatch_is_refused_by_the_session(rs: psjobs.Session,
     assert isinstance(reason, psjobs.RemoteVersionError) and "runs Python 3.99" in str(reason)
 
 
-def test_stop_a_remote_python_job(rs: psjobs.Session, server: sshd_helper.LoopbackSSHD, tmp_path: Path) -> None:
+def test_stop_a_remote_python_job(rs: psjobs.Session, server: sshd_helper.LoopbackSSHD,
+                                  tmp_path: Path) -> None:
     job = rs.invoke_command(squares, 3, str(tmp_path / "never"), computer_name="127.0.0.1")
     wait_until(lambda: job.child_jobs[0].output == [0], 60, "the first item")
     job.stop()
@@ -471,3 +481,51 @@ def test_what_a_login_shell_prints_first_is_not_output() -> None:
     assert m.feed(MARK[3:] + b"real output\n") == b"real output\n"
     assert m.noise == b"Welcome!\nlast login today\n"
     assert m.feed(b"more") == b"more"
+
+
+def _clean_env_imports(python: str) -> bool:
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")}
+    done = subprocess.run([python, "-c", "import psjobs, cloudpickle"], env=env, capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_remote_interpreter_with_psjobs_is_reused(rs: psjobs.Session) -> None:
+    import sys
+
+    psjobs.configure_ssh(rs, python=sys.executable)  # the same interpreter, seen through sshd
+    job = rs.invoke_command(chatty, computer_name="127.0.0.1")
+    assert job.wait(60) and job.state is JobState.COMPLETED and job.receive() == ["result"]
+    notes = [r.message for r in job.debug]
+    if _clean_env_imports(sys.executable):
+        assert any(n.startswith("using psjobs and cloudpickle installed") for n in notes), notes
+    else:
+        assert any(n.startswith("sent psjobs") for n in notes), notes
+
+
+def test_a_missing_remote_interpreter_fails_with_a_clear_reason(rs: psjobs.Session) -> None:
+    psjobs.configure_ssh(rs, python="no-such-python3")
+    job = rs.invoke_command(chatty, computer_name="127.0.0.2")
+    assert job.wait(60) and job.state is JobState.FAILED
+    text = str(job.child_jobs[0].job_state_info.reason)
+    assert "bootstrap did not start" in text and "no-such-python3" in text and "127.0.0.2" in text
+
+
+def test_more_jobs_than_sshd_sessions_open_another_connection(tmp_path: Path) -> None:
+    with sshd_helper.LoopbackSSHD(tmp_path / "small", max_sessions=2) as small, psjobs.Session() as s:
+        psjobs.configure_ssh(s, config=str(small.ssh_config))
+        go = tmp_path / "go"
+        jobs = [s.invoke_command('while [ ! -e "$1" ]; do sleep 0.02; done; echo ok', str(go),
+                                 computer_name="127.0.0.2") for _ in range(5)]
+        wait_until(lambda: all(j.child_jobs[0].state is JobState.RUNNING for j in jobs), 30, "five jobs")
+
+        def connections() -> int:
+            return len([c for c in psutil.Process().net_connections("tcp") if c.raddr
+                        and c.raddr.port == small.port and c.status == psutil.CONN_ESTABLISHED])
+
+        wait_until(lambda: connections() == 3, 30, "three connections of two channels each")
+        go.touch()
+        assert s.wait_job(jobs, timeout=60) == jobs
+        assert [j.state for j in jobs] == [JobState.COMPLETED] * 5
+        assert [j.receive() for j in jobs] == [["ok"]] * 5

@@ -160,7 +160,8 @@ def _paths(what: str, value: Any) -> tuple[str, ...] | None:
         return None
     items = [value] if isinstance(value, (str, os.PathLike)) else value
     if not isinstance(items, Iterable):
-        raise TypeError(f"configure_ssh: {what} must be a path or a list of paths, not {type(value).__name__}")
+        raise TypeError(f"configure_ssh: {what} must be a path or a list of paths, "
+                        f"not {type(value).__name__}")
     out = []
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
@@ -189,16 +190,17 @@ def check_computers(value: Any) -> list[str]:
         raise ValueError("invoke_command: computer_name is empty; give at least one computer")
     for name in names:
         if not isinstance(name, str):
-            raise TypeError(f"invoke_command: computer names must be str, not {type(name).__name__} ({name!r})")
+            raise TypeError(f"invoke_command: computer names must be str, "
+                            f"not {type(name).__name__} ({name!r})")
         if not name or name.startswith("-") or not _COMPUTER.match(name):
             raise ValueError(f"invoke_command: {name!r} is not a computer name; use host, user@host or "
                              f"host:port (an alias of ~/.ssh/config works too)")
     return names
 
 
-def invoke_command(session: Session, target: Any, *args: Any, computer_name: str | Iterable[str] | None = None,
-                   as_job: bool = True, throttle_limit: int = DEFAULT_THROTTLE, job_name: str | None = None,
-                   **kwargs: Any) -> Any:
+def invoke_command(session: Session, target: Any, *args: Any,
+                   computer_name: str | Iterable[str] | None = None, as_job: bool = True,
+                   throttle_limit: int = DEFAULT_THROTTLE, job_name: str | None = None, **kwargs: Any) -> Any:
     """Run ``target`` on each computer over SSH (see Session.invoke_command and docs/remote.md)."""
     computers = check_computers(computer_name)
     if not isinstance(as_job, bool):

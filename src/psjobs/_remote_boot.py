@@ -67,7 +67,6 @@ WATCHDOG = r"""t=$1; m=$2; shift 2
 exec 5<&0 6>&1 7>&2 </dev/null >/dev/null 2>&1
 printf '\036psjobs\036\n' >&6
 printf '\036psjobs\036\n' >&7
-command -v setsid >/dev/null || { echo "psjobs: setsid is not installed on this computer" >&7; exit 127; }
 if [ "$m" = s ]; then set -- "${SHELL:-/bin/sh}" -c "$@"; fi
 setsid "$@" >&6 2>&7 5<&- 6>&- 7>&- &
 p=$!
@@ -103,7 +102,8 @@ v=%(remote)s or tuple(sys.version_info[:2])
 c=%(client)s
 os.write(2,m)
 if v!=c:
-    t=("this computer runs Python %%d.%%d (%%s) and the session Python %%d.%%d"%%(v[0],v[1],sys.executable,c[0],c[1])).encode()
+    t="this computer runs Python %%d.%%d (%%s) and the session Python %%d.%%d"
+    t=(t%%(v[0],v[1],sys.executable,c[0],c[1])).encode()
     os.write(1,m+struct.pack("!IB",len(t),130)+t)
     os._exit(0)
 n=struct.unpack("!I",r(4))[0]
@@ -154,7 +154,8 @@ class FrameSplitter:
         return frames
 
 
-def _read_frame(fd: int, splitter: FrameSplitter, pending: list[tuple[int, bytes]]) -> tuple[int, bytes] | None:
+def _read_frame(fd: int, splitter: FrameSplitter,
+                pending: list[tuple[int, bytes]]) -> tuple[int, bytes] | None:
     while not pending:
         data = os.read(fd, 65536)
         if not data:
@@ -190,7 +191,8 @@ class MemoryFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
     def __init__(self, modules: dict[str, list[Any]]) -> None:
         self.modules = modules
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(self, fullname: str, path: Any = None,
+                  target: Any = None) -> importlib.machinery.ModuleSpec | None:
         entry = self.modules.get(fullname)
         if entry is None:
             return None

@@ -63,6 +63,7 @@ _FAKE_REMOTE_PYTHON: tuple[int, int] | None = None
 # bash, started by sshd, reads ~/.bashrc unless SHLVL says it is not the top shell (measured: a
 # pyenv init there cost 110-140 ms a command). sshd passes it where it has `AcceptEnv SHLVL`.
 _ENV: dict[bytes | str, bytes | str] = {"SHLVL": "1"}
+_KEEPALIVE = 15.0  # seconds; 3 unanswered keepalives (asyncssh's default count) drop the connection
 _STOP_MARGIN = 3.0  # seconds past the grace before a stop closes the channel itself
 _PICKLE_LOCK = threading.Lock()
 
@@ -99,7 +100,8 @@ def _known_hosts_files(options: SSHOptions, resolved: Any) -> tuple[list[str], s
     if options.known_hosts is not None:
         files = list(options.known_hosts)
     else:
-        files = [os.path.expanduser(str(f)) for f in (resolved or [])] if isinstance(resolved, (list, tuple)) else []
+        given = resolved if isinstance(resolved, (list, tuple)) else []
+        files = [os.path.expanduser(str(f)) for f in given]
         if not files:
             files = [os.path.expanduser("~/.ssh/known_hosts")]
     return files, files[0]
@@ -211,8 +213,11 @@ class _Pool:
             existing = [f for f in files if os.path.isfile(f)]
             known = asyncssh.read_known_hosts(existing) if existing else asyncssh.import_known_hosts("")
             client = _Client(self, known, options.accepts_new_host_keys)
+            extra: dict[str, Any] = {}
+            if not resolved.keepalive_interval:  # ServerAliveInterval unset: still notice a dead peer
+                extra["keepalive_interval"] = _KEEPALIVE
             conn = await asyncssh.connect(host, options=resolved, known_hosts=known,
-                                          client_factory=lambda: client)
+                                          client_factory=lambda: client, **extra)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise _host_key_error(what, locals().get("client"), locals().get("files") or [], exc) from None
         except asyncssh.PermissionDenied as exc:
@@ -230,7 +235,8 @@ class _Pool:
                 f"cannot connect to {what} ({at}): {why}; check that the computer is up and that sshd "
                 f"listens there (ssh {what} true)", self.name) from None
         except asyncssh.Error as exc:
-            raise RemoteConnectionError(f"the SSH connection to {what} failed: {exc.reason}", self.name) from None
+            raise RemoteConnectionError(f"the SSH connection to {what} failed: {exc.reason}",
+                                        self.name) from None
         except (ValueError, KeyError) as exc:  # bad config or key files
             raise RemoteConnectionError(f"cannot connect to {what}: {exc}", self.name) from None
         if client.new_key is not None:
@@ -489,10 +495,11 @@ class _CallChannel(_Base):
             now = time.time()
             deliver(self.child.job, _noise_records(self.out.noise, self.child.computer, now))
             self.out.noise = b""
-        if len(self.frames.buf) + len(rest) > MAX_FRAME + boot.HEADER.size:
-            raise ProtocolError(f"{self.child.computer} sent a frame over the {MAX_FRAME}-byte limit")
         for kind, payload in self.frames.feed(rest):
             self.on_frame(kind, payload)
+        buf = self.frames.buf
+        if len(buf) >= boot.HEADER.size and boot.HEADER.unpack_from(buf)[0] > MAX_FRAME:
+            raise ProtocolError(f"{self.child.computer} announced a frame over the {MAX_FRAME}-byte limit")
 
     def on_frame(self, kind: int, payload: bytes) -> None:
         child = self.child
@@ -538,11 +545,16 @@ class _CallChannel(_Base):
                 f"{local[0]}.{local[1]}. Pickled code does not cross Python minor versions; name a matching "
                 f"interpreter with psjobs.configure_ssh(python='python3.N')"))
             return
+        if child.stop_grace is not None:  # stopped during the handshake: nothing was started there
+            assert self.chan is not None
+            self.chan.close()
+            return
         modules, note = child.engine.modules_for(info)
         self.handshaken = True
         assert self.chan is not None and child.spec.payload is not None
         meta = {"cwd": None, "env": None, "sys_path": None, "call": child.spec.payload}
-        self.chan.write(boot._frame(boot.R_MODULES, modules) + boot._frame(JOB, pickle.dumps(meta, protocol=5)))
+        job_frame = boot._frame(JOB, pickle.dumps(meta, protocol=5))
+        self.chan.write(boot._frame(boot.R_MODULES, modules) + job_frame)
         now = time.time()
         deliver(child.job, [(Stream.DEBUG, Record(Stream.DEBUG, note, now, child.computer), now)])
 
@@ -635,7 +647,8 @@ class _Child:
         elif isinstance(channel, _CallChannel):
             self._call_end(channel, exc, entries, stopping)
 
-    def _command_end(self, ch: _CommandChannel, exc: Exception | None, entries: list[Entry], stopping: bool) -> None:
+    def _command_end(self, ch: _CommandChannel, exc: Exception | None, entries: list[Entry],
+                     stopping: bool) -> None:
         code = ch.status
         if ch.reason is not None:
             self.end(entries, Event.FAIL, ch.reason, code)
@@ -657,7 +670,8 @@ class _Child:
 
             self.end(entries, Event.FAIL, _status_error(f"the command on {self.computer}", code), code)
 
-    def _call_end(self, ch: _CallChannel, exc: Exception | None, entries: list[Entry], stopping: bool) -> None:
+    def _call_end(self, ch: _CallChannel, exc: Exception | None, entries: list[Entry],
+                  stopping: bool) -> None:
         if ch.reason is not None:
             self.end(entries, Event.FAIL, ch.reason)
             return
@@ -676,7 +690,8 @@ class _Child:
             text = ch.not_started_text() or "no message"
             self.end(entries, Event.FAIL, WorkerError(self.fail_text(
                 f"the remote Python bootstrap did not start (exit status {ch.status}): {text}; check that "
-                f"{ssh_options(self.engine.session).python!r} runs there (psjobs.configure_ssh(python=...))")))
+                f"{ssh_options(self.engine.session).python!r} runs there "
+                f"(psjobs.configure_ssh(python=...))")))
         else:
             from ._process import status_text
 
@@ -735,8 +750,9 @@ class Engine:
                 spec.payload = cloudpickle.dumps((spec.target, spec.args, spec.kwargs, spec.init, spec.input),
                                                  protocol=5)
             except Exception as exc:
-                raise TypeError(f"invoke_command: the callable {spec.command!r} or its arguments cannot be sent "
-                                f"to another computer ({type(exc).__name__}: {exc}); pass picklable values") from exc
+                raise TypeError(f"invoke_command: the callable {spec.command!r} or its arguments cannot be "
+                                f"sent to another computer ({type(exc).__name__}: {exc}); pass picklable "
+                                f"values") from exc
             finally:
                 for module in registered:
                     with contextlib.suppress(ValueError):
@@ -833,7 +849,12 @@ class Engine:
             command = (f"exec /bin/sh -c {shlex.quote(boot.WATCHDOG)} psjobs {ticks} {mode} "
                        + " ".join(shlex.quote(w) for w in words))
             factory = functools.partial(_CommandChannel, child)
-        conn, _chan, channel = await pool.open(factory, command)
+        try:
+            conn, _chan, channel = await pool.open(factory, command)
+        except (asyncssh.Error, OSError) as exc:
+            raise RemoteConnectionError(child.fail_text(
+                f"could not open a channel to {child.computer}: {getattr(exc, 'reason', None) or exc}"),
+                child.computer) from None
         child.channel = channel
         child.release = functools.partial(pool.release, conn)
         child.phase = "running"
