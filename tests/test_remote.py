@@ -430,6 +430,7 @@ def test_stop_a_remote_python_job(rs: psjobs.Session, server: sshd_helper.Loopba
     ({"computer_name": ["ok", 3]}, TypeError),
     ({"computer_name": "two words"}, ValueError),
     ({"computer_name": "-oProxyCommand=x"}, ValueError),
+    ({"computer_name": "admin:secret@web1"}, ValueError),  # no password in a computer name
     ({"computer_name": "h", "throttle_limit": -1}, ValueError),
     ({"computer_name": "h", "throttle_limit": True}, ValueError),
     ({"computer_name": "h", "as_job": "yes"}, TypeError),
@@ -509,7 +510,7 @@ def test_a_missing_remote_interpreter_fails_with_a_clear_reason(rs: psjobs.Sessi
     job = rs.invoke_command(chatty, computer_name="127.0.0.2")
     assert job.wait(60) and job.state is JobState.FAILED
     text = str(job.child_jobs[0].job_state_info.reason)
-    assert "bootstrap did not start" in text and "no-such-python3" in text and "127.0.0.2" in text
+    assert "bootstrap did not start" in text and "no-such-python3" in text and "127.0.0.2" in text, text
 
 
 def test_more_jobs_than_sshd_sessions_open_another_connection(tmp_path: Path) -> None:
@@ -529,3 +530,13 @@ def test_more_jobs_than_sshd_sessions_open_another_connection(tmp_path: Path) ->
         assert s.wait_job(jobs, timeout=60) == jobs
         assert [j.state for j in jobs] == [JobState.COMPLETED] * 5
         assert [j.receive() for j in jobs] == [["ok"]] * 5
+
+
+def test_stop_kills_a_command_that_ignores_sigterm(server: sshd_helper.LoopbackSSHD) -> None:
+    with psjobs.Session(stop_grace=0.3) as s:
+        psjobs.configure_ssh(s, config=str(server.ssh_config))
+        job = s.invoke_command("trap '' TERM; sleep 100; echo survived", computer_name="127.0.0.1")
+        wait_until(lambda: remote_procs(server, ["sleep", "100"]), 30, "the remote sleep")
+        job.stop()  # TERM is ignored: the watchdog sends KILL after the grace period
+        assert job.state is JobState.STOPPED and job.receive() == []
+        assert remote_procs(server, ["sleep", "100"]) == []

@@ -173,8 +173,9 @@ def _paths(what: str, value: Any) -> tuple[str, ...] | None:
 
 # --- the verb --------------------------------------------------------------------------------
 
-# user@host, host:port, [v6]:port; an alias from ~/.ssh/config. No spaces, no leading '-'.
-_COMPUTER = re.compile(r"^(?:[^@\s]+@)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^@\s:\[\]]+)(?::\d{1,5})?$")
+# user@host, host:port, [v6]:port; an alias from ~/.ssh/config. No spaces, no leading '-', and no
+# "user:password@": a secret in a computer name would show in every record and message.
+_COMPUTER = re.compile(r"^(?:[^@\s:]+@)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^@\s:\[\]]+)(?::\d{1,5})?$")
 
 
 def check_computers(value: Any) -> list[str]:

@@ -6,13 +6,13 @@ imports only the standard library at the top, since the remote may have nothing 
 
 Commands (no Python needed remotely)::
 
-    sshd -> login shell -c "exec /bin/sh -c WATCHDOG psjobs TICKS MODE ARGV..."
-    watchdog: marks stdout and stderr, then `setsid` runs the command in a process group of its own
-              (its stdout/stderr are the channel's), and a watcher reads the channel's stdin:
-              "k TICKS" (a stop) or end of stream (channel closed, connection lost)
-                  -> kill -TERM -PGID, then kill -KILL -PGID after TICKS x 50 ms,
-                     and it waits until no live process of the group is left
-    the watchdog exits with the command's status: the channel's exit status
+    sshd -> login shell -c WATCHDOG   (the login shell leads a process group of its own)
+        watcher subshell (ignores TERM) <-- channel stdin: "k TICKS" (a stop), or its end (the
+                                            channel closed, the connection dropped)
+            -> /bin/sh STOPPER: kill -TERM -PGID, kill -KILL after TICKS x 50 ms, exit when no
+               live process of the group is left (it holds the channel's stdout until then)
+        marks on stdout and stderr, then ( the command ) in the same group --> the channel
+        the command ends: the login shell ends the watcher and exits with the command's status
 
 Python callables::
 
@@ -58,33 +58,60 @@ R_STOP = 133     # session -> remote: json {"grace": seconds}
 
 TICK = 0.05  # seconds between the watchdog's checks that the process group is gone
 
-# The command watchdog (POSIX sh). $1: ticks of grace; $2: "s" (a command line for the login
-# shell) or "a" (an argv); the rest: the command. Its own output goes to /dev/null: a shell that
-# prints "Terminated" to a closed channel must not die of it. A watcher subshell owns the
-# channel's stdin; `a` tells whether a live (non-zombie) process of the group is left, since an
-# init that does not reap would otherwise keep `kill -0` true.
-WATCHDOG = r"""t=$1; m=$2; shift 2
-exec 5<&0 6>&1 7>&2 </dev/null >/dev/null 2>&1
-printf '\036psjobs\036\n' >&6
-printf '\036psjobs\036\n' >&7
-if [ "$m" = s ]; then set -- "${SHELL:-/bin/sh}" -c "$@"; fi
-setsid "$@" >&6 2>&7 5<&- 6>&- 7>&- &
-p=$!
-exec 6>&- 7>&-
-x=
-trap 'x=1' USR1
-trap 'kill -TERM -$p' HUP INT TERM
-a() { kill -0 -$p || return 1; ps -A -o pgid= -o stat= | awk -v p=$p '$1==p&&$2!~/^Z/{f=1}END{exit !f}'; }
-{ while read -r c n; do [ "$c" = k ] && break; done
-  [ -n "$n" ] && t=$n
-  kill -USR1 $$; kill -TERM -$p; i=0; sleep 0.01
-  while a; do i=$((i+1)); [ $i -eq $t ] && kill -KILL -$p; [ $i -gt $((t+40)) ] && break; sleep 0.05; done
-} <&5 &
+# The command watchdog, run by the login shell itself (any POSIX shell: sh, bash, dash, zsh, ksh):
+# WATCHDOG % {"ticks": N, "part": the command}. sshd made the login shell the leader of a process
+# group of its own (g=$$): the command runs in a subshell of it, in that group. A watcher subshell
+# ignores SIGTERM, reads the channel's stdin and holds the channel's stdout: on "k TICKS" (a stop)
+# or the end of stdin (channel closed, connection lost) it runs STOPPER under /bin/sh, which ends
+# every process of the group but itself, and exits only when none is left; so the channel closes
+# only then. When the command ends by itself, the login shell ends the watcher (SIGPIPE, which bash
+# does not report, and its stderr is closed first anyway) and exits with the command's status.
+# Nothing here writes to the channel but the two marks and the command.
+WATCHDOG = r"""g=$$; t=%(ticks)d
+set +e
+exec 3<&0
+( trap '' TERM; exec <&3 3<&- 2>/dev/null
+  while read -r c n; do [ "$c" = k ] && break; done
+  exec /bin/sh -c '%(stopper)s' psjobs "$g" "${n:-$t}"
+) &
 w=$!
-while :; do wait $p; s=$?; kill -0 $p || break; done
-if [ -n "$x" ]; then wait $w; else kill $w; fi
+exec 3<&-
+printf '\036psjobs\036\n'; printf '\036psjobs\036\n' >&2
+( %(part)s
+) </dev/null
+s=$?
+exec 2>/dev/null
+kill -PIPE $w
 exit $s
 """
+
+# The stop itself (always /bin/sh): TERM to the group, then KILL after TICKS checks 50 ms apart;
+# `l` lists the live processes of the group that are not this stopper's own (ps, awk, sleep):
+# zombies do not count, since an init that does not reap would keep them forever.
+STOPPER = r"""g=$1; t=$2; m=$$
+r=$(ps -o pgid= -p "$g" 2>/dev/null); [ -n "$r" ] && g=$((r))
+command -v ps >/dev/null 2>&1 || { kill -TERM -$g; sleep $((t/20+1)); kill -KILL -$g; exit 0; }
+l() { ps -A -o pid= -o ppid= -o pgid= -o stat= | awk -v g=$g -v m=$m '
+  {p[$1]=$2; if ($3==g && $4!~/^Z/) c[$1]=1}
+  END {for (x in c) {q=x; while (q>1 && q!=m) q=p[q]; if (q!=m) print x}}'; }
+kill -TERM -$g; i=0; sleep 0.01
+while [ -n "$(l)" ]; do
+  i=$((i+1)); [ $i -eq $t ] && kill -KILL $(l); [ $i -gt $((t+40)) ] && break; sleep 0.05
+done
+"""
+
+
+def command_line(ticks: int, argv: list[str], shell: bool) -> str:
+    """The text given to sshd: the watchdog around a command line (for the login shell) or an argv."""
+    import shlex
+
+    if shell:  # argv = [line, $1, $2, ...]: the login shell runs the line, never pasting the arguments
+        part = f"set -- {' '.join(shlex.quote(a) for a in argv[1:])}; eval {shlex.quote(argv[0])}"
+    else:
+        part = "exec " + " ".join(shlex.quote(a) for a in argv)
+    stopper = STOPPER.replace("'", "'\\''")
+    return WATCHDOG % {"ticks": ticks, "part": part, "stopper": stopper}
+
 
 # The first stage, given to `python3 -c`: old-Python-safe syntax, so that any interpreter can say
 # which version it is before anything version-specific (pickles, this module) reaches it.

@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import shlex
+import socket
 import sys
 import sysconfig
 import threading
@@ -65,6 +66,7 @@ _FAKE_REMOTE_PYTHON: tuple[int, int] | None = None
 _ENV: dict[bytes | str, bytes | str] = {"SHLVL": "1"}
 _KEEPALIVE = 15.0  # seconds; 3 unanswered keepalives (asyncssh's default count) drop the connection
 _STOP_MARGIN = 3.0  # seconds past the grace before a stop closes the channel itself
+_LINGER = 2.0  # seconds a channel may stay open after its remote process ended
 _PICKLE_LOCK = threading.Lock()
 
 
@@ -229,7 +231,10 @@ class _Pool:
                 f"{what} did not answer within {options.connect_timeout:g}s; check that it is up and "
                 f"reachable, or raise connect_timeout with psjobs.configure_ssh", self.name) from None
         except OSError as exc:
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+                why = exc.strerror or str(exc)  # a name that does not resolve, or several causes
+            else:
+                why = os.strerror(exc.errno)
             at = f"{resolved.host} port {resolved.port}" if "resolved" in locals() else what
             raise RemoteConnectionError(
                 f"cannot connect to {what} ({at}): {why}; check that the computer is up and that sshd "
@@ -370,15 +375,28 @@ class _Base(asyncssh.SSHClientSession[bytes]):
         self.status: int | None = None
         self.signal: str | None = None
         self.reason: BaseException | None = None  # set when psjobs itself refuses the channel
+        self.closed = False
 
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self.chan = chan
 
     def exit_status_received(self, status: int) -> None:
         self.status = status
+        self._exited()
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
         self.signal = signal
+        self._exited()
+
+    def _exited(self) -> None:
+        # The remote process ended; the channel closes as soon as its output ends. Should something
+        # keep it open (a watcher whose shell was killed by someone else), closing it makes the
+        # watchdog end what is left of the job.
+        asyncio.get_running_loop().call_later(_LINGER, self._linger)
+
+    def _linger(self) -> None:
+        if not self.closed and self.chan is not None:
+            self.chan.close()
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         try:
@@ -425,6 +443,7 @@ class _Base(asyncssh.SSHClientSession[bytes]):
         return self._errors(self.err_lines.rest(), now) if self.err.seen else []
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         try:
             self.child.closed(self, exc)
         except Exception as err:  # pragma: no cover - a bug here must still end the job
@@ -841,13 +860,11 @@ class Engine:
             factory = functools.partial(_CallChannel, child, boot_source)
         else:
             argv = child.spec.argv
-            if child.spec.kind == SHELL:  # ["/bin/sh", "-c", line, "sh", args...]: the login shell runs it
-                mode, words = "s", [argv[2], *argv[3:]]
-            else:
-                mode, words = "a", argv
             ticks = max(1, math.ceil(grace / boot.TICK))
-            command = (f"exec /bin/sh -c {shlex.quote(boot.WATCHDOG)} psjobs {ticks} {mode} "
-                       + " ".join(shlex.quote(w) for w in words))
+            if child.spec.kind == SHELL:  # ["/bin/sh", "-c", line, "sh", args...]: the login shell runs it
+                command = boot.command_line(ticks, [argv[2], *argv[4:]], shell=True)
+            else:
+                command = boot.command_line(ticks, argv, shell=False)
             factory = functools.partial(_CommandChannel, child)
         try:
             conn, _chan, channel = await pool.open(factory, command)
