@@ -540,3 +540,14 @@ def test_stop_kills_a_command_that_ignores_sigterm(server: sshd_helper.LoopbackS
         job.stop()  # TERM is ignored: the watchdog sends KILL after the grace period
         assert job.state is JobState.STOPPED and job.receive() == []
         assert remote_procs(server, ["sleep", "100"]) == []
+
+
+def test_user_host_port_without_any_config(server: sshd_helper.LoopbackSSHD) -> None:
+    with psjobs.Session() as s:
+        psjobs.configure_ssh(s, config=[], client_keys=[str(server.client_key)],
+                             known_hosts=[str(server.known_hosts)])
+        name = f"{server.user}@127.0.0.3:{server.port}"
+        job = s.invoke_command('echo "$(id -un)"', computer_name=name)
+        assert job.wait(30) and job.state is JobState.COMPLETED, job.reason
+        assert job.location == name and job.receive(records=True)[0].computer_name == name
+        assert job.output == [server.user]

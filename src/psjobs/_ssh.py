@@ -208,20 +208,25 @@ class _Pool:
             kwargs["passphrase"] = options.passphrase
         if options.password is not None:
             kwargs["password"] = options.password
-        what = f"{self.name}"
+        what = self.name
+        client: _Client | None = None
+        files: list[str] = []
+        at = what
         try:
+            # Resolve the config first, for what asyncssh does not decide for us: which known_hosts
+            # files to trust (and where to record an accepted key), and whether keepalives are set.
             resolved = await asyncssh.SSHClientConnectionOptions.construct(None, host=host, **kwargs)
+            at = f"{resolved.host} port {resolved.port}"
             files, target = _known_hosts_files(options, resolved.known_hosts)
             existing = [f for f in files if os.path.isfile(f)]
             known = asyncssh.read_known_hosts(existing) if existing else asyncssh.import_known_hosts("")
             client = _Client(self, known, options.accepts_new_host_keys)
-            extra: dict[str, Any] = {}
             if not resolved.keepalive_interval:  # ServerAliveInterval unset: still notice a dead peer
-                extra["keepalive_interval"] = _KEEPALIVE
-            conn = await asyncssh.connect(host, options=resolved, known_hosts=known,
-                                          client_factory=lambda: client, **extra)
+                kwargs["keepalive_interval"] = _KEEPALIVE
+            factory = client
+            conn = await asyncssh.connect(host, known_hosts=known, client_factory=lambda: factory, **kwargs)
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise _host_key_error(what, locals().get("client"), locals().get("files") or [], exc) from None
+            raise _host_key_error(what, client, files, exc) from None
         except asyncssh.PermissionDenied as exc:
             raise RemoteConnectionError(
                 f"{what} refused the login ({exc.reason}); check the user name and that your key is in "
@@ -235,7 +240,6 @@ class _Pool:
                 why = exc.strerror or str(exc)  # a name that does not resolve, or several causes
             else:
                 why = os.strerror(exc.errno)
-            at = f"{resolved.host} port {resolved.port}" if "resolved" in locals() else what
             raise RemoteConnectionError(
                 f"cannot connect to {what} ({at}): {why}; check that the computer is up and that sshd "
                 f"listens there (ssh {what} true)", self.name) from None
@@ -244,6 +248,7 @@ class _Pool:
                                         self.name) from None
         except (ValueError, KeyError) as exc:  # bad config or key files
             raise RemoteConnectionError(f"cannot connect to {what}: {exc}", self.name) from None
+        assert client is not None
         if client.new_key is not None:
             host_seen, port_seen, key = client.new_key
             with contextlib.suppress(OSError):
