@@ -78,6 +78,17 @@ def _nothing_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
             pytest.fail(f"processes left behind: {names}")
 
 
+@pytest.fixture
+def default_session() -> Iterator[psjobs.Session]:
+    """The module-level verbs' session, closed after the test (its fork server goes with it)."""
+    from psjobs import _api
+
+    yield _api.default_session()
+    if _api._default is not None:
+        _api._default.close()
+        _api._default = None
+
+
 def psjobs_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("psjobs-")]
 
@@ -90,6 +101,6 @@ def no_stray_threads() -> Iterator[None]:
 
 
 @pytest.fixture
-def tmp_cwd(tmp_path: "os.PathLike[str]", monkeypatch: pytest.MonkeyPatch) -> "os.PathLike[str]":
+def tmp_cwd(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> os.PathLike[str]:
     monkeypatch.chdir(tmp_path)
     return tmp_path

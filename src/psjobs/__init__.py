@@ -17,9 +17,11 @@ from ._api import (
     invoke_command,
     receive_job,
     remove_job,
+    resume_job,
     start_job,
     start_thread_job,
     stop_job,
+    suspend_job,
     wait_job,
 )
 from ._errors import (
@@ -73,6 +75,21 @@ from ._state import JobState
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ip: object) -> None:
+    """``%load_ext psjobs``: the IPython extension (see psjobs.ipython), imported only now."""
+    from .ipython import load_ipython_extension as load
+
+    load(ip)
+
+
+def unload_ipython_extension(ip: object) -> None:
+    """``%unload_ext psjobs``."""
+    from .ipython import unload_ipython_extension as unload
+
+    unload(ip)
+
+
 __all__ = [
     "ErrorRecord",
     "ExitStatusError",
@@ -111,13 +128,17 @@ __all__ = [
     "get_job",
     "invoke_command",
     "job_input",
+    "load_ipython_extension",
     "read_host",
     "receive_job",
     "remove_job",
+    "resume_job",
     "start_job",
     "start_thread_job",
     "stop_job",
     "stop_requested",
+    "suspend_job",
+    "unload_ipython_extension",
     "wait_job",
     "write_debug",
     "write_error",

@@ -83,3 +83,13 @@ def stop_job(jobs: JobSelector, *, pass_thru: bool = False) -> list[Job]:
 def remove_job(jobs: JobSelector, *, force: bool = False) -> None:
     """Drop finished jobs and all their data; ``force=True`` stops running ones first."""
     default_session().remove_job(jobs, force=force)
+
+
+def suspend_job(jobs: JobSelector) -> list[Job]:
+    """Pause running process jobs (SIGSTOP to the whole process group); they show Suspended."""
+    return JobList(default_session().suspend_job(jobs))
+
+
+def resume_job(jobs: JobSelector) -> list[Job]:
+    """Let suspended jobs run on (SIGCONT); they show Running."""
+    return JobList(default_session().resume_job(jobs))

@@ -67,6 +67,22 @@ def deliver(job: Job, entries: list[Entry]) -> None:
         job._extend(entries)
 
 
+def block(job: Job, prompt: str) -> None:
+    """The job's code asks for input: it is Blocked until someone answers ``prompt``."""
+    with job.session._cond:
+        job.prompt = prompt
+        job.status_message = f"waiting for input: {prompt!r}"
+        job._apply(Event.BLOCK)
+
+
+def unblock(job: Job) -> None:
+    """The job's prompt was answered: it runs again."""
+    with job.session._cond:
+        job.prompt = None
+        job.status_message = ""
+        job._apply(Event.UNBLOCK)
+
+
 def finish(job: Job, entries: list[Entry], event: Event, *, reason: BaseException | None = None,
            exit_code: int | None = None) -> None:
     """The last records and the end, in one step, so no reader sees the end before the tail."""

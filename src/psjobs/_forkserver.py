@@ -25,6 +25,9 @@ import sys
 from typing import Any
 
 PR_SET_CHILD_SUBREAPER = 36
+# Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
+# faults of a new process (3-8 us a page here, several ms in all) before its job arrives.
+SPARES = max(0, int(os.environ.get("PSJOBS_SPARES", "2")))
 
 
 def _subreaper() -> None:
@@ -57,6 +60,9 @@ def main() -> None:
     ctl.send(pickle.dumps(("ready", os.getpid())))
 
     workers: dict[int, Any] = {}  # pid -> token
+    spares: list[tuple[int, socket.socket]] = []
+    own = (wake_r, wake_w, ctl.fileno())
+    _top_up(spares, own)
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -65,7 +71,7 @@ def main() -> None:
             events = poller.poll()
         except InterruptedError:
             events = []
-        for fd, mask in events:
+        for fd, _mask in events:
             if fd == wake_r:
                 try:
                     os.read(wake_r, 4096)
@@ -79,21 +85,81 @@ def main() -> None:
             except OSError:
                 msg, fds = b"", []
             if not msg:
-                _shutdown(workers)
+                _shutdown(workers, spares)
                 return
             request = pickle.loads(msg)
             if request[0] == "fork":
-                _fork(ctl, request[1], fds, workers, (wake_r, wake_w))
+                if not _hand_to_spare(ctl, request[1], fds, workers, spares):
+                    _fork(ctl, request[1], fds, workers, (wake_r, wake_w))
             else:
                 for extra in fds:
                     os.close(extra)
-        _reap(ctl, workers)
+        _reap(ctl, workers, spares)
+        _top_up(spares, own)
+
+
+def _top_up(spares: list[tuple[int, socket.socket]], own: tuple[int, ...]) -> None:
+    while len(spares) < SPARES:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            status = 70
+            try:
+                os.setpgid(0, 0)
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                for fd in own:
+                    os.close(fd)
+                ours.close()
+                for _, sibling in spares:
+                    sibling.close()
+                from ._worker import prepare, serve
+
+                prepare()
+                msg, fds, _, _ = socket.recv_fds(theirs, 4096, 4)
+                theirs.close()
+                if not msg or len(fds) < 3:
+                    os._exit(0)  # the server went away: this spare was never needed
+                for target, source in zip((1, 2), fds[1:3]):
+                    os.dup2(source, target)
+                    os.close(source)
+                status = serve(fds[0], fds[0], capture_fds=False)
+            except BaseException:
+                status = 70
+            finally:
+                os._exit(status)
+        theirs.close()
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        spares.append((pid, ours))
+
+
+def _hand_to_spare(ctl: socket.socket, token: Any, fds: list[int], workers: dict[int, Any],
+                   spares: list[tuple[int, socket.socket]]) -> bool:
+    while spares:
+        pid, sock = spares.pop(0)
+        try:
+            socket.send_fds(sock, [pickle.dumps(token)], fds)
+        except OSError:
+            sock.close()
+            continue  # that spare died: try the next one, or fork
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        workers[pid] = token
+        ctl.send(pickle.dumps(("forked", token, pid)))
+        return True
+    return False
 
 
 def _fork(ctl: socket.socket, token: Any, fds: list[int], workers: dict[int, Any],
           own_fds: tuple[int, int]) -> None:
     fd = fds[0]
-    for extra in fds[1:]:
+    outputs = fds[1:3]  # the job's fd 1 and 2: pipes the session reads
+    for extra in fds[3:]:
         os.close(extra)
     pid = os.fork()
     if pid == 0:
@@ -106,10 +172,12 @@ def _fork(ctl: socket.socket, token: Any, fds: list[int], workers: dict[int, Any
             ctl.close()
             for own in own_fds:
                 os.close(own)
-            gc.unfreeze()
+            for target, source in zip((1, 2), outputs):
+                os.dup2(source, target)
+                os.close(source)
             from ._worker import serve
 
-            status = serve(fd, fd)
+            status = serve(fd, fd, capture_fds=len(outputs) < 2)
         except BaseException:
             status = 70
         finally:
@@ -119,11 +187,13 @@ def _fork(ctl: socket.socket, token: Any, fds: list[int], workers: dict[int, Any
     except OSError:
         pass
     os.close(fd)
+    for source in outputs:
+        os.close(source)
     workers[pid] = token
     ctl.send(pickle.dumps(("forked", token, pid)))
 
 
-def _reap(ctl: socket.socket, workers: dict[int, Any]) -> None:
+def _reap(ctl: socket.socket, workers: dict[int, Any], spares: list[tuple[int, socket.socket]]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -131,6 +201,11 @@ def _reap(ctl: socket.socket, workers: dict[int, Any]) -> None:
             return
         if pid == 0:
             return
+        for i, (spare, sock) in enumerate(spares):
+            if spare == pid:  # a spare died before it had a job
+                sock.close()
+                del spares[i]
+                break
         token = workers.pop(pid, None)
         if token is not None:
             try:
@@ -139,8 +214,11 @@ def _reap(ctl: socket.socket, workers: dict[int, Any]) -> None:
                 pass
 
 
-def _shutdown(workers: dict[int, Any]) -> None:
+def _shutdown(workers: dict[int, Any], spares: list[tuple[int, socket.socket]]) -> None:
     """The session is gone: leave nothing of its jobs behind."""
+    for pid, sock in spares:
+        sock.close()
+        workers[pid] = None
     for pid in list(workers):
         try:
             os.killpg(pid, signal.SIGKILL)

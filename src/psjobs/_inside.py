@@ -13,6 +13,7 @@ worker process that serves one job, a process-wide one. ``print``, ``warnings.wa
 
 from __future__ import annotations
 
+import builtins
 import contextvars
 import io
 import logging
@@ -207,6 +208,31 @@ def flush_lines(e: Emitter) -> None:
     e.line_buffers.clear()
 
 
+_original_input = builtins.input
+
+
+def _input(prompt: object = "") -> str:
+    """``input()`` inside a job asks the session's user (the job is Blocked until answered)."""
+    e = current()
+    if e is None:
+        return _original_input(prompt)
+    return e.read_host(str(prompt))
+
+
+class StdinReader(io.TextIOBase):
+    """sys.stdin of a worker process: reading a line asks the session's user for one."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        e = current()
+        return "" if e is None else e.read_host("") + "\n"
+
+    def read(self, size: int | None = -1) -> str:
+        return self.readline()
+
+
 _original_showwarning = warnings.showwarning
 
 
@@ -270,9 +296,12 @@ def install_routers(*, whole_process: bool = False) -> None:
         sys.stderr = StreamRouter(sys.stderr, Stream.ERROR)
     if warnings.showwarning is not _showwarning:
         warnings.showwarning = _showwarning
+    if builtins.input is not _input:
+        builtins.input = _input
     root = logging.getLogger()
     if _log_handler not in root.handlers:
         root.addHandler(_log_handler)
     if whole_process:
+        sys.stdin = StdinReader()
         root.setLevel(logging.DEBUG)
         warnings.simplefilter("default")

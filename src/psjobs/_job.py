@@ -65,7 +65,7 @@ class Job:
     __slots__ = (
         "_begin", "_children", "_cursor", "_end", "_entries", "_history", "_iid", "_parent",
         "_reason", "_session", "_state", "_stop_requested", "backend_data", "command",
-        "computer_name", "exit_code", "id", "job_type", "location", "name", "pid", "status_message",
+        "computer_name", "exit_code", "id", "job_type", "location", "name", "pid", "prompt", "status_message",
     )
 
     def __init__(self, session: Session, job_id: int, *, job_type: str, name: str | None,
@@ -92,6 +92,8 @@ class Job:
         self.exit_code: int | None = None
         self.pid: int | None = None
         self.status_message = ""
+        #: the question a Blocked job waits to have answered (see send_input)
+        self.prompt: str | None = None
         #: what the backend keeps for this job (process handle, thread, connection, ...)
         self.backend_data: Any = None
         if parent is not None:
@@ -222,6 +224,18 @@ class Job:
     def remove(self, force: bool = False) -> None:
         """``remove_job(self, force=force)``."""
         self._session.remove_job(self, force=force)
+
+    def send_input(self, text: str) -> None:
+        """Answer the prompt of a Blocked job (or of its Blocked child); the job runs on."""
+        self._session.send_input(self, text)
+
+    def suspend(self) -> None:
+        """``suspend_job(self)``."""
+        self._session.suspend_job(self)
+
+    def resume(self) -> None:
+        """``resume_job(self)``."""
+        self._session.resume_job(self)
 
     # --- events (the session's lock is held by the caller) ---------------------------------
     def _apply(self, event: Event, *, reason: BaseException | None = None,

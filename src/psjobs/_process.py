@@ -33,9 +33,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._backend import deliver, finish, report
+from ._backend import block, deliver, finish, report, unblock
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
-from ._records import ErrorRecord, Stream
+from ._records import ErrorRecord, InformationRecord, Stream
 from ._state import Event
 from ._wire import DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, frame
 
@@ -71,8 +71,8 @@ def group_gone(pgid: int) -> bool:
         return False
     # Something answers: it may be a zombie adopted by an init that does not reap.
     target = str(pgid)
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
+    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
             if not entry.name.isdigit():
                 continue
             try:
@@ -193,6 +193,7 @@ class _Handle:
 
         self.stop_at = time.monotonic()
         self.kill(signal.SIGTERM)
+        self.kill(signal.SIGCONT)  # a suspended job must run to act on its SIGTERM
         self.backend.loop.call_later(grace, escalate)
 
     def end(self, entries: list[Entry], event: Event, reason: BaseException | None,
@@ -247,10 +248,61 @@ class _CallHandle(_Handle):
         self.server_lost = False
         self.registered = False
         self.prompt: str | None = None
+        self.server: _ForkServer | None = None  # where it was submitted (a new one after a death)
+        # fd 1 and 2 of the worker (C code, child processes): their lines become records.
+        r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
+        r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
+        self.pipes = {r_out: Stream.INFORMATION, r_err: Stream.ERROR}
+        self.partial = {r_out: b"", r_err: b""}
+
+    def worker_fds(self) -> list[int]:
+        assert self.worker_sock is not None
+        return [self.worker_sock.fileno(), self.w_out, self.w_err]
+
+    def _close_worker_ends(self) -> None:
+        if self.worker_sock is not None:
+            self.worker_sock.close()
+            self.worker_sock = None
+        for fd in (self.w_out, self.w_err):
+            if fd >= 0:
+                os.close(fd)
+        self.w_out = self.w_err = -1
+
+    def on_pipe(self, mask: int) -> None:
+        for fd in list(self.pipes):
+            self._read_pipe(fd, final=False)
+
+    def _read_pipe(self, fd: int, final: bool) -> None:
+        stream = self.pipes[fd]
+        entries: list[Entry] = []
+        now = time.time()
+        for _ in range(64 if final else 16):
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                if not final:
+                    break
+                chunk = b""
+            if not chunk:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.backend.loop.sel.unregister(fd)
+                del self.pipes[fd]
+                rest = self.partial.pop(fd)
+                if rest:
+                    _lines(entries, stream, [rest], now, info=True)
+                os.close(fd)
+                break
+            *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
+            _lines(entries, stream, lines, now, info=True)
+        if entries:
+            deliver(self.job, entries)
 
     def register(self) -> None:
         mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
         self.backend.loop.sel.register(self.sock, mask, self.on_event)
+        for fd in self.pipes:
+            os.set_blocking(fd, False)
+            self.backend.loop.sel.register(fd, selectors.EVENT_READ, self.on_pipe)
         self.registered = True
 
     def on_event(self, mask: int) -> None:
@@ -296,15 +348,13 @@ class _CallHandle(_Handle):
             _ = python
         elif kind == PROMPT:
             self.prompt = pickle.loads(payload)
-            report(self.job, Event.BLOCK)
+            block(self.job, str(self.prompt))
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from a worker")
 
     def on_forked(self, pid: int) -> None:
         self.pid = pid
-        if self.worker_sock is not None:
-            self.worker_sock.close()
-            self.worker_sock = None
+        self._close_worker_ends()
         with self.job.session._cond:
             self.job.pid = pid
             self.job._apply(Event.START)
@@ -323,6 +373,10 @@ class _CallHandle(_Handle):
     def maybe_end(self) -> None:
         if self.finished or not self.eof or not (self.status_known or self.server_lost):
             return
+        # What the worker printed at fd level is in the pipes now; a grandchild that keeps
+        # them open does not hold the job (we take what is there and close).
+        for fd in list(self.pipes):
+            self._read_pipe(fd, final=True)
         stopped = self.job._stop_requested
         if self.done is not None:
             name, blob, tb, code = self.done
@@ -352,7 +406,7 @@ class _CallHandle(_Handle):
                                              self.on_event)
 
         self.backend.loop.call_soon(write)
-        report(self.job, Event.UNBLOCK)
+        unblock(self.job)
 
     def close(self) -> None:
         self.backend.handles.discard(self)
@@ -361,9 +415,12 @@ class _CallHandle(_Handle):
                 self.backend.loop.sel.unregister(self.sock)
             self.registered = False
         self.sock.close()
-        if self.worker_sock is not None:
-            self.worker_sock.close()
-            self.worker_sock = None
+        for fd in list(self.pipes):
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(fd)
+            os.close(fd)
+        self.pipes.clear()
+        self._close_worker_ends()
 
 
 def _load_reason(blob: bytes, tb: str | None) -> BaseException:
@@ -501,12 +558,14 @@ class _CommandHandle(_Handle):
         self._close_stdin()
 
 
-def _lines(entries: list[Entry], stream: Stream, lines: list[bytes], now: float) -> None:
+def _lines(entries: list[Entry], stream: Stream, lines: list[bytes], now: float, info: bool = False) -> None:
     for raw in lines:
         text = raw.decode("utf-8", "replace")
         if text.endswith("\r"):
             text = text[:-1]
-        if stream is Stream.OUTPUT:
+        if stream is Stream.INFORMATION:
+            entries.append((Stream.INFORMATION, InformationRecord(text, now, "localhost"), now))
+        elif stream is Stream.OUTPUT:
             entries.append((Stream.OUTPUT, text, now))
         else:
             entries.append((Stream.ERROR, ErrorRecord(text, now, "localhost"), now))
@@ -540,11 +599,13 @@ class _ForkServer:
             raise WorkerError(f"the fork server did not start (it exited with status {self.proc.returncode})")
         ours.settimeout(None)
         self.alive = True
-        backend.loop.call_soon(lambda: backend.loop.sel.register(self.sock, selectors.EVENT_READ,
-                                                                  self.on_message))
+        def register() -> None:
+            backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
 
-    def submit(self, token: int, fd: int) -> None:
-        socket.send_fds(self.sock, [pickle.dumps(("fork", token))], [fd])
+        backend.loop.call_soon(register)
+
+    def submit(self, token: int, fds: list[int]) -> None:
+        socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
 
     def on_message(self, mask: int) -> None:
         while True:
@@ -667,7 +728,8 @@ class ProcessBackend:
                         self._spawn(handle)
                         return
             try:
-                server.submit(handle.job.id, handle.worker_sock.fileno())
+                handle.server = server
+                server.submit(handle.job.id, handle.worker_fds())
                 return
             except OSError:
                 server.alive = False
@@ -681,7 +743,8 @@ class ProcessBackend:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
         proc = subprocess.Popen([sys.executable, "-m", "psjobs._worker", str(fd)], pass_fds=[fd],
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, stdout=handle.w_out, stderr=handle.w_err,
+                                env=env, start_new_session=True)
         pidfd = os.pidfd_open(proc.pid)
 
         def on_exit(mask: int) -> None:
@@ -694,12 +757,17 @@ class ProcessBackend:
             self.pending_calls.pop(handle.job.id, None)
             handle.on_exited(status)
 
-        self.loop.call_soon(lambda: self.loop.sel.register(pidfd, selectors.EVENT_READ, on_exit))
+        def register() -> None:
+            self.loop.sel.register(pidfd, selectors.EVENT_READ, on_exit)
+
+        self.loop.call_soon(register)
         self.loop.call_soon(lambda: handle.on_forked(proc.pid))
 
     def server_lost(self, server: _ForkServer) -> None:
         """The fork server died: jobs it had not forked yet go to a new one; the others finish."""
         for handle in list(self.pending_calls.values()):
+            if handle.server is not server:
+                continue  # already sent to the new server
             if handle.pid is None and handle.worker_sock is not None:
                 threading.Thread(target=self._resubmit, args=(handle,), daemon=True).start()
             elif handle.pid is not None:
@@ -710,7 +778,8 @@ class ProcessBackend:
         try:
             self._submit(handle)
         except Exception as exc:
-            self.loop.call_soon(lambda: handle.broken(exc))
+            err = exc  # the name of an except clause does not outlive it
+            self.loop.call_soon(lambda: handle.broken(err))
 
     def _start_command(self, job: Job, spec: JobSpec) -> None:
         feed = None
@@ -740,10 +809,26 @@ class ProcessBackend:
     def forget(self, job: Job) -> None:
         self.pending_calls.pop(job.id, None)
 
+    def suspend(self, job: Job) -> None:
+        """SIGSTOP to the whole process group: nothing of the job runs until resume."""
+        handle = job.backend_data
+        report(job, Event.SUSPEND)
+        if isinstance(handle, _Handle):
+            handle.kill(signal.SIGSTOP)
+        report(job, Event.SUSPENDED)
+
+    def resume(self, job: Job) -> None:
+        handle = job.backend_data
+        if isinstance(handle, _Handle):
+            handle.kill(signal.SIGCONT)
+        report(job, Event.RESUME)
+
     def send_input(self, job: Job, text: str) -> None:
         handle = job.backend_data
         if isinstance(handle, _CallHandle):
             handle.send_input(text)
+        else:
+            unblock(job)
 
     def close(self) -> None:
         with self._server_lock:

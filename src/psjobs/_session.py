@@ -88,6 +88,17 @@ class Host:
         elif stream is Stream.DEBUG and self.debug:
             print(f"{prefix}DEBUG: {record.message}", file=self.stderr)
 
+    def read_input(self, job: Job, prompt: str) -> str | None:
+        """Answer a job's prompt: asks the user when stdin is a terminal, else None (no answer)."""
+        stdin = sys.stdin
+        if stdin is None or not stdin.isatty():
+            return None
+        return input(f"[Job {job.id} {job.name}] {prompt}")
+
+    def write_blocked(self, job: Job, prompt: str) -> None:
+        print(f"WARNING: Job {job.id} {job.name!r} (Blocked) waits for input: {prompt!r}; answer it with "
+              f"job.send_input(text), or receive it from an interactive session", file=self.stderr)
+
     def write_failure(self, job: Job, reason: BaseException) -> None:
         where = job.computer_name
         prefix = f"[{where}] " if where and where != "localhost" else ""
@@ -233,6 +244,9 @@ class Session:
         with self._cond:
             if id is None and name is None and instance_id is None:
                 jobs = list(self._jobs.values())
+                if state is None and command is None and has_more_data is None and before is None \
+                        and after is None and newest is None and not include_child_jobs and child_job_state is None:
+                    return JobList(jobs)  # the table is in id order already
             else:
                 jobs = []
                 if id is not None:
@@ -331,7 +345,15 @@ class Session:
         errors: list[ErrorRecord] = []
         reasons: list[BaseException] = []
         host = self.host
-        for leaf, stream, payload, t in self._read(leaves, keep, wait, timeout):
+        def answer(leaf: Job, prompt: str) -> bool:
+            reply = host.read_input(leaf, prompt)
+            if reply is None:
+                host.write_blocked(leaf, prompt)
+                return False
+            self.send_input(leaf, reply)
+            return True
+
+        for leaf, stream, payload, t in self._read(leaves, keep, wait, timeout, answer):
             if stream == Stream.OUTPUT:
                 output.append(OutputRecord(payload, t, leaf.computer_name, leaf) if records else payload)
                 continue
@@ -376,19 +398,23 @@ class Session:
         """
         return self._read(self._leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
 
-    def _read(self, leaves: list[Job], keep: bool, wait: bool,
-              timeout: float | None) -> Iterator[tuple[Job, Stream, Any, float]]:
+    def _read(self, leaves: list[Job], keep: bool, wait: bool, timeout: float | None,
+              on_prompt: Callable[[Job, str], bool] | None = None) -> Iterator[tuple[Job, Stream, Any, float]]:
         positions = {leaf.id: leaf._cursor for leaf in leaves}
         deadline = None if timeout is None else time.monotonic() + timeout
+        asked: set[tuple[int, str]] = set()  # prompts offered in this call: each is asked once
         while True:
+            prompts: list[tuple[Job, str]] = []
             with self._cond:
                 if wait:
-                    while not self._has_news(leaves, positions):
+                    while not self._has_news(leaves, positions, asked if on_prompt else None):
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if remaining is not None and remaining <= 0:
                             break
                         self._cond.wait(remaining)
-                done = all(leaf._state.is_finished for leaf in leaves)
+                # Like PowerShell's Receive-Job -Wait: done when every job is finished, suspended
+                # or disconnected (the states that change only if the user acts).
+                done = all(leaf._state.is_persistent for leaf in leaves)
                 batch: list[tuple[Job, list[Any]]] = []
                 for leaf in leaves:
                     entries = leaf._entries
@@ -398,19 +424,78 @@ class Session:
                         positions[leaf.id] = len(entries)
                         if not keep:
                             leaf._cursor = len(entries)
+                    if on_prompt is not None and leaf._state is JobState.BLOCKED and leaf.prompt is not None \
+                            and (leaf.id, leaf.prompt) not in asked:
+                        prompts.append((leaf, leaf.prompt))
             # Outside the lock: a consumer may be slow, and a job must never wait for a printer.
             for leaf, entries in batch:
                 for stream, payload, t in entries:
                     yield leaf, Stream(stream), payload, t
-            if not wait or done or (deadline is not None and time.monotonic() >= deadline):
+            stop_waiting = False
+            for leaf, prompt in prompts:
+                asked.add((leaf.id, prompt))
+                if on_prompt is not None and not on_prompt(leaf, prompt):
+                    stop_waiting = True  # nobody can answer here: waiting would never end
+            if not wait or done or stop_waiting or (deadline is not None and time.monotonic() >= deadline):
                 return
 
     @staticmethod
-    def _has_news(leaves: list[Job], positions: dict[int, int]) -> bool:
+    def _has_news(leaves: list[Job], positions: dict[int, int], asked: set[tuple[int, str]] | None) -> bool:
         for leaf in leaves:
             if leaf._entries is not None and positions[leaf.id] < len(leaf._entries):
                 return True
-        return all(leaf._state.is_finished for leaf in leaves)
+            if asked is not None and leaf._state is JobState.BLOCKED and leaf.prompt is not None \
+                    and (leaf.id, leaf.prompt) not in asked:
+                return True
+        return all(leaf._state.is_persistent for leaf in leaves)
+
+    # --- input, suspend, resume ------------------------------------------------------------
+    def send_input(self, jobs: JobSelector, text: str) -> None:
+        """Answer the prompt of a Blocked job (a parent's Blocked child is found for you)."""
+        if not isinstance(text, str):
+            raise TypeError(f"send_input: the answer must be a str, not {type(text).__name__}")
+        for job in self._resolve(jobs, "send_input"):
+            with self._cond:
+                blocked = [leaf for leaf in job._leaves() if leaf._state is JobState.BLOCKED]
+            if not blocked:
+                raise JobStateError(f"send_input: {describe_job(job)} does not wait for input; only a "
+                                    f"Blocked job can be answered")
+            leaf = blocked[0]
+            backend = self._backends_of(leaf)
+            send = getattr(backend, "send_input", None)
+            if send is None:
+                raise JobStateError(f"send_input: {describe_job(leaf)} runs where input cannot be sent")
+            send(leaf, text)
+
+    def suspend_job(self, jobs: JobSelector) -> list[Job]:
+        """Pause running process jobs (SIGSTOP to their whole process group): Suspended."""
+        return self._pause(jobs, "suspend")
+
+    def resume_job(self, jobs: JobSelector) -> list[Job]:
+        """Let suspended jobs run again (SIGCONT): Running."""
+        return self._pause(jobs, "resume")
+
+    def _pause(self, jobs: JobSelector, verb: str) -> list[Job]:
+        selected = self._resolve(jobs, f"{verb}_job")
+        work: list[tuple[Job, Any]] = []
+        for job in selected:
+            for leaf in job._leaves():
+                if leaf.state.is_finished:
+                    continue
+                if verb == "suspend" and leaf.state not in (JobState.RUNNING, JobState.BLOCKED):
+                    continue
+                if verb == "resume" and leaf.state not in (JobState.SUSPENDED, JobState.SUSPENDING):
+                    continue
+                method = getattr(self._backends_of(leaf), verb, None)
+                if method is None:
+                    done = {"suspend": "suspended", "resume": "resumed"}[verb]
+                    raise JobStateError(f"{verb}_job: {describe_job(leaf)} is a {leaf.job_type or job.job_type} "
+                                        f"which cannot be {done} (Python cannot pause a thread from outside); "
+                                        f"use stop_job, or run it with start_job")
+                work.append((leaf, method))
+        for leaf, method in work:  # checked them all first: a refusal changes nothing
+            method(leaf)
+        return JobList(selected)
 
     # --- waiting ---------------------------------------------------------------------------
     def wait_job(self, jobs: JobSelector, *, any: bool = False, timeout: float | None = None,

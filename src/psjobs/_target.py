@@ -77,7 +77,7 @@ def _no_kwargs(verb: str, kwargs: Mapping[str, Any], what: str) -> None:
 
 def _arg(verb: str, value: Any) -> str:
     if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)  # type: ignore[return-value]
+        return os.fspath(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise TypeError(f"{verb}: arguments of a command must be strings, paths or numbers, "

@@ -44,7 +44,7 @@ class _Data:
     """What the thread backend keeps per job."""
 
     backend_kind = "thread"
-    __slots__ = ("injected", "in_user", "lock", "proc", "spec", "stop", "thread_id")
+    __slots__ = ("in_user", "injected", "lock", "proc", "spec", "stop", "thread_id")
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
@@ -59,7 +59,7 @@ class _Data:
 class _Emitter:
     """Appends records straight to the job's journal (the job is in this process)."""
 
-    computer_name = None
+    computer_name: str | None = None
 
     def __init__(self, job: Job, data: _Data) -> None:
         self.job = job
@@ -154,7 +154,8 @@ class ThreadBackend(NullPrepare):
         data.thread_id = threading.get_ident()
         emitter = _Emitter(job, data)
         token = _current.set(emitter)
-        event, reason, code = Event.COMPLETE, None, None
+        event, code = Event.COMPLETE, None
+        reason: BaseException | None = None
         try:
             with self._session._cond:
                 if job.state is not JobState.NOT_STARTED:
@@ -187,6 +188,7 @@ class ThreadBackend(NullPrepare):
         if isinstance(reason, ExitStatusError) and data.stop:
             event = Event.STOPPED
         report(job, event, reason=reason, exit_code=code)
+        job.backend_data = None  # the spec (target, arguments, input) is not needed any more
 
     @staticmethod
     def _leave_user(data: _Data) -> None:
@@ -234,7 +236,9 @@ class ThreadBackend(NullPrepare):
 
     # --- stopping ------------------------------------------------------------------------
     def stop(self, job: Job, grace: float) -> None:
-        data: _Data = job.backend_data
+        data: _Data | None = job.backend_data
+        if data is None:
+            return  # it just ended
         data.stop = True
         with data.lock:
             if data.in_user and not data.injected and data.thread_id is not None:

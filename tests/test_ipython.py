@@ -1,0 +1,565 @@
+"""The IPython extension, driven through IPython's own InteractiveShell (a fresh one per test),
+and once through a real terminal (tmux) as a user sees it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("IPython")
+
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+
+import psjobs
+from psjobs import _api
+from psjobs.ipython import BackgroundOperator, announcement, render_html, render_rich
+
+from .conftest import wait_until
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+@pytest.fixture
+def ip(session: psjobs.Session, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    """A fresh IPython shell with the extension loaded; `&` and the magics use this test's session."""
+    monkeypatch.setattr(_api, "_default", session)
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell(config=config, ipython_dir=str(tmp_path / "ipython"))
+    shell.run_line_magic("load_ext", "psjobs")
+    try:
+        yield shell
+    finally:
+        shell.run_line_magic("unload_ext", "psjobs")
+        shell.history_manager.end_session()
+
+
+def run(ip: Any, cell: str) -> Any:
+    """Run a cell; return its value (raise what it raised)."""
+    result = ip.run_cell(cell, silent=False)
+    result.raise_error()
+    return result.result
+
+
+def transform(ip: Any, cell: str) -> str:
+    return str(ip.input_transformer_manager.transform_cell(cell))
+
+
+# --- the operator: what it rewrites and what it leaves alone -------------------------------
+
+@pytest.mark.parametrize(("cell", "expected"), [
+    ("x = 2 + 3 &", "x = get_ipython().run_line_magic('bg', '2 + 3')\n"),
+    ("2 + 3 &", "get_ipython().run_line_magic('bg', '2 + 3')\n"),
+    ("!make all &", "get_ipython().run_line_magic('bg', '!make all')\n"),
+    ("out = !make all &", "out = get_ipython().run_line_magic('bg', '!make all')\n"),
+    ("!make && make install &", "get_ipython().run_line_magic('bg', '!make && make install')\n"),
+    ("x = f() &  # start it", "x = get_ipython().run_line_magic('bg', 'f()')\n"),
+    ("a = 1; b = f(a) &", "a = 1; b = get_ipython().run_line_magic('bg', 'f(a)')\n"),
+    ("x = f(1,\n      2) &", "x = get_ipython().run_line_magic('bg', 'f(1,\\n      2)')\n"),
+    ("for i in r:\n    y = g(i) &\n", "for i in r:\n    y = get_ipython().run_line_magic('bg', 'g(i)')\n"),
+])
+def test_a_line_ending_in_ampersand_becomes_a_job(ip: Any, cell: str, expected: str) -> None:
+    assert transform(ip, cell) == expected
+    # The terminal asks check_complete before running: the line must not wait for more input.
+    assert ip.input_transformer_manager.check_complete(cell + "\n")[0] == "complete"
+
+
+@pytest.mark.parametrize("cell", [
+    "c = a & b",                      # the bitwise and
+    "c = a &\\\n    b",               # the same, continued
+    "a &&",                           # not an operator in Python: stays a syntax error
+    "x &= 3",                         # augmented assignment
+    "x &=",                           # an unfinished one
+    "x = f('a &')",                   # in a string
+    's = """\nabc &\n"""',            # in a triple-quoted string
+    "x = f()  # run & forget",        # in a comment
+    "x = 2+3&",                       # not spaced: only ` &` is the operator
+    "import os &",                    # not an expression: Python's own error
+    "x += f() &",
+    "!make && make install",          # the shell's && in a command
+    "!cmd &&",
+])
+def test_other_uses_of_ampersand_keep_their_meaning(ip: Any, cell: str) -> None:
+    assert "run_line_magic('bg'" not in transform(ip, cell)
+
+
+def test_bitwise_and_still_computes(ip: Any) -> None:
+    run(ip, "a = 6\nb = 3\nc = a & b\nd = 12\nd &= 5")
+    assert ip.user_ns["c"] == 2
+    assert ip.user_ns["d"] == 4
+    assert psjobs.get_job() == []
+
+
+def test_cell_magics_keep_their_meaning(ip: Any) -> None:
+    def body(line: str, cell: str) -> str:
+        return cell
+
+    ip.register_magic_function(body, "cell", "body")
+    assert run(ip, "%%body\nx = 2 + 3 &\n!make &\n") == "x = 2 + 3 &\n!make &\n"
+    assert psjobs.get_job() == []
+
+
+def test_the_transform_only_claims_the_last_token(ip: Any) -> None:
+    # Pure: find() on tokens, without a shell.
+    from IPython.core.inputtransformer2 import make_tokens_by_line
+
+    assert BackgroundOperator.find(make_tokens_by_line(["y = x & 1\n"])) is None
+    assert BackgroundOperator.find(make_tokens_by_line(["y = x & 1 &\n"])) is not None
+
+
+def test_the_transform_never_breaks_input_ipython_accepts(ip: Any) -> None:
+    # A token transform that raises breaks every cell of the shell: feed it random cells made of
+    # the awkward pieces (unclosed brackets and strings, escapes, continuations, unicode).
+    import random
+
+    pieces = ["x", " = ", "&", " &", "&&", "!", "!!", "%", "%%", "(", ")", "[", "]", "{", "}", "'", '"',
+              '"""', "\\\n", "\n", "    ", "#", ";", ":", "f(1)", "é", "?", " ", "lambda", "if ", "\t",
+              "=", ",", "*", "$x", "{y}", "\r\n"]
+    rng = random.Random(6)
+    manager = ip.input_transformer_manager
+    for _ in range(3000):
+        cell = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        for step in (manager.transform_cell, manager.check_complete):
+            try:
+                step(cell)
+            except SyntaxError:
+                pass
+            except Exception:
+                manager.token_transformers.remove(BackgroundOperator)
+                try:
+                    with pytest.raises(Exception):  # noqa: B017 - IPython alone fails the same way
+                        step(cell)
+                finally:
+                    manager.token_transformers.append(BackgroundOperator)
+
+
+# --- process jobs (the default) ------------------------------------------------------------
+
+def test_assignment_binds_the_job_and_its_value_is_the_expression(ip: Any) -> None:
+    run(ip, "x = 2 + 3 &")
+    job = ip.user_ns["x"]
+    assert isinstance(job, psjobs.Job)
+    assert job.job_type == "BackgroundJob"
+    assert job.command == "2 + 3"
+    assert job.wait(timeout=20)
+    assert run(ip, "%receive x") == [5]
+
+
+def test_a_bare_expression_shows_the_job(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    job = run(ip, "sum(range(10)) &")
+    assert isinstance(job, psjobs.Job)
+    out = capsys.readouterr().out
+    assert "BackgroundJob" in out and "sum(range(10))" in out  # the Get-Job row, as Out[...]
+    assert job.wait(timeout=20)
+    assert job.receive() == [45]
+
+
+def test_free_names_are_captured_by_value_at_start(ip: Any) -> None:
+    run(ip, "data = [1, 2, 3]\ndef total(d):\n    return sum(d) * factor\nfactor = 10")
+    run(ip, "j = total(data) &")
+    run(ip, "data.append(1000)\nfactor = 0")  # after the start: the job has its copies
+    job = ip.user_ns["j"]
+    assert job.wait(timeout=20)
+    assert job.receive() == [60]
+    assert job.command == "total(data)"
+
+
+def test_a_name_that_cannot_be_pickled_is_named_and_no_job_starts(ip: Any) -> None:
+    run(ip, "import threading\nlock = threading.Lock()\nitems = [1]")
+    result = ip.run_cell("j = len([lock, items]) &")
+    err = result.error_in_exec
+    assert isinstance(err, TypeError)
+    assert "'lock'" in str(err) and "_thread.lock" in str(err)
+    assert "'items'" not in str(err)
+    assert "--thread" in str(err)  # what to do next
+    assert "j" not in ip.user_ns
+    assert psjobs.get_job() == []
+
+
+def test_a_generator_streams_its_items(ip: Any) -> None:
+    job = run(ip, "(i * i for i in range(4)) &")
+    assert job.wait(timeout=20)
+    assert job.receive() == [0, 1, 4, 9]
+
+
+def test_a_line_inside_a_function_sees_its_locals(ip: Any) -> None:
+    run(ip, "def double_later(n):\n    j = n * 2 &\n    return j\n")
+    job = run(ip, "double_later(21)")
+    assert job.wait(timeout=20)
+    assert job.receive() == [42]
+
+
+def test_a_failing_expression_fails_its_job(ip: Any) -> None:
+    job = run(ip, "1 / 0 &")
+    assert job.wait(timeout=20)
+    assert job.state is psjobs.JobState.FAILED
+    assert isinstance(job.reason, ZeroDivisionError)
+
+
+# --- thread jobs -------------------------------------------------------------------------
+
+def test_config_switches_to_thread_jobs_that_share_the_namespace(ip: Any) -> None:
+    run(ip, "%config PsJobs.kind = 'thread'")
+    run(ip, "import threading\nlock = threading.Lock()\nseen = []")
+    job = run(ip, "seen.append(lock) &")  # a lock cannot be copied, but a thread shares it
+    assert job.job_type == "ThreadJob"
+    assert job.wait(timeout=20)
+    assert ip.user_ns["seen"] == [ip.user_ns["lock"]]
+    run(ip, "%config PsJobs.kind = 'process'")
+    assert run(ip, "1 + 1 &").job_type == "BackgroundJob"
+
+
+def test_kind_from_the_config_file(session: psjobs.Session, monkeypatch: pytest.MonkeyPatch,
+                                   tmp_path: Path) -> None:
+    # What `c.PsJobs.kind = 'thread'` in ipython_config.py does.
+    monkeypatch.setattr(_api, "_default", session)
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    config.PsJobs.kind = "thread"
+    shell = InteractiveShell(config=config, ipython_dir=str(tmp_path / "ipython"))
+    shell.run_line_magic("load_ext", "psjobs")
+    try:
+        job = run(shell, "'a  b' &")
+        assert job.job_type == "ThreadJob"
+        assert job.command == "'a  b'"  # the text as typed
+    finally:
+        shell.run_line_magic("unload_ext", "psjobs")
+
+
+def test_bg_magic_options(ip: Any) -> None:
+    job = run(ip, "%bg --thread --name adder 40 + 2")
+    assert (job.job_type, job.name, job.command) == ("ThreadJob", "adder", "40 + 2")
+    assert job.wait(timeout=20)
+    assert run(ip, "%receive adder") == [42]
+    result = ip.run_cell("%bg --name")
+    assert result.error_in_exec is not None
+
+
+def test_bad_config_value_is_refused(ip: Any, caplog: pytest.LogCaptureFixture) -> None:
+    run(ip, "%config PsJobs.kind = 'fiber'")
+    assert "expected any of ['process', 'thread']" in caplog.text  # %config logs what it refused
+    assert run(ip, "%config PsJobs.kind") == "process"
+
+
+# --- shell commands --------------------------------------------------------------------------
+
+def test_shell_command_job(ip: Any) -> None:
+    run(ip, "word = 'hello'")
+    run(ip, "!echo $word world &")
+    (job,) = psjobs.get_job()
+    assert job.command == "echo hello world"
+    assert job.job_type == "BackgroundJob"
+    assert job.wait(timeout=20)
+    assert job.receive() == ["hello world"]
+
+
+def test_shell_command_assigned(ip: Any) -> None:
+    run(ip, "out = !echo one && echo two &")
+    job = ip.user_ns["out"]
+    assert isinstance(job, psjobs.Job)
+    assert job.wait(timeout=20)
+    assert job.receive() == ["one", "two"]
+
+
+# --- magics ----------------------------------------------------------------------------------
+
+def test_jobs_magic_shows_the_table(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "a = 1 + 1 &\nb = 2 + 2 &")
+    wait_until(lambda: all(j.state.is_finished for j in psjobs.get_job()), 20, "the jobs to finish")
+    capsys.readouterr()
+    table = run(ip, "%jobs")
+    assert [j.id for j in table] == [j.id for j in psjobs.get_job()]
+    out = capsys.readouterr().out
+    for header in ("Id", "Name", "PSJobTypeName", "State", "HasMoreData", "Location", "Command"):
+        assert header in out
+    assert "1 + 1" in out and "2 + 2" in out and "Completed" in out
+    assert [j.command for j in run(ip, "%jobs --state Completed")] == ["1 + 1", "2 + 2"]
+    assert [j.command for j in run(ip, "%jobs b")] == ["2 + 2"]  # a variable holding a job
+
+
+def test_receive_keep_and_by_id(ip: Any) -> None:
+    job = run(ip, "'kept' &")
+    assert job.wait(timeout=20)
+    assert run(ip, f"%receive {job.id} --keep") == ["kept"]
+    assert run(ip, f"%receive {job.id}") == ["kept"]
+    assert run(ip, f"%receive {job.id}") == []
+
+
+def test_receive_wait(ip: Any) -> None:
+    run(ip, "import time")
+    run(ip, "slow = (time.sleep(0.2), 'late')[1] &")
+    assert run(ip, "%receive slow --wait --timeout 30") == ["late"]
+
+
+def test_wait_magic_and_its_timeout(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "import time")
+    job = run(ip, "time.sleep(30) &")
+    assert run(ip, f"%wait {job.id} --timeout 0.1") is None
+    assert "timed out" in capsys.readouterr().err
+    capsys.readouterr()
+    run(ip, f"%stop {job.id}")
+    assert job.state is psjobs.JobState.STOPPED
+    assert capsys.readouterr().out == ""  # no notice for a job the user stopped
+    done = run(ip, f"%wait {job.id}")
+    assert list(done) == [job]
+
+
+def test_remove_magic(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "import time")
+    job = run(ip, "time.sleep(30) &")
+    result = ip.run_cell(f"%remove {job.id}")
+    assert result.error_in_exec is not None
+    assert "not finished" in capsys.readouterr().err  # one line: what is wrong and what to do
+    run(ip, f"%remove {job.id} --force")
+    assert psjobs.get_job() == []
+
+
+def test_magics_report_unknown_jobs_in_one_line(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    result = ip.run_cell("%receive 999")
+    assert result.error_in_exec is not None
+    err = capsys.readouterr().err
+    assert "UsageError" in err and "999" in err and "Traceback" not in err
+    assert ip.run_cell("%receive").error_in_exec is not None
+    assert ip.run_cell("%wait 1 --bogus").error_in_exec is not None
+
+
+def test_wildcards_select_top_level_jobs(ip: Any) -> None:
+    run(ip, "%bg --name w1 1\n%bg --name w2 2")
+    wait_until(lambda: all(j.state.is_finished for j in psjobs.get_job()), 20, "the jobs to finish")
+    run(ip, "%remove w*")  # never the child jobs on their own (remove_job would refuse them)
+    assert psjobs.get_job() == []
+
+
+# --- display --------------------------------------------------------------------------------
+
+def test_jobs_render_as_text_and_html(ip: Any) -> None:
+    job = run(ip, "'x' &")
+    assert job.wait(timeout=20)
+    data, _ = ip.display_formatter.format(job)
+    assert data["text/plain"] == psjobs.format_table([job])
+    assert "<table" in data["text/html"] and "Completed" in data["text/html"]
+    data, _ = ip.display_formatter.format(psjobs.get_job())
+    assert data["text/plain"].splitlines()[0].split() == ["Id", "Name", "PSJobTypeName", "State",
+                                                          "HasMoreData", "Location", "Command"]
+    assert data["text/html"].count("<tr>") == 2  # header + one job
+
+
+def test_html_escapes_commands(session: psjobs.Session) -> None:
+    job = session.start_thread_job(lambda: None, name="<b>")
+    job.wait(timeout=10)
+    assert "&lt;b&gt;" in render_html([job]) and "<b>" not in render_html([job])
+
+
+def test_rich_table(session: psjobs.Session) -> None:
+    pytest.importorskip("rich")
+    job = session.start_thread_job(lambda: None, name="richjob")
+    job.wait(timeout=10)
+    plain = render_rich([job], width=120, color=False)
+    assert "\x1b[" not in plain
+    assert "richjob" in plain and "Completed" in plain and "PSJobTypeName" in plain
+    assert "\x1b[" in render_rich([job], width=120, color=True)
+
+
+# --- announcements -------------------------------------------------------------------------
+
+def test_done_is_announced_once(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "x = 1 / 0 &\ny = 'fine' &")
+    jobs = [ip.user_ns["x"], ip.user_ns["y"]]
+    wait_until(lambda: all(j.state.is_finished for j in jobs), 20, "the jobs to finish")
+    capsys.readouterr()
+    run(ip, "pass")
+    out = capsys.readouterr().out
+    assert f"[{jobs[0].id}] Failed" in out and "ZeroDivisionError" in out and "1 / 0" in out
+    assert f"[{jobs[1].id}] Completed" in out and "'fine'" in out
+    run(ip, "pass")
+    assert capsys.readouterr().out == ""  # never twice
+
+
+def test_a_job_waiting_for_input_is_announced_once(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    job = run(ip, "input('Name? ') &")
+    wait_until(lambda: job.state is psjobs.JobState.BLOCKED, 20, "the job to ask for input")
+    capsys.readouterr()
+    run(ip, "pass")
+    assert capsys.readouterr().out == f"[{job.id}] Blocked  input('Name? ')  (waits for input 'Name?': " \
+                                      f"%receive {job.id} to answer)\n"
+    run(ip, "pass")
+    assert capsys.readouterr().out == ""
+    job.send_input("Ada")
+    assert job.wait(timeout=20)
+    run(ip, "pass")
+    assert f"[{job.id}] Completed" in capsys.readouterr().out
+    assert job.receive() == ["Ada"]
+
+
+def test_jobs_the_user_waited_for_are_not_announced(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "x = 2 + 3 &")
+    run(ip, "%receive x --wait")
+    capsys.readouterr()
+    run(ip, "pass")
+    assert "Completed" not in capsys.readouterr().out
+
+
+def test_jobs_started_by_code_and_left_running_are_announced(ip: Any, session: psjobs.Session,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "import psjobs, time")
+    run(ip, "fg = psjobs.start_thread_job(lambda: 1); fg.wait()")  # waited for in its own cell
+    run(ip, "bgj = psjobs.start_thread_job(time.sleep, 0.3)")     # left running
+    job = ip.user_ns["bgj"]
+    wait_until(lambda: job.state.is_finished, 20, "the job to finish")
+    capsys.readouterr()
+    run(ip, "pass")
+    out = capsys.readouterr().out
+    assert f"[{job.id}] Completed" in out
+    assert f"[{ip.user_ns['fg'].id}]" not in out
+
+
+def test_jobs_listed_as_done_are_not_announced_again(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    job = run(ip, "'listed' &")
+    assert job.wait(timeout=20)
+    capsys.readouterr()
+    run(ip, "%jobs")  # shows it Completed, as a shell's `jobs` shows Done
+    assert "Completed" in capsys.readouterr().out
+    run(ip, "pass")
+    assert capsys.readouterr().out == ""
+
+
+def test_removed_jobs_are_not_announced(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "import time")
+    job = run(ip, "time.sleep(30) &")
+    run(ip, f"%remove {job.id} --force")
+    capsys.readouterr()
+    run(ip, "pass")
+    assert capsys.readouterr().out == ""
+
+
+def test_announcements_can_be_turned_off(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run(ip, "%config PsJobs.announce = False")
+    job = run(ip, "1 &")
+    assert job.wait(timeout=20)
+    capsys.readouterr()
+    run(ip, "pass")
+    assert capsys.readouterr().out == ""
+
+
+def test_many_jobs_are_summed_up(session: psjobs.Session) -> None:
+    jobs = [session.start_thread_job(lambda: None) for _ in range(7)]
+    jobs.append(session.start_thread_job(lambda: 1 / 0))
+    session.wait_job(jobs, timeout=20)
+    text = announcement(jobs, max_lines=5)
+    assert text.count("\n") == 0
+    assert "8 jobs done" in text and "7 Completed" in text and "1 Failed" in text
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def test_load_under_both_names_is_one_extension_and_unload_takes_it_out(ip: Any) -> None:
+    run(ip, "%load_ext psjobs.ipython")  # the same extension under its other name: no second copy
+    assert ip.input_transformer_manager.token_transformers.count(BackgroundOperator) == 1
+    run(ip, "%unload_ext psjobs")
+    assert BackgroundOperator not in ip.input_transformer_manager.token_transformers
+    assert "jobs" not in ip.magics_manager.magics["line"]
+    result = ip.run_cell("x = 2 + 3 &")
+    assert isinstance(result.error_before_exec, SyntaxError)
+    run(ip, "%load_ext psjobs")  # back, for the fixture's unload
+    assert "jobs" in ip.magics_manager.magics["line"]
+
+
+def test_import_psjobs_does_not_import_ipython() -> None:
+    code = "import sys, psjobs; print('IPython' in sys.modules, hasattr(psjobs, 'load_ipython_extension'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": SRC}, check=True).stdout
+    assert out.split() == ["False", "True"]
+
+
+# --- the docs ---------------------------------------------------------------------------------
+
+def test_docs_sessions_run_as_shown(ip: Any) -> None:
+    """docs/ipython.md's `In [n]:` cells run in order in one shell; one-line `Out[n]:` values match."""
+    import re
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "ipython.md").read_text()
+    steps: list[tuple[str, str | None]] = []
+    for block in re.findall(r"^```ipython\n(.*?)^```", page, re.S | re.M):
+        for line in block.splitlines():
+            if m := re.match(r"In \[\d+\]: ?(.*)$", line):
+                steps.append((m.group(1), None))
+            elif (m := re.match(r"\s*\.\.\.: ?(.*)$", line)) and steps:
+                steps[-1] = (steps[-1][0] + "\n" + m.group(1), None)
+            elif (m := re.match(r"Out\[\d+\]: (\S.*)$", line)) and steps:
+                steps[-1] = (steps[-1][0], m.group(1))
+    assert len(steps) > 20
+    for cell, shown in steps:
+        result = ip.run_cell(cell)
+        if "lock]) &" in cell and "PsJobs.kind" not in cell and "results" not in cell:
+            assert isinstance(result.error_in_exec, TypeError), cell  # the documented refusal
+            continue
+        assert result.success, f"{cell!r}: {result.error_before_exec or result.error_in_exec!r}"
+        if shown is not None:
+            assert repr(result.result) == shown, cell
+
+
+# --- a real terminal -------------------------------------------------------------------------
+
+def _tmux() -> str | None:
+    found = shutil.which("tmux")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        # Bounded well under the 60 s test timeout: a slow mirror means a skip, not a hang.
+        try:
+            subprocess.run(["apt-get", "install", "-y", "-qq", "tmux"], capture_output=True, timeout=40,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        except subprocess.TimeoutExpired:
+            return None
+    return shutil.which("tmux")
+
+
+def test_terminal_session_with_tmux(tmp_path: Path) -> None:
+    tmux = _tmux()
+    if tmux is None:
+        pytest.skip("tmux is not installed and `apt-get install tmux` failed or is not possible here "
+                    "(not root, no apt-get, or no package mirror within 40 s)")
+    sock = str(tmp_path / "tmux.sock")
+    env = {**os.environ, "PYTHONPATH": SRC, "IPYTHONDIR": str(tmp_path / "ipython"), "TERM": "xterm"}
+    shell_cmd = (f"{sys.executable} -c 'import sys, psjobs.ipython; "
+                 f"sys.exit(psjobs.ipython.start_shell([\"--no-banner\", \"--colors=NoColor\"]))'")
+    base = [tmux, "-S", sock]
+    subprocess.run([*base, "new-session", "-d", "-x", "150", "-y", "40", "-s", "t", shell_cmd],
+                   env=env, check=True, timeout=30)
+
+    def screen() -> str:
+        return subprocess.run([*base, "capture-pane", "-p", "-t", "t", "-S", "-100"], capture_output=True,
+                              text=True, timeout=10).stdout
+
+    def send(text: str) -> None:
+        subprocess.run([*base, "send-keys", "-t", "t", "-l", text], check=True, timeout=10)
+        subprocess.run([*base, "send-keys", "-t", "t", "Enter"], check=True, timeout=10)
+
+    marker = uuid.uuid4().hex[:6]
+    try:
+        wait_until(lambda: "In [1]:" in screen(), 30, "the IPython prompt")
+        send("x = 2 + 3 &")
+        wait_until(lambda: "In [2]:" in screen(), 20, "the next prompt")
+        send("%receive x --wait")
+        wait_until(lambda: "Out[2]: [5]" in screen(), 20, "the job's output [5] on the screen")
+        send(f"'{marker}' &")  # a bare job shows its Get-Job row
+        wait_until(lambda: "BackgroundJob" in screen() and f"'{marker}'" in screen(), 20, "the job's row")
+        send("pass")
+        wait_until(lambda: f"Completed  '{marker}'" in screen(), 20, "the Done announcement")
+        send("exit")
+        wait_until(lambda: subprocess.run([*base, "has-session", "-t", "t"], capture_output=True,
+                                          timeout=10).returncode != 0, 30, "the shell to exit")
+    except AssertionError:
+        print(screen())
+        raise
+    finally:
+        subprocess.run([*base, "kill-server"], capture_output=True, timeout=10)

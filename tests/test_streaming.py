@@ -1,0 +1,48 @@
+"""Partial results: receiving repeatedly while a job streams loses and doubles nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import psjobs
+
+N = 100_000
+
+
+def produce(n: int):  # type: ignore[no-untyped-def]
+    for i in range(n):
+        yield i
+        if i % 10_000 == 0:
+            psjobs.write_verbose(f"{i} done")  # other streams interleaved, not received as output
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_repeated_receive_while_streaming_is_exact(session: psjobs.Session, kind: str) -> None:
+    job = session.start_thread_job(produce, N) if kind == "thread" else session.start_job(produce, N)
+    got: list[Any] = []
+    calls = 0
+    while not job.state.is_finished or job.has_more_data:
+        got.extend(job.receive())
+        calls += 1
+    assert job.state is psjobs.JobState.COMPLETED
+    assert got == list(range(N))
+    assert calls > 1  # it really was received in parts
+    assert job.receive() == []
+    assert len(job.output) == N  # and the stream list still holds everything
+
+
+def test_receive_wait_follows_the_stream(session: psjobs.Session) -> None:
+    job = session.start_job(produce, N)
+    assert job.receive(wait=True, timeout=60) == list(range(N))
+
+
+def test_two_jobs_received_together_keep_per_job_order(session: psjobs.Session) -> None:
+    a = session.start_job(produce, 5000)
+    b = session.start_thread_job(produce, 5000)
+    out = session.receive_job([a, b], wait=True, records=True)
+    by_job: dict[int, list[Any]] = {}
+    for rec in out:
+        by_job.setdefault(rec.job.id, []).append(rec.value)
+    assert by_job == {a.child_jobs[0].id: list(range(5000)), b.id: list(range(5000))}
