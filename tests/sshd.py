@@ -6,7 +6,8 @@
         dir/host_ed25519(.pub)     the server's host key
         dir/client_ed25519(.pub)   the client's key; its public half is dir/authorized_keys
         dir/known_hosts            "[127.0.0.N]:PORT <host key>" for each address
-        dir/ssh_config             Host 127.0.0.* -> Port, User, IdentityFile, UserKnownHostsFile
+        dir/ssh_config             Host 127.0.0.* -> Port, User, IdentityFile, UserKnownHostsFile,
+                                   and aliases web1, web2, db1 (127.0.0.1-3) and down (127.0.0.4)
         dir/sshd_config            ListenAddress 127.0.0.1/.2/.3, MaxSessions 64, AcceptEnv SHLVL
         sshd -D -e -f dir/sshd_config  (a child of this process; its log in dir/sshd.log)
 
@@ -23,11 +24,14 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 DOWN = "127.0.0.4"  # nothing listens there
+#: names of ssh_config that stand for the loopback computers (the docs use them)
+ALIASES = {"web1": "127.0.0.1", "web2": "127.0.0.2", "db1": "127.0.0.3", "down": DOWN}
 
 
 def find_sshd() -> str | None:
@@ -54,8 +58,9 @@ def _free_port() -> int:
 class LoopbackSSHD:
     """An sshd of our own on 127.0.0.1, .2 and .3, with its own keys and files."""
 
-    def __init__(self, directory: str | os.PathLike[str], *, max_sessions: int = 64) -> None:
-        self.dir = Path(directory)
+    def __init__(self, directory: str | os.PathLike[str] | None = None, *, max_sessions: int = 64) -> None:
+        self._own_dir = directory is None
+        self.dir = Path(tempfile.mkdtemp(prefix="psjobs-sshd-") if directory is None else directory)
         self.max_sessions = max_sessions
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -104,8 +109,10 @@ class LoopbackSSHD:
             "AcceptEnv SHLVL\n"
             "PrintMotd no\nLogLevel ERROR\n")
         self.known_hosts.write_text("".join(f"[{a}]:{self.port} {self.host_public}\n" for a in ADDRESSES))
+        aliases = "".join(f"Host {name}\n  HostName {address}\n" for name, address in ALIASES.items())
         self.ssh_config.write_text(
-            "Host 127.0.0.*\n"
+            aliases +
+            f"Host 127.0.0.* {' '.join(ALIASES)}\n"
             f"  Port {self.port}\n"
             f"  User {self.user}\n"
             f"  IdentityFile {self.client_key}\n"
@@ -156,6 +163,10 @@ class LoopbackSSHD:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        if self._own_dir:
+            import atexit
+
+            atexit.register(shutil.rmtree, self.dir, True)
         import psutil
 
         # Each connection's sshd runs in a session of its own: end them with the listener.

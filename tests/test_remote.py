@@ -5,6 +5,7 @@ processes, so a test that leaves a remote process behind fails."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd_helper.Loo
 def rs(server: sshd_helper.LoopbackSSHD) -> Iterator[psjobs.Session]:
     """A session that reaches the three computers through the server's own config and keys."""
     s = psjobs.Session(stop_grace=2.0)
-    psjobs.configure_ssh(s, config=str(server.ssh_config))
+    # The remote interpreter: this one (the same minor version, whatever CI runs), without its
+    # site-packages, so that psjobs and cloudpickle are always sent (and the sending is tested).
+    psjobs.configure_ssh(s, config=str(server.ssh_config), python=f"{sys.executable} -S")
     try:
         yield s
     finally:
@@ -359,6 +362,8 @@ def test_remote_generator_streams_its_items(rs: psjobs.Session, tmp_path: Path) 
     gate.touch()
     assert job.wait(60) and job.state is JobState.COMPLETED
     assert [c.output for c in job.child_jobs] == [[0, 1, 4, 9, 16]] * 2
+    notes = [r.message for r in job.debug]  # "-S": the remote has neither, psjobs sent both
+    assert len(notes) == 2 and all(n.startswith("sent psjobs and cloudpickle to ") for n in notes), notes
     assert job.child_jobs[0].exit_code is None
 
 
@@ -493,8 +498,6 @@ def _clean_env_imports(python: str) -> bool:
 
 
 def test_a_remote_interpreter_with_psjobs_is_reused(rs: psjobs.Session) -> None:
-    import sys
-
     psjobs.configure_ssh(rs, python=sys.executable)  # the same interpreter, seen through sshd
     job = rs.invoke_command(chatty, computer_name="127.0.0.1")
     assert job.wait(60) and job.state is JobState.COMPLETED and job.receive() == ["result"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,8 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
     of paths (``config=[]``: no OpenSSH config file at all). ``accept_new_host_keys=True``
     accepts, and records in the known_hosts file, the key of a computer that has no entry yet
     (OpenSSH's ``StrictHostKeyChecking accept-new``); a key that differs from its entry is always
-    refused. ``python``: the remote interpreter for callables. Example::
+    refused. ``python``: the remote interpreter for callables, a command line such as
+    ``"/opt/py/bin/python3 -S"``. Example::
 
         psjobs.configure_ssh(known_hosts="~/.ssh/known_hosts", accept_new_host_keys=True)
     """
@@ -144,6 +146,10 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
     if python is not _UNSET:
         if not isinstance(python, str) or not python.strip():
             raise TypeError("configure_ssh: python must name the remote interpreter, e.g. 'python3'")
+        try:
+            shlex.split(python)
+        except ValueError as exc:
+            raise ValueError(f"configure_ssh: python={python!r} is not a command line: {exc}") from None
         changes["python"] = python
     if connect_timeout is not _UNSET:
         if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \

@@ -860,7 +860,8 @@ class Engine:
         if child.spec.kind == CALL:
             announce = _ANNOUNCE_PYTHON or _FAKE_REMOTE_PYTHON or _local_python()
             source = boot.boot0(announce, {"computer": child.computer, "grace": grace}, _FAKE_REMOTE_PYTHON)
-            command = f"exec {shlex.quote(options.python)} -c {shlex.quote(source)}"
+            python = " ".join(shlex.quote(word) for word in shlex.split(options.python))
+            command = f"exec {python} -c {shlex.quote(source)}"
             boot_source = self.boot_source()
             factory = functools.partial(_CallChannel, child, boot_source)
         else:
