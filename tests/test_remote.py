@@ -479,9 +479,9 @@ def test_accept_new_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 def test_what_a_login_shell_prints_first_is_not_output() -> None:
     from psjobs._remote_boot import MARK
-    from psjobs._ssh import _Marked
+    from psjobs._ssh_channel import Marked
 
-    m = _Marked()
+    m = Marked()
     assert m.feed(b"Welcome!\nlast login") == b""
     assert m.feed(b" today\n" + MARK[:3]) == b""
     assert m.feed(MARK[3:] + b"real output\n") == b"real output\n"
