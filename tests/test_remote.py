@@ -554,3 +554,23 @@ def test_user_host_port_without_any_config(server: sshd_helper.LoopbackSSHD) -> 
         assert job.wait(30) and job.state is JobState.COMPLETED, job.reason
         assert job.location == name and job.receive(records=True)[0].computer_name == name
         assert job.output == [server.user]
+
+
+@pytest.mark.parametrize("marshalled", [True, False])
+def test_sent_modules_import_from_memory(marshalled: bool) -> None:
+    import importlib
+
+    from psjobs import _remote_boot as boot
+
+    sources = {"psj_sent_pkg": ["VALUE = 21\n", True],
+               "psj_sent_pkg.mod": ["from . import VALUE\nDOUBLE = VALUE * 2\n", False]}
+    finder = boot.MemoryFinder(boot.load_modules(boot.dump_modules(sources, marshalled)))
+    sys.meta_path.insert(0, finder)
+    try:
+        mod = importlib.import_module("psj_sent_pkg.mod")
+        assert mod.DOUBLE == 42 and mod.__file__ == "<psjobs-sent>/psj_sent_pkg/mod.py"
+        assert (finder.get_source("psj_sent_pkg.mod") is None) is marshalled
+    finally:
+        sys.meta_path.remove(finder)
+        for name in ("psj_sent_pkg", "psj_sent_pkg.mod"):
+            sys.modules.pop(name, None)

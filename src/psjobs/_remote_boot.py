@@ -19,8 +19,8 @@ Python callables::
     session --stdin--> BOOT0 (python3 -c): compare the Python minor versions first; refuse with a
                        plain-text frame on a mismatch, else read the bootstrap source and run main()
     main():  --stdout--> MARK + R_INFO (json: Python version, psjobs and cloudpickle found here)
-             <--stdin--  R_MODULES (json: the sources of psjobs/cloudpickle when missing or different,
-                         served from memory: nothing is written on the remote disk)
+             <--stdin--  R_MODULES (psjobs/cloudpickle when missing or different: code objects
+                         compiled by the session, served from memory; nothing is written to disk)
              fork: child = setsid + psjobs._worker.serve(pipe from the watchdog, the channel's stdout)
              watchdog (parent) relays JOB/ANSWER frames to the child; R_STOP or the end of stdin ->
              killpg TERM, KILL after the grace period; when the child is gone -> R_EXIT (json status)
@@ -53,7 +53,7 @@ HEADER = struct.Struct("!IB")  # the psjobs frame header (_wire.HEADER): length,
 R_INFO = 129     # remote -> session: json {python, executable, psjobs, wire, cloudpickle}
 R_REFUSE = 130   # remote -> session: plain text: why the remote refuses (a Python version mismatch)
 R_EXIT = 131     # remote -> session: json {"status": wait status of the worker}
-R_MODULES = 132  # session -> remote: json {module name: [source, is_package]}
+R_MODULES = 132  # session -> remote: {module name: [code or source, is_package]} (load_modules)
 R_STOP = 133     # session -> remote: json {"grace": seconds}
 
 TICK = 0.05  # seconds between the watchdog's checks that the process group is gone
@@ -194,6 +194,8 @@ def _read_frame(fd: int, splitter: FrameSplitter,
 def probe() -> dict[str, Any]:
     """What this interpreter has: the session sends what is missing or different."""
     info: dict[str, Any] = {"python": list(sys.version_info[:3]), "executable": sys.executable,
+                            "implementation": sys.implementation.name,
+                            "magic": importlib.util.MAGIC_NUMBER.hex(),
                             "psjobs": None, "wire": None, "cloudpickle": None}
     try:
         import psjobs
@@ -213,7 +215,11 @@ def probe() -> dict[str, Any]:
 
 
 class MemoryFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
-    """Imports the modules the session sent, from memory (nothing is written on the remote disk)."""
+    """Imports the modules the session sent, from memory (nothing is written on the remote disk).
+
+    An entry is ``[code, is_package]``: code objects compiled by the session (marshal, when both
+    interpreters share the bytecode magic number) or source text compiled here.
+    """
 
     def __init__(self, modules: dict[str, list[Any]]) -> None:
         self.modules = modules
@@ -223,23 +229,52 @@ class MemoryFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
         entry = self.modules.get(fullname)
         if entry is None:
             return None
-        spec = importlib.util.spec_from_loader(fullname, self, origin=f"<psjobs-sent>/{fullname}",
+        spec = importlib.util.spec_from_loader(fullname, self, origin=_sent_name(fullname),
                                                is_package=bool(entry[1]))
         return spec
 
-    def get_source(self, fullname: str) -> str:
-        return str(self.modules[fullname][0])
+    def get_source(self, fullname: str) -> str | None:
+        code = self.modules[fullname][0]
+        return code if isinstance(code, str) else None
 
     def is_package(self, fullname: str) -> bool:
         return bool(self.modules[fullname][1])
 
     def get_code(self, fullname: str) -> Any:
-        filename = f"<psjobs-sent>/{fullname.replace('.', '/')}.py"
-        return compile(self.get_source(fullname), filename, "exec", dont_inherit=True)
+        code = self.modules[fullname][0]
+        if isinstance(code, str):
+            return compile(code, _sent_name(fullname), "exec", dont_inherit=True)
+        return code
 
     def exec_module(self, module: Any) -> None:
-        module.__file__ = f"<psjobs-sent>/{module.__name__.replace('.', '/')}.py"
+        module.__file__ = _sent_name(module.__name__)
         exec(self.get_code(module.__name__), module.__dict__)
+
+
+def _sent_name(fullname: str) -> str:
+    return f"<psjobs-sent>/{fullname.replace('.', '/')}.py"
+
+
+def load_modules(payload: bytes) -> dict[str, list[Any]]:
+    """An R_MODULES payload: b"M" + marshal of code objects, or b"J" + json of sources."""
+    import marshal
+
+    if payload[:1] == b"M":
+        return dict(marshal.loads(payload[1:]))
+    return dict(json.loads(payload[1:].decode("utf-8")))
+
+
+def dump_modules(sources: dict[str, list[Any]], marshalled: bool) -> bytes:
+    """The session's side of load_modules (``sources``: name -> [source, is_package])."""
+    import marshal
+
+    if not sources:
+        return b"J{}"
+    if marshalled:
+        codes = {name: [compile(src, _sent_name(name), "exec", dont_inherit=True), pkg]
+                 for name, (src, pkg) in sources.items()}
+        return b"M" + marshal.dumps(codes)
+    return b"J" + json.dumps(sources).encode("utf-8")
 
 
 def install(modules: dict[str, list[Any]]) -> None:
@@ -414,7 +449,7 @@ def main(params: dict[str, Any], version: tuple[int, int], mark: bytes) -> None:
     got = _read_frame(0, splitter, pending)
     if got is None or got[0] != R_MODULES:
         os._exit(0)  # the session went away, or refused this computer
-    modules = json.loads(got[1].decode("utf-8"))
+    modules = load_modules(got[1])
     if modules:
         install(modules)
     rfd, wfd = os.pipe()

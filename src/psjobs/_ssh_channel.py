@@ -296,6 +296,12 @@ class CallChannel(Channel):
         child = self.child
         remote = tuple(info.get("python", [0, 0])[:2])
         local = local_python()
+        if info.get("implementation", sys.implementation.name) != sys.implementation.name:
+            self.refuse(RemoteVersionError(
+                f"{child.computer} cannot run the callable: its Python is {info.get('implementation')} "
+                f"({info.get('executable')}), this session's {sys.implementation.name}; name another "
+                f"interpreter with psjobs.configure_ssh(python=...)"))
+            return
         if remote != local:  # checked here too, before anything from there is unpickled
             self.refuse(RemoteVersionError(
                 f"{child.computer} cannot run the callable: it runs Python "
