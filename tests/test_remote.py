@@ -346,6 +346,19 @@ class Boom(ValueError):
     pass
 
 
+class Point:
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+    def moved(self, dx: int) -> Point:
+        return Point(self.x + dx, self.y)
+
+
+def move_all(points: list[Point], dx: int) -> Any:
+    for p in points:
+        yield p.moved(dx)
+
+
 def explode(x: int) -> None:
     def inner() -> None:
         raise Boom(f"boom {x}")
@@ -365,6 +378,15 @@ def test_remote_generator_streams_its_items(rs: psjobs.Session, tmp_path: Path) 
     notes = [r.message for r in job.debug]  # "-S": the remote has neither, psjobs sent both
     assert len(notes) == 2 and all(n.startswith("sent psjobs and cloudpickle to ") for n in notes), notes
     assert job.child_jobs[0].exit_code is None
+
+
+def test_the_callers_own_classes_travel_by_value(rs: psjobs.Session) -> None:
+    import cloudpickle
+
+    job = rs.invoke_command(move_all, [Point(1, 2), Point(3, 4)], 10, computer_name="127.0.0.2")
+    assert job.wait(60) and job.state is JobState.COMPLETED, job.reason
+    assert [(p.x, p.y) for p in job.receive()] == [(11, 2), (13, 4)]
+    assert __name__ not in cloudpickle.list_registry_pickle_by_value()  # registered for the call only
 
 
 def test_print_goes_to_information_with_the_computer(rs: psjobs.Session,

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 _ANNOUNCE_PYTHON: tuple[int, int] | None = None
 _FAKE_REMOTE_PYTHON: tuple[int, int] | None = None
 _PICKLE_LOCK = threading.Lock()
+_MODULES: dict[tuple[bool, bool, bool], bytes] = {}  # R_MODULES payloads by what the remote lacks
 
 
 # --- the engine ------------------------------------------------------------------------------------
@@ -69,7 +70,6 @@ class Engine:
         self.loop = asyncio.new_event_loop()
         self.pools: dict[str, Pool] = {}
         self.children: dict[int, Child] = {}
-        self._modules: dict[tuple[bool, bool, bool], bytes] = {}
         self._boot_source: bytes | None = None
         self._closed = False
         self.thread = threading.Thread(target=self._run, name="psjobs-ssh", daemon=True)
@@ -94,7 +94,10 @@ class Engine:
 
         with _PICKLE_LOCK:
             registered = []
+            already = cloudpickle.list_registry_pickle_by_value()
             for module in _by_value_modules(spec.target, spec.init):
+                if module.__name__ in already:
+                    continue  # the user registered it: leave it registered
                 with contextlib.suppress(ValueError):
                     cloudpickle.register_pickle_by_value(module)
                     registered.append(module)
@@ -132,18 +135,20 @@ class Engine:
         need_cp = info.get("cloudpickle") != cloudpickle.__version__
         marshalled = info.get("magic") == importlib.util.MAGIC_NUMBER.hex()
         key = (need_psjobs, need_cp, marshalled)
-        if key not in self._modules:
-            sources: dict[str, list[Any]] = {}
-            if need_psjobs:
-                sources.update(_package_sources(psjobs))
-            if need_cp:
-                sources.update(_package_sources(cloudpickle))
-            self._modules[key] = boot.dump_modules(sources, marshalled)
+        with _PICKLE_LOCK:  # made once a process: every session sends the same bytes
+            payload = _MODULES.get(key)
+            if payload is None:
+                sources: dict[str, list[Any]] = {}
+                if need_psjobs:
+                    sources.update(_package_sources(psjobs))
+                if need_cp:
+                    sources.update(_package_sources(cloudpickle))
+                payload = _MODULES[key] = boot.dump_modules(sources, marshalled)
         sent = [name for name, needed in (("psjobs", need_psjobs), ("cloudpickle", need_cp)) if needed]
         where = info.get("executable")
         note = (f"sent {' and '.join(sent)} to {where} (missing or another version there; served from memory)"
                 if sent else f"using psjobs and cloudpickle installed for {where}")
-        return self._modules[key], note
+        return payload, note
 
     # --- starting --------------------------------------------------------------------------------
     def start(self, jobs: list[Job], spec: JobSpec, limit: int) -> None:
