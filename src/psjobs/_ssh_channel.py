@@ -423,7 +423,8 @@ class Child:
         elif not ch.started():
             self.end(entries, Event.FAIL, WorkerError(self.fail_text(
                 f"the login shell could not start the psjobs watchdog (exit status {code}): "
-                f"{ch.not_started_text() or 'no message'}; psjobs needs /bin/sh and setsid there")), code)
+                f"{ch.not_started_text() or 'no message'}; psjobs needs a POSIX login shell (sh, bash, "
+                f"zsh, ksh) and /bin/sh there")), code)
         elif code is None:
             self.end(entries, Event.FAIL, WorkerError(self.fail_text(
                 f"the command ended without an exit status (signal {ch.signal or 'unknown'})")), None)
