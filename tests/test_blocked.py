@@ -139,3 +139,40 @@ def test_module_level_verbs(default_session: Any) -> None:
     assert psjobs.suspend_job(job) == [job]
     assert psjobs.resume_job(job) == [job]
     psjobs.stop_job(job)
+
+
+def stepper(n: int):  # type: ignore[no-untyped-def]
+    for i in range(n):
+        psjobs.write_progress("copying", f"file {i + 1} of {n}", 100 * (i + 1) / n)
+        yield i
+    psjobs.write_progress("copying", completed=True)
+
+
+def test_progress_bars_while_receiving_and_waiting(tmp_path: Any) -> None:
+    import io
+
+    from rich.console import Console
+
+    class BarHost(psjobs.Host):
+        def __init__(self) -> None:
+            super().__init__(progress=True)
+            self.buffer = io.StringIO()
+            self.displays: list[Any] = []
+
+        def progress_display(self, total: int | None = None, force: bool = False) -> Any:
+            from psjobs._progress import ProgressDisplay
+
+            shown = ProgressDisplay(Console(file=self.buffer, force_terminal=True, width=100), total=total)
+            self.displays.append(shown)
+            return shown
+
+    host = BarHost()
+    with psjobs.Session(host=host) as s:
+        jobs = [s.start_job(stepper, 3) for _ in range(2)]
+        assert s.wait_job(jobs, show_progress=True, timeout=30) == jobs
+        assert host.displays[-1].done == 2 and host.displays[-1].bars == {}
+        job = s.start_job(stepper, 3)
+        assert s.receive_job(job, wait=True, timeout=30) == [0, 1, 2]
+        assert host.displays[-1].bars == {}  # finished bars are gone, not left behind
+    assert "copying" in host.buffer.getvalue()
+    assert "jobs done 2/2" in host.buffer.getvalue()

@@ -6,11 +6,13 @@ import atexit
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from ._format import JobList
 from ._job import Job
 from ._session import JobSelector, Session
+from ._state import JobState
 
 _default: Session | None = None
 _lock = threading.Lock()
@@ -60,19 +62,34 @@ def invoke_command(target: Any, *args: Any, computer_name: str | Iterable[str] |
                                             throttle_limit=throttle_limit, job_name=job_name, **kwargs)
 
 
-def get_job(id: Any = None, **filters: Any) -> list[Job]:
-    """The session's jobs by ascending id; see Session.get_job for the filters."""
-    return JobList(default_session().get_job(id, **filters))
+def get_job(id: Any = None, *, name: str | Iterable[str] | None = None, instance_id: Any = None,
+            state: JobState | str | None = None, command: str | Iterable[str] | None = None,
+            has_more_data: bool | None = None, before: datetime | None = None, after: datetime | None = None,
+            newest: int | None = None, include_child_jobs: bool = False,
+            child_job_state: JobState | str | None = None) -> list[Job]:
+    """The session's jobs by ascending id (all top-level jobs without arguments), filtered."""
+    return default_session().get_job(id, name=name, instance_id=instance_id, state=state, command=command,
+                                     has_more_data=has_more_data, before=before, after=after, newest=newest,
+                                     include_child_jobs=include_child_jobs, child_job_state=child_job_state)
 
 
-def receive_job(jobs: JobSelector, **options: Any) -> list[Any]:
-    """The output not yet received; see Session.receive_job for the options."""
-    return default_session().receive_job(jobs, **options)
+def receive_job(jobs: JobSelector, *, keep: bool = False, wait: bool = False, timeout: float | None = None,
+                auto_remove: bool = False, no_recurse: bool = False, error_action: str = "continue",
+                records: bool = False) -> list[Any]:
+    """The output items not yet received, in production order; other records go to the host.
+
+    ``keep`` reads without consuming; ``wait`` follows the jobs until they finish (``timeout``
+    bounds it); ``records`` returns OutputRecords; ``error_action="stop"`` raises JobFailedError.
+    """
+    return default_session().receive_job(jobs, keep=keep, wait=wait, timeout=timeout, auto_remove=auto_remove,
+                                         no_recurse=no_recurse, error_action=error_action, records=records)
 
 
-def wait_job(jobs: JobSelector, **options: Any) -> list[Job]:
-    """Wait until the jobs are done; ``[]`` on timeout. See Session.wait_job."""
-    return JobList(default_session().wait_job(jobs, **options))
+def wait_job(jobs: JobSelector, *, any: bool = False, timeout: float | None = None,
+             state: JobState | str | None = None, show_progress: bool = False) -> list[Job]:
+    """Wait until the jobs are done (the first one with ``any=True``); ``[]`` on timeout."""
+    return JobList(default_session().wait_job(jobs, any=any, timeout=timeout, state=state,
+                                              show_progress=show_progress))
 
 
 def stop_job(jobs: JobSelector, *, pass_thru: bool = False) -> list[Job]:

@@ -33,7 +33,7 @@ def format_table(jobs: Job | Iterable[Job], *, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-class JobList(list):  # type: ignore[type-arg]
+class JobList(list[Job]):
     """A list of jobs that shows itself as the Get-Job table in a REPL."""
 
     def __repr__(self) -> str:

@@ -58,12 +58,35 @@ class Host:
     at each call, so redirections made after the session was created apply.
     """
 
-    def __init__(self, *, verbose: bool = False, debug: bool = False,
+    def __init__(self, *, verbose: bool = False, debug: bool = False, progress: bool | None = None,
                  stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
         self.verbose = verbose
         self.debug = debug
+        #: live progress bars while receive_job(wait=True) waits: None shows them on a terminal
+        self.progress = progress
         self._stdout = stdout
         self._stderr = stderr
+
+    def progress_display(self, total: int | None = None, force: bool = False) -> Any:
+        """A ProgressDisplay to draw on, or None where bars are not wanted (not a terminal)."""
+        wanted = self.progress
+        if wanted is None:
+            try:
+                wanted = self.stderr.isatty()
+            except (AttributeError, ValueError):
+                wanted = False
+        if not wanted and not force:
+            return None
+        from ._progress import ProgressDisplay
+
+        console = None
+        try:
+            from rich.console import Console
+
+            console = Console(file=self.stderr)
+        except ImportError:
+            pass
+        return ProgressDisplay(console, file=self.stderr, total=total)
 
     @property
     def stdout(self) -> TextIO:
@@ -345,6 +368,7 @@ class Session:
         errors: list[ErrorRecord] = []
         reasons: list[BaseException] = []
         host = self.host
+
         def answer(leaf: Job, prompt: str) -> bool:
             reply = host.read_input(leaf, prompt)
             if reply is None:
@@ -353,20 +377,43 @@ class Session:
             self.send_input(leaf, reply)
             return True
 
-        for leaf, stream, payload, t in self._read(leaves, keep, wait, timeout, answer):
-            if stream == Stream.OUTPUT:
-                output.append(OutputRecord(payload, t, leaf.computer_name, leaf) if records else payload)
-                continue
-            if stream == Stream.ERROR:
-                errors.append(payload)
-                if action == "silent":
+        # Progress is drawn live while waiting, then the bars go away (PowerShell #24575: a replay of
+        # old progress records left bars behind); a receive that does not wait shows none.
+        shown = host.progress_display() if wait and hasattr(host, "progress_display") else None
+        ended: set[int] = set()
+        try:
+            for leaf, stream, payload, t in self._read(leaves, keep, wait, timeout, answer):
+                if shown is not None and leaf._state.is_finished and leaf.id not in ended:
+                    ended.add(leaf.id)
+                    shown.job_done(leaf)
+                if stream == Stream.PROGRESS:
+                    if shown is not None:
+                        shown.update(leaf, payload)
                     continue
-            host.write_record(leaf, payload)
+                self._receive_one(leaf, stream, payload, t, records, action, output, errors)
+        finally:
+            if shown is not None:
+                shown.close()
         for leaf in leaves:
             if leaf._state is JobState.FAILED and leaf._reason is not None:
                 reasons.append(leaf._reason)
                 if action == "continue":
                     host.write_failure(leaf, leaf._reason)
+        return self._after_receive(selected, auto_remove, action, output, errors, reasons)
+
+    def _receive_one(self, leaf: Job, stream: Stream, payload: Any, t: float, records: bool, action: str,
+                     output: list[Any], errors: list[ErrorRecord]) -> None:
+        if stream == Stream.OUTPUT:
+            output.append(OutputRecord(payload, t, leaf.computer_name, leaf) if records else payload)
+            return
+        if stream == Stream.ERROR:
+            errors.append(payload)
+            if action == "silent":
+                return
+        self.host.write_record(leaf, payload)
+
+    def _after_receive(self, selected: list[Job], auto_remove: bool, action: str, output: list[Any],
+                       errors: list[ErrorRecord], reasons: list[BaseException]) -> list[Any]:
         if auto_remove:
             finished = [j for j in selected if j.parent is None and j.state.is_finished]
             if finished:
@@ -499,8 +546,12 @@ class Session:
 
     # --- waiting ---------------------------------------------------------------------------
     def wait_job(self, jobs: JobSelector, *, any: bool = False, timeout: float | None = None,
-                 state: JobState | str | None = None) -> list[Job]:
-        """Wait until the jobs are done (or one, with any=True); [] on timeout."""
+                 state: JobState | str | None = None, show_progress: bool = False) -> list[Job]:
+        """Wait until the jobs are done (or one, with any=True); [] on timeout.
+
+        ``show_progress=True`` draws how many jobs are done and each job's latest progress record
+        while it waits (PowerShell #12069); nothing is consumed.
+        """
         _check_timeout("wait_job", timeout)
         want = JobState.parse(state) if state is not None else None
         selected = self._resolve(jobs, "wait_job")
@@ -509,23 +560,65 @@ class Session:
         if not selected:
             return JobList()
         deadline = None if timeout is None else time.monotonic() + timeout
+        if show_progress:
+            shown = self.host.progress_display(total=len(selected), force=True)
+            try:
+                return self._wait_showing(selected, any, deadline, shown)
+            finally:
+                shown.close()
         with self._cond:
-            while True:
-                done = [j for j in selected if j._state.is_persistent]
-                if any and done:
-                    return JobList([done[0]])
-                if not any and len(done) == len(selected):
-                    return JobList(selected)
-                blocked = [j for j in selected if j._state is JobState.BLOCKED]
-                if blocked and (not any or len(blocked) + len(done) == len(selected)):
-                    job = blocked[0]
-                    raise JobBlockedError(
-                        f"wait_job: {describe_job(job)} waits for input, so waiting would never end; "
-                        f"answer it with receive_job({job.id}) or job.send_input(text), then wait again")
+            result = self._wait_locked(selected, any, deadline)
+        assert result is not None
+        return result
+
+    def _wait_showing(self, selected: list[Job], any: bool, deadline: float | None, shown: Any) -> list[Job]:
+        seen: dict[int, int] = {}
+        counted: set[int] = set()
+        while True:
+            updates: list[tuple[Job, Any]] = []
+            with self._cond:
+                for job in selected:
+                    for leaf in job._leaves():
+                        entries = leaf._entries or []
+                        start = seen.get(leaf.id, 0)
+                        for stream, payload, _ in entries[start:]:
+                            if stream == Stream.PROGRESS:
+                                updates.append((job, payload))  # one bar per job waited for
+                        seen[leaf.id] = len(entries)
+                finished = [j for j in selected if j._state.is_persistent and j.id not in counted]
+                result = self._wait_locked(selected, any, deadline, once=True)
+            for leaf, record in updates:
+                shown.update(leaf, record)
+            for job in finished:
+                counted.add(job.id)
+                shown.job_done(job)
+            if result is not None:
+                return result
+            with self._cond:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return JobList()
-                self._cond.wait(remaining)
+                self._cond.wait(0.1 if remaining is None else max(0.0, min(0.1, remaining)))
+
+    def _wait_locked(self, selected: list[Job], any: bool, deadline: float | None,
+                 once: bool = False) -> JobList | None:
+        """Wait with the lock held; with ``once``, None instead of waiting when not done yet."""
+        while True:
+            done = [j for j in selected if j._state.is_persistent]
+            if any and done:
+                return JobList([done[0]])
+            if not any and len(done) == len(selected):
+                return JobList(selected)
+            blocked = [j for j in selected if j._state is JobState.BLOCKED]
+            if blocked and (not any or len(blocked) + len(done) == len(selected)):
+                job = blocked[0]
+                raise JobBlockedError(
+                    f"wait_job: {describe_job(job)} waits for input, so waiting would never end; "
+                    f"answer it with receive_job({job.id}) or job.send_input(text), then wait again")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return JobList()
+            if once:
+                return None
+            self._cond.wait(remaining)
 
     # --- stopping --------------------------------------------------------------------------
     def stop_job(self, jobs: JobSelector, *, pass_thru: bool = False) -> list[Job]:
