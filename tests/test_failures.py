@@ -262,3 +262,35 @@ def test_spawn_fallback_runs_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
         slow = s.start_job("sleep 30")
         s.stop_job(slow)
         assert slow.state is JobState.STOPPED
+
+
+def _orphans_since(t0: float) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["ppid", "cmdline", "create_time"]):
+        info = p.info
+        if info["ppid"] == 1 and info["create_time"] >= t0 - 1 and "psjobs._forkserver" in " ".join(
+                info["cmdline"] or []):
+            out.append(p.pid)
+    return out
+
+
+def test_stop_before_the_fork_then_close_leaves_no_orphan() -> None:
+    """A job stopped before its worker exists, then the session closed at once (found by bench/)."""
+    import time
+
+    def busy() -> None:
+        while True:
+            try:
+                sum(range(1000))
+            except Exception:
+                pass
+
+    t0 = time.time()
+    for _ in range(3):
+        s = psjobs.Session(stop_grace=1)
+        job = s.start_job(busy)
+        s.stop_job(job)
+        s.close()
+    wait_until(lambda: not _orphans_since(t0), timeout=10, what="no orphaned worker")

@@ -63,14 +63,40 @@ def main() -> None:
     spares: list[tuple[int, socket.socket]] = []
     own = (wake_r, wake_w, ctl.fileno())
     _top_up(spares, own)
+    try:
+        _serve(ctl, workers, spares, own, wake_r)
+    except SessionGone:
+        _shutdown(workers, spares)
+
+
+class SessionGone(Exception):
+    """The session closed its end: the server must end, and take every worker with it."""
+
+
+def _tell(ctl: socket.socket, message: tuple[Any, ...]) -> None:
+    try:
+        ctl.send(pickle.dumps(message))
+    except OSError as exc:
+        raise SessionGone() from exc
+
+
+def _serve(ctl: socket.socket, workers: dict[int, Any], spares: list[tuple[int, socket.socket]],
+           own: tuple[int, ...], wake_r: int) -> None:
+    wake_w = own[1]
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     while True:
+        # Spares are made when the server is idle: forking one while a job runs competes with
+        # that job for the CPU (measured: DONE at 1.8 ms, the job's end seen at 5.1 ms).
+        idle_ms = -1 if len(spares) >= SPARES else 2
         try:
-            events = poller.poll()
+            events = poller.poll(idle_ms)
         except InterruptedError:
             events = []
+        if not events:
+            _top_up(spares, own)
+            continue
         for fd, _mask in events:
             if fd == wake_r:
                 try:
@@ -85,8 +111,7 @@ def main() -> None:
             except OSError:
                 msg, fds = b"", []
             if not msg:
-                _shutdown(workers, spares)
-                return
+                raise SessionGone()
             request = pickle.loads(msg)
             if request[0] == "fork":
                 if not _hand_to_spare(ctl, request[1], fds, workers, spares):
@@ -95,7 +120,6 @@ def main() -> None:
                 for extra in fds:
                     os.close(extra)
         _reap(ctl, workers, spares)
-        _top_up(spares, own)
 
 
 def _top_up(spares: list[tuple[int, socket.socket]], own: tuple[int, ...]) -> None:
@@ -150,7 +174,7 @@ def _hand_to_spare(ctl: socket.socket, token: Any, fds: list[int], workers: dict
         for fd in fds:
             os.close(fd)
         workers[pid] = token
-        ctl.send(pickle.dumps(("forked", token, pid)))
+        _tell(ctl, ("forked", token, pid))
         return True
     return False
 
@@ -190,7 +214,7 @@ def _fork(ctl: socket.socket, token: Any, fds: list[int], workers: dict[int, Any
     for source in outputs:
         os.close(source)
     workers[pid] = token
-    ctl.send(pickle.dumps(("forked", token, pid)))
+    _tell(ctl, ("forked", token, pid))
 
 
 def _reap(ctl: socket.socket, workers: dict[int, Any], spares: list[tuple[int, socket.socket]]) -> None:
@@ -208,10 +232,7 @@ def _reap(ctl: socket.socket, workers: dict[int, Any], spares: list[tuple[int, s
                 break
         token = workers.pop(pid, None)
         if token is not None:
-            try:
-                ctl.send(pickle.dumps(("exited", token, pid, status)))
-            except OSError:
-                pass
+            _tell(ctl, ("exited", token, pid, status))
 
 
 def _shutdown(workers: dict[int, Any], spares: list[tuple[int, socket.socket]]) -> None:

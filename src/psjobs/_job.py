@@ -291,7 +291,9 @@ class Job:
             self._entries = [entry]
         else:
             self._entries.append(entry)
-        self._session._cond.notify_all()
+        cond = self._session._cond
+        if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
+            cond.notify_all()
 
     # --- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:

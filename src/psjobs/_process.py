@@ -37,7 +37,7 @@ from ._backend import block, deliver, finish, report, unblock
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
 from ._records import ErrorRecord, InformationRecord, Stream
 from ._state import Event
-from ._wire import DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, frame
+from ._wire import DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, decode_records, frame
 
 if TYPE_CHECKING:
     from ._job import Entry, Job
@@ -160,10 +160,14 @@ class IOLoop:
 def _loop_error(where: Any, exc: BaseException) -> None:
     owner = getattr(where, "__self__", None)
     fail = getattr(owner, "broken", None)
-    if callable(fail):
-        fail(exc)
-    else:  # pragma: no cover - a bug in psjobs itself; say it rather than hide it
-        print(f"psjobs: internal error in the I/O loop: {exc!r}", file=sys.__stderr__)
+    try:
+        if callable(fail):
+            fail(exc)  # fails that one job with the reason
+            return
+    except Exception as again:
+        exc = again
+    # A bug in psjobs itself: say it rather than hide it, and keep the loop (and every other job) alive.
+    print(f"psjobs: internal error in the I/O loop: {exc!r}", file=sys.__stderr__)
 
 
 class _Handle:
@@ -249,6 +253,8 @@ class _CallHandle(_Handle):
         self.registered = False
         self.prompt: str | None = None
         self.server: _ForkServer | None = None  # where it was submitted (a new one after a death)
+        self.pidfd = -1        # the worker's pidfd, from its HELLO: its exit, without the server
+        self.exited = False
         # fd 1 and 2 of the worker (C code, child processes): their lines become records.
         r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
         r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
@@ -298,6 +304,8 @@ class _CallHandle(_Handle):
             deliver(self.job, entries)
 
     def register(self) -> None:
+        if self.sock.fileno() < 0:
+            return  # closed before the loop came to it (the session is closing)
         mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
         self.backend.loop.sel.register(self.sock, mask, self.on_event)
         for fd in self.pipes:
@@ -332,7 +340,7 @@ class _CallHandle(_Handle):
     def on_frame(self, kind: int, payload: bytes | bytearray) -> None:
         if kind == RECORDS:
             try:
-                entries = pickle.loads(payload)
+                entries = decode_records(payload)
             except Exception as exc:
                 entries = [(Stream.ERROR, ErrorRecord(
                     f"psjobs could not unpickle records from the worker ({type(exc).__name__}: {exc}); "
@@ -341,11 +349,12 @@ class _CallHandle(_Handle):
         elif kind == DONE:
             self.done = pickle.loads(payload)
         elif kind == HELLO:
-            version, _pid, python = pickle.loads(payload)
+            version, pid, _python = pickle.loads(payload)
             if version != VERSION:
                 raise ProtocolError(f"the worker speaks protocol {version}, this session {VERSION}; "
                                     f"install the same psjobs on both sides")
-            _ = python
+            self._started(pid)
+            self._watch_exit(pid)
         elif kind == PROMPT:
             self.prompt = pickle.loads(payload)
             block(self.job, str(self.prompt))
@@ -353,13 +362,41 @@ class _CallHandle(_Handle):
             raise ProtocolError(f"unexpected frame kind {kind} from a worker")
 
     def on_forked(self, pid: int) -> None:
-        self.pid = pid
         self._close_worker_ends()
+        self._started(pid)
+
+    def _started(self, pid: int) -> None:
+        """The worker exists (its HELLO or the server's word, whichever comes first)."""
+        if self.pid is not None:
+            return
+        self.pid = pid
         with self.job.session._cond:
             self.job.pid = pid
             self.job._apply(Event.START)
-        if self.job._stop_requested:  # stopped before the fork was done
+        if self.job._stop_requested:  # stopped before the worker existed
             self.stop(self.backend.session.stop_grace)
+
+    def _watch_exit(self, pid: int) -> None:
+        # The worker's exit seen here, not through the fork server's report: that report waits
+        # for the server, which may be busy forking a spare (measured: up to 30 ms late).
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            self.exited = True
+            return
+        self.backend.loop.sel.register(self.pidfd, selectors.EVENT_READ, self.on_pidfd)
+
+    def on_pidfd(self, mask: int) -> None:
+        self._close_pidfd()
+        self.exited = True
+        self.maybe_end()
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
 
     def on_exited(self, status: int | None) -> None:
         self.status = status
@@ -371,7 +408,10 @@ class _CallHandle(_Handle):
         self.maybe_end()
 
     def maybe_end(self) -> None:
-        if self.finished or not self.eof or not (self.status_known or self.server_lost):
+        if self.finished or not self.eof:
+            return
+        # With DONE, the worker's exit is enough; without it, wait for its status: it says why.
+        if not (self.status_known or self.server_lost or (self.done is not None and self.exited)):
             return
         # What the worker printed at fd level is in the pipes now; a grandchild that keeps
         # them open does not hold the job (we take what is there and close).
@@ -415,6 +455,7 @@ class _CallHandle(_Handle):
                 self.backend.loop.sel.unregister(self.sock)
             self.registered = False
         self.sock.close()
+        self._close_pidfd()
         for fd in list(self.pipes):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.backend.loop.sel.unregister(fd)
@@ -600,7 +641,8 @@ class _ForkServer:
         ours.settimeout(None)
         self.alive = True
         def register() -> None:
-            backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
+            if self.alive and self.sock.fileno() >= 0:  # not already closed by a closing session
+                backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
 
         backend.loop.call_soon(register)
 

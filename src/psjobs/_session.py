@@ -477,7 +477,7 @@ class Session:
             # Outside the lock: a consumer may be slow, and a job must never wait for a printer.
             for leaf, entries in batch:
                 for stream, payload, t in entries:
-                    yield leaf, Stream(stream), payload, t
+                    yield leaf, _STREAMS[stream], payload, t  # a tuple index: Stream(n) cost 0.35 us
             stop_waiting = False
             for leaf, prompt in prompts:
                 asked.add((leaf.id, prompt))
@@ -738,6 +738,9 @@ class Session:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+_STREAMS = tuple(Stream)
+
 
 def _descendants(job: Job) -> list[Job]:
     out: list[Job] = []

@@ -53,6 +53,10 @@ class Channel:
                 self._write(payload)
             finally:
                 _Ctx.sending = False
+        # A SIGTERM that came while the frame was on its way only set the flag (a frame is never
+        # cut in half): act on it now, or a busy job would run on until the SIGKILL.
+        if _Ctx.stop and _Ctx.in_user and threading.current_thread() is threading.main_thread():
+            raise JobStopped()
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -94,26 +98,27 @@ class _Ctx:
     stop = False
 
 
-def _dumps_batch(batch: list[tuple[int, Any, float]]) -> bytes:
+def _dumps_batch(streams: bytes, values: list[Any], times: list[float]) -> bytes:
+    """A RECORDS payload (see _wire.decode_records); what cannot be pickled becomes a Snapshot."""
     try:
-        return pickle.dumps(batch, protocol=5)
+        return pickle.dumps((streams, values, times), protocol=5)
     except Exception:
         pass
     import cloudpickle  # values of classes made at run time (defined in __main__, closures...)
 
     try:
-        data: bytes = cloudpickle.dumps(batch, protocol=5)
+        data: bytes = cloudpickle.dumps((streams, values, times), protocol=5)
         return data
     except Exception:
         pass
     safe = []
-    for stream, payload, t in batch:
+    for value in values:
         try:
-            cloudpickle.dumps(payload, protocol=5)
-            safe.append((stream, payload, t))
+            cloudpickle.dumps(value, protocol=5)
+            safe.append(value)
         except Exception as exc:
-            safe.append((stream, _stand_in(payload, exc), t))
-    out: bytes = cloudpickle.dumps(safe, protocol=5)
+            safe.append(_stand_in(value, exc))
+    out: bytes = cloudpickle.dumps((streams, safe, times), protocol=5)
     return out
 
 
@@ -137,7 +142,10 @@ class Writer:
         self.channel = channel
         self.computer_name = computer_name
         self.line_buffers: dict[int, str] = {}
-        self._buf: list[tuple[int, Any, float]] = []
+        # The batch in columns: one append each is cheaper than a tuple an item, and pickles 6x faster.
+        self._streams = bytearray()
+        self._buf: list[Any] = []
+        self._times: list[float] = []
         self._first = 0.0
         self._lock = threading.Lock()
         self._wake_w = -1
@@ -149,7 +157,9 @@ class Writer:
         now = time.time() if t is None else t
         with self._lock:
             buf = self._buf
-            buf.append((stream, payload, now))
+            buf.append(payload)
+            self._streams.append(stream)
+            self._times.append(now)
             if len(buf) == 1:
                 self._first = now
                 self._arm()
@@ -184,8 +194,9 @@ class Writer:
         buf = self._buf
         if not buf:
             return
-        self._buf = []
-        self.channel.send(RECORDS, _dumps_batch(buf))
+        streams, times = bytes(self._streams), self._times
+        self._buf, self._streams, self._times = [], bytearray(), []
+        self.channel.send(RECORDS, _dumps_batch(streams, buf, times))
 
     def _arm(self) -> None:
         """Make sure a batch that just started leaves within FLUSH_SECONDS, even if the job goes quiet.
@@ -332,7 +343,7 @@ def prepare(*, computer_name: str | None = None, capture_fds: bool = False) -> N
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Touch the pickling paths once, so their pages are ours before the job comes.
-    _dumps_batch([(Stream.OUTPUT, None, 0.0)])
+    _dumps_batch(b"\0", [None], [0.0])
     pickle.loads(pickle.dumps({"cwd": "", "env": {}, "sys_path": []}, protocol=5))
     _Prepared.writer = writer
 

@@ -1,0 +1,1 @@
+"""psjobs benchmarks against its peers: ``python -m bench [--quick] [area ...]`` (see README)."""

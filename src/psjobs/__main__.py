@@ -1,0 +1,7 @@
+"""``python -m psjobs``: the psjobs command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,428 @@
+"""The ``psjobs`` command: the job verbs for the shell, a thin adapter over the session host.
+
+::
+
+    argv --argparse--> one function per command --Client.call/stream--> session host
+                              |                                           (runs the verbs)
+                              +--> the Get-Job table, records, or --json, on stdout/stderr
+
+Exit statuses are decided in one place (``main``), from the ``exit_code`` of the error classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, TextIO, cast
+
+from ._client import Client, HostError, host_free
+from ._errors import JobFailedError, JobNotFinishedError, JobNotFoundError, PsJobsError
+from ._format import format_table
+from ._records import Record, Stream
+from ._session import Host
+
+
+class UsageError(PsJobsError):
+    """The command line is wrong (argparse says so too, with the same status)."""
+
+    exit_code = 2
+
+
+class WaitTimeoutError(PsJobsError):
+    """``wait --timeout`` or ``receive --wait --timeout`` ran out of time; the jobs go on."""
+
+    exit_code = 6
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "another error (the session host cannot start or be reached, ...)",
+    UsageError.exit_code: "usage: a bad option or argument",
+    JobNotFoundError.exit_code: "not found: an id or name matches no job",
+    JobNotFinishedError.exit_code: "not finished: remove a running job without --force",
+    JobFailedError.exit_code: "failed job: receive or wait met a job that failed",
+    WaitTimeoutError.exit_code: "timeout: wait --timeout ran out; the jobs go on",
+}
+
+ALIASES = {"start": "Start-Job", "get": "Get-Job", "receive": "Receive-Job", "wait": "Wait-Job",
+           "stop": "Stop-Job", "remove": "Remove-Job", "invoke": "Invoke-Command"}
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+class _View:
+    """A job as format_table reads it."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.id = row["id"]
+        self.name = row["name"]
+        self.job_type = row["job_type"]
+        self.state = row["state"]
+        self.has_more_data = row["has_more_data"]
+        self.location = row["location"]
+        self.command = row["command"]
+
+
+def _print_jobs(rows: list[dict[str, Any]] | dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(format_table(cast(Any, [_View(r) for r in (rows if isinstance(rows, list) else [rows])])))
+
+
+class _Ordered:
+    """stdout and stderr written in the order records were produced: switching from one to the
+    other flushes the first, so a terminal (or `2>&1`) shows them interleaved as they happened."""
+
+    def __init__(self) -> None:
+        self.last: TextIO | None = None
+
+    def stream(self, target: TextIO) -> TextIO:
+        ordered = self
+
+        class _Side:
+            def write(self, text: str) -> int:
+                if ordered.last is not None and ordered.last is not target:
+                    ordered.last.flush()
+                ordered.last = target
+                return target.write(text)
+
+            def flush(self) -> None:
+                target.flush()
+
+        return cast(TextIO, _Side())
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).astimezone().isoformat()
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+def cmd_start(client: Client, a: argparse.Namespace) -> int:
+    if not a.command:
+        raise UsageError("start: give the command after `--`, e.g. psjobs start -- make test")
+    cwd = os.path.abspath(a.directory) if a.directory else os.getcwd()
+    row = client.call("start", command=a.command, name=a.name, thread=a.thread, cwd=cwd,
+                      env=None if a.thread else dict(os.environ))
+    return _show_new(row, a)
+
+
+def cmd_invoke(client: Client, a: argparse.Namespace) -> int:
+    if not a.command:
+        raise UsageError("invoke: give the command after `--`, e.g. psjobs invoke -c web1,web2 -- uptime")
+    computers = [c.strip() for c in ",".join(a.computer).split(",") if c.strip()]
+    if not computers:
+        raise UsageError("invoke: name at least one computer with -c HOST[,HOST...]")
+    row = client.call("invoke", command=a.command, computers=computers, throttle=a.throttle, name=a.name)
+    return _show_new(row, a)
+
+
+def _show_new(row: dict[str, Any], a: argparse.Namespace) -> int:
+    if a.quiet:
+        print(row["id"])
+    else:
+        _print_jobs(row, a.json)
+    return 0
+
+
+def cmd_get(client: Client, a: argparse.Namespace) -> int:
+    rows = client.call("get", ids=a.ids, state=a.state, newest=a.newest, children=a.children)
+    _print_jobs(rows, a.json)
+    return 0
+
+
+def cmd_receive(client: Client, a: argparse.Namespace) -> int:
+    ordered = _Ordered()
+    out = ordered.stream(sys.stdout)
+    host = Host(stdout=out, stderr=ordered.stream(sys.stderr))
+    result: dict[str, Any] = {}
+    for response in client.stream("receive", ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout,
+                                  auto_remove=a.auto_remove):
+        if response.get("more"):
+            for _, job, stream, t, is_json, value in response["result"]["records"]:
+                if a.json:
+                    item = {"id": job, "stream": Stream(stream).name.title(), "time": _iso(t)}
+                    if stream == Stream.OUTPUT:
+                        item["value"] = value
+                    else:
+                        item.update(value if is_json else {"message": value})
+                    out.write(json.dumps(item) + "\n")
+                elif stream == Stream.OUTPUT:
+                    out.write((value if isinstance(value, str) else json.dumps(value)) + "\n"
+                              if is_json else value + "\n")
+                else:
+                    fields = value if is_json else {"message": value}
+                    message = str(fields.get("message", ""))
+                    record = Record(Stream(stream), message, t, fields.get("computer_name"))
+                    host.write_record(cast(Any, None), record)
+        else:
+            result = response["result"]
+    err = ordered.stream(sys.stderr)
+    for f in result.get("failures", ()):
+        if a.json:
+            out.write(json.dumps({"id": f["id"], "child_id": f["child_id"], "stream": "Failure",
+                                  "reason": f["reason"]}) + "\n")
+        else:
+            where = f["computer_name"]
+            prefix = f"[{where}] " if where and where != "localhost" else ""
+            err.write(f"{prefix}Job {f['id']} {f['name']!r} failed: {f['reason']}\n")
+    sys.stdout.flush()
+    if result.get("failures"):
+        return JobFailedError.exit_code
+    if result.get("timed_out"):
+        raise WaitTimeoutError(f"receive: the jobs did not finish within {a.timeout:g}s; they go on: "
+                               f"receive again later")
+    return 0
+
+
+def cmd_wait(client: Client, a: argparse.Namespace) -> int:
+    result = client.call("wait", ids=a.ids, any=a.any, timeout=a.timeout)
+    done, pending = result["done"], result["pending"]
+    if not done and pending:
+        names = ", ".join(f"Job {r['id']} {r['name']!r} ({r['state']})" for r in pending[:5])
+        raise WaitTimeoutError(f"wait: timed out after {a.timeout:g}s; still going: {names}; wait again, "
+                               f"or stop them with `psjobs stop {' '.join(str(r['id']) for r in pending)}`")
+    _print_jobs(done, a.json)
+    failed = [r for r in done if r["state"] == "Failed"]
+    for r in failed if not a.json else ():
+        print(f"Job {r['id']} {r['name']!r} failed: {r['reason']}", file=sys.stderr)
+    return JobFailedError.exit_code if failed else 0
+
+
+def cmd_stop(client: Client, a: argparse.Namespace) -> int:
+    _print_jobs(client.call("stop", ids=a.ids), a.json)
+    return 0
+
+
+def cmd_remove(client: Client, a: argparse.Namespace) -> int:
+    result = client.call("remove", ids=a.ids, force=a.force)
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_host(client: Client, a: argparse.Namespace) -> int:
+    if a.action == "start":
+        client.connect(start=True).close()
+    if a.action == "stop":
+        try:
+            result = client.call("shutdown", start=False)
+        except HostError:
+            print(f"psjobs host: not running ({client.paths.home})")
+            return 0
+        _wait_free(client)
+        if a.json:
+            print(json.dumps(result))
+        else:
+            stopped = result["stopped"]
+            extra = f"; stopped its running jobs: {', '.join(map(str, stopped))}" if stopped else ""
+            print(f"psjobs host: stopped{extra}")
+        return 0
+    try:
+        status = client.call("status", start=False)
+    except HostError:
+        if a.json:
+            print(json.dumps({"running": False, "home": str(client.paths.home)}))
+        else:
+            print(f"psjobs host: not running ({client.paths.home})")
+        return 1
+    if a.json:
+        print(json.dumps({"running": True, **status}, indent=2))
+    else:
+        print(f"psjobs host: running, pid {status['pid']}, since {status['started']}\n"
+              f"  jobs: {status['jobs']} ({status['running_jobs']} running), records: {status['records']}\n"
+              f"  socket: {status['socket']}\n  database: {status['database']}\n  log: {status['log']}")
+    return 0
+
+
+def _wait_free(client: Client, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not host_free(client.paths):  # the host releases its lock as it exits
+        if time.monotonic() > deadline:
+            raise HostError(f"the psjobs host did not end within {timeout:g}s; see {client.paths.log}")
+        time.sleep(0.01)
+
+
+def cmd_shell(client: Client, a: argparse.Namespace) -> int:
+    try:
+        start_shell = importlib.import_module("psjobs.ipython").start_shell
+        result = start_shell(list(a.args))  # it imports IPython itself
+    except (ImportError, AttributeError) as exc:
+        print(f"psjobs shell: needs IPython, which cannot be imported here ({exc}); install it with "
+              f"`pip install 'psjobs[ipython]'`", file=sys.stderr)
+        return UsageError.exit_code
+    return result if isinstance(result, int) else 0
+
+
+def cmd_tour(client: Client, a: argparse.Namespace) -> int:
+    from ._tour import run_tour
+
+    return run_tour(main)
+
+
+# --- the parser --------------------------------------------------------------------------------------
+
+def _exit_codes_text() -> str:
+    return "exit status:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="psjobs", formatter_class=fmt,
+        description="PowerShell-style background jobs for the shell. Jobs run in a per-user session "
+                    "host that starts on first use and keeps every job and record on disk, so they "
+                    "outlive the shell that started them.",
+        epilog=_exit_codes_text() + "\n\nExample:\n  psjobs start -n build -- make -j4 && psjobs get")
+    parser.add_argument("--version", action="version", version=f"psjobs {_version()}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
+
+    def add(name: str, func: Callable[[Client, argparse.Namespace], int], help: str, example: str,
+            details: str = "") -> argparse.ArgumentParser:
+        aliases = [ALIASES[name]] if name in ALIASES else []
+        p = sub.add_parser(name, aliases=aliases, parents=[common], help=help, formatter_class=fmt,
+                           description=help + (f"\n\n{details}" if details else ""),
+                           epilog=f"Example:\n  {example}")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("start", cmd_start, "Start a command as a background job and print its row.",
+            "psjobs start -n backup -- rsync -a src/ /mnt/backup/",
+            "One argument after `--` is a shell command line (run by /bin/sh -c); several are an argv,\n"
+            "run without a shell. The job gets this shell's environment and directory.")
+    p.add_argument("-n", "--name", help="the job's name (default JobN)")
+    p.add_argument("--thread", action="store_true",
+                   help="run it as a ThreadJob in the host's process (its environment is the host's)")
+    p.add_argument("-C", "--directory", metavar="DIR", help="working directory (default: the current one)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+
+    p = add("get", cmd_get, "List jobs as the Get-Job table (all top-level jobs by default).",
+            "psjobs get --state Running",
+            "IDs, names (wildcards allowed: 'build*') and instance ids select jobs.")
+    p.add_argument("ids", nargs="*", metavar="ID|NAME")
+    p.add_argument("--state", help="only jobs in this state (Running, Completed, Failed, Stopped, ...)")
+    p.add_argument("--newest", type=int, metavar="N",
+                   help="only the N most recently finished (running jobs count as the newest)")
+    p.add_argument("--children", action="store_true", help="list the child jobs too")
+
+    p = add("receive", cmd_receive, "Write what jobs produced and was not received yet.",
+            "psjobs receive 1 > results.txt",
+            "Output goes to stdout, errors and warnings to stderr, in the order they were produced.\n"
+            "Receiving consumes the records unless --keep; a failed job's reason is shown every time.")
+    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p.add_argument("--keep", action="store_true", help="leave the records to be received again")
+    p.add_argument("--wait", action="store_true", help="follow the jobs until they finish")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds")
+    p.add_argument("--auto-remove", action="store_true", help="with --wait: remove the jobs afterwards")
+
+    p = add("wait", cmd_wait, "Wait until jobs are finished (or one of them, with --any).",
+            "psjobs wait 3 --timeout 60 && psjobs receive 3")
+    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p.add_argument("--any", action="store_true", help="return when the first of them finishes")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds (exit status 6)")
+
+    p = add("stop", cmd_stop, "Stop jobs for real (their whole process group) and show them.",
+            "psjobs stop backup")
+    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+
+    p = add("remove", cmd_remove, "Remove finished jobs and all their records.", "psjobs remove 1 2 3",
+            "A job that is still running is refused (exit status 4) unless --force, which stops it first.")
+    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p.add_argument("-f", "--force", action="store_true", help="stop running jobs first")
+
+    p = add("invoke", cmd_invoke, "Run a command on computers over SSH as one RemoteJob.",
+            "psjobs invoke -c web1,web2 -- uptime")
+    p.add_argument("-c", "--computer", action="append", required=True, metavar="HOST[,HOST...]")
+    p.add_argument("--throttle", type=int, default=32, metavar="N", help="at most N computers at once")
+    p.add_argument("-n", "--name", help="the job's name")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+
+    p = add("host", cmd_host, "Show, start or stop the session host that runs the jobs.",
+            "psjobs host status",
+            "The host starts by itself on first use. `stop` stops its running jobs (their records\n"
+            "are kept). `status` exits with 1 when no host runs.")
+    p.add_argument("action", choices=("status", "stop", "start"))
+
+    p = add("shell", cmd_shell, "Open IPython with psjobs loaded.", "psjobs shell")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    add("tour", cmd_tour, "A one-minute tour: real commands against a temporary host.", "psjobs tour")
+    return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a timeout is >= 0 seconds, not {text}")
+    return value
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _normalize(argv: list[str]) -> list[str]:
+    """Command names and PowerShell aliases in any case: `psjobs get-job` is `psjobs get`."""
+    names = {n.lower(): n for n in ALIASES} | {v.lower(): k for k, v in ALIASES.items()}
+    names |= {n: n for n in ("host", "shell", "tour")}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            canonical = names.get(arg.lower())
+            if canonical is not None:
+                argv = [*argv[:i], canonical, *argv[i + 1:]]
+            break
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the psjobs command; return its exit status (see EXIT_CODES)."""
+    args = _normalize(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        ns, extra = parser.parse_known_args(args)
+        if extra and ns.cmd == "shell":
+            ns.args = [*extra, *ns.args]  # IPython's own options go through untouched
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else UsageError.exit_code
+    if ns.cmd is None:
+        parser.print_help()
+        return UsageError.exit_code
+    if getattr(ns, "command", None) and ns.command[0] == "--":
+        ns.command = ns.command[1:]
+    try:
+        code: int = ns.func(Client(), ns)
+        return code
+    except (PsJobsError, FileNotFoundError, NotADirectoryError) as exc:
+        sys.stdout.flush()
+        print(f"psjobs: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", UsageError.exit_code))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`psjobs receive 1 | head`): say nothing, like other tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

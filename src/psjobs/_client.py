@@ -1,0 +1,228 @@
+"""The command's side of the session host: where it lives, the frames, and the client.
+
+::
+
+    psjobs command --Client.stream(verb, args)--> connect host.sock (start the host if none answers)
+                   <--response frames------------ (parts with more=true, then the last one)
+
+    frame:    | magic b"PSJH" | version: u8 | length: u32 | a JSON object, UTF-8 |
+
+Kept apart from the host itself (``_host``) so a command imports neither SQLite nor the server.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ._errors import ProtocolError, PsJobsError
+from ._wire import _recv_exact as recv_exact
+
+MAGIC = b"PSJH"
+VERSION = 1
+HEADER = struct.Struct("!4sBI")
+MAX_REQUEST = 1 << 20        # 1 MiB: a request is a verb and a few arguments (an environment at most)
+MAX_RESPONSE = 1 << 30       # responses come from the user's own host; pages are ~4 MiB
+_SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
+_BOOT = "import sys; from psjobs._host import host_main; sys.exit(host_main(sys.argv[1:]))"
+
+
+class HostError(PsJobsError):
+    """The session host cannot be reached, refused to start, or broke the protocol."""
+
+
+class RequestError(HostError):
+    """A request the host cannot accept: malformed, oversized, another version, bad arguments."""
+
+    exit_code = 2
+
+
+class HostReplyError(PsJobsError):
+    """An error the host replied with; ``exit_code`` is the one the host chose for its class."""
+
+    def __init__(self, message: str, type_name: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.exit_code = exit_code
+
+
+# --- where things are --------------------------------------------------------------------------
+
+def state_dir() -> Path:
+    """$PSJOBS_HOME, else $XDG_STATE_HOME/psjobs, else ~/.local/state/psjobs."""
+    home = os.environ.get("PSJOBS_HOME")
+    if home:
+        return Path(home).expanduser().absolute()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return base / "psjobs"
+
+
+class Paths:
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home or state_dir()
+        self.socket = self.home / "host.sock"
+        self.database = self.home / "jobs.db"
+        self.lock = self.home / "host.lock"
+        self.log = self.home / "host.log"
+
+    def prepare(self) -> None:
+        """Make the directory private to its owner (0700) and check that the socket path fits."""
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = self.home.stat()
+        if st.st_uid != os.getuid():
+            raise HostError(f"the psjobs state directory {self.home} belongs to uid {st.st_uid}, not to you "
+                            f"(uid {os.getuid()}); set PSJOBS_HOME to a directory of your own")
+        if st.st_mode & 0o077:
+            os.chmod(self.home, 0o700)
+        if len(os.fsencode(self.socket)) > _SOCKET_MAX:
+            raise HostError(f"the socket path {self.socket} is longer than a unix socket allows "
+                            f"({_SOCKET_MAX} bytes); set PSJOBS_HOME to a shorter directory")
+
+
+# --- frames ----------------------------------------------------------------------------------------
+
+def pack(payload: Any) -> bytes:
+    body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+    return HEADER.pack(MAGIC, VERSION, len(body)) + body
+
+
+def read_frame(sock: socket.socket, cap: int, who: str) -> bytes | None:
+    """One frame's body; None at a clean end of stream. Raises RequestError on a broken frame."""
+    head = _recv_exact(sock, HEADER.size, who)
+    if head is None:
+        return None
+    magic, version, length = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise RequestError(f"{who} sent something that is not a psjobs frame (it starts with {head[:4]!r})")
+    if version != VERSION:
+        raise RequestError(f"{who} speaks psjobs protocol version {version}, this side speaks {VERSION}: "
+                           f"the host and the command come from different psjobs versions; stop the host "
+                           f"with `psjobs host stop` (jobs and records are kept) and run the command again")
+    if length > cap:
+        raise RequestError(f"{who} sent a {length}-byte frame, over the {cap}-byte limit")
+    body = _recv_exact(sock, length, who) if length else b""
+    if body is None:
+        raise RequestError(f"{who} closed the connection in the middle of a frame")
+    return body
+
+
+def _recv_exact(sock: socket.socket, n: int, who: str) -> bytes | None:
+    try:
+        return recv_exact(sock, n)
+    except ProtocolError:
+        raise RequestError(f"{who} closed the connection in the middle of a frame") from None
+
+
+def answers(paths: Paths) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(paths.socket))
+            return True
+        except OSError:
+            return False
+
+
+def host_free(paths: Paths) -> bool:
+    """True when no host holds the lock (none runs, or the last one has ended)."""
+    try:
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+# --- the client ------------------------------------------------------------------------------------
+
+class Client:
+    """The command's side: connect (starting the host on first use), send a request, read replies."""
+
+    def __init__(self, paths: Paths | None = None) -> None:
+        self.paths = paths or Paths()
+
+    def connect(self, start: bool = True) -> socket.socket:
+        sock = self._try_connect()
+        if sock is not None:
+            return sock
+        if not start:
+            raise HostError(f"no psjobs host runs for {self.paths.home}")
+        self.start_host()
+        deadline = time.monotonic() + 15.0
+        while True:
+            sock = self._try_connect()
+            if sock is not None:
+                return sock
+            if time.monotonic() > deadline:
+                raise HostError(f"the psjobs host for {self.paths.home} started but does not answer on "
+                                f"{self.paths.socket}; see {self.paths.log}")
+            time.sleep(0.02)  # another host holds the lock and is about to listen
+
+    def _try_connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.paths.socket))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            return None
+        except OSError as exc:
+            sock.close()
+            raise HostError(f"cannot reach the psjobs host on {self.paths.socket}: {exc}") from exc
+
+    def start_host(self) -> None:
+        """Start a host in the background and return once it listens (or another one does)."""
+        import subprocess
+
+        self.paths.prepare()
+        done = subprocess.run([sys.executable, "-c", _BOOT, "--home", str(self.paths.home), "--daemon"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=60)
+        if done.returncode != 0:
+            raise HostError(done.stderr.decode(errors="replace").strip()
+                            or f"the psjobs host could not start; see {self.paths.log}")
+
+    def stream(self, verb: str, start: bool = True, **args: Any) -> Iterator[dict[str, Any]]:
+        """Send one request; yield each response (parts first, the final one last)."""
+        with self.connect(start) as sock:
+            try:
+                sock.sendall(pack({"verb": verb, "args": args}))
+                yield from self._responses(sock)
+            except ConnectionError as exc:  # also a host that died while it had us in its backlog
+                raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "
+                                f"crashed; see {self.paths.log}); run the command again") from exc
+
+    def _responses(self, sock: socket.socket) -> Iterator[dict[str, Any]]:
+        while True:
+            body = read_frame(sock, MAX_RESPONSE, "the host")
+            if body is None:
+                raise ConnectionResetError("end of stream before the last response")
+            response = json.loads(body)
+            for text in response.get("warnings") or ():
+                print(f"WARNING: {text}", file=sys.stderr)
+            if not response.get("ok"):
+                err = response.get("error") or {}
+                raise HostReplyError(str(err.get("message", "the host refused the request")),
+                                     str(err.get("type", "HostError")), int(err.get("exit_code", 1)))
+            yield response
+            if not response.get("more"):
+                return
+
+    def call(self, verb: str, start: bool = True, **args: Any) -> Any:
+        result = None
+        for response in self.stream(verb, start, **args):
+            result = response.get("result")
+        return result
