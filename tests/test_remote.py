@@ -511,12 +511,19 @@ def test_what_a_login_shell_prints_first_is_not_output() -> None:
     assert m.feed(b"more") == b"more"
 
 
-def _clean_env_imports(python: str) -> bool:
+def _same_psjobs_there(python: str) -> bool:
+    """Whether ``python``, started as sshd starts it, has this psjobs protocol and cloudpickle."""
     import subprocess
 
+    import cloudpickle
+
+    from psjobs import _wire
+
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")}
-    done = subprocess.run([python, "-c", "import psjobs, cloudpickle"], env=env, capture_output=True)
-    return done.returncode == 0
+    done = subprocess.run([python, "-c", "import psjobs, cloudpickle; from psjobs import _wire; "
+                           "print(psjobs.__version__, _wire.VERSION, cloudpickle.__version__)"],
+                          env=env, capture_output=True, text=True)
+    return done.stdout.split() == [psjobs.__version__, str(_wire.VERSION), cloudpickle.__version__]
 
 
 def test_a_remote_interpreter_with_psjobs_is_reused(rs: psjobs.Session) -> None:
@@ -524,9 +531,9 @@ def test_a_remote_interpreter_with_psjobs_is_reused(rs: psjobs.Session) -> None:
     job = rs.invoke_command(chatty, computer_name="127.0.0.1")
     assert job.wait(60) and job.state is JobState.COMPLETED and job.receive() == ["result"]
     notes = [r.message for r in job.debug]
-    if _clean_env_imports(sys.executable):
+    if _same_psjobs_there(sys.executable):
         assert any(n.startswith("using psjobs and cloudpickle installed") for n in notes), notes
-    else:
+    else:  # not installed there, or another version: psjobs sends its own
         assert any(n.startswith("sent psjobs") for n in notes), notes
 
 

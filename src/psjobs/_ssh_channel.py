@@ -32,7 +32,7 @@ from ._process import _load_reason
 from ._records import ErrorRecord, Record, Stream
 from ._remote import RemoteConnectionError, RemoteVersionError, ssh_options
 from ._state import Event
-from ._wire import ANSWER, DONE, HELLO, JOB, MAX_FRAME, PROMPT, RECORDS, VERSION
+from ._wire import ANSWER, DONE, HELLO, JOB, MAX_FRAME, PROMPT, RECORDS, VERSION, decode_records
 
 if TYPE_CHECKING:
     from ._job import Entry, Job
@@ -262,7 +262,13 @@ class CallChannel(Channel):
     def on_frame(self, kind: int, payload: bytes) -> None:
         child = self.child
         if kind == RECORDS:
-            entries = pickle.loads(payload)
+            try:
+                entries = decode_records(payload)
+            except Exception as exc:  # a value whose class cannot be rebuilt here: say so, go on
+                now = time.time()
+                entries = [(Stream.ERROR, ErrorRecord(
+                    f"psjobs could not unpickle records from {child.computer} ({type(exc).__name__}: "
+                    f"{exc}); they are lost, the job goes on", now, child.computer, exc), now)]
             for _stream, record, _t in entries:
                 if isinstance(record, Record) and record.computer_name is None:
                     record.computer_name = child.computer
