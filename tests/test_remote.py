@@ -603,3 +603,9 @@ def test_sent_modules_import_from_memory(marshalled: bool) -> None:
         sys.meta_path.remove(finder)
         for name in ("psj_sent_pkg", "psj_sent_pkg.mod"):
             sys.modules.pop(name, None)
+
+
+def test_a_command_that_sets_its_own_exit_trap_still_ends(rs: psjobs.Session) -> None:
+    job = rs.invoke_command("trap 'echo bye' EXIT; echo hi; exit 4", computer_name="127.0.0.1")
+    assert job.wait(30) and job.state is JobState.FAILED and job.exit_code == 4
+    assert job.receive() == ["hi", "bye"]

@@ -129,8 +129,12 @@ class Channel(asyncssh.SSHClientSession[bytes]):
 
     def _exited(self) -> None:
         # The remote process ended; the channel closes as soon as its output ends. Should something
-        # keep it open (a watcher whose shell was killed by someone else), closing it makes the
-        # watchdog end what is left of the job.
+        # keep it open (a watcher whose shell was killed by someone else, or whose EXIT trap the
+        # command replaced), "q" lets it go, and closing the channel later makes the watchdog end
+        # what is left of the job.
+        if self.chan is not None and not self.closed and self.child.stop_grace is None:
+            with contextlib.suppress(Exception):
+                self.chan.write(b"q\n")
         asyncio.get_running_loop().call_later(_LINGER, self._linger)
 
     def _linger(self) -> None:
