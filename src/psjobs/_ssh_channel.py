@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ._target import JobSpec
 
 STOP_MARGIN = 3.0  # seconds past the grace before a stop closes the channel itself
+_NUDGE = 0.05  # seconds after the remote process ended before its watcher is told to go ("q")
 _LINGER = 2.0  # seconds a channel may stay open after its remote process ended
 
 
@@ -132,10 +133,14 @@ class Channel(asyncssh.SSHClientSession[bytes]):
         # keep it open (a watcher whose shell was killed by someone else, or whose EXIT trap the
         # command replaced), "q" lets it go, and closing the channel later makes the watchdog end
         # what is left of the job.
+        loop = asyncio.get_running_loop()
+        loop.call_later(_NUDGE, self._nudge)
+        loop.call_later(_LINGER, self._linger)
+
+    def _nudge(self) -> None:
         if self.chan is not None and not self.closed and self.child.stop_grace is None:
             with contextlib.suppress(Exception):
                 self.chan.write(b"q\n")
-        asyncio.get_running_loop().call_later(_LINGER, self._linger)
 
     def _linger(self) -> None:
         if not self.closed and self.chan is not None:
