@@ -563,3 +563,15 @@ def test_terminal_session_with_tmux(tmp_path: Path) -> None:
         raise
     finally:
         subprocess.run([*base, "kill-server"], capture_output=True, timeout=10)
+
+
+def test_suspend_and_resume_magics(ip: Any, session: psjobs.Session) -> None:
+    run(ip, "j = !sleep 30 &")
+    job = ip.user_ns["j"]
+    wait_until(lambda: job.child_jobs[0].state is psjobs.JobState.RUNNING, what="the command")
+    ip.run_line_magic("suspend", "j")
+    assert job.state is psjobs.JobState.SUSPENDED
+    ip.run_line_magic("resume", str(job.id))
+    assert job.state is psjobs.JobState.RUNNING
+    ip.run_line_magic("stop", "j")
+    assert job.state is psjobs.JobState.STOPPED

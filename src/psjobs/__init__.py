@@ -64,6 +64,13 @@ from ._records import (
     Snapshot,
     Stream,
 )
+from ._remote import (
+    HostKeyError,
+    RemoteConnectionError,
+    RemoteVersionError,
+    SSHOptions,
+    configure_ssh,
+)
 from ._session import Host, Session
 from ._state import JobState
 
@@ -88,6 +95,7 @@ __all__ = [
     "ErrorRecord",
     "ExitStatusError",
     "Host",
+    "HostKeyError",
     "InformationRecord",
     "Job",
     "JobBlockedError",
@@ -105,13 +113,17 @@ __all__ = [
     "PsJobsError",
     "PsJobsWarning",
     "Record",
+    "RemoteConnectionError",
     "RemoteError",
     "RemoteTraceback",
+    "RemoteVersionError",
+    "SSHOptions",
     "Session",
     "Snapshot",
     "StopTimeoutWarning",
     "Stream",
     "WorkerError",
+    "configure_ssh",
     "default_session",
     "format_table",
     "get_job",

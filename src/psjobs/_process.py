@@ -254,6 +254,7 @@ class _CallHandle(_Handle):
         self.prompt: str | None = None
         self.server: _ForkServer | None = None  # where it was submitted (a new one after a death)
         self.pidfd = -1        # the worker's pidfd, from its HELLO: its exit, without the server
+        self.module: str | None = None  # the target's module, for the fork server to preload
         self.exited = False
         # fd 1 and 2 of the worker (C code, child processes): their lines become records.
         r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
@@ -624,7 +625,7 @@ class _ForkServer:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "psjobs._forkserver", str(theirs.fileno())],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+                                         stdout=subprocess.DEVNULL, env=env, start_new_session=True)
         finally:
             theirs.close()
         self.sock = ours
@@ -648,6 +649,9 @@ class _ForkServer:
 
     def submit(self, token: int, fds: list[int]) -> None:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
+
+    def preload(self, module: str) -> None:
+        self.sock.send(pickle.dumps(("preload", module)))
 
     def on_message(self, mask: int) -> None:
         while True:
@@ -703,6 +707,7 @@ class ProcessBackend:
         self.handles: set[_Handle] = set()                # every handle whose descriptors are open
         self._server: _ForkServer | None = None
         self._server_lock = threading.Lock()
+        self._preloaded: set[tuple[int, str]] = set()  # (server pid, module) asked for
         self._closed = False
         self.start_method = os.environ.get("PSJOBS_START_METHOD", "fork")
 
@@ -743,6 +748,7 @@ class ProcessBackend:
         except BlockingIOError:
             sent = 0
         handle = _CallHandle(self, job, ours, theirs, job_frame[sent:])
+        handle.module = getattr(spec.target, "__module__", None)
         job.backend_data = handle
         self.handles.add(handle)
         self.pending_calls[job.id] = handle
@@ -772,11 +778,20 @@ class ProcessBackend:
             try:
                 handle.server = server
                 server.submit(handle.job.id, handle.worker_fds())
+                self._ask_preload(server, handle.module)
                 return
             except OSError:
                 server.alive = False
                 self.loop.call_soon(server.lost)
         raise WorkerError("the fork server keeps dying; process jobs cannot start")
+
+    def _ask_preload(self, server: _ForkServer, module: str | None) -> None:
+        if not module or module == "__main__" or module.startswith("psjobs"):
+            return  # __main__'s functions travel by value; psjobs is loaded already
+        key = (server.proc.pid, module)
+        if key not in self._preloaded:
+            self._preloaded.add(key)
+            server.preload(module)
 
     def _spawn(self, handle: _CallHandle) -> None:
         assert handle.worker_sock is not None

@@ -55,8 +55,7 @@ class Channel:
                 _Ctx.sending = False
         # A SIGTERM that came while the frame was on its way only set the flag (a frame is never
         # cut in half): act on it now, or a busy job would run on until the SIGKILL.
-        if _Ctx.stop and _Ctx.in_user and threading.current_thread() is threading.main_thread():
-            raise JobStopped()
+        _Ctx.raise_stop()
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -96,6 +95,15 @@ class _Ctx:
     in_user = False
     sending = False
     stop = False
+    raised = False  # JobStopped is raised once: the job's finally blocks must be able to run
+
+    @classmethod
+    def raise_stop(cls) -> None:
+        """Raise JobStopped in the job's code if a stop is pending and was not raised yet."""
+        if cls.stop and cls.in_user and not cls.raised and not cls.sending \
+                and threading.current_thread() is threading.main_thread():
+            cls.raised = True
+            raise JobStopped()
 
 
 def _dumps_batch(streams: bytes, values: list[Any], times: list[float]) -> bytes:
@@ -167,8 +175,7 @@ class Writer:
             if len(buf) < FLUSH_ITEMS and now - self._first < FLUSH_SECONDS:
                 return
             self._flush_locked()
-        if _Ctx.stop and _Ctx.in_user and threading.current_thread() is threading.main_thread():
-            raise JobStopped()
+        _Ctx.raise_stop()
 
     def stop_requested(self) -> bool:
         return _Ctx.stop
@@ -302,8 +309,7 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 def _on_term(signum: int, frame: Any) -> None:
     _Ctx.stop = True
-    if _Ctx.in_user and not _Ctx.sending:
-        raise JobStopped()
+    _Ctx.raise_stop()
 
 
 class _Prepared:
@@ -371,8 +377,7 @@ def serve(rfd: int, wfd: int, *, computer_name: str | None = None, capture_fds: 
     try:
         try:
             _Ctx.in_user = True
-            if _Ctx.stop:
-                raise JobStopped()
+            _Ctx.raise_stop()
             code = _run(meta, writer)
         finally:
             _Ctx.in_user = False

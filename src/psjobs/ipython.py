@@ -436,6 +436,29 @@ class JobMagics(Magics):
 
     @line_magic  # type: ignore[untyped-decorator]
     @needs_local_scope  # type: ignore[untyped-decorator]
+    def suspend(self, line: str, local_ns: dict[str, Any] | None = None) -> Any:
+        """Pause process jobs (SIGSTOP to their process group). Usage: ``%suspend ID...``.
+
+        Example: ``%suspend 3``
+        """
+        words = _split(line)
+        self._no_other_options(words, "%suspend", "none")
+        jobs = self._select(self._need(words, "%suspend"), local_ns)
+        with _as_usage("%suspend"):
+            return psjobs.suspend_job(jobs)
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    def resume(self, line: str, local_ns: dict[str, Any] | None = None) -> Any:
+        """Let suspended jobs run on (SIGCONT). Usage: ``%resume ID...``. Example: ``%resume 3``"""
+        words = _split(line)
+        self._no_other_options(words, "%resume", "none")
+        jobs = self._select(self._need(words, "%resume"), local_ns)
+        with _as_usage("%resume"):
+            return psjobs.resume_job(jobs)
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
     def remove(self, line: str, local_ns: dict[str, Any] | None = None) -> None:
         """Drop finished jobs and their data (Remove-Job); --force stops running ones first.
 

@@ -1,0 +1,283 @@
+"""invoke_command: one RemoteJob, one child job per computer, run over SSH.
+
+::
+
+    invoke_command(target, computer_name=[a, b, c], throttle_limit=N)
+        checks (TypeError/ValueError, no job yet) -> spec (a callable is pickled now)
+        -> parent RemoteJob (Running, location "a, b, c") + children a, b, c (NotStarted)
+        -> SSHBackend.start_many: at most N children of this call run at once, in the given order
+    SSHBackend (this module, no asyncssh import) --> psjobs._ssh.Engine (asyncssh, one loop thread):
+        one connection per computer for the whole session, one channel per child job
+        records --> deliver(child) with .computer_name; the end --> finish(child, event)
+
+``import psjobs`` stays light: asyncssh is imported only when the first remote job starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._errors import PsJobsError, WorkerError
+from ._state import JobState
+from ._target import CALL, make_spec
+
+if TYPE_CHECKING:
+    from ._job import Job
+    from ._session import Session
+    from ._ssh import Engine
+    from ._target import JobSpec
+
+DEFAULT_THROTTLE = 32  # PowerShell's Invoke-Command default; 0 means this too
+ACCEPT_NEW_ENV = "PSJOBS_SSH_ACCEPT_NEW_HOST_KEYS"
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+class RemoteConnectionError(PsJobsError):
+    """A computer could not be reached, refused the login, or dropped the connection.
+
+    Only the child job of that computer fails; ``computer_name`` says which one.
+    """
+
+    def __init__(self, message: str, computer_name: str | None = None) -> None:
+        super().__init__(message)
+        self.computer_name = computer_name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.args[0], self.computer_name))
+
+
+class HostKeyError(RemoteConnectionError):
+    """The computer's host key is not in known_hosts (unknown) or differs from it (changed)."""
+
+
+class RemoteVersionError(WorkerError):
+    """The remote Python (minor version) or psjobs protocol differs from the session's."""
+
+
+# --- options ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SSHOptions:
+    """How a session reaches computers over SSH (see ``configure_ssh``).
+
+    ``None`` means "as OpenSSH would": ``~/.ssh/config``, the keys it names, the agent,
+    ``~/.ssh/known_hosts``. Secrets (``password``, ``passphrase``) never appear in a repr.
+    """
+
+    config: tuple[str, ...] | None = None
+    known_hosts: tuple[str, ...] | None = None
+    client_keys: tuple[str, ...] | None = None
+    username: str | None = None
+    port: int | None = None
+    accept_new_host_keys: bool | None = None
+    python: str = "python3"
+    connect_timeout: float = 15.0
+    password: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    passphrase: str | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def accepts_new_host_keys(self) -> bool:
+        """The option, else the environment variable PSJOBS_SSH_ACCEPT_NEW_HOST_KEYS=1."""
+        if self.accept_new_host_keys is not None:
+            return self.accept_new_host_keys
+        return os.environ.get(ACCEPT_NEW_ENV, "").strip().lower() in ("1", "yes", "true", "on")
+
+
+_options: weakref.WeakKeyDictionary[Session, SSHOptions] = weakref.WeakKeyDictionary()
+_UNSET: Any = object()
+
+
+def ssh_options(session: Session) -> SSHOptions:
+    """The SSH options of ``session`` (the defaults until configure_ssh changes them)."""
+    return _options.get(session) or SSHOptions()
+
+
+def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known_hosts: Any = _UNSET,
+                  client_keys: Any = _UNSET, username: Any = _UNSET, port: Any = _UNSET,
+                  accept_new_host_keys: Any = _UNSET, python: Any = _UNSET, connect_timeout: Any = _UNSET,
+                  password: Any = _UNSET, passphrase: Any = _UNSET) -> SSHOptions:
+    """Set how ``session`` (default: the default session) reaches computers; return the options.
+
+    Only the options given change. They apply to connections made from then on (a session keeps
+    one connection per computer). ``config``, ``known_hosts``, ``client_keys``: a path or a list
+    of paths (``config=[]``: no OpenSSH config file at all). ``accept_new_host_keys=True``
+    accepts, and records in the known_hosts file, the key of a computer that has no entry yet
+    (OpenSSH's ``StrictHostKeyChecking accept-new``); a key that differs from its entry is always
+    refused. ``python``: the remote interpreter for callables, a command line such as
+    ``"/opt/py/bin/python3 -S"``. Example::
+
+        psjobs.configure_ssh(known_hosts="~/.ssh/known_hosts", accept_new_host_keys=True)
+    """
+    if session is None:
+        from ._api import default_session
+
+        session = default_session()
+    from ._session import Session
+
+    if not isinstance(session, Session):
+        raise TypeError(f"configure_ssh: session must be a psjobs.Session, not {type(session).__name__}")
+    changes: dict[str, Any] = {}
+    if config is not _UNSET:
+        changes["config"] = _paths("config", config)
+    if known_hosts is not _UNSET:
+        changes["known_hosts"] = _paths("known_hosts", known_hosts)
+    if client_keys is not _UNSET:
+        changes["client_keys"] = _paths("client_keys", client_keys)
+    for key, value in (("username", username), ("password", password), ("passphrase", passphrase)):
+        if value is not _UNSET:
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"configure_ssh: {key} must be a non-empty str or None")
+            changes[key] = value
+    if port is not _UNSET:
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+            raise ValueError(f"configure_ssh: port must be a port number from 1 to 65535, not {port!r}")
+        changes["port"] = port
+    if accept_new_host_keys is not _UNSET:
+        if accept_new_host_keys is not None and not isinstance(accept_new_host_keys, bool):
+            raise TypeError("configure_ssh: accept_new_host_keys must be True, False or None")
+        changes["accept_new_host_keys"] = accept_new_host_keys
+    if python is not _UNSET:
+        if not isinstance(python, str) or not python.strip():
+            raise TypeError("configure_ssh: python must name the remote interpreter, e.g. 'python3'")
+        try:
+            shlex.split(python)
+        except ValueError as exc:
+            raise ValueError(f"configure_ssh: python={python!r} is not a command line: {exc}") from None
+        changes["python"] = python
+    if connect_timeout is not _UNSET:
+        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \
+                or connect_timeout <= 0:
+            raise ValueError(f"configure_ssh: connect_timeout must be seconds > 0, not {connect_timeout!r}")
+        changes["connect_timeout"] = float(connect_timeout)
+    options = dataclasses.replace(ssh_options(session), **changes)
+    _options[session] = options
+    return options
+
+
+def _paths(what: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (str, os.PathLike)) else value
+    if not isinstance(items, Iterable):
+        raise TypeError(f"configure_ssh: {what} must be a path or a list of paths, "
+                        f"not {type(value).__name__}")
+    out = []
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"configure_ssh: {what} must be a path or a list of paths, "
+                            f"not a list holding {type(item).__name__}")
+        out.append(os.path.expanduser(os.fspath(item)))
+    return tuple(str(p) for p in out)
+
+
+# --- the verb --------------------------------------------------------------------------------
+
+# user@host, host:port, [v6]:port; an alias from ~/.ssh/config. No spaces, no leading '-', and no
+# "user:password@": a secret in a computer name would show in every record and message.
+_COMPUTER = re.compile(r"^(?:[^@\s:]+@)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^@\s:\[\]]+)(?::\d{1,5})?$")
+
+
+def check_computers(value: Any) -> list[str]:
+    """The computer names of a call, checked (a str or an iterable of str, in order)."""
+    if value is None:
+        raise ValueError("invoke_command: computer_name is required; give the computers to run on, "
+                         "e.g. computer_name=['web1', 'admin@web2:2222']")
+    if isinstance(value, bytes) or not isinstance(value, (str, Iterable)):
+        raise TypeError(f"invoke_command: computer_name must be a str or a list of str, "
+                        f"not {type(value).__name__}")
+    names = [value] if isinstance(value, str) else list(value)
+    if not names:
+        raise ValueError("invoke_command: computer_name is empty; give at least one computer")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"invoke_command: computer names must be str, "
+                            f"not {type(name).__name__} ({name!r})")
+        if not name or name.startswith("-") or not _COMPUTER.match(name):
+            raise ValueError(f"invoke_command: {name!r} is not a computer name; use host, user@host or "
+                             f"host:port (an alias of ~/.ssh/config works too)")
+    return names
+
+
+def invoke_command(session: Session, target: Any, *args: Any,
+                   computer_name: str | Iterable[str] | None = None, as_job: bool = True,
+                   throttle_limit: int = DEFAULT_THROTTLE, job_name: str | None = None, **kwargs: Any) -> Any:
+    """Run ``target`` on each computer over SSH (see Session.invoke_command and docs/remote.md)."""
+    computers = check_computers(computer_name)
+    if not isinstance(as_job, bool):
+        raise TypeError(f"invoke_command: as_job must be True or False, not {type(as_job).__name__}")
+    if job_name is not None:
+        if not isinstance(job_name, str):
+            raise TypeError(f"invoke_command: job_name must be a str, not {type(job_name).__name__}")
+        if not as_job:
+            raise ValueError("invoke_command: job_name names a job, so it needs as_job=True (PowerShell's "
+                             "-JobName implies -AsJob); leave one of them out")
+    if isinstance(throttle_limit, bool) or not isinstance(throttle_limit, int) or throttle_limit < 0:
+        raise ValueError(f"invoke_command: throttle_limit must be a whole number >= 0 (0 means "
+                         f"{DEFAULT_THROTTLE}), not {throttle_limit!r}")
+    limit = throttle_limit or DEFAULT_THROTTLE
+    spec = make_spec(target, args, kwargs, verb="invoke_command")
+    backend: SSHBackend = session._backend("ssh")  # type: ignore[assignment]
+    backend.prepare(spec)
+    parent = session._add_tree(
+        {"job_type": "RemoteJob", "name": job_name, "command": spec.command,
+         "location": ", ".join(computers), "state": JobState.RUNNING},
+        [{"job_type": "", "name": None, "command": spec.command, "location": c, "computer_name": c}
+         for c in computers])
+    backend.start_many(parent.child_jobs, spec, limit)
+    if as_job:
+        return parent
+    try:
+        session.wait_job(parent)
+    except BaseException:
+        session.remove_job(parent, force=True)
+        raise
+    output = session.receive_job(parent)
+    session.remove_job(parent)
+    return output
+
+
+# --- the backend seam --------------------------------------------------------------------------
+
+class SSHBackend:
+    """The session's door to the SSH engine (which is where asyncssh is imported)."""
+
+    def __init__(self, session: Session) -> None:
+        try:
+            from ._ssh import Engine
+        except ModuleNotFoundError as exc:
+            if exc.name != "asyncssh":
+                raise
+            raise ModuleNotFoundError("invoke_command needs asyncssh: pip install 'psjobs[ssh]'",
+                                      name="asyncssh") from exc
+        self.session = session
+        self.engine: Engine = Engine(session)
+
+    def prepare(self, spec: JobSpec) -> None:
+        if spec.kind == CALL:
+            self.engine.pickle_call(spec)
+
+    def start(self, job: Job, spec: JobSpec) -> None:
+        self.start_many([job], spec, DEFAULT_THROTTLE)
+
+    def start_many(self, jobs: list[Job], spec: JobSpec, limit: int) -> None:
+        """Start the children of one call, at most ``limit`` at once, in order."""
+        self.engine.start(jobs, spec, limit)
+
+    def stop(self, job: Job, grace: float) -> None:
+        self.engine.stop(job, grace)
+
+    def forget(self, job: Job) -> None:
+        self.engine.forget(job)
+
+    def send_input(self, job: Job, text: str) -> None:
+        self.engine.send_input(job, text)
+
+    def close(self) -> None:
+        self.engine.close()

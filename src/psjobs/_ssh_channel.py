@@ -1,0 +1,487 @@
+"""The two kinds of channel of a remote child job, and how the job ends.
+
+::
+
+    command channel: stdout (after MARK) --lines--> output; stderr (after MARK) --lines--> error
+                     records; exit status --> exit_code; stop --> "k TICKS\\n" on stdin
+    call channel:    stdout (after MARK) --frames--> R_INFO (versions, then R_MODULES + JOB go out),
+                     HELLO, RECORDS --> deliver, PROMPT, DONE, R_EXIT; stop --> R_STOP on stdin
+    channel closed --> Child.closed --> finish(job, Completed | Failed | Stopped, reason, exit_code)
+
+What a login shell prints before MARK is not the job's: it becomes debug records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import pickle
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from . import _remote_boot as boot
+from ._backend import deliver, finish, report
+from ._errors import ProtocolError, WorkerError
+from ._process import _load_reason
+from ._records import ErrorRecord, Record, Stream
+from ._remote import RemoteConnectionError, RemoteVersionError, ssh_options
+from ._state import Event
+from ._wire import ANSWER, DONE, HELLO, JOB, MAX_FRAME, PROMPT, RECORDS, VERSION, decode_records
+
+if TYPE_CHECKING:
+    from ._job import Entry, Job
+    from ._ssh import Engine
+    from ._target import JobSpec
+
+STOP_MARGIN = 3.0  # seconds past the grace before a stop closes the channel itself
+_NUDGE = 0.05  # seconds after the remote process ended before its watcher is told to go ("q")
+_LINGER = 2.0  # seconds a channel may stay open after its remote process ended
+
+
+def local_python() -> tuple[int, int]:
+    return (sys.version_info[0], sys.version_info[1])
+
+
+# --- output of a channel -------------------------------------------------------------------------
+
+class Marked:
+    """One stream of a channel: what comes before MARK is the login shell's, the rest is ours."""
+
+    __slots__ = ("buf", "noise", "seen")
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.buf = bytearray()
+        self.noise = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.seen:
+            return data
+        self.buf += data
+        i = self.buf.find(boot.MARK)
+        if i < 0:
+            return b""
+        self.noise = bytes(self.buf[:i])
+        rest = bytes(self.buf[i + len(boot.MARK):])
+        self.seen = True
+        self.buf = bytearray()
+        return rest
+
+    def unmarked(self) -> bytes:
+        """Everything the stream carried when MARK never came."""
+        return bytes(self.buf)
+
+
+class _Lines:
+    __slots__ = ("partial",)
+
+    def __init__(self) -> None:
+        self.partial = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return [_text(line) for line in lines]
+
+    def rest(self) -> list[str]:
+        rest, self.partial = self.partial, b""
+        return [_text(rest)] if rest else []
+
+
+def _text(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace")
+    return text[:-1] if text.endswith("\r") else text
+
+
+def _noise_records(noise: bytes, computer: str, t: float) -> list[Entry]:
+    """What the login shell printed before psjobs' command started: debug records."""
+    lines = [_text(x) for x in noise.split(b"\n") if x.strip()]
+    return [(Stream.DEBUG, Record(Stream.DEBUG, f"login shell: {line}", t, computer), t) for line in lines]
+
+
+class Channel(asyncssh.SSHClientSession[bytes]):
+    """What both kinds of channel share: the stderr stream and the end of the channel."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.err = Marked()
+        self.err_lines = _Lines()
+        self.status: int | None = None
+        self.signal: str | None = None
+        self.reason: BaseException | None = None  # set when psjobs itself refuses the channel
+        self.closed = False
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self.chan = chan
+
+    def exit_status_received(self, status: int) -> None:
+        self.status = status
+        self._exited()
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.signal = signal
+        self._exited()
+
+    def _exited(self) -> None:
+        # The remote process ended; the channel closes as soon as its output ends. Should something
+        # keep it open (a watcher whose shell was killed by someone else, or whose EXIT trap the
+        # command replaced), "q" lets it go, and closing the channel later makes the watchdog end
+        # what is left of the job.
+        loop = asyncio.get_running_loop()
+        loop.call_later(_NUDGE, self._nudge)
+        loop.call_later(_LINGER, self._linger)
+
+    def _nudge(self) -> None:
+        if self.chan is not None and not self.closed and self.child.stop_grace is None:
+            with contextlib.suppress(Exception):
+                self.chan.write(b"q\n")
+
+    def _linger(self) -> None:
+        if not self.closed and self.chan is not None:
+            self.chan.close()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        try:
+            if datatype == asyncssh.EXTENDED_DATA_STDERR:
+                self.on_stderr(data)
+            else:
+                self.on_stdout(data)
+        except Exception as exc:  # never let a bad byte take the connection down
+            self.refuse(exc if isinstance(exc, WorkerError) else WorkerError(
+                f"psjobs could not read what {self.child.computer} sent: {type(exc).__name__}: {exc}"))
+
+    def on_stdout(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_stderr(self, data: bytes) -> None:
+        rest = self.err.feed(data)
+        if not self.err.seen:
+            return
+        now = time.time()
+        entries: list[Entry] = []
+        if self.err.noise:
+            entries += _noise_records(self.err.noise, self.child.computer, now)
+            self.err.noise = b""
+        entries += self._errors(self.err_lines.feed(rest), now)
+        if entries:
+            deliver(self.child.job, entries)
+
+    def _errors(self, lines: list[str], now: float) -> list[Entry]:
+        computer = self.child.computer
+        return [(Stream.ERROR, ErrorRecord(line, now, computer), now) for line in lines]
+
+    def refuse(self, reason: BaseException) -> None:
+        """psjobs will not go on with this channel: fail the job with ``reason`` once it closes."""
+        if self.reason is None:
+            self.reason = reason
+        if self.chan is not None:
+            self.chan.close()
+
+    def send_stop(self, grace: float) -> None:
+        raise NotImplementedError
+
+    def tail(self) -> list[Entry]:
+        now = time.time()
+        return self._errors(self.err_lines.rest(), now) if self.err.seen else []
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        try:
+            self.child.closed(self, exc)
+        except Exception as err:  # pragma: no cover - a bug here must still end the job
+            self.child.end([], Event.FAIL, WorkerError(f"psjobs failed to end the job: {err!r}"))
+
+
+class CommandChannel(Channel):
+    """A command under the remote watchdog: lines out, status back, "k" on stdin to stop."""
+
+    def __init__(self, child: Child) -> None:
+        super().__init__(child)
+        self.out = Marked()
+        self.out_lines = _Lines()
+
+    def on_stdout(self, data: bytes) -> None:
+        rest = self.out.feed(data)
+        if not self.out.seen:
+            return
+        now = time.time()
+        entries: list[Entry] = []
+        if self.out.noise:
+            entries += _noise_records(self.out.noise, self.child.computer, now)
+            self.out.noise = b""
+        entries += [(Stream.OUTPUT, line, now) for line in self.out_lines.feed(rest)]
+        if entries:
+            deliver(self.child.job, entries)
+
+    def send_stop(self, grace: float) -> None:
+        if self.chan is not None:
+            ticks = max(1, math.ceil(grace / boot.TICK))
+            with contextlib.suppress(Exception):
+                self.chan.write(f"k {ticks}\n".encode())
+
+    def tail(self) -> list[Entry]:
+        now = time.time()
+        out = [(Stream.OUTPUT, line, now) for line in self.out_lines.rest()] if self.out.seen else []
+        return out + super().tail()
+
+    def started(self) -> bool:
+        return self.out.seen or self.err.seen
+
+    def not_started_text(self) -> str:
+        text = (self.err.unmarked() + self.out.unmarked()).decode("utf-8", "replace").strip()
+        return text[-2000:]
+
+
+class CallChannel(Channel):
+    """A Python callable under the remote bootstrap: frames on the channel, never the job's stdout."""
+
+    def __init__(self, child: Child, boot_source: bytes) -> None:
+        super().__init__(child)
+        self.out = Marked()
+        self.frames = boot.FrameSplitter()
+        self.boot_source = boot_source
+        self.done: tuple[str, bytes | None, str | None, int | None] | None = None
+        self.worker_status: int | None = None
+        self.handshaken = False
+
+    def session_started(self) -> None:
+        assert self.chan is not None
+        self.chan.write(len(self.boot_source).to_bytes(4, "big") + self.boot_source)
+
+    def on_stdout(self, data: bytes) -> None:
+        rest = self.out.feed(data)
+        if not self.out.seen:
+            return
+        if self.out.noise:
+            now = time.time()
+            deliver(self.child.job, _noise_records(self.out.noise, self.child.computer, now))
+            self.out.noise = b""
+        for kind, payload in self.frames.feed(rest):
+            self.on_frame(kind, payload)
+        buf = self.frames.buf
+        if len(buf) >= boot.HEADER.size and boot.HEADER.unpack_from(buf)[0] > MAX_FRAME:
+            raise ProtocolError(f"{self.child.computer} announced a frame over the {MAX_FRAME}-byte limit")
+
+    def on_frame(self, kind: int, payload: bytes) -> None:
+        child = self.child
+        if kind == RECORDS:
+            try:
+                entries = decode_records(payload)
+            except Exception as exc:  # a value whose class cannot be rebuilt here: say so, go on
+                now = time.time()
+                entries = [(Stream.ERROR, ErrorRecord(
+                    f"psjobs could not unpickle records from {child.computer} ({type(exc).__name__}: "
+                    f"{exc}); they are lost, the job goes on", now, child.computer, exc), now)]
+            for _stream, record, _t in entries:
+                if isinstance(record, Record) and record.computer_name is None:
+                    record.computer_name = child.computer
+            deliver(child.job, entries)
+        elif kind == DONE:
+            self.done = pickle.loads(payload)
+        elif kind == boot.R_INFO:
+            self.on_info(json.loads(payload.decode("utf-8")))
+        elif kind == boot.R_REFUSE:
+            text = payload.decode("utf-8", "replace")
+            self.refuse(RemoteVersionError(
+                f"{child.computer} cannot run the callable: {text}. Pickled code does not "
+                f"cross Python minor versions; name a matching interpreter with "
+                f"psjobs.configure_ssh(python='python3.N') or run the session under that Python"))
+        elif kind == HELLO:
+            version, _pid, _python = pickle.loads(payload)
+            if version != VERSION:
+                self.refuse(ProtocolError(
+                    f"the psjobs on {child.computer} speaks protocol {version}, this "
+                    f"session {VERSION}; install the same psjobs there, or uninstall it there (psjobs then "
+                    f"sends its own)"))
+        elif kind == PROMPT:
+            child.prompt = pickle.loads(payload)
+            report(child.job, Event.BLOCK)
+        elif kind == boot.R_EXIT:
+            self.worker_status = json.loads(payload.decode("utf-8")).get("status")
+        else:
+            raise ProtocolError(f"unexpected frame kind {kind} from {child.computer}")
+
+    def on_info(self, info: dict[str, Any]) -> None:
+        child = self.child
+        remote = tuple(info.get("python", [0, 0])[:2])
+        local = local_python()
+        if info.get("implementation", sys.implementation.name) != sys.implementation.name:
+            self.refuse(RemoteVersionError(
+                f"{child.computer} cannot run the callable: its Python is {info.get('implementation')} "
+                f"({info.get('executable')}), this session's {sys.implementation.name}; name another "
+                f"interpreter with psjobs.configure_ssh(python=...)"))
+            return
+        if remote != local:  # checked here too, before anything from there is unpickled
+            self.refuse(RemoteVersionError(
+                f"{child.computer} cannot run the callable: it runs Python "
+                f"{remote[0]}.{remote[1]} ({info.get('executable')}) and this session Python "
+                f"{local[0]}.{local[1]}. Pickled code does not cross Python minor versions; name a matching "
+                f"interpreter with psjobs.configure_ssh(python='python3.N')"))
+            return
+        if child.stop_grace is not None:  # stopped during the handshake: nothing was started there
+            assert self.chan is not None
+            self.chan.close()
+            return
+        modules, note = child.engine.modules_for(info)
+        self.handshaken = True
+        assert self.chan is not None and child.spec.payload is not None
+        meta = {"cwd": None, "env": None, "sys_path": None, "call": child.spec.payload}
+        job_frame = boot._frame(JOB, pickle.dumps(meta, protocol=5))
+        self.chan.write(boot._frame(boot.R_MODULES, modules) + job_frame)
+        now = time.time()
+        deliver(child.job, [(Stream.DEBUG, Record(Stream.DEBUG, note, now, child.computer), now)])
+
+    def send_stop(self, grace: float) -> None:
+        if self.chan is not None:
+            with contextlib.suppress(Exception):
+                self.chan.write(boot._frame(boot.R_STOP, json.dumps({"grace": grace}).encode()))
+
+    def send_answer(self, text: str) -> None:
+        if self.chan is not None:
+            self.chan.write(boot._frame(ANSWER, pickle.dumps(text)))
+
+    def started(self) -> bool:
+        return self.out.seen
+
+    def not_started_text(self) -> str:
+        text = (self.err.unmarked() + self.out.unmarked()).decode("utf-8", "replace").strip()
+        return text[-2000:]
+
+
+# --- one child job ---------------------------------------------------------------------------------
+
+class Child:
+    """What the engine keeps for a child job (its ``backend_data``)."""
+
+    backend_kind = "ssh"
+
+    def __init__(self, engine: Engine, job: Job, spec: JobSpec) -> None:
+        self.engine = engine
+        self.job = job
+        self.spec = spec
+        self.computer: str = job.computer_name or job.location
+        self.task: asyncio.Task[None] | None = None
+        self.phase = "waiting"  # waiting, connecting, opening, running, done
+        self.channel: Channel | None = None
+        self.stop_grace: float | None = None
+        self.finished = False
+        self.over: asyncio.Event | None = None  # made on the loop
+        self.prompt: str | None = None
+        self.release: Callable[[], None] | None = None  # gives the channel's slot back to its connection
+
+    def end(self, entries: list[Entry], event: Event, reason: BaseException | None = None,
+            code: int | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.phase = "done"
+        if self.release is not None:
+            self.release()
+            self.release = None
+        finish(self.job, entries, event, reason=reason, exit_code=code)
+        if self.over is not None:
+            self.over.set()
+
+    def fail_text(self, text: str) -> str:
+        """A failure reason: the host shows it after the job's id and name, so it names the computer."""
+        return text if self.computer in text else f"on {self.computer}: {text}"
+
+    # --- stopping ------------------------------------------------------------------------------
+    def stop(self, grace: float) -> None:
+        if self.finished:
+            return
+        first = self.stop_grace is None
+        self.stop_grace = grace
+        if self.phase in ("waiting", "connecting"):
+            if self.task is not None:
+                self.task.cancel()
+            return
+        if self.phase == "running" and self.channel is not None and first:
+            self.channel.send_stop(grace)
+            loop = asyncio.get_running_loop()
+            loop.call_later(grace + STOP_MARGIN, self._stop_overdue)
+
+    def _stop_overdue(self) -> None:
+        """The computer did not confirm the stop in time: close the channel (its watchdog then ends
+        the process group), and count the job as stopped soon after even if nothing answers."""
+        if self.finished:
+            return
+        if self.channel is not None and self.channel.chan is not None:
+            self.channel.chan.close()
+        asyncio.get_running_loop().call_later(
+            2.0, lambda: self.end([], Event.STOPPED))
+
+    # --- the end of the channel ------------------------------------------------------------------
+    def closed(self, channel: Channel, exc: Exception | None) -> None:
+        entries = channel.tail()
+        stopping = self.stop_grace is not None or self.job._stop_requested
+        if isinstance(channel, CommandChannel):
+            self._command_end(channel, exc, entries, stopping)
+        elif isinstance(channel, CallChannel):
+            self._call_end(channel, exc, entries, stopping)
+
+    def _command_end(self, ch: CommandChannel, exc: Exception | None, entries: list[Entry],
+                     stopping: bool) -> None:
+        code = ch.status
+        if ch.reason is not None:
+            self.end(entries, Event.FAIL, ch.reason, code)
+        elif stopping:
+            self.end(entries, Event.STOPPED, None, code)
+        elif exc is not None:
+            self.end(entries, Event.FAIL, self._dropped(exc), code)
+        elif not ch.started():
+            self.end(entries, Event.FAIL, WorkerError(self.fail_text(
+                f"the login shell could not start the psjobs watchdog (exit status {code}): "
+                f"{ch.not_started_text() or 'no message'}; psjobs needs a POSIX login shell (sh, bash, "
+                f"zsh, ksh) and /bin/sh there")), code)
+        elif code is None:
+            self.end(entries, Event.FAIL, WorkerError(self.fail_text(
+                f"the command ended without an exit status (signal {ch.signal or 'unknown'})")), None)
+        elif code == 0:
+            self.end(entries, Event.COMPLETE, None, 0)
+        else:
+            from ._thread import _status_error
+
+            self.end(entries, Event.FAIL, _status_error(f"the command on {self.computer}", code), code)
+
+    def _call_end(self, ch: CallChannel, exc: Exception | None, entries: list[Entry],
+                  stopping: bool) -> None:
+        if ch.reason is not None:
+            self.end(entries, Event.FAIL, ch.reason)
+            return
+        if ch.done is not None:
+            name, blob, tb, code = ch.done
+            event = {"complete": Event.COMPLETE, "fail": Event.FAIL, "stopped": Event.STOPPED}[name]
+            reason = _load_reason(blob, tb) if blob is not None else None
+            if stopping and event is not Event.COMPLETE:
+                event, reason = Event.STOPPED, None
+            self.end(entries, event, reason, code)
+        elif stopping:
+            self.end(entries, Event.STOPPED)
+        elif exc is not None:
+            self.end(entries, Event.FAIL, self._dropped(exc))
+        elif not ch.started():
+            text = ch.not_started_text() or "no message"
+            self.end(entries, Event.FAIL, WorkerError(self.fail_text(
+                f"the remote Python bootstrap did not start (exit status {ch.status}): {text}; check that "
+                f"{ssh_options(self.engine.session).python!r} runs there "
+                f"(psjobs.configure_ssh(python=...))")))
+        else:
+            from ._process import status_text
+
+            status = ch.worker_status
+            what = status_text(status) if status is not None else "ended"
+            self.end(entries, Event.FAIL, WorkerError(self.fail_text(
+                f"the remote worker {what} before it reported the end of the job")))
+
+    def _dropped(self, exc: BaseException) -> RemoteConnectionError:
+        why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return RemoteConnectionError(self.fail_text(
+            f"the connection to {self.computer} dropped ({why}); the job's remote processes are ended by "
+            f"its watchdog. Start the job again when the computer is back"), self.computer)
