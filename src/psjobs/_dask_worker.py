@@ -515,16 +515,28 @@ def _track_popen() -> None:
     def __init__(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
         emitter = _inside._current.get()
         task = emitter.task if isinstance(emitter, _TaskEmitter) else None
-        if task is not None and len(args) <= 1 and "process_group" not in kwargs \
-                and "preexec_fn" not in kwargs:
+        if task is None:
+            _popen_init(self, *args, **kwargs)
+            return
+        if len(args) <= 1 and "process_group" not in kwargs and "preexec_fn" not in kwargs:
             kwargs.setdefault("start_new_session", True)
-        _popen_init(self, *args, **kwargs)
-        if task is not None:
+        # No JobStopped while the process starts: raised between the fork and the note below, it
+        # would leave a process nobody knows of. A stop meanwhile is acted on right after.
+        with task.lock:
+            shielded = task.in_user
+            task.in_user = False
+        try:
+            _popen_init(self, *args, **kwargs)
             with task.lock:
                 task.procs.append(self)
+        finally:
+            with task.lock:
+                task.in_user = shielded
                 stopping = task.stop
-            if stopping:
-                _signal_all([self], signal.SIGKILL)
+        if stopping:
+            _signal_all([self], signal.SIGTERM)  # and SIGKILL after the grace, like the others
+            if shielded:
+                raise JobStopped()
 
     __init__._psjobs = True  # type: ignore[attr-defined]
     subprocess.Popen.__init__ = __init__  # type: ignore[method-assign]
