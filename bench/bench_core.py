@@ -236,7 +236,9 @@ def _ipython_jobs() -> Any:
     try:
         from IPython.lib.backgroundjobs import BackgroundJobManager
 
-        return BackgroundJobManager()  # type: ignore[no-untyped-call]
+        bjm = BackgroundJobManager()  # type: ignore[no-untyped-call]
+        bjm.new(_jobs.trivial).join()  # IPython 9 fails only here, when a job is made
+        return bjm
     except Exception as exc:
         print(f"  (IPython's BackgroundJobManager cannot run here, left out: {exc})", file=sys.stderr)
         return None
