@@ -83,8 +83,9 @@ def test_quick_run_prints_tables_and_writes_json(area: str, tmp_path: Path) -> N
         assert CORE_CASES <= cases, CORE_CASES - cases
         impls = {r["impl"] for r in rows}
         assert {"psjobs", "mp forkserver Process + Pipe", "mp spawn Process + Pipe", "mp fork Process + Pipe",
-                "ProcessPoolExecutor (warm)", "ThreadPoolExecutor", "IPython BackgroundJobManager",
-                "Popen + wait"} <= impls
+                "ProcessPoolExecutor (warm)", "ThreadPoolExecutor", "Popen + wait"} <= impls
+        # IPython's BackgroundJobManager is a peer where it runs (IPython 9 broke it)
+        assert "IPython BackgroundJobManager" in impls or "BackgroundJobManager cannot run here" in out.stderr
         targeted = [r for r in rows if "target" in r]
         assert len(targeted) >= 10 and all(isinstance(r["meets"], bool) for r in targeted)
         assert "Targets (issue 3)" in out.stdout

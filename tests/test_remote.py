@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -609,3 +610,65 @@ def test_a_command_that_sets_its_own_exit_trap_still_ends(rs: psjobs.Session) ->
     job = rs.invoke_command("trap 'echo bye' EXIT; echo hi; exit 4", computer_name="127.0.0.1")
     assert job.wait(30) and job.state is JobState.FAILED and job.exit_code == 4
     assert job.receive() == ["hi", "bye"]
+
+
+# --- interactive: Blocked and Suspended (issue 6) ---------------------------------------------------
+
+def remote_ask() -> str:
+    return "hello " + input("Name? ")
+
+
+def test_remote_job_blocked_round_trip(rs: psjobs.Session) -> None:
+    job = rs.invoke_command(remote_ask, computer_name="127.0.0.2")
+    child = job.child_jobs[0]
+    wait_until(lambda: job.state is JobState.BLOCKED, 60, "the remote job to ask")
+    assert child.state is JobState.BLOCKED and child.prompt == "Name? "
+    with pytest.raises(psjobs.JobBlockedError):
+        rs.wait_job(job)
+    job.send_input("remote Ada")
+    assert job.wait(60)
+    assert job.receive() == ["hello remote Ada"]
+
+
+def test_remote_command_suspend_and_resume(rs: psjobs.Session, server: sshd_helper.LoopbackSSHD) -> None:
+    job = rs.invoke_command("for i in $(seq 1 400); do echo $i; sleep 0.01; done", computer_name="127.0.0.3")
+    child = job.child_jobs[0]
+    wait_until(lambda: len(child.output) >= 3, 30, "some output")
+    rs.suspend_job(job)
+    assert job.state is JobState.SUSPENDED
+    wait_until(lambda: all(p.status() == psutil.STATUS_STOPPED
+                           for p in remote_procs(server, ["sleep", "0.01"])), 10, "the remote group to stop")
+    settled = len(child.output)
+    time.sleep(0.3)  # an interval to observe, not synchronisation
+    assert len(child.output) - settled <= 1  # at most a line already on its way
+    rs.resume_job(job)
+    assert job.state is JobState.RUNNING
+    assert job.wait(60)
+    assert job.receive() == [str(i) for i in range(1, 401)]  # nothing lost
+
+
+def remote_counter():  # type: ignore[no-untyped-def]
+    import time as t
+
+    for i in range(10_000):
+        yield i
+        t.sleep(0.005)
+
+
+def test_remote_callable_suspend_resume_and_stop(rs: psjobs.Session) -> None:
+    job = rs.invoke_command(remote_counter, computer_name="127.0.0.1")
+    child = job.child_jobs[0]
+    wait_until(lambda: len(child.output) >= 3, 60, "some items")
+    rs.suspend_job(job)
+    assert job.state is JobState.SUSPENDED
+    time.sleep(0.2)  # let what was on its way arrive (an interval, not synchronisation)
+    settled = len(child.output)
+    time.sleep(0.3)
+    assert len(child.output) == settled
+    rs.resume_job(job)
+    wait_until(lambda: len(child.output) > settled + 3, 30, "items after resume")
+    rs.suspend_job(job)
+    rs.stop_job(job)  # a stop reaches a suspended job too
+    assert job.state is JobState.STOPPED
+    out = job.receive()
+    assert out == list(range(len(out)))

@@ -279,5 +279,11 @@ class SSHBackend:
     def send_input(self, job: Job, text: str) -> None:
         self.engine.send_input(job, text)
 
+    def suspend(self, job: Job) -> None:
+        self.engine.suspend(job)
+
+    def resume(self, job: Job) -> None:
+        self.engine.resume(job)
+
     def close(self) -> None:
         self.engine.close()

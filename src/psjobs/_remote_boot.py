@@ -55,6 +55,7 @@ R_REFUSE = 130   # remote -> session: plain text: why the remote refuses (a Pyth
 R_EXIT = 131     # remote -> session: json {"status": wait status of the worker}
 R_MODULES = 132  # session -> remote: {module name: [code or source, is_package]} (load_modules)
 R_STOP = 133     # session -> remote: json {"grace": seconds}
+R_PAUSE = 134    # session -> remote: b"stop" (SIGSTOP the job's group) or b"cont" (SIGCONT)
 
 TICK = 0.05  # seconds between the watchdog's checks that the process group is gone
 
@@ -73,7 +74,10 @@ WATCHDOG = r"""g=$$; t=%(ticks)d
 set +e
 exec 3<&0 </dev/null
 ( trap '' TERM; exec <&3 3<&- 2>/dev/null
-  while read -r c n; do case $c in k) break;; q) exit 0;; esac; done
+  m=$(exec /bin/sh -c 'echo $PPID')
+  while read -r c n; do case $c in k) break;; q) exit 0;;
+    s) kill -STOP $(ps -A -o pid= -o pgid= | awk -v g=$g -v m=$m '$2==g && $1!=m {print $1}') 2>/dev/null;;
+    c) kill -CONT -$g 2>/dev/null;; esac; done
   exec /bin/sh -c '%(stopper)s' psjobs "$g" "${n:-$t}"
 ) &
 w=$!
@@ -92,7 +96,7 @@ command -v ps >/dev/null 2>&1 || { kill -TERM -$g; sleep $((t/20+1)); kill -KILL
 l() { ps -A -o pid= -o ppid= -o pgid= -o stat= | awk -v g=$g -v m=$m '
   {p[$1]=$2; if ($3==g && $4!~/^Z/) c[$1]=1}
   END {for (x in c) {q=x; while (q>1 && q!=m) q=p[q]; if (q!=m) print x}}'; }
-kill -TERM -$g; i=0; sleep 0.01
+kill -TERM -$g; kill -CONT -$g; i=0; sleep 0.01
 while [ -n "$(l)" ]; do
   i=$((i+1)); [ $i -eq $t ] && kill -KILL $(l); [ $i -gt $((t+40)) ] && break; sleep 0.05
 done
@@ -351,15 +355,22 @@ class _Watchdog:
         if self.kill_at is not None:
             return
         self.kill_at = time.monotonic() + max(0.0, grace)
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-        except OSError:
-            pass
+        for sig in (signal.SIGTERM, signal.SIGCONT):  # a suspended worker must run to act on TERM
+            try:
+                os.killpg(self.pid, sig)
+            except OSError:
+                pass
 
     def on_signal(self, signum: int, frame: Any) -> None:
         self.stop(self.grace)  # sshd or an administrator ends the session: end the job with it
 
     def relay(self, kind: int, payload: bytes) -> None:
+        if kind == R_PAUSE:
+            try:
+                os.killpg(self.pid, signal.SIGSTOP if payload == b"stop" else signal.SIGCONT)
+            except OSError:
+                pass
+            return
         if kind == R_STOP:
             try:
                 grace = float(json.loads(payload.decode())["grace"])

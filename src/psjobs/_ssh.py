@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from . import _remote_boot as boot
-from ._backend import report
+from ._backend import report, unblock
 from ._errors import WorkerError
 from ._remote import RemoteConnectionError, ssh_options
 from ._ssh_channel import STOP_MARGIN, CallChannel, Channel, Child, CommandChannel, local_python
@@ -232,6 +232,27 @@ class Engine:
         if isinstance(child, Child):
             self._call(child.stop, grace)
 
+    def suspend(self, job: Job) -> None:
+        """SIGSTOP to the remote command's (or worker's) process group, through its watchdog."""
+        self._pause(job, True)
+
+    def resume(self, job: Job) -> None:
+        self._pause(job, False)
+
+    def _pause(self, job: Job, pause: bool) -> None:
+        child = job.backend_data
+        if not isinstance(child, Child):
+            return
+        if pause:
+            report(job, Event.SUSPEND)
+
+        def send() -> None:
+            if child.channel is not None:
+                child.channel.send_pause(pause)
+
+        self._call(send)
+        report(job, Event.SUSPENDED if pause else Event.RESUME)
+
     def forget(self, job: Job) -> None:
         self._call(self._forget, job.id)
 
@@ -245,10 +266,11 @@ class Engine:
         if isinstance(child, Child):
             def answer() -> None:
                 if isinstance(child.channel, CallChannel):
-                    child.prompt = None
                     child.channel.send_answer(text)
-                    report(child.job, Event.UNBLOCK)
 
+            # Answered as far as the session knows: a wait right after must not see it Blocked.
+            child.prompt = None
+            unblock(child.job)
             self._call(answer)
 
     def close(self) -> None:

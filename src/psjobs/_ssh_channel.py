@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from . import _remote_boot as boot
-from ._backend import deliver, finish, report
+from ._backend import block, deliver, finish
 from ._errors import ProtocolError, WorkerError
 from ._process import _load_reason
 from ._records import ErrorRecord, Record, Stream
@@ -186,6 +186,10 @@ class Channel(asyncssh.SSHClientSession[bytes]):
     def send_stop(self, grace: float) -> None:
         raise NotImplementedError
 
+    def send_pause(self, pause: bool) -> None:
+        """Suspend (True) or resume (False) the job's whole process group on the computer."""
+        raise NotImplementedError
+
     def tail(self) -> list[Entry]:
         now = time.time()
         return self._errors(self.err_lines.rest(), now) if self.err.seen else []
@@ -224,6 +228,11 @@ class CommandChannel(Channel):
             ticks = max(1, math.ceil(grace / boot.TICK))
             with contextlib.suppress(Exception):
                 self.chan.write(f"k {ticks}\n".encode())
+
+    def send_pause(self, pause: bool) -> None:
+        if self.chan is not None:
+            with contextlib.suppress(Exception):
+                self.chan.write(b"s\n" if pause else b"c\n")
 
     def tail(self) -> list[Entry]:
         now = time.time()
@@ -301,7 +310,7 @@ class CallChannel(Channel):
                     f"sends its own)"))
         elif kind == PROMPT:
             child.prompt = pickle.loads(payload)
-            report(child.job, Event.BLOCK)
+            block(child.job, str(child.prompt))  # receive_job can then show and answer it
         elif kind == boot.R_EXIT:
             self.worker_status = json.loads(payload.decode("utf-8")).get("status")
         else:
@@ -341,6 +350,11 @@ class CallChannel(Channel):
         if self.chan is not None:
             with contextlib.suppress(Exception):
                 self.chan.write(boot._frame(boot.R_STOP, json.dumps({"grace": grace}).encode()))
+
+    def send_pause(self, pause: bool) -> None:
+        if self.chan is not None:
+            with contextlib.suppress(Exception):
+                self.chan.write(boot._frame(boot.R_PAUSE, b"stop" if pause else b"cont"))
 
     def send_answer(self, text: str) -> None:
         if self.chan is not None:
