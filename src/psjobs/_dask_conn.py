@@ -1,0 +1,498 @@
+"""Cluster jobs, the session side: one connection to a scheduler and its dispatcher thread.
+
+::
+
+    _Conn.submit --client.submit / client.map(run_task), key psjobs-<token>-<child id>--> scheduler
+    worker: records --log_event("psjobs-<token>", chunk)--> scheduler --subscribe_topic--> inbox
+    guard plugin (scheduler): a task given back by a lost worker --> {"psjobs": "lost"} --> inbox
+    Future done --a watcher on the Client's event loop--> inbox
+    dispatcher thread takes the inbox in order:
+        chunk -> report(START) the first time (location: the worker), deliver(records)
+        done  -> client.gather in batches -> finish(last records, outcome), once every chunk the
+                 task shipped has arrived (chunks go through the scheduler, results come direct)
+        lost  -> finish(FAIL, WorkerError naming the worker), cancel the task
+        stop  -> client.cancel(tasks not started) + client.run(stop_tasks) on every worker
+
+Only the dispatcher thread changes jobs (through report/deliver/finish); the other threads only
+put things in the inbox.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._backend import deliver, finish, report
+from ._errors import WorkerError
+from ._job import Entry, Job
+from ._process import _load_reason
+from ._records import ErrorRecord, Record, Stream
+from ._state import Event
+
+if TYPE_CHECKING:
+    from ._dask import DaskBackend
+
+PARK_SECONDS = 10.0   # a result waits this long for chunks still on their way through the scheduler
+GATHER_BATCH = 1000   # results fetched in one client.gather
+
+_OUTCOMES = {"complete": Event.COMPLETE, "fail": Event.FAIL, "stopped": Event.STOPPED, "refused": Event.FAIL}
+
+
+class _Group:
+    """The children of one start call: they share a spec, and a stop may name them all at once."""
+
+    __slots__ = ("id", "leaves", "parent", "workers")
+
+    def __init__(self, group_id: str, parent: Job) -> None:
+        self.id = group_id
+        self.parent = parent
+        self.leaves: list[_Leaf] = []
+        self.workers: set[str] = set()
+
+
+class _Leaf:
+    """What the dask backend keeps per child job (its ``backend_data``)."""
+
+    backend_kind = "dask"
+    stop_unstarted = True  # a queued child is Stopped at once, but its task must still be cancelled
+    __slots__ = ("attempt", "conn", "future", "group", "job", "key", "losses", "parked", "recv", "retries",
+                 "started")
+
+    def __init__(self, conn: _Conn, group: _Group, job: Job, retries: int) -> None:
+        self.conn = conn
+        self.group = group
+        self.job = job
+        self.key = f"{conn.topic}-{job.id}"
+        self.retries = retries
+        self.future: Any = None
+        self.started = False
+        self.attempt = 0      # which run of the task the chunks came from (> 0 after a retry)
+        self.recv = 0         # chunks received from that run
+        self.losses = 0
+        self.parked: tuple[Any, float] | None = None  # (outcome, deadline) waiting for chunks
+
+
+class _Conn:
+    """One connection to a scheduler: the Client, the topic, the dispatcher thread."""
+
+    _seq = itertools.count(1)
+
+    def __init__(self, backend: DaskBackend, client: Any, owned: bool) -> None:
+        from ._dask_guard import Guard
+
+        self.backend = backend
+        self.session = backend.session
+        self.client = client
+        self.owned = owned
+        self.address: str = client.scheduler.address
+        self.topic = f"psjobs-{backend.token}"
+        self.keys: dict[str, _Leaf] = {}
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.stops: list[tuple[_Leaf, float]] = []
+        self.parked: set[_Leaf] = set()
+        self.helpers: set[threading.Thread] = set()
+        self.watchers: set[Any] = set()  # asyncio tasks on the Client's loop, one per pending future
+        self.closed = False
+        try:
+            client.register_plugin(Guard(), name=Guard.name)
+        except Exception as exc:
+            raise WorkerError(f"the Dask scheduler at {self.address} could not load psjobs' scheduler plugin "
+                              f"({type(exc).__name__}: {exc}); install psjobs[dask] where the scheduler runs "
+                              f"(it stops Dask from running a task twice after a worker is lost)") from exc
+        client.subscribe_topic(self.topic, self._on_event)
+        self.thread = threading.Thread(target=self._run, name=f"psjobs-dask-{next(self._seq)}", daemon=True)
+        self.thread.start()
+
+    # --- called from other threads: only put things in the inbox ---------------------------
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        self.inbox.put(("event", event[1]))  # on the Client's event loop: never block it
+
+    def _on_done(self, future: Any) -> None:
+        self.inbox.put(("done", future))
+
+    def request_stop(self, leaf: _Leaf, grace: float) -> None:
+        with self.lock:
+            self.stops.append((leaf, grace))
+        self.inbox.put(("stop", None))
+
+    # --- submitting ----------------------------------------------------------------------------
+    def submit(self, group: _Group, spec_id: str, spec: bytes, items: list[Any] | None,
+               resources: Mapping[str, float] | None) -> None:
+        from ._dask_worker import run_task
+
+        leaves = group.leaves
+        for leaf in leaves:
+            self.keys[leaf.key] = leaf  # before submitting: a chunk may come back at once
+        options: dict[str, Any] = {"pure": False, "retries": 0, "resources": dict(resources) if resources else None}
+        task_kwargs = {"spec_id": spec_id, "spec": spec, "topic": self.topic, "group": group.id}
+        keys = [leaf.key for leaf in leaves]
+        if items is None:
+            futures = [self.client.submit(run_task, keys[0], None, key=keys[0], **options, **task_kwargs)]
+        else:
+            # One message to the scheduler for every item: map, not a submit per item.
+            futures = self.client.map(run_task, keys, items, key=keys, **options, **task_kwargs)
+        for leaf, future in zip(leaves, futures):
+            leaf.future = future
+        # One hop to the Client's event loop for all of them (add_done_callback makes a
+        # cross-thread call, and a thread hop, per future: about 1 ms each on a busy machine).
+        self.client.loop.add_callback(self._watch_all, futures)
+
+    def _watch_all(self, futures: list[Any]) -> None:
+        """On the Client's event loop: a small watcher per future puts it in the inbox when done."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        for future in futures:
+            state = getattr(future, "_state", None)
+            if callable(getattr(state, "wait", None)):
+                task = loop.create_task(self._watch(future, state))
+                self.watchers.add(task)  # asyncio keeps only weak references to tasks
+                task.add_done_callback(self.watchers.discard)
+            else:  # a distributed without FutureState.wait: the public, slower way
+                future.add_done_callback(self._on_done)
+
+    async def _watch(self, future: Any, state: Any) -> None:
+        while future.status == "pending":  # as distributed's own done_callback waits
+            await state.wait()
+        self.inbox.put(("done", future))
+
+    # --- the dispatcher thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = [self.inbox.get(timeout=0.2 if self.parked else None)]
+            except queue.Empty:
+                batch = []
+            while len(batch) < 5000:
+                try:
+                    batch.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if not self._handle(batch):
+                return
+            # Hold no Future while idle: a held Future keeps its task's result on a worker.
+            del batch
+
+    def _handle(self, batch: list[tuple[str, Any]]) -> bool:
+        """Take one batch from the inbox; False once the connection closes."""
+        done: list[Any] = []
+        closing = False
+        for kind, payload in batch:
+            try:
+                if kind == "event":
+                    self._on_message(payload)
+                elif kind == "done":
+                    done.append(payload)
+                elif kind == "close":
+                    closing = True
+            except Exception as exc:  # a bug here must not stop every job of the session
+                _internal_error(exc)
+        try:
+            with self.lock:
+                stops, self.stops = self.stops, []
+            if stops:
+                self._stop(stops)
+            if done:
+                self._finished(done)
+            if self.parked:
+                self._expire_parked()
+        except Exception as exc:
+            _internal_error(exc)
+        return not closing
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, dict):
+            if msg.get("psjobs") == "lost":
+                self._lost(str(msg.get("key")), str(msg.get("worker") or ""), str(msg.get("stimulus") or ""))
+            return
+        where, items = pickle.loads(msg)
+        for key, attempt, _seq, _begin, blob in items:
+            leaf = self.keys.get(key)
+            if leaf is None:
+                continue  # removed, or already finished
+            if attempt != leaf.attempt:
+                leaf.attempt, leaf.recv = attempt, 0
+                self._start(leaf, where)
+            elif not leaf.started:
+                self._start(leaf, where)
+            if blob is not None:
+                deliver(leaf.job, _load_entries(blob, where))
+            leaf.recv += 1
+            parked = leaf.parked
+            if parked is not None and parked[0][1] == leaf.attempt and leaf.recv >= parked[0][2]:
+                self.parked.discard(leaf)
+                leaf.parked = None
+                self._final(leaf, parked[0])
+
+    def _start(self, leaf: _Leaf, where: str) -> None:
+        leaf.started = True
+        job = leaf.job
+        group = leaf.group
+        with self.session._cond:
+            job.location = where
+            job.computer_name = where
+            if where not in group.workers:
+                group.workers.add(where)
+                group.parent.location = ", ".join(sorted(group.workers))
+        report(job, Event.START)
+
+    def _finished(self, futures: list[Any]) -> None:
+        ready: list[tuple[_Leaf, Any]] = []
+        for future in futures:
+            leaf = self.keys.get(future.key)
+            if leaf is None or leaf.future is not future:
+                continue
+            if future.status == "finished":
+                ready.append((leaf, future))
+            else:
+                self._broken(leaf, future)
+        for i in range(0, len(ready), GATHER_BATCH):
+            part = ready[i:i + GATHER_BATCH]
+            try:
+                results = self.client.gather([f for _, f in part])
+            except Exception:
+                results = None
+            for n, (leaf, future) in enumerate(part):
+                if results is not None:
+                    self._settle(leaf, results[n])
+                    continue
+                try:
+                    outcome = future.result()
+                except Exception as exc:
+                    self._fail(leaf, WorkerError(f"Job {leaf.job.id} {leaf.job.name!r} failed: psjobs could not "
+                                                 f"fetch its result from the cluster ({type(exc).__name__}: "
+                                                 f"{exc}); start it again"), exc)
+                    continue
+                self._settle(leaf, outcome)
+
+    def _settle(self, leaf: _Leaf, outcome: Any) -> None:
+        _status, attempt, sent = outcome[0], outcome[1], outcome[2]
+        received = leaf.recv if attempt == leaf.attempt else 0
+        if received < sent:
+            # Its chunks travel through the scheduler, its result came straight from the worker.
+            leaf.attempt, leaf.recv = attempt, received
+            leaf.parked = (outcome, time.monotonic() + PARK_SECONDS)
+            self.parked.add(leaf)
+            return
+        self._final(leaf, outcome)
+
+    def _final(self, leaf: _Leaf, outcome: Any, missing: int = 0) -> None:
+        status, _attempt, _sent, _begin, where, tail, blob, tb, code = outcome
+        job = leaf.job
+        if not leaf.started:
+            self._start(leaf, where)
+        entries: list[Entry] = _load_entries(tail, where) if tail is not None else []
+        if missing:
+            now = time.time()
+            entries.insert(0, (Stream.WARNING, Record(
+                Stream.WARNING, f"{missing} batch(es) of this job's records did not arrive from {where} within "
+                f"{PARK_SECONDS:g}s; they are lost", now, where), now))
+        reason = _load_reason(blob, tb) if blob is not None else None
+        if status == "refused":
+            reason = _lost_error(job, where, "", leaf.retries)
+        self._drop(leaf)
+        finish(job, entries, _OUTCOMES.get(status, Event.FAIL), reason=reason, exit_code=code)
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        for leaf in [leaf for leaf in self.parked if leaf.parked is not None and leaf.parked[1] <= now]:
+            outcome = leaf.parked[0]  # type: ignore[index]
+            self.parked.discard(leaf)
+            leaf.parked = None
+            self._final(leaf, outcome, missing=max(1, outcome[2] - leaf.recv))
+
+    def _broken(self, leaf: _Leaf, future: Any) -> None:
+        job = leaf.job
+        status = future.status
+        if status == "cancelled":
+            if job._stop_requested:
+                self._drop(leaf)
+                finish(job, [], Event.STOPPED)
+                return
+            if not self.connected():
+                why = (f"the connection to the Dask scheduler at {self.address} was lost, and its task with "
+                       f"it (the scheduler died, or the network failed)")
+            else:
+                why = "the cluster cancelled its task (the cluster restarted, or another client cancelled it)"
+            cause = None
+        elif status == "lost":
+            why = "the worker that held its result was lost before psjobs fetched it"
+            cause = None
+        else:
+            try:
+                cause = future.exception(timeout=5)
+            except Exception as exc:
+                cause = exc
+            if type(cause).__name__ == "KilledWorker":
+                why = f"Dask gave up on its task after the workers running it died ({cause})"
+            else:
+                why = (f"the cluster could not run its task ({type(cause).__name__}: {cause}); the scheduler "
+                       f"and the workers need psjobs installed (pip install 'psjobs[dask]') and the modules "
+                       f"the job uses")
+        self._fail(leaf, WorkerError(f"Job {job.id} {job.name!r} failed: {why}. Start it again"), cause)
+
+    def _fail(self, leaf: _Leaf, reason: WorkerError, cause: BaseException | None) -> None:
+        if cause is not None:
+            reason.__cause__ = cause
+        self._drop(leaf)
+        finish(leaf.job, [], Event.FAIL, reason=reason)
+
+    def _lost(self, key: str, worker: str, stimulus: str) -> None:
+        leaf = self.keys.get(key)
+        if leaf is None:
+            return
+        leaf.losses += 1
+        job = leaf.job
+        where = worker or (job.location if leaf.started else "")
+        if leaf.losses <= leaf.retries:
+            now = time.time()
+            deliver(job, [(Stream.WARNING, Record(
+                Stream.WARNING, f"the Dask worker {where or '?'} was lost while this task ran or was about to "
+                f"run there; Dask runs it again (retry {leaf.losses} of {leaf.retries})", now, where or None),
+                now)])
+            return
+        future = leaf.future
+        self._drop(leaf)
+        finish(job, [], Event.FAIL, reason=_lost_error(job, where, stimulus, leaf.retries))
+        if future is not None:
+            try:
+                self.client.cancel([future], reason="psjobs: its worker was lost")
+            except Exception:
+                pass  # the re-run refuses to start anyway (the guard plugin marked it)
+
+    def _drop(self, leaf: _Leaf) -> None:
+        if self.keys.get(leaf.key) is leaf:
+            self.keys.pop(leaf.key, None)  # forget() may race the dispatcher here
+        leaf.future = None  # the scheduler forgets the key: a lost result is never recomputed
+        if leaf.parked is not None:
+            leaf.parked = None
+            self.parked.discard(leaf)
+
+    # --- stopping ------------------------------------------------------------------------------
+    def _stop(self, stops: list[tuple[_Leaf, float]]) -> None:
+        grace = max(g for _, g in stops)
+        leaves = [leaf for leaf, _ in stops if self.keys.get(leaf.key) is leaf]
+        if not leaves:
+            return
+        queued = [leaf for leaf in leaves if not leaf.started]
+        if queued:
+            # Already Stopped in the table (they never started): the scheduler must drop them.
+            futures = [leaf.future for leaf in queued if leaf.future is not None]
+            for leaf in queued:
+                self._drop(leaf)
+            try:
+                self.client.cancel(futures, reason="psjobs: stop_job")
+            except Exception:
+                pass  # the stop marks below still keep them from running
+        keys, groups = _stop_targets(leaves)
+        helper = threading.Thread(target=self._broadcast, args=(keys, groups, grace),
+                                  name="psjobs-dask-stop", daemon=True)
+        with self.lock:
+            self.helpers.add(helper)
+        helper.start()
+
+    def _broadcast(self, keys: list[str], groups: list[str], grace: float) -> None:
+        """Tell every worker: stop these tasks now, and never start them later."""
+        from ._dask_worker import stop_tasks
+
+        try:
+            if self.connected() and not self.closed:
+                self.client.run(stop_tasks, keys, groups, grace, on_error="return", callback_timeout=30)
+        except Exception:
+            pass  # a stopping job then stays Stopping, and stop_job says so after the grace period
+        finally:
+            with self.lock:
+                self.helpers.discard(threading.current_thread())
+
+    def forget(self, leaf: _Leaf) -> None:
+        self._drop(leaf)
+
+    def connected(self) -> bool:
+        return bool(self.client.status == "running")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.inbox.put(("close", None))
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
+        with self.lock:
+            helpers = list(self.helpers)
+        for helper in helpers:
+            helper.join(5)
+        for leaf in list(self.keys.values()):
+            leaf.future = None
+        self.keys.clear()
+        try:  # the watchers hold their futures: let them go, so the scheduler forgets the tasks
+            self.client.loop.add_callback(lambda: [task.cancel() for task in list(self.watchers)])
+        except Exception:
+            pass
+        if self.connected():  # else every call would wait for a scheduler that is gone
+            try:
+                from ._dask_guard import forget_topic
+
+                self.client.unsubscribe_topic(self.topic)
+                self.client.run_on_scheduler(forget_topic, self.topic, callback_timeout=10)
+            except Exception:
+                pass  # the client was closed by its owner meanwhile
+        if self.owned:
+            try:
+                self.client.close(timeout=5)
+            except Exception:
+                pass
+
+
+def _stop_targets(leaves: list[_Leaf]) -> tuple[list[str], list[str]]:
+    """Name whole groups when every unfinished child of a group is stopped (a fan-out's stop)."""
+    keys: list[str] = []
+    groups: list[str] = []
+    by_group: dict[str, list[_Leaf]] = {}
+    for leaf in leaves:
+        by_group.setdefault(leaf.group.id, []).append(leaf)
+    for members in by_group.values():
+        group = members[0].group
+        chosen = {id(leaf) for leaf in members}
+        if len(members) > 8 and all(id(leaf) in chosen or leaf.job._state.is_finished for leaf in group.leaves):
+            groups.append(group.id)
+        else:
+            keys.extend(leaf.key for leaf in members)
+    return keys, groups
+
+
+def _lost_error(job: Job, where: str, stimulus: str, retries: int) -> WorkerError:
+    if not stimulus or "worker" in stimulus:
+        what = (f"the Dask worker {where or 'running it'} was lost (it died or left the cluster) while the "
+                f"task ran or was about to run there")
+    else:
+        what = f"the Dask scheduler took the task back from {where or 'its worker'} ({stimulus})"
+    tried = f" (it was already retried {retries} time(s))" if retries else ""
+    return WorkerError(f"Job {job.id} {job.name!r} failed: {what}{tried}; psjobs does not run it again "
+                       f"elsewhere, since that could run your code twice. Start it again, or pass retries=N to "
+                       f"start_cluster_job to let Dask re-run it")
+
+
+def _load_entries(blob: bytes, where: str) -> list[Entry]:
+    from ._wire import decode_records
+
+    try:
+        return decode_records(blob)
+    except Exception as exc:
+        now = time.time()
+        return [(Stream.ERROR, ErrorRecord(
+            f"psjobs could not unpickle records from {where} ({type(exc).__name__}: {exc}); they are lost, "
+            f"the job goes on", now, where, exc), now)]
+
+
+def _internal_error(exc: BaseException) -> None:  # pragma: no cover - a bug in psjobs itself
+    import sys
+    import traceback
+
+    print(f"psjobs: internal error in the dask dispatcher: {exc!r}", file=sys.__stderr__)
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.__stderr__)
