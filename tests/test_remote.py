@@ -672,3 +672,25 @@ def test_remote_callable_suspend_resume_and_stop(rs: psjobs.Session) -> None:
     assert job.state is JobState.STOPPED
     out = job.receive()
     assert out == list(range(len(out)))
+
+
+def test_the_psjobs_command_runs_remote_jobs(server: sshd_helper.LoopbackSSHD, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`psjobs invoke` end to end: the session host it starts uses the user's ~/.ssh/config."""
+    import json
+
+    from .clitools import ok, private_home
+
+    home = tmp_path / "user"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(server.ssh_config.read_text())
+    monkeypatch.setenv("HOME", str(home))
+    with private_home(tmp_path / "state"):
+        row = json.loads(ok("invoke", "--json", "-c", "127.0.0.1,127.0.0.3", "--", "echo hello; echo oops >&2"))
+        job = row["id"] if isinstance(row, dict) else row[0]["id"]
+        ok("wait", "--timeout", "60", str(job))
+        table = json.loads(ok("get", "--json", "--children", str(job)))
+        assert {t["State"] if "State" in t else t["state"] for t in table} == {"Completed"}
+        out = ok("receive", str(job))
+        assert out.splitlines() == ["hello", "hello"]
+        ok("remove", str(job))

@@ -155,6 +155,10 @@ class Pool:
         kwargs: dict[str, Any] = {"connect_timeout": options.connect_timeout}
         if options.config is not None:
             kwargs["config"] = list(options.config) if options.config else None
+        elif os.path.isfile(os.path.expanduser("~/.ssh/config")):
+            # asyncssh falls back to ~/.ssh/config only inside connect(): name it, so that the
+            # options resolved below (which known_hosts files, keepalives) come from it too.
+            kwargs["config"] = [os.path.expanduser("~/.ssh/config")]
         if port is not None or options.port is not None:
             kwargs["port"] = port if port is not None else options.port
         if user is not None or options.username is not None:
