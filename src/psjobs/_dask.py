@@ -215,7 +215,7 @@ def start_cluster_job(session: Session, target: Any, *args: Any, cluster: Any,
         conn.submit(group, f"{backend.token}-{next(backend._specs)}", blob, items, resources)
     except Exception as exc:
         for leaf in group.leaves:
-            conn._fail(leaf, WorkerError(f"Job {leaf.job.id} {leaf.job.name!r} failed: psjobs could not submit "
+            conn._fail(leaf, WorkerError(f"psjobs could not submit "
                                          f"its task to the scheduler at {conn.address} ({type(exc).__name__}: "
                                          f"{exc}); start it again"), exc)
     return parent

@@ -265,7 +265,7 @@ class _Conn:
                 try:
                     outcome = future.result()
                 except Exception as exc:
-                    self._fail(leaf, WorkerError(f"Job {leaf.job.id} {leaf.job.name!r} failed: psjobs could not "
+                    self._fail(leaf, WorkerError(f"psjobs could not "
                                                  f"fetch its result from the cluster ({type(exc).__name__}: "
                                                  f"{exc}); start it again"), exc)
                     continue

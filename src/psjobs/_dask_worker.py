@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import _inside
-from ._errors import ExitStatusError, JobStateError, JobStopped, WorkerError
+from ._errors import ExitStatusError, JobStateError, JobStopped, WorkerError, exit_failure
 from ._records import Stream
 from ._worker import _dump_reason, _dumps_batch
 
@@ -400,10 +400,9 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
         task.leave_user()
         event = "stopped"
     except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        code = status
-        if status != 0:
-            event, reason = "fail", ExitStatusError(f"the job called sys.exit({exc.code!r})", status)
+        code, failure = exit_failure(exc)
+        if failure is not None:
+            event, reason = "fail", failure
     except BaseException as exc:
         event, reason = "fail", exc
         if isinstance(exc, ExitStatusError) and s.kind != "call":

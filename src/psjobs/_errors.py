@@ -84,6 +84,17 @@ class ExitStatusError(PsJobsError):
         return (type(self), (self.args[0], self.status))
 
 
+def exit_failure(exc: SystemExit) -> tuple[int, ExitStatusError | None]:
+    """What ``sys.exit(...)`` in a job means: its status, and the reason to fail the job (None for 0).
+
+    Python's own rules: no code or None is 0, an int is itself, anything else (a message) is 1.
+    """
+    status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if status == 0:
+        return 0, None
+    return status, ExitStatusError(f"the job called sys.exit({exc.code!r})", status)
+
+
 class WorkerError(PsJobsError):
     """The worker of a job broke: it died, was killed, or could not run the job at all."""
 

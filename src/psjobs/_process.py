@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from ._backend import block, deliver, finish, report, unblock
 from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
 from ._records import ErrorRecord, InformationRecord, Stream
+from ._remote_boot import group_gone  # stdlib only: the remote side runs the same check
 from ._state import Event
 from ._wire import DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, decode_records, frame
 
@@ -59,32 +60,6 @@ def status_text(status: int | None) -> str:
             name = f"signal {sig}"
         return f"was killed by {name}"
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
-def group_gone(pgid: int) -> bool:
-    """True when no live process is left in the process group (zombies do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    # Something answers: it may be a zombie adopted by an init that does not reap.
-    target = str(pgid)
-    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read().decode("ascii", "replace")
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2:].split()
-            if len(fields) > 2 and fields[2] == target and fields[0] != "Z":
-                return False
-        return True
-    return False
 
 
 class IOLoop:

@@ -125,7 +125,11 @@ class Host:
     def write_failure(self, job: Job, reason: BaseException) -> None:
         where = job.computer_name
         prefix = f"[{where}] " if where and where != "localhost" else ""
-        print(f"{prefix}Job {job.id} {job.name!r} failed: {_reason_text(reason)}", file=self.stderr)
+        text = str(reason)
+        if text.startswith(f"Job {job.id} "):  # the reason names the job already: say it once
+            print(f"{prefix}{text}", file=self.stderr)
+        else:
+            print(f"{prefix}Job {job.id} {job.name!r} failed: {_reason_text(reason)}", file=self.stderr)
 
 
 def _reason_text(reason: BaseException) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._backend import NullPrepare, report
-from ._errors import ExitStatusError, JobStateError, JobStopped
+from ._errors import ExitStatusError, JobStateError, JobStopped, exit_failure
 from ._inside import _current, emit_line, flush_lines, install_routers
 from ._records import Stream
 from ._state import Event, JobState
@@ -174,10 +174,9 @@ class ThreadBackend(NullPrepare):
             self._leave_user(data)
             event = Event.STOPPED
         except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            code = status
-            if status != 0:
-                event, reason = Event.FAIL, ExitStatusError(f"the job called sys.exit({exc.code!r})", status)
+            code, failure = exit_failure(exc)
+            if failure is not None:
+                event, reason = Event.FAIL, failure
         except BaseException as exc:
             event, reason = Event.FAIL, exc
             if isinstance(exc, ExitStatusError):

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import _inside
-from ._errors import ExitStatusError, JobStopped, ProtocolError, RemoteError, WorkerError
+from ._errors import JobStopped, ProtocolError, RemoteError, WorkerError, exit_failure
 from ._records import ErrorRecord, Stream, snapshot
 from ._wire import ANSWER, DONE, HEADER, HELLO, JOB, MAX_FRAME, PROMPT, RECORDS, VERSION
 
@@ -384,10 +384,9 @@ def serve(rfd: int, wfd: int, *, computer_name: str | None = None, capture_fds: 
     except JobStopped:
         event = "stopped"
     except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        code = status
-        if status != 0:
-            event, reason = "fail", ExitStatusError(f"the job called sys.exit({exc.code!r})", status)
+        code, failure = exit_failure(exc)
+        if failure is not None:
+            event, reason = "fail", failure
     except BaseException as exc:
         event, reason = "fail", exc
     if _Ctx.stop and event == "fail" and isinstance(reason, KeyboardInterrupt):
