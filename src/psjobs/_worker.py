@@ -44,18 +44,27 @@ class Channel:
         self.lock = threading.Lock()
 
     def send(self, kind: int, payload: bytes) -> None:
-        if len(payload) > MAX_FRAME:
-            raise ProtocolError(f"a {len(payload)}-byte value is over the {MAX_FRAME}-byte frame limit")
-        with self.lock:
-            _Ctx.sending = True
-            try:
-                self._write(HEADER.pack(len(payload), kind))
-                self._write(payload)
-            finally:
-                _Ctx.sending = False
+        self.send_frames([(kind, payload)])
         # A SIGTERM that came while the frame was on its way only set the flag (a frame is never
         # cut in half): act on it now, or a busy job would run on until the SIGKILL.
         _Ctx.raise_stop()
+
+    def send_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        """Send frames; small ones in a single write, so the session wakes once for them."""
+        for _, payload in frames:
+            if len(payload) > MAX_FRAME:
+                raise ProtocolError(f"a {len(payload)}-byte value is over the {MAX_FRAME}-byte frame limit")
+        with self.lock:
+            _Ctx.sending = True
+            try:
+                if sum(len(p) for _, p in frames) < 65536:
+                    self._write(b"".join(HEADER.pack(len(p), k) + p for k, p in frames))
+                else:
+                    for kind, payload in frames:
+                        self._write(HEADER.pack(len(payload), kind))
+                        self._write(payload)
+            finally:
+                _Ctx.sending = False
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -238,6 +247,17 @@ class Writer:
             self._flush_locked()
         finally:
             self._lock.release()
+
+    def finish(self, done: bytes) -> None:
+        """The last batch and DONE in one write: the session learns the end in one wake-up."""
+        with self._lock:
+            frames = []
+            if self._buf:
+                streams, times = bytes(self._streams), self._times
+                frames.append((RECORDS, _dumps_batch(streams, self._buf, times)))
+                self._buf, self._streams, self._times = [], bytearray(), []
+            frames.append((DONE, done))
+            self.channel.send_frames(frames)
 
     def due(self) -> float | None:
         """Seconds until the pending batch must go (None: nothing pending)."""
@@ -463,8 +483,7 @@ def _finish(writer: Writer, pump: _Pump | None, event: str, reason: BaseExceptio
     if reason is not None:
         tb = "".join(traceback.format_exception(type(reason), reason, reason.__traceback__))
         blob = _dump_reason(reason)
-    writer.flush()
-    writer.channel.send(DONE, pickle.dumps((event, blob, tb, code)))
+    writer.finish(pickle.dumps((event, blob, tb, code)))
 
 
 def _dump_reason(reason: BaseException) -> bytes:
