@@ -85,7 +85,6 @@ def _tell(ctl: socket.socket, message: tuple[Any, ...]) -> None:
 
 def _serve(ctl: socket.socket, workers: dict[int, Any], spares: list[tuple[int, socket.socket]],
            own: tuple[int, ...], wake_r: int) -> None:
-    wake_w = own[1]
     preload: list[str] = []
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
@@ -123,7 +122,7 @@ def _serve(ctl: socket.socket, workers: dict[int, Any], spares: list[tuple[int, 
             request = pickle.loads(msg)
             if request[0] == "fork":
                 if not _hand_to_spare(ctl, request[1], fds, workers, spares):
-                    _fork(ctl, request[1], fds, workers, (wake_r, wake_w))
+                    _fork(ctl, request[1], fds, workers, own, spares)
             elif request[0] == "preload" and PRELOAD:
                 preload.append(request[1])
                 for extra in fds:
@@ -159,6 +158,26 @@ def _preload(names: list[str]) -> bool:
     return imported
 
 
+def _become_worker(own: tuple[int, ...], spares: list[tuple[int, socket.socket]]) -> None:
+    """In a child just forked: a process group of its own, default signals, and none of the
+    server's descriptors (nor its spares' sockets, whose end must be seen by those spares)."""
+    os.setpgid(0, 0)
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    for fd in own:
+        os.close(fd)
+    for _, sibling in spares:
+        sibling.close()
+
+
+def _take_outputs(outputs: list[int]) -> None:
+    """The job's fd 1 and 2 become the pipes the session reads."""
+    for target, source in zip((1, 2), outputs):
+        os.dup2(source, target)
+        os.close(source)
+
+
 def _top_up(spares: list[tuple[int, socket.socket]], own: tuple[int, ...]) -> None:
     while len(spares) < SPARES:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -166,15 +185,8 @@ def _top_up(spares: list[tuple[int, socket.socket]], own: tuple[int, ...]) -> No
         if pid == 0:
             status = 70
             try:
-                os.setpgid(0, 0)
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
-                for fd in own:
-                    os.close(fd)
+                _become_worker(own, spares)
                 ours.close()
-                for _, sibling in spares:
-                    sibling.close()
                 from ._worker import prepare, serve
 
                 prepare()
@@ -182,9 +194,7 @@ def _top_up(spares: list[tuple[int, socket.socket]], own: tuple[int, ...]) -> No
                 theirs.close()
                 if not msg or len(fds) < 3:
                     os._exit(0)  # the server went away: this spare was never needed
-                for target, source in zip((1, 2), fds[1:3]):
-                    os.dup2(source, target)
-                    os.close(source)
+                _take_outputs(fds[1:3])
                 status = serve(fds[0], fds[0], capture_fds=False)
             except BaseException:
                 status = 70
@@ -217,7 +227,7 @@ def _hand_to_spare(ctl: socket.socket, token: Any, fds: list[int], workers: dict
 
 
 def _fork(ctl: socket.socket, token: Any, fds: list[int], workers: dict[int, Any],
-          own_fds: tuple[int, int]) -> None:
+          own: tuple[int, ...], spares: list[tuple[int, socket.socket]]) -> None:
     fd = fds[0]
     outputs = fds[1:3]  # the job's fd 1 and 2: pipes the session reads
     for extra in fds[3:]:
@@ -226,16 +236,8 @@ def _fork(ctl: socket.socket, token: Any, fds: list[int], workers: dict[int, Any
     if pid == 0:
         status = 70
         try:
-            os.setpgid(0, 0)
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            ctl.close()
-            for own in own_fds:
-                os.close(own)
-            for target, source in zip((1, 2), outputs):
-                os.dup2(source, target)
-                os.close(source)
+            _become_worker(own, spares)
+            _take_outputs(outputs)
             from ._worker import serve
 
             status = serve(fd, fd, capture_fds=len(outputs) < 2)
