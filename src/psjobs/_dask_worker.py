@@ -38,6 +38,7 @@ from typing import Any
 from . import _inside
 from ._errors import ExitStatusError, JobStateError, JobStopped, WorkerError, exit_failure
 from ._records import Stream
+from ._remote_boot import proc_stats  # stdlib only, like this module's other imports
 from ._worker import _dump_reason, _dumps_batch
 
 FLUSH_SECONDS = 0.002   # a trickle reaches the session within a few ms (plus the scheduler hop)...
@@ -441,7 +442,7 @@ def _call(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter
 
 
 def _command(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter) -> int:
-    from ._thread import _kill_group, _pump, _status_error
+    from ._thread import _status_error, run_command
 
     # The item (already text) comes first: $1 of a command line, the first extra argument of an argv.
     argv = [*s.argv, *(() if item is None else (str(item),)), *s.args]
@@ -457,16 +458,7 @@ def _command(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmit
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=s.cwd, env=env,
                             start_new_session=True)
-    try:
-        _pump(proc, feed, emitter)  # type: ignore[arg-type]
-        status = proc.wait()
-    except JobStopped:
-        _kill_group(proc, task.grace)
-        raise
-    finally:
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    status = run_command(proc, feed, emitter, task.grace)
     if status != 0:
         if task.stop:
             raise JobStopped()
@@ -557,21 +549,9 @@ def _signal_all(procs: list[subprocess.Popen[Any]], sig: int) -> None:
 def _descendants(root: int) -> list[int]:
     """Every live descendant of ``root`` (Linux /proc; elsewhere none, and the group kill must do)."""
     children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
+    for pid, fields in proc_stats() or []:
         if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(name))
+            children.setdefault(int(fields[1]), []).append(pid)
     out: list[int] = []
     todo = [root]
     while todo:

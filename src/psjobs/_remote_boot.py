@@ -288,18 +288,14 @@ def install(modules: dict[str, list[Any]]) -> None:
     sys.meta_path.insert(0, MemoryFinder(modules))
 
 
-def group_gone(pgid: int) -> bool:
-    """True when no live process is left in the group (zombies that nobody reaps do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
+def proc_stats() -> list[tuple[int, list[str]]] | None:
+    """(pid, the fields of /proc/PID/stat after the command name) of every process; None where
+    /proc cannot be read (not Linux)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return False
+        return None
+    out = []
     for name in entries:
         if not name.isdigit():
             continue
@@ -308,10 +304,23 @@ def group_gone(pgid: int) -> bool:
                 stat = f.read().decode("ascii", "replace")
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return False
-    return True
+        out.append((int(name), stat[stat.rfind(")") + 2:].split()))
+    return out
+
+
+def group_gone(pgid: int) -> bool:
+    """True when no live process is left in the group (zombies that nobody reaps do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    stats = proc_stats()
+    if stats is None:
+        return False  # cannot look: assume something is left
+    target = str(pgid)
+    return not any(len(f) > 2 and f[2] == target and f[0] != "Z" for _, f in stats)
 
 
 def _child(rfd: int, wfd_unused: int, params: dict[str, Any]) -> None:

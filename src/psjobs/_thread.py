@@ -219,16 +219,7 @@ class ThreadBackend(NullPrepare):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=spec.cwd,
                                 start_new_session=True)
         data.proc = proc
-        try:
-            _pump(proc, feed, emitter)
-            status = proc.wait()
-        except JobStopped:
-            _kill_group(proc, self._session.stop_grace)
-            raise
-        finally:
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+        status = run_command(proc, feed, emitter, self._session.stop_grace)
         if status != 0:
             raise _status_error("the command", status)
         return status
@@ -265,6 +256,20 @@ class ThreadBackend(NullPrepare):
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=0.5)
+
+
+def run_command(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any, grace: float) -> int:
+    """Run a started command in this thread: its lines to the job, its group killed on a stop."""
+    try:
+        _pump(proc, feed, emitter)
+        return proc.wait()
+    except JobStopped:
+        _kill_group(proc, grace)
+        raise
+    finally:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def _status_error(what: str, status: int) -> ExitStatusError:
