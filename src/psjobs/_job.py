@@ -272,7 +272,10 @@ class Job:
             counts[old] -= 1
             counts[new] = counts.get(new, 0) + 1
             parent._rederive(t)
-        self._session._cond.notify_all()
+        if new is not JobState.RUNNING:
+            # Nobody waits for a job to run (waits are for data, a prompt or the end), and each
+            # wake-up of a waiting thread costs a GIL hand-off with the I/O thread on the job's path.
+            self._session._cond.notify_all()
 
     def _rederive(self, now: float) -> None:
         assert self._children is not None and self._counts is not None
