@@ -256,9 +256,10 @@ def test_fork_server_death_loses_no_job(session: psjobs.Session) -> None:
 def test_spawn_fallback_runs_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PSJOBS_START_METHOD", "spawn")
     with psjobs.Session() as s:
-        job = s.start_job(lambda: sys.version_info[:2])
+        job = s.start_job(lambda: (sys.version_info[:2], os.environ.get("PYTHONPATH")))
         assert job.wait(DEADLINE)
-        assert job.receive() == [tuple(sys.version_info[:2])]
+        # A fresh interpreter needs psjobs on its path, but the job sees the caller's PYTHONPATH.
+        assert job.receive() == [(tuple(sys.version_info[:2]), os.environ.get("PYTHONPATH"))]
         slow = s.start_job("sleep 30")
         s.stop_job(slow)
         assert slow.state is JobState.STOPPED

@@ -464,6 +464,51 @@ def test_env_reaches_callable_jobs(session: psjobs.Session) -> None:
     assert job.receive() == ["42"]
 
 
+def environment(*names: str) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_callable_jobs_see_the_callers_environment_when_they_start(session: psjobs.Session,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set, changed and removed variables reach the next job; psjobs' own PYTHONPATH never does."""
+    names = ("PSJOBS_TEST_LATE", "PSJOBS_TEST_GONE", "PYTHONPATH")
+    monkeypatch.setenv("PSJOBS_TEST_GONE", "here")
+    first = session.start_job(environment, *names)  # starts the fork server with this environment
+    assert first.wait(10)
+    assert first.receive() == [environment(*names)]
+    monkeypatch.setenv("PSJOBS_TEST_LATE", "set after the fork server started")
+    monkeypatch.delenv("PSJOBS_TEST_GONE")
+    second = session.start_job(environment, *names)
+    assert second.wait(10)
+    assert second.receive() == [{"PSJOBS_TEST_LATE": "set after the fork server started",
+                                 "PSJOBS_TEST_GONE": None, "PYTHONPATH": os.environ.get("PYTHONPATH")}]
+
+
+def test_process_jobs_started_from_many_threads_at_once(session: psjobs.Session) -> None:
+    """Each starting thread registers its job with the session's I/O loop itself."""
+    import threading
+
+    jobs: list[psjobs.Job] = []
+    lock = threading.Lock()
+
+    def starter(base: int) -> None:
+        for i in range(base, base + 20):
+            job = session.start_job(add, i, 1) if i % 4 else session.start_job(["echo", str(i + 1)])
+            with lock:
+                jobs.append(job)
+
+    threads = [threading.Thread(target=starter, args=(n * 100,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(jobs) == 120
+    assert len(session.wait_job(jobs, timeout=60)) == 120
+    got = sorted(int(job.receive()[0]) for job in jobs)
+    assert got == sorted(n * 100 + i + 1 for n in range(6) for i in range(20))
+    assert all(job.state is JobState.COMPLETED for job in jobs)
+
+
 def test_bad_arguments_raise_before_a_job_exists(session: psjobs.Session, tmp_path: Any) -> None:
     cases: list[tuple[Callable[[], Any], type[Exception]]] = [
         (lambda: session.start_job(42), TypeError),

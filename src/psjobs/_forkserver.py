@@ -58,6 +58,8 @@ def main() -> None:
 
     from . import _inside, _worker  # noqa: F401
 
+    _worker.restore_pythonpath()  # jobs see the caller's environment, not the one we needed
+
     gc.collect()
     gc.freeze()
     ctl.send(pickle.dumps(("ready", os.getpid())))
@@ -187,9 +189,10 @@ def _top_up(spares: list[tuple[int, socket.socket]], own: tuple[int, ...]) -> No
             try:
                 _become_worker(own, spares)
                 ours.close()
-                from ._worker import prepare, serve
+                from ._worker import prepare, rehearse, serve
 
                 prepare()
+                rehearse()
                 msg, fds, _, _ = socket.recv_fds(theirs, 4096, 4)
                 theirs.close()
                 if not msg or len(fds) < 3:

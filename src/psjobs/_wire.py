@@ -23,6 +23,9 @@ from ._errors import ProtocolError
 
 VERSION = 2  # 2: RECORDS are columns (streams, values, times), not a list of tuples
 HEADER = struct.Struct("!IB")
+# A fork server or spawned worker is started with psjobs on its PYTHONPATH; the caller's own value
+# ("=" and it; empty: it had none) rides along in this variable and is put back before any job runs.
+CALLER_PYTHONPATH = "PSJOBS_CALLER_PYTHONPATH"
 MAX_FRAME = 1 << 30  # 1 GiB: larger values fail their job with a clear error instead
 
 HELLO = 1     # worker -> session: (VERSION, pid, python version)
