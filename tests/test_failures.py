@@ -253,6 +253,39 @@ def test_fork_server_death_loses_no_job(session: psjobs.Session) -> None:
     assert backend._server is not server and backend._server.alive
 
 
+def _held_spares(session: psjobs.Session, n: int) -> list[int]:
+    """The pids of the warm spares the session holds (waits until it holds ``n``)."""
+    backend: Any = session._backends["process"]
+    wait_until(lambda: len(backend._server.spares) >= n, what=f"{n} warm spares")
+    return [pid for pid, _ in backend._server.spares]
+
+
+def test_dead_spares_are_skipped(session: psjobs.Session) -> None:
+    assert session.start_job(lambda: 1).wait(DEADLINE)  # starts the fork server
+    import psutil
+
+    pids = _held_spares(session, 2)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), what="the spares to be reaped")
+    jobs = [session.start_job(lambda i=i: i) for i in range(4)]
+    assert session.wait_job(jobs, timeout=DEADLINE) == jobs
+    assert [j.receive() for j in jobs] == [[0], [1], [2], [3]]
+
+
+def test_a_spare_killed_with_its_job_fails_the_job(session: psjobs.Session) -> None:
+    """The job reached the spare, which died before it read it: the job fails and says why."""
+    assert session.start_job(lambda: 1).wait(DEADLINE)
+    pid = _held_spares(session, 1)[0]
+    os.kill(pid, signal.SIGSTOP)  # it cannot take the job, nor say that it did
+    job = session.start_job(lambda: 1)
+    assert job.child_jobs[0].pid == pid
+    os.kill(pid, signal.SIGKILL)
+    assert job.wait(DEADLINE)
+    assert job.state is JobState.FAILED
+    assert "SIGKILL" in str(job.child_jobs[0].job_state_info.reason)
+
+
 def test_spawn_fallback_runs_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PSJOBS_START_METHOD", "spawn")
     with psjobs.Session() as s:

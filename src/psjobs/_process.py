@@ -17,6 +17,7 @@ SIGKILL after the grace period, and the job is Stopped only when no process of i
 
 from __future__ import annotations
 
+import array
 import contextlib
 import heapq
 import itertools
@@ -670,11 +671,28 @@ class _ForkServer:
             raise WorkerError(f"the fork server did not start (it exited with status {self.proc.returncode})")
         ours.settimeout(None)
         self.alive = True
-        def register() -> None:
-            if self.alive and self.sock.fileno() >= 0:  # not already closed by a closing session
-                backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
+        # Warm spares the server handed over (pid, our end of its socket): a job goes straight
+        # to one. Threads starting jobs pop them; the loop thread appends.
+        self.spares: deque[tuple[int, socket.socket]] = deque()
+        backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
 
-        backend.loop.call_soon(register)
+    def hand_to_spare(self, token: int, fds: list[int]) -> int | None:
+        """Give the job to a warm spare; its pid, or None when no spare is left."""
+        while True:
+            try:
+                pid, sock = self.spares.popleft()
+            except IndexError:
+                return None
+            try:
+                socket.send_fds(sock, [pickle.dumps(token)], fds)
+            except OSError:
+                continue  # that spare died: the next one, or a fork
+            finally:
+                sock.close()
+            # Known before the loop thread can read that this spare exited (the caller holds
+            # the loop's mutex): if it died with the job, the server's report has no token.
+            self.backend.spare_tokens[pid] = token
+            return pid
 
     def submit(self, token: int, fds: list[int]) -> None:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
@@ -685,15 +703,28 @@ class _ForkServer:
     def on_message(self, mask: int) -> None:
         while True:
             try:
-                msg = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                msg, fds = _recv_fds_now(self.sock)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                msg = b""
+                msg, fds = b"", []
             if not msg:
+                for fd in fds:
+                    os.close(fd)
                 self.lost()
                 return
             what, token, *rest = pickle.loads(msg)
+            if what == "spare":
+                if fds and self.alive:
+                    self.spares.append((token, socket.socket(fileno=fds[0])))
+                continue
+            for fd in fds:
+                os.close(fd)
+            if what == "exited":
+                # A job handed to a spare that died before it said "taken" comes with no token.
+                pid = rest[0]
+                by_pid = self.backend.spare_tokens.pop(pid, None)
+                token = by_pid if token is None else token
             handle = self.backend.pending_calls.get(token)
             if handle is None:
                 continue
@@ -703,6 +734,12 @@ class _ForkServer:
                 self.backend.pending_calls.pop(token, None)
                 handle.on_exited(rest[1])
 
+    def drop_spares(self) -> None:
+        """Close our ends of the spares: a spare whose server is gone then ends by itself."""
+        while self.spares:
+            _, sock = self.spares.popleft()
+            sock.close()
+
     def lost(self) -> None:
         if not self.alive:
             return
@@ -710,12 +747,14 @@ class _ForkServer:
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.backend.loop.sel.unregister(self.sock)
         self.sock.close()
+        self.drop_spares()
         with contextlib.suppress(Exception):
             self.proc.wait(timeout=1)
         self.backend.server_lost(self)
 
     def close(self) -> None:
         self.alive = False
+        self.drop_spares()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
@@ -724,6 +763,17 @@ class _ForkServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _recv_fds_now(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the descriptors it carries, without blocking (socket.recv_fds drops its
+    flags argument before Python 3.12)."""
+    msg, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_LEN(4 * 4), socket.MSG_DONTWAIT)
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def _find_psjobs(env: dict[str, str], more: list[str]) -> None:
@@ -745,6 +795,8 @@ class ProcessBackend:
         self.session = session
         self.loop = IOLoop()
         self.pending_calls: dict[int, _CallHandle] = {}  # token -> handle, until the worker exited
+        self.spare_tokens: dict[int, int] = {}           # pid of a spare given a job -> its token
+        self.spawned: dict[int, subprocess.Popen[bytes]] = {}  # workers started as fresh interpreters
         self.handles: set[_Handle] = set()                # every handle whose descriptors are open
         self._server: _ForkServer | None = None
         self._server_lock = threading.Lock()
@@ -847,7 +899,13 @@ class ProcessBackend:
                         return
             try:
                 handle.server = server
-                server.submit(handle.job.id, handle.worker_fds())
+                token = handle.job.id
+                with self.loop.sel.mutex:  # no handler runs meanwhile (see hand_to_spare)
+                    pid = server.hand_to_spare(token, handle.worker_fds())
+                    if pid is not None:
+                        handle.on_forked(pid)
+                if pid is None:
+                    server.submit(token, handle.worker_fds())
                 self._ask_preload(server, handle.module)
                 return
             except OSError:
@@ -872,12 +930,14 @@ class ProcessBackend:
                                 stdin=subprocess.DEVNULL, stdout=handle.w_out, stderr=handle.w_err,
                                 env=env, start_new_session=True)
         pidfd = os.pidfd_open(proc.pid)
+        self.spawned[proc.pid] = proc
 
         def on_exit(mask: int) -> None:
             pid, status = os.waitpid(proc.pid, os.WNOHANG)
             if pid == 0:
                 return
             proc.returncode = os.waitstatus_to_exitcode(status)
+            self.spawned.pop(proc.pid, None)
             self.loop.sel.unregister(pidfd)
             os.close(pidfd)
             self.pending_calls.pop(handle.job.id, None)
@@ -898,6 +958,7 @@ class ProcessBackend:
                 threading.Thread(target=self._resubmit, args=(handle,), daemon=True).start()
             elif handle.pid is not None:
                 self.pending_calls.pop(handle.job.id, None)
+                self.spare_tokens.pop(handle.pid, None)
                 handle.on_server_lost()
 
     def _resubmit(self, handle: _CallHandle) -> None:
@@ -965,3 +1026,10 @@ class ProcessBackend:
         self.loop.close()
         for handle in list(self.handles):
             handle.close()
+        # Spawned workers a job was done with may still be exiting; the rest go, as with a fork
+        # server (the session stopped its jobs before it came here).
+        for proc in list(self.spawned.values()):
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.spawned.clear()
