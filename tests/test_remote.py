@@ -381,6 +381,19 @@ def test_remote_generator_streams_its_items(rs: psjobs.Session, tmp_path: Path) 
     assert job.child_jobs[0].exit_code is None
 
 
+def blobs() -> Any:
+    yield b"r" * (3 << 20)   # out of band (RECORDS_OOB), through the SSH channel
+    yield bytearray(b"s" * 5)
+
+
+def test_a_large_bytes_value_comes_back_whole(rs: psjobs.Session) -> None:
+    job = rs.invoke_command(blobs, computer_name="127.0.0.2")
+    assert job.wait(60)
+    got = job.receive()
+    assert got == [b"r" * (3 << 20), bytearray(b"sssss")]
+    assert [type(v) for v in got] == [bytes, bytearray]
+
+
 def test_the_callers_own_classes_travel_by_value(rs: psjobs.Session) -> None:
     import cloudpickle
 

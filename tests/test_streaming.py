@@ -46,3 +46,35 @@ def test_two_jobs_received_together_keep_per_job_order(session: psjobs.Session) 
     for rec in out:
         by_job.setdefault(rec.job.id, []).append(rec.value)
     assert by_job == {a.child_jobs[0].id: list(range(5000)), b.id: list(range(5000))}
+
+
+def big_values() -> Any:
+    """Large bytes and bytearray values (they travel out of band) between small ones."""
+    yield b"a" * (2 << 20)
+    yield 1
+    yield bytearray(b"b" * (1 << 20))
+    yield {"small": b"c"}
+    yield b"d" * 10
+
+
+def test_large_bytes_values_arrive_whole_in_order_with_their_types(session: psjobs.Session) -> None:
+    job = session.start_job(big_values)
+    assert job.wait(30)
+    got = job.receive()
+    assert got == [b"a" * (2 << 20), 1, bytearray(b"b" * (1 << 20)), {"small": b"c"}, b"d" * 10]
+    assert [type(v) for v in got] == [bytes, int, bytearray, dict, bytes]
+
+
+def big_and_unpicklable() -> Any:
+    import threading
+
+    yield b"x" * (2 << 20)
+    yield threading.Lock()  # in the same batch, a value that cannot be pickled
+
+
+def test_a_large_value_next_to_an_unpicklable_one_still_arrives(session: psjobs.Session) -> None:
+    job = session.start_job(big_and_unpicklable)
+    assert job.wait(30)
+    got = job.receive()
+    assert got[0] == b"x" * (2 << 20)
+    assert isinstance(got[1], psjobs.Snapshot)  # a readable stand-in, not a crash

@@ -39,7 +39,20 @@ from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
 from ._records import ErrorRecord, InformationRecord, Stream
 from ._remote_boot import group_gone  # stdlib only: the remote side runs the same check
 from ._state import Event
-from ._wire import CALLER_PYTHONPATH, DONE, HELLO, JOB, PROMPT, RECORDS, VERSION, FrameReader, decode_records, frame
+from ._wire import (
+    CALLER_PYTHONPATH,
+    DONE,
+    HELLO,
+    JOB,
+    PROMPT,
+    RECORDS,
+    RECORDS_OOB,
+    VERSION,
+    FrameReader,
+    decode_records,
+    decode_records_oob,
+    frame,
+)
 
 if TYPE_CHECKING:
     from ._job import Entry, Job
@@ -357,9 +370,9 @@ class _CallHandle(_Handle):
                 self.maybe_end()
 
     def on_frame(self, kind: int, payload: bytes | bytearray) -> None:
-        if kind == RECORDS:
+        if kind == RECORDS or kind == RECORDS_OOB:
             try:
-                entries = decode_records(payload)
+                entries = decode_records(payload) if kind == RECORDS else decode_records_oob(payload)
             except Exception as exc:
                 entries = [(Stream.ERROR, ErrorRecord(
                     f"psjobs could not unpickle records from the worker ({type(exc).__name__}: {exc}); "

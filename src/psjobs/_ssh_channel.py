@@ -32,7 +32,19 @@ from ._process import _load_reason
 from ._records import ErrorRecord, Record, Stream
 from ._remote import RemoteConnectionError, RemoteVersionError, ssh_options
 from ._state import Event
-from ._wire import ANSWER, DONE, HELLO, JOB, MAX_FRAME, PROMPT, RECORDS, VERSION, decode_records
+from ._wire import (
+    ANSWER,
+    DONE,
+    HELLO,
+    JOB,
+    MAX_FRAME,
+    PROMPT,
+    RECORDS,
+    RECORDS_OOB,
+    VERSION,
+    decode_records,
+    decode_records_oob,
+)
 
 if TYPE_CHECKING:
     from ._job import Entry, Job
@@ -279,9 +291,9 @@ class CallChannel(Channel):
 
     def on_frame(self, kind: int, payload: bytes) -> None:
         child = self.child
-        if kind == RECORDS:
+        if kind == RECORDS or kind == RECORDS_OOB:
             try:
-                entries = decode_records(payload)
+                entries = decode_records(payload) if kind == RECORDS else decode_records_oob(payload)
             except Exception as exc:  # a value whose class cannot be rebuilt here: say so, go on
                 now = time.time()
                 entries = [(Stream.ERROR, ErrorRecord(

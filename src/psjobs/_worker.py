@@ -29,7 +29,22 @@ from typing import Any
 from . import _inside
 from ._errors import JobStopped, ProtocolError, RemoteError, WorkerError, exit_failure
 from ._records import ErrorRecord, Stream, snapshot
-from ._wire import ANSWER, CALLER_PYTHONPATH, DONE, HEADER, HELLO, JOB, MAX_FRAME, PROMPT, RECORDS, VERSION
+from ._wire import (
+    ANSWER,
+    CALLER_PYTHONPATH,
+    DONE,
+    HEADER,
+    HELLO,
+    JOB,
+    MAX_FRAME,
+    PROMPT,
+    RECORDS,
+    RECORDS_OOB,
+    VERSION,
+    encode_records_oob,
+)
+
+Payload = bytes | list[Any]  # one buffer, or buffers written one after the other (no join)
 
 FLUSH_SECONDS = 0.001  # a trickle arrives within about a millisecond...
 FLUSH_ITEMS = 1000     # ...and a flood goes in batches that amortize pickling and syscalls
@@ -49,24 +64,28 @@ class Channel:
         # cut in half): act on it now, or a busy job would run on until the SIGKILL.
         _Ctx.raise_stop()
 
-    def send_frames(self, frames: list[tuple[int, bytes]]) -> None:
+    def send_frames(self, frames: list[tuple[int, Payload]]) -> None:
         """Send frames; small ones in a single write, so the session wakes once for them."""
-        for _, payload in frames:
-            if len(payload) > MAX_FRAME:
-                raise ProtocolError(f"a {len(payload)}-byte value is over the {MAX_FRAME}-byte frame limit")
+        sized = [(kind, [p] if isinstance(p, bytes) else p) for kind, p in frames]
+        sizes = [sum(len(part) for part in parts) for _, parts in sized]
+        for size in sizes:
+            if size > MAX_FRAME:
+                raise ProtocolError(f"a {size}-byte value is over the {MAX_FRAME}-byte frame limit")
         with self.lock:
             _Ctx.sending = True
             try:
-                if sum(len(p) for _, p in frames) < 65536:
-                    self._write(b"".join(HEADER.pack(len(p), k) + p for k, p in frames))
+                if sum(sizes) < 65536:
+                    self._write(b"".join(HEADER.pack(size, kind) + b"".join(parts)
+                                         for (kind, parts), size in zip(sized, sizes)))
                 else:
-                    for kind, payload in frames:
-                        self._write(HEADER.pack(len(payload), kind))
-                        self._write(payload)
+                    for (kind, parts), size in zip(sized, sizes):
+                        self._write(HEADER.pack(size, kind))
+                        for part in parts:
+                            self._write(part)
             finally:
                 _Ctx.sending = False
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self.wfd, view)
@@ -137,6 +156,16 @@ def _dumps_batch(streams: bytes, values: list[Any], times: list[float]) -> bytes
             safe.append(_stand_in(value, exc))
     out: bytes = cloudpickle.dumps((streams, safe, times), protocol=5)
     return out
+
+
+def _records_frame(streams: bytes, values: list[Any], times: list[float]) -> tuple[int, Payload]:
+    try:
+        parts = encode_records_oob(streams, values, times)
+    except Exception:
+        parts = None  # another value cannot be pickled as it is: the careful way below
+    if parts is not None:
+        return RECORDS_OOB, parts
+    return RECORDS, _dumps_batch(streams, values, times)
 
 
 def _stand_in(payload: Any, exc: BaseException) -> Any:
@@ -212,7 +241,8 @@ class Writer:
             return
         streams, times = bytes(self._streams), self._times
         self._buf, self._streams, self._times = [], bytearray(), []
-        self.channel.send(RECORDS, _dumps_batch(streams, buf, times))
+        self.channel.send_frames([_records_frame(streams, buf, times)])
+        _Ctx.raise_stop()
 
     def _arm(self) -> None:
         """Make sure a batch that just started leaves within FLUSH_SECONDS, even if the job goes quiet.
@@ -254,7 +284,7 @@ class Writer:
             frames = []
             if self._buf:
                 streams, times = bytes(self._streams), self._times
-                frames.append((RECORDS, _dumps_batch(streams, self._buf, times)))
+                frames.append(_records_frame(streams, self._buf, times))
                 self._buf, self._streams, self._times = [], bytearray(), []
             frames.append((DONE, done))
             self.channel.send_frames(frames)
