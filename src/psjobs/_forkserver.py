@@ -208,7 +208,7 @@ class _Server:
                 _take_outputs(outputs)
                 from ._worker import serve
 
-                status = serve(fd, fd, capture_fds=len(outputs) < 2)
+                status = serve(fd, fd, capture_fds=len(outputs) < 2, hello_first=False)
             except BaseException:
                 status = 70
             finally:
@@ -271,7 +271,7 @@ def _spare(theirs: socket.socket) -> int:
         pass  # the server is gone; the job is the session's, and it goes on
     theirs.close()
     _take_outputs(fds[1:3])
-    return serve(fds[0], fds[0], capture_fds=False)
+    return serve(fds[0], fds[0], capture_fds=False, hello_first=False)
 
 
 def _preload(names: list[str]) -> bool:

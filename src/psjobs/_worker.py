@@ -57,6 +57,7 @@ class Channel:
         self.rfd = rfd
         self.wfd = wfd
         self.lock = threading.Lock()
+        self.hello: bytes | None = None  # a HELLO that goes with the first frames sent
 
     def send(self, kind: int, payload: bytes) -> None:
         self.send_frames([(kind, payload)])
@@ -72,6 +73,10 @@ class Channel:
             if size > MAX_FRAME:
                 raise ProtocolError(f"a {size}-byte value is over the {MAX_FRAME}-byte frame limit")
         with self.lock:
+            if self.hello is not None:
+                sized.insert(0, (HELLO, [self.hello]))
+                sizes.insert(0, len(self.hello))
+                self.hello = None
             _Ctx.sending = True
             try:
                 if sum(sizes) < 65536:
@@ -425,29 +430,37 @@ def rehearse() -> None:
         meta = {"cwd": os.getcwd(), "env": dict(os.environ), "sys_path": list(sys.path), "call": call}
         body = pickle.dumps(meta, protocol=5)
         ours.sendall(HEADER.pack(len(body), JOB) + body)
-        _serve_one(writer, None, theirs.fileno(), theirs.fileno())
+        _serve_one(writer, None, theirs.fileno(), theirs.fileno(), hello_first=False)
     except Exception:
         pass  # a rehearsal only saves time; the real job reports its own problems
     finally:
         ours.close()
         theirs.close()
         writer.channel.rfd = writer.channel.wfd = -1
+        writer.channel.hello = None
         writer.input_items = None
         _Ctx.in_user = _Ctx.stop = _Ctx.raised = False
 
 
-def serve(rfd: int, wfd: int, *, computer_name: str | None = None, capture_fds: bool = True) -> int:
-    """Run the one job that arrives on the channel; return the process exit status to use."""
+def serve(rfd: int, wfd: int, *, computer_name: str | None = None, capture_fds: bool = True,
+          hello_first: bool = True) -> int:
+    """Run the one job that arrives on the channel; return the process exit status to use.
+
+    ``hello_first=False`` (a local worker, whose pid the session knows) sends HELLO with the job's
+    first frames instead: a trivial job then wakes the session once, not twice.
+    """
     prepare(computer_name=computer_name, capture_fds=capture_fds)
     writer = _Prepared.writer
     assert writer is not None
-    return _serve_one(writer, _Prepared.pump, rfd, wfd)
+    return _serve_one(writer, _Prepared.pump, rfd, wfd, hello_first=hello_first)
 
 
-def _serve_one(writer: Writer, pump: _Pump | None, rfd: int, wfd: int) -> int:
+def _serve_one(writer: Writer, pump: _Pump | None, rfd: int, wfd: int, *, hello_first: bool) -> int:
     channel = writer.channel
     channel.rfd, channel.wfd = rfd, wfd
-    channel.send(HELLO, pickle.dumps((VERSION, os.getpid(), tuple(sys.version_info[:2]))))
+    channel.hello = pickle.dumps((VERSION, os.getpid(), tuple(sys.version_info[:2])))
+    if hello_first:
+        channel.send_frames([])
     got = channel.recv()
     if got is None:
         return 0  # the session went away before sending the job
@@ -581,7 +594,7 @@ def main() -> None:
     fd = int(sys.argv[1])
     os.setpgid(0, 0) if os.getpgid(0) != os.getpid() else None
     try:
-        status = serve(fd, fd, capture_fds=False)  # the session reads our fd 1 and 2
+        status = serve(fd, fd, capture_fds=False, hello_first=False)  # the session reads our fd 1 and 2
     except BaseException:
         status = 70
     os._exit(status)
