@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent  # tests/ is a package: pytest put
 
 CORE_CASES = {
     "process job, trivial callable: start -> result",
-    "process job, first of a new session (starts the fork server)",
+    "process job, first of a program (starts the fork server)",
     "thread job, trivial callable: start -> result",
     "command job `true` (argv): start -> end",
     "jobs/s, 20 thread jobs: start all, wait all",
