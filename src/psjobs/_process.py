@@ -2,17 +2,21 @@
 
 ::
 
-    start_job(callable) --JOB frame--> job socket <--HELLO, RECORDS, DONE-- worker
-          |                                ^                                   ^
-          +-- ("fork", token) + socket --> fork server --fork-----------------+
-                                           fork server --("forked"/"exited", status)--> I/O loop
+    start_job(callable) --JOB frame--> job socket <--RECORDS (HELLO with the first), DONE-- worker
+          |                                                                        ^
+          +-- job socket + fd 1/2 pipes --> a warm spare the fork server handed over
+          +-- (no spare left) ("fork", token) + the same --> fork server --fork--+
+                                           fork server --("spare"/"forked"/"exited")--> I/O loop
     start_job("cmd" | [argv]) --Popen(own session)--> stdout lines -> output, stderr lines -> errors,
                                                       pidfd -> exit status
-    one I/O loop thread (selectors) reads every job's socket, pipe and pidfd of the session
+    one I/O loop thread (selectors) reads every job's socket, pipe and pidfd of the session;
+    the thread that starts a job registers its descriptors itself (see _SharedSelector)
 
-A job ends only when its worker has exited *and* its channel or pipes reached their end, so a
-receive right after a wait sees the tail. A stop sends SIGTERM to the job's process group, then
-SIGKILL after the grace period, and the job is Stopped only when no process of its group is left.
+A callable's job ends at its DONE frame, the worker's last word (what it wrote on fd 1 and 2 is in
+the pipes by then, and is read first); a command's when it has exited and its pipes reached their
+end. So a receive right after a wait sees the tail. A stop sends SIGTERM to the job's process
+group, then SIGKILL after the grace period, and the job is Stopped only when no process of its
+group is left.
 """
 
 from __future__ import annotations
