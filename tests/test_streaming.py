@@ -78,3 +78,31 @@ def test_a_large_value_next_to_an_unpicklable_one_still_arrives(session: psjobs.
     got = job.receive()
     assert got[0] == b"x" * (2 << 20)
     assert isinstance(got[1], psjobs.Snapshot)  # a readable stand-in, not a crash
+
+
+def nested_buffers() -> Any:
+    return {"blob": bytearray(b"n" * (2 << 20)), "small": bytearray(b"s"), "list": [b"t" * (2 << 20)]}
+
+
+def test_large_buffers_at_any_depth_arrive_whole(session: psjobs.Session) -> None:
+    job = session.start_job(nested_buffers)
+    assert job.wait(30)
+    (got,) = job.receive()
+    assert got == {"blob": bytearray(b"n" * (2 << 20)), "small": bytearray(b"s"), "list": [b"t" * (2 << 20)]}
+    assert type(got["blob"]) is bytearray and type(got["list"][0]) is bytes
+
+
+def numpy_arrays() -> Any:
+    import numpy as np
+
+    return {"big": np.arange(1_000_000, dtype=np.float64), "strided": np.arange(600_000)[::2]}
+
+
+def test_numpy_arrays_come_back_equal_and_writable(session: psjobs.Session) -> None:
+    np = pytest.importorskip("numpy")
+    job = session.start_job(numpy_arrays)
+    assert job.wait(30)
+    (got,) = job.receive()
+    assert np.array_equal(got["big"], np.arange(1_000_000, dtype=np.float64))
+    assert np.array_equal(got["strided"], np.arange(600_000)[::2])  # not contiguous: in band
+    got["big"][0] = 42.0  # a view of what the session received, but the user's to change

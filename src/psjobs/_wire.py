@@ -17,6 +17,7 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import ProtocolError
@@ -34,7 +35,7 @@ RECORDS = 3   # worker -> session: pickled (bytes of streams, [values], [times])
 DONE = 4      # worker -> session: pickled (event name, reason, traceback text, exit code)
 PROMPT = 5    # worker -> session: the job waits for input (prompt text)
 ANSWER = 6    # session -> worker: the input
-RECORDS_OOB = 7  # worker -> session: RECORDS whose large bytes values follow raw (encode_records_oob)
+RECORDS_OOB = 7  # worker -> session: RECORDS whose large buffers follow raw (encode_records)
 
 KINDS = frozenset({HELLO, JOB, RECORDS, DONE, PROMPT, ANSWER, RECORDS_OOB})
 OOB_MIN = 1 << 20  # a bytes or bytearray value this large travels out of band
@@ -52,41 +53,68 @@ def decode_records(payload: bytes | bytearray) -> list[tuple[int, Any, float]]:
     return list(zip(streams, values, times))
 
 
-def encode_records_oob(streams: bytes, values: list[Any], times: list[float]) -> list[Any] | None:
-    """A RECORDS_OOB payload as parts to write one after the other, or None (no large value).
+_SCAN = 64  # batches this small are looked through for large bytes values (a blob comes alone)
 
-    ::
 
-        | pickle size: uint32 | pickle of (streams, values with None for each large one, times,
-        [(index, is bytes, size)]) | the large values' bytes, in that order |
+def encode_records(streams: bytes, values: list[Any], times: list[float],
+                   dumps: Callable[..., bytes] = pickle.dumps) -> tuple[int, list[Any]]:
+    """A batch as ``(RECORDS, [pickle])``, or ``(RECORDS_OOB, parts)`` when it holds large buffers.
 
-    The large values are written from their own memory: pickling them in band copied 100 MB
-    once more in the worker (page faults included, ~40 ms), half of psjobs' overhead there.
+    Large buffers are written from their own memory, after the pickle, not copied into it: a
+    bytes value of OOB_MIN or more at the top of a small batch, and anything pickle protocol 5
+    hands out of band (bytearray, contiguous numpy arrays, PickleBuffer), at any depth. Pickling
+    a 100 MB value in band cost a second copy in the worker (page faults included, ~40 ms). ::
+
+        | header size: uint32 | header: pickle of (pickle size, part sizes, how many parts the
+        pickle takes as buffers, [index of each bytes value taken out]) | pickle | parts |
     """
-    big = [i for i, v in enumerate(values) if type(v) in (bytes, bytearray) and len(v) >= OOB_MIN]
-    if not big:
-        return None
-    slim = list(values)
-    slots = []
-    for i in big:
-        slim[i] = None
-        slots.append((i, type(values[i]) is bytes, len(values[i])))
-    meta = pickle.dumps((streams, slim, times, slots), protocol=5)
-    return [_U32.pack(len(meta)), meta, *(values[i] for i in big)]
+    parts: list[Any] = []
+
+    def in_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:
+            return True  # not contiguous: pickled in band
+        if view.nbytes < OOB_MIN:
+            return True
+        parts.append(view)
+        return False
+
+    slim, slots = values, []
+    if len(values) <= _SCAN:
+        for i, value in enumerate(values):
+            if type(value) is bytes and len(value) >= OOB_MIN:
+                if slim is values:
+                    slim = list(values)
+                slim[i] = None
+                slots.append(i)
+    data = dumps((streams, slim, times), protocol=5, buffer_callback=in_band)
+    if not parts and not slots:
+        return RECORDS, [data]
+    pickled = len(parts)
+    parts += [values[i] for i in slots]
+    head = pickle.dumps((len(data), [len(memoryview(p).cast("B")) for p in parts], pickled, slots))
+    return RECORDS_OOB, [_U32.pack(len(head)), head, data, *parts]
 
 
 def decode_records_oob(payload: bytes | bytearray) -> list[tuple[int, Any, float]]:
-    """Journal entries from a RECORDS_OOB payload (see encode_records_oob)."""
+    """Journal entries from a RECORDS_OOB payload (see encode_records). Out-of-band buffers are
+    views of the payload: a numpy array comes back without a copy."""
     view = memoryview(payload)
     (size,) = _U32.unpack_from(view)
-    streams, values, times, slots = pickle.loads(view[4:4 + size])
+    data_size, sizes, pickled, slots = pickle.loads(view[4:4 + size])
     pos = 4 + size
-    for index, is_bytes, length in slots:
-        chunk = view[pos:pos + length]
-        pos += length
-        values[index] = bytes(chunk) if is_bytes else bytearray(chunk)
+    data = view[pos:pos + data_size]
+    pos += data_size
+    parts = []
+    for n in sizes:
+        parts.append(view[pos:pos + n])
+        pos += n
     if pos != len(view):
         raise ProtocolError(f"a RECORDS_OOB frame of {len(view)} bytes announced {pos}")
+    streams, values, times = pickle.loads(data, buffers=parts[:pickled])
+    for index, part in zip(slots, parts[pickled:]):
+        values[index] = bytes(part)
     return list(zip(streams, values, times))
 
 

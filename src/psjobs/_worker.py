@@ -39,9 +39,8 @@ from ._wire import (
     MAX_FRAME,
     PROMPT,
     RECORDS,
-    RECORDS_OOB,
     VERSION,
-    encode_records_oob,
+    encode_records,
 )
 
 Payload = bytes | list[Any]  # one buffer, or buffers written one after the other (no join)
@@ -164,13 +163,18 @@ def _dumps_batch(streams: bytes, values: list[Any], times: list[float]) -> bytes
 
 
 def _records_frame(streams: bytes, values: list[Any], times: list[float]) -> tuple[int, Payload]:
+    """The frame of a batch: large buffers out of band; what cannot be pickled becomes a Snapshot."""
     try:
-        parts = encode_records_oob(streams, values, times)
+        return encode_records(streams, values, times)
     except Exception:
-        parts = None  # another value cannot be pickled as it is: the careful way below
-    if parts is not None:
-        return RECORDS_OOB, parts
-    return RECORDS, _dumps_batch(streams, values, times)
+        pass
+    import cloudpickle  # values of classes made at run time (defined in __main__, closures...)
+
+    try:
+        frame: tuple[int, Payload] = encode_records(streams, values, times, cloudpickle.dumps)
+        return frame
+    except Exception:
+        return RECORDS, _dumps_batch(streams, values, times)  # value by value, with stand-ins
 
 
 def _stand_in(payload: Any, exc: BaseException) -> Any:
@@ -404,7 +408,7 @@ def prepare(*, computer_name: str | None = None, capture_fds: bool = False) -> N
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Touch the pickling paths once, so their pages are ours before the job comes.
-    _dumps_batch(b"\0", [None], [0.0])
+    _records_frame(b"\0", [None], [0.0])
     pickle.loads(pickle.dumps({"cwd": "", "env": {}, "sys_path": []}, protocol=5))
     _Prepared.writer = writer
 
