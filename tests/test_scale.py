@@ -14,6 +14,13 @@ from .conftest import wait_until
 N = 1000
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_a_thousand_process_jobs_alive_at_once(session: psjobs.Session, tmp_path: object) -> None:
     path = str(tmp_path / "rendezvous.sock")  # type: ignore[operator]
 
@@ -43,8 +50,7 @@ def test_a_thousand_process_jobs_alive_at_once(session: psjobs.Session, tmp_path
                 conns.append(conn)
                 seen.add(int.from_bytes(conn.recv(4), "big"))
             assert seen == set(range(N))
-            workers = [p for p in psutil.Process().children(recursive=True)
-                       if p.status() != psutil.STATUS_ZOMBIE]
+            workers = [p for p in psutil.Process().children(recursive=True) if _alive(p.pid)]
             assert len(workers) >= N  # the N workers (and the fork server)
             wait_until(lambda: all(j.child_jobs[0].pid for j in jobs), 10, "every worker's pid")
             assert {j.state for j in jobs} == {psjobs.JobState.RUNNING}
@@ -60,7 +66,7 @@ def test_a_thousand_process_jobs_alive_at_once(session: psjobs.Session, tmp_path
     assert {j.state for j in jobs} == {psjobs.JobState.COMPLETED}
 
     def gone() -> bool:
-        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                       for p in pids if p is not None)
+        # A job ends at its worker's last word; the worker itself exits a moment later.
+        return not any(_alive(p) for p in pids if p is not None)
 
     wait_until(gone, 10, "every worker process to exit")

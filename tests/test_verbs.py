@@ -308,6 +308,32 @@ def test_stop_requested_is_seen_inside(start: Callable[..., psjobs.Job], session
     assert [r.message for r in leaf(job).warning] == ["cleaned up, stop_requested=True"]
 
 
+def test_a_thread_job_stopped_while_it_writes_never_hangs_the_session() -> None:
+    """The stop lands anywhere in a tight write_output loop, psjobs' own code included (it
+    once landed inside Condition.__enter__ after the lock was taken: the session hung)."""
+    import threading
+
+    def tight() -> None:
+        n = 0
+        try:
+            while True:
+                n += 1
+                psjobs.write_output(n)
+        finally:
+            psjobs.write_warning("cleaned up")
+
+    for _ in range(100):
+        with psjobs.Session(stop_grace=1.0) as s:
+            job = s.start_thread_job(tight)
+            wait_until(lambda job=job: job.output, what="the first item")  # type: ignore[misc]
+            stopper = threading.Thread(target=s.stop_job, args=(job,), daemon=True)
+            stopper.start()
+            stopper.join(10)
+            assert not stopper.is_alive(), "stop_job hung"
+            assert job.state is JobState.STOPPED
+            assert [r.message for r in job.warning] == ["cleaned up"]
+
+
 def test_stopped_job_cannot_be_swallowed_by_except_exception(start: Callable[..., psjobs.Job],
                                                             session: psjobs.Session) -> None:
     def stubborn() -> None:

@@ -177,7 +177,8 @@ class _Shipper:
 
     def __init__(self, runtime: _Runtime) -> None:
         self.runtime = runtime
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.dirty: dict[str, _Task] = {}   # tasks with records to ship or a start to announce
         self.urgent = False
         # When the thread wakes next: a task wakes it only to make that earlier, so a stream of
@@ -197,7 +198,9 @@ class _Shipper:
             self._poke(task.start_due)
 
     def add(self, task: _Task, stream: int, payload: Any, t: float) -> None:
-        with self.cond:
+        # The lock, not the Condition: a task's stop (an asynchronous JobStopped) that landed in
+        # Condition.__enter__ after the lock was taken would leave it taken (see _thread._Emitter).
+        with self.lock:
             task.streams.append(stream)
             task.values.append(payload)
             task.times.append(t)

@@ -161,7 +161,8 @@ class Session:
         _check_limit("Session", thread_throttle_limit)
         if not isinstance(stop_grace, (int, float)) or stop_grace < 0:
             raise ValueError(f"Session: stop_grace must be a number of seconds >= 0, not {stop_grace!r}")
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # C-level: see _thread._Emitter.emit
+        self._cond = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}      # top-level jobs by id (ids only grow: insertion = id order)
         self._all: dict[int, Job] = {}       # every job, children too
         self._backends: dict[str, Backend] = {}
@@ -693,7 +694,12 @@ class Session:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(min(remaining, 0.1))
+                for leaf in to_signal:
+                    # A stop raised in a thread can be lost (see ThreadBackend.nudge).
+                    nudge = getattr(self._backends.get("thread"), "nudge", None)
+                    if nudge is not None and leaf.job_type == "ThreadJob" and not leaf._state.is_finished:
+                        nudge(leaf)
             for job in pending:
                 for leaf in job._leaves():
                     if not leaf._state.is_finished and not leaf.status_message:

@@ -19,6 +19,7 @@ import os
 import selectors
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -40,11 +41,41 @@ _LINGER = 2.0  # seconds an idle worker thread waits for another job before it e
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 
 
+def _inject(data: _Data) -> None:
+    """Raise JobStopped in the job's thread (with data.lock held, in user code)."""
+    assert data.thread_id is not None
+    _set_async_exc(ctypes.c_ulong(data.thread_id), ctypes.py_object(JobStopped))
+    data.injected = True
+    data.injected_at = time.monotonic()
+    _stopping[data.thread_id] = data
+    if sys.unraisablehook is not _unraisable:  # (again, if someone replaced it since)
+        global _previous_hook
+        _previous_hook = sys.unraisablehook
+        sys.unraisablehook = _unraisable
+
+
+_stopping: dict[int, _Data] = {}  # thread id -> the job a stop was raised in
+_previous_hook = sys.unraisablehook
+
+
+def _unraisable(unraisable: Any) -> None:
+    """A stop raised while the thread ran a garbage collector callback or a ``__del__`` is
+    printed and dropped by Python: raise it again at once (it is not an error to report)."""
+    if isinstance(unraisable.exc_value, JobStopped):
+        data = _stopping.get(threading.get_ident())
+        if data is not None:
+            with data.lock:
+                if data.in_user:
+                    _inject(data)
+            return
+    _previous_hook(unraisable)
+
+
 class _Data:
     """What the thread backend keeps per job."""
 
     backend_kind = "thread"
-    __slots__ = ("in_user", "injected", "lock", "proc", "spec", "stop", "thread_id")
+    __slots__ = ("in_user", "injected", "injected_at", "lock", "proc", "spec", "stop", "thread_id")
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
@@ -52,6 +83,7 @@ class _Data:
         self.stop = False
         self.in_user = False
         self.injected = False
+        self.injected_at = 0.0
         self.thread_id: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -64,12 +96,15 @@ class _Emitter:
     def __init__(self, job: Job, data: _Data) -> None:
         self.job = job
         self.data = data
-        self.cond = job.session._cond
+        self.lock = job.session._lock
         self.line_buffers: dict[int, str] = {}
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
         entry = (stream, payload, time.time() if t is None else t)
-        with self.cond:
+        # The condition's own lock, not the Condition: a stop raised (PyThreadState_SetAsyncExc)
+        # inside Condition.__enter__, after it took the lock, left it taken for good and hung
+        # the session. A C lock's `with` leaves no such gap.
+        with self.lock:
             self.job._append(entry)
 
     def stop_requested(self) -> bool:
@@ -193,6 +228,8 @@ class ThreadBackend(NullPrepare):
     def _leave_user(data: _Data) -> None:
         with data.lock:
             data.in_user = False
+            if data.thread_id is not None:
+                _stopping.pop(data.thread_id, None)
             if data.injected and data.thread_id is not None:
                 # A stop raised at the very end would land in psjobs' own code: take it back.
                 _set_async_exc(ctypes.c_ulong(data.thread_id), None)
@@ -232,14 +269,27 @@ class ThreadBackend(NullPrepare):
         data.stop = True
         with data.lock:
             if data.in_user and not data.injected and data.thread_id is not None:
-                _set_async_exc(ctypes.c_ulong(data.thread_id), ctypes.py_object(JobStopped))
-                data.injected = True
+                _inject(data)
         proc = data.proc
         if proc is not None and proc.returncode is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def nudge(self, job: Job) -> None:
+        """Raise a stop again if the first one was lost, which Python allows: raised while the
+        thread ran a garbage collector callback or a ``__del__``, it is printed and ignored
+        (seen: in WeakSet's callback). Not while the thread handles it (cleaning up in a
+        ``finally``, even in a nested exception), and not sooner than 0.25 s after the last."""
+        data: _Data | None = job.backend_data
+        if data is None or not data.stop or data.thread_id is None:
+            return
+        if time.monotonic() - data.injected_at < 0.25 or _handling_stop(data.thread_id):
+            return
+        with data.lock:
+            if data.in_user:
+                _inject(data)
 
     def forget(self, job: Job) -> None:
         with self._cond:
@@ -256,6 +306,18 @@ class ThreadBackend(NullPrepare):
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=0.5)
+
+
+def _handling_stop(thread_id: int) -> bool:
+    """Whether that thread is handling a JobStopped, or an exception raised while it did."""
+    exc: Any = sys._current_exceptions().get(thread_id)
+    if isinstance(exc, tuple):  # Python < 3.12: (type, value, traceback)
+        exc = exc[1]
+    while exc is not None:
+        if isinstance(exc, JobStopped):
+            return True
+        exc = exc.__context__
+    return False
 
 
 def run_command(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any, grace: float) -> int:
