@@ -208,6 +208,11 @@ class _Handle:
         self.status_known = False
         self.finished = False
         self.stop_at: float | None = None
+        self.held: list[Entry] = []  # records of the frames of one read, handed over together
+
+    def _hand_over(self) -> list[Entry]:
+        held, self.held = self.held, []
+        return held
 
     def kill(self, sig: int) -> None:
         if self.pid is None or self.finished:
@@ -256,8 +261,7 @@ class _Handle:
         if err is not exc:
             err.__cause__ = exc
         self.status_known = True
-        held: list[Entry] = getattr(self, "held", [])
-        self.end(held, Event.FAIL, err, None)
+        self.end(self._hand_over(), Event.FAIL, err, None)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -282,7 +286,6 @@ class _CallHandle(_Handle):
         self.pidfd = -1        # the worker's pidfd, from its HELLO: its exit, without the server
         self.module: str | None = None  # the target's module, for the fork server to preload
         self.exited = False
-        self.held: list[Entry] = []  # records of the frames of one read, handed over together
         # fd 1 and 2 of the worker (C code, child processes): their lines become records.
         r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
         r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
@@ -330,10 +333,6 @@ class _CallHandle(_Handle):
                 break
             *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
             _lines(entries, stream, lines, now, info=True)
-
-    def _hand_over(self) -> list[Entry]:
-        held, self.held = self.held, []
-        return held
 
     def register(self) -> None:
         if self.sock.fileno() < 0:
@@ -731,12 +730,12 @@ class _ForkServer:
                 self.lost()
                 return
             what, token, *rest = pickle.loads(msg)
-            if what == "spare":
-                if fds and self.alive:
-                    self.spares.append((token, socket.socket(fileno=fds[0])))
-                continue
+            if what == "spare" and fds and self.alive:
+                self.spares.append((token, socket.socket(fileno=fds.pop(0))))
             for fd in fds:
                 os.close(fd)
+            if what == "spare":
+                continue
             if what == "exited":
                 # A job handed to a spare that died before it said "taken" comes with no token.
                 pid = rest[0]
