@@ -38,7 +38,7 @@ ANSWER = 6    # session -> worker: the input
 RECORDS_OOB = 7  # worker -> session: RECORDS whose large buffers follow raw (encode_records)
 
 KINDS = frozenset({HELLO, JOB, RECORDS, DONE, PROMPT, ANSWER, RECORDS_OOB})
-OOB_MIN = 1 << 20  # a bytes or bytearray value this large travels out of band
+OOB_MIN = 1 << 20  # a buffer this large travels out of band (see encode_records)
 _U32 = struct.Struct("!I")
 _BIG = 1 << 20  # payloads above this are read straight into their own buffer
 
