@@ -77,7 +77,8 @@ set +e
 exec 3<&0 </dev/null
 ( trap '' TERM; exec <&3 3<&- 2>/dev/null
   while read -r c n; do case $c in k) break;; q) exit 0;;
-    s) m=$(exec /bin/sh -c 'echo $PPID'); kill -STOP $(ps -A -o pid= -o pgid= | awk -v g=$g -v m=$m '$2==g && $1!=m {print $1}') 2>/dev/null;;
+    s) m=$(exec /bin/sh -c 'echo $PPID')
+       kill -STOP $(ps -A -o pid= -o pgid= | awk -v g=$g -v m=$m '$2==g && $1!=m {print $1}') 2>/dev/null;;
     c) kill -CONT -$g 2>/dev/null;; esac; done
   exec /bin/sh -c '%(stopper)s' psjobs "$g" "${n:-$t}"
 ) &
