@@ -286,6 +286,18 @@ def test_a_spare_killed_with_its_job_fails_the_job(session: psjobs.Session) -> N
     assert "SIGKILL" in str(job.child_jobs[0].job_state_info.reason)
 
 
+@pytest.mark.parametrize("spares", ["0", "1"])
+def test_jobs_run_with_few_or_no_warm_spares(monkeypatch: pytest.MonkeyPatch, spares: str) -> None:
+    """PSJOBS_SPARES=0: every job is forked on request; 1: most wait for the next spare or fork."""
+    monkeypatch.setenv("PSJOBS_SPARES", spares)
+    with psjobs.Session() as s:
+        jobs = [s.start_job(lambda i=i: i + 1) for i in range(10)]
+        assert s.wait_job(jobs, timeout=DEADLINE) == jobs
+        assert [j.receive() for j in jobs] == [[i + 1] for i in range(10)]
+        if spares == "0":
+            assert not s._backends["process"]._server.spares  # type: ignore[attr-defined]
+
+
 def test_spawn_fallback_runs_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PSJOBS_START_METHOD", "spawn")
     with psjobs.Session() as s:
