@@ -853,11 +853,8 @@ class ProcessBackend:
 
         if spec.kind != CALL:
             return
-        import cloudpickle
-
         try:
-            spec.payload = cloudpickle.dumps((spec.target, spec.args, spec.kwargs, spec.init, spec.input),
-                                             protocol=5)
+            spec.payload = spec.pickled_call()
         except Exception as exc:
             raise TypeError(f"start_job: the callable {spec.command!r} or its arguments cannot be sent to "
                             f"another process ({type(exc).__name__}: {exc}); pass picklable values, or use "

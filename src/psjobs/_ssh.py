@@ -102,8 +102,7 @@ class Engine:
                     cloudpickle.register_pickle_by_value(module)
                     registered.append(module)
             try:
-                spec.payload = cloudpickle.dumps((spec.target, spec.args, spec.kwargs, spec.init, spec.input),
-                                                 protocol=5)
+                spec.payload = spec.pickled_call()
             except Exception as exc:
                 raise TypeError(f"invoke_command: the callable {spec.command!r} or its arguments cannot be "
                                 f"sent to another computer ({type(exc).__name__}: {exc}); pass picklable "
