@@ -69,7 +69,7 @@ def _rounds(impls: dict[str, Callable[[], float]], rounds: int, warmup: bool) ->
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    from psjobs._client import Client
+    from psjobs.host._client import Client
 
     rows: list[dict[str, Any]] = []
     rounds = 1 if quick else 15

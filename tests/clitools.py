@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from psjobs._cli import main
-from psjobs._client import Client, HostError, Paths, host_free
+from psjobs.host._client import Client, HostError, Paths, host_free
 
 from .conftest import wait_until
 

@@ -160,7 +160,7 @@ def test_progress_bars_while_receiving_and_waiting(tmp_path: Any) -> None:
             self.displays: list[Any] = []
 
         def progress_display(self, total: int | None = None, force: bool = False) -> Any:
-            from psjobs._progress import ProgressDisplay
+            from psjobs.core._progress import ProgressDisplay
 
             shown = ProgressDisplay(Console(file=self.buffer, force_terminal=True, width=100), total=total)
             self.displays.append(shown)

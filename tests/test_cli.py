@@ -233,7 +233,8 @@ def test_exit_code_ok_for_a_wait_with_any(home: Path) -> None:
     ok("remove", "--force", str(slow), str(fast))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("psjobs._remote") is not None, reason="the SSH backend is here")
+@pytest.mark.skipif(importlib.util.find_spec("psjobs.backends.ssh._backend") is not None,
+                    reason="the SSH backend is here")
 def test_invoke_without_the_ssh_backend_says_what_to_install(home: Path) -> None:
     code, _, err = run("invoke", "-c", "127.0.0.1", "--", "true")
     assert code == 1 and "pip install 'psjobs[ssh]'" in err

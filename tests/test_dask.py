@@ -501,7 +501,7 @@ def test_module_default_session_verbs(local_client: Any) -> None:
 def test_parent_state_from_counts_matches_the_scan() -> None:
     from collections import Counter
 
-    from psjobs._state import derive_parent_state_counts
+    from psjobs.core._state import derive_parent_state_counts
 
     def scan(states: list[JobState], stop: bool) -> JobState:  # the definition, written out
         unfinished = [s for s in states if not s.is_finished]

@@ -316,7 +316,7 @@ def _orphans_since(t0: float) -> list[int]:
     out = []
     for p in psutil.process_iter(["ppid", "cmdline", "create_time"]):
         info = p.info
-        if info["ppid"] == 1 and info["create_time"] >= t0 - 1 and "psjobs._forkserver" in " ".join(
+        if info["ppid"] == 1 and info["create_time"] >= t0 - 1 and "psjobs.worker._forkserver" in " ".join(
                 info["cmdline"] or []):
             out.append(p.pid)
     return out

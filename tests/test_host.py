@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from psjobs._client import _BOOT, HEADER, MAGIC, MAX_REQUEST, VERSION, Client, Paths, host_free, pack, read_frame
-from psjobs._host import HostServer
 from psjobs._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Snapshot, Stream
-from psjobs._store import encode
+from psjobs.host._client import _BOOT, HEADER, MAGIC, MAX_REQUEST, VERSION, Client, Paths, host_free, pack, read_frame
+from psjobs.host._server import HostServer
+from psjobs.host._store import encode
 
 from .clitools import gone, host_pid, ok, private_home, run, subprocess_env
 from .conftest import wait_until

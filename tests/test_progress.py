@@ -11,7 +11,7 @@ import pytest
 
 import psjobs
 from psjobs import ProgressRecord, Stream
-from psjobs._progress import ProgressDisplay
+from psjobs.core._progress import ProgressDisplay
 
 rich_console = pytest.importorskip("rich.console")
 

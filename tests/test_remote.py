@@ -429,7 +429,7 @@ def test_exception_comes_back_with_the_remote_traceback(rs: psjobs.Session) -> N
 
 def test_a_python_version_mismatch_is_refused_by_the_remote(rs: psjobs.Session,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from psjobs import _ssh
+    from psjobs.backends.ssh import _engine as _ssh
 
     monkeypatch.setattr(_ssh, "_ANNOUNCE_PYTHON", (3, 99))
     job = rs.invoke_command(chatty, computer_name="127.0.0.2")
@@ -443,7 +443,7 @@ def test_a_python_version_mismatch_is_refused_by_the_remote(rs: psjobs.Session,
 
 def test_a_python_version_mismatch_is_refused_by_the_session(rs: psjobs.Session,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from psjobs import _ssh
+    from psjobs.backends.ssh import _engine as _ssh
 
     monkeypatch.setattr(_ssh, "_FAKE_REMOTE_PYTHON", (3, 99))  # the remote says it runs 3.99
     job = rs.invoke_command(chatty, computer_name="127.0.0.3")
@@ -514,8 +514,8 @@ def test_accept_new_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_what_a_login_shell_prints_first_is_not_output() -> None:
-    from psjobs._remote_boot import MARK
-    from psjobs._ssh_channel import Marked
+    from psjobs.backends.ssh._channel import Marked
+    from psjobs.worker._remote_boot import MARK
 
     m = Marked()
     assert m.feed(b"Welcome!\nlast login") == b""
@@ -531,7 +531,7 @@ def _same_psjobs_there(python: str) -> bool:
 
     import cloudpickle
 
-    from psjobs import _wire
+    from psjobs.worker import _wire
 
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")}
     done = subprocess.run([python, "-c", "import psjobs, cloudpickle; from psjobs import _wire; "
@@ -603,7 +603,7 @@ def test_user_host_port_without_any_config(server: sshd_helper.LoopbackSSHD) -> 
 def test_sent_modules_import_from_memory(marshalled: bool) -> None:
     import importlib
 
-    from psjobs import _remote_boot as boot
+    from psjobs.worker import _remote_boot as boot
 
     sources = {"psj_sent_pkg": ["VALUE = 21\n", True],
                "psj_sent_pkg.mod": ["from . import VALUE\nDOUBLE = VALUE * 2\n", False]}

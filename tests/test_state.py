@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from psjobs import JobState
-from psjobs._state import TRANSITIONS, Event, derive_parent_state, next_state
+from psjobs.core._state import TRANSITIONS, Event, derive_parent_state, next_state
 
 S = JobState
 FINISHED = [S.COMPLETED, S.FAILED, S.STOPPED]

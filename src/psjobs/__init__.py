@@ -41,7 +41,6 @@ from ._errors import (
     StopTimeoutWarning,
     WorkerError,
 )
-from ._format import JobList, format_table
 from ._inside import (
     job_input,
     read_host,
@@ -54,7 +53,6 @@ from ._inside import (
     write_verbose,
     write_warning,
 )
-from ._job import Job, JobStateInfo
 from ._records import (
     ErrorRecord,
     InformationRecord,
@@ -64,15 +62,17 @@ from ._records import (
     Snapshot,
     Stream,
 )
-from ._remote import (
+from .backends.ssh._backend import (
     HostKeyError,
     RemoteConnectionError,
     RemoteVersionError,
     SSHOptions,
     configure_ssh,
 )
-from ._session import Host, Session
-from ._state import JobState
+from .core._format import JobList, format_table
+from .core._job import Job, JobStateInfo
+from .core._session import Host, Session
+from .core._state import JobState
 
 __version__ = "0.1.0"
 

@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from ._format import JobList
-from ._job import Job
-from ._session import JobSelector, Session
-from ._state import JobState
+from .core._format import JobList
+from .core._job import Job
+from .core._session import JobSelector, Session
+from .core._state import JobState
 
 _default: Session | None = None
 _lock = threading.Lock()

@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO, cast
 
-from ._client import Client, HostError, host_free
 from ._errors import JobFailedError, JobNotFinishedError, JobNotFoundError, PsJobsError
-from ._format import format_table
 from ._records import Record, Stream
-from ._session import Host
+from .core._format import format_table
+from .core._session import Host
+from .host._client import Client, HostError, host_free
 
 
 class UsageError(PsJobsError):

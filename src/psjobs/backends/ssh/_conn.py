@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from ._remote import HostKeyError, RemoteConnectionError, SSHOptions, ssh_options
+from ._backend import HostKeyError, RemoteConnectionError, SSHOptions, ssh_options
 
 if TYPE_CHECKING:
-    from ._ssh import Engine
+    from ._engine import Engine
 
 # bash, started by sshd, reads ~/.bashrc unless SHLVL says it is not the top shell (measured: a
 # pyenv init there cost 110-140 ms a command). sshd passes it where it has `AcceptEnv SHLVL`.

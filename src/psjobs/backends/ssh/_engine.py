@@ -37,20 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from . import _remote_boot as boot
-from ._backend import report, unblock
-from ._errors import WorkerError
-from ._remote import RemoteConnectionError, ssh_options
-from ._ssh_channel import STOP_MARGIN, CallChannel, Channel, Child, CommandChannel, local_python
-from ._ssh_conn import Pool
-from ._state import Event
-from ._target import CALL, SHELL
-from ._wire import VERSION
+from ..._errors import WorkerError
+from ...core._backend import report, unblock
+from ...core._spec import CALL, SHELL
+from ...core._state import Event
+from ...worker import _remote_boot as boot
+from ...worker._wire import VERSION
+from ._backend import RemoteConnectionError, ssh_options
+from ._channel import STOP_MARGIN, CallChannel, Channel, Child, CommandChannel, local_python
+from ._conn import Pool
 
 if TYPE_CHECKING:
-    from ._job import Job
-    from ._session import Session
-    from ._target import JobSpec
+    from ...core._job import Job
+    from ...core._session import Session
+    from ...core._spec import JobSpec
 
 # Test hooks (handshake only): the Python version this session announces to the remote, and a
 # version the remote first stage pretends to run. Never set outside tests.

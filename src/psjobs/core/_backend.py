@@ -17,7 +17,7 @@ from ._state import Event
 if TYPE_CHECKING:
     from ._job import Entry, Job
     from ._session import Session
-    from ._target import JobSpec
+    from ._spec import JobSpec
 
 
 class Backend(Protocol):
@@ -40,10 +40,10 @@ class Backend(Protocol):
 
 
 _BACKENDS = {
-    "thread": "psjobs._thread:ThreadBackend",
-    "process": "psjobs._process:ProcessBackend",
-    "ssh": "psjobs._remote:SSHBackend",
-    "dask": "psjobs._dask:DaskBackend",
+    "thread": "psjobs.backends._thread:ThreadBackend",
+    "process": "psjobs.backends.process._backend:ProcessBackend",
+    "ssh": "psjobs.backends.ssh._backend:SSHBackend",
+    "dask": "psjobs.backends.dask._backend:DaskBackend",
 }
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from ._errors import (
+from .._errors import (
     JobBlockedError,
     JobFailedError,
     JobNotFinishedError,
@@ -35,11 +35,11 @@ from ._errors import (
     JobStateError,
     StopTimeoutWarning,
 )
+from .._records import ErrorRecord, OutputRecord, Record, Stream
 from ._format import JobList
 from ._job import Job, _next_ids
-from ._records import ErrorRecord, OutputRecord, Record, Stream
+from ._spec import JobSpec, check_directory, make_env, make_spec
 from ._state import Event, JobState
-from ._target import JobSpec, check_directory, make_env, make_spec
 
 if TYPE_CHECKING:
     from ._backend import Backend
@@ -236,7 +236,7 @@ class Session:
         One child job runs the call; with ``for_each=items``, one child per item runs
         ``target(item, *args, **kwargs)``.
         """
-        from ._dask import start_cluster_job
+        from ..backends.dask._backend import start_cluster_job
 
         return start_cluster_job(self, target, *args, cluster=cluster, for_each=for_each, name=name,
                                  input=input, init=init, working_directory=working_directory, env=env,
@@ -264,7 +264,7 @@ class Session:
                        as_job: bool = True, throttle_limit: int = 32, job_name: str | None = None,
                        **kwargs: Any) -> Any:
         """Run ``target`` on each computer over SSH: one RemoteJob, one child per computer."""
-        from ._remote import invoke_command
+        from ..backends.ssh._backend import invoke_command
 
         return invoke_command(self, target, *args, computer_name=computer_name, as_job=as_job,
                               throttle_limit=throttle_limit, job_name=job_name, **kwargs)

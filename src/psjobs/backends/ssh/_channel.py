@@ -25,14 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from . import _remote_boot as boot
-from ._backend import block, deliver, finish
-from ._errors import ProtocolError, WorkerError
-from ._process import _load_reason
-from ._records import ErrorRecord, Record, Stream
-from ._remote import RemoteConnectionError, RemoteVersionError, ssh_options
-from ._state import Event
-from ._wire import (
+from ..._errors import ProtocolError, WorkerError
+from ..._records import ErrorRecord, Record, Stream
+from ...core._backend import block, deliver, finish
+from ...core._state import Event
+from ...worker import _remote_boot as boot
+from ...worker._wire import (
     ANSWER,
     DONE,
     HELLO,
@@ -45,11 +43,13 @@ from ._wire import (
     decode_records,
     decode_records_oob,
 )
+from ..process._backend import _load_reason
+from ._backend import RemoteConnectionError, RemoteVersionError, ssh_options
 
 if TYPE_CHECKING:
-    from ._job import Entry, Job
-    from ._ssh import Engine
-    from ._target import JobSpec
+    from ...core._job import Entry, Job
+    from ...core._spec import JobSpec
+    from ._engine import Engine
 
 STOP_MARGIN = 3.0  # seconds past the grace before a stop closes the channel itself
 _NUDGE = 0.05  # seconds after the remote process ended before its watcher is told to go ("q")
@@ -472,7 +472,7 @@ class Child:
         elif code == 0:
             self.end(entries, Event.COMPLETE, None, 0)
         else:
-            from ._thread import _status_error
+            from .._thread import _status_error
 
             self.end(entries, Event.FAIL, _status_error(f"the command on {self.computer}", code), code)
 
@@ -499,7 +499,7 @@ class Child:
                 f"{ssh_options(self.engine.session).python!r} runs there "
                 f"(psjobs.configure_ssh(python=...))")))
         else:
-            from ._process import status_text
+            from ..process._backend import status_text
 
             status = ch.worker_status
             what = status_text(status) if status is not None else "ended"

@@ -32,15 +32,15 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _job
-from ._errors import JobNotFoundError, PsJobsError
-from ._records import ErrorRecord, InformationRecord, ProgressRecord
-from ._session import _reason_text
-from ._state import JobState
+from .._errors import JobNotFoundError, PsJobsError
+from .._records import ErrorRecord, InformationRecord, ProgressRecord
+from ..core import _job
+from ..core._session import _reason_text
+from ..core._state import JobState
 
 if TYPE_CHECKING:
-    from ._job import Job
-    from ._session import Session
+    from ..core._job import Job
+    from ..core._session import Session
 
 SCHEMA_VERSION = 1
 

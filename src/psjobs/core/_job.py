@@ -24,7 +24,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
+from .._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
 from ._state import Event, JobState, derive_parent_state_counts, next_state
 
 if TYPE_CHECKING:

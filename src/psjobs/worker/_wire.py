@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from ._errors import ProtocolError
+from .._errors import ProtocolError
 
 VERSION = 3  # 2: RECORDS are columns (streams, values, times); 3: RECORDS_OOB
 HEADER = struct.Struct("!IB")

@@ -38,12 +38,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._backend import block, deliver, finish, report, unblock
-from ._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
-from ._records import ErrorRecord, InformationRecord, Stream
-from ._remote_boot import group_gone  # stdlib only: the remote side runs the same check
-from ._state import Event
-from ._wire import (
+from ..._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
+from ..._records import ErrorRecord, InformationRecord, Stream
+from ...core._backend import block, deliver, finish, report, unblock
+from ...core._state import Event
+from ...worker._remote_boot import group_gone  # stdlib only: the remote side runs the same check
+from ...worker._wire import (
     CALLER_PYTHONPATH,
     DONE,
     HELLO,
@@ -59,9 +59,9 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    from ._job import Entry, Job
-    from ._session import Session
-    from ._target import JobSpec
+    from ...core._job import Entry, Job
+    from ...core._session import Session
+    from ...core._spec import JobSpec
 
 _SOCK_BUF = 1 << 20  # 1 MiB socket buffers: large values cross in few syscalls
 
@@ -481,7 +481,7 @@ class _CallHandle(_Handle):
         self.end(entries, event, reason, code)
 
     def send_input(self, text: str) -> None:
-        from ._wire import ANSWER
+        from ...worker._wire import ANSWER
 
         data = frame(ANSWER, pickle.dumps(text))
         self.prompt = None
@@ -617,7 +617,7 @@ class _CommandHandle(_Handle):
         elif code == 0:
             event, reason = Event.COMPLETE, None
         else:
-            from ._thread import _status_error
+            from .._thread import _status_error
 
             event, reason = Event.FAIL, _status_error("the command", code)
         self._close_stdin()
@@ -669,7 +669,7 @@ class _ForkServer:
         env = dict(backend.base_environ())  # every server of the session: one base for the jobs
         _find_psjobs(env, [p for p in sys.path if p and os.path.isdir(p)])
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "psjobs._forkserver", str(theirs.fileno())],
+            self.proc = subprocess.Popen([sys.executable, "-m", "psjobs.worker._forkserver", str(theirs.fileno())],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, env=env, start_new_session=True)
         finally:
@@ -849,7 +849,7 @@ class ProcessBackend:
         return dict(os.environ)
 
     def prepare(self, spec: JobSpec) -> None:
-        from ._target import CALL
+        from ...core._spec import CALL
 
         if spec.kind != CALL:
             return
@@ -862,7 +862,7 @@ class ProcessBackend:
 
     # --- starting ----------------------------------------------------------------------------
     def start(self, job: Job, spec: JobSpec) -> None:
-        from ._target import CALL
+        from ...core._spec import CALL
 
         if spec.kind == CALL:
             self._start_call(job, spec)
@@ -939,7 +939,7 @@ class ProcessBackend:
         fd = handle.worker_sock.fileno()
         env = dict(os.environ)
         _find_psjobs(env, [env.get("PYTHONPATH", "")])
-        proc = subprocess.Popen([sys.executable, "-m", "psjobs._worker", str(fd)], pass_fds=[fd],
+        proc = subprocess.Popen([sys.executable, "-m", "psjobs.worker._process_worker", str(fd)], pass_fds=[fd],
                                 stdin=subprocess.DEVNULL, stdout=handle.w_out, stderr=handle.w_err,
                                 env=env, start_new_session=True)
         pidfd = os.pidfd_open(proc.pid)

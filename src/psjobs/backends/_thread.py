@@ -26,16 +26,16 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._backend import NullPrepare, report
-from ._errors import ExitStatusError, JobStateError, JobStopped, exit_failure
-from ._inside import _current, emit_line, flush_lines, install_routers
-from ._records import Stream
-from ._state import Event, JobState
-from ._target import CALL, JobSpec
+from .._errors import ExitStatusError, JobStateError, JobStopped, exit_failure
+from .._inside import _current, emit_line, flush_lines, install_routers
+from .._records import Stream
+from ..core._backend import NullPrepare, report
+from ..core._spec import CALL, JobSpec
+from ..core._state import Event, JobState
 
 if TYPE_CHECKING:
-    from ._job import Job
-    from ._session import Session
+    from ..core._job import Job
+    from ..core._session import Session
 
 _LINGER = 2.0  # seconds an idle worker thread waits for another job before it ends
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc

@@ -26,9 +26,9 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-from . import _inside
-from ._errors import JobStopped, ProtocolError, RemoteError, WorkerError, exit_failure
-from ._records import ErrorRecord, Stream, snapshot
+from .. import _inside
+from .._errors import JobStopped, ProtocolError, RemoteError, WorkerError, exit_failure
+from .._records import ErrorRecord, Stream, snapshot
 from ._wire import (
     ANSWER,
     CALLER_PYTHONPATH,
@@ -593,7 +593,7 @@ def restore_pythonpath() -> None:
 
 
 def main() -> None:
-    """``python -m psjobs._worker FD``: serve one job on a socket inherited as FD."""
+    """``python -m psjobs.worker._process_worker FD``: serve one job on a socket inherited as FD."""
     restore_pythonpath()
     fd = int(sys.argv[1])
     os.setpgid(0, 0) if os.getpgid(0) != os.getpid() else None

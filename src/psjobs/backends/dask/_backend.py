@@ -21,15 +21,15 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._backend import NullPrepare, report
-from ._dask_conn import _Conn, _Group, _Leaf
-from ._errors import PsJobsError, WorkerError
-from ._job import Job, _next_ids
-from ._state import Event, JobState
-from ._target import CALL, _arg, make_spec
+from ..._errors import PsJobsError, WorkerError
+from ...core._backend import NullPrepare, report
+from ...core._job import Job, _next_ids
+from ...core._spec import CALL, _arg, make_spec
+from ...core._state import Event, JobState
+from ._conn import _Conn, _Group, _Leaf
 
 if TYPE_CHECKING:
-    from ._session import Session
+    from ...core._session import Session
 
 CONNECT_TIMEOUT = 10  # seconds to reach a scheduler given by address
 
@@ -146,7 +146,7 @@ def start_cluster_job(session: Session, target: Any, *args: Any, cluster: Any,
                       env: Mapping[str, str | None] | None = None, retries: int = 0,
                       resources: Mapping[str, float] | None = None, **kwargs: Any) -> Job:
     """Check everything, make the job tree, submit its tasks (see Session.start_cluster_job)."""
-    from ._session import _check_name
+    from ...core._session import _check_name
 
     verb = "start_cluster_job"
     _check_name(verb, name)

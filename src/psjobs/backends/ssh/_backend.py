@@ -6,7 +6,7 @@
         checks (TypeError/ValueError, no job yet) -> spec (a callable is pickled now)
         -> parent RemoteJob (Running, location "a, b, c") + children a, b, c (NotStarted)
         -> SSHBackend.start_many: at most N children of this call run at once, in the given order
-    SSHBackend (this module, no asyncssh import) --> psjobs._ssh.Engine (asyncssh, one loop thread):
+    SSHBackend (this module, no asyncssh import) --> psjobs.backends.ssh._engine.Engine (asyncssh, one loop thread):
         one connection per computer for the whole session, one channel per child job
         records --> deliver(child) with .computer_name; the end --> finish(child, event)
 
@@ -23,15 +23,15 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._errors import PsJobsError, WorkerError
-from ._state import JobState
-from ._target import CALL, make_spec
+from ..._errors import PsJobsError, WorkerError
+from ...core._spec import CALL, make_spec
+from ...core._state import JobState
 
 if TYPE_CHECKING:
-    from ._job import Job
-    from ._session import Session
-    from ._ssh import Engine
-    from ._target import JobSpec
+    from ...core._job import Job
+    from ...core._session import Session
+    from ...core._spec import JobSpec
+    from ._engine import Engine
 
 DEFAULT_THROTTLE = 32  # PowerShell's Invoke-Command default; 0 means this too
 ACCEPT_NEW_ENV = "PSJOBS_SSH_ACCEPT_NEW_HOST_KEYS"
@@ -116,10 +116,10 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
         psjobs.configure_ssh(known_hosts="~/.ssh/known_hosts", accept_new_host_keys=True)
     """
     if session is None:
-        from ._api import default_session
+        from ..._api import default_session
 
         session = default_session()
-    from ._session import Session
+    from ...core._session import Session
 
     if not isinstance(session, Session):
         raise TypeError(f"configure_ssh: session must be a psjobs.Session, not {type(session).__name__}")
@@ -250,7 +250,7 @@ class SSHBackend:
 
     def __init__(self, session: Session) -> None:
         try:
-            from ._ssh import Engine
+            from ._engine import Engine
         except ModuleNotFoundError as exc:
             if exc.name != "asyncssh":
                 raise

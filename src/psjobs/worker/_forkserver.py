@@ -64,7 +64,8 @@ def main() -> None:
     # Preload what every job needs, so a forked child starts with it in shared pages.
     import cloudpickle  # noqa: F401
 
-    from . import _inside, _worker  # noqa: F401
+    from .. import _inside  # noqa: F401
+    from . import _process_worker as _worker
 
     _worker.restore_pythonpath()  # jobs see the caller's environment, not the one we needed
 
@@ -206,7 +207,7 @@ class _Server:
             try:
                 _become_worker(self.own, self.spares)
                 _take_outputs(outputs)
-                from ._worker import serve
+                from ._process_worker import serve
 
                 status = serve(fd, fd, capture_fds=len(outputs) < 2, hello_first=False)
             except BaseException:
@@ -257,7 +258,7 @@ class _Server:
 
 def _spare(theirs: socket.socket) -> int:
     """In a spare: get ready, wait for a job from the session, serve it; the exit status."""
-    from ._worker import prepare, rehearse, serve
+    from ._process_worker import prepare, rehearse, serve
 
     prepare()
     rehearse()

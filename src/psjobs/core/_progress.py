@@ -25,8 +25,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from .._records import ProgressRecord
     from ._job import Job
-    from ._records import ProgressRecord
 
 
 def _job_label(job: Job) -> str:

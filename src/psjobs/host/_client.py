@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._errors import ProtocolError, PsJobsError
-from ._wire import _recv_exact as recv_exact
+from .._errors import ProtocolError, PsJobsError
+from ..worker._wire import _recv_exact as recv_exact
 
 MAGIC = b"PSJH"
 VERSION = 1
@@ -32,7 +32,7 @@ HEADER = struct.Struct("!4sBI")
 MAX_REQUEST = 1 << 20        # 1 MiB: a request is a verb and a few arguments (an environment at most)
 MAX_RESPONSE = 1 << 30       # responses come from the user's own host; pages are ~4 MiB
 _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
-_BOOT = "import sys; from psjobs._host import host_main; sys.exit(host_main(sys.argv[1:]))"
+_BOOT = "import sys; from psjobs.host._server import host_main; sys.exit(host_main(sys.argv[1:]))"
 
 
 class HostError(PsJobsError):

@@ -21,7 +21,7 @@ Python callables::
     main():  --stdout--> MARK + R_INFO (json: Python version, psjobs and cloudpickle found here)
              <--stdin--  R_MODULES (psjobs/cloudpickle when missing or different: code objects
                          compiled by the session, served from memory; nothing is written to disk)
-             fork: child = setsid + psjobs._worker.serve(pipe from the watchdog, the channel's stdout)
+             fork: child = setsid + psjobs.worker._process_worker.serve(pipe from the watchdog, the channel's stdout)
              watchdog (parent) relays JOB/ANSWER frames to the child; R_STOP or the end of stdin ->
              killpg TERM, KILL after the grace period; when the child is gone -> R_EXIT (json status)
 
@@ -203,7 +203,7 @@ def probe() -> dict[str, Any]:
                             "psjobs": None, "wire": None, "cloudpickle": None}
     try:
         import psjobs
-        from psjobs import _wire
+        from psjobs.worker import _wire
 
         info["psjobs"] = getattr(psjobs, "__version__", None)
         info["wire"] = _wire.VERSION
@@ -336,7 +336,7 @@ def _child(rfd: int, wfd_unused: int, params: dict[str, Any]) -> None:
         os.dup2(null, 0)
         os.close(null)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        from psjobs._worker import serve
+        from psjobs.worker._process_worker import serve
 
         status = serve(rfd, out, computer_name=params.get("computer"), capture_fds=True)
     except BaseException:

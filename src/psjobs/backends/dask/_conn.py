@@ -27,15 +27,15 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._backend import deliver, finish, report
-from ._errors import WorkerError
-from ._job import Entry, Job
-from ._process import _load_reason
-from ._records import ErrorRecord, Record, Stream
-from ._state import Event
+from ..._errors import WorkerError
+from ..._records import ErrorRecord, Record, Stream
+from ...core._backend import deliver, finish, report
+from ...core._job import Entry, Job
+from ...core._state import Event
+from ..process._backend import _load_reason
 
 if TYPE_CHECKING:
-    from ._dask import DaskBackend
+    from ._backend import DaskBackend
 
 PARK_SECONDS = 10.0   # a result waits this long for chunks still on their way through the scheduler
 GATHER_BATCH = 1000   # results fetched in one client.gather
@@ -83,7 +83,7 @@ class _Conn:
     _seq = itertools.count(1)
 
     def __init__(self, backend: DaskBackend, client: Any, owned: bool) -> None:
-        from ._dask_guard import Guard
+        from ._on_scheduler import Guard
 
         self.backend = backend
         self.session = backend.session
@@ -124,7 +124,7 @@ class _Conn:
     # --- submitting ----------------------------------------------------------------------------
     def submit(self, group: _Group, spec_id: str, spec: bytes, items: list[Any] | None,
                resources: Mapping[str, float] | None) -> None:
-        from ._dask_worker import run_task
+        from ._on_worker import run_task
 
         leaves = group.leaves
         for leaf in leaves:
@@ -399,7 +399,7 @@ class _Conn:
 
     def _broadcast(self, keys: list[str], groups: list[str], grace: float) -> None:
         """Tell every worker: stop these tasks now, and never start them later."""
-        from ._dask_worker import stop_tasks
+        from ._on_worker import stop_tasks
 
         try:
             if self.connected() and not self.closed:
@@ -436,7 +436,7 @@ class _Conn:
             pass
         if self.connected():  # else every call would wait for a scheduler that is gone
             try:
-                from ._dask_guard import forget_topic
+                from ._on_scheduler import forget_topic
 
                 self.client.unsubscribe_topic(self.topic)
                 self.client.run_on_scheduler(forget_topic, self.topic, callback_timeout=10)
@@ -479,7 +479,7 @@ def _lost_error(job: Job, where: str, stimulus: str, retries: int) -> WorkerErro
 
 
 def _load_entries(blob: bytes, where: str) -> list[Entry]:
-    from ._wire import decode_records
+    from ...worker._wire import decode_records
 
     try:
         return decode_records(blob)

@@ -49,8 +49,8 @@ from traitlets.config import Configurable
 
 import psjobs
 from psjobs._errors import PsJobsError
-from psjobs._format import COLUMNS, JobList, format_table, job_row
-from psjobs._job import Job
+from psjobs.core._format import COLUMNS, JobList, format_table, job_row
+from psjobs.core._job import Job
 
 __all__ = [
     "BackgroundOperator",

@@ -44,6 +44,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._errors import JobNotFinishedError, JobStateError, PsJobsError
+from ..core._job import Job
+from ..core._session import Session
+from ..core._spec import check_directory
 from ._client import (
     MAX_REQUEST,
     VERSION,
@@ -54,9 +58,6 @@ from ._client import (
     pack,
     read_frame,
 )
-from ._errors import JobNotFinishedError, JobStateError, PsJobsError
-from ._job import Job
-from ._session import Session
 from ._store import (
     Persister,
     Row,
@@ -70,7 +71,6 @@ from ._store import (
     subtree,
     tree,
 )
-from ._target import check_directory
 
 PAGE_BYTES = 4 << 20         # a receive sends records in parts of about this size
 _IDLE = 60.0                 # seconds a connection may take to send its request
@@ -385,7 +385,7 @@ class HostServer:
         return self._register(job, None)
 
     def h_get(self, args: dict[str, Any], reply: Reply) -> Any:
-        from ._state import JobState
+        from ..core._state import JobState
 
         rows = self.rows()
         ids = _strs(args, "get", "ids", [])
@@ -500,7 +500,7 @@ class HostServer:
         return sorted(r["id"] for r in tops)
 
     def h_status(self, args: dict[str, Any], reply: Reply) -> Any:
-        from . import __version__
+        from .. import __version__
 
         rows = self.rows()
         return {"pid": os.getpid(), "version": __version__, "protocol": VERSION,

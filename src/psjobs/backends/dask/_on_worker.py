@@ -35,11 +35,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from . import _inside
-from ._errors import ExitStatusError, JobStateError, JobStopped, WorkerError, exit_failure
-from ._records import Stream
-from ._remote_boot import proc_stats  # stdlib only, like this module's other imports
-from ._worker import _dump_reason, _dumps_batch
+from ... import _inside
+from ..._errors import ExitStatusError, JobStateError, JobStopped, WorkerError, exit_failure
+from ..._records import Stream
+from ...worker._process_worker import _dump_reason, _dumps_batch
+from ...worker._remote_boot import proc_stats  # stdlib only, like this module's other imports
 
 FLUSH_SECONDS = 0.002   # a trickle reaches the session within a few ms (plus the scheduler hop)...
 FLUSH_ITEMS = 1000      # ...and a flood goes in batches: every chunk is one scheduler message
@@ -445,7 +445,7 @@ def _call(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter
 
 
 def _command(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter) -> int:
-    from ._thread import _status_error, run_command
+    from .._thread import _status_error, run_command
 
     # The item (already text) comes first: $1 of a command line, the first extra argument of an argv.
     argv = [*s.argv, *(() if item is None else (str(item),)), *s.args]
