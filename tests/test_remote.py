@@ -534,7 +534,7 @@ def _same_psjobs_there(python: str) -> bool:
     from psjobs.worker import _wire
 
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")}
-    done = subprocess.run([python, "-c", "import psjobs, cloudpickle; from psjobs import _wire; "
+    done = subprocess.run([python, "-c", "import psjobs, cloudpickle; from psjobs.worker import _wire; "
                            "print(psjobs.__version__, _wire.VERSION, cloudpickle.__version__)"],
                           env=env, capture_output=True, text=True)
     return done.stdout.split() == [psjobs.__version__, str(_wire.VERSION), cloudpickle.__version__]

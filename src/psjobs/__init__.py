@@ -154,7 +154,7 @@ __all__ = [
 # One public face: objects say they come from psjobs, not from its private modules.
 for _name in __all__:
     _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("psjobs._"):
+    if getattr(_obj, "__module__", "").startswith("psjobs."):
         try:
             _obj.__module__ = "psjobs"
         except (AttributeError, TypeError):
