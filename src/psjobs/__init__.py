@@ -71,7 +71,8 @@ from .backends.ssh._backend import (
 )
 from .core._format import JobList, format_table
 from .core._job import Job, JobStateInfo
-from .core._session import Host, Session
+from .core._pshost import Host
+from .core._session import Session
 from .core._state import JobState
 
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ from typing import Any, TextIO, cast
 from ._errors import JobFailedError, JobNotFinishedError, JobNotFoundError, PsJobsError
 from ._records import Record, Stream
 from .core._format import format_table
-from .core._session import Host
+from .core._pshost import Host
 from .host._client import Client, HostError, host_free
 
 

@@ -15,30 +15,28 @@ One lock (a Condition) guards every job of the session; nothing slow runs under 
 
 from __future__ import annotations
 
-import fnmatch
 import os
-import re
-import sys
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any
 
 from .._errors import (
     JobBlockedError,
     JobFailedError,
     JobNotFinishedError,
-    JobNotFoundError,
     JobStateError,
     StopTimeoutWarning,
 )
-from .._records import ErrorRecord, OutputRecord, Record, Stream
+from .._records import ErrorRecord, OutputRecord, Stream
 from ._format import JobList
 from ._job import Job, _next_ids
-from ._spec import JobSpec, check_directory, make_env, make_spec
+from ._pshost import Host, describe_job, reason_text
+from ._select import resolve, select_jobs, unique
+from ._spec import check_directory, make_env, make_spec
 from ._state import Event, JobState
 
 if TYPE_CHECKING:
@@ -48,103 +46,6 @@ JobSelector = Any  # Job | int | str | uuid.UUID | Iterable of these
 
 _ERROR_ACTIONS = {"continue": "continue", "stop": "stop", "silentlycontinue": "silent",
                   "silently_continue": "silent", "ignore": "silent"}
-
-
-class Host:
-    """Shows the records that ``receive_job`` does not return: information, warnings, errors.
-
-    Information goes to ``sys.stdout``; warnings (``WARNING: text``), errors and failure reasons to
-    ``sys.stderr``. Verbose and debug records are shown only when asked for. Streams are looked up
-    at each call, so redirections made after the session was created apply.
-    """
-
-    def __init__(self, *, verbose: bool = False, debug: bool = False, progress: bool | None = None,
-                 stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
-        self.verbose = verbose
-        self.debug = debug
-        #: live progress bars while receive_job(wait=True) waits: None shows them on a terminal
-        self.progress = progress
-        self._stdout = stdout
-        self._stderr = stderr
-
-    def progress_display(self, total: int | None = None, force: bool = False) -> Any:
-        """A ProgressDisplay to draw on, or None where bars are not wanted (not a terminal)."""
-        wanted = self.progress
-        if wanted is None:
-            try:
-                wanted = self.stderr.isatty()
-            except (AttributeError, ValueError):
-                wanted = False
-        if not wanted and not force:
-            return None
-        from ._progress import ProgressDisplay
-
-        console = None
-        try:
-            from rich.console import Console
-
-            console = Console(file=self.stderr)
-        except ImportError:
-            pass
-        return ProgressDisplay(console, file=self.stderr, total=total)
-
-    @property
-    def stdout(self) -> TextIO:
-        return self._stdout or sys.stdout
-
-    @property
-    def stderr(self) -> TextIO:
-        return self._stderr or sys.stderr
-
-    def write_record(self, job: Job, record: Record) -> None:
-        stream = record.stream
-        where = record.computer_name
-        prefix = f"[{where}] " if where and where != "localhost" else ""
-        if stream is Stream.INFORMATION:
-            print(f"{prefix}{record.message}", file=self.stdout)
-        elif stream is Stream.WARNING:
-            print(f"{prefix}WARNING: {record.message}", file=self.stderr)
-        elif stream is Stream.ERROR:
-            print(f"{prefix}{record.message}", file=self.stderr)
-        elif stream is Stream.VERBOSE and self.verbose:
-            print(f"{prefix}VERBOSE: {record.message}", file=self.stderr)
-        elif stream is Stream.DEBUG and self.debug:
-            print(f"{prefix}DEBUG: {record.message}", file=self.stderr)
-
-    def read_input(self, job: Job, prompt: str) -> str | None:
-        """Answer a job's prompt: asks the user when stdin is a terminal, else None (no answer)."""
-        stdin = sys.stdin
-        if stdin is None or not stdin.isatty():
-            return None
-        return input(f"[Job {job.id} {job.name}] {prompt}")
-
-    def write_blocked(self, job: Job, prompt: str) -> None:
-        print(f"WARNING: Job {job.id} {job.name!r} (Blocked) waits for input: {prompt!r}; answer it with "
-              f"job.send_input(text), or receive it from an interactive session", file=self.stderr)
-
-    def write_failure(self, job: Job, reason: BaseException) -> None:
-        where = job.computer_name
-        prefix = f"[{where}] " if where and where != "localhost" else ""
-        text = str(reason)
-        if text.startswith(f"Job {job.id} "):  # the reason names the job already: say it once
-            print(f"{prefix}{text}", file=self.stderr)
-        else:
-            print(f"{prefix}Job {job.id} {job.name!r} failed: {_reason_text(reason)}", file=self.stderr)
-
-
-def _reason_text(reason: BaseException) -> str:
-    text = str(reason)
-    name = type(reason).__name__
-    return text if text.startswith(name) else f"{name}: {text}" if text else name
-
-
-def describe_job(job: Job) -> str:
-    """'Job 3 'backup' (Running)': how every message names a job."""
-    return f"Job {job.id} {job.name!r} ({job.state})"
-
-
-class ThreadStarter(Protocol):
-    def __call__(self, job: Job, spec: JobSpec) -> None: ...
 
 
 class Session:
@@ -287,96 +188,18 @@ class Session:
                 include_child_jobs: bool = False,
                 child_job_state: JobState | str | None = None) -> list[Job]:
         """The session's jobs, by ascending id (see the docs for the filters)."""
-        want_state = JobState.parse(state) if state is not None else None
-        want_child = JobState.parse(child_job_state) if child_job_state is not None else None
-        if newest is not None and (isinstance(newest, bool) or not isinstance(newest, int) or newest < 0):
-            raise ValueError(f"get_job: newest must be a whole number >= 0, not {newest!r}")
-        b = _as_timestamp("before", before)
-        a = _as_timestamp("after", after)
         with self._cond:
-            if id is None and name is None and instance_id is None:
-                jobs = list(self._jobs.values())
-                if state is None and command is None and has_more_data is None and before is None \
-                        and after is None and newest is None and not include_child_jobs and child_job_state is None:
-                    return JobList(jobs)  # the table is in id order already
-            else:
-                jobs = []
-                if id is not None:
-                    jobs += self._resolve_locked(id, "get_job")
-                if name is not None:
-                    jobs += self._by_names(_strings("name", name), "get_job")
-                if instance_id is not None:
-                    jobs += self._resolve_locked(_uuids(instance_id), "get_job")
-            if want_state is not None:
-                jobs = [j for j in jobs if j.state is want_state]
-            if command is not None:
-                pats = [_wildcard(c.strip()) for c in _strings("command", command)]
-                jobs = [j for j in jobs if any(p.fullmatch(j.command.strip()) for p in pats)]
-            if want_child is not None or include_child_jobs:
-                extra = [c for j in jobs for c in j.child_jobs if want_child is None or c.state is want_child]
-                jobs = jobs + extra
-            if has_more_data is not None:
-                jobs = [j for j in jobs if j.has_more_data == bool(has_more_data)]
-            if b is not None:
-                jobs = [j for j in jobs if j._end is not None and j._end < b]
-            if a is not None:
-                jobs = [j for j in jobs if j._end is not None and j._end > a]
-            if newest is not None:
-                # Unfinished jobs count as the newest: their end is still to come.
-                jobs.sort(key=lambda j: j._end if j._end is not None else float("inf"), reverse=True)
-                jobs = jobs[:newest]
-            return JobList(sorted(_unique(jobs), key=lambda j: j.id))
+            return select_jobs(self._jobs, self._all, self, id=id, name=name, instance_id=instance_id,
+                               state=state, command=command, has_more_data=has_more_data, before=before,
+                               after=after, newest=newest, include_child_jobs=include_child_jobs,
+                               child_job_state=child_job_state)
 
     def _resolve(self, jobs: JobSelector, verb: str) -> list[Job]:
         with self._cond:
             return self._resolve_locked(jobs, verb)
 
     def _resolve_locked(self, jobs: JobSelector, verb: str) -> list[Job]:
-        out: list[Job] = []
-        items = [jobs] if isinstance(jobs, (Job, int, str, uuid.UUID)) else jobs
-        if not isinstance(items, Iterable):
-            raise TypeError(f"{verb}: jobs must be a Job, an id, a name, an instance id or a list of them, "
-                            f"not {type(jobs).__name__}")
-        for item in items:
-            if isinstance(item, Job):
-                if item._session is not self:
-                    raise JobNotFoundError(f"{verb}: Job {item.id} {item.name!r} belongs to another session; "
-                                           f"use that session's verbs")
-                if item.id not in self._all:
-                    raise JobNotFoundError(f"{verb}: Job {item.id} {item.name!r} was removed from this "
-                                           f"session; start it again to run it again")
-                out.append(item)
-            elif isinstance(item, bool):
-                raise TypeError(f"{verb}: a job id must be an int, not a bool")
-            elif isinstance(item, int):
-                found = self._all.get(item)
-                if found is None:
-                    raise JobNotFoundError(f"{verb}: cannot find a job with the id {item}; "
-                                           f"list the session's jobs with get_job()")
-                out.append(found)
-            elif isinstance(item, uuid.UUID):
-                match = [j for j in self._all.values() if j._iid == item]
-                if not match:
-                    raise JobNotFoundError(f"{verb}: cannot find a job with the instance id {item}; "
-                                           f"list the session's jobs with get_job()")
-                out.extend(match)
-            elif isinstance(item, str):
-                out.extend(self._by_names([item], verb))
-            else:
-                raise TypeError(f"{verb}: cannot select a job with a {type(item).__name__} ({item!r}); "
-                                f"give a Job, an id, a name or an instance id")
-        return _unique(out)
-
-    def _by_names(self, names: list[str], verb: str) -> list[Job]:
-        out: list[Job] = []
-        for name in names:
-            pattern = _wildcard(name)
-            match = [j for j in self._all.values() if pattern.fullmatch(j.name)]
-            if not match and not _has_wildcard(name):
-                raise JobNotFoundError(f"{verb}: cannot find a job named {name!r}; list the session's "
-                                       f"jobs with get_job()")
-            out.extend(match)
-        return out
+        return resolve(self._all, self, jobs, verb)
 
     # --- receiving -------------------------------------------------------------------------
     def receive_job(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
@@ -450,7 +273,7 @@ class Session:
         if action == "stop" and (errors or reasons):
             first = selected[0] if selected else None
             what = describe_job(first) if first is not None else "the jobs"
-            detail = _reason_text(reasons[0]) if reasons else errors[0].message
+            detail = reason_text(reasons[0]) if reasons else errors[0].message
             raise JobFailedError(f"receive_job: {what} reported an error: {detail}. What was received is on "
                                  f"this exception's .output and .errors", output=output, errors=errors,
                                  reason=reasons[0] if reasons else None)
@@ -461,7 +284,7 @@ class Session:
         leaves: list[Job] = []
         for job in selected:
             leaves.extend([job] if no_recurse else job._leaves())
-        return _unique(leaves)
+        return unique(leaves)
 
     def read_entries(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
                      timeout: float | None = None) -> Iterator[tuple[Job, Stream, Any, float]]:
@@ -785,61 +608,6 @@ def _descendants(job: Job) -> list[Job]:
         out.append(child)
         out.extend(_descendants(child))
     return out
-
-
-def _unique(jobs: list[Job]) -> list[Job]:
-    seen: set[int] = set()
-    out = []
-    for job in jobs:
-        if job.id not in seen:
-            seen.add(job.id)
-            out.append(job)
-    return out
-
-
-def _has_wildcard(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
-_pattern_cache: dict[str, re.Pattern[str]] = {}
-
-
-def _wildcard(text: str) -> re.Pattern[str]:
-    pat = _pattern_cache.get(text)
-    if pat is None:
-        pat = re.compile(fnmatch.translate(text), re.IGNORECASE | re.DOTALL)
-        if len(_pattern_cache) < 1000:
-            _pattern_cache[text] = pat
-    return pat
-
-
-def _strings(what: str, value: str | Iterable[str]) -> list[str]:
-    items = [value] if isinstance(value, str) else list(value)
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"get_job: {what} must be a str or a list of str, not {type(item).__name__}")
-    return items
-
-
-def _uuids(value: Any) -> list[uuid.UUID]:
-    items = [value] if isinstance(value, (str, uuid.UUID)) else list(value)
-    out = []
-    for item in items:
-        try:
-            out.append(item if isinstance(item, uuid.UUID) else uuid.UUID(str(item)))
-        except ValueError:
-            raise ValueError(f"get_job: {item!r} is not an instance id (a UUID)") from None
-    return out
-
-
-def _as_timestamp(what: str, value: datetime | None) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, datetime):
-        raise TypeError(f"get_job: {what} must be a datetime, not {type(value).__name__}")
-    if value.tzinfo is None:
-        value = value.astimezone()  # a naive datetime means local time
-    return value.timestamp()
 
 
 def _check_timeout(verb: str, timeout: float | None) -> None:

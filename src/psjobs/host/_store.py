@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import JobNotFoundError, PsJobsError
 from .._records import ErrorRecord, InformationRecord, ProgressRecord
 from ..core import _job
-from ..core._session import _reason_text
+from ..core._pshost import reason_text as text_of_reason
 from ..core._state import JobState
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def _record_fields(record: Any) -> dict[str, Any]:
                               "computer_name": getattr(record, "computer_name", None)}
     if isinstance(record, ErrorRecord):
         exc = record.exception
-        fields["exception"] = None if exc is None else _reason_text(exc)
+        fields["exception"] = None if exc is None else text_of_reason(exc)
         fields["traceback"] = record.traceback
     elif isinstance(record, ProgressRecord):
         fields.update(activity=record.activity, status=record.status,
@@ -125,7 +125,7 @@ def _record_fields(record: Any) -> dict[str, Any]:
 
 def reason_text(job: Job) -> str | None:
     reason = job.reason
-    return None if reason is None else _reason_text(reason)
+    return None if reason is None else text_of_reason(reason)
 
 
 def process_start(pid: int) -> int | None:
@@ -232,7 +232,7 @@ class Store:
                                            f"(it was killed or crashed), so the job was ended too; what it "
                                            f"produced until then is kept: `psjobs receive {job_id} --keep`")
                     self._db.execute("UPDATE jobs SET state = 'Failed', reason = ?, end_time = ? WHERE id = ?",
-                                     (_reason_text(reason), now, job_id))
+                                     (text_of_reason(reason), now, job_id))
         return [(pid, start) for _, _, pid, start in rows if pid and start]
 
     def delete(self, ids: list[int]) -> None:

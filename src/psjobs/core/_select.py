@@ -1,0 +1,172 @@
+"""Which jobs a verb means: ids, names with wildcards, instance ids, Job objects, and Get-Job's filters.
+
+The one implementation of selection: the Session's verbs, the session host and the faces all go
+through it, so `newest`, wildcards and the not-found messages mean the same everywhere. Pure: it
+reads the tables it is given (under the caller's lock) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from .._errors import JobNotFoundError
+from ._format import JobList
+from ._job import Job
+from ._state import JobState
+
+
+def select_jobs(top: Mapping[int, Job], every: Mapping[int, Job], session: object, *, id: Any = None,
+                name: str | Iterable[str] | None = None, instance_id: Any = None,
+                state: JobState | str | None = None, command: str | Iterable[str] | None = None,
+                has_more_data: bool | None = None, before: datetime | None = None,
+                after: datetime | None = None, newest: int | None = None, include_child_jobs: bool = False,
+                child_job_state: JobState | str | None = None) -> JobList:
+    """Get-Job: ``top`` (top-level jobs by id) and ``every`` (children too) filtered, by ascending id."""
+    want_state = JobState.parse(state) if state is not None else None
+    want_child = JobState.parse(child_job_state) if child_job_state is not None else None
+    if newest is not None and (isinstance(newest, bool) or not isinstance(newest, int) or newest < 0):
+        raise ValueError(f"get_job: newest must be a whole number >= 0, not {newest!r}")
+    b = _as_timestamp("before", before)
+    a = _as_timestamp("after", after)
+    if id is None and name is None and instance_id is None:
+        jobs = list(top.values())
+        if state is None and command is None and has_more_data is None and before is None \
+                and after is None and newest is None and not include_child_jobs and child_job_state is None:
+            return JobList(jobs)  # the table is in id order already
+    else:
+        jobs = []
+        if id is not None:
+            jobs += resolve(every, session, id, "get_job")
+        if name is not None:
+            jobs += by_names(every, _strings("name", name), "get_job")
+        if instance_id is not None:
+            jobs += resolve(every, session, _uuids(instance_id), "get_job")
+    if want_state is not None:
+        jobs = [j for j in jobs if j.state is want_state]
+    if command is not None:
+        pats = [_wildcard(c.strip()) for c in _strings("command", command)]
+        jobs = [j for j in jobs if any(p.fullmatch(j.command.strip()) for p in pats)]
+    if want_child is not None or include_child_jobs:
+        extra = [c for j in jobs for c in j.child_jobs if want_child is None or c.state is want_child]
+        jobs = jobs + extra
+    if has_more_data is not None:
+        jobs = [j for j in jobs if j.has_more_data == bool(has_more_data)]
+    if b is not None:
+        jobs = [j for j in jobs if j._end is not None and j._end < b]
+    if a is not None:
+        jobs = [j for j in jobs if j._end is not None and j._end > a]
+    if newest is not None:
+        # Unfinished jobs count as the newest: their end is still to come.
+        jobs.sort(key=lambda j: j._end if j._end is not None else float("inf"), reverse=True)
+        jobs = jobs[:newest]
+    return JobList(sorted(unique(jobs), key=lambda j: j.id))
+
+
+def resolve(every: Mapping[int, Job], session: object, jobs: Any, verb: str) -> list[Job]:
+    """The jobs a verb's ``jobs`` argument names, each once, in the order given; raises when one is missing."""
+    out: list[Job] = []
+    items = [jobs] if isinstance(jobs, (Job, int, str, uuid.UUID)) else jobs
+    if not isinstance(items, Iterable):
+        raise TypeError(f"{verb}: jobs must be a Job, an id, a name, an instance id or a list of them, "
+                        f"not {type(jobs).__name__}")
+    for item in items:
+        if isinstance(item, Job):
+            if item.session is not session:
+                raise JobNotFoundError(f"{verb}: Job {item.id} {item.name!r} belongs to another session; "
+                                       f"use that session's verbs")
+            if item.id not in every:
+                raise JobNotFoundError(f"{verb}: Job {item.id} {item.name!r} was removed from this "
+                                       f"session; start it again to run it again")
+            out.append(item)
+        elif isinstance(item, bool):
+            raise TypeError(f"{verb}: a job id must be an int, not a bool")
+        elif isinstance(item, int):
+            found = every.get(item)
+            if found is None:
+                raise JobNotFoundError(f"{verb}: cannot find a job with the id {item}; "
+                                       f"list the session's jobs with get_job()")
+            out.append(found)
+        elif isinstance(item, uuid.UUID):
+            match = [j for j in every.values() if j._iid == item]
+            if not match:
+                raise JobNotFoundError(f"{verb}: cannot find a job with the instance id {item}; "
+                                       f"list the session's jobs with get_job()")
+            out.extend(match)
+        elif isinstance(item, str):
+            out.extend(by_names(every, [item], verb))
+        else:
+            raise TypeError(f"{verb}: cannot select a job with a {type(item).__name__} ({item!r}); "
+                            f"give a Job, an id, a name or an instance id")
+    return unique(out)
+
+def by_names(every: Mapping[int, Job], names: list[str], verb: str) -> list[Job]:
+    """Jobs whose name matches (case-insensitive wildcards); a plain name that matches none raises."""
+    out: list[Job] = []
+    for name in names:
+        pattern = _wildcard(name)
+        match = [j for j in every.values() if pattern.fullmatch(j.name)]
+        if not match and not _has_wildcard(name):
+            raise JobNotFoundError(f"{verb}: cannot find a job named {name!r}; list the session's "
+                                   f"jobs with get_job()")
+        out.extend(match)
+    return out
+
+
+def unique(jobs: list[Job]) -> list[Job]:
+    seen: set[int] = set()
+    out = []
+    for job in jobs:
+        if job.id not in seen:
+            seen.add(job.id)
+            out.append(job)
+    return out
+
+
+def _has_wildcard(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+_pattern_cache: dict[str, re.Pattern[str]] = {}
+
+
+def _wildcard(text: str) -> re.Pattern[str]:
+    pat = _pattern_cache.get(text)
+    if pat is None:
+        pat = re.compile(fnmatch.translate(text), re.IGNORECASE | re.DOTALL)
+        if len(_pattern_cache) < 1000:
+            _pattern_cache[text] = pat
+    return pat
+
+
+def _strings(what: str, value: str | Iterable[str]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"get_job: {what} must be a str or a list of str, not {type(item).__name__}")
+    return items
+
+
+def _uuids(value: Any) -> list[uuid.UUID]:
+    items = [value] if isinstance(value, (str, uuid.UUID)) else list(value)
+    out = []
+    for item in items:
+        try:
+            out.append(item if isinstance(item, uuid.UUID) else uuid.UUID(str(item)))
+        except ValueError:
+            raise ValueError(f"get_job: {item!r} is not an instance id (a UUID)") from None
+    return out
+
+
+def _as_timestamp(what: str, value: datetime | None) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise TypeError(f"get_job: {what} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None:
+        value = value.astimezone()  # a naive datetime means local time
+    return value.timestamp()
