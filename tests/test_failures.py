@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -340,3 +342,20 @@ def test_stop_before_the_fork_then_close_leaves_no_orphan() -> None:
         s.stop_job(job)
         s.close()
     wait_until(lambda: not _orphans_since(t0), timeout=10, what="no orphaned worker")
+
+
+def test_the_fork_server_imports_the_psjobs_the_session_runs(tmp_path: Path) -> None:
+    """A psjobs run from a copied source tree (not the installed one) runs its jobs with that copy."""
+    import shutil
+
+    shutil.copytree(Path(psjobs.__file__).parent, tmp_path / "psjobs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import psjobs\n"
+            "with psjobs.Session() as s:\n"
+            "    job = s.start_job(lambda: __import__('psjobs').__file__)\n"
+            "    print(psjobs.__file__); print(job.receive(wait=True, timeout=30)[0])\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    session_side, worker_side = done.stdout.split()
+    assert session_side.startswith(str(tmp_path)) and worker_side == session_side, done.stdout

@@ -43,7 +43,7 @@ from ...worker._wire import (
     decode_records,
     decode_records_oob,
 )
-from ..process._backend import _load_reason
+from ..process._call import load_reason as _load_reason
 from ._backend import RemoteConnectionError, RemoteVersionError, ssh_options
 
 if TYPE_CHECKING:
@@ -499,7 +499,7 @@ class Child:
                 f"{ssh_options(self.engine.session).python!r} runs there "
                 f"(psjobs.configure_ssh(python=...))")))
         else:
-            from ..process._backend import status_text
+            from ..process._loop import status_text
 
             status = ch.worker_status
             what = status_text(status) if status is not None else "ended"

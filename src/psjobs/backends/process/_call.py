@@ -1,0 +1,298 @@
+"""A callable's process job: the session side of one worker (socket frames, fd 1/2 pipes, pidfd).
+
+::
+
+    worker --RECORDS/RECORDS_OOB/PROMPT/DONE frames--> job socket --> CallHandle.on_frame --> the job
+    worker fd 1 / fd 2 --> pipes --> information / error records
+    CallHandle --JOB frame (the pickled call), ANSWER--> worker
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import selectors
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from ..._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
+from ..._records import ErrorRecord, Stream
+from ...core._backend import block, deliver, unblock
+from ...core._state import Event
+from ...worker._wire import (
+    DONE,
+    HELLO,
+    PROMPT,
+    RECORDS,
+    RECORDS_OOB,
+    VERSION,
+    FrameReader,
+    decode_records,
+    decode_records_oob,
+    frame,
+)
+from ._forkclient import ForkClient
+from ._handle import Handle, line_entries
+from ._loop import status_text
+
+if TYPE_CHECKING:
+    from ...core._job import Entry, Job
+    from ._backend import ProcessBackend
+
+
+class CallHandle(Handle):
+    """A Python callable served by a forked (or spawned) worker over a socket."""
+
+    def __init__(self, backend: ProcessBackend, job: Job, sock: socket.socket, worker_sock: socket.socket,
+                 job_frame: bytes) -> None:
+        super().__init__(backend, job)
+        self.sock = sock
+        self.worker_sock: socket.socket | None = worker_sock
+        self.reader = FrameReader()
+        self.out = memoryview(job_frame)
+        self.done: tuple[str, bytes | None, str | None, int | None] | None = None
+        self.eof = False
+        self.server_lost = False
+        self.registered = False
+        self.prompt: str | None = None
+        self.server: ForkClient | None = None  # where it was submitted (a new one after a death)
+        self.pidfd = -1        # the worker's pidfd, from its HELLO: its exit, without the server
+        self.module: str | None = None  # the target's module, for the fork server to preload
+        self.exited = False
+        # fd 1 and 2 of the worker (C code, child processes): their lines become records.
+        r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
+        r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
+        self.pipes = {r_out: Stream.INFORMATION, r_err: Stream.ERROR}
+        self.partial = {r_out: b"", r_err: b""}
+
+    def worker_fds(self) -> list[int]:
+        assert self.worker_sock is not None
+        return [self.worker_sock.fileno(), self.w_out, self.w_err]
+
+    def _close_worker_ends(self) -> None:
+        if self.worker_sock is not None:
+            self.worker_sock.close()
+            self.worker_sock = None
+        for fd in (self.w_out, self.w_err):
+            if fd >= 0:
+                os.close(fd)
+        self.w_out = self.w_err = -1
+
+    def on_pipe(self, mask: int) -> None:
+        for fd in list(self.pipes):
+            entries: list[Entry] = []
+            self._read_pipe(fd, entries, final=False)
+            if entries:
+                deliver(self.job, entries)
+
+    def _read_pipe(self, fd: int, entries: list[Entry], final: bool) -> None:
+        stream = self.pipes[fd]
+        now = time.time()
+        for _ in range(64 if final else 16):
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                if not final:
+                    break
+                chunk = b""
+            if not chunk:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.backend.loop.sel.unregister(fd)
+                del self.pipes[fd]
+                rest = self.partial.pop(fd)
+                if rest:
+                    line_entries(entries, stream, [rest], now, info=True)
+                os.close(fd)
+                break
+            *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
+            line_entries(entries, stream, lines, now, info=True)
+
+    def register(self) -> None:
+        if self.sock.fileno() < 0:
+            return  # closed before the loop came to it (the session is closing)
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        sel = self.backend.loop.sel
+        with sel.mutex:
+            self.registered = True
+            for fd in self.pipes:
+                os.set_blocking(fd, False)
+                sel.register(fd, selectors.EVENT_READ, self.on_pipe)
+            sel.register(self.sock, mask, self.on_event)
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and self.out:
+            try:
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                n, self.out = 0, memoryview(b"")
+            self.out = self.out[n:]
+            if not self.out:
+                self.backend.loop.sel.modify(self.sock, selectors.EVENT_READ, self.on_event)
+        if mask & selectors.EVENT_READ:
+            frames: list[tuple[int, bytes | bytearray]] = []
+            try:
+                alive = self.reader.read(self.sock, frames)
+            except ConnectionResetError:
+                alive = False
+            for kind, payload in frames:
+                self.on_frame(kind, payload)
+            if self.held and not self.finished:
+                deliver(self.job, self._hand_over())
+            if not alive:
+                self.eof = True
+                self.close()
+                self.maybe_end()
+
+    def on_frame(self, kind: int, payload: bytes | bytearray) -> None:
+        if kind == RECORDS or kind == RECORDS_OOB:
+            try:
+                entries = decode_records(payload) if kind == RECORDS else decode_records_oob(payload)
+            except Exception as exc:
+                entries = [(Stream.ERROR, ErrorRecord(
+                    f"psjobs could not unpickle records from the worker ({type(exc).__name__}: {exc}); "
+                    f"they are lost, the job goes on", time.time(), "localhost", exc), time.time())]
+            # Held until the read's frames are all seen: with DONE they go in the job's last
+            # step, one lock and one wake-up of the waiting thread instead of two.
+            self.held.extend(entries)
+        elif kind == DONE:
+            self.done = pickle.loads(payload)
+            if self.done[0] in ("complete", "fail") and not self.job._stop_requested:
+                # DONE is the worker's last word and comes after everything it wrote: the job is
+                # over now. Waiting for its exit too cost ~0.5 ms a job (the kernel tears down
+                # the worker's memory before it closes the socket); the fork server reaps it.
+                self.eof = self.exited = True
+                self.maybe_end()  # reads what fd 1 and 2 hold, then finishes the job
+                self.close()
+        elif kind == HELLO:
+            version, pid, _python = pickle.loads(payload)
+            if version != VERSION:
+                raise ProtocolError(f"the worker speaks protocol {version}, this session {VERSION}; "
+                                    f"install the same psjobs on both sides")
+            self._started(pid)
+            self._watch_exit(pid)
+        elif kind == PROMPT:
+            if self.held:
+                deliver(self.job, self._hand_over())  # what it wrote before it asked comes first
+            self.prompt = pickle.loads(payload)
+            block(self.job, str(self.prompt))
+        else:
+            raise ProtocolError(f"unexpected frame kind {kind} from a worker")
+
+    def on_forked(self, pid: int) -> None:
+        self._close_worker_ends()
+        self._started(pid)
+
+    def _started(self, pid: int) -> None:
+        """The worker exists (its HELLO or the server's word, whichever comes first)."""
+        if self.pid is not None:
+            return
+        self.pid = pid
+        with self.job.session._cond:
+            self.job.pid = pid
+            self.job._apply(Event.START)
+        if self.job._stop_requested:  # stopped before the worker existed
+            self.stop(self.backend.session.stop_grace)
+
+    def _watch_exit(self, pid: int) -> None:
+        # The worker's exit seen here, not through the fork server's report: that report waits
+        # for the server, which may be busy forking a spare (measured: up to 30 ms late).
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            self.exited = True
+            return
+        self.backend.loop.sel.register(self.pidfd, selectors.EVENT_READ, self.on_pidfd)
+
+    def on_pidfd(self, mask: int) -> None:
+        self._close_pidfd()
+        self.exited = True
+        self.maybe_end()
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def on_exited(self, status: int | None) -> None:
+        self.status = status
+        self.status_known = True
+        self.maybe_end()
+
+    def on_server_lost(self) -> None:
+        self.server_lost = True
+        self.maybe_end()
+
+    def maybe_end(self) -> None:
+        if self.finished or not self.eof:
+            return
+        # With DONE, the worker's exit is enough; without it, wait for its status: it says why.
+        if not (self.status_known or self.server_lost or (self.done is not None and self.exited)):
+            return
+        # What the worker printed at fd level is in the pipes now; a grandchild that keeps
+        # them open does not hold the job (we take what is there and close).
+        entries = self._hand_over()
+        for fd in list(self.pipes):
+            self._read_pipe(fd, entries, final=True)
+        stopped = self.job._stop_requested
+        if self.done is not None:
+            name, blob, tb, code = self.done
+            event = {"complete": Event.COMPLETE, "fail": Event.FAIL, "stopped": Event.STOPPED}[name]
+            reason = load_reason(blob, tb) if blob is not None else None
+            if self.status_known and self.status is not None and self.status != 0 and name == "complete":
+                event, reason = Event.FAIL, WorkerError(f"the worker process {self.pid} {status_text(self.status)} "
+                                                        f"after it finished the job")
+        else:
+            code = None
+            event = Event.STOPPED if stopped else Event.FAIL
+            status = self.status if self.status_known else None
+            reason = WorkerError(f"the worker process {self.pid} {status_text(status)} before it reported "
+                                 f"the end of the job")
+        self.end(entries, event, reason, code)
+
+    def send_input(self, text: str) -> None:
+        from ...worker._wire import ANSWER
+
+        data = frame(ANSWER, pickle.dumps(text))
+        self.prompt = None
+
+        def write() -> None:
+            self.out = memoryview(bytes(self.out) + data)
+            if self.registered:
+                self.backend.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                             self.on_event)
+
+        self.backend.loop.call_soon(write)
+        unblock(self.job)
+
+    def close(self) -> None:
+        self.backend.handles.discard(self)
+        if self.registered:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(self.sock)
+            self.registered = False
+        self.sock.close()
+        self._close_pidfd()
+        for fd in list(self.pipes):
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(fd)
+            os.close(fd)
+        self.pipes.clear()
+        self._close_worker_ends()
+
+
+def load_reason(blob: bytes, tb: str | None) -> BaseException:
+    try:
+        reason = pickle.loads(blob)
+        if not isinstance(reason, BaseException):
+            raise TypeError(f"not an exception: {type(reason).__name__}")
+    except Exception as exc:
+        reason = RemoteError(f"(the exception could not be brought back: {exc})", "Exception")
+    if tb:
+        reason.__cause__ = RemoteTraceback(tb)
+    return reason  # type: ignore[no-any-return]

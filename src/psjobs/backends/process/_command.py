@@ -1,0 +1,149 @@
+"""A command's process job: run straight from the session in its own process group.
+
+::
+
+    Popen(start_new_session) --stdout--> lines --> output;  --stderr--> lines --> errors
+    input items --stdin--> the command;  pidfd --> exit status --> the job's end
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+from ..._records import Stream
+from ...core._backend import deliver
+from ...core._state import Event
+from ._handle import Handle, line_entries
+
+if TYPE_CHECKING:
+    from ...core._job import Entry, Job
+    from ._backend import ProcessBackend
+
+
+class CommandHandle(Handle):
+    """A command line or argv run straight from the session in its own process group."""
+
+    def __init__(self, backend: ProcessBackend, job: Job, proc: subprocess.Popen[bytes], feed: bytes | None) -> None:
+        super().__init__(backend, job)
+        self.proc = proc
+        self.pid = proc.pid
+        self.pidfd = os.pidfd_open(proc.pid)
+        assert proc.stdout is not None and proc.stderr is not None
+        self.fds = {proc.stdout.fileno(): Stream.OUTPUT, proc.stderr.fileno(): Stream.ERROR}
+        # Popen's file objects own the descriptors: close through them, never twice.
+        self.files = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
+        self.partial = {fd: b"" for fd in self.fds}
+        self.feed = memoryview(feed) if feed else None
+
+    def register(self) -> None:
+        sel = self.backend.loop.sel
+        with sel.mutex:
+            for fd in self.fds:
+                os.set_blocking(fd, False)
+                sel.register(fd, selectors.EVENT_READ, self.on_pipe)
+            sel.register(self.pidfd, selectors.EVENT_READ, self.on_exit)
+            stdin = self.proc.stdin
+            if stdin is not None:
+                if self.feed is None:
+                    stdin.close()
+                else:
+                    os.set_blocking(stdin.fileno(), False)
+                    sel.register(stdin.fileno(), selectors.EVENT_WRITE, self.on_stdin)
+
+    def on_stdin(self, mask: int) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None and self.feed is not None
+        try:
+            n = os.write(stdin.fileno(), self.feed[:262144])
+        except BlockingIOError:
+            return
+        except OSError:
+            n = len(self.feed)
+        self.feed = self.feed[n:]
+        if not self.feed:
+            self.backend.loop.sel.unregister(stdin.fileno())
+            stdin.close()
+
+    def on_pipe(self, mask: int) -> None:
+        # The selector hands us the callback only; find which pipe is ready.
+        for fd in list(self.fds):
+            self._read(fd)
+        self.maybe_end()
+
+    def _read(self, fd: int) -> None:
+        stream = self.fds[fd]
+        entries: list[Entry] = []
+        now = time.time()
+        for _ in range(16):
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.backend.loop.sel.unregister(fd)
+                del self.fds[fd]
+                rest = self.partial.pop(fd)
+                if rest:
+                    line_entries(entries, stream, [rest], now)
+                self.files.pop(fd).close()
+                break
+            *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
+            line_entries(entries, stream, lines, now)
+        if entries:
+            deliver(self.job, entries)
+
+    def on_exit(self, mask: int) -> None:
+        pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return
+        self.proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it, not Popen
+        self.backend.loop.sel.unregister(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        self.status = status
+        self.status_known = True
+        self.maybe_end()
+
+    def maybe_end(self) -> None:
+        if self.finished or self.fds or not self.status_known:
+            return
+        assert self.status is not None
+        code = os.waitstatus_to_exitcode(self.status)
+        if self.job._stop_requested:
+            event, reason = Event.STOPPED, None
+        elif code == 0:
+            event, reason = Event.COMPLETE, None
+        else:
+            from .._thread import _status_error
+
+            event, reason = Event.FAIL, _status_error("the command", code)
+        self._close_stdin()
+        self.backend.handles.discard(self)
+        self.end([], event, reason, code)
+
+    def _close_stdin(self) -> None:
+        stdin = self.proc.stdin
+        if stdin is not None and not stdin.closed:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(stdin.fileno())
+            stdin.close()
+
+    def close(self) -> None:
+        self.backend.handles.discard(self)
+        sel = self.backend.loop.sel
+        for fd in list(self.fds):
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                sel.unregister(fd)
+            self.files.pop(fd).close()
+        self.fds.clear()
+        if self.pidfd >= 0:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self._close_stdin()

@@ -1,0 +1,176 @@
+"""The session's side of its fork server: warm spares handed over, forks on request, exits reported.
+
+::
+
+    ForkClient --("fork", token) + job fds--> fork server --fork--> worker
+    fork server --("spare" + socket) / ("forked", pid) / ("exited", status)--> ForkClient.on_message
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import pickle
+import selectors
+import socket
+import subprocess
+import sys
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ... import __file__ as _psjobs_file
+from ..._errors import WorkerError
+from ...worker._wire import (
+    CALLER_PYTHONPATH,
+)
+
+if TYPE_CHECKING:
+    from ._backend import ProcessBackend
+
+
+
+class ForkClient:
+    """The session's handle on its fork server process."""
+
+    def __init__(self, backend: ProcessBackend) -> None:
+        self.backend = backend
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(backend.base_environ())  # every server of the session: one base for the jobs
+        find_psjobs(env, [p for p in sys.path if p and os.path.isdir(p)])
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "psjobs.worker._forkserver", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+        finally:
+            theirs.close()
+        self.sock = ours
+        ours.settimeout(30)
+        try:
+            msg = ours.recv(65536)
+        except OSError as exc:
+            self.proc.kill()
+            self.proc.wait()
+            raise WorkerError(f"the fork server did not start: {exc}") from exc
+        if not msg or pickle.loads(msg)[0] != "ready":
+            self.proc.wait()
+            raise WorkerError(f"the fork server did not start (it exited with status {self.proc.returncode})")
+        ours.settimeout(None)
+        self.alive = True
+        # Warm spares the server handed over (pid, our end of its socket): a job goes straight
+        # to one. Threads starting jobs pop them; the loop thread appends.
+        self.spares: deque[tuple[int, socket.socket]] = deque()
+        backend.loop.sel.register(self.sock, selectors.EVENT_READ, self.on_message)
+
+    def hand_to_spare(self, token: int, fds: list[int]) -> int | None:
+        """Give the job to a warm spare; its pid, or None when no spare is left."""
+        while True:
+            try:
+                pid, sock = self.spares.popleft()
+            except IndexError:
+                return None
+            try:
+                socket.send_fds(sock, [pickle.dumps(token)], fds)
+            except OSError:
+                continue  # that spare died: the next one, or a fork
+            finally:
+                sock.close()
+            # Known before the loop thread can read that this spare exited (the caller holds
+            # the loop's mutex): if it died with the job, the server's report has no token.
+            self.backend.spare_tokens[pid] = token
+            return pid
+
+    def submit(self, token: int, fds: list[int]) -> None:
+        socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
+
+    def preload(self, module: str) -> None:
+        self.sock.send(pickle.dumps(("preload", module)))
+
+    def on_message(self, mask: int) -> None:
+        while True:
+            try:
+                msg, fds = recv_fds_now(self.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg, fds = b"", []
+            if not msg:
+                for fd in fds:
+                    os.close(fd)
+                self.lost()
+                return
+            what, token, *rest = pickle.loads(msg)
+            if what == "spare" and fds and self.alive:
+                self.spares.append((token, socket.socket(fileno=fds.pop(0))))
+            for fd in fds:
+                os.close(fd)
+            if what == "spare":
+                continue
+            if what == "exited":
+                # A job handed to a spare that died before it said "taken" comes with no token.
+                pid = rest[0]
+                by_pid = self.backend.spare_tokens.pop(pid, None)
+                token = by_pid if token is None else token
+            handle = self.backend.pending_calls.get(token)
+            if handle is None:
+                continue
+            if what == "forked":
+                handle.on_forked(rest[0])
+            elif what == "exited":
+                self.backend.pending_calls.pop(token, None)
+                handle.on_exited(rest[1])
+
+    def drop_spares(self) -> None:
+        """Close our ends of the spares: a spare whose server is gone then ends by itself."""
+        while self.spares:
+            _, sock = self.spares.popleft()
+            sock.close()
+
+    def lost(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.backend.loop.sel.unregister(self.sock)
+        self.sock.close()
+        self.drop_spares()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=1)
+        self.backend.server_lost(self)
+
+    def close(self) -> None:
+        self.alive = False
+        self.drop_spares()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def recv_fds_now(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the descriptors it carries, without blocking (socket.recv_fds drops its
+    flags argument before Python 3.12)."""
+    msg, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_LEN(4 * 4), socket.MSG_DONTWAIT)
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
+
+
+def find_psjobs(env: dict[str, str], more: list[str]) -> None:
+    """Let a new interpreter import psjobs (and the caller's modules); it puts the caller's own
+    PYTHONPATH back at once (``_worker.restore_pythonpath``), so jobs see the environment unchanged."""
+    env[CALLER_PYTHONPATH] = "=" + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
+    # The directory that holds the psjobs package (src/ in a checkout), wherever this module sits in it.
+    top = os.path.dirname(os.path.dirname(os.path.abspath(_psjobs_file)))
+    env["PYTHONPATH"] = os.pathsep.join([top, *more])
+
+
+def environ_now() -> Any:
+    # os.environ's own bytes mapping: comparing it costs ~1 us where dict(os.environ) cost ~50 us.
+    return getattr(os.environ, "_data", None)

@@ -1,0 +1,108 @@
+"""What every process job's handle does at its end: hand the records over, stop, end once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from ..._errors import WorkerError
+from ..._records import ErrorRecord, InformationRecord, Stream
+from ...core._backend import finish
+from ...core._state import Event
+from ...worker._remote_boot import group_gone  # stdlib only: the remote side runs the same check
+
+if TYPE_CHECKING:
+    from ...core._job import Entry, Job
+    from ._backend import ProcessBackend
+
+
+
+class Handle:
+    """Common end-of-job logic for a process job (callable or command)."""
+
+    backend_kind = "process"
+
+    def __init__(self, backend: ProcessBackend, job: Job) -> None:
+        self.backend = backend
+        self.job = job
+        self.pid: int | None = None
+        self.status: int | None = None
+        self.status_known = False
+        self.finished = False
+        self.stop_at: float | None = None
+        self.held: list[Entry] = []  # records of the frames of one read, handed over together
+
+    def _hand_over(self) -> list[Entry]:
+        held, self.held = self.held, []
+        return held
+
+    def kill(self, sig: int) -> None:
+        if self.pid is None or self.finished:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def stop(self, grace: float) -> None:
+        def escalate() -> None:
+            if not self.finished:
+                self.kill(signal.SIGKILL)
+
+        self.stop_at = time.monotonic()
+        self.kill(signal.SIGTERM)
+        self.kill(signal.SIGCONT)  # a suspended job must run to act on its SIGTERM
+        self.backend.loop.call_later(grace, escalate)
+
+    def end(self, entries: list[Entry], event: Event, reason: BaseException | None,
+            code: int | None) -> None:
+        """Finish the job, after making sure (on a stop) that nothing of its group is left."""
+        if self.finished:
+            return
+        if self.job._stop_requested and self.pid is not None:
+            self._after_stop(entries, event, reason, code, time.monotonic() + 5.0)
+            return
+        self.finished = True
+        finish(self.job, entries, event, reason=reason, exit_code=code)
+
+    def _after_stop(self, entries: list[Entry], event: Event, reason: BaseException | None,
+                    code: int | None, deadline: float) -> None:
+        assert self.pid is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        if group_gone(self.pid) or time.monotonic() > deadline:
+            self.finished = True
+            finish(self.job, entries, event, reason=reason, exit_code=code)
+            return
+        self.backend.loop.call_later(0.002, lambda: self._after_stop(entries, event, reason, code, deadline))
+
+    def broken(self, exc: BaseException) -> None:
+        """Something went wrong reading this job: fail it (never hang it)."""
+        self.kill(signal.SIGKILL)
+        self.close()
+        err = exc if isinstance(exc, WorkerError) else WorkerError(
+            f"psjobs could not read the worker of Job {self.job.id}: {type(exc).__name__}: {exc}")
+        if err is not exc:
+            err.__cause__ = exc
+        self.status_known = True
+        self.end(self._hand_over(), Event.FAIL, err, None)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+
+
+def line_entries(entries: list[Entry], stream: Stream, lines: list[bytes], now: float, info: bool = False) -> None:
+    for raw in lines:
+        text = raw.decode("utf-8", "replace")
+        if text.endswith("\r"):
+            text = text[:-1]
+        if stream is Stream.INFORMATION:
+            entries.append((Stream.INFORMATION, InformationRecord(text, now, "localhost"), now))
+        elif stream is Stream.OUTPUT:
+            entries.append((Stream.OUTPUT, text, now))
+        else:
+            entries.append((Stream.ERROR, ErrorRecord(text, now, "localhost"), now))

@@ -1,0 +1,160 @@
+"""The I/O loop of process jobs: one thread per session, a selector shared with the threads that start jobs.
+
+::
+
+    starting thread --register fds (under the selector's mutex)--> _SharedSelector <-- select -- loop thread
+    loop thread --> handler(mask) of each ready fd (a job's socket, pipes, pidfd; the fork server)
+    call_soon / call_later --> wake pipe --> the loop runs them between selects
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import os
+import selectors
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    pass
+
+
+
+
+SOCK_BUF = 1 << 20  # 1 MiB socket buffers: large values cross in few syscalls
+
+
+def status_text(status: int | None) -> str:
+    """A wait status as words: 'exited with status 3', 'was killed by SIGSEGV'."""
+    if status is None:
+        return "ended (its exit status is unknown: the fork server that started it died)"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"was killed by {name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+class _SharedSelector(selectors.DefaultSelector):
+    """The loop's selector, which a thread starting a job may register with directly.
+
+    Registering from the loop thread (call_soon) woke it on every job start, and that wake-up
+    and the GIL hand-off that follows cost ~0.5 ms a job (measured: 2.1 -> 1.4 ms start to
+    result). epoll itself is thread-safe; ``mutex`` keeps the key map consistent, and the loop
+    holds it while it runs handlers, so a job's descriptors are registered all at once as far as
+    its handlers can tell (a handler reads every pipe of its job). Lock order: mutex, then the
+    session's condition.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mutex = threading.RLock()
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        with self.mutex:
+            return super().register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        with self.mutex:
+            return super().unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        with self.mutex:
+            return super().modify(fileobj, events, data)
+
+
+class IOLoop:
+    """One thread that reads every process job's channel, pipes and pidfd for a session."""
+
+    def __init__(self) -> None:
+        self.sel = _SharedSelector()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self.sel.register(self._r, selectors.EVENT_READ, self._drain_wake)
+        self._calls: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._closing = False
+        self.thread = threading.Thread(target=self._run, name="psjobs-io", daemon=True)
+        self.thread.start()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._calls.append(fn)
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._w, b"x")
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        when = time.monotonic() + delay
+        self.call_soon(lambda: heapq.heappush(self._timers, (when, next(self._seq), fn)))
+
+    def _drain_wake(self, mask: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._r, 4096):
+                pass
+
+    def _run(self) -> None:
+        while not self._closing:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            try:
+                events = self.sel.select(timeout)
+            except OSError:
+                events = []
+            with self.sel.mutex:
+                self._dispatch(events)
+
+    def _dispatch(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, mask in events:
+            try:
+                key.data(mask)
+            except Exception as exc:  # a handler must never take the loop down
+                loop_error(key.data, exc)
+        while self._calls:
+            fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception as exc:
+                loop_error(fn, exc)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception as exc:
+                loop_error(fn, exc)
+
+    def close(self) -> None:
+        self._closing = True
+        self.call_soon(lambda: None)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
+        with contextlib.suppress(OSError):
+            self.sel.close()
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def loop_error(where: Any, exc: BaseException) -> None:
+    owner = getattr(where, "__self__", None)
+    fail = getattr(owner, "broken", None)
+    try:
+        if callable(fail):
+            fail(exc)  # fails that one job with the reason
+            return
+    except Exception as again:
+        exc = again
+    # A bug in psjobs itself: say it rather than hide it, and keep the loop (and every other job) alive.
+    print(f"psjobs: internal error in the I/O loop: {exc!r}", file=sys.__stderr__)
