@@ -350,12 +350,17 @@ def test_the_fork_server_imports_the_psjobs_the_session_runs(tmp_path: Path) -> 
 
     shutil.copytree(Path(psjobs.__file__).parent, tmp_path / "psjobs",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import psjobs\n"
+    # Loaded from its files, not found on sys.path: the fork server must be told where it is.
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('psjobs', sys.argv[1] + '/psjobs/__init__.py',\n"
+            "                                              submodule_search_locations=[sys.argv[1] + '/psjobs'])\n"
+            "psjobs = sys.modules['psjobs'] = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(psjobs)\n"
             "with psjobs.Session() as s:\n"
             "    job = s.start_job(lambda: __import__('psjobs').__file__)\n"
             "    print(psjobs.__file__); print(job.receive(wait=True, timeout=30)[0])\n")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
+                          timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr
     session_side, worker_side = done.stdout.split()
     assert session_side.startswith(str(tmp_path)) and worker_side == session_side, done.stdout

@@ -19,7 +19,6 @@ import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ... import __file__ as _psjobs_file
 from ..._errors import WorkerError
 from ...worker._wire import (
     CALLER_PYTHONPATH,
@@ -167,7 +166,8 @@ def find_psjobs(env: dict[str, str], more: list[str]) -> None:
     PYTHONPATH back at once (``_worker.restore_pythonpath``), so jobs see the environment unchanged."""
     env[CALLER_PYTHONPATH] = "=" + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
     # The directory that holds the psjobs package (src/ in a checkout), wherever this module sits in it.
-    top = os.path.dirname(os.path.dirname(os.path.abspath(_psjobs_file)))
+    package = sys.modules[__name__.partition(".")[0]].__file__ or ""
+    top = os.path.dirname(os.path.dirname(os.path.abspath(package)))
     env["PYTHONPATH"] = os.pathsep.join([top, *more])
 
 
