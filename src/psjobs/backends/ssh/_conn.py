@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from ._backend import HostKeyError, RemoteConnectionError, SSHOptions, ssh_options
+from ..._errors import HostKeyError, RemoteConnectionError
+from ._backend import SSHOptions, ssh_options
 
 if TYPE_CHECKING:
     from ._engine import Engine

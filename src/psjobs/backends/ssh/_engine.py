@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from ..._errors import WorkerError
+from ..._errors import RemoteConnectionError, WorkerError
 from ...core._backend import report, unblock
 from ...core._spec import CALL, SHELL
 from ...core._state import Event
 from ...worker import _remote_boot as boot
 from ...worker._wire import VERSION
-from ._backend import RemoteConnectionError, ssh_options
+from ._backend import ssh_options
 from ._channel import STOP_MARGIN, CallChannel, Channel, Child, CommandChannel, local_python
 from ._conn import Pool
 
