@@ -186,18 +186,19 @@ EXTRAS = {"ssh": "asyncssh", "dask": "Dask's distributed", "ipython": "IPython a
 
 
 def missing_dependency(needs: str, extra: str, exc: ImportError | None = None, *,
-                       then: str | None = None) -> MissingDependencyError:
+                       what: str | None = None, then: str | None = None) -> MissingDependencyError:
     """The one message for a missing optional dependency: what needs it, what is missing, how to install.
 
     ``needs`` says what the user asked for ("invoke_command", "psjobs shell"); ``extra`` is the
     psjobs extra that brings the dependency; ``exc`` the import failure (its text says which
     module is missing, and it becomes the ``__cause__`` where the caller raises ``from exc``);
-    ``then`` a step after installing. The install line works from PyPI and from a checkout.
+    ``what`` names the dependency when it is only part of the extra; ``then`` a step after
+    installing. The install line works from PyPI and from a checkout.
     """
     missing = f" ({exc})" if exc is not None else ""
     after = f"; then {then}" if then else ""
     return MissingDependencyError(
-        f"{needs} needs {EXTRAS[extra]}, which cannot be imported here{missing}; install it with "
+        f"{needs} needs {what or EXTRAS[extra]}, which cannot be imported here{missing}; install it with "
         f"`pip install 'psjobs[{extra}]'` (or, from a checkout of psjobs, `pip install -e '.[{extra}]'`){after}",
         name=exc.name if exc is not None and exc.name else None, extra=extra)
 

@@ -387,7 +387,8 @@ class HostServer:
                                               job_name=_arg(args, "invoke", "name", str, None))
         except (MissingDependencyError, ModuleNotFoundError) as exc:  # asyncssh, or the backend itself
             # The host is a long-lived process: installing the extra is not enough, it must restart.
-            raise missing_dependency("invoke (in the psjobs host)", "ssh", exc,
+            why = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc  # the import itself
+            raise missing_dependency("invoke (in the psjobs host)", "ssh", why,
                                      then="restart the host with `psjobs host stop`") from exc
         return self._register(job, None)
 
