@@ -25,6 +25,7 @@ import array
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import pickle
 import selectors
@@ -192,7 +193,7 @@ def _loop_error(where: Any, exc: BaseException) -> None:
     except Exception as again:
         exc = again
     # A bug in psjobs itself: say it rather than hide it, and keep the loop (and every other job) alive.
-    print(f"psjobs: internal error in the I/O loop: {exc!r}", file=sys.__stderr__)
+    logging.getLogger("psjobs.process").error("psjobs: internal error in the I/O loop: %r", exc, exc_info=exc)
 
 
 class _Handle:
