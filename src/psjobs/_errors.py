@@ -34,6 +34,11 @@ that the text alone is enough to act on. ``exit_code`` is the status the ``psjob
 turns an error into (``_cli.main``, the one place). tests/test_errors.py checks that this drawing
 is the class tree.
 
+Foreign errors (asyncssh, distributed, OSError) are mapped at the backend boundary with
+``raise ... from exc``, so the original stays readable as ``__cause__``. Internal errors of psjobs'
+own threads (a bug in psjobs itself, not a job's failure) are not raised to anyone: they are
+logged with their traceback to the ``psjobs`` logger (``psjobs.process``, ``psjobs.dask``).
+
 Two private exceptions live elsewhere on purpose, since they never reach a user:
 ``worker._forkserver.SessionGone`` and ``host._server._AlreadyRunning`` (control flow only).
 """

@@ -217,7 +217,7 @@ class Engine:
         except (asyncssh.Error, OSError) as exc:
             raise RemoteConnectionError(child.fail_text(
                 f"could not open a channel to {child.computer}: {getattr(exc, 'reason', None) or exc}"),
-                child.computer) from None
+                child.computer) from exc
         child.channel = channel
         child.release = functools.partial(pool.release, conn)
         child.phase = "running"
