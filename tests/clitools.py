@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 
 from psjobs._cli import main
-from psjobs.host._client import Client, HostError, Paths, host_free
+from psjobs._errors import HostError
+from psjobs.host._client import Client, Paths, host_free
 
 from .conftest import wait_until
 

@@ -27,6 +27,7 @@ from ._api import (
 )
 from ._errors import (
     ExitStatusError,
+    HostKeyError,
     JobBlockedError,
     JobFailedError,
     JobNotFinishedError,
@@ -36,8 +37,10 @@ from ._errors import (
     ProtocolError,
     PsJobsError,
     PsJobsWarning,
+    RemoteConnectionError,
     RemoteError,
     RemoteTraceback,
+    RemoteVersionError,
     StopTimeoutWarning,
     WorkerError,
 )
@@ -62,13 +65,7 @@ from ._records import (
     Snapshot,
     Stream,
 )
-from .backends.ssh._backend import (
-    HostKeyError,
-    RemoteConnectionError,
-    RemoteVersionError,
-    SSHOptions,
-    configure_ssh,
-)
+from .backends.ssh._backend import SSHOptions, configure_ssh
 from .core._format import JobList, format_table
 from .core._job import Job, JobStateInfo
 from .core._pshost import Host

@@ -20,24 +20,21 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO, cast
 
-from ._errors import JobFailedError, JobNotFinishedError, JobNotFoundError, PsJobsError
+from ._errors import (
+    HostError,
+    JobFailedError,
+    JobNotFinishedError,
+    JobNotFoundError,
+    MissingDependencyError,
+    PsJobsError,
+    UsageError,
+    WaitTimeoutError,
+    missing_dependency,
+)
 from ._records import Record, Stream
 from .core._format import format_table
 from .core._pshost import Host
-from .host._client import Client, HostError, host_free
-
-
-class UsageError(PsJobsError):
-    """The command line is wrong (argparse says so too, with the same status)."""
-
-    exit_code = 2
-
-
-class WaitTimeoutError(PsJobsError):
-    """``wait --timeout`` or ``receive --wait --timeout`` ran out of time; the jobs go on."""
-
-    exit_code = 6
-
+from .host._client import Client, host_free
 
 EXIT_CODES = {
     0: "success",
@@ -256,8 +253,11 @@ def cmd_shell(client: Client, a: argparse.Namespace) -> int:
         start_shell = importlib.import_module("psjobs.ipython").start_shell
         result = start_shell(list(a.args))  # it imports IPython itself
     except (ImportError, AttributeError) as exc:
-        print(f"psjobs shell: needs IPython, which cannot be imported here ({exc}); install it with "
-              f"`pip install 'psjobs[ipython]'`", file=sys.stderr)
+        # psjobs.ipython raises MissingDependencyError itself; anything else (a broken install) gets
+        # the same advice, with what failed in it.
+        missing = exc if isinstance(exc, MissingDependencyError) else missing_dependency(
+            "psjobs shell", "ipython", exc if isinstance(exc, ImportError) else None)
+        print(f"psjobs shell: {missing}", file=sys.stderr)
         return UsageError.exit_code
     return result if isinstance(result, int) else 0
 

@@ -3,23 +3,44 @@
 ::
 
     PsJobsError (Exception)
-    ├── JobNotFoundError (also LookupError)  an id, name or instance id matched no job
-    ├── JobNotFinishedError                  remove_job on a job that is still running
-    ├── JobStateError                        a verb that the job's kind or state does not allow
-    │   └── JobBlockedError                  wait_job on a job that waits for input
-    ├── JobFailedError                       receive_job(error_action="stop") met an error
-    ├── ExitStatusError                      a command or worker ended with a non-zero status
-    ├── WorkerError                          the worker broke: died, killed, or spoke nonsense
-    │   └── ProtocolError                    a frame was malformed, oversized or of another version
-    ├── RemoteError                          an exception from a worker whose class could not come back
-    └── RemoteTraceback                      the worker's traceback text, chained as ``__cause__``
+    ├── JobNotFoundError (also LookupError)          an id, name or instance id matched no job
+    ├── JobNotFinishedError                          remove_job on a job that is still running
+    ├── JobStateError                                a verb that the job's kind or state does not allow
+    │   └── JobBlockedError                          wait_job on a job that waits for input
+    ├── JobFailedError                               receive_job(error_action="stop") met an error
+    ├── ExitStatusError                              a command or worker ended with a non-zero status
+    ├── WorkerError                                  the worker broke: died, killed, or spoke nonsense
+    │   ├── ProtocolError                            a frame was malformed, oversized or of another version
+    │   └── RemoteVersionError                       the remote Python or psjobs protocol differs (SSH)
+    ├── RemoteError                                  an exception from a worker whose class could not come back
+    ├── RemoteTraceback                              the worker's traceback text, chained as ``__cause__``
+    ├── RemoteConnectionError                        a computer unreachable, login refused, connection dropped
+    │   └── HostKeyError                             the computer's host key is unknown or changed
+    ├── MissingDependencyError (also ImportError)    an optional dependency is missing; says what to install
+    ├── HostError                                    the session host cannot be reached or started
+    │   └── RequestError                             a request the host cannot accept (exit status 2)
+    ├── HostReplyError                               the host answered a request with an error (the command's side)
+    ├── HostLostError                                a job's reason when its session host ended under it
+    ├── UsageError                                   the psjobs command line is wrong (exit status 2)
+    └── WaitTimeoutError                             psjobs wait/receive --timeout ran out (exit status 6)
 
-    JobStopped (BaseException)               raised inside a thread job to stop it, like KeyboardInterrupt
+    JobStopped (BaseException)                       raised inside a thread job to stop it, like KeyboardInterrupt
 
-Warnings: ``PsJobsWarning`` (UserWarning) and its ``StopTimeoutWarning``.
+    PsJobsWarning (UserWarning)                      root of the warnings psjobs emits
+    └── StopTimeoutWarning                           stop_job gave up waiting for a job that cannot be interrupted
 
 Every message names the job (id and name), says what state it is in and what to do next, so
-that the text alone is enough to act on.
+that the text alone is enough to act on. ``exit_code`` is the status the ``psjobs`` command
+turns an error into (``_cli.main``, the one place). tests/test_errors.py checks that this drawing
+is the class tree.
+
+Foreign errors (asyncssh, distributed, OSError) are mapped at the backend boundary with
+``raise ... from exc``, so the original stays readable as ``__cause__``. Internal errors of psjobs'
+own threads (a bug in psjobs itself, not a job's failure) are not raised to anyone: they are
+logged with their traceback to the ``psjobs`` logger (``psjobs.process``, ``psjobs.dask``).
+
+Two private exceptions live elsewhere on purpose, since they never reach a user:
+``worker._forkserver.SessionGone`` and ``host._server._AlreadyRunning`` (control flow only).
 """
 
 from __future__ import annotations
@@ -129,6 +150,97 @@ class RemoteTraceback(PsJobsError):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb.rstrip()}\n"""'
+
+
+class RemoteVersionError(WorkerError):
+    """The remote Python (minor version) or psjobs protocol differs from the session's."""
+
+
+class RemoteConnectionError(PsJobsError):
+    """A computer could not be reached, refused the login, or dropped the connection.
+
+    Only the child job of that computer fails; ``computer_name`` says which one.
+    """
+
+    def __init__(self, message: str, computer_name: str | None = None) -> None:
+        super().__init__(message)
+        self.computer_name = computer_name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.args[0], self.computer_name))
+
+
+class HostKeyError(RemoteConnectionError):
+    """The computer's host key is not in known_hosts (unknown) or differs from it (changed)."""
+
+
+class MissingDependencyError(PsJobsError, ImportError):
+    """A feature needs an optional dependency that cannot be imported (see ``missing_dependency``).
+
+    An ImportError too, so ``except ImportError`` keeps working; ``name`` is the missing module
+    (as ImportError's), ``extra`` the psjobs extra that installs it.
+    """
+
+    def __init__(self, message: str, *, name: str | None = None, extra: str | None = None) -> None:
+        super().__init__(message, name=name)
+        self.extra = extra
+
+
+#: what each extra of pyproject.toml brings, as a message names it
+EXTRAS = {"ssh": "asyncssh", "dask": "Dask's distributed", "ipython": "IPython and rich"}
+
+
+def missing_dependency(needs: str, extra: str, exc: ImportError | None = None, *,
+                       what: str | None = None, then: str | None = None) -> MissingDependencyError:
+    """The one message for a missing optional dependency: what needs it, what is missing, how to install.
+
+    ``needs`` says what the user asked for ("invoke_command", "psjobs shell"); ``extra`` is the
+    psjobs extra that brings the dependency; ``exc`` the import failure (its text says which
+    module is missing, and it becomes the ``__cause__`` where the caller raises ``from exc``);
+    ``what`` names the dependency when it is only part of the extra; ``then`` a step after
+    installing. The install line works from PyPI and from a checkout.
+    """
+    missing = f" ({exc})" if exc is not None else ""
+    after = f"; then {then}" if then else ""
+    return MissingDependencyError(
+        f"{needs} needs {what or EXTRAS[extra]}, which cannot be imported here{missing}; install it with "
+        f"`pip install 'psjobs[{extra}]'` (or, from a checkout of psjobs, `pip install -e '.[{extra}]'`){after}",
+        name=exc.name if exc is not None and exc.name else None, extra=extra)
+
+
+class HostError(PsJobsError):
+    """The session host cannot be reached, refused to start, or broke the protocol."""
+
+
+class RequestError(HostError):
+    """A request the host cannot accept: malformed, oversized, another version, bad arguments."""
+
+    exit_code = 2
+
+
+class HostReplyError(PsJobsError):
+    """An error the host replied with; ``exit_code`` is the one the host chose for its class."""
+
+    def __init__(self, message: str, type_name: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.exit_code = exit_code
+
+
+class HostLostError(PsJobsError):
+    """The reason of a job that was running when its session host ended (killed, crashed)."""
+
+
+class UsageError(PsJobsError):
+    """The ``psjobs`` command line is wrong (argparse says so too, with the same status)."""
+
+    exit_code = 2
+
+
+class WaitTimeoutError(PsJobsError):
+    """``psjobs wait --timeout`` or ``receive --wait --timeout`` ran out of time; the jobs go on."""
+
+    exit_code = 6
 
 
 class JobStopped(BaseException):

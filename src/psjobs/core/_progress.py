@@ -24,6 +24,8 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .._errors import missing_dependency
+
 if TYPE_CHECKING:
     from .._records import ProgressRecord
     from ._job import Job
@@ -70,18 +72,19 @@ class ProgressDisplay:
         self._plain_last: dict[int, tuple[str, int | None]] = {}
         self._progress: Any = None
         self._counter: Any = None
+        no_rich: ImportError | None = None
         if console is None and plain is not True:
             try:
                 from rich.console import Console
-            except ImportError:
-                console = None
+            except ImportError as exc:
+                console, no_rich = None, exc
             else:
                 console = Console(file=file or sys.stderr)
         self._console = console
         if plain is None:
             plain = console is None or not (console.is_terminal or getattr(console, "is_jupyter", False))
         if not plain and console is None:
-            raise ValueError("ProgressDisplay: plain=False needs rich installed (pip install rich)")
+            raise missing_dependency("ProgressDisplay(plain=False)", "ipython", no_rich, what="rich")
         self.plain = plain
         self._file = file if file is not None else (getattr(console, "file", None) or sys.stderr)
         if not plain:

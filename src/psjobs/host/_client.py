@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._errors import ProtocolError, PsJobsError
+from .._errors import HostError, HostReplyError, ProtocolError, RequestError
 from ..worker._wire import _recv_exact as recv_exact
 
 MAGIC = b"PSJH"
@@ -33,25 +33,6 @@ MAX_REQUEST = 1 << 20        # 1 MiB: a request is a verb and a few arguments (a
 MAX_RESPONSE = 1 << 30       # responses come from the user's own host; pages are ~4 MiB
 _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
 _BOOT = "import sys; from psjobs.host._server import host_main; sys.exit(host_main(sys.argv[1:]))"
-
-
-class HostError(PsJobsError):
-    """The session host cannot be reached, refused to start, or broke the protocol."""
-
-
-class RequestError(HostError):
-    """A request the host cannot accept: malformed, oversized, another version, bad arguments."""
-
-    exit_code = 2
-
-
-class HostReplyError(PsJobsError):
-    """An error the host replied with; ``exit_code`` is the one the host chose for its class."""
-
-    def __init__(self, message: str, type_name: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.exit_code = exit_code
 
 
 # --- where things are --------------------------------------------------------------------------

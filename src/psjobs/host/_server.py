@@ -44,16 +44,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._errors import JobNotFinishedError, JobStateError, PsJobsError
+from .._errors import (
+    HostError,
+    JobNotFinishedError,
+    JobStateError,
+    MissingDependencyError,
+    PsJobsError,
+    RequestError,
+    missing_dependency,
+)
 from ..core._job import Job
 from ..core._session import Session
 from ..core._spec import check_directory
 from ._client import (
     MAX_REQUEST,
     VERSION,
-    HostError,
     Paths,
-    RequestError,
     answers,
     pack,
     read_frame,
@@ -77,7 +83,8 @@ _IDLE = 60.0                 # seconds a connection may take to send its request
 
 
 class _AlreadyRunning(Exception):
-    pass
+    """Another host holds the lock. Control flow inside host_main only (it never reaches a user),
+    so it stays here rather than in the _errors tree."""
 
 
 def _iso(t: float | None) -> str | None:
@@ -378,10 +385,11 @@ class HostServer:
                                               computer_name=computers,
                                               throttle_limit=_arg(args, "invoke", "throttle", int, 32),
                                               job_name=_arg(args, "invoke", "name", str, None))
-        except ModuleNotFoundError as exc:
-            raise HostError(f"invoke: the SSH backend of psjobs is not available here ({exc}); install it "
-                            f"with `pip install 'psjobs[ssh]'`, then restart the host with "
-                            f"`psjobs host stop`") from exc
+        except (MissingDependencyError, ModuleNotFoundError) as exc:  # asyncssh, or the backend itself
+            # The host is a long-lived process: installing the extra is not enough, it must restart.
+            why = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc  # the import itself
+            raise missing_dependency("invoke (in the psjobs host)", "ssh", why,
+                                     then="restart the host with `psjobs host stop`") from exc
         return self._register(job, None)
 
     def h_get(self, args: dict[str, Any], reply: Reply) -> Any:

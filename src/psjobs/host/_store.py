@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._errors import JobNotFoundError, PsJobsError
+from .._errors import HostLostError, JobNotFoundError
 from .._records import ErrorRecord, InformationRecord, ProgressRecord
 from ..core import _job
 from ..core._pshost import reason_text as text_of_reason
@@ -69,10 +69,6 @@ _json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _TEXT_LIMIT = 1_000_000  # a readable form longer than this is cut: it is a stand-in, not the value
 
 Row = dict[str, Any]
-
-
-class HostLostError(PsJobsError):
-    """The reason of a job that was running when its session host ended (killed, crashed)."""
 RecordRow = tuple[int, int, int, float, int, str]  # seq, job, stream, time, is-json, data
 
 

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..._errors import PsJobsError, WorkerError
+from ..._errors import WorkerError, missing_dependency
 from ...core._backend import NullPrepare, report
 from ...core._job import Job, _next_ids
 from ...core._spec import CALL, _arg, make_spec
@@ -32,10 +32,6 @@ if TYPE_CHECKING:
     from ...core._session import Session
 
 CONNECT_TIMEOUT = 10  # seconds to reach a scheduler given by address
-
-
-class MissingDependencyError(PsJobsError, ImportError):
-    """A cluster job was started where Dask's ``distributed`` is not installed."""
 
 
 def _probe(address: str) -> None:
@@ -67,8 +63,7 @@ class DaskBackend(NullPrepare):
         try:
             import distributed
         except ImportError as exc:
-            raise MissingDependencyError(f"{verb}: running jobs on a cluster needs Dask's distributed; "
-                                         f"install it with: pip install 'psjobs[dask]'") from exc
+            raise missing_dependency(f"{verb} (jobs on a Dask cluster)", "dask", exc) from exc
         if isinstance(cluster, distributed.Client):
             if cluster.asynchronous:
                 raise TypeError(f"{verb}: cluster must be a synchronous dask Client (this one was made with "

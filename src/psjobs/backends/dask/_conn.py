@@ -491,8 +491,6 @@ def _load_entries(blob: bytes, where: str) -> list[Entry]:
 
 
 def _internal_error(exc: BaseException) -> None:  # pragma: no cover - a bug in psjobs itself
-    import sys
-    import traceback
+    import logging
 
-    print(f"psjobs: internal error in the dask dispatcher: {exc!r}", file=sys.__stderr__)
-    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.__stderr__)
+    logging.getLogger("psjobs.dask").error("psjobs: internal error in the dask dispatcher: %r", exc, exc_info=exc)

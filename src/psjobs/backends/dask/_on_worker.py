@@ -22,12 +22,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
+import logging
 import math
 import os
 import pickle
 import signal
 import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -264,7 +264,8 @@ class _Shipper:
                         for key, attempt, seq, begin, columns in items]), protocol=5)
                     self.runtime.worker.log_event(topic, blob)
                 except Exception as exc:  # the worker is closing: the session fails the job then
-                    print(f"psjobs: could not ship records to {topic}: {exc!r}", file=sys.__stderr__)
+                    logging.getLogger("psjobs.dask").warning("psjobs: could not ship records to %s: %r", topic, exc,
+                                                             exc_info=exc)
 
     def _worker_gone(self) -> bool:
         status = getattr(self.runtime.worker, "status", None)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import selectors
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -157,4 +157,4 @@ def loop_error(where: Any, exc: BaseException) -> None:
     except Exception as again:
         exc = again
     # A bug in psjobs itself: say it rather than hide it, and keep the loop (and every other job) alive.
-    print(f"psjobs: internal error in the I/O loop: {exc!r}", file=sys.__stderr__)
+    logging.getLogger("psjobs.process").error("psjobs: internal error in the I/O loop: %r", exc, exc_info=exc)

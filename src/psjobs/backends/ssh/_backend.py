@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..._errors import PsJobsError, WorkerError
+from ..._errors import missing_dependency
 from ...core._spec import CALL, make_spec
 from ...core._state import JobState
 
@@ -35,30 +35,6 @@ if TYPE_CHECKING:
 
 DEFAULT_THROTTLE = 32  # PowerShell's Invoke-Command default; 0 means this too
 ACCEPT_NEW_ENV = "PSJOBS_SSH_ACCEPT_NEW_HOST_KEYS"
-
-
-# --- errors ----------------------------------------------------------------------------------
-
-class RemoteConnectionError(PsJobsError):
-    """A computer could not be reached, refused the login, or dropped the connection.
-
-    Only the child job of that computer fails; ``computer_name`` says which one.
-    """
-
-    def __init__(self, message: str, computer_name: str | None = None) -> None:
-        super().__init__(message)
-        self.computer_name = computer_name
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.args[0], self.computer_name))
-
-
-class HostKeyError(RemoteConnectionError):
-    """The computer's host key is not in known_hosts (unknown) or differs from it (changed)."""
-
-
-class RemoteVersionError(WorkerError):
-    """The remote Python (minor version) or psjobs protocol differs from the session's."""
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -254,8 +230,7 @@ class SSHBackend:
         except ModuleNotFoundError as exc:
             if exc.name != "asyncssh":
                 raise
-            raise ModuleNotFoundError("invoke_command needs asyncssh: pip install 'psjobs[ssh]'",
-                                      name="asyncssh") from exc
+            raise missing_dependency("invoke_command (jobs on remote computers over SSH)", "ssh", exc) from exc
         self.session = session
         self.engine: Engine = Engine(session)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from ..._errors import ProtocolError, WorkerError
+from ..._errors import ProtocolError, RemoteConnectionError, RemoteVersionError, WorkerError
 from ..._records import ErrorRecord, Record, Stream
 from ...core._backend import block, deliver, finish
 from ...core._state import Event
@@ -44,7 +44,7 @@ from ...worker._wire import (
     decode_records_oob,
 )
 from ..process._call import load_reason as _load_reason
-from ._backend import RemoteConnectionError, RemoteVersionError, ssh_options
+from ._backend import ssh_options
 
 if TYPE_CHECKING:
     from ...core._job import Entry, Job

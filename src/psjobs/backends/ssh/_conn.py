@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from ._backend import HostKeyError, RemoteConnectionError, SSHOptions, ssh_options
+from ..._errors import HostKeyError, RemoteConnectionError
+from ._backend import SSHOptions, ssh_options
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -187,15 +188,15 @@ class Pool:
             factory = client
             conn = await asyncssh.connect(host, known_hosts=known, client_factory=lambda: factory, **kwargs)
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise _host_key_error(what, client, files, exc) from None
+            raise _host_key_error(what, client, files, exc) from exc
         except asyncssh.PermissionDenied as exc:
             raise RemoteConnectionError(
                 f"{what} refused the login ({exc.reason}); check the user name and that your key is in "
-                f"its authorized_keys (ssh {what} true)", self.name) from None
-        except (asyncio.TimeoutError, TimeoutError):
+                f"its authorized_keys (ssh {what} true)", self.name) from exc
+        except (asyncio.TimeoutError, TimeoutError) as exc:
             raise RemoteConnectionError(
                 f"{what} did not answer within {options.connect_timeout:g}s; check that it is up and "
-                f"reachable, or raise connect_timeout with psjobs.configure_ssh", self.name) from None
+                f"reachable, or raise connect_timeout with psjobs.configure_ssh", self.name) from exc
         except OSError as exc:
             if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
                 why = exc.strerror or str(exc)  # a name that does not resolve, or several causes
@@ -203,12 +204,12 @@ class Pool:
                 why = os.strerror(exc.errno)
             raise RemoteConnectionError(
                 f"cannot connect to {what} ({at}): {why}; check that the computer is up and that sshd "
-                f"listens there (ssh {what} true)", self.name) from None
+                f"listens there (ssh {what} true)", self.name) from exc
         except asyncssh.Error as exc:
             raise RemoteConnectionError(f"the SSH connection to {what} failed: {exc.reason}",
-                                        self.name) from None
+                                        self.name) from exc
         except (ValueError, KeyError) as exc:  # bad config or key files
-            raise RemoteConnectionError(f"cannot connect to {what}: {exc}", self.name) from None
+            raise RemoteConnectionError(f"cannot connect to {what}: {exc}", self.name) from exc
         assert client is not None
         if client.new_key is not None:
             host_seen, port_seen, key = client.new_key
@@ -235,7 +236,7 @@ class Pool:
                 conn.channels -= 1
                 if conn.channels == 0:
                     raise RemoteConnectionError(f"{self.name} refused to open a channel: {exc.reason}",
-                                                self.name) from None
+                                                self.name) from exc
                 conn.limit = conn.channels  # sshd's MaxSessions: the next job gets another connection
             except BaseException:
                 conn.channels -= 1

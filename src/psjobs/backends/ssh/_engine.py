@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from ..._errors import WorkerError
+from ..._errors import RemoteConnectionError, WorkerError
 from ...core._backend import report, unblock
 from ...core._spec import CALL, SHELL
 from ...core._state import Event
 from ...worker import _remote_boot as boot
 from ...worker._wire import VERSION
-from ._backend import RemoteConnectionError, ssh_options
+from ._backend import ssh_options
 from ._channel import STOP_MARGIN, CallChannel, Channel, Child, CommandChannel, local_python
 from ._conn import Pool
 
@@ -217,7 +217,7 @@ class Engine:
         except (asyncssh.Error, OSError) as exc:
             raise RemoteConnectionError(child.fail_text(
                 f"could not open a channel to {child.computer}: {getattr(exc, 'reason', None) or exc}"),
-                child.computer) from None
+                child.computer) from exc
         child.channel = channel
         child.release = functools.partial(pool.release, conn)
         child.phase = "running"

@@ -1,0 +1,364 @@
+"""The job magics: %bg (what `` &`` runs), %jobs, %receive, %wait, %stop, %suspend, %resume, %remove.
+
+::
+
+    %bg [--thread|--process] [--name N] EXPR | !COMMAND   (the cell's frame as local scope)
+        EXPR --> lambda compiled over the namespace --> psjobs.start_job   (process: names copied)
+                                                   --> psjobs.start_thread_job (thread: shared)
+        !COMMAND --$name/{expr} expanded as IPython's ! does--> a command job
+        --> the Job is the value of the line; the extension watches it to announce its end
+    %jobs/%receive/%wait/... words --ids, names (wildcards), variables--> the psjobs verb
+        psjobs errors, ValueError, TypeError --> IPython UsageError (one line, no traceback)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import shlex
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class, needs_local_scope, no_var_expand
+
+import psjobs
+from psjobs._errors import PsJobsError
+from psjobs.core._format import JobList
+from psjobs.core._job import Job
+
+if TYPE_CHECKING:
+    from . import _Extension
+
+# --- capture by value ------------------------------------------------------------------------
+
+def _code_names(code: types.CodeType) -> list[str]:
+    names: list[str] = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_code_names(const))
+    return list(dict.fromkeys(names))
+
+
+def _unpicklable(fn: types.FunctionType) -> list[tuple[str, Any, BaseException]]:
+    """The names the expression uses whose values cannot be sent to another process."""
+    import cloudpickle
+
+    bad: list[tuple[str, Any, BaseException]] = []
+    for name in _code_names(fn.__code__):
+        if name not in fn.__globals__:
+            continue  # a builtin, an attribute name, or a name the job will look up itself
+        value = fn.__globals__[name]
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:
+            bad.append((name, value, exc))
+    return bad
+
+
+def _compile_expression(text: str, namespace: dict[str, Any]) -> types.FunctionType:
+    """A function of no arguments that evaluates ``text`` over ``namespace`` (its globals)."""
+    code = compile(f"lambda: ({text}\n)", "<psjobs &>", "eval")
+    fn = eval(code, namespace)
+    fn.__qualname__ = text.strip()  # the job's command is the expression's text
+    return fn  # type: ignore[no-any-return]
+
+
+def _expand(shell: Any, command: str, namespace: dict[str, Any]) -> str:
+    """Expand $name and {expr} in a command as IPython's !command does."""
+    from IPython.utils.text import DollarFormatter
+
+    try:
+        return str(DollarFormatter().vformat(command, args=[], kwargs=namespace))
+    except Exception:
+        return command  # as IPython: a command that does not expand runs as typed
+
+
+# --- the magics ----------------------------------------------------------------------------
+
+_OPTIONS_HELP = "options: --thread, --process, --name NAME"
+
+
+def _parse_bg(line: str) -> tuple[str | None, str | None, str]:
+    """``[--thread|--process] [--name NAME] rest``: (kind, name, rest)."""
+    kind: str | None = None
+    name: str | None = None
+    rest = line.strip()
+    while rest.startswith("--"):
+        word, _, after = rest.partition(" ")
+        if word in ("--thread", "--process"):
+            kind = word[2:]
+        elif word == "--name":
+            name, _, after = after.strip().partition(" ")
+            if not name:
+                raise UsageError(f"%bg: --name needs a job name ({_OPTIONS_HELP})")
+        else:
+            break
+        rest = after.strip()
+    return kind, name, rest
+
+
+@magics_class
+class JobMagics(Magics):
+    """%bg, %jobs, %receive, %wait, %stop, %remove: the job verbs as magics."""
+
+    def __init__(self, shell: Any, extension: _Extension) -> None:
+        super().__init__(shell)  # type: ignore[no-untyped-call]
+        self.ext = extension
+
+    # %bg is what a line ending in " &" becomes; it is also usable as is.
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    @no_var_expand  # type: ignore[untyped-decorator]
+    def bg(self, line: str, local_ns: dict[str, Any] | None = None) -> Job:
+        """Start EXPR (or !COMMAND) as a job and return the job.
+
+        Usage: ``%bg [--thread | --process] [--name NAME] EXPR`` or ``%bg [--name NAME] !COMMAND``.
+        A line ending in `` &`` runs ``%bg`` with the kind set by ``%config PsJobs.kind``.
+        A process job gets copies of the names EXPR uses (each must be picklable); a thread job
+        shares the namespace. Example: ``%bg --thread sum(range(10**7))``
+        """
+        __tracebackhide__ = True
+        kind, name, text = _parse_bg(line)
+        if not text:
+            raise UsageError(f"%bg: give an expression or a !command to run as a job ({_OPTIONS_HELP})")
+        kind = kind or self.ext.config.kind
+        namespace = self._namespace(local_ns)
+        start = psjobs.start_thread_job if kind == "thread" else psjobs.start_job
+        if text.startswith("!"):
+            command = _expand(self.shell, text[1:].strip(), namespace)
+            if not command:
+                raise UsageError("%bg: the !command is empty; give a command line such as !make all")
+            job = start(command, name=name)
+        else:
+            fn = _compile_expression(text, namespace)
+            if kind == "thread":
+                job = start(fn, name=name)
+            else:
+                job = self._start_process(fn, text, name)
+        self.ext.watch(job)
+        return job
+
+    def _namespace(self, local_ns: dict[str, Any] | None) -> dict[str, Any]:
+        assert self.shell is not None  # magics run only in a shell
+        user = self.shell.user_global_ns
+        if local_ns is None or local_ns is user:
+            return user  # type: ignore[no-any-return]
+        merged = dict(user)
+        merged.update(local_ns)  # a line inside a function sees its locals, as Python would
+        return merged
+
+    @staticmethod
+    def _start_process(fn: types.FunctionType, text: str, name: str | None) -> Job:
+        __tracebackhide__ = True
+        try:
+            return psjobs.start_job(fn, name=name)
+        except TypeError as exc:
+            bad = _unpicklable(fn)
+            if not bad:
+                raise
+            what = ", ".join(f"{n!r} (a {type(v).__module__}.{type(v).__qualname__}: {e})" for n, v, e in bad)
+            names = " and ".join(repr(n) for n, _, _ in bad)
+            raise TypeError(
+                f"{text} &: cannot copy {what} into the job's process, so no job was started. A process "
+                f"job gets a copy of every name it uses; make {names} picklable, or run it as a thread "
+                f"job, which shares the namespace: %bg --thread {text}  (or %config PsJobs.kind = 'thread')"
+            ) from (exc.__cause__ or exc)  # the pickling error itself, not start_job's wording of it
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    def jobs(self, line: str, local_ns: dict[str, Any] | None = None) -> JobList:
+        """The Get-Job table of the session's jobs, or of the jobs named.
+
+        Usage: ``%jobs [--state STATE] [--children] [ID | NAME | VARIABLE ...]``.
+        Example: ``%jobs --state Running``
+        """
+        words = _split(line)
+        state = _take_option(words, "--state", "%jobs")
+        children = _take_flag(words, "--children")
+        self._no_other_options(words, "%jobs", "--state STATE, --children")
+        with _as_usage("%jobs"):
+            if words:
+                jobs = psjobs.get_job(self._select(words, local_ns), state=state,
+                                      include_child_jobs=children)
+            else:
+                jobs = psjobs.get_job(state=state, include_child_jobs=children)
+        self.ext.seen(jobs)  # as a shell's `jobs`: a Done shown here is not announced again
+        return JobList(jobs)
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    def receive(self, line: str, local_ns: dict[str, Any] | None = None) -> list[Any]:
+        """The output of jobs not yet received (Receive-Job).
+
+        Usage: ``%receive ID... [--keep] [--wait] [--timeout S]``; ID is a job id, a job name
+        (wildcards allowed) or a variable holding a job. Example: ``%receive total --wait``
+        """
+        words = _split(line)
+        keep = _take_flag(words, "--keep")
+        wait = _take_flag(words, "--wait")
+        timeout = _take_seconds(words, "%receive")
+        self._no_other_options(words, "%receive", "--keep, --wait, --timeout S")
+        jobs = self._select(self._need(words, "%receive"), local_ns)
+        with _as_usage("%receive"):
+            out = psjobs.receive_job(jobs, keep=keep, wait=wait or timeout is not None, timeout=timeout)
+        self.ext.seen(jobs)
+        return out
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    def wait(self, line: str, local_ns: dict[str, Any] | None = None) -> JobList | None:
+        """Wait until the jobs are done and show them (Wait-Job); Ctrl+C stops waiting, not the jobs.
+
+        Usage: ``%wait ID... [--any] [--timeout S]``. Example: ``%wait 3 4 --timeout 10``
+        """
+        words = _split(line)
+        any_ = _take_flag(words, "--any")
+        timeout = _take_seconds(words, "%wait")
+        self._no_other_options(words, "%wait", "--any, --timeout S")
+        jobs = self._select(self._need(words, "%wait"), local_ns)
+        with _as_usage("%wait"):
+            done = psjobs.wait_job(jobs, any=any_, timeout=timeout)
+        if not done:
+            print(f"%wait: timed out after {timeout:g}s; the jobs go on (see %jobs)", file=sys.stderr)
+            return None
+        self.ext.seen(done)
+        return JobList(done)
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    def stop(self, line: str, local_ns: dict[str, Any] | None = None) -> None:
+        """Stop jobs for real (Stop-Job). Usage: ``%stop ID...``. Example: ``%stop 3``"""
+        words = _split(line)
+        self._no_other_options(words, "%stop", "none")
+        jobs = self._select(self._need(words, "%stop"), local_ns)
+        with _as_usage("%stop"):
+            stopped = psjobs.stop_job(jobs, pass_thru=True)
+        self.ext.seen(stopped)  # the user stopped them: no notice that they stopped
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    def suspend(self, line: str, local_ns: dict[str, Any] | None = None) -> Any:
+        """Pause process jobs (SIGSTOP to their process group). Usage: ``%suspend ID...``.
+
+        Example: ``%suspend 3``
+        """
+        words = _split(line)
+        self._no_other_options(words, "%suspend", "none")
+        jobs = self._select(self._need(words, "%suspend"), local_ns)
+        with _as_usage("%suspend"):
+            return psjobs.suspend_job(jobs)
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    def resume(self, line: str, local_ns: dict[str, Any] | None = None) -> Any:
+        """Let suspended jobs run on (SIGCONT). Usage: ``%resume ID...``. Example: ``%resume 3``"""
+        words = _split(line)
+        self._no_other_options(words, "%resume", "none")
+        jobs = self._select(self._need(words, "%resume"), local_ns)
+        with _as_usage("%resume"):
+            return psjobs.resume_job(jobs)
+
+    @line_magic  # type: ignore[untyped-decorator]
+    @needs_local_scope  # type: ignore[untyped-decorator]
+    def remove(self, line: str, local_ns: dict[str, Any] | None = None) -> None:
+        """Drop finished jobs and their data (Remove-Job); --force stops running ones first.
+
+        Usage: ``%remove ID... [--force]``. Example: ``%remove * --force``
+        """
+        words = _split(line)
+        force = _take_flag(words, "--force")
+        self._no_other_options(words, "%remove", "--force")
+        jobs = self._select(self._need(words, "%remove"), local_ns)
+        with _as_usage("%remove"):
+            psjobs.remove_job(jobs, force=force)
+        self.ext.forget(jobs)
+
+    # --- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _need(words: list[str], magic: str) -> list[str]:
+        if not words:
+            raise UsageError(f"{magic}: name the jobs: an id, a name (wildcards allowed) or a variable "
+                             f"holding a job, e.g. {magic} 3; %jobs lists them")
+        return words
+
+    @staticmethod
+    def _no_other_options(words: list[str], magic: str, known: str) -> None:
+        for word in words:
+            if word.startswith("--"):
+                raise UsageError(f"{magic}: unknown option {word}; options: {known}")
+
+    def _select(self, words: list[str], local_ns: dict[str, Any] | None) -> list[Any]:
+        """Ids, job names (wildcards over top-level jobs) and variables holding jobs."""
+        namespace = dict(self.shell.user_ns) if self.shell is not None else {}
+        if local_ns:
+            namespace.update(local_ns)
+        out: list[Any] = []
+        for word in words:
+            if word.isdigit():
+                out.append(int(word))
+                continue
+            value = namespace.get(word) if word.isidentifier() else None
+            if isinstance(value, Job):
+                out.append(value)
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Job) for v in value):
+                out.extend(value)
+            elif any(c in word for c in "*?["):
+                # Top-level jobs only: "%remove *" must not try to remove child jobs on their own.
+                out.extend(j for j in psjobs.get_job() if fnmatch.fnmatchcase(j.name.lower(), word.lower()))
+            else:
+                out.append(word)
+        return out
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line, comments=True)  # "%stop 3  # the slow one" works as it reads
+    except ValueError as exc:
+        raise UsageError(f"cannot read the arguments {line!r}: {exc}") from None
+
+
+def _take_flag(words: list[str], flag: str) -> bool:
+    if flag in words:
+        while flag in words:
+            words.remove(flag)
+        return True
+    return False
+
+
+def _take_option(words: list[str], option: str, magic: str) -> str | None:
+    if option not in words:
+        return None
+    i = words.index(option)
+    if i + 1 >= len(words):
+        raise UsageError(f"{magic}: {option} needs a value")
+    value = words[i + 1]
+    del words[i:i + 2]
+    return value
+
+
+def _take_seconds(words: list[str], magic: str) -> float | None:
+    text = _take_option(words, "--timeout", magic)
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise UsageError(f"{magic}: --timeout takes seconds, such as 2.5, not {text!r}") from None
+    if seconds < 0:
+        raise UsageError(f"{magic}: --timeout takes seconds >= 0, not {text}")
+    return seconds
+
+
+class _as_usage:
+    """Turn psjobs' own errors into IPython usage errors: one line, no traceback to read."""
+
+    def __init__(self, magic: str) -> None:
+        self.magic = magic
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and isinstance(exc, (PsJobsError, ValueError, TypeError)):
+            raise UsageError(f"{self.magic}: {exc}") from exc
