@@ -48,16 +48,8 @@ from .._errors import JobNotFinishedError, JobStateError, PsJobsError
 from ..core._job import Job
 from ..core._session import Session
 from ..core._spec import check_directory
-from ._client import (
-    MAX_REQUEST,
-    VERSION,
-    HostError,
-    Paths,
-    RequestError,
-    answers,
-    pack,
-    read_frame,
-)
+from ._client import HostError, Paths, RequestError, answers, read_frame
+from ._protocol import MAX_REQUEST, VERSION, pack
 from ._store import (
     Persister,
     Row,
