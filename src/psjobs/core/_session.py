@@ -244,13 +244,18 @@ class Session:
 
     def start_thread_job(self, target: Any, *args: Any, name: str | None = None,
                          input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
-                         throttle_limit: int | None = None, **kwargs: Any) -> Job:
-        """Run ``target`` in a thread of this process; return its ThreadJob at once."""
+                         throttle_limit: int | None = None,
+                         working_directory: str | os.PathLike[str] | None = None, **kwargs: Any) -> Job:
+        """Run ``target`` in a thread of this process; return its ThreadJob at once.
+
+        ``working_directory`` is where a command runs (default: the current directory), as for
+        start_job: the session host runs clients' commands in their directories without a chdir.
+        """
         _check_name("start_thread_job", name)
         if throttle_limit is not None:
             _check_limit("start_thread_job", throttle_limit)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
-        spec.cwd = os.getcwd()
+        spec.cwd = check_directory("start_thread_job", working_directory)
         backend = self._backend("thread")
         if throttle_limit is not None:
             self.thread_throttle_limit = throttle_limit
