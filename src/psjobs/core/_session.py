@@ -37,7 +37,7 @@ from .._errors import (
 )
 from .._records import ErrorRecord, OutputRecord, Record, Stream
 from ._format import JobList
-from ._job import Job, _next_ids
+from ._job import Job, _next_ids, skip_ids
 from ._spec import JobSpec, check_directory, make_env, make_spec
 from ._state import Event, JobState
 
@@ -153,12 +153,15 @@ class Session:
     ``thread_throttle_limit``: how many thread jobs run at once (default 5; the rest wait
     NotStarted). ``stop_grace``: seconds a stop waits before it kills (processes) or gives up with a
     warning (threads that cannot be interrupted). ``verbose``/``debug``: show those records when
-    received. ``host``: what shows received records (see :class:`Host`).
+    received. ``host``: what shows received records (see :class:`Host`). ``first_id``: no job of
+    this process gets a lower id from now on (the session host resumes after its stored jobs).
     """
 
     def __init__(self, *, thread_throttle_limit: int = 5, stop_grace: float = 5.0,
-                 verbose: bool = False, debug: bool = False, host: Host | None = None) -> None:
+                 verbose: bool = False, debug: bool = False, host: Host | None = None,
+                 first_id: int = 1) -> None:
         _check_limit("Session", thread_throttle_limit)
+        skip_ids(first_id)  # ids are never reused: a host resumes after the jobs it stored
         if not isinstance(stop_grace, (int, float)) or stop_grace < 0:
             raise ValueError(f"Session: stop_grace must be a number of seconds >= 0, not {stop_grace!r}")
         self._lock = threading.Lock()  # C-level: see _thread._Emitter.emit

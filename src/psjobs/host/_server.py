@@ -42,7 +42,7 @@ from ..core._session import Session
 from ._client import HostError, Paths, RequestError, answers, read_frame
 from ._handlers import HANDLERS, Context, Reply
 from ._protocol import MAX_REQUEST, decode_request, error_reply, final, pack
-from ._store import Persister, Store, kill_orphans, set_next_id
+from ._store import Persister, Store, kill_orphans
 from ._table import JobTable
 
 _IDLE = 60.0                 # seconds a connection may take to send its request
@@ -78,8 +78,7 @@ class HostServer:
         try:
             self.store = Store(str(paths.database))
             kill_orphans(self.store.recover(os.getpid()))
-            set_next_id(self.store.next_id())
-            self.session = Session()
+            self.session = Session(first_id=self.store.next_id())
             self.persister = Persister(self.session, self.store)
             with contextlib.suppress(FileNotFoundError):
                 paths.socket.unlink()  # left by a dead host: we hold the lock, so no host uses it
