@@ -35,6 +35,17 @@ from ._records import Record, Stream
 from .core._format import format_table
 from .core._pshost import Host
 from .host._client import Client, host_free
+from .host._protocol import (
+    GetRequest,
+    InvokeRequest,
+    ReceiveRequest,
+    RemoveRequest,
+    ShutdownRequest,
+    StartRequest,
+    StatusRequest,
+    StopRequest,
+    WaitRequest,
+)
 
 EXIT_CODES = {
     0: "success",
@@ -105,8 +116,8 @@ def cmd_start(client: Client, a: argparse.Namespace) -> int:
     if not a.command:
         raise UsageError("start: give the command after `--`, e.g. psjobs start -- make test")
     cwd = os.path.abspath(a.directory) if a.directory else os.getcwd()
-    row = client.call("start", command=a.command, name=a.name, thread=a.thread, cwd=cwd,
-                      env=None if a.thread else dict(os.environ))
+    row = client.call(StartRequest(command=a.command, name=a.name, thread=a.thread, cwd=cwd,
+                                   env=None if a.thread else dict(os.environ)))
     return _show_new(row, a)
 
 
@@ -116,7 +127,7 @@ def cmd_invoke(client: Client, a: argparse.Namespace) -> int:
     computers = [c.strip() for c in ",".join(a.computer).split(",") if c.strip()]
     if not computers:
         raise UsageError("invoke: name at least one computer with -c HOST[,HOST...]")
-    row = client.call("invoke", command=a.command, computers=computers, throttle=a.throttle, name=a.name)
+    row = client.call(InvokeRequest(command=a.command, computers=computers, throttle=a.throttle, name=a.name))
     return _show_new(row, a)
 
 
@@ -129,7 +140,7 @@ def _show_new(row: dict[str, Any], a: argparse.Namespace) -> int:
 
 
 def cmd_get(client: Client, a: argparse.Namespace) -> int:
-    rows = client.call("get", ids=a.ids, state=a.state, newest=a.newest, children=a.children)
+    rows = client.call(GetRequest(ids=a.ids, state=a.state, newest=a.newest, children=a.children))
     _print_jobs(rows, a.json)
     return 0
 
@@ -139,8 +150,8 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     out = ordered.stream(sys.stdout)
     host = Host(stdout=out, stderr=ordered.stream(sys.stderr))
     result: dict[str, Any] = {}
-    for response in client.stream("receive", ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout,
-                                  auto_remove=a.auto_remove):
+    for response in client.stream(ReceiveRequest(ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout,
+                                                 auto_remove=a.auto_remove)):
         if response.get("more"):
             for _, job, stream, t, is_json, value in response["result"]["records"]:
                 if a.json:
@@ -179,7 +190,7 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_wait(client: Client, a: argparse.Namespace) -> int:
-    result = client.call("wait", ids=a.ids, any=a.any, timeout=a.timeout)
+    result = client.call(WaitRequest(ids=a.ids, any=a.any, timeout=a.timeout))
     done, pending = result["done"], result["pending"]
     if not done and pending:
         names = ", ".join(f"Job {r['id']} {r['name']!r} ({r['state']})" for r in pending[:5])
@@ -193,12 +204,12 @@ def cmd_wait(client: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_stop(client: Client, a: argparse.Namespace) -> int:
-    _print_jobs(client.call("stop", ids=a.ids), a.json)
+    _print_jobs(client.call(StopRequest(ids=a.ids)), a.json)
     return 0
 
 
 def cmd_remove(client: Client, a: argparse.Namespace) -> int:
-    result = client.call("remove", ids=a.ids, force=a.force)
+    result = client.call(RemoveRequest(ids=a.ids, force=a.force))
     if a.json:
         print(json.dumps(result))
     return 0
@@ -209,7 +220,7 @@ def cmd_host(client: Client, a: argparse.Namespace) -> int:
         client.connect(start=True).close()
     if a.action == "stop":
         try:
-            result = client.call("shutdown", start=False)
+            result = client.call(ShutdownRequest(), start=False)
         except HostError:
             print(f"psjobs host: not running ({client.paths.home})")
             return 0
@@ -222,7 +233,7 @@ def cmd_host(client: Client, a: argparse.Namespace) -> int:
             print(f"psjobs host: stopped{extra}")
         return 0
     try:
-        status = client.call("status", start=False)
+        status = client.call(StatusRequest(), start=False)
     except HostError:
         if a.json:
             print(json.dumps({"running": False, "home": str(client.paths.home)}))

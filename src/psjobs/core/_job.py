@@ -17,7 +17,6 @@ waiters (wait_job, receive_job(wait=True)) see it.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 import uuid
@@ -31,13 +30,24 @@ if TYPE_CHECKING:
     from ._session import Session
 
 # PowerShell takes ids from one counter for the whole process, parents before their children.
-_ids = itertools.count(1)
+_last_id = 0
 _ids_lock = threading.Lock()
 
 
 def _next_ids(n: int) -> list[int]:
+    global _last_id
     with _ids_lock:
-        return [next(_ids) for _ in range(n)]
+        first = _last_id + 1
+        _last_id += n
+        return list(range(first, first + n))
+
+
+def skip_ids(first: int) -> None:
+    """Give no id below ``first`` from now on: a Session whose jobs were numbered before (the
+    session host's stored jobs) resumes after them. The counter only ever moves forward."""
+    global _last_id
+    with _ids_lock:
+        _last_id = max(_last_id, first - 1)
 
 
 Entry = tuple[int, Any, float]  # (stream, value or record, time.time())

@@ -33,7 +33,7 @@ from .._errors import (
 )
 from .._records import ErrorRecord, OutputRecord, Stream
 from ._format import JobList
-from ._job import Job, _next_ids
+from ._job import Job, _next_ids, skip_ids
 from ._pshost import Host, describe_job, reason_text
 from ._select import resolve, select_jobs, unique
 from ._spec import check_directory, make_env, make_spec
@@ -54,12 +54,15 @@ class Session:
     ``thread_throttle_limit``: how many thread jobs run at once (default 5; the rest wait
     NotStarted). ``stop_grace``: seconds a stop waits before it kills (processes) or gives up with a
     warning (threads that cannot be interrupted). ``verbose``/``debug``: show those records when
-    received. ``host``: what shows received records (see :class:`Host`).
+    received. ``host``: what shows received records (see :class:`Host`). ``first_id``: no job of
+    this process gets a lower id from now on (the session host resumes after its stored jobs).
     """
 
     def __init__(self, *, thread_throttle_limit: int = 5, stop_grace: float = 5.0,
-                 verbose: bool = False, debug: bool = False, host: Host | None = None) -> None:
+                 verbose: bool = False, debug: bool = False, host: Host | None = None,
+                 first_id: int = 1) -> None:
         _check_limit("Session", thread_throttle_limit)
+        skip_ids(first_id)  # ids are never reused: a host resumes after the jobs it stored
         if not isinstance(stop_grace, (int, float)) or stop_grace < 0:
             raise ValueError(f"Session: stop_grace must be a number of seconds >= 0, not {stop_grace!r}")
         self._lock = threading.Lock()  # C-level: see _thread._Emitter.emit
@@ -145,13 +148,18 @@ class Session:
 
     def start_thread_job(self, target: Any, *args: Any, name: str | None = None,
                          input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
-                         throttle_limit: int | None = None, **kwargs: Any) -> Job:
-        """Run ``target`` in a thread of this process; return its ThreadJob at once."""
+                         throttle_limit: int | None = None,
+                         working_directory: str | os.PathLike[str] | None = None, **kwargs: Any) -> Job:
+        """Run ``target`` in a thread of this process; return its ThreadJob at once.
+
+        ``working_directory`` is where a command runs (default: the current directory), as for
+        start_job: the session host runs clients' commands in their directories without a chdir.
+        """
         _check_name("start_thread_job", name)
         if throttle_limit is not None:
             _check_limit("start_thread_job", throttle_limit)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
-        spec.cwd = os.getcwd()
+        spec.cwd = check_directory("start_thread_job", working_directory)
         backend = self._backend("thread")
         if throttle_limit is not None:
             self.thread_throttle_limit = throttle_limit

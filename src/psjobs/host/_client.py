@@ -5,9 +5,9 @@
     psjobs command --Client.stream(verb, args)--> connect host.sock (start the host if none answers)
                    <--response frames------------ (parts with more=true, then the last one)
 
-    frame:    | magic b"PSJH" | version: u8 | length: u32 | a JSON object, UTF-8 |
+    frames and messages: see _protocol (shared with the server)
 
-Kept apart from the host itself (``_host``) so a command imports neither SQLite nor the server.
+Kept apart from the host itself (``_server``) so a command imports neither SQLite nor the server.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import socket
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -24,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import HostError, HostReplyError, ProtocolError, RequestError
-from ..worker._wire import _recv_exact as recv_exact
+from . import _protocol
+from ._protocol import HEADER, MAGIC, MAX_REQUEST, MAX_RESPONSE, REQUESTS, VERSION, Request, pack
 
-MAGIC = b"PSJH"
-VERSION = 1
-HEADER = struct.Struct("!4sBI")
-MAX_REQUEST = 1 << 20        # 1 MiB: a request is a verb and a few arguments (an environment at most)
-MAX_RESPONSE = 1 << 30       # responses come from the user's own host; pages are ~4 MiB
+__all__ = ["HEADER", "MAGIC", "MAX_REQUEST", "VERSION", "Client", "HostError", "HostReplyError", "Paths",
+           "RequestError", "answers", "host_free", "pack", "read_frame", "state_dir"]
 _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
 _BOOT = "import sys; from psjobs.host._server import host_main; sys.exit(host_main(sys.argv[1:]))"
 
@@ -71,36 +68,12 @@ class Paths:
 
 # --- frames ----------------------------------------------------------------------------------------
 
-def pack(payload: Any) -> bytes:
-    body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-    return HEADER.pack(MAGIC, VERSION, len(body)) + body
-
-
 def read_frame(sock: socket.socket, cap: int, who: str) -> bytes | None:
-    """One frame's body; None at a clean end of stream. Raises RequestError on a broken frame."""
-    head = _recv_exact(sock, HEADER.size, who)
-    if head is None:
-        return None
-    magic, version, length = HEADER.unpack(head)
-    if magic != MAGIC:
-        raise RequestError(f"{who} sent something that is not a psjobs frame (it starts with {head[:4]!r})")
-    if version != VERSION:
-        raise RequestError(f"{who} speaks psjobs protocol version {version}, this side speaks {VERSION}: "
-                           f"the host and the command come from different psjobs versions; stop the host "
-                           f"with `psjobs host stop` (jobs and records are kept) and run the command again")
-    if length > cap:
-        raise RequestError(f"{who} sent a {length}-byte frame, over the {cap}-byte limit")
-    body = _recv_exact(sock, length, who) if length else b""
-    if body is None:
-        raise RequestError(f"{who} closed the connection in the middle of a frame")
-    return body
-
-
-def _recv_exact(sock: socket.socket, n: int, who: str) -> bytes | None:
+    """One frame's body (see _protocol); a broken frame raises RequestError."""
     try:
-        return recv_exact(sock, n)
-    except ProtocolError:
-        raise RequestError(f"{who} closed the connection in the middle of a frame") from None
+        return _protocol.read_frame(sock, cap, who)
+    except ProtocolError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def answers(paths: Paths) -> bool:
@@ -176,11 +149,14 @@ class Client:
             raise HostError(done.stderr.decode(errors="replace").strip()
                             or f"the psjobs host could not start; see {self.paths.log}")
 
-    def stream(self, verb: str, start: bool = True, **args: Any) -> Iterator[dict[str, Any]]:
-        """Send one request; yield each response (parts first, the final one last)."""
+    def stream(self, verb: str | Request, start: bool = True, **args: Any) -> Iterator[dict[str, Any]]:
+        """Send one request (typed, or a verb and its arguments); yield each response (parts first,
+        the final one last)."""
+        request = verb if isinstance(verb, Request) else REQUESTS[verb](**args)
+        verb = request.verb
         with self.connect(start) as sock:
             try:
-                sock.sendall(pack({"verb": verb, "args": args}))
+                sock.sendall(pack(request.to_json()))
                 yield from self._responses(sock)
             except ConnectionError as exc:  # also a host that died while it had us in its backlog
                 raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "
@@ -202,7 +178,7 @@ class Client:
             if not response.get("more"):
                 return
 
-    def call(self, verb: str, start: bool = True, **args: Any) -> Any:
+    def call(self, verb: str | Request, start: bool = True, **args: Any) -> Any:
         result = None
         for response in self.stream(verb, start, **args):
             result = response.get("result")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import itertools
 import json
 import os
 import re
@@ -34,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import HostLostError, JobNotFoundError
 from .._records import ErrorRecord, InformationRecord, ProgressRecord
-from ..core import _job
 from ..core._pshost import reason_text as text_of_reason
 from ..core._state import JobState
 
@@ -568,12 +566,6 @@ def job_row(job: Job, *, cwd: str | None, host_pid: int) -> Row:
             "begin_time": job._begin, "end_time": None, "instance_id": str(job.instance_id),
             "cwd": cwd, "pid": job.pid, "pid_start": process_start(job.pid) if job.pid else None,
             "cursor": 0, "last_seq": 0, "host_pid": host_pid}
-
-
-def set_next_id(first: int) -> None:
-    """Make the host's jobs take ids from ``first`` on (job ids of the store are never reused)."""
-    with _job._ids_lock:
-        _job._ids = itertools.count(first)
 
 
 def kill_orphans(groups: list[tuple[int, int]], grace: float = 2.0) -> None:

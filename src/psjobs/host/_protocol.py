@@ -1,0 +1,370 @@
+"""The session host's protocol: the frame codec and one typed request and response per verb.
+
+::
+
+    client: XRequest(...).to_json() --pack--> | magic b"PSJH" | version: u8 | length: u32 | JSON |
+    server: read_frame --decode_request--> XRequest (checked) --handler--> XResponse.to_json()
+            <--pack-- {"ok": true, "more": false, "result": ..., "warnings": [...]}
+                      {"ok": true, "more": true, "result": {"records": [...]}}     (receive's parts)
+                      {"ok": false, "more": false, "error": {"type", "message", "exit_code"}}
+
+    request:  {"verb": "start", "args": {...}}      (args: the request's fields, by name)
+
+Used by both sides, so the frame format, the size caps and the version-skew message exist once.
+JSON only: the host never unpickles or runs what a client sends. A broken frame or a request
+that is malformed raises ProtocolError here; each side maps it to its own error at its boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import struct
+from typing import Any, ClassVar
+
+from .._errors import ProtocolError
+
+MAGIC = b"PSJH"
+VERSION = 1
+HEADER = struct.Struct("!4sBI")
+MAX_REQUEST = 1 << 20        # 1 MiB: a request is a verb and a few arguments (an environment at most)
+MAX_RESPONSE = 1 << 30       # responses come from the user's own host; pages are ~4 MiB
+
+
+# --- frames ----------------------------------------------------------------------------------------
+
+def pack(payload: Any) -> bytes:
+    """A frame around ``payload``: JSON text as it is, or a value to encode."""
+    body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+    return HEADER.pack(MAGIC, VERSION, len(body)) + body
+
+
+def read_frame(sock: socket.socket, cap: int, who: str) -> bytes | None:
+    """One frame's body; None at a clean end of stream. Raises ProtocolError on a broken frame."""
+    head = _recv_exact(sock, HEADER.size, who)
+    if head is None:
+        return None
+    magic, version, length = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError(f"{who} sent something that is not a psjobs frame (it starts with {head[:4]!r})")
+    if version != VERSION:
+        raise ProtocolError(f"{who} speaks psjobs protocol version {version}, this side speaks {VERSION}: "
+                            f"the host and the command come from different psjobs versions; stop the host "
+                            f"with `psjobs host stop` (jobs and records are kept) and run the command again")
+    if length > cap:
+        raise ProtocolError(f"{who} sent a {length}-byte frame, over the {cap}-byte limit")
+    body = _recv_exact(sock, length, who) if length else b""
+    if body is None:
+        raise ProtocolError(f"{who} closed the connection in the middle of a frame")
+    return body
+
+
+def _recv_exact(sock: socket.socket, n: int, who: str) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got == 0:
+                return None
+            raise ProtocolError(f"{who} closed the connection in the middle of a frame")
+        got += k
+    return bytes(buf)
+
+
+# --- checking what a client sent ---------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+def _arg(args: dict[str, Any], verb: str, name: str, kind: type | tuple[type, ...],
+         default: Any = _MISSING) -> Any:
+    if name not in args or args[name] is None:
+        if default is _MISSING:
+            raise ProtocolError(f"{verb}: the request lacks the argument {name!r}")
+        return default
+    value = args[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
+        raise ProtocolError(f"{verb}: the argument {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _strs(args: dict[str, Any], verb: str, name: str, default: Any = _MISSING) -> list[str]:
+    value = _arg(args, verb, name, list, default)
+    if not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"{verb}: the argument {name!r} must be a list of strings")
+    return list(value)
+
+
+def _timeout(args: dict[str, Any], verb: str) -> float | None:
+    value = _arg(args, verb, "timeout", (int, float), None)
+    if value is not None and value < 0:
+        raise ProtocolError(f"{verb}: the timeout must be >= 0 seconds, not {value}")
+    return None if value is None else float(value)
+
+
+# --- requests: one class per verb ---------------------------------------------------------------
+
+class Request:
+    """A request's fields are its arguments; ``from_json`` checks each one's presence and type."""
+
+    verb: ClassVar[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verb": self.verb, "args": dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> Request:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class StartRequest(Request):
+    verb: ClassVar[str] = "start"
+    command: list[str]
+    cwd: str
+    name: str | None = None
+    thread: bool = False
+    env: dict[str, str] | None = None     # the client's whole environment (process jobs)
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> StartRequest:
+        v = cls.verb
+        env = _arg(args, v, "env", dict, None)
+        if env is not None and not all(isinstance(k, str) and isinstance(x, str) for k, x in env.items()):
+            raise ProtocolError("start: env must map names to strings")
+        return cls(command=_strs(args, v, "command"), cwd=_arg(args, v, "cwd", str),
+                   name=_arg(args, v, "name", str, None), thread=_arg(args, v, "thread", bool, False), env=env)
+
+
+@dataclasses.dataclass
+class InvokeRequest(Request):
+    verb: ClassVar[str] = "invoke"
+    command: list[str]
+    computers: list[str]
+    throttle: int = 32
+    name: str | None = None
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> InvokeRequest:
+        v = cls.verb
+        return cls(command=_strs(args, v, "command"), computers=_strs(args, v, "computers"),
+                   throttle=_arg(args, v, "throttle", int, 32), name=_arg(args, v, "name", str, None))
+
+
+@dataclasses.dataclass
+class GetRequest(Request):
+    verb: ClassVar[str] = "get"
+    ids: list[str] = dataclasses.field(default_factory=list)
+    state: str | None = None
+    newest: int | None = None
+    children: bool = False
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> GetRequest:
+        v = cls.verb
+        return cls(ids=_strs(args, v, "ids", []), state=_arg(args, v, "state", str, None),
+                   newest=_arg(args, v, "newest", int, None), children=_arg(args, v, "children", bool, False))
+
+
+def _selection(args: dict[str, Any], verb: str) -> list[str]:
+    ids = _strs(args, verb, "ids")
+    if not ids:
+        raise ProtocolError(f"{verb}: name at least one job (an id or a name)")
+    return ids
+
+
+@dataclasses.dataclass
+class ReceiveRequest(Request):
+    verb: ClassVar[str] = "receive"
+    ids: list[str]
+    keep: bool = False
+    wait: bool = False
+    timeout: float | None = None
+    auto_remove: bool = False
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> ReceiveRequest:
+        v = cls.verb
+        return cls(ids=_selection(args, v), keep=_arg(args, v, "keep", bool, False),
+                   wait=_arg(args, v, "wait", bool, False), timeout=_timeout(args, v),
+                   auto_remove=_arg(args, v, "auto_remove", bool, False))
+
+
+@dataclasses.dataclass
+class WaitRequest(Request):
+    verb: ClassVar[str] = "wait"
+    ids: list[str]
+    any: bool = False
+    timeout: float | None = None
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> WaitRequest:
+        v = cls.verb
+        return cls(ids=_selection(args, v), any=_arg(args, v, "any", bool, False), timeout=_timeout(args, v))
+
+
+@dataclasses.dataclass
+class StopRequest(Request):
+    verb: ClassVar[str] = "stop"
+    ids: list[str]
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> StopRequest:
+        return cls(ids=_selection(args, cls.verb))
+
+
+@dataclasses.dataclass
+class RemoveRequest(Request):
+    verb: ClassVar[str] = "remove"
+    ids: list[str]
+    force: bool = False
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> RemoveRequest:
+        return cls(ids=_selection(args, cls.verb), force=_arg(args, cls.verb, "force", bool, False))
+
+
+@dataclasses.dataclass
+class StatusRequest(Request):
+    verb: ClassVar[str] = "status"
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> StatusRequest:
+        return cls()
+
+
+@dataclasses.dataclass
+class ShutdownRequest(Request):
+    verb: ClassVar[str] = "shutdown"
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> ShutdownRequest:
+        return cls()
+
+
+REQUESTS: dict[str, type[Request]] = {c.verb: c for c in (
+    StartRequest, InvokeRequest, GetRequest, ReceiveRequest, WaitRequest, StopRequest, RemoveRequest,
+    StatusRequest, ShutdownRequest)}
+
+
+def decode_request(body: bytes) -> Request:
+    """A checked request from a frame's body; ProtocolError says what is wrong."""
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the request is not valid JSON ({exc})") from None
+    if not isinstance(request, dict) or not isinstance(request.get("verb"), str):
+        raise ProtocolError('a request is a JSON object {"verb": ..., "args": {...}}')
+    verb = request["verb"]
+    args = request.get("args", {})
+    kind = REQUESTS.get(verb)
+    if kind is None:
+        raise ProtocolError(f"unknown verb {verb!r}; the host knows: {', '.join(sorted(REQUESTS))}")
+    if not isinstance(args, dict):
+        raise ProtocolError(f"{verb}: the request's args must be a JSON object")
+    return kind.from_json(args)
+
+
+# --- responses: one shape per verb -----------------------------------------------------------------
+
+class Response:
+    def to_json(self) -> Any:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclasses.dataclass
+class JobView(Response):
+    """A job as clients see it (``--json``); start, invoke, get and stop answer with these."""
+
+    id: int
+    name: str
+    job_type: str
+    state: str
+    has_more_data: bool
+    location: str
+    command: str
+    parent_id: int | None
+    child_ids: list[int]
+    computer_name: str | None
+    exit_code: int | None
+    reason: str | None
+    begin_time: str | None
+    end_time: str | None
+    instance_id: str
+    pid: int | None
+    cwd: str | None
+
+
+@dataclasses.dataclass
+class Failure(Response):
+    """A failed job named after the top-level job the user knows, with the child that failed."""
+
+    id: int
+    name: str
+    child_id: int
+    computer_name: str | None
+    reason: str
+
+
+@dataclasses.dataclass
+class ReceiveResult(Response):
+    failures: list[Failure]
+    timed_out: bool
+    removed: list[int]
+
+
+@dataclasses.dataclass
+class WaitResult(Response):
+    done: list[JobView]
+    pending: list[JobView]
+
+
+@dataclasses.dataclass
+class RemoveResult(Response):
+    removed: list[int]
+
+
+@dataclasses.dataclass
+class StatusResult(Response):
+    pid: int
+    version: str
+    protocol: int
+    started: str | None
+    home: str
+    socket: str
+    database: str
+    log: str
+    jobs: int
+    running_jobs: int
+    records: int
+
+
+@dataclasses.dataclass
+class ShutdownResult(Response):
+    stopped: list[int]
+
+
+RecordRow = tuple[int, int, int, float, int, str]  # seq, job, stream, time, is-json, data
+
+
+def records_part(rows: list[RecordRow]) -> str:
+    """A part of receive's answer: stored JSON goes out as it is, never decoded and encoded again."""
+    return ('{"ok":true,"more":true,"result":{"records":['
+            + ",".join(f"[{seq},{job},{stream},{t!r},{flag},{data if flag else json.dumps(data)}]"
+                       for seq, job, stream, t, flag, data in rows)
+            + "]}}")
+
+
+def final(result: Any, warnings: list[str]) -> dict[str, Any]:
+    """The last response of a request."""
+    payload = result.to_json() if isinstance(result, Response) else \
+        [r.to_json() for r in result] if isinstance(result, list) else result
+    return {"ok": True, "more": False, "result": payload, "warnings": warnings}
+
+
+def error_reply(type_name: str, message: str, exit_code: int, warnings: list[str]) -> dict[str, Any]:
+    return {"ok": False, "more": False,
+            "error": {"type": type_name, "message": message, "exit_code": exit_code}, "warnings": warnings}
