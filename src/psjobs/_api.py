@@ -29,6 +29,11 @@ def default_session() -> Session:
     return _default
 
 
+def existing_default_session() -> Session | None:
+    """The default session if something made it already; None, without making one."""
+    return _default
+
+
 def _close_default() -> None:
     if _default is not None:
         _default.close()

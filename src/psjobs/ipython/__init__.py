@@ -190,9 +190,9 @@ class _Extension:
 
     @staticmethod
     def _jobs_now() -> list[Job]:
-        from psjobs import _api
+        from psjobs._api import existing_default_session
 
-        if _api._default is None:
+        if existing_default_session() is None:
             return []  # nothing started yet: do not create the session just to look
         return list(psjobs.get_job())
 
