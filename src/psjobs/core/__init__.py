@@ -26,9 +26,10 @@ Locks, and the order in which they may be taken (outer first)
    registry's lock and the backend's constructor's own.
 2. Backend locks, each its own: ``ThreadBackend._cond`` (the queue), ``_Data.lock`` (a thread
    job's in-user flag, for raising a stop), ``ProcessBackend._server_lock``,
-   ``IOLoop.sel.mutex`` (an RLock: registering descriptors; the loop's handlers run under it),
+   ``IOLoop.sel.mutex`` (an RLock: registering descriptors; the loop's handlers run under it, and
+   report through ports, so it comes before the session lock), ``SSHBackend._engine_lock``,
    ``DaskBackend.lock``, ``_Conn.lock``; ssh's ``_PICKLE_LOCK``. Two backend locks are never held
-   together, except ``_server_lock`` then ``sel.mutex`` (a job handed to a warm spare).
+   together. A backend may report through a port while it holds one of its own locks.
 3. The session lock, ``Session._lock`` under ``Session._cond``: every job of the session. Only the
    core takes it (JobPort, Session, Job), and the host (host/) for its snapshots. It is the
    innermost lock: nothing else is taken while it is held, no backend is called under it, and

@@ -2,15 +2,19 @@
 
 ::
 
-    start_*  --> make_spec (checks) --> Job(s) in the table --> backend.start(leaf, spec)
-    backend  --> Job._apply / Job._extend (under self._cond)  --> notify_all
+    start_*  --> make_spec (checks) --> backend.prepare(spec), backend.plan(spec)
+             --> job tree + one JobPort per leaf in the table (_tree.make_tree) --> backend.start(ports, spec)
+    backend  --> port.started / records / blocked / ended(outcome)  (the port holds self._lock)
+             --> Job._apply / Job._extend --> notify_all
     receive  --> reads leaves' journals from their cursors    --> output returned,
                                                                   other records to the Host
     wait     --> self._cond.wait until the jobs are done
-    stop     --> Event.STOP on the leaves, backend.stop(leaf), wait (grace), warn if stuck
-    remove   --> drop from the table, backend.forget(leaf), free the journal
+    stop     --> Event.STOP on the leaves, backend.stop(port, grace), wait (grace), warn if stuck
+                 (_control.stop_jobs; suspend, resume and send_input are there too)
+    remove   --> drop from the table, backend.forget(port), free the journal
 
-One lock (a Condition) guards every job of the session; nothing slow runs under it.
+One lock (a Condition) guards every job of the session; nothing slow runs under it. Every thread
+and lock of psjobs, and their order, are listed in the docstring of ``psjobs.core``.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Session:
         check_limit("Session", thread_throttle_limit)
         if not isinstance(stop_grace, (int, float)) or stop_grace < 0:
             raise ValueError(f"Session: stop_grace must be a number of seconds >= 0, not {stop_grace!r}")
-        self._lock = threading.Lock()  # C-level: see _thread._Emitter.emit
+        self._lock = threading.Lock()  # C-level: see _port.JobPort (a stop raised in a thread job)
         self._cond = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}      # top-level jobs by id (ids only grow: insertion = id order)
         self._all: dict[int, Job] = {}       # every job, children too
