@@ -24,18 +24,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from sys import _current_exceptions
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ExitStatusError, JobStateError, JobStopped, exit_failure
 from .._inside import _current, emit_line, flush_lines, install_routers
 from .._records import Stream
-from ..core._backend import NullPrepare, report
-from ..core._spec import CALL, JobSpec
-from ..core._state import Event, JobState
+from ..core import CALL, Backend, JobPort, JobSpec, Outcome
 
 if TYPE_CHECKING:
-    from ..core._job import Job
-    from ..core._session import Session
+    from ..core import Session
 
 _LINGER = 2.0  # seconds an idle worker thread waits for another job before it ends
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
@@ -93,19 +91,15 @@ class _Emitter:
 
     computer_name: str | None = None
 
-    def __init__(self, job: Job, data: _Data) -> None:
-        self.job = job
+    def __init__(self, port: JobPort, data: _Data) -> None:
+        self.port = port
         self.data = data
-        self.lock = job.session._lock
+        # Safe where a stop is raised asynchronously in this thread: see JobPort's lock.
+        self.record = port.record
         self.line_buffers: dict[int, str] = {}
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
-        entry = (stream, payload, time.time() if t is None else t)
-        # The condition's own lock, not the Condition: a stop raised (PyThreadState_SetAsyncExc)
-        # inside Condition.__enter__, after it took the lock, left it taken for good and hung
-        # the session. A C lock's `with` leaves no such gap.
-        with self.lock:
-            self.job._append(entry)
+        self.record((stream, payload, time.time() if t is None else t))
 
     def stop_requested(self) -> bool:
         return self.data.stop
@@ -115,16 +109,18 @@ class _Emitter:
         return iter(()) if src is None else iter(src)
 
     def read_host(self, prompt: str) -> str:
-        raise JobStateError(f"read_host: Job {self.job.id} {self.job.name!r} is a thread job, which cannot "
+        raise JobStateError(f"read_host: {self.port.describe()} is a thread job, which cannot "
                             f"ask for input; run it with start_job to be able to answer it")
 
 
-class ThreadBackend(NullPrepare):
+class ThreadBackend(Backend):
+    """Runs ThreadJobs in worker threads of the session's process, a throttled number at once."""
+
     def __init__(self, session: Session) -> None:
-        self._session = session
+        super().__init__(session)
         self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()   # started, waiting for a throttle slot (NotStarted)
-        self._ready: deque[Job] = deque()   # admitted, waiting for a worker thread
+        self._queue: deque[JobPort] = deque()   # started, waiting for a throttle slot (NotStarted)
+        self._ready: deque[JobPort] = deque()   # admitted, waiting for a worker thread
         self._running = 0                   # admitted jobs
         self._idle = 0
         self._threads: set[threading.Thread] = set()
@@ -132,20 +128,21 @@ class ThreadBackend(NullPrepare):
         self._seq = 0
 
     # --- dispatch ------------------------------------------------------------------------
-    def start(self, job: Job, spec: JobSpec) -> None:
-        job.backend_data = _Data(spec)
+    def start(self, ports: list[JobPort], spec: JobSpec) -> None:
+        for port in ports:
+            port.data = _Data(spec)
         with self._cond:
-            self._queue.append(job)
+            self._queue.extend(ports)
             self._admit_locked()
 
     def _admit_locked(self) -> None:
-        limit = self._session.thread_throttle_limit
+        limit = self.session.thread_throttle_limit
         while self._queue and self._running < limit:
-            job = self._queue.popleft()
-            if job.state is not JobState.NOT_STARTED:
+            port = self._queue.popleft()
+            if port.finished:
                 continue  # stopped (or removed) while it waited
             self._running += 1
-            self._ready.append(job)
+            self._ready.append(port)
         missing = len(self._ready) - self._idle
         for _ in range(max(0, missing)):
             self._seq += 1
@@ -168,10 +165,10 @@ class ThreadBackend(NullPrepare):
                             self._idle -= 1
                             return
                         self._cond.wait(remaining)
-                    job = self._ready.popleft()
+                    port = self._ready.popleft()
                     self._idle -= 1
                 try:
-                    self._run(job)
+                    self._run(port)
                 finally:
                     with self._cond:
                         self._running -= 1
@@ -182,47 +179,46 @@ class ThreadBackend(NullPrepare):
                 self._threads.discard(me)
 
     # --- running -------------------------------------------------------------------------
-    def _run(self, job: Job) -> None:
-        data: _Data | None = job.backend_data
-        if data is None or job.state is not JobState.NOT_STARTED:
+    def _run(self, port: JobPort) -> None:
+        data: _Data | None = port.data
+        if data is None or port.finished:
             return  # stopped, or stopped and removed, while it waited for this thread
         data.thread_id = threading.get_ident()
-        emitter = _Emitter(job, data)
+        emitter = _Emitter(port, data)
         token = _current.set(emitter)
-        event, code = Event.COMPLETE, None
+        code: int | None
+        ended, code = "completed", None  # how it ended: an Outcome's kind
         reason: BaseException | None = None
         try:
-            with self._session._cond:
-                if job.state is not JobState.NOT_STARTED:
-                    return  # stopped between admission and now
-                job._apply(Event.START)
+            if not port.started():
+                return  # stopped between admission and now
             install_routers()
             try:
                 with data.lock:
                     data.in_user = True
                 if data.stop:
                     raise JobStopped()
-                code = self._call(job, data, emitter)
+                code = self._call(data, emitter)
             finally:
                 self._leave_user(data)
         except JobStopped:
             self._leave_user(data)
-            event = Event.STOPPED
+            ended = "stopped"
         except SystemExit as exc:
             code, failure = exit_failure(exc)
             if failure is not None:
-                event, reason = Event.FAIL, failure
+                ended, reason = "failed", failure
         except BaseException as exc:
-            event, reason = Event.FAIL, exc
+            ended, reason = "failed", exc
             if isinstance(exc, ExitStatusError):
                 code = exc.status
         finally:
             flush_lines(emitter)
             _current.reset(token)
         if isinstance(reason, ExitStatusError) and data.stop:
-            event = Event.STOPPED
-        report(job, event, reason=reason, exit_code=code)
-        job.backend_data = None  # the spec (target, arguments, input) is not needed any more
+            ended = "stopped"  # a command's status after a stop is the stop's doing, not a failure
+        port.ended(Outcome(ended, reason if ended == "failed" else None, code))
+        port.data = None  # the spec (target, arguments, input) is not needed any more
 
     @staticmethod
     def _leave_user(data: _Data) -> None:
@@ -235,10 +231,10 @@ class ThreadBackend(NullPrepare):
                 _set_async_exc(ctypes.c_ulong(data.thread_id), None)
                 data.injected = False
 
-    def _call(self, job: Job, data: _Data, emitter: _Emitter) -> int | None:
+    def _call(self, data: _Data, emitter: _Emitter) -> int | None:
         spec = data.spec
         if spec.kind != CALL:
-            return self._command(job, data, emitter)
+            return self._command(data, emitter)
         if spec.init is not None:
             spec.init()
         result = spec.target(*spec.args, **spec.kwargs)
@@ -249,21 +245,21 @@ class ThreadBackend(NullPrepare):
             emitter.emit(Stream.OUTPUT, result)
         return None
 
-    def _command(self, job: Job, data: _Data, emitter: _Emitter) -> int:
+    def _command(self, data: _Data, emitter: _Emitter) -> int:
         spec = data.spec
         feed = b"".join(f"{item}\n".encode() for item in spec.input) if spec.input is not None else None
         proc = subprocess.Popen(spec.argv, stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=spec.cwd,
                                 start_new_session=True)
         data.proc = proc
-        status = run_command(proc, feed, emitter, self._session.stop_grace)
+        status = run_command(proc, feed, emitter, self.session.stop_grace)
         if status != 0:
             raise _status_error("the command", status)
         return status
 
     # --- stopping ------------------------------------------------------------------------
-    def stop(self, job: Job, grace: float) -> None:
-        data: _Data | None = job.backend_data
+    def stop(self, port: JobPort, grace: float) -> None:
+        data: _Data | None = port.data
         if data is None:
             return  # it just ended
         data.stop = True
@@ -277,12 +273,12 @@ class ThreadBackend(NullPrepare):
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def nudge(self, job: Job) -> None:
+    def nudge(self, port: JobPort) -> None:
         """Raise a stop again if the first one was lost, which Python allows: raised while the
         thread ran a garbage collector callback or a ``__del__``, it is printed and ignored
         (seen: in WeakSet's callback). Not while the thread handles it (cleaning up in a
         ``finally``, even in a nested exception), and not sooner than 0.25 s after the last."""
-        data: _Data | None = job.backend_data
+        data: _Data | None = port.data
         if data is None or not data.stop or data.thread_id is None:
             return
         if time.monotonic() - data.injected_at < 0.25 or _handling_stop(data.thread_id):
@@ -291,10 +287,10 @@ class ThreadBackend(NullPrepare):
             if data.in_user:
                 _inject(data)
 
-    def forget(self, job: Job) -> None:
+    def forget(self, port: JobPort) -> None:
         with self._cond:
             try:
-                self._queue.remove(job)
+                self._queue.remove(port)
             except ValueError:
                 pass
 
@@ -310,7 +306,7 @@ class ThreadBackend(NullPrepare):
 
 def _handling_stop(thread_id: int) -> bool:
     """Whether that thread is handling a JobStopped, or an exception raised while it did."""
-    exc: Any = sys._current_exceptions().get(thread_id)
+    exc: Any = _current_exceptions().get(thread_id)  # CPython's; to _compat with the thread stopper
     if isinstance(exc, tuple):  # Python < 3.12: (type, value, traceback)
         exc = exc[1]
     while exc is not None:

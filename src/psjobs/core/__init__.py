@@ -1,0 +1,67 @@
+"""psjobs' core: the Session, its jobs, their states, and the port backends report through.
+
+This is the facade backends import (``from ...core import JobPort, Outcome, Backend, ...``); what
+is not here is the core's own business. Stdlib only; the core imports no backend (they are found
+by name in :mod:`._backend`'s registry and imported on first use).
+
+Threads psjobs starts, in the session's process
+-----------------------------------------------
+- ``psjobs-thread-N`` (backends/_thread): run thread jobs, at most ``thread_throttle_limit`` at
+  once; an idle one ends after 2 s, ``Session.close`` ends them all.
+- ``psjobs-io`` (backends/process/_loop): one per session with process jobs; reads every job's
+  socket, pipes and pidfd, runs the fork client's messages and the stop timers.
+- an unnamed resubmit thread (backends/process/_backend) per job whose fork server died before it
+  forked the job: hands the job to the new server, then ends.
+- ``psjobs-ssh`` (backends/ssh/_engine): the asyncio loop of asyncssh, one per session with
+  remote jobs.
+- ``psjobs-dask-N`` (backends/dask/_conn): one dispatcher per cluster connection, the only thread
+  that reports for cluster jobs; ``psjobs-dask-stop`` helpers broadcast a stop to the workers.
+  (distributed's Client runs its own event-loop thread; psjobs only puts things in an inbox there.)
+- ``psjobs-persist`` and one thread per client connection (host/): the session host's.
+- On a Dask worker (backends/dask/_on_worker): ``psjobs-dask-shipper`` sends a task's records.
+
+Locks, and the order in which they may be taken (outer first)
+---------------------------------------------------------------
+1. ``Session._backend_lock``: making a backend. Nothing else is taken under it but the
+   registry's lock and the backend's constructor's own.
+2. Backend locks, each its own: ``ThreadBackend._cond`` (the queue), ``_Data.lock`` (a thread
+   job's in-user flag, for raising a stop), ``ProcessBackend._server_lock``,
+   ``IOLoop.sel.mutex`` (an RLock: registering descriptors; the loop's handlers run under it, and
+   report through ports, so it comes before the session lock), ``SSHBackend._engine_lock``,
+   ``DaskBackend.lock``, ``_Conn.lock``; ssh's ``_PICKLE_LOCK``. Two backend locks are never held
+   together. A backend may report through a port while it holds one of its own locks.
+3. The session lock, ``Session._lock`` under ``Session._cond``: every job of the session. Only the
+   core takes it (JobPort, Session, Job), and the host (host/) for its snapshots. It is the
+   innermost lock: nothing else is taken while it is held, no backend is called under it, and
+   nothing slow runs under it.
+4. Leaves: the registry's lock (core/_backend), the id counter's (core/_job), the default session's
+   (psjobs/_api); nothing is taken under them.
+"""
+
+from ._backend import Backend, Place, Plan, backend_class, register_backend, unregister_backend
+from ._job import Entry, Job
+from ._port import JobPort, Outcome
+from ._session import Session
+from ._spec import ARGV, CALL, SHELL, JobSpec, command_arg, make_spec
+from ._state import JobState
+
+__all__ = [
+    "ARGV",
+    "CALL",
+    "SHELL",
+    "Backend",
+    "Entry",
+    "Job",
+    "JobPort",
+    "JobSpec",
+    "JobState",
+    "Outcome",
+    "Place",
+    "Plan",
+    "Session",
+    "backend_class",
+    "command_arg",
+    "make_spec",
+    "register_backend",
+    "unregister_backend",
+]

@@ -1,98 +1,142 @@
-"""The seam between the session and the places work runs.
+"""The seam between the session and the places work runs: one Backend interface, a registry by name.
 
-A backend does four things; it never sets a job's state itself. It reports what happened by
-calling :func:`report` (an Event) and :func:`deliver` (records), and the job applies them through
-its transition table. Optional backends (ssh, dask) are imported by name only when first used, so
-``import psjobs`` stays light.
+::
+
+    Session verb --make_spec--> backend.prepare(spec)   checks and serializes: raises before a job exists
+                 --------------> backend.plan(spec)     the leaves it needs (one per computer, item...)
+                 Session makes the Jobs, their ids and one JobPort per leaf
+                 --------------> backend.start(ports, spec)   returns at once; reports through the ports
+    stop_job  ------------------> backend.stop(port, grace)  (nudge(port) while it has not ended)
+    remove_job -----------------> backend.forget(port)
+    Session.close --------------> backend.close()
+
+A backend never sets a job's state: it reports through its :class:`~._port.JobPort`. Optional
+abilities are class flags (``can_pause``, ``can_send_input``, ``stops_unstarted``), not methods
+probed with getattr. Backends are found by name in a registry of ``"module:Class"`` strings and
+imported only when first used, so ``import psjobs`` stays light and the core imports no backend.
 """
 
 from __future__ import annotations
 
+import abc
 import importlib
-import time
-from typing import TYPE_CHECKING, Any, Protocol
-
-from ._state import Event
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from ._job import Entry, Job
+    from ._port import JobPort
     from ._session import Session
     from ._spec import JobSpec
 
 
-class Backend(Protocol):
-    """What every job kind provides."""
+@dataclass(frozen=True)
+class Place:
+    """Where one leaf job runs, as the table shows it before it starts."""
 
-    def prepare(self, spec: JobSpec) -> None:
-        """Check and serialize the spec in the caller, so a bad argument raises before a job exists."""
+    location: str = "localhost"
+    computer_name: str | None = None
 
-    def start(self, job: Job, spec: JobSpec) -> None:
-        """Begin the work of a leaf job; return at once."""
 
-    def stop(self, job: Job, grace: float) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """The leaves a start needs, one per place, and the parent's location."""
+
+    places: list[Place] = field(default_factory=lambda: [Place("localhost", "localhost")])
+    location: str = "localhost"
+    #: the parent's location follows where its leaves report they run (a cluster's workers)
+    follow_where: bool = False
+
+
+class Backend(abc.ABC):
+    """What every job kind provides. One instance per session and kind, made on first use."""
+
+    #: suspend(port) and resume(port) work (the work can be paused from outside)
+    can_pause: ClassVar[bool] = False
+    #: send_input(port, text) answers a Blocked job's prompt
+    can_send_input: ClassVar[bool] = False
+    #: a job stopped while it waited NotStarted must still be told (its queue lives elsewhere)
+    stops_unstarted: ClassVar[bool] = False
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def prepare(self, spec: JobSpec) -> None:  # noqa: B027 - most backends have nothing to check
+        """Check and serialize the spec in the caller, so a bad argument raises before a job exists.
+
+        The verb's own options for this backend are in ``spec.options``.
+        """
+
+    def plan(self, spec: JobSpec) -> Plan:
+        """The leaves this start needs (default: one, on this computer)."""
+        return Plan()
+
+    @abc.abstractmethod
+    def start(self, ports: list[JobPort], spec: JobSpec) -> None:
+        """Begin the work of these leaf jobs (NotStarted until they report started); return at once."""
+
+    @abc.abstractmethod
+    def stop(self, port: JobPort, grace: float) -> None:
         """Ask the work to stop; end it for good after ``grace`` seconds. Return at once."""
 
-    def forget(self, job: Job) -> None:
+    def nudge(self, port: JobPort) -> None:  # noqa: B027 - only thread jobs can lose a stop
+        """A stop was asked for and the job has not ended yet (called every 0.1 s while stop_job waits)."""
+
+    def forget(self, port: JobPort) -> None:  # noqa: B027 - nothing kept per job by default
         """The job was removed: drop every reference to it."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - nothing to free by default
         """The session is closing: free workers, threads and connections."""
 
+    # --- optional abilities (see the class flags) -----------------------------------------------
+    def suspend(self, port: JobPort) -> None:
+        """Pause the work (the session made the job Suspending); report ``port.suspended()``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot suspend a job")
 
-_BACKENDS = {
+    def resume(self, port: JobPort) -> None:
+        """Let the work run again; report ``port.resumed()``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume a job")
+
+    def send_input(self, port: JobPort, text: str) -> None:
+        """Answer the job's prompt; report ``port.unblocked()``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot send input to a job")
+
+
+_REGISTRY: dict[str, str | type[Backend]] = {
     "thread": "psjobs.backends._thread:ThreadBackend",
     "process": "psjobs.backends.process._backend:ProcessBackend",
     "ssh": "psjobs.backends.ssh._backend:SSHBackend",
     "dask": "psjobs.backends.dask._backend:DaskBackend",
 }
+_registry_lock = threading.Lock()
+
+
+def register_backend(kind: str, backend: str | type[Backend]) -> None:
+    """Make ``kind`` name ``backend``: a Backend class, or ``"module:Class"`` imported on first use."""
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"register_backend: kind must be a non-empty str, not {kind!r}")
+    with _registry_lock:
+        _REGISTRY[kind] = backend
+
+
+def unregister_backend(kind: str) -> None:
+    """Forget ``kind`` (sessions that made one keep it until they close)."""
+    with _registry_lock:
+        _REGISTRY.pop(kind, None)
+
+
+def backend_class(kind: str) -> type[Backend]:
+    """The Backend class registered as ``kind``, imported now if it was given by name."""
+    with _registry_lock:
+        entry = _REGISTRY.get(kind)
+    if entry is None:
+        raise KeyError(f"no backend is registered as {kind!r}")
+    if isinstance(entry, str):
+        module, _, name = entry.partition(":")
+        cls: Any = getattr(importlib.import_module(module), name)
+        return cls  # type: ignore[no-any-return]
+    return entry
 
 
 def load_backend(kind: str, session: Session) -> Backend:
-    module, _, name = _BACKENDS[kind].partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    backend: Backend = cls(session)
-    return backend
-
-
-def report(job: Job, event: Event, *, reason: BaseException | None = None,
-           exit_code: int | None = None) -> None:
-    """A backend says ``event`` happened to ``job``."""
-    with job.session._cond:
-        job._apply(event, reason=reason, exit_code=exit_code, now=time.time())
-
-
-def deliver(job: Job, entries: list[Entry]) -> None:
-    """A backend hands over records of ``job``, in production order."""
-    with job.session._cond:
-        job._extend(entries)
-
-
-def block(job: Job, prompt: str) -> None:
-    """The job's code asks for input: it is Blocked until someone answers ``prompt``."""
-    with job.session._cond:
-        job.prompt = prompt
-        job.status_message = f"waiting for input: {prompt!r}"
-        job._apply(Event.BLOCK)
-
-
-def unblock(job: Job) -> None:
-    """The job's prompt was answered: it runs again."""
-    with job.session._cond:
-        job.prompt = None
-        job.status_message = ""
-        job._apply(Event.UNBLOCK)
-
-
-def finish(job: Job, entries: list[Entry], event: Event, *, reason: BaseException | None = None,
-           exit_code: int | None = None) -> None:
-    """The last records and the end, in one step, so no reader sees the end before the tail."""
-    with job.session._cond:
-        job._extend(entries)
-        job._apply(event, reason=reason, exit_code=exit_code)
-
-
-class NullPrepare:
-    """For backends that have nothing to check ahead."""
-
-    def prepare(self, spec: Any) -> None:
-        return None
+    return backend_class(kind)(session)

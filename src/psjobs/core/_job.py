@@ -2,7 +2,7 @@
 
 ::
 
-    backend --(Event, records)--> Job._apply / Job._extend   (under the session's lock)
+    backend --JobPort (started, records, ended...)--> Job._apply / Job._extend   (under the session's lock)
                                      |  state: only through _state.next_state
                                      |  parent: only through _state.derive_parent_state
                                      v

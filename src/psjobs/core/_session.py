@@ -2,15 +2,19 @@
 
 ::
 
-    start_*  --> make_spec (checks) --> Job(s) in the table --> backend.start(leaf, spec)
-    backend  --> Job._apply / Job._extend (under self._cond)  --> notify_all
+    start_*  --> make_spec (checks) --> backend.prepare(spec), backend.plan(spec)
+             --> job tree + one JobPort per leaf in the table (_tree.make_tree) --> backend.start(ports, spec)
+    backend  --> port.started / records / blocked / ended(outcome)  (the port holds self._lock)
+             --> Job._apply / Job._extend --> notify_all
     receive  --> reads leaves' journals from their cursors    --> output returned,
                                                                   other records to the Host
     wait     --> self._cond.wait until the jobs are done
-    stop     --> Event.STOP on the leaves, backend.stop(leaf), wait (grace), warn if stuck
-    remove   --> drop from the table, backend.forget(leaf), free the journal
+    stop     --> Event.STOP on the leaves, backend.stop(port, grace), wait (grace), warn if stuck
+                 (_control.stop_jobs; suspend, resume and send_input are there too)
+    remove   --> drop from the table, backend.forget(port), free the journal
 
-One lock (a Condition) guards every job of the session; nothing slow runs under it.
+One lock (a Condition) guards every job of the session; nothing slow runs under it. Every thread
+and lock of psjobs, and their order, are listed in the docstring of ``psjobs.core``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._errors import (
     JobBlockedError,
@@ -32,15 +36,16 @@ from .._errors import (
     StopTimeoutWarning,
 )
 from .._records import ErrorRecord, OutputRecord, Stream
+from ._backend import Backend, load_backend
+from ._control import pause_jobs, send_input, stop_jobs
 from ._format import JobList
-from ._job import Job, _next_ids, skip_ids
+from ._job import Job, skip_ids
+from ._port import JobPort
 from ._pshost import Host, describe_job, reason_text
 from ._select import resolve, select_jobs, unique
-from ._spec import check_directory, make_env, make_spec
-from ._state import Event, JobState
-
-if TYPE_CHECKING:
-    from ._backend import Backend
+from ._spec import JobSpec, check_directory, make_env, make_spec
+from ._state import JobState
+from ._tree import check_as_job, check_limit, check_name, check_timeout, make_tree
 
 JobSelector = Any  # Job | int | str | uuid.UUID | Iterable of these
 
@@ -61,15 +66,16 @@ class Session:
     def __init__(self, *, thread_throttle_limit: int = 5, stop_grace: float = 5.0,
                  verbose: bool = False, debug: bool = False, host: Host | None = None,
                  first_id: int = 1) -> None:
-        _check_limit("Session", thread_throttle_limit)
+        check_limit("Session", thread_throttle_limit)
         skip_ids(first_id)  # ids are never reused: a host resumes after the jobs it stored
         if not isinstance(stop_grace, (int, float)) or stop_grace < 0:
             raise ValueError(f"Session: stop_grace must be a number of seconds >= 0, not {stop_grace!r}")
-        self._lock = threading.Lock()  # C-level: see _thread._Emitter.emit
+        self._lock = threading.Lock()  # C-level: see _port.JobPort (a stop raised in a thread job)
         self._cond = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}      # top-level jobs by id (ids only grow: insertion = id order)
         self._all: dict[int, Job] = {}       # every job, children too
         self._backends: dict[str, Backend] = {}
+        self._ports: dict[int, JobPort] = {}  # leaf job id -> its port (which backend runs it)
         self._backend_lock = threading.Lock()
         self.thread_throttle_limit = thread_throttle_limit
         self.stop_grace = float(stop_grace)
@@ -86,18 +92,20 @@ class Session:
                 raise JobStateError("this session is closed; create a new psjobs.Session() to start jobs")
             backend = self._backends.get(kind)
             if backend is None:
-                from ._backend import load_backend
-
                 backend = load_backend(kind, self)
                 self._backends[kind] = backend
             return backend
 
-    def _register(self, jobs: list[Job]) -> None:
-        with self._cond:
-            for job in jobs:
-                self._all[job.id] = job
-                if job.parent is None:
-                    self._jobs[job.id] = job
+    def _start_tree(self, kind: str, spec: JobSpec, *, job_type: str, name: str | None,
+                    parent: bool = True) -> Job:
+        """Every job of every kind starts here: the backend checks and plans, the Session makes the
+        jobs (ids in one block, a parent before its children), their ports, then starts them."""
+        backend = self._backend(kind)
+        backend.prepare(spec)  # pickles a callable now: a bad argument raises before a job exists
+        top, ports = make_tree(self, backend.plan(spec), kind, spec, job_type=job_type, name=name, parent=parent)
+        if ports:
+            backend.start(ports, spec)
+        return top
 
     # --- starting --------------------------------------------------------------------------
     def start_job(self, target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
@@ -112,22 +120,13 @@ class Session:
         if cluster is not None:
             return self.start_cluster_job(target, *args, cluster=cluster, name=name, input=input, init=init,
                                           working_directory=working_directory, env=env, **kwargs)
-        _check_name("start_job", name)
+        check_name("start_job", name)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_job")
         spec.cwd = check_directory("start_job", working_directory)
         spec.env = make_env("start_job", env)
         if spec.input is not None:
             spec.input = list(spec.input)
-        backend = self._backend("process")
-        backend.prepare(spec)  # pickles a callable now: a bad argument raises before a job exists
-        pid, cid = _next_ids(2)
-        parent = Job(self, pid, job_type="BackgroundJob", name=name, command=spec.command,
-                     state=JobState.RUNNING)
-        child = Job(self, cid, job_type="", name=None, command=spec.command, parent=parent,
-                    computer_name="localhost")
-        self._register([parent, child])
-        backend.start(child, spec)
-        return parent
+        return self._start_tree("process", spec, job_type="BackgroundJob", name=name)
 
     def start_cluster_job(self, target: Any, *args: Any, cluster: Any, for_each: Iterable[Any] | None = None,
                           name: str | None = None, input: Iterable[Any] | None = None,
@@ -140,11 +139,15 @@ class Session:
         One child job runs the call; with ``for_each=items``, one child per item runs
         ``target(item, *args, **kwargs)``.
         """
-        from ..backends.dask._backend import start_cluster_job
-
-        return start_cluster_job(self, target, *args, cluster=cluster, for_each=for_each, name=name,
-                                 input=input, init=init, working_directory=working_directory, env=env,
-                                 retries=retries, resources=resources, **kwargs)
+        verb = "start_cluster_job"
+        check_name(verb, name)
+        # The arguments travel beside the target (a command's are checked by the backend, against
+        # the workers' conventions), so the job's command text is the target's alone.
+        spec = make_spec(target, (), kwargs, init=init, input=input, verb=verb)
+        spec.options = {"verb": verb, "args": args, "cluster": cluster, "for_each": for_each, "input": input,
+                        "working_directory": working_directory, "env": env, "retries": retries,
+                        "resources": resources}
+        return self._start_tree("dask", spec, job_type="ClusterJob", name=name)
 
     def start_thread_job(self, target: Any, *args: Any, name: str | None = None,
                          input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
@@ -155,37 +158,37 @@ class Session:
         ``working_directory`` is where a command runs (default: the current directory), as for
         start_job: the session host runs clients' commands in their directories without a chdir.
         """
-        _check_name("start_thread_job", name)
+        check_name("start_thread_job", name)
         if throttle_limit is not None:
-            _check_limit("start_thread_job", throttle_limit)
+            check_limit("start_thread_job", throttle_limit)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
         spec.cwd = check_directory("start_thread_job", working_directory)
-        backend = self._backend("thread")
+        self._backend("thread")  # a closed session refuses before the limit changes
         if throttle_limit is not None:
             self.thread_throttle_limit = throttle_limit
-        (jid,) = _next_ids(1)
-        job = Job(self, jid, job_type="ThreadJob", name=name, command=spec.command)
-        self._register([job])
-        backend.start(job, spec)
-        return job
+        return self._start_tree("thread", spec, job_type="ThreadJob", name=name, parent=False)
 
     def invoke_command(self, target: Any, *args: Any, computer_name: str | Iterable[str] | None = None,
                        as_job: bool = True, throttle_limit: int = 32, job_name: str | None = None,
                        **kwargs: Any) -> Any:
-        """Run ``target`` on each computer over SSH: one RemoteJob, one child per computer."""
-        from ..backends.ssh._backend import invoke_command
+        """Run ``target`` on each computer over SSH: one RemoteJob, one child per computer.
 
-        return invoke_command(self, target, *args, computer_name=computer_name, as_job=as_job,
-                              throttle_limit=throttle_limit, job_name=job_name, **kwargs)
-
-    def _add_tree(self, parent_kwargs: dict[str, Any], children: list[dict[str, Any]]) -> Job:
-        """Make a parent and its children with consecutive ids and register them (for backends)."""
-        ids = _next_ids(1 + len(children))
-        parent = Job(self, ids[0], **parent_kwargs)
-        for cid, kw in zip(ids[1:], children):
-            Job(self, cid, parent=parent, **kw)
-        self._register([parent, *parent.child_jobs])
-        return parent
+        With ``as_job=False``, wait for it and return its output (the job is removed).
+        """
+        check_as_job(as_job, job_name)
+        spec = make_spec(target, args, kwargs, verb="invoke_command")
+        spec.options = {"computer_name": computer_name, "throttle_limit": throttle_limit}
+        parent = self._start_tree("ssh", spec, job_type="RemoteJob", name=job_name)
+        if as_job:
+            return parent
+        try:
+            self.wait_job(parent)
+        except BaseException:
+            self.remove_job(parent, force=True)
+            raise
+        output = self.receive_job(parent)
+        self.remove_job(parent)
+        return output
 
     # --- finding ---------------------------------------------------------------------------
     def get_job(self, id: Any = None, *, name: str | Iterable[str] | None = None,
@@ -221,7 +224,7 @@ class Session:
         if auto_remove and not wait:
             raise ValueError("receive_job: auto_remove=True needs wait=True (a job is removed only once "
                              "it is finished)")
-        _check_timeout("receive_job", timeout)
+        check_timeout("receive_job", timeout)
         selected = self._resolve(jobs, "receive_job")
         leaves = self._leaves_of(selected, no_recurse)
         output: list[Any] = []
@@ -367,12 +370,7 @@ class Session:
             if not blocked:
                 raise JobStateError(f"send_input: {describe_job(job)} does not wait for input; only a "
                                     f"Blocked job can be answered")
-            leaf = blocked[0]
-            backend = self._backends_of(leaf)
-            send = getattr(backend, "send_input", None)
-            if send is None:
-                raise JobStateError(f"send_input: {describe_job(leaf)} runs where input cannot be sent")
-            send(leaf, text)
+            send_input(self, blocked[0], text)
 
     def suspend_job(self, jobs: JobSelector) -> list[Job]:
         """Pause running process jobs (SIGSTOP to their whole process group): Suspended."""
@@ -383,26 +381,7 @@ class Session:
         return self._pause(jobs, "resume")
 
     def _pause(self, jobs: JobSelector, verb: str) -> list[Job]:
-        selected = self._resolve(jobs, f"{verb}_job")
-        work: list[tuple[Job, Any]] = []
-        for job in selected:
-            for leaf in job._leaves():
-                if leaf.state.is_finished:
-                    continue
-                if verb == "suspend" and leaf.state not in (JobState.RUNNING, JobState.BLOCKED):
-                    continue
-                if verb == "resume" and leaf.state not in (JobState.SUSPENDED, JobState.SUSPENDING):
-                    continue
-                method = getattr(self._backends_of(leaf), verb, None)
-                if method is None:
-                    done = {"suspend": "suspended", "resume": "resumed"}[verb]
-                    raise JobStateError(f"{verb}_job: {describe_job(leaf)} is a {leaf.job_type or job.job_type} "
-                                        f"which cannot be {done} (Python cannot pause a thread from outside); "
-                                        f"use stop_job, or run it with start_job")
-                work.append((leaf, method))
-        for leaf, method in work:  # checked them all first: a refusal changes nothing
-            method(leaf)
-        return JobList(selected)
+        return JobList(pause_jobs(self, self._resolve(jobs, f"{verb}_job"), verb))
 
     # --- waiting ---------------------------------------------------------------------------
     def wait_job(self, jobs: JobSelector, *, any: bool = False, timeout: float | None = None,
@@ -412,7 +391,7 @@ class Session:
         ``show_progress=True`` draws how many jobs are done and each job's latest progress record
         while it waits (PowerShell #12069); nothing is consumed.
         """
-        _check_timeout("wait_job", timeout)
+        check_timeout("wait_job", timeout)
         want = JobState.parse(state) if state is not None else None
         selected = self._resolve(jobs, "wait_job")
         if want is not None:
@@ -488,65 +467,7 @@ class Session:
         return JobList(selected if pass_thru else [])
 
     def _stop(self, selected: list[Job], grace: float | None = None) -> None:
-        grace = self.stop_grace if grace is None else grace
-        to_signal: list[Job] = []
-        with self._cond:
-            for job in selected:
-                if job._state.is_finished:
-                    continue
-                for leaf in job._leaves():
-                    if leaf._state.is_finished:
-                        continue
-                    was = leaf._state
-                    leaf._stop_requested = True
-                    node = leaf._parent
-                    while node is not None:
-                        node._stop_requested = True
-                        node = node._parent
-                    leaf._apply(Event.STOP)
-                    # A queued job is Stopped at once; a backend whose queue lives elsewhere (a
-                    # cluster's scheduler) still has to hear of it, so the work never starts.
-                    if was is not JobState.NOT_STARTED \
-                            or getattr(leaf.backend_data, "stop_unstarted", False):
-                        to_signal.append(leaf)
-                for node in [job, *job._leaves()]:
-                    if node._children:
-                        node._rederive(time.time())
-        for leaf in to_signal:
-            self._backends_of(leaf).stop(leaf, grace)
-        # Each backend ends its work within the grace period (a process is killed then); only
-        # a thread stuck where Python cannot interrupt it may outlast it, and we say so.
-        deadline = time.monotonic() + grace + 2.0
-        with self._cond:
-            while True:
-                pending = [j for j in selected if not j._state.is_finished]
-                if not pending:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(min(remaining, 0.1))
-                for leaf in to_signal:
-                    # A stop raised in a thread can be lost (see ThreadBackend.nudge).
-                    nudge = getattr(self._backends.get("thread"), "nudge", None)
-                    if nudge is not None and leaf.job_type == "ThreadJob" and not leaf._state.is_finished:
-                        nudge(leaf)
-            for job in pending:
-                for leaf in job._leaves():
-                    if not leaf._state.is_finished and not leaf.status_message:
-                        leaf.status_message = (f"stop requested {grace:g}s ago; the work cannot be interrupted "
-                                               f"where it is (a long C call?) and ends Stopped when it returns")
-        for job in pending:
-            warnings.warn(f"stop_job: {describe_job(job)} did not stop within {grace:g}s; it cannot be "
-                          f"interrupted where it is and will be Stopped when that call returns. See "
-                          f"job.status_message; remove it later with remove_job({job.id}, force=True)",
-                          StopTimeoutWarning, stacklevel=3)
-
-    def _backends_of(self, leaf: Job) -> Backend:
-        kind = getattr(leaf.backend_data, "backend_kind", None)
-        if kind is None:
-            kind = "thread" if leaf.job_type == "ThreadJob" else "process"
-        return self._backend(kind)
+        stop_jobs(self, selected, self.stop_grace if grace is None else grace)
 
     # --- removing --------------------------------------------------------------------------
     def remove_job(self, jobs: JobSelector, *, force: bool = False) -> None:
@@ -562,19 +483,21 @@ class Session:
         running = [j for j in selected if not j.state.is_finished]
         if running:
             self._stop(running)
+        gone: list[JobPort] = []
         with self._cond:
             for job in selected:
                 for node in [job, *_descendants(job)]:
                     self._all.pop(node.id, None)
                     node._entries = None
+                    port = self._ports.pop(node.id, None)
+                    if port is not None:
+                        gone.append(port)
                 self._jobs.pop(job.id, None)
-        for job in selected:
-            for leaf in job._leaves():
-                kind = getattr(leaf.backend_data, "backend_kind", None)
-                backend = self._backends.get(kind) if kind else None
-                if backend is not None:
-                    backend.forget(leaf)
-                leaf.backend_data = None
+        for port in gone:
+            backend = self._backends.get(port.kind)
+            if backend is not None:
+                backend.forget(port)
+            port.data = None
 
     # --- lifetime --------------------------------------------------------------------------
     def close(self, grace: float = 1.0) -> None:
@@ -616,23 +539,6 @@ def _descendants(job: Job) -> list[Job]:
         out.append(child)
         out.extend(_descendants(child))
     return out
-
-
-def _check_timeout(verb: str, timeout: float | None) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"{verb}: timeout must be a number of seconds >= 0 or None, not {timeout!r}")
-
-
-def _check_limit(verb: str, limit: Any) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1_000_000:
-        raise ValueError(f"{verb}: throttle limit must be a whole number from 1 to 1000000, not {limit!r}")
-
-
-def _check_name(verb: str, name: Any) -> None:
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"{verb}: name must be a str, not {type(name).__name__}")
 
 
 def utcnow() -> datetime:

@@ -30,6 +30,8 @@ class JobSpec:
     env: dict[str, str] | None = None   # the whole environment, for process jobs (None: the caller's)
     command: str = ""
     payload: bytes | None = None        # the pickled call, made by the backend's prepare()
+    #: the verb's arguments meant for its backend (computers, a cluster...), checked by its prepare()
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def argv(self) -> list[str]:
@@ -60,7 +62,7 @@ def make_spec(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         if init is not None:
             raise TypeError(f"{verb}: init applies to Python callables, not to a command line")
         # $0 is "sh" and the arguments become $1, $2...: they are never pasted into the text.
-        argv = ["/bin/sh", "-c", target, "sh", *(_arg(verb, a) for a in args)]
+        argv = ["/bin/sh", "-c", target, "sh", *(command_arg(verb, a) for a in args)]
         return JobSpec(SHELL, argv, input=input, command=target)
     if isinstance(target, (list, tuple)):
         if not target:
@@ -68,7 +70,7 @@ def make_spec(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         _no_kwargs(verb, kwargs, "an argv list")
         if init is not None:
             raise TypeError(f"{verb}: init applies to Python callables, not to an argv list")
-        argv = [_arg(verb, a) for a in (*target, *args)]
+        argv = [command_arg(verb, a) for a in (*target, *args)]
         return JobSpec(ARGV, argv, input=input, command=shlex.join(argv))
     if callable(target):
         return JobSpec(CALL, target, tuple(args), dict(kwargs), init, input, command=describe(target))
@@ -83,7 +85,8 @@ def _no_kwargs(verb: str, kwargs: Mapping[str, Any], what: str) -> None:
                         f"pass them as positional arguments")
 
 
-def _arg(verb: str, value: Any) -> str:
+def command_arg(verb: str, value: Any) -> str:
+    """An argument of a command as text (a str, a path or a number), or TypeError."""
     if isinstance(value, (str, os.PathLike)):
         return os.fspath(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):

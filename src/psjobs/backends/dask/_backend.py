@@ -2,9 +2,10 @@
 
 ::
 
-    start_cluster_job --checks, pickles (TypeError/ValueError before any job)--> parent + children
-        --DaskBackend.connect(cluster): one _Conn per cluster (Client, topic, guard plugin)-->
-        _Conn.submit --> scheduler --> workers (run_task, _dask_worker.py)
+    Session.start_cluster_job --> DaskBackend.prepare: checks, pickles (TypeError/ValueError before
+        any job), connect(cluster): one _Conn per cluster (Client, topic, guard plugin)
+    --> DaskBackend.plan: one leaf per item --> the Session makes the ClusterJob, its children, ports
+    --> DaskBackend.start(ports): _Conn.submit --> scheduler --> workers (run_task, _on_worker.py)
     records, results, lost workers and stops then flow through the _Conn's dispatcher thread
     (_dask_conn.py); the scheduler plugin is _dask_guard.py.
 
@@ -18,18 +19,15 @@ import os
 import pickle
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import WorkerError, missing_dependency
-from ...core._backend import NullPrepare, report
-from ...core._job import Job, _next_ids
-from ...core._spec import CALL, _arg, make_spec
-from ...core._state import Event, JobState
+from ...core import CALL, Backend, JobPort, Place, Plan, command_arg
 from ._conn import _Conn, _Group, _Leaf
 
 if TYPE_CHECKING:
-    from ...core._session import Session
+    from ...core import JobSpec, Session
 
 CONNECT_TIMEOUT = 10  # seconds to reach a scheduler given by address
 
@@ -47,11 +45,13 @@ def _probe(address: str) -> None:
     socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
 
 
-class DaskBackend(NullPrepare):
+class DaskBackend(Backend):
     """The session's way to Dask clusters: one connection per cluster given to start_cluster_job."""
 
+    stops_unstarted = True  # a queued child is Stopped at once, but its task must still be cancelled
+
     def __init__(self, session: Session) -> None:
-        self.session = session
+        super().__init__(session)
         self.token = uuid.uuid4().hex[:12]
         self.lock = threading.Lock()
         self.conns: dict[Any, _Conn] = {}
@@ -110,16 +110,84 @@ class DaskBackend(NullPrepare):
             return conn
 
     # --- the Backend interface --------------------------------------------------------------------
-    def start(self, job: Job, spec: Any) -> None:
-        raise NotImplementedError("cluster jobs start through start_cluster_job")
+    def prepare(self, spec: JobSpec) -> None:
+        """Check start_cluster_job's options, pickle the call and connect, before any job exists."""
+        o = spec.options
+        verb = o["verb"]
+        cluster, for_each, retries, resources = o["cluster"], o["for_each"], o["retries"], o["resources"]
+        if cluster is None:
+            raise TypeError(f"{verb}: cluster is required: a dask Client, a cluster object or a scheduler address")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"{verb}: retries must be a whole number >= 0, not {retries!r}")
+        if resources is not None:
+            if not isinstance(resources, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                    for k, v in resources.items()):
+                raise TypeError(f"{verb}: resources must map resource names to amounts, such as {{'GPU': 1}}, "
+                                f"not {resources!r}")
+        items: list[Any] | None = None
+        if for_each is not None:
+            if isinstance(for_each, (str, bytes)) or not isinstance(for_each, Iterable):
+                raise TypeError(f"{verb}: for_each must be an iterable of items (a list, a range...), not "
+                                f"{type(for_each).__name__}; wrap a single value in a list")
+            if o["input"] is not None:
+                raise ValueError(f"{verb}: give each item through for_each, or input for one job, not both")
+            items = list(for_each)
+        args, working_directory, env = o["args"], o["working_directory"], o["env"]
+        data: dict[str, Any] = {"kind": "call" if spec.kind == CALL else "command", "retries": retries,
+                                "input": None if o["input"] is None else list(o["input"])}
+        if spec.kind == CALL:
+            if working_directory is not None or env is not None:
+                raise ValueError(f"{verb}: working_directory and env apply to commands on a cluster; a callable "
+                                 f"shares its worker process with other tasks, so it cannot have its own (change "
+                                 f"them inside the callable, or run a command)")
+            data.update(target=spec.target, args=tuple(args), kwargs=dict(spec.kwargs), init=spec.init)
+            if items is not None:
+                items = [_dump_item(verb, n, item) for n, item in enumerate(items)]
+        else:
+            data.update(argv=spec.argv, args=[command_arg(verb, a) for a in args],
+                        cwd=_check_cwd(verb, working_directory), env=_check_env(verb, env))
+            if items is not None:
+                items = [command_arg(verb, item) for item in items]
+        import cloudpickle
 
-    def stop(self, job: Job, grace: float) -> None:
-        leaf = job.backend_data
+        try:
+            o["blob"] = cloudpickle.dumps(data, protocol=5)
+        except Exception as exc:
+            raise TypeError(f"{verb}: the callable {spec.command!r} or its arguments cannot be sent to the "
+                            f"cluster ({type(exc).__name__}: {exc}); pass picklable values") from exc
+        o["items"] = items
+        o["conn"] = self.connect(cluster, verb)
+
+    def plan(self, spec: JobSpec) -> Plan:
+        conn: _Conn = spec.options["conn"]
+        items = spec.options["items"]
+        count = 1 if items is None else len(items)
+        return Plan([Place(conn.address)] * count, conn.address, follow_where=True)
+
+    def start(self, ports: list[JobPort], spec: JobSpec) -> None:
+        o = spec.options
+        conn: _Conn = o["conn"]
+        retries: int = o["retries"]
+        group = _Group(f"{conn.topic}-g{ports[0].job_id}")
+        for port in ports:
+            leaf = _Leaf(conn, group, port, retries)
+            port.data = leaf
+            group.leaves.append(leaf)
+        try:
+            conn.submit(group, f"{self.token}-{next(self._specs)}", o["blob"], o["items"], o["resources"])
+        except Exception as exc:
+            for leaf in group.leaves:
+                conn.fail(leaf, WorkerError(f"psjobs could not submit its task to the scheduler at {conn.address} "
+                                            f"({type(exc).__name__}: {exc}); start it again"), exc)
+
+    def stop(self, port: JobPort, grace: float) -> None:
+        leaf = port.data
         if isinstance(leaf, _Leaf):
             leaf.conn.request_stop(leaf, grace)
 
-    def forget(self, job: Job) -> None:
-        leaf = job.backend_data
+    def forget(self, port: JobPort) -> None:
+        leaf = port.data
         if isinstance(leaf, _Leaf):
             leaf.conn.forget(leaf)
 
@@ -132,89 +200,7 @@ class DaskBackend(NullPrepare):
             conn.close()
 
 
-# --- starting -------------------------------------------------------------------------------------
-
-def start_cluster_job(session: Session, target: Any, *args: Any, cluster: Any,
-                      for_each: Iterable[Any] | None = None, name: str | None = None,
-                      input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
-                      working_directory: str | os.PathLike[str] | None = None,
-                      env: Mapping[str, str | None] | None = None, retries: int = 0,
-                      resources: Mapping[str, float] | None = None, **kwargs: Any) -> Job:
-    """Check everything, make the job tree, submit its tasks (see Session.start_cluster_job)."""
-    from ...core._session import _check_name
-
-    verb = "start_cluster_job"
-    _check_name(verb, name)
-    if cluster is None:
-        raise TypeError(f"{verb}: cluster is required: a dask Client, a cluster object or a scheduler address")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"{verb}: retries must be a whole number >= 0, not {retries!r}")
-    if resources is not None:
-        if not isinstance(resources, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                for k, v in resources.items()):
-            raise TypeError(f"{verb}: resources must map resource names to amounts, such as {{'GPU': 1}}, "
-                            f"not {resources!r}")
-    items: list[Any] | None = None
-    if for_each is not None:
-        if isinstance(for_each, (str, bytes)) or not isinstance(for_each, Iterable):
-            raise TypeError(f"{verb}: for_each must be an iterable of items (a list, a range...), not "
-                            f"{type(for_each).__name__}; wrap a single value in a list")
-        if input is not None:
-            raise ValueError(f"{verb}: give each item through for_each, or input for one job, not both")
-        items = list(for_each)
-    spec = make_spec(target, (), kwargs, init=init, input=input, verb=verb)
-    data: dict[str, Any] = {"kind": "call" if spec.kind == CALL else "command", "retries": retries,
-                            "input": None if input is None else list(input)}
-    if spec.kind == CALL:
-        if working_directory is not None or env is not None:
-            raise ValueError(f"{verb}: working_directory and env apply to commands on a cluster; a callable "
-                             f"shares its worker process with other tasks, so it cannot have its own (change "
-                             f"them inside the callable, or run a command)")
-        data.update(target=target, args=tuple(args), kwargs=dict(kwargs), init=init)
-        if items is not None:
-            items = [_dump_item(verb, n, item) for n, item in enumerate(items)]
-    else:
-        data.update(argv=spec.argv, args=[_arg(verb, a) for a in args], cwd=_check_cwd(verb, working_directory),
-                    env=_check_env(verb, env))
-        if items is not None:
-            items = [_arg(verb, item) for item in items]
-    import cloudpickle
-
-    try:
-        blob: bytes = cloudpickle.dumps(data, protocol=5)
-    except Exception as exc:
-        raise TypeError(f"{verb}: the callable {spec.command!r} or its arguments cannot be sent to the cluster "
-                        f"({type(exc).__name__}: {exc}); pass picklable values") from exc
-
-    backend = session._backend("dask")
-    assert isinstance(backend, DaskBackend)
-    conn = backend.connect(cluster, verb)
-
-    count = 1 if items is None else len(items)
-    ids = _next_ids(1 + count)
-    parent = Job(session, ids[0], job_type="ClusterJob", name=name, command=spec.command, location=conn.address,
-                 state=JobState.RUNNING)
-    group = _Group(f"{conn.topic}-g{ids[0]}", parent)
-    for cid in ids[1:]:
-        child = Job(session, cid, job_type="", name=None, command=spec.command, parent=parent,
-                    location=conn.address)
-        leaf = _Leaf(conn, group, child, retries)
-        child.backend_data = leaf
-        group.leaves.append(leaf)
-    session._register([parent, *parent.child_jobs])
-    if not count:
-        report(parent, Event.COMPLETE)  # an empty for_each: nothing to run, nothing failed
-        return parent
-    try:
-        conn.submit(group, f"{backend.token}-{next(backend._specs)}", blob, items, resources)
-    except Exception as exc:
-        for leaf in group.leaves:
-            conn._fail(leaf, WorkerError(f"psjobs could not submit "
-                                         f"its task to the scheduler at {conn.address} ({type(exc).__name__}: "
-                                         f"{exc}); start it again"), exc)
-    return parent
-
+# --- helpers --------------------------------------------------------------------------------------
 
 def _dump_item(verb: str, n: int, item: Any) -> bytes:
     """An item as bytes, so the scheduler never has to import the classes of the user's data."""

@@ -7,14 +7,14 @@
     guard plugin (scheduler): a task given back by a lost worker --> {"psjobs": "lost"} --> inbox
     Future done --a watcher on the Client's event loop--> inbox
     dispatcher thread takes the inbox in order:
-        chunk -> report(START) the first time (location: the worker), deliver(records)
-        done  -> client.gather in batches -> finish(last records, outcome), once every chunk the
-                 task shipped has arrived (chunks go through the scheduler, results come direct)
-        lost  -> finish(FAIL, WorkerError naming the worker), cancel the task
+        chunk -> port.started(where=the worker) the first time, port.records(records)
+        done  -> client.gather in batches -> port.ended(outcome, last records), once every chunk
+                 the task shipped has arrived (chunks go through the scheduler, results come direct)
+        lost  -> port.ended(failed: WorkerError naming the worker), cancel the task
         stop  -> client.cancel(tasks not started) + client.run(stop_tasks) on every worker
 
-Only the dispatcher thread changes jobs (through report/deliver/finish); the other threads only
-put things in the inbox.
+Only the dispatcher thread reports for jobs (through their ports); the other threads only put
+things in the inbox.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._errors import WorkerError
 from ..._records import ErrorRecord, Record, Stream
-from ...core._backend import deliver, finish, report
-from ...core._job import Entry, Job
-from ...core._state import Event
+from ...core import Entry, JobPort, Outcome
 from ..process._call import load_reason as _load_reason
 
 if TYPE_CHECKING:
@@ -40,34 +38,27 @@ if TYPE_CHECKING:
 PARK_SECONDS = 10.0   # a result waits this long for chunks still on their way through the scheduler
 GATHER_BATCH = 1000   # results fetched in one client.gather
 
-_OUTCOMES = {"complete": Event.COMPLETE, "fail": Event.FAIL, "stopped": Event.STOPPED, "refused": Event.FAIL}
-
-
 class _Group:
     """The children of one start call: they share a spec, and a stop may name them all at once."""
 
-    __slots__ = ("id", "leaves", "parent", "workers")
+    __slots__ = ("id", "leaves")
 
-    def __init__(self, group_id: str, parent: Job) -> None:
+    def __init__(self, group_id: str) -> None:
         self.id = group_id
-        self.parent = parent
         self.leaves: list[_Leaf] = []
-        self.workers: set[str] = set()
 
 
 class _Leaf:
     """What the dask backend keeps per child job (its ``backend_data``)."""
 
-    backend_kind = "dask"
-    stop_unstarted = True  # a queued child is Stopped at once, but its task must still be cancelled
-    __slots__ = ("attempt", "conn", "future", "group", "job", "key", "losses", "parked", "recv", "retries",
+    __slots__ = ("attempt", "conn", "future", "group", "key", "losses", "parked", "port", "recv", "retries",
                  "started")
 
-    def __init__(self, conn: _Conn, group: _Group, job: Job, retries: int) -> None:
+    def __init__(self, conn: _Conn, group: _Group, port: JobPort, retries: int) -> None:
         self.conn = conn
         self.group = group
-        self.job = job
-        self.key = f"{conn.topic}-{job.id}"
+        self.port = port
+        self.key = f"{conn.topic}-{port.job_id}"
         self.retries = retries
         self.future: Any = None
         self.started = False
@@ -86,7 +77,6 @@ class _Conn:
         from ._on_scheduler import Guard
 
         self.backend = backend
-        self.session = backend.session
         self.client = client
         self.owned = owned
         self.address: str = client.scheduler.address
@@ -222,7 +212,7 @@ class _Conn:
             elif not leaf.started:
                 self._start(leaf, where)
             if blob is not None:
-                deliver(leaf.job, _load_entries(blob, where))
+                leaf.port.records(_load_entries(blob, where))
             leaf.recv += 1
             parked = leaf.parked
             if parked is not None and parked[0][1] == leaf.attempt and leaf.recv >= parked[0][2]:
@@ -232,15 +222,7 @@ class _Conn:
 
     def _start(self, leaf: _Leaf, where: str) -> None:
         leaf.started = True
-        job = leaf.job
-        group = leaf.group
-        with self.session._cond:
-            job.location = where
-            job.computer_name = where
-            if where not in group.workers:
-                group.workers.add(where)
-                group.parent.location = ", ".join(sorted(group.workers))
-        report(job, Event.START)
+        leaf.port.started(where=where)  # the parent's location follows: the workers of its children
 
     def _finished(self, futures: list[Any]) -> None:
         ready: list[tuple[_Leaf, Any]] = []
@@ -265,7 +247,7 @@ class _Conn:
                 try:
                     outcome = future.result()
                 except Exception as exc:
-                    self._fail(leaf, WorkerError(f"psjobs could not "
+                    self.fail(leaf, WorkerError(f"psjobs could not "
                                                  f"fetch its result from the cluster ({type(exc).__name__}: "
                                                  f"{exc}); start it again"), exc)
                     continue
@@ -284,7 +266,7 @@ class _Conn:
 
     def _final(self, leaf: _Leaf, outcome: Any, missing: int = 0) -> None:
         status, _attempt, _sent, _begin, where, tail, blob, tb, code = outcome
-        job = leaf.job
+        port = leaf.port
         if not leaf.started:
             self._start(leaf, where)
         entries: list[Entry] = _load_entries(tail, where) if tail is not None else []
@@ -295,9 +277,9 @@ class _Conn:
                 f"{PARK_SECONDS:g}s; they are lost", now, where), now))
         reason = _load_reason(blob, tb) if blob is not None else None
         if status == "refused":
-            reason = _lost_error(job, where, "", leaf.retries)
+            reason = _lost_error(port, where, "", leaf.retries)
         self._drop(leaf)
-        finish(job, entries, _OUTCOMES.get(status, Event.FAIL), reason=reason, exit_code=code)
+        port.ended(Outcome.named(status, reason, code), entries)
 
     def _expire_parked(self) -> None:
         now = time.monotonic()
@@ -308,12 +290,12 @@ class _Conn:
             self._final(leaf, outcome, missing=max(1, outcome[2] - leaf.recv))
 
     def _broken(self, leaf: _Leaf, future: Any) -> None:
-        job = leaf.job
+        port = leaf.port
         status = future.status
         if status == "cancelled":
-            if job._stop_requested:
+            if port.stop_requested:
                 self._drop(leaf)
-                finish(job, [], Event.STOPPED)
+                port.ended(Outcome.stopped())
                 return
             if not self.connected():
                 why = (f"the connection to the Dask scheduler at {self.address} was lost, and its task with "
@@ -335,31 +317,32 @@ class _Conn:
                 why = (f"the cluster could not run its task ({type(cause).__name__}: {cause}); the scheduler "
                        f"and the workers need psjobs installed (pip install 'psjobs[dask]') and the modules "
                        f"the job uses")
-        self._fail(leaf, WorkerError(f"Job {job.id} {job.name!r} failed: {why}. Start it again"), cause)
+        self.fail(leaf, WorkerError(f"{port.describe()} failed: {why}. Start it again"), cause)
 
-    def _fail(self, leaf: _Leaf, reason: WorkerError, cause: BaseException | None) -> None:
+    def fail(self, leaf: _Leaf, reason: WorkerError, cause: BaseException | None) -> None:
+        """End ``leaf``'s job Failed for ``reason`` (caused by ``cause``) and forget its task."""
         if cause is not None:
             reason.__cause__ = cause
         self._drop(leaf)
-        finish(leaf.job, [], Event.FAIL, reason=reason)
+        leaf.port.ended(Outcome.failed(reason))
 
     def _lost(self, key: str, worker: str, stimulus: str) -> None:
         leaf = self.keys.get(key)
         if leaf is None:
             return
         leaf.losses += 1
-        job = leaf.job
-        where = worker or (job.location if leaf.started else "")
+        port = leaf.port
+        where = worker or (port.location if leaf.started else "")
         if leaf.losses <= leaf.retries:
             now = time.time()
-            deliver(job, [(Stream.WARNING, Record(
+            port.records([(Stream.WARNING, Record(
                 Stream.WARNING, f"the Dask worker {where or '?'} was lost while this task ran or was about to "
                 f"run there; Dask runs it again (retry {leaf.losses} of {leaf.retries})", now, where or None),
                 now)])
             return
         future = leaf.future
         self._drop(leaf)
-        finish(job, [], Event.FAIL, reason=_lost_error(job, where, stimulus, leaf.retries))
+        port.ended(Outcome.failed(_lost_error(port, where, stimulus, leaf.retries)))
         if future is not None:
             try:
                 self.client.cancel([future], reason="psjobs: its worker was lost")
@@ -459,21 +442,21 @@ def _stop_targets(leaves: list[_Leaf]) -> tuple[list[str], list[str]]:
     for members in by_group.values():
         group = members[0].group
         chosen = {id(leaf) for leaf in members}
-        if len(members) > 8 and all(id(leaf) in chosen or leaf.job._state.is_finished for leaf in group.leaves):
+        if len(members) > 8 and all(id(leaf) in chosen or leaf.port.finished for leaf in group.leaves):
             groups.append(group.id)
         else:
             keys.extend(leaf.key for leaf in members)
     return keys, groups
 
 
-def _lost_error(job: Job, where: str, stimulus: str, retries: int) -> WorkerError:
+def _lost_error(port: JobPort, where: str, stimulus: str, retries: int) -> WorkerError:
     if not stimulus or "worker" in stimulus:
         what = (f"the Dask worker {where or 'running it'} was lost (it died or left the cluster) while the "
                 f"task ran or was about to run there")
     else:
         what = f"the Dask scheduler took the task back from {where or 'its worker'} ({stimulus})"
     tried = f" (it was already retried {retries} time(s))" if retries else ""
-    return WorkerError(f"Job {job.id} {job.name!r} failed: {what}{tried}; psjobs does not run it again "
+    return WorkerError(f"{port.describe()} failed: {what}{tried}; psjobs does not run it again "
                        f"elsewhere, since that could run your code twice. Start it again, or pass retries=N to "
                        f"start_cluster_job to let Dask re-run it")
 

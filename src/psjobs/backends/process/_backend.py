@@ -33,17 +33,14 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import WorkerError
-from ...core._backend import report, unblock
-from ...core._state import Event
+from ...core import CALL, Backend, JobPort, Outcome
 from ...worker._wire import (
     JOB,
     frame,
 )
 
 if TYPE_CHECKING:
-    from ...core._job import Job
-    from ...core._session import Session
-    from ...core._spec import JobSpec
+    from ...core import JobSpec, Session
 
 from ._call import CallHandle
 from ._command import CommandHandle
@@ -52,11 +49,14 @@ from ._handle import Handle
 from ._loop import SOCK_BUF, IOLoop
 
 
-class ProcessBackend:
+class ProcessBackend(Backend):
     """Runs BackgroundJob children: callables in forked workers, commands straight from here."""
 
+    can_pause = True       # SIGSTOP / SIGCONT to the job's process group
+    can_send_input = True  # an ANSWER frame to the worker's read_host
+
     def __init__(self, session: Session) -> None:
-        self.session = session
+        super().__init__(session)
         self.loop = IOLoop()
         self.pending_calls: dict[int, CallHandle] = {}  # token -> handle, until the worker exited
         self.spare_tokens: dict[int, int] = {}           # pid of a spare given a job -> its token
@@ -97,8 +97,6 @@ class ProcessBackend:
         return dict(os.environ)
 
     def prepare(self, spec: JobSpec) -> None:
-        from ...core._spec import CALL
-
         if spec.kind != CALL:
             return
         try:
@@ -109,15 +107,14 @@ class ProcessBackend:
                             f"start_thread_job to share objects") from exc
 
     # --- starting ----------------------------------------------------------------------------
-    def start(self, job: Job, spec: JobSpec) -> None:
-        from ...core._spec import CALL
+    def start(self, ports: list[JobPort], spec: JobSpec) -> None:
+        for port in ports:
+            if spec.kind == CALL:
+                self._start_call(port, spec)
+            else:
+                self._start_command(port, spec)
 
-        if spec.kind == CALL:
-            self._start_call(job, spec)
-        else:
-            self._start_command(job, spec)
-
-    def _start_call(self, job: Job, spec: JobSpec) -> None:
+    def _start_call(self, port: JobPort, spec: JobSpec) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
@@ -130,11 +127,11 @@ class ProcessBackend:
             sent = ours.send(job_frame)  # usually all of it: the loop writes any rest
         except BlockingIOError:
             sent = 0
-        handle = CallHandle(self, job, ours, theirs, job_frame[sent:])
+        handle = CallHandle(self, port, ours, theirs, job_frame[sent:])
         handle.module = getattr(spec.target, "__module__", None)
-        job.backend_data = handle
+        port.data = handle
         self.handles.add(handle)
-        self.pending_calls[job.id] = handle
+        self.pending_calls[port.job_id] = handle
         handle.register()  # here, not on the loop thread: see _SharedSelector
         self._submit(handle)
 
@@ -160,7 +157,7 @@ class ProcessBackend:
                         return
             try:
                 handle.server = server
-                token = handle.job.id
+                token = handle.port.job_id
                 with self.loop.sel.mutex:  # no handler runs meanwhile (see hand_to_spare)
                     pid = server.hand_to_spare(token, handle.worker_fds())
                     if pid is not None:
@@ -201,7 +198,7 @@ class ProcessBackend:
             self.spawned.pop(proc.pid, None)
             self.loop.sel.unregister(pidfd)
             os.close(pidfd)
-            self.pending_calls.pop(handle.job.id, None)
+            self.pending_calls.pop(handle.port.job_id, None)
             handle.on_exited(status)
 
         def register() -> None:
@@ -218,7 +215,7 @@ class ProcessBackend:
             if handle.pid is None and handle.worker_sock is not None:
                 threading.Thread(target=self._resubmit, args=(handle,), daemon=True).start()
             elif handle.pid is not None:
-                self.pending_calls.pop(handle.job.id, None)
+                self.pending_calls.pop(handle.port.job_id, None)
                 self.spare_tokens.pop(handle.pid, None)
                 handle.on_server_lost()
 
@@ -229,7 +226,7 @@ class ProcessBackend:
             err = exc  # the name of an except clause does not outlive it
             self.loop.call_soon(lambda: handle.broken(err))
 
-    def _start_command(self, job: Job, spec: JobSpec) -> None:
+    def _start_command(self, port: JobPort, spec: JobSpec) -> None:
         feed = None
         if spec.input is not None:
             feed = b"".join(f"{item}\n".encode() for item in spec.input)
@@ -238,45 +235,42 @@ class ProcessBackend:
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=spec.cwd, env=spec.env,
                                     start_new_session=True)
         except OSError as exc:
-            report(job, Event.FAIL, reason=exc)
+            port.ended(Outcome.failed(exc))
             return
-        handle = CommandHandle(self, job, proc, feed)
-        job.backend_data = handle
+        handle = CommandHandle(self, port, proc, feed)
+        port.data = handle
         self.handles.add(handle)
-        with self.session._cond:
-            job.pid = proc.pid
-            job._apply(Event.START)
+        port.started(pid=proc.pid)
         handle.register()
 
     # --- stopping and the rest -----------------------------------------------------------------
-    def stop(self, job: Job, grace: float) -> None:
-        handle = job.backend_data
+    def stop(self, port: JobPort, grace: float) -> None:
+        handle = port.data
         if isinstance(handle, Handle):
             self.loop.call_soon(lambda: handle.stop(grace))
 
-    def forget(self, job: Job) -> None:
-        self.pending_calls.pop(job.id, None)
+    def forget(self, port: JobPort) -> None:
+        self.pending_calls.pop(port.job_id, None)
 
-    def suspend(self, job: Job) -> None:
+    def suspend(self, port: JobPort) -> None:
         """SIGSTOP to the whole process group: nothing of the job runs until resume."""
-        handle = job.backend_data
-        report(job, Event.SUSPEND)
+        handle = port.data
         if isinstance(handle, Handle):
             handle.kill(signal.SIGSTOP)
-        report(job, Event.SUSPENDED)
+        port.suspended()
 
-    def resume(self, job: Job) -> None:
-        handle = job.backend_data
+    def resume(self, port: JobPort) -> None:
+        handle = port.data
         if isinstance(handle, Handle):
             handle.kill(signal.SIGCONT)
-        report(job, Event.RESUME)
+        port.resumed()
 
-    def send_input(self, job: Job, text: str) -> None:
-        handle = job.backend_data
+    def send_input(self, port: JobPort, text: str) -> None:
+        handle = port.data
         if isinstance(handle, CallHandle):
             handle.send_input(text)
         else:
-            unblock(job)
+            port.unblocked()
 
     def close(self) -> None:
         with self._server_lock:

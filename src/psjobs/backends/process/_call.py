@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
 from ..._records import ErrorRecord, Stream
-from ...core._backend import block, deliver, unblock
-from ...core._state import Event
+from ...core import Outcome
 from ...worker._wire import (
     DONE,
     HELLO,
@@ -38,16 +37,16 @@ from ._handle import Handle, line_entries
 from ._loop import status_text
 
 if TYPE_CHECKING:
-    from ...core._job import Entry, Job
+    from ...core import Entry, JobPort
     from ._backend import ProcessBackend
 
 
 class CallHandle(Handle):
     """A Python callable served by a forked (or spawned) worker over a socket."""
 
-    def __init__(self, backend: ProcessBackend, job: Job, sock: socket.socket, worker_sock: socket.socket,
+    def __init__(self, backend: ProcessBackend, port: JobPort, sock: socket.socket, worker_sock: socket.socket,
                  job_frame: bytes) -> None:
-        super().__init__(backend, job)
+        super().__init__(backend, port)
         self.sock = sock
         self.worker_sock: socket.socket | None = worker_sock
         self.reader = FrameReader()
@@ -85,7 +84,7 @@ class CallHandle(Handle):
             entries: list[Entry] = []
             self._read_pipe(fd, entries, final=False)
             if entries:
-                deliver(self.job, entries)
+                self.port.records(entries)
 
     def _read_pipe(self, fd: int, entries: list[Entry], final: bool) -> None:
         stream = self.pipes[fd]
@@ -141,7 +140,7 @@ class CallHandle(Handle):
             for kind, payload in frames:
                 self.on_frame(kind, payload)
             if self.held and not self.finished:
-                deliver(self.job, self._hand_over())
+                self.port.records(self._hand_over())
             if not alive:
                 self.eof = True
                 self.close()
@@ -160,7 +159,7 @@ class CallHandle(Handle):
             self.held.extend(entries)
         elif kind == DONE:
             self.done = pickle.loads(payload)
-            if self.done[0] in ("complete", "fail") and not self.job._stop_requested:
+            if self.done[0] in ("complete", "fail") and not self.port.stop_requested:
                 # DONE is the worker's last word and comes after everything it wrote: the job is
                 # over now. Waiting for its exit too cost ~0.5 ms a job (the kernel tears down
                 # the worker's memory before it closes the socket); the fork server reaps it.
@@ -176,9 +175,9 @@ class CallHandle(Handle):
             self._watch_exit(pid)
         elif kind == PROMPT:
             if self.held:
-                deliver(self.job, self._hand_over())  # what it wrote before it asked comes first
+                self.port.records(self._hand_over())  # what it wrote before it asked comes first
             self.prompt = pickle.loads(payload)
-            block(self.job, str(self.prompt))
+            self.port.blocked(str(self.prompt))
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from a worker")
 
@@ -191,10 +190,8 @@ class CallHandle(Handle):
         if self.pid is not None:
             return
         self.pid = pid
-        with self.job.session._cond:
-            self.job.pid = pid
-            self.job._apply(Event.START)
-        if self.job._stop_requested:  # stopped before the worker existed
+        self.port.started(pid=pid)
+        if self.port.stop_requested:  # stopped before the worker existed
             self.stop(self.backend.session.stop_grace)
 
     def _watch_exit(self, pid: int) -> None:
@@ -239,21 +236,19 @@ class CallHandle(Handle):
         entries = self._hand_over()
         for fd in list(self.pipes):
             self._read_pipe(fd, entries, final=True)
-        stopped = self.job._stop_requested
         if self.done is not None:
             name, blob, tb, code = self.done
-            event = {"complete": Event.COMPLETE, "fail": Event.FAIL, "stopped": Event.STOPPED}[name]
-            reason = load_reason(blob, tb) if blob is not None else None
+            outcome = Outcome.named(name, load_reason(blob, tb) if blob is not None else None, code)
             if self.status_known and self.status is not None and self.status != 0 and name == "complete":
-                event, reason = Event.FAIL, WorkerError(f"the worker process {self.pid} {status_text(self.status)} "
-                                                        f"after it finished the job")
+                outcome = Outcome.failed(WorkerError(f"the worker process {self.pid} {status_text(self.status)} "
+                                                     f"after it finished the job"), code)
+        elif self.port.stop_requested:
+            outcome = Outcome.stopped()
         else:
-            code = None
-            event = Event.STOPPED if stopped else Event.FAIL
             status = self.status if self.status_known else None
-            reason = WorkerError(f"the worker process {self.pid} {status_text(status)} before it reported "
-                                 f"the end of the job")
-        self.end(entries, event, reason, code)
+            outcome = Outcome.failed(WorkerError(f"the worker process {self.pid} {status_text(status)} before "
+                                                 f"it reported the end of the job"))
+        self.end(entries, outcome)
 
     def send_input(self, text: str) -> None:
         from ...worker._wire import ANSWER
@@ -268,7 +263,7 @@ class CallHandle(Handle):
                                              self.on_event)
 
         self.backend.loop.call_soon(write)
-        unblock(self.job)
+        self.port.unblocked()
 
     def close(self) -> None:
         self.backend.handles.discard(self)

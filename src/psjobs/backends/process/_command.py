@@ -16,20 +16,20 @@ import time
 from typing import TYPE_CHECKING
 
 from ..._records import Stream
-from ...core._backend import deliver
-from ...core._state import Event
+from ...core import Outcome
 from ._handle import Handle, line_entries
 
 if TYPE_CHECKING:
-    from ...core._job import Entry, Job
+    from ...core import Entry, JobPort
     from ._backend import ProcessBackend
 
 
 class CommandHandle(Handle):
     """A command line or argv run straight from the session in its own process group."""
 
-    def __init__(self, backend: ProcessBackend, job: Job, proc: subprocess.Popen[bytes], feed: bytes | None) -> None:
-        super().__init__(backend, job)
+    def __init__(self, backend: ProcessBackend, port: JobPort, proc: subprocess.Popen[bytes],
+                 feed: bytes | None) -> None:
+        super().__init__(backend, port)
         self.proc = proc
         self.pid = proc.pid
         self.pidfd = os.pidfd_open(proc.pid)
@@ -95,7 +95,7 @@ class CommandHandle(Handle):
             *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
             line_entries(entries, stream, lines, now)
         if entries:
-            deliver(self.job, entries)
+            self.port.records(entries)
 
     def on_exit(self, mask: int) -> None:
         pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
@@ -114,17 +114,17 @@ class CommandHandle(Handle):
             return
         assert self.status is not None
         code = os.waitstatus_to_exitcode(self.status)
-        if self.job._stop_requested:
-            event, reason = Event.STOPPED, None
+        if self.port.stop_requested:
+            outcome = Outcome.stopped(code)
         elif code == 0:
-            event, reason = Event.COMPLETE, None
+            outcome = Outcome.completed(code)
         else:
             from .._thread import _status_error
 
-            event, reason = Event.FAIL, _status_error("the command", code)
+            outcome = Outcome.failed(_status_error("the command", code), code)
         self._close_stdin()
         self.backend.handles.discard(self)
-        self.end([], event, reason, code)
+        self.end([], outcome)
 
     def _close_stdin(self) -> None:
         stdin = self.proc.stdin

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 
 from ..._errors import WorkerError
 from ..._records import ErrorRecord, InformationRecord, Stream
-from ...core._backend import finish
-from ...core._state import Event
+from ...core import Outcome
 from ...worker._remote_boot import group_gone  # stdlib only: the remote side runs the same check
 
 if TYPE_CHECKING:
-    from ...core._job import Entry, Job
+    from ...core import Entry, JobPort
     from ._backend import ProcessBackend
 
 
@@ -26,9 +25,9 @@ class Handle:
 
     backend_kind = "process"
 
-    def __init__(self, backend: ProcessBackend, job: Job) -> None:
+    def __init__(self, backend: ProcessBackend, port: JobPort) -> None:
         self.backend = backend
-        self.job = job
+        self.port = port
         self.pid: int | None = None
         self.status: int | None = None
         self.status_known = False
@@ -56,38 +55,36 @@ class Handle:
         self.kill(signal.SIGCONT)  # a suspended job must run to act on its SIGTERM
         self.backend.loop.call_later(grace, escalate)
 
-    def end(self, entries: list[Entry], event: Event, reason: BaseException | None,
-            code: int | None) -> None:
+    def end(self, entries: list[Entry], outcome: Outcome) -> None:
         """Finish the job, after making sure (on a stop) that nothing of its group is left."""
         if self.finished:
             return
-        if self.job._stop_requested and self.pid is not None:
-            self._after_stop(entries, event, reason, code, time.monotonic() + 5.0)
+        if self.port.stop_requested and self.pid is not None:
+            self._after_stop(entries, outcome, time.monotonic() + 5.0)
             return
         self.finished = True
-        finish(self.job, entries, event, reason=reason, exit_code=code)
+        self.port.ended(outcome, entries)
 
-    def _after_stop(self, entries: list[Entry], event: Event, reason: BaseException | None,
-                    code: int | None, deadline: float) -> None:
+    def _after_stop(self, entries: list[Entry], outcome: Outcome, deadline: float) -> None:
         assert self.pid is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         if group_gone(self.pid) or time.monotonic() > deadline:
             self.finished = True
-            finish(self.job, entries, event, reason=reason, exit_code=code)
+            self.port.ended(outcome, entries)
             return
-        self.backend.loop.call_later(0.002, lambda: self._after_stop(entries, event, reason, code, deadline))
+        self.backend.loop.call_later(0.002, lambda: self._after_stop(entries, outcome, deadline))
 
     def broken(self, exc: BaseException) -> None:
         """Something went wrong reading this job: fail it (never hang it)."""
         self.kill(signal.SIGKILL)
         self.close()
         err = exc if isinstance(exc, WorkerError) else WorkerError(
-            f"psjobs could not read the worker of Job {self.job.id}: {type(exc).__name__}: {exc}")
+            f"psjobs could not read the worker of Job {self.port.job_id}: {type(exc).__name__}: {exc}")
         if err is not exc:
             err.__cause__ = exc
         self.status_known = True
-        self.end(self._hand_over(), Event.FAIL, err, None)
+        self.end(self._hand_over(), Outcome.failed(err))
 
     def close(self) -> None:
         raise NotImplementedError

@@ -2,13 +2,14 @@
 
 ::
 
-    invoke_command(target, computer_name=[a, b, c], throttle_limit=N)
-        checks (TypeError/ValueError, no job yet) -> spec (a callable is pickled now)
-        -> parent RemoteJob (Running, location "a, b, c") + children a, b, c (NotStarted)
-        -> SSHBackend.start_many: at most N children of this call run at once, in the given order
+    Session.invoke_command(target, computer_name=[a, b, c], throttle_limit=N)
+        SSHBackend.prepare: checks (TypeError/ValueError, no job yet), a callable is pickled now
+        SSHBackend.plan: one leaf per computer --> the Session makes the parent RemoteJob (Running,
+            location "a, b, c"), children a, b, c (NotStarted) and their ports
+        SSHBackend.start(ports): at most N children of this call run at once, in the given order
     SSHBackend (this module, no asyncssh import) --> psjobs.backends.ssh._engine.Engine (asyncssh, one loop thread):
         one connection per computer for the whole session, one channel per child job
-        records --> deliver(child) with .computer_name; the end --> finish(child, event)
+        records --> port.records(...) with .computer_name; the end --> port.ended(outcome, tail)
 
 ``import psjobs`` stays light: asyncssh is imported only when the first remote job starts.
 """
@@ -19,18 +20,16 @@ import dataclasses
 import os
 import re
 import shlex
+import threading
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import missing_dependency
-from ...core._spec import CALL, make_spec
-from ...core._state import JobState
+from ...core import CALL, Backend, JobPort, Place, Plan, Session
 
 if TYPE_CHECKING:
-    from ...core._job import Job
-    from ...core._session import Session
-    from ...core._spec import JobSpec
+    from ...core import JobSpec
     from ._engine import Engine
 
 DEFAULT_THROTTLE = 32  # PowerShell's Invoke-Command default; 0 means this too
@@ -95,8 +94,6 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
         from ..._api import default_session
 
         session = default_session()
-    from ...core._session import Session
-
     if not isinstance(session, Session):
         raise TypeError(f"configure_ssh: session must be a psjobs.Session, not {type(session).__name__}")
     changes: dict[str, Any] = {}
@@ -181,84 +178,73 @@ def check_computers(value: Any) -> list[str]:
     return names
 
 
-def invoke_command(session: Session, target: Any, *args: Any,
-                   computer_name: str | Iterable[str] | None = None, as_job: bool = True,
-                   throttle_limit: int = DEFAULT_THROTTLE, job_name: str | None = None, **kwargs: Any) -> Any:
-    """Run ``target`` on each computer over SSH (see Session.invoke_command and docs/remote.md)."""
-    computers = check_computers(computer_name)
-    if not isinstance(as_job, bool):
-        raise TypeError(f"invoke_command: as_job must be True or False, not {type(as_job).__name__}")
-    if job_name is not None:
-        if not isinstance(job_name, str):
-            raise TypeError(f"invoke_command: job_name must be a str, not {type(job_name).__name__}")
-        if not as_job:
-            raise ValueError("invoke_command: job_name names a job, so it needs as_job=True (PowerShell's "
-                             "-JobName implies -AsJob); leave one of them out")
-    if isinstance(throttle_limit, bool) or not isinstance(throttle_limit, int) or throttle_limit < 0:
+def check_throttle(value: Any) -> int:
+    """invoke_command's throttle_limit: how many children of one call run at once (0: the default)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"invoke_command: throttle_limit must be a whole number >= 0 (0 means "
-                         f"{DEFAULT_THROTTLE}), not {throttle_limit!r}")
-    limit = throttle_limit or DEFAULT_THROTTLE
-    spec = make_spec(target, args, kwargs, verb="invoke_command")
-    backend: SSHBackend = session._backend("ssh")  # type: ignore[assignment]
-    backend.prepare(spec)
-    parent = session._add_tree(
-        {"job_type": "RemoteJob", "name": job_name, "command": spec.command,
-         "location": ", ".join(computers), "state": JobState.RUNNING},
-        [{"job_type": "", "name": None, "command": spec.command, "location": c, "computer_name": c}
-         for c in computers])
-    backend.start_many(parent.child_jobs, spec, limit)
-    if as_job:
-        return parent
-    try:
-        session.wait_job(parent)
-    except BaseException:
-        session.remove_job(parent, force=True)
-        raise
-    output = session.receive_job(parent)
-    session.remove_job(parent)
-    return output
+                         f"{DEFAULT_THROTTLE}), not {value!r}")
+    return value or DEFAULT_THROTTLE
 
 
 # --- the backend seam --------------------------------------------------------------------------
 
-class SSHBackend:
-    """The session's door to the SSH engine (which is where asyncssh is imported)."""
+class SSHBackend(Backend):
+    """The session's door to the SSH engine (which is where asyncssh is imported, on first use)."""
+
+    can_pause = True       # through the remote watchdog
+    can_send_input = True  # an ANSWER frame to the remote worker
 
     def __init__(self, session: Session) -> None:
-        try:
-            from ._engine import Engine
-        except ModuleNotFoundError as exc:
-            if exc.name != "asyncssh":
-                raise
-            raise missing_dependency("invoke_command (jobs on remote computers over SSH)", "ssh", exc) from exc
-        self.session = session
-        self.engine: Engine = Engine(session)
+        super().__init__(session)
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        with self._engine_lock:
+            if self._engine is not None:
+                return self._engine
+            try:
+                from ._engine import Engine
+            except ModuleNotFoundError as exc:
+                if exc.name != "asyncssh":
+                    raise
+                raise missing_dependency("invoke_command (jobs on remote computers over SSH)", "ssh",
+                                         exc) from exc
+            self._engine = Engine(self.session)
+            return self._engine
 
     def prepare(self, spec: JobSpec) -> None:
+        options = spec.options
+        options["computers"] = check_computers(options.get("computer_name"))
+        options["limit"] = check_throttle(options.get("throttle_limit", DEFAULT_THROTTLE))
+        engine = self.engine  # asyncssh is imported here: after the checks, before any job exists
         if spec.kind == CALL:
-            self.engine.pickle_call(spec)
+            engine.pickle_call(spec)
 
-    def start(self, job: Job, spec: JobSpec) -> None:
-        self.start_many([job], spec, DEFAULT_THROTTLE)
+    def plan(self, spec: JobSpec) -> Plan:
+        computers: list[str] = spec.options["computers"]
+        return Plan([Place(c, c) for c in computers], ", ".join(computers))
 
-    def start_many(self, jobs: list[Job], spec: JobSpec, limit: int) -> None:
+    def start(self, ports: list[JobPort], spec: JobSpec) -> None:
         """Start the children of one call, at most ``limit`` at once, in order."""
-        self.engine.start(jobs, spec, limit)
+        self.engine.start(ports, spec, spec.options.get("limit", DEFAULT_THROTTLE))
 
-    def stop(self, job: Job, grace: float) -> None:
-        self.engine.stop(job, grace)
+    def stop(self, port: JobPort, grace: float) -> None:
+        self.engine.stop(port, grace)
 
-    def forget(self, job: Job) -> None:
-        self.engine.forget(job)
+    def forget(self, port: JobPort) -> None:
+        self.engine.forget(port)
 
-    def send_input(self, job: Job, text: str) -> None:
-        self.engine.send_input(job, text)
+    def send_input(self, port: JobPort, text: str) -> None:
+        self.engine.send_input(port, text)
 
-    def suspend(self, job: Job) -> None:
-        self.engine.suspend(job)
+    def suspend(self, port: JobPort) -> None:
+        self.engine.suspend(port)
 
-    def resume(self, job: Job) -> None:
-        self.engine.resume(job)
+    def resume(self, port: JobPort) -> None:
+        self.engine.resume(port)
 
     def close(self) -> None:
-        self.engine.close()
+        if self._engine is not None:
+            self._engine.close()

@@ -5,8 +5,9 @@
     command channel: stdout (after MARK) --lines--> output; stderr (after MARK) --lines--> error
                      records; exit status --> exit_code; stop --> "k TICKS\\n" on stdin
     call channel:    stdout (after MARK) --frames--> R_INFO (versions, then R_MODULES + JOB go out),
-                     HELLO, RECORDS --> deliver, PROMPT, DONE, R_EXIT; stop --> R_STOP on stdin
-    channel closed --> Child.closed --> finish(job, Completed | Failed | Stopped, reason, exit_code)
+                     HELLO, RECORDS --> port.records, PROMPT --> port.blocked, DONE, R_EXIT;
+                     stop --> R_STOP on stdin
+    channel closed --> Child.closed --> port.ended(Outcome completed | failed | stopped, tail)
 
 What a login shell prints before MARK is not the job's: it becomes debug records.
 """
@@ -27,8 +28,7 @@ import asyncssh
 
 from ..._errors import ProtocolError, RemoteConnectionError, RemoteVersionError, WorkerError
 from ..._records import ErrorRecord, Record, Stream
-from ...core._backend import block, deliver, finish
-from ...core._state import Event
+from ...core import Outcome
 from ...worker import _remote_boot as boot
 from ...worker._wire import (
     ANSWER,
@@ -42,13 +42,13 @@ from ...worker._wire import (
     VERSION,
     decode_records,
     decode_records_oob,
+    frame,
 )
 from ..process._call import load_reason as _load_reason
 from ._backend import ssh_options
 
 if TYPE_CHECKING:
-    from ...core._job import Entry, Job
-    from ...core._spec import JobSpec
+    from ...core import Entry, JobPort, JobSpec
     from ._engine import Engine
 
 STOP_MARGIN = 3.0  # seconds past the grace before a stop closes the channel itself
@@ -182,7 +182,7 @@ class Channel(asyncssh.SSHClientSession[bytes]):
             self.err.noise = b""
         entries += self._errors(self.err_lines.feed(rest), now)
         if entries:
-            deliver(self.child.job, entries)
+            self.child.port.records(entries)
 
     def _errors(self, lines: list[str], now: float) -> list[Entry]:
         computer = self.child.computer
@@ -211,7 +211,7 @@ class Channel(asyncssh.SSHClientSession[bytes]):
         try:
             self.child.closed(self, exc)
         except Exception as err:  # pragma: no cover - a bug here must still end the job
-            self.child.end([], Event.FAIL, WorkerError(f"psjobs failed to end the job: {err!r}"))
+            self.child.end([], Outcome.failed(WorkerError(f"psjobs failed to end the job: {err!r}")))
 
 
 class CommandChannel(Channel):
@@ -233,7 +233,7 @@ class CommandChannel(Channel):
             self.out.noise = b""
         entries += [(Stream.OUTPUT, line, now) for line in self.out_lines.feed(rest)]
         if entries:
-            deliver(self.child.job, entries)
+            self.child.port.records(entries)
 
     def send_stop(self, grace: float) -> None:
         if self.chan is not None:
@@ -281,7 +281,7 @@ class CallChannel(Channel):
             return
         if self.out.noise:
             now = time.time()
-            deliver(self.child.job, _noise_records(self.out.noise, self.child.computer, now))
+            self.child.port.records(_noise_records(self.out.noise, self.child.computer, now))
             self.out.noise = b""
         for kind, payload in self.frames.feed(rest):
             self.on_frame(kind, payload)
@@ -302,7 +302,7 @@ class CallChannel(Channel):
             for _stream, record, _t in entries:
                 if isinstance(record, Record) and record.computer_name is None:
                     record.computer_name = child.computer
-            deliver(child.job, entries)
+            child.port.records(entries)
         elif kind == DONE:
             self.done = pickle.loads(payload)
         elif kind == boot.R_INFO:
@@ -322,7 +322,7 @@ class CallChannel(Channel):
                     f"sends its own)"))
         elif kind == PROMPT:
             child.prompt = pickle.loads(payload)
-            block(child.job, str(child.prompt))  # receive_job can then show and answer it
+            child.port.blocked(str(child.prompt))  # receive_job can then show and answer it
         elif kind == boot.R_EXIT:
             self.worker_status = json.loads(payload.decode("utf-8")).get("status")
         else:
@@ -353,24 +353,24 @@ class CallChannel(Channel):
         self.handshaken = True
         assert self.chan is not None and child.spec.payload is not None
         meta = {"cwd": None, "env": None, "sys_path": None, "call": child.spec.payload}
-        job_frame = boot._frame(JOB, pickle.dumps(meta, protocol=5))
-        self.chan.write(boot._frame(boot.R_MODULES, modules) + job_frame)
+        job_frame = frame(JOB, pickle.dumps(meta, protocol=5))
+        self.chan.write(frame(boot.R_MODULES, modules) + job_frame)
         now = time.time()
-        deliver(child.job, [(Stream.DEBUG, Record(Stream.DEBUG, note, now, child.computer), now)])
+        child.port.records([(Stream.DEBUG, Record(Stream.DEBUG, note, now, child.computer), now)])
 
     def send_stop(self, grace: float) -> None:
         if self.chan is not None:
             with contextlib.suppress(Exception):
-                self.chan.write(boot._frame(boot.R_STOP, json.dumps({"grace": grace}).encode()))
+                self.chan.write(frame(boot.R_STOP, json.dumps({"grace": grace}).encode()))
 
     def send_pause(self, pause: bool) -> None:
         if self.chan is not None:
             with contextlib.suppress(Exception):
-                self.chan.write(boot._frame(boot.R_PAUSE, b"stop" if pause else b"cont"))
+                self.chan.write(frame(boot.R_PAUSE, b"stop" if pause else b"cont"))
 
     def send_answer(self, text: str) -> None:
         if self.chan is not None:
-            self.chan.write(boot._frame(ANSWER, pickle.dumps(text)))
+            self.chan.write(frame(ANSWER, pickle.dumps(text)))
 
     def started(self) -> bool:
         return self.out.seen
@@ -387,11 +387,11 @@ class Child:
 
     backend_kind = "ssh"
 
-    def __init__(self, engine: Engine, job: Job, spec: JobSpec) -> None:
+    def __init__(self, engine: Engine, port: JobPort, spec: JobSpec) -> None:
         self.engine = engine
-        self.job = job
+        self.port = port
         self.spec = spec
-        self.computer: str = job.computer_name or job.location
+        self.computer: str = port.computer_name or port.location
         self.task: asyncio.Task[None] | None = None
         self.phase = "waiting"  # waiting, connecting, opening, running, done
         self.channel: Channel | None = None
@@ -401,8 +401,7 @@ class Child:
         self.prompt: str | None = None
         self.release: Callable[[], None] | None = None  # gives the channel's slot back to its connection
 
-    def end(self, entries: list[Entry], event: Event, reason: BaseException | None = None,
-            code: int | None = None) -> None:
+    def end(self, entries: list[Entry], outcome: Outcome) -> None:
         if self.finished:
             return
         self.finished = True
@@ -410,7 +409,7 @@ class Child:
         if self.release is not None:
             self.release()
             self.release = None
-        finish(self.job, entries, event, reason=reason, exit_code=code)
+        self.port.ended(outcome, entries)
         if self.over is not None:
             self.over.set()
 
@@ -431,9 +430,9 @@ class Child:
         if self.phase == "running" and self.channel is not None and first:
             self.channel.send_stop(grace)
             loop = asyncio.get_running_loop()
-            loop.call_later(grace + STOP_MARGIN, self._stop_overdue)
+            loop.call_later(grace + STOP_MARGIN, self.stop_overdue)
 
-    def _stop_overdue(self) -> None:
+    def stop_overdue(self) -> None:
         """The computer did not confirm the stop in time: close the channel (its watchdog then ends
         the process group), and count the job as stopped soon after even if nothing answers."""
         if self.finished:
@@ -441,12 +440,12 @@ class Child:
         if self.channel is not None and self.channel.chan is not None:
             self.channel.chan.close()
         asyncio.get_running_loop().call_later(
-            2.0, lambda: self.end([], Event.STOPPED))
+            2.0, lambda: self.end([], Outcome.stopped()))
 
     # --- the end of the channel ------------------------------------------------------------------
     def closed(self, channel: Channel, exc: Exception | None) -> None:
         entries = channel.tail()
-        stopping = self.stop_grace is not None or self.job._stop_requested
+        stopping = self.stop_grace is not None or self.port.stop_requested
         if isinstance(channel, CommandChannel):
             self._command_end(channel, exc, entries, stopping)
         elif isinstance(channel, CallChannel):
@@ -456,55 +455,54 @@ class Child:
                      stopping: bool) -> None:
         code = ch.status
         if ch.reason is not None:
-            self.end(entries, Event.FAIL, ch.reason, code)
+            self.end(entries, Outcome.failed(ch.reason, code))
         elif stopping:
-            self.end(entries, Event.STOPPED, None, code)
+            self.end(entries, Outcome.stopped(code))
         elif exc is not None:
-            self.end(entries, Event.FAIL, self._dropped(exc), code)
+            self.end(entries, Outcome.failed(self._dropped(exc), code))
         elif not ch.started():
-            self.end(entries, Event.FAIL, WorkerError(self.fail_text(
+            self.end(entries, Outcome.failed(WorkerError(self.fail_text(
                 f"the login shell could not start the psjobs watchdog (exit status {code}): "
                 f"{ch.not_started_text() or 'no message'}; psjobs needs a POSIX login shell (sh, bash, "
-                f"zsh, ksh) and /bin/sh there")), code)
+                f"zsh, ksh) and /bin/sh there")), code))
         elif code is None:
-            self.end(entries, Event.FAIL, WorkerError(self.fail_text(
-                f"the command ended without an exit status (signal {ch.signal or 'unknown'})")), None)
+            self.end(entries, Outcome.failed(WorkerError(self.fail_text(
+                f"the command ended without an exit status (signal {ch.signal or 'unknown'})"))))
         elif code == 0:
-            self.end(entries, Event.COMPLETE, None, 0)
+            self.end(entries, Outcome.completed(0))
         else:
             from .._thread import _status_error
 
-            self.end(entries, Event.FAIL, _status_error(f"the command on {self.computer}", code), code)
+            self.end(entries, Outcome.failed(_status_error(f"the command on {self.computer}", code), code))
 
     def _call_end(self, ch: CallChannel, exc: Exception | None, entries: list[Entry],
                   stopping: bool) -> None:
         if ch.reason is not None:
-            self.end(entries, Event.FAIL, ch.reason)
+            self.end(entries, Outcome.failed(ch.reason))
             return
         if ch.done is not None:
             name, blob, tb, code = ch.done
-            event = {"complete": Event.COMPLETE, "fail": Event.FAIL, "stopped": Event.STOPPED}[name]
-            reason = _load_reason(blob, tb) if blob is not None else None
-            if stopping and event is not Event.COMPLETE:
-                event, reason = Event.STOPPED, None
-            self.end(entries, event, reason, code)
+            outcome = Outcome.named(name, _load_reason(blob, tb) if blob is not None else None, code)
+            if stopping and outcome.kind != Outcome.completed().kind:
+                outcome = Outcome.stopped(code)
+            self.end(entries, outcome)
         elif stopping:
-            self.end(entries, Event.STOPPED)
+            self.end(entries, Outcome.stopped())
         elif exc is not None:
-            self.end(entries, Event.FAIL, self._dropped(exc))
+            self.end(entries, Outcome.failed(self._dropped(exc)))
         elif not ch.started():
             text = ch.not_started_text() or "no message"
-            self.end(entries, Event.FAIL, WorkerError(self.fail_text(
+            self.end(entries, Outcome.failed(WorkerError(self.fail_text(
                 f"the remote Python bootstrap did not start (exit status {ch.status}): {text}; check that "
                 f"{ssh_options(self.engine.session).python!r} runs there "
-                f"(psjobs.configure_ssh(python=...))")))
+                f"(psjobs.configure_ssh(python=...))"))))
         else:
             from ..process._loop import status_text
 
             status = ch.worker_status
             what = status_text(status) if status is not None else "ended"
-            self.end(entries, Event.FAIL, WorkerError(self.fail_text(
-                f"the remote worker {what} before it reported the end of the job")))
+            self.end(entries, Outcome.failed(WorkerError(self.fail_text(
+                f"the remote worker {what} before it reported the end of the job"))))
 
     def _dropped(self, exc: BaseException) -> RemoteConnectionError:
         why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__

@@ -15,7 +15,7 @@
         the channel closes --> finish(child, event): Completed, Failed (with the computer and why)
                                or Stopped (the remote process group is gone by then)
 
-Backends never set state: everything reaches the job through report/deliver/finish. The remote
+Backends never set state: everything reaches the job through its port (started, records, ended). The remote
 side (watchdog and bootstrap) is in _remote_boot.
 """
 
@@ -38,9 +38,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from ..._errors import RemoteConnectionError, WorkerError
-from ...core._backend import report, unblock
-from ...core._spec import CALL, SHELL
-from ...core._state import Event
+from ...core import CALL, SHELL, JobPort, Outcome
 from ...worker import _remote_boot as boot
 from ...worker._wire import VERSION
 from ._backend import ssh_options
@@ -48,9 +46,7 @@ from ._channel import STOP_MARGIN, CallChannel, Channel, Child, CommandChannel, 
 from ._conn import Pool
 
 if TYPE_CHECKING:
-    from ...core._job import Job
-    from ...core._session import Session
-    from ...core._spec import JobSpec
+    from ...core import JobSpec, Session
 
 # Test hooks (handshake only): the Python version this session announces to the remote, and a
 # version the remote first stage pretends to run. Never set outside tests.
@@ -150,42 +146,41 @@ class Engine:
         return payload, note
 
     # --- starting --------------------------------------------------------------------------------
-    def start(self, jobs: list[Job], spec: JobSpec, limit: int) -> None:
+    def start(self, ports: list[JobPort], spec: JobSpec, limit: int) -> None:
         children = []
-        for job in jobs:
-            child = Child(self, job, spec)
-            job.backend_data = child
+        for port in ports:
+            child = Child(self, port, spec)
+            port.data = child
             children.append(child)
         self._call(self._start, children, limit)
 
     def _start(self, children: list[Child], limit: int) -> None:
         gate = asyncio.Semaphore(limit)
         for child in children:
-            self.children[child.job.id] = child
+            self.children[child.port.job_id] = child
             child.over = asyncio.Event()
             child.task = self.loop.create_task(self._run_child(child, gate))
 
     async def _run_child(self, child: Child, gate: asyncio.Semaphore) -> None:
         try:
             async with gate:
-                if child.job.state.is_finished or child.finished:
+                if child.finished or not child.port.started():
                     return  # stopped while it waited for a slot (the session made it Stopped)
-                report(child.job, Event.START)
-                if child.stop_grace is not None or child.job._stop_requested:
-                    child.end([], Event.STOPPED)
+                if child.stop_grace is not None or child.port.stop_requested:
+                    child.end([], Outcome.stopped())
                     return
                 await self._launch(child)
                 assert child.over is not None
                 await child.over.wait()
         except asyncio.CancelledError:
             if not child.finished:
-                child.end([], Event.STOPPED)
+                child.end([], Outcome.stopped())
         except RemoteConnectionError as exc:
-            child.end([], Event.FAIL, exc)
+            child.end([], Outcome.failed(exc))
         except Exception as exc:
             err = WorkerError(child.fail_text(f"{type(exc).__name__}: {exc}"))
             err.__cause__ = exc
-            child.end([], Event.FAIL, err)
+            child.end([], Outcome.failed(err))
 
     async def _launch(self, child: Child) -> None:
         pool = self.pools.get(child.computer)
@@ -223,45 +218,47 @@ class Engine:
         child.phase = "running"
         if child.stop_grace is not None:  # a stop came while the channel opened
             channel.send_stop(child.stop_grace)
-            self.loop.call_later(child.stop_grace + STOP_MARGIN, child._stop_overdue)
+            self.loop.call_later(child.stop_grace + STOP_MARGIN, child.stop_overdue)
 
     # --- the session's other calls (any thread) ------------------------------------------------------
-    def stop(self, job: Job, grace: float) -> None:
-        child = job.backend_data
+    def stop(self, port: JobPort, grace: float) -> None:
+        child = port.data
         if isinstance(child, Child):
             self._call(child.stop, grace)
 
-    def suspend(self, job: Job) -> None:
+    def suspend(self, port: JobPort) -> None:
         """SIGSTOP to the remote command's (or worker's) process group, through its watchdog."""
-        self._pause(job, True)
+        self._pause(port, True)
 
-    def resume(self, job: Job) -> None:
-        self._pause(job, False)
+    def resume(self, port: JobPort) -> None:
+        self._pause(port, False)
 
-    def _pause(self, job: Job, pause: bool) -> None:
-        child = job.backend_data
+    def _pause(self, port: JobPort, pause: bool) -> None:
+        child = port.data
         if not isinstance(child, Child):
             return
-        if pause:
-            report(job, Event.SUSPEND)
 
         def send() -> None:
             if child.channel is not None:
                 child.channel.send_pause(pause)
 
         self._call(send)
-        report(job, Event.SUSPENDED if pause else Event.RESUME)
+        # Counted as done once sent: the watchdog does not confirm it.
+        if pause:
+            port.suspended()
+        else:
+            port.resumed()
 
-    def forget(self, job: Job) -> None:
-        self._call(self._forget, job.id)
+    def forget(self, port: JobPort) -> None:
+        self._call(self._forget, port.job_id)
 
     def _forget(self, job_id: int) -> None:
         child = self.children.pop(job_id, None)
         if child is not None and not child.finished and child.channel is not None and child.channel.chan:
             child.channel.chan.close()
 
-    def send_input(self, job: Job, text: str) -> None:
-        child = job.backend_data
+    def send_input(self, port: JobPort, text: str) -> None:
+        child = port.data
         if isinstance(child, Child):
             def answer() -> None:
                 if isinstance(child.channel, CallChannel):
@@ -269,7 +266,7 @@ class Engine:
 
             # Answered as far as the session knows: a wait right after must not see it Blocked.
             child.prompt = None
-            unblock(child.job)
+            port.unblocked()
             self._call(answer)
 
     def close(self) -> None:
@@ -296,7 +293,7 @@ class Engine:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         for child in self.children.values():
-            child.end([], Event.STOPPED)
+            child.end([], Outcome.stopped())
         self.children.clear()
 
 

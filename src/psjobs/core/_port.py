@@ -1,0 +1,220 @@
+"""The JobPort: the only way a backend tells a job what happened, and the only holder of the lock.
+
+::
+
+    backend thread --port.started(pid, where)--+
+                   --port.records(entries)-----+--> with session lock: Job._apply / Job._extend
+                   --port.blocked(prompt)------+        (state only through _state.next_state)
+                   --port.ended(outcome, tail)-+                     |
+                                                                     v
+                                          notify_all --> wait_job / receive_job(wait=True)
+
+Like concurrent.futures' ``Future.set_result``: the port takes the session's lock, enforces the
+state machine, and absorbs whatever comes after the end (an idempotent ``ended``, records a
+dying worker still sent). A backend never sees the lock nor a Job's private members.
+
+The lock is taken as the raw ``threading.Lock`` under the session's Condition, never through
+``Condition.__enter__``: a thread job's stop is raised asynchronously in its thread
+(PyThreadState_SetAsyncExc), and one raised inside ``Condition.__enter__`` after it took the lock
+left the lock taken for good. A C lock's ``with`` leaves no such gap; notifying the Condition
+while holding its lock this way is the same as holding it through the Condition.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._state import Event
+
+if TYPE_CHECKING:
+    from ._job import Entry, Job
+    from ._spec import JobSpec
+
+_COMPLETED, _FAILED, _STOPPED = "completed", "failed", "stopped"
+_EVENTS = {_COMPLETED: Event.COMPLETE, _FAILED: Event.FAIL, _STOPPED: Event.STOPPED}
+# The worker wire's names for how a call ended (worker/_wire DONE, the Dask task's outcome).
+_WIRE_NAMES = {"complete": _COMPLETED, "fail": _FAILED, "stopped": _STOPPED, "refused": _FAILED}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job's work ended: completed, failed (why, with which exit code) or stopped.
+
+    A job that was asked to stop ends Stopped whatever the outcome says (the transition table
+    decides, see _state.TRANSITIONS), so a backend reports what it saw, not what it hopes.
+    """
+
+    kind: str
+    reason: BaseException | None = None
+    exit_code: int | None = None
+
+    @classmethod
+    def completed(cls, exit_code: int | None = None) -> Outcome:
+        return cls(_COMPLETED, None, exit_code)
+
+    @classmethod
+    def failed(cls, reason: BaseException | None = None, exit_code: int | None = None) -> Outcome:
+        return cls(_FAILED, reason, exit_code)
+
+    @classmethod
+    def stopped(cls, exit_code: int | None = None) -> Outcome:
+        return cls(_STOPPED, None, exit_code)
+
+    @classmethod
+    def named(cls, name: str, reason: BaseException | None = None, exit_code: int | None = None) -> Outcome:
+        """From the worker wire's name of an end ("complete", "fail", "stopped", "refused")."""
+        return cls(_WIRE_NAMES.get(name, _FAILED), reason, exit_code)
+
+    @property
+    def event(self) -> Event:
+        return _EVENTS[self.kind]
+
+
+class _Tree:
+    """What the ports of one job tree share: the parent, and where its leaves run."""
+
+    __slots__ = ("follow_where", "parent", "places")
+
+    def __init__(self, parent: Job | None, follow_where: bool) -> None:
+        self.parent = parent
+        self.follow_where = follow_where  # the parent's location: the sorted places of its leaves
+        self.places: set[str] = set()
+
+
+class JobPort:
+    """One leaf job as its backend sees it. Thread-safe; made by the Session, one per leaf job."""
+
+    __slots__ = ("_job", "_lock", "_tree", "kind", "spec")
+
+    def __init__(self, job: Job, kind: str, spec: JobSpec, tree: _Tree | None = None) -> None:
+        session = job.session
+        self._job = job
+        self._lock = session._lock
+        self._tree = tree
+        #: the backend's name in the registry (the Session finds the backend of a job by it)
+        self.kind = kind
+        #: the checked description of the work (shared by every leaf of one start)
+        self.spec = spec
+
+    # --- what a backend may read ------------------------------------------------------------
+    @property
+    def job_id(self) -> int:
+        return self._job.id
+
+    @property
+    def name(self) -> str:
+        return self._job.name
+
+    @property
+    def location(self) -> str:
+        return self._job.location
+
+    @property
+    def computer_name(self) -> str | None:
+        return self._job.computer_name
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the user asked this job (or its parent) to stop."""
+        return self._job._stop_requested
+
+    @property
+    def finished(self) -> bool:
+        """True once the job is Completed, Failed or Stopped: it will not change again."""
+        return self._job.state.is_finished
+
+    @property
+    def data(self) -> Any:
+        """What the backend keeps for this job (a handle, a thread, a connection...)."""
+        return self._job.backend_data
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        self._job.backend_data = value
+
+    def describe(self) -> str:
+        """``Job 3 'backup'``: how messages name the job."""
+        job = self._job
+        return f"Job {job.id} {job.name!r}"
+
+    # --- what a backend reports ---------------------------------------------------------------
+    def started(self, *, pid: int | None = None, where: str | None = None) -> bool:
+        """The work runs (in process ``pid``, at ``where``). False if the job ended before (a stop
+        while it waited): the backend must then not run it."""
+        job = self._job
+        with self._lock:
+            if job.state.is_finished:
+                return False
+            if pid is not None:
+                job.pid = pid
+            if where is not None:
+                self._moved(job, where)
+            job._apply(Event.START, now=time.time())
+            return True
+
+    def _moved(self, job: Job, where: str) -> None:
+        job.location = where
+        job.computer_name = where
+        tree = self._tree
+        if tree is not None and tree.follow_where and tree.parent is not None and where not in tree.places:
+            tree.places.add(where)
+            tree.parent.location = ", ".join(sorted(tree.places))
+
+    def records(self, entries: list[Entry]) -> None:
+        """Records of the job, in production order: one lock round for the whole batch."""
+        if entries:
+            with self._lock:
+                self._job._extend(entries)
+
+    def record(self, entry: Entry) -> None:
+        """One record (a thread job's write: the job runs in this process, nothing to batch)."""
+        with self._lock:
+            self._job._append(entry)
+
+    def blocked(self, prompt: str) -> None:
+        """The job's code asks for input: Blocked until someone answers ``prompt``."""
+        job = self._job
+        with self._lock:
+            if job.state.is_finished:
+                return
+            job.prompt = prompt
+            job.status_message = f"waiting for input: {prompt!r}"
+            job._apply(Event.BLOCK)
+
+    def unblocked(self) -> None:
+        """The prompt was answered: the job runs again."""
+        job = self._job
+        with self._lock:
+            job.prompt = None
+            job.status_message = ""
+            job._apply(Event.UNBLOCK)
+
+    def suspended(self) -> None:
+        """The work is paused for real (confirmed, not only requested)."""
+        with self._lock:
+            self._job._apply(Event.SUSPENDED)
+
+    def resumed(self) -> None:
+        """The work runs again (confirmed)."""
+        with self._lock:
+            self._job._apply(Event.RESUME)
+
+    def ended(self, outcome: Outcome, tail: Iterable[Entry] = ()) -> bool:
+        """The last records and the end, in one step, so no reader sees the end before the tail.
+
+        Idempotent: True the first time, False (and nothing changes) once the job is finished.
+        """
+        job = self._job
+        with self._lock:
+            if job.state.is_finished:
+                return False
+            if tail:
+                job._extend(tail if isinstance(tail, list) else list(tail))
+            job._apply(outcome.event, reason=outcome.reason, exit_code=outcome.exit_code)
+            return True
+
+    def __repr__(self) -> str:
+        return f"<JobPort {self.kind} {self._job!r}>"

@@ -1,0 +1,85 @@
+"""How the Session makes a job tree, for every kind, and the checks its start verbs share.
+
+::
+
+    backend.plan(spec) --> Plan(places, location, follow_where)
+    make_tree: ids in one block (a parent before its children, as PowerShell numbers them)
+               --> parent Job (Running) + one leaf Job per place (NotStarted), or one top-level leaf
+               --> one JobPort per leaf, sharing a _Tree (the parent, where its leaves run)
+               --> into the session's tables under its lock
+
+The jobs exist in the table before their backend starts them, so a record or an end reported at
+once always finds its job.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._job import Job, _next_ids
+from ._port import JobPort, _Tree
+from ._state import Event, JobState
+
+if TYPE_CHECKING:
+    from ._backend import Plan
+    from ._session import Session
+    from ._spec import JobSpec
+
+
+def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_type: str, name: str | None,
+              parent: bool) -> tuple[Job, list[JobPort]]:
+    """The top-level job and the ports of its leaves, registered in ``session`` (not started yet)."""
+    if not parent:
+        (jid,) = _next_ids(1)
+        top = Job(session, jid, job_type=job_type, name=name, command=spec.command,
+                  location=plan.places[0].location)
+        jobs = leaves = [top]
+        tree = None
+    else:
+        ids = _next_ids(1 + len(plan.places))
+        top = Job(session, ids[0], job_type=job_type, name=name, command=spec.command, location=plan.location,
+                  state=JobState.RUNNING)
+        leaves = [Job(session, cid, job_type="", name=None, command=spec.command, parent=top,
+                      location=place.location, computer_name=place.computer_name)
+                  for cid, place in zip(ids[1:], plan.places)]
+        jobs = [top, *leaves]
+        tree = _Tree(top, plan.follow_where)
+    ports = [JobPort(leaf, kind, spec, tree) for leaf in leaves]
+    with session._cond:
+        for job in jobs:
+            session._all[job.id] = job
+        session._jobs[top.id] = top
+        for port in ports:
+            session._ports[port.job_id] = port
+        if not leaves:
+            top._apply(Event.COMPLETE)  # an empty fan-out: nothing to run, nothing failed
+    return top, ports
+
+
+def check_timeout(verb: str, timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"{verb}: timeout must be a number of seconds >= 0 or None, not {timeout!r}")
+
+
+def check_limit(verb: str, limit: Any) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1_000_000:
+        raise ValueError(f"{verb}: throttle limit must be a whole number from 1 to 1000000, not {limit!r}")
+
+
+def check_name(verb: str, name: Any) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"{verb}: name must be a str, not {type(name).__name__}")
+
+
+def check_as_job(as_job: Any, job_name: Any) -> None:
+    """invoke_command's as_job and job_name (the computers are the SSH backend's to check)."""
+    if not isinstance(as_job, bool):
+        raise TypeError(f"invoke_command: as_job must be True or False, not {type(as_job).__name__}")
+    if job_name is not None:
+        if not isinstance(job_name, str):
+            raise TypeError(f"invoke_command: job_name must be a str, not {type(job_name).__name__}")
+        if not as_job:
+            raise ValueError("invoke_command: job_name names a job, so it needs as_job=True (PowerShell's "
+                             "-JobName implies -AsJob); leave one of them out")
