@@ -32,7 +32,7 @@ from ..._records import ErrorRecord, Record, Stream
 from ...core._backend import deliver, finish, report
 from ...core._job import Entry, Job
 from ...core._state import Event
-from ..process._call import load_reason as _load_reason
+from ...worker._outcome import load_reason as _load_reason
 
 if TYPE_CHECKING:
     from ._backend import DaskBackend

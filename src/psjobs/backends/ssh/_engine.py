@@ -114,7 +114,7 @@ class Engine:
 
     def boot_source(self) -> bytes:
         if self._boot_source is None:
-            self._boot_source = Path(boot.__file__).read_bytes()
+            self._boot_source = boot.boot_sources()
         return self._boot_source
 
     def modules_for(self, info: dict[str, Any]) -> tuple[bytes, str]:
