@@ -170,6 +170,49 @@ def boot_sources() -> bytes:
                     for name, file in SOURCES)
 
 
+# What a remote computer without this psjobs receives: worker/ and the bottom layer, under a
+# stand-in psjobs/__init__ (the real one imports the core, the backends and the host, ~500 KB
+# that a worker never runs). Everything a job's own code may call is there.
+BOTTOM = ("_errors", "_records", "_inside", "_compat")
+STAND_IN_INIT = '''"""psjobs as sent to a remote computer: what a job's code and the worker need, nothing else."""
+
+from ._errors import (
+    ExitStatusError, JobBlockedError, JobFailedError, JobNotFinishedError, JobNotFoundError,
+    JobStateError, JobStopped, ProtocolError, PsJobsError, PsJobsWarning, RemoteError,
+    RemoteTraceback, StopTimeoutWarning, WorkerError,
+)
+from ._inside import (
+    job_input, read_host, stop_requested, write_debug, write_error, write_information,
+    write_output, write_progress, write_verbose, write_warning,
+)
+from ._records import (
+    ErrorRecord, InformationRecord, OutputRecord, ProgressRecord, Record, Snapshot, Stream,
+)
+
+__version__ = %r
+
+for _obj in list(globals().values()):  # as in the real psjobs: objects say they come from psjobs
+    if getattr(_obj, "__module__", "").startswith("psjobs."):
+        try:
+            _obj.__module__ = "psjobs"
+        except (AttributeError, TypeError):
+            pass
+'''
+
+
+def remote_package(version: str) -> dict[str, list[Any]]:
+    """The psjobs modules a remote computer receives (R_MODULES' sources: name -> [source, is_package])."""
+    top = Path(__file__).parent.parent
+    sources: dict[str, list[Any]] = {"psjobs": [STAND_IN_INIT % version, True]}
+    for name in BOTTOM:
+        sources[f"psjobs.{name}"] = [(top / f"{name}.py").read_text(encoding="utf-8"), False]
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        is_pkg = path.stem == "__init__"
+        name = "psjobs.worker" if is_pkg else f"psjobs.worker.{path.stem}"
+        sources[name] = [path.read_text(encoding="utf-8"), is_pkg]
+    return sources
+
+
 # --- everything below runs on the remote computer ---------------------------------------------
 
 def _write_all(fd: int, data: bytes) -> None:

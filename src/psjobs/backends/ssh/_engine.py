@@ -138,8 +138,8 @@ class Engine:
             payload = _MODULES.get(key)
             if payload is None:
                 sources: dict[str, list[Any]] = {}
-                if need_psjobs:
-                    sources.update(_package_sources(psjobs))
+                if need_psjobs:  # worker/ and the bottom layer only (see _remote_boot.remote_package)
+                    sources.update(boot.remote_package(psjobs.__version__))
                 if need_cp:
                     sources.update(_package_sources(cloudpickle))
                 payload = _MODULES[key] = boot.dump_modules(sources, marshalled)
