@@ -4,8 +4,9 @@
 
     start_thread_job --> queue (NotStarted) --throttle slot--> worker thread
     worker thread: sets the job's emitter, runs init + target, write_*() append to the journal
+    worker thread: worker._runner.run_guarded classifies the end, worker._thread_stop is the gate
     stop_job --> stop flag (stop_requested()) + JobStopped raised in the thread
-                 (PyThreadState_SetAsyncExc) + SIGTERM to a command's process group
+                 (worker._thread_stop) + SIGTERM to a command's process group
 
 Workers are reused while jobs keep coming and end after a short idle time; ``close`` ends them.
 Output is handed over by reference (no copy, no pickling), as PowerShell's thread jobs do.
@@ -13,76 +14,38 @@ Output is handed over by reference (no copy, no pickling), as PowerShell's threa
 
 from __future__ import annotations
 
-import ctypes
-import inspect
 import os
-import selectors
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from sys import _current_exceptions
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ExitStatusError, JobStateError, JobStopped, exit_failure
-from .._inside import _current, emit_line, flush_lines, install_routers
-from .._records import Stream
+from .._errors import JobStateError
+from .._inside import _current, flush_lines, install_routers
 from ..core import CALL, Backend, JobPort, JobSpec, Outcome
+from ..worker._outcome import status_error
+from ..worker._procs import run_command
+from ..worker._runner import call, run_guarded
+from ..worker._thread_stop import ThreadStopper
 
 if TYPE_CHECKING:
     from ..core import Session
 
 _LINGER = 2.0  # seconds an idle worker thread waits for another job before it ends
-_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-
-
-def _inject(data: _Data) -> None:
-    """Raise JobStopped in the job's thread (with data.lock held, in user code)."""
-    assert data.thread_id is not None
-    _set_async_exc(ctypes.c_ulong(data.thread_id), ctypes.py_object(JobStopped))
-    data.injected = True
-    data.injected_at = time.monotonic()
-    _stopping[data.thread_id] = data
-    if sys.unraisablehook is not _unraisable:  # (again, if someone replaced it since)
-        global _previous_hook
-        _previous_hook = sys.unraisablehook
-        sys.unraisablehook = _unraisable
-
-
-_stopping: dict[int, _Data] = {}  # thread id -> the job a stop was raised in
-_previous_hook = sys.unraisablehook
-
-
-def _unraisable(unraisable: Any) -> None:
-    """A stop raised while the thread ran a garbage collector callback or a ``__del__`` is
-    printed and dropped by Python: raise it again at once (it is not an error to report)."""
-    if isinstance(unraisable.exc_value, JobStopped):
-        data = _stopping.get(threading.get_ident())
-        if data is not None:
-            with data.lock:
-                if data.in_user:
-                    _inject(data)
-            return
-    _previous_hook(unraisable)
 
 
 class _Data:
     """What the thread backend keeps per job."""
 
     backend_kind = "thread"
-    __slots__ = ("in_user", "injected", "injected_at", "lock", "proc", "spec", "stop", "thread_id")
+    __slots__ = ("proc", "spec", "stopper")
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
-        self.lock = threading.Lock()
-        self.stop = False
-        self.in_user = False
-        self.injected = False
-        self.injected_at = 0.0
-        self.thread_id: int | None = None
+        self.stopper = ThreadStopper()  # also the runner's gate
         self.proc: subprocess.Popen[bytes] | None = None
 
 
@@ -102,7 +65,7 @@ class _Emitter:
         self.record((stream, payload, time.time() if t is None else t))
 
     def stop_requested(self) -> bool:
-        return self.data.stop
+        return self.data.stopper.stop
 
     def input(self) -> Iterator[Any]:
         src = self.data.spec.input
@@ -183,67 +146,23 @@ class ThreadBackend(Backend):
         data: _Data | None = port.data
         if data is None or port.finished:
             return  # stopped, or stopped and removed, while it waited for this thread
-        data.thread_id = threading.get_ident()
         emitter = _Emitter(port, data)
         token = _current.set(emitter)
-        code: int | None
-        ended, code = "completed", None  # how it ended: an Outcome's kind
-        reason: BaseException | None = None
         try:
             if not port.started():
                 return  # stopped between admission and now
             install_routers()
-            try:
-                with data.lock:
-                    data.in_user = True
-                if data.stop:
-                    raise JobStopped()
-                code = self._call(data, emitter)
-            finally:
-                self._leave_user(data)
-        except JobStopped:
-            self._leave_user(data)
-            ended = "stopped"
-        except SystemExit as exc:
-            code, failure = exit_failure(exc)
-            if failure is not None:
-                ended, reason = "failed", failure
-        except BaseException as exc:
-            ended, reason = "failed", exc
-            if isinstance(exc, ExitStatusError):
-                code = exc.status
+            spec = data.spec
+            if spec.kind == CALL:
+                ended = run_guarded(lambda: call(spec.target, spec.args, spec.kwargs, spec.init, emitter),
+                                    data.stopper)
+            else:
+                ended = run_guarded(lambda: self._command(data, emitter), data.stopper, status=True)
         finally:
             flush_lines(emitter)
             _current.reset(token)
-        if isinstance(reason, ExitStatusError) and data.stop:
-            ended = "stopped"  # a command's status after a stop is the stop's doing, not a failure
-        port.ended(Outcome(ended, reason if ended == "failed" else None, code))
+        port.ended(Outcome.named(ended.event, ended.reason, ended.code))
         port.data = None  # the spec (target, arguments, input) is not needed any more
-
-    @staticmethod
-    def _leave_user(data: _Data) -> None:
-        with data.lock:
-            data.in_user = False
-            if data.thread_id is not None:
-                _stopping.pop(data.thread_id, None)
-            if data.injected and data.thread_id is not None:
-                # A stop raised at the very end would land in psjobs' own code: take it back.
-                _set_async_exc(ctypes.c_ulong(data.thread_id), None)
-                data.injected = False
-
-    def _call(self, data: _Data, emitter: _Emitter) -> int | None:
-        spec = data.spec
-        if spec.kind != CALL:
-            return self._command(data, emitter)
-        if spec.init is not None:
-            spec.init()
-        result = spec.target(*spec.args, **spec.kwargs)
-        if inspect.isgenerator(result):
-            for item in result:
-                emitter.emit(Stream.OUTPUT, item)
-        elif result is not None:
-            emitter.emit(Stream.OUTPUT, result)
-        return None
 
     def _command(self, data: _Data, emitter: _Emitter) -> int:
         spec = data.spec
@@ -254,7 +173,7 @@ class ThreadBackend(Backend):
         data.proc = proc
         status = run_command(proc, feed, emitter, self.session.stop_grace)
         if status != 0:
-            raise _status_error("the command", status)
+            raise status_error("the command", status)
         return status
 
     # --- stopping ------------------------------------------------------------------------
@@ -262,10 +181,7 @@ class ThreadBackend(Backend):
         data: _Data | None = port.data
         if data is None:
             return  # it just ended
-        data.stop = True
-        with data.lock:
-            if data.in_user and not data.injected and data.thread_id is not None:
-                _inject(data)
+        data.stopper.request()
         proc = data.proc
         if proc is not None and proc.returncode is None:
             try:
@@ -274,18 +190,10 @@ class ThreadBackend(Backend):
                 pass
 
     def nudge(self, port: JobPort) -> None:
-        """Raise a stop again if the first one was lost, which Python allows: raised while the
-        thread ran a garbage collector callback or a ``__del__``, it is printed and ignored
-        (seen: in WeakSet's callback). Not while the thread handles it (cleaning up in a
-        ``finally``, even in a nested exception), and not sooner than 0.25 s after the last."""
+        """Raise a stop again if the first one was lost (see ThreadStopper.nudge)."""
         data: _Data | None = port.data
-        if data is None or not data.stop or data.thread_id is None:
-            return
-        if time.monotonic() - data.injected_at < 0.25 or _handling_stop(data.thread_id):
-            return
-        with data.lock:
-            if data.in_user:
-                _inject(data)
+        if data is not None:
+            data.stopper.nudge()
 
     def forget(self, port: JobPort) -> None:
         with self._cond:
@@ -303,108 +211,3 @@ class ThreadBackend(Backend):
             if thread is not threading.current_thread():
                 thread.join(timeout=0.5)
 
-
-def _handling_stop(thread_id: int) -> bool:
-    """Whether that thread is handling a JobStopped, or an exception raised while it did."""
-    exc: Any = _current_exceptions().get(thread_id)  # CPython's; to _compat with the thread stopper
-    if isinstance(exc, tuple):  # Python < 3.12: (type, value, traceback)
-        exc = exc[1]
-    while exc is not None:
-        if isinstance(exc, JobStopped):
-            return True
-        exc = exc.__context__
-    return False
-
-
-def run_command(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any, grace: float) -> int:
-    """Run a started command in this thread: its lines to the job, its group killed on a stop."""
-    try:
-        _pump(proc, feed, emitter)
-        return proc.wait()
-    except JobStopped:
-        _kill_group(proc, grace)
-        raise
-    finally:
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def _status_error(what: str, status: int) -> ExitStatusError:
-    if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = f"signal {-status}"
-        return ExitStatusError(f"{what} was killed by {name}", status)
-    return ExitStatusError(f"{what} exited with status {status}", status)
-
-
-def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # what the leader left behind in its group
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _pump(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: _Emitter) -> None:
-    """Stream a command's stdout lines to output and stderr lines to errors, feeding its stdin."""
-    sel = selectors.DefaultSelector()
-    assert proc.stdout is not None and proc.stderr is not None
-    partial = {proc.stdout.fileno(): b"", proc.stderr.fileno(): b""}
-    streams = {proc.stdout.fileno(): Stream.OUTPUT, proc.stderr.fileno(): Stream.ERROR}
-    sel.register(proc.stdout.fileno(), selectors.EVENT_READ)
-    sel.register(proc.stderr.fileno(), selectors.EVENT_READ)
-    view = memoryview(feed) if feed else None
-    if proc.stdin is not None:
-        if view is None:
-            proc.stdin.close()
-        else:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
-    try:
-        while sel.get_map():
-            for key, _ in sel.select(timeout=0.05):  # short, so a stop lands promptly
-                fd = key.fd
-                if proc.stdin is not None and not proc.stdin.closed and fd == proc.stdin.fileno():
-                    assert view is not None
-                    try:
-                        n = os.write(fd, view[:65536])
-                    except BrokenPipeError:
-                        n = len(view)
-                    view = view[n:]
-                    if not view:
-                        sel.unregister(fd)
-                        proc.stdin.close()
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    sel.unregister(fd)
-                    if partial[fd]:
-                        _emit_lines(emitter, streams[fd], [partial[fd]])
-                    continue
-                *lines, partial[fd] = (partial[fd] + chunk).split(b"\n")
-                _emit_lines(emitter, streams[fd], lines)
-    finally:
-        sel.close()
-
-
-def _emit_lines(emitter: _Emitter, stream: Stream, lines: list[bytes]) -> None:
-    for raw in lines:
-        line = raw.decode("utf-8", "replace")
-        if line.endswith("\r"):
-            line = line[:-1]
-        if stream is Stream.OUTPUT:
-            emitter.emit(Stream.OUTPUT, line)
-        else:
-            emit_line(emitter, Stream.ERROR, line)

@@ -21,7 +21,6 @@ its pages. It is a child subreaper, so the orphans a job leaves are reaped here,
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import pickle
@@ -31,7 +30,8 @@ import socket
 import sys
 from typing import Any
 
-PR_SET_CHILD_SUBREAPER = 36
+from .._compat import set_child_subreaper
+
 # Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
 # faults of a new process (3-8 us a page here, several ms in all) before its job arrives.
 SPARES = max(0, int(os.environ.get("PSJOBS_SPARES", "2")))
@@ -40,19 +40,10 @@ SPARES = max(0, int(os.environ.get("PSJOBS_SPARES", "2")))
 PRELOAD = os.environ.get("PSJOBS_PRELOAD", "1") != "0"
 
 
-def _subreaper() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: orphans go to init, as they would anyway
-
-
-
 def main() -> None:
     ctl = socket.socket(fileno=int(sys.argv[1]))
     ctl.setblocking(True)
-    _subreaper()
+    set_child_subreaper()  # orphans of jobs are reaped here (not Linux: they go to init)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl+C is for the session, which stops jobs itself
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     wake_r, wake_w = os.pipe()

@@ -14,7 +14,6 @@ stdin/stdout remotely): fd 1 is never the channel. SIGTERM raises JobStopped in 
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import select
@@ -22,25 +21,30 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from typing import Any
 
 from .. import _inside
-from .._errors import JobStopped, ProtocolError, RemoteError, WorkerError, exit_failure
+from .._errors import JobStopped, ProtocolError, RemoteError, WorkerError
 from .._records import ErrorRecord, Stream, snapshot
+from ._outcome import qualname
+from ._procs import Lines
+from ._runner import Ended, call, run_guarded
 from ._wire import (
     ANSWER,
     CALLER_PYTHONPATH,
-    DONE,
-    HEADER,
     HELLO,
     JOB,
-    MAX_FRAME,
-    PROMPT,
     RECORDS,
     VERSION,
+    Answer,
+    Done,
+    Hello,
+    JobMsg,
+    Prompt,
     encode_records,
+    header,
+    recv_frame,
 )
 
 Payload = bytes | list[Any]  # one buffer, or buffers written one after the other (no join)
@@ -68,22 +72,20 @@ class Channel:
         """Send frames; small ones in a single write, so the session wakes once for them."""
         sized = [(kind, [p] if isinstance(p, bytes) else p) for kind, p in frames]
         sizes = [sum(len(part) for part in parts) for _, parts in sized]
-        for size in sizes:
-            if size > MAX_FRAME:
-                raise ProtocolError(f"a {size}-byte value is over the {MAX_FRAME}-byte frame limit")
+        heads = [header(kind, size) for (kind, _), size in zip(sized, sizes)]  # the cap, before a byte goes
         with self.lock:
             if self.hello is not None:
                 sized.insert(0, (HELLO, [self.hello]))
                 sizes.insert(0, len(self.hello))
+                heads.insert(0, header(HELLO, len(self.hello)))
                 self.hello = None
             _Ctx.sending = True
             try:
                 if sum(sizes) < 65536:
-                    self._write(b"".join(HEADER.pack(size, kind) + b"".join(parts)
-                                         for (kind, parts), size in zip(sized, sizes)))
+                    self._write(b"".join(head + b"".join(parts) for (_, parts), head in zip(sized, heads)))
                 else:
-                    for (kind, parts), size in zip(sized, sizes):
-                        self._write(HEADER.pack(size, kind))
+                    for (_, parts), head in zip(sized, heads):
+                        self._write(head)
                         for part in parts:
                             self._write(part)
             finally:
@@ -96,29 +98,7 @@ class Channel:
             view = view[n:]
 
     def recv(self) -> tuple[int, bytes] | None:
-        head = self._read(HEADER.size)
-        if head is None:
-            return None
-        length, kind = HEADER.unpack(head)
-        if length > MAX_FRAME:
-            raise ProtocolError(f"a frame announced {length} bytes, over the {MAX_FRAME}-byte limit")
-        body = self._read(length)
-        if body is None:
-            raise ProtocolError("the channel closed in the middle of a frame")
-        return kind, body
-
-    def _read(self, n: int) -> bytes | None:
-        chunks = []
-        got = 0
-        while got < n:
-            chunk = os.read(self.rfd, n - got)
-            if not chunk:
-                if got == 0:
-                    return None
-                raise ProtocolError("the channel closed in the middle of a frame")
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+        return recv_frame(self.rfd)
 
 
 class _Ctx:
@@ -138,7 +118,7 @@ class _Ctx:
             raise JobStopped()
 
 
-def _dumps_batch(streams: bytes, values: list[Any], times: list[float]) -> bytes:
+def dumps_batch(streams: bytes, values: list[Any], times: list[float]) -> bytes:
     """A RECORDS payload (see _wire.decode_records); what cannot be pickled becomes a Snapshot."""
     try:
         return pickle.dumps((streams, values, times), protocol=5)
@@ -174,20 +154,15 @@ def _records_frame(streams: bytes, values: list[Any], times: list[float]) -> tup
         frame: tuple[int, Payload] = encode_records(streams, values, times, cloudpickle.dumps)
         return frame
     except Exception:
-        return RECORDS, _dumps_batch(streams, values, times)  # value by value, with stand-ins
+        return RECORDS, dumps_batch(streams, values, times)  # value by value, with stand-ins
 
 
 def _stand_in(payload: Any, exc: BaseException) -> Any:
     if isinstance(payload, ErrorRecord) and payload.exception is not None:
         ex = payload.exception
         return ErrorRecord(payload.message, payload._t, payload.computer_name,
-                           RemoteError(str(ex), _qualname(ex)), payload.traceback)
+                           RemoteError(str(ex), qualname(ex)), payload.traceback)
     return snapshot(payload, f"{type(exc).__name__}: {exc}")
-
-
-def _qualname(obj: Any) -> str:
-    cls = type(obj)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 class Writer:
@@ -203,7 +178,7 @@ class Writer:
         self._times: list[float] = []
         self._first = 0.0
         self._lock = threading.Lock()
-        self._wake_w = -1
+        self.wake_w = -1
         self._alarm = True
         self.input_items: list[Any] | None = None
 
@@ -232,12 +207,12 @@ class Writer:
 
     def read_host(self, prompt: str) -> str:
         self.flush()
-        self.channel.send(PROMPT, pickle.dumps(str(prompt)))
+        message = Prompt(str(prompt))
+        self.channel.send(message.kind, message.encode())
         reply = self.channel.recv()
         if reply is None or reply[0] != ANSWER:
             raise WorkerError("the session went away while the job waited for input")
-        answer: str = pickle.loads(reply[1])
-        return answer
+        return Answer.decode(reply[1]).text
 
     # batching -----------------------------------------------------------------------------
     def flush(self) -> None:
@@ -260,9 +235,9 @@ class Writer:
         forked child costs 3-15 ms here (measured), more than a whole job should. Where the job's
         own code took SIGALRM, a flusher thread does it instead.
         """
-        if self._wake_w >= 0:
+        if self.wake_w >= 0:
             try:
-                os.write(self._wake_w, b"x")
+                os.write(self.wake_w, b"x")
             except BlockingIOError:
                 pass
         elif self._alarm and signal.getsignal(signal.SIGALRM) is _on_alarm:
@@ -287,7 +262,7 @@ class Writer:
         finally:
             self._lock.release()
 
-    def finish(self, done: bytes) -> None:
+    def finish(self, done: Done) -> None:
         """The last batch and DONE in one write: the session learns the end in one wake-up."""
         with self._lock:
             frames = []
@@ -295,7 +270,7 @@ class Writer:
                 streams, times = bytes(self._streams), self._times
                 frames.append(_records_frame(streams, self._buf, times))
                 self._buf, self._streams, self._times = [], bytearray(), []
-            frames.append((DONE, done))
+            frames.append((done.kind, done.encode()))
             self.channel.send_frames(frames)
 
     def due(self) -> float | None:
@@ -313,11 +288,19 @@ class _Pump(threading.Thread):
         super().__init__(name="psjobs-pump", daemon=True)
         self.writer = writer
         self.fds = dict(fds)
-        self.partial = {fd: b"" for fd in fds}
+        self.lines = {fd: Lines() for fd in fds}
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        writer._wake_w = wake_w
+        writer.wake_w = wake_w
         self.done = False
+
+    def wake(self) -> None:
+        """Make the thread look again (at self.done, or a batch that is due)."""
+        if self.writer.wake_w >= 0:
+            try:
+                os.write(self.writer.wake_w, b"x")
+            except OSError:
+                pass
 
     def run(self) -> None:
         poller = select.poll()
@@ -339,11 +322,9 @@ class _Pump(threading.Thread):
                 if not chunk:
                     poller.unregister(fd)
                     del self.fds[fd]
-                    if self.partial[fd]:
-                        self._lines(stream, [self.partial[fd]])
+                    self._lines(stream, self.lines[fd].rest())
                     continue
-                *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
-                self._lines(stream, lines)
+                self._lines(stream, self.lines[fd].feed(chunk))
             if writer.due() == 0.0:
                 try:
                     writer.flush()
@@ -352,10 +333,9 @@ class _Pump(threading.Thread):
             if self.done and not self.fds:
                 return
 
-    def _lines(self, stream: Stream, lines: list[bytes]) -> None:
-        for raw in lines:
-            text = raw.decode("utf-8", "replace")
-            _inside.emit_line(self.writer, stream, text[:-1] if text.endswith("\r") else text)
+    def _lines(self, stream: Stream, lines: list[str]) -> None:
+        for line in lines:
+            _inside.emit_line(self.writer, stream, line)
 
 
 _writer: Writer | None = None
@@ -409,7 +389,7 @@ def prepare(*, computer_name: str | None = None, capture_fds: bool = False) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Touch the pickling paths once, so their pages are ours before the job comes.
     _records_frame(b"\0", [None], [0.0])
-    pickle.loads(pickle.dumps({"cwd": "", "env": {}, "sys_path": []}, protocol=5))
+    JobMsg.decode(JobMsg(b"", "", {}, []).encode())
     _Prepared.writer = writer
 
 
@@ -431,9 +411,7 @@ def rehearse() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         call = cloudpickle.dumps((lambda: 1, (), {}, None, None), protocol=5)
-        meta = {"cwd": os.getcwd(), "env": dict(os.environ), "sys_path": list(sys.path), "call": call}
-        body = pickle.dumps(meta, protocol=5)
-        ours.sendall(HEADER.pack(len(body), JOB) + body)
+        ours.sendall(JobMsg(call, os.getcwd(), dict(os.environ), list(sys.path)).frame())
         _serve_one(writer, None, theirs.fileno(), theirs.fileno(), hello_first=False)
     except Exception:
         pass  # a rehearsal only saves time; the real job reports its own problems
@@ -459,10 +437,24 @@ def serve(rfd: int, wfd: int, *, computer_name: str | None = None, capture_fds: 
     return _serve_one(writer, _Prepared.pump, rfd, wfd, hello_first=hello_first)
 
 
+class _SignalGate:
+    """The runner's gate in a process worker: SIGTERM raises JobStopped only while in the job's code."""
+
+    def enter(self) -> None:
+        _Ctx.in_user = True
+        _Ctx.raise_stop()
+
+    def leave(self) -> None:
+        _Ctx.in_user = False
+
+    def stopping(self) -> bool:
+        return _Ctx.stop
+
+
 def _serve_one(writer: Writer, pump: _Pump | None, rfd: int, wfd: int, *, hello_first: bool) -> int:
     channel = writer.channel
     channel.rfd, channel.wfd = rfd, wfd
-    channel.hello = pickle.dumps((VERSION, os.getpid(), tuple(sys.version_info[:2])))
+    channel.hello = Hello(VERSION, os.getpid(), tuple(sys.version_info[:2])).encode()
     if hello_first:
         channel.send_frames([])
     got = channel.recv()
@@ -471,38 +463,18 @@ def _serve_one(writer: Writer, pump: _Pump | None, rfd: int, wfd: int, *, hello_
     kind, body = got
     if kind != JOB:
         raise ProtocolError(f"expected the job, got frame kind {kind}")
-    meta: dict[str, Any] = pickle.loads(body)
-    _settle(meta)
-
-    event, code = "complete", None
-    reason: BaseException | None = None
-    try:
-        try:
-            _Ctx.in_user = True
-            _Ctx.raise_stop()
-            code = _run(meta, writer)
-        finally:
-            _Ctx.in_user = False
-    except JobStopped:
-        event = "stopped"
-    except SystemExit as exc:
-        code, failure = exit_failure(exc)
-        if failure is not None:
-            event, reason = "fail", failure
-    except BaseException as exc:
-        event, reason = "fail", exc
-    if _Ctx.stop and event == "fail" and isinstance(reason, KeyboardInterrupt):
-        event, reason = "stopped", None
-    _finish(writer, pump, event, reason, code)
+    job = JobMsg.decode(body)
+    _settle(job)
+    ended = run_guarded(lambda: _run(job, writer), _SignalGate())
+    _finish(writer, pump, ended)
     return 0
 
 
-def _settle(meta: dict[str, Any]) -> None:
+def _settle(job: JobMsg) -> None:
     """Put the worker where the caller was: directory, environment, import path."""
-    cwd = meta.get("cwd")
-    if cwd:
-        os.chdir(cwd)
-    env = meta.get("env")
+    if job.cwd:
+        os.chdir(job.cwd)
+    env = job.env
     if env is not None:
         # Only what differs: rewriting every variable costs about a millisecond.
         for key in [k for k in os.environ if k not in env]:
@@ -510,35 +482,23 @@ def _settle(meta: dict[str, Any]) -> None:
         for key, value in env.items():
             if os.environ.get(key) != value:
                 os.environ[key] = value
-    path = meta.get("sys_path")
-    if path is not None:
-        sys.path[:] = path
+    if job.sys_path is not None:
+        sys.path[:] = job.sys_path
 
 
-def _run(meta: dict[str, Any], writer: Writer) -> int | None:
-    if "argv" in meta:  # a command, when the worker is the remote bootstrap
-        raise WorkerError("this worker runs Python callables only")
+def _run(job: JobMsg, writer: Writer) -> None:
     import cloudpickle
 
     try:
-        target, args, kwargs, init, items = cloudpickle.loads(meta["call"])
+        target, args, kwargs, init, items = cloudpickle.loads(job.call)
     except Exception as exc:
         raise WorkerError(f"the worker could not unpickle the job's callable or its arguments: "
                           f"{type(exc).__name__}: {exc}") from exc
     writer.input_items = items
-    if init is not None:
-        init()
-    result = target(*args, **kwargs)
-    if inspect.isgenerator(result):
-        for item in result:
-            writer.emit(Stream.OUTPUT, item)
-    elif result is not None:
-        writer.emit(Stream.OUTPUT, result)
-    return None
+    call(target, args, kwargs, init, writer)
 
 
-def _finish(writer: Writer, pump: _Pump | None, event: str, reason: BaseException | None,
-            code: int | None) -> None:
+def _finish(writer: Writer, pump: _Pump | None, ended: Ended) -> None:
     if pump is None:
         signal.setitimer(signal.ITIMER_REAL, 0)
     _inside.flush_lines(writer)
@@ -554,31 +514,9 @@ def _finish(writer: Writer, pump: _Pump | None, event: str, reason: BaseExceptio
         os.dup2(devnull, 2)
         os.close(devnull)
         pump.done = True
-        if writer._wake_w >= 0:
-            try:
-                os.write(writer._wake_w, b"x")
-            except OSError:
-                pass
+        pump.wake()
         pump.join(0.2)
-    tb = None
-    blob = None
-    if reason is not None:
-        tb = "".join(traceback.format_exception(type(reason), reason, reason.__traceback__))
-        blob = _dump_reason(reason)
-    writer.finish(pickle.dumps((event, blob, tb, code)))
-
-
-def _dump_reason(reason: BaseException) -> bytes:
-    import cloudpickle
-
-    reason.__traceback__ = None
-    try:
-        data: bytes = cloudpickle.dumps(reason)
-        pickle.loads(data)
-        return data
-    except Exception:
-        fallback: bytes = pickle.dumps(RemoteError(str(reason), _qualname(reason)))
-        return fallback
+    writer.finish(ended.done())
 
 
 def restore_pythonpath() -> None:

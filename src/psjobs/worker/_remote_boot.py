@@ -14,10 +14,14 @@ Commands (no Python needed remotely)::
         marks on stdout and stderr, then the command, in the login shell itself --> the channel
         the command ends: the EXIT trap ends the watcher; the shell exits with the command's status
 
+The frames are _wire's, with its cap, read and written by _wire itself: the session sends its
+source ahead of this module's, so the codec exists on the remote before psjobs does.
+
 Python callables::
 
     session --stdin--> BOOT0 (python3 -c): compare the Python minor versions first; refuse with a
-                       plain-text frame on a mismatch, else read the bootstrap source and run main()
+                       plain-text frame on a mismatch, else read the R_SOURCE frames (_wire, _procs,
+                       then this module: boot_sources) and run main()
     main():  --stdout--> MARK + R_INFO (json: Python version, psjobs and cloudpickle found here)
              <--stdin--  R_MODULES (psjobs/cloudpickle when missing or different: code objects
                          compiled by the session, served from memory; nothing is written to disk)
@@ -39,23 +43,24 @@ import json
 import os
 import select
 import signal
-import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+try:
+    from . import _procs, _wire
+except ImportError:  # run from source on the remote computer: BOOT0 ran _wire's and _procs' first
+    _wire = sys.modules["_psjobs_wire"]
+    _procs = sys.modules["_psjobs_procs"]
+
+Kind = _wire.Kind
 
 #: Written by the watchdog and the bootstrap before anything psjobs reads, on stdout and stderr.
 MARK = b"\x1epsjobs\x1e\n"
 
-HEADER = struct.Struct("!IB")  # the psjobs frame header (_wire.HEADER): length, kind
-
-# Frames of the remote bootstrap, beside the worker's own (HELLO=1 ... ANSWER=6 in _wire).
-R_INFO = 129     # remote -> session: json {python, executable, psjobs, wire, cloudpickle}
-R_REFUSE = 130   # remote -> session: plain text: why the remote refuses (a Python version mismatch)
-R_EXIT = 131     # remote -> session: json {"status": wait status of the worker}
-R_MODULES = 132  # session -> remote: {module name: [code or source, is_package]} (load_modules)
-R_STOP = 133     # session -> remote: json {"grace": seconds}
-R_PAUSE = 134    # session -> remote: b"stop" (SIGSTOP the job's group) or b"cont" (SIGCONT)
+# The modules BOOT0 runs from their source, in this order, before main(): (name there, file here).
+SOURCES = (("_psjobs_wire", "_wire.py"), ("_psjobs_procs", "_procs.py"), ("__psjobs_boot__", "_remote_boot.py"))
 
 TICK = 0.05  # seconds between the watchdog's checks that the process group is gone
 
@@ -118,8 +123,9 @@ def command_line(ticks: int, argv: list[str], shell: bool) -> str:
 
 
 # The first stage, given to `python3 -c`: old-Python-safe syntax, so that any interpreter can say
-# which version it is before anything version-specific (pickles, this module) reaches it.
-BOOT0 = r"""import os,sys,struct
+# which version it is before anything version-specific (pickles, this module) reaches it. Its
+# frame header, kinds and cap are _wire's (filled in by boot0).
+BOOT0 = r"""import os,sys,struct,types
 def r(n):
     b=b""
     while len(b)<n:
@@ -129,24 +135,82 @@ def r(n):
         b+=c
     return b
 m=b"\x1epsjobs\x1e\n"
+h=struct.Struct(%(header)r)
 v=%(remote)s or tuple(sys.version_info[:2])
 c=%(client)s
 os.write(2,m)
 if v!=c:
     t="this computer runs Python %%d.%%d (%%s) and the session Python %%d.%%d"
     t=(t%%(v[0],v[1],sys.executable,c[0],c[1])).encode()
-    os.write(1,m+struct.pack("!IB",len(t),130)+t)
+    os.write(1,m+h.pack(len(t),%(refuse)d)+t)
     os._exit(0)
-n=struct.unpack("!I",r(4))[0]
-g={"__name__":"__psjobs_boot__"}
-exec(compile(r(n),"<psjobs-boot>","exec"),g)
-g["main"](%(params)r,v,m)
+for i in range(%(parts)d):
+    n,k=h.unpack(r(h.size))
+    if k!=%(source)d or n>%(cap)d:
+        os._exit(3)
+    a,_,s=r(n).partition(b"\n")
+    g=types.ModuleType(a.decode())
+    sys.modules[g.__name__]=g
+    exec(compile(s,"<psjobs-boot>/"+g.__name__,"exec"),g.__dict__)
+g.main(%(params)r,v,m)
 """
 
 
 def boot0(client: tuple[int, int], params: dict[str, Any], remote: tuple[int, int] | None = None) -> str:
     """The first stage's source with the session's Python version and the job's parameters."""
-    return BOOT0 % {"client": repr(tuple(client)), "remote": repr(remote), "params": params}
+    return BOOT0 % {"client": repr(tuple(client)), "remote": repr(remote), "params": params,
+                    "header": _wire.HEADER.format, "refuse": int(Kind.R_REFUSE), "source": int(Kind.R_SOURCE),
+                    "cap": _wire.MAX_FRAME, "parts": len(SOURCES)}
+
+
+def boot_sources() -> bytes:
+    """What the session writes to BOOT0's stdin: one R_SOURCE frame per module of SOURCES."""
+    here = Path(__file__).parent
+    return b"".join(_wire.frame(Kind.R_SOURCE, name.encode() + b"\n" + (here / file).read_bytes())
+                    for name, file in SOURCES)
+
+
+# What a remote computer without this psjobs receives: worker/ and the bottom layer, under a
+# stand-in psjobs/__init__ (the real one imports the core, the backends and the host, ~500 KB
+# that a worker never runs). Everything a job's own code may call is there.
+BOTTOM = ("_errors", "_records", "_inside", "_compat")
+STAND_IN_INIT = '''"""psjobs as sent to a remote computer: what a job's code and the worker need, nothing else."""
+
+from ._errors import (
+    ExitStatusError, JobBlockedError, JobFailedError, JobNotFinishedError, JobNotFoundError,
+    JobStateError, JobStopped, ProtocolError, PsJobsError, PsJobsWarning, RemoteError,
+    RemoteTraceback, StopTimeoutWarning, WorkerError,
+)
+from ._inside import (
+    job_input, read_host, stop_requested, write_debug, write_error, write_information,
+    write_output, write_progress, write_verbose, write_warning,
+)
+from ._records import (
+    ErrorRecord, InformationRecord, OutputRecord, ProgressRecord, Record, Snapshot, Stream,
+)
+
+__version__ = %r
+
+for _obj in list(globals().values()):  # as in the real psjobs: objects say they come from psjobs
+    if getattr(_obj, "__module__", "").startswith("psjobs."):
+        try:
+            _obj.__module__ = "psjobs"
+        except (AttributeError, TypeError):
+            pass
+'''
+
+
+def remote_package(version: str) -> dict[str, list[Any]]:
+    """The psjobs modules a remote computer receives (R_MODULES' sources: name -> [source, is_package])."""
+    top = Path(__file__).parent.parent
+    sources: dict[str, list[Any]] = {"psjobs": [STAND_IN_INIT % version, True]}
+    for name in BOTTOM:
+        sources[f"psjobs.{name}"] = [(top / f"{name}.py").read_text(encoding="utf-8"), False]
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        is_pkg = path.stem == "__init__"
+        name = "psjobs.worker" if is_pkg else f"psjobs.worker.{path.stem}"
+        sources[name] = [path.read_text(encoding="utf-8"), is_pkg]
+    return sources
 
 
 # --- everything below runs on the remote computer ---------------------------------------------
@@ -158,40 +222,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _frame(kind: int, payload: bytes) -> bytes:
-    return HEADER.pack(len(payload), kind) + payload
-
-
-class FrameSplitter:
-    """Turns bytes read from a stream into whole frames."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self.buf += data
-        frames = []
-        start = 0
-        size = HEADER.size
-        while len(self.buf) - start >= size:
-            length, kind = HEADER.unpack_from(self.buf, start)
-            end = start + size + length
-            if len(self.buf) < end:
-                break
-            frames.append((kind, bytes(self.buf[start + size:end])))
-            start = end
-        if start:
-            del self.buf[:start]
-        return frames
-
-
-def _read_frame(fd: int, splitter: FrameSplitter,
-                pending: list[tuple[int, bytes]]) -> tuple[int, bytes] | None:
+def _read_frame(fd: int, reader: Any, pending: list[tuple[int, bytes]]) -> tuple[int, bytes] | None:
     while not pending:
         data = os.read(fd, 65536)
         if not data:
             return None
-        pending.extend(splitter.feed(data))
+        pending.extend(reader.feed(data))
     return pending.pop(0)
 
 
@@ -290,41 +326,6 @@ def install(modules: dict[str, list[Any]]) -> None:
     sys.meta_path.insert(0, MemoryFinder(modules))
 
 
-def proc_stats() -> list[tuple[int, list[str]]] | None:
-    """(pid, the fields of /proc/PID/stat after the command name) of every process; None where
-    /proc cannot be read (not Linux)."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return None
-    out = []
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        out.append((int(name), stat[stat.rfind(")") + 2:].split()))
-    return out
-
-
-def group_gone(pgid: int) -> bool:
-    """True when no live process is left in the group (zombies that nobody reaps do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    stats = proc_stats()
-    if stats is None:
-        return False  # cannot look: assume something is left
-    target = str(pgid)
-    return not any(len(f) > 2 and f[2] == target and f[0] != "Z" for _, f in stats)
-
-
 def _child(rfd: int, wfd_unused: int, params: dict[str, Any]) -> None:
     """The worker: a process group of its own, frames from the watchdog, frames to the channel."""
     status = 70
@@ -352,10 +353,10 @@ def _child(rfd: int, wfd_unused: int, params: dict[str, Any]) -> None:
 class _Watchdog:
     """Relays frames to the worker, and ends its process group on a stop or a closed channel."""
 
-    def __init__(self, pid: int, to_child: int, splitter: FrameSplitter, grace: float) -> None:
+    def __init__(self, pid: int, to_child: int, reader: Any, grace: float) -> None:
         self.pid = pid
         self.to_child = to_child
-        self.splitter = splitter
+        self.reader = reader
         self.grace = grace
         self.kill_at: float | None = None
         self.killed = False
@@ -376,21 +377,18 @@ class _Watchdog:
         self.stop(self.grace)  # sshd or an administrator ends the session: end the job with it
 
     def relay(self, kind: int, payload: bytes) -> None:
-        if kind == R_PAUSE:
+        if kind == Kind.R_PAUSE:
             try:
-                os.killpg(self.pid, signal.SIGSTOP if payload == b"stop" else signal.SIGCONT)
+                os.killpg(self.pid, signal.SIGSTOP if _wire.Pause.decode(payload).pause else signal.SIGCONT)
             except OSError:
                 pass
             return
-        if kind == R_STOP:
-            try:
-                grace = float(json.loads(payload.decode())["grace"])
-            except Exception:
-                grace = self.grace
-            self.stop(grace)
+        if kind == Kind.R_STOP:
+            grace = _wire.Stop.decode(payload).grace
+            self.stop(self.grace if grace is None else grace)
             return
         try:
-            _write_all(self.to_child, _frame(kind, payload))
+            _write_all(self.to_child, _wire.frame(kind, payload))
         except OSError:
             pass  # the worker is gone; its exit status tells the rest
 
@@ -403,7 +401,7 @@ class _Watchdog:
             self.stdin_open = False
             self.stop(self.grace)  # the channel closed: the session went away
             return
-        for kind, payload in self.splitter.feed(data):
+        for kind, payload in self.reader.feed(data):
             self.relay(kind, payload)
 
     def reap(self) -> None:
@@ -453,7 +451,7 @@ class _Watchdog:
         if self.kill_at is not None:
             # A stop: report the end only when nothing of the job is left.
             give_up = max(self.kill_at, time.monotonic()) + 2.0
-            while not group_gone(self.pid) and time.monotonic() < give_up:
+            while not _procs.group_gone(self.pid) and time.monotonic() < give_up:
                 self.escalate()
                 time.sleep(0.005)
         return self.status
@@ -463,11 +461,11 @@ def main(params: dict[str, Any], version: tuple[int, int], mark: bytes) -> None:
     """The bootstrap's second stage (the Python minor versions already matched)."""
     info = probe()
     info["python"][:2] = list(version)  # what the first stage saw (a test may pretend)
-    _write_all(1, mark + _frame(R_INFO, json.dumps(info).encode()))
-    splitter = FrameSplitter()
+    _write_all(1, mark + _wire.Info(info).frame())
+    reader = _wire.FrameReader()
     pending: list[tuple[int, bytes]] = []
-    got = _read_frame(0, splitter, pending)
-    if got is None or got[0] != R_MODULES:
+    got = _read_frame(0, reader, pending)
+    if got is None or got[0] != Kind.R_MODULES:
         os._exit(0)  # the session went away, or refused this computer
     modules = load_modules(got[1])
     if modules:
@@ -477,9 +475,9 @@ def main(params: dict[str, Any], version: tuple[int, int], mark: bytes) -> None:
     if pid == 0:
         _child(rfd, wfd, params)
     os.close(rfd)
-    status = _Watchdog(pid, wfd, splitter, float(params.get("grace", 5.0))).run(pending)
+    status = _Watchdog(pid, wfd, reader, float(params.get("grace", 5.0))).run(pending)
     try:
-        _write_all(1, _frame(R_EXIT, json.dumps({"status": status}).encode()))
+        _write_all(1, _wire.Exit(status).frame())
     except OSError:
         pass  # the channel is gone
     os._exit(0)

@@ -1,4 +1,4 @@
-"""Frames between the session and a worker: a length, a kind, a payload.
+"""The one codec between a session and the code it runs elsewhere: frames and named messages.
 
 ::
 
@@ -6,21 +6,39 @@
     | length: uint32 | kind:1 | payload (length bytes)    |
     +----------------+--------+---------------------------+
 
-The first frame a worker sends is HELLO with the protocol version and its Python version; a
-session that speaks another version refuses it with a clear error instead of unpickling. A
-length above MAX_FRAME is a protocol error (never an allocation). The channel is a socket of its
-own: a job's stdout is never part of it.
+    session --JOB, ANSWER--> process worker (a socket) or remote bootstrap (the SSH channel's stdin)
+    worker  --HELLO, RECORDS / RECORDS_OOB, PROMPT, DONE--> session
+    remote bootstrap --R_INFO, R_REFUSE, R_EXIT--> session;  session --R_MODULES, R_STOP, R_PAUSE--> it
+
+Every kind is in ``Kind``; every message but the record batches is a named class below with
+``encode()`` (its payload), ``frame()`` and ``decode(payload)``, decoded here and nowhere else
+(CPython ``concurrent/futures/process.py``'s ``_CallItem``/``_ResultItem`` are the model). The first
+frame a worker sends is HELLO with the protocol version and its Python version; a session that
+speaks another version refuses it with a clear error instead of unpickling. A length above
+MAX_FRAME is a protocol error (never an allocation). The channel is a socket of its own: a job's
+stdout is never part of it.
+
+Standard library only: the remote bootstrap runs this module from its source, before psjobs
+exists on that computer (see _remote_boot.BOOT0).
 """
 
 from __future__ import annotations
 
+import enum
+import json
+import os
 import pickle
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from .._errors import ProtocolError
+try:
+    from .._errors import ProtocolError
+except ImportError:  # run from source by the remote bootstrap: no package around it
+    class ProtocolError(Exception):  # type: ignore[no-redef]
+        """A frame that breaks the protocol (psjobs' own class where psjobs is installed)."""
 
 VERSION = 3  # 2: RECORDS are columns (streams, values, times); 3: RECORDS_OOB
 HEADER = struct.Struct("!IB")
@@ -29,18 +47,241 @@ HEADER = struct.Struct("!IB")
 CALLER_PYTHONPATH = "PSJOBS_CALLER_PYTHONPATH"
 MAX_FRAME = 1 << 30  # 1 GiB: larger values fail their job with a clear error instead
 
-HELLO = 1     # worker -> session: (VERSION, pid, python version)
-JOB = 2       # session -> worker: the pickled job
-RECORDS = 3   # worker -> session: pickled (bytes of streams, [values], [times]): see decode_records
-DONE = 4      # worker -> session: pickled (event name, reason, traceback text, exit code)
-PROMPT = 5    # worker -> session: the job waits for input (prompt text)
-ANSWER = 6    # session -> worker: the input
-RECORDS_OOB = 7  # worker -> session: RECORDS whose large buffers follow raw (encode_records)
 
-KINDS = frozenset({HELLO, JOB, RECORDS, DONE, PROMPT, ANSWER, RECORDS_OOB})
+class Kind(enum.IntEnum):
+    """Every frame kind. Below 128: the worker's own; from 129: the remote bootstrap's."""
+
+    HELLO = 1         # worker -> session: Hello
+    JOB = 2           # session -> worker: JobMsg
+    RECORDS = 3       # worker -> session: pickled (bytes of streams, [values], [times]): decode_records
+    DONE = 4          # worker -> session: Done
+    PROMPT = 5        # worker -> session: Prompt (the job waits for input)
+    ANSWER = 6        # session -> worker: Answer
+    RECORDS_OOB = 7   # worker -> session: RECORDS whose large buffers follow raw (encode_records)
+    R_INFO = 129      # remote -> session: Info (json: Python version, psjobs and cloudpickle found there)
+    R_REFUSE = 130    # remote -> session: Refuse (plain text: why; BOOT0 writes it, see boot0)
+    R_EXIT = 131      # remote -> session: Exit (json: wait status of the worker)
+    R_MODULES = 132   # session -> remote: {module name: [code or source, is_package]} (_remote_boot)
+    R_STOP = 133      # session -> remote: Stop (json: grace seconds)
+    R_PAUSE = 134     # session -> remote: Pause (b"stop": SIGSTOP the job's group, b"cont": SIGCONT)
+    R_SOURCE = 135    # session -> BOOT0: a module to run from source (its name, a newline, the source)
+
+
+# Plain ints for the hot paths (a frame's kind compares against these).
+HELLO, JOB, RECORDS, DONE, PROMPT, ANSWER, RECORDS_OOB = (int(k) for k in list(Kind)[:7])
+_KINDS = frozenset(int(k) for k in Kind)
 OOB_MIN = 1 << 20  # a buffer this large travels out of band (see encode_records)
 _U32 = struct.Struct("!I")
-_BIG = 1 << 20  # payloads above this are read straight into their own buffer
+_BIG = 1 << 20  # payloads above this are received straight into their own buffer
+
+
+def header(kind: int, size: int) -> bytes:
+    """The header of a frame of ``size`` payload bytes; over MAX_FRAME is refused here."""
+    if size > MAX_FRAME:
+        raise ProtocolError(f"a {size}-byte frame is over the {MAX_FRAME}-byte limit")
+    return HEADER.pack(size, kind)
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    """One whole frame."""
+    return header(kind, len(payload)) + payload
+
+
+def check(length: int, kind: int) -> None:
+    """A header just read: a kind of this protocol and a length within the cap, or ProtocolError."""
+    if kind not in _KINDS:
+        raise ProtocolError(f"unknown frame kind {kind} (a worker of another psjobs version, or garbage)")
+    if length > MAX_FRAME:
+        raise ProtocolError(f"a frame announced {length} bytes, over the {MAX_FRAME}-byte limit")
+
+
+# --- messages -------------------------------------------------------------------------------------
+
+class _Message:
+    __slots__ = ()
+    kind: ClassVar[Kind]
+
+    def encode(self) -> bytes:
+        raise NotImplementedError
+
+    def frame(self) -> bytes:
+        return frame(self.kind, self.encode())
+
+
+@dataclass(slots=True)
+class Hello(_Message):
+    """The worker exists: its protocol version, pid and Python (major, minor)."""
+
+    kind: ClassVar[Kind] = Kind.HELLO
+    version: int
+    pid: int
+    python: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        return pickle.dumps((self.version, self.pid, tuple(self.python)))
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Hello:
+        version, pid, python = pickle.loads(payload)
+        return cls(version, pid, tuple(python))
+
+
+@dataclass(slots=True)
+class JobMsg(_Message):
+    """The job: where to run (None: leave as it is) and the pickled call (JobSpec.pickled_call)."""
+
+    kind: ClassVar[Kind] = Kind.JOB
+    call: bytes
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    sys_path: list[str] | None = None
+
+    def encode(self) -> bytes:
+        return pickle.dumps({"cwd": self.cwd, "env": self.env, "sys_path": self.sys_path, "call": self.call},
+                            protocol=5)
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> JobMsg:
+        meta: dict[str, Any] = pickle.loads(payload)
+        return cls(meta["call"], meta.get("cwd"), meta.get("env"), meta.get("sys_path"))
+
+
+@dataclass(slots=True)
+class Done(_Message):
+    """The worker's last word: "complete", "fail" or "stopped", the pickled exception and its
+    traceback text (_outcome.dump_reason / load_reason), and a sys.exit status."""
+
+    kind: ClassVar[Kind] = Kind.DONE
+    event: str
+    reason: bytes | None = None
+    traceback: str | None = None
+    exit_code: int | None = None
+
+    def encode(self) -> bytes:
+        return pickle.dumps((self.event, self.reason, self.traceback, self.exit_code))
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Done:
+        event, reason, tb, code = pickle.loads(payload)
+        if event not in ("complete", "fail", "stopped"):
+            raise ProtocolError(f"a DONE frame with the unknown end {event!r}")
+        return cls(event, reason, tb, code)
+
+
+@dataclass(slots=True)
+class Prompt(_Message):
+    """The job waits for input (read_host) with this prompt."""
+
+    kind: ClassVar[Kind] = Kind.PROMPT
+    text: str
+
+    def encode(self) -> bytes:
+        return pickle.dumps(self.text)
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Prompt:
+        return cls(str(pickle.loads(payload)))
+
+
+@dataclass(slots=True)
+class Answer(_Message):
+    """The input a job asked for."""
+
+    kind: ClassVar[Kind] = Kind.ANSWER
+    text: str
+
+    def encode(self) -> bytes:
+        return pickle.dumps(self.text)
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Answer:
+        return cls(str(pickle.loads(payload)))
+
+
+@dataclass(slots=True)
+class Info(_Message):
+    """What the remote interpreter has (_remote_boot.probe): the session sends what is missing."""
+
+    kind: ClassVar[Kind] = Kind.R_INFO
+    info: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return json.dumps(self.info).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Info:
+        return cls(dict(json.loads(bytes(payload).decode("utf-8"))))
+
+
+@dataclass(slots=True)
+class Refuse(_Message):
+    """Why the remote refuses to go on (a Python version mismatch), as plain text."""
+
+    kind: ClassVar[Kind] = Kind.R_REFUSE
+    text: str
+
+    def encode(self) -> bytes:
+        return self.text.encode()
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Refuse:
+        return cls(bytes(payload).decode("utf-8", "replace"))
+
+
+@dataclass(slots=True)
+class Exit(_Message):
+    """The remote worker process is gone: its wait status (None: unknown)."""
+
+    kind: ClassVar[Kind] = Kind.R_EXIT
+    status: int | None
+
+    def encode(self) -> bytes:
+        return json.dumps({"status": self.status}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Exit:
+        return cls(json.loads(bytes(payload).decode("utf-8")).get("status"))
+
+
+@dataclass(slots=True)
+class Stop(_Message):
+    """Stop the remote job: SIGTERM to its group, SIGKILL after ``grace`` seconds (None: the
+    remote's default)."""
+
+    kind: ClassVar[Kind] = Kind.R_STOP
+    grace: float | None
+
+    def encode(self) -> bytes:
+        return json.dumps({"grace": self.grace}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Stop:
+        try:
+            return cls(float(json.loads(bytes(payload).decode())["grace"]))
+        except Exception:
+            return cls(None)
+
+
+@dataclass(slots=True)
+class Pause(_Message):
+    """Suspend (True) or resume (False) the remote job's process group."""
+
+    kind: ClassVar[Kind] = Kind.R_PAUSE
+    pause: bool
+
+    def encode(self) -> bytes:
+        return b"stop" if self.pause else b"cont"
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Pause:
+        return cls(bytes(payload) == b"stop")
+
+
+# --- record batches -------------------------------------------------------------------------------
+
+def decode_entries(kind: int, payload: bytes | bytearray) -> list[tuple[int, Any, float]]:
+    """Journal entries from a RECORDS or RECORDS_OOB payload."""
+    return decode_records(payload) if kind == RECORDS else decode_records_oob(payload)
 
 
 def decode_records(payload: bytes | bytearray) -> list[tuple[int, Any, float]]:
@@ -118,59 +359,12 @@ def decode_records_oob(payload: bytes | bytearray) -> list[tuple[int, Any, float
     return list(zip(streams, values, times))
 
 
-def frame(kind: int, payload: bytes) -> bytes:
-    if len(payload) > MAX_FRAME:
-        raise ProtocolError(f"a {len(payload)}-byte frame is over the {MAX_FRAME}-byte limit")
-    return HEADER.pack(len(payload), kind) + payload
-
-
-def send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
-    """Blocking send (worker side): the header, then the payload without copying it."""
-    if len(payload) > MAX_FRAME:
-        raise ProtocolError(f"a {len(payload)}-byte frame is over the {MAX_FRAME}-byte limit")
-    if len(payload) < 65536:
-        sock.sendall(HEADER.pack(len(payload), kind) + payload)
-    else:
-        sock.sendall(HEADER.pack(len(payload), kind))
-        sock.sendall(payload)
-
-
-def recv_frame(sock: socket.socket) -> tuple[int, bytes] | None:
-    """Blocking read of one frame (worker side); None at end of stream."""
-    head = _recv_exact(sock, HEADER.size)
-    if head is None:
-        return None
-    length, kind = HEADER.unpack(head)
-    _check(length, kind)
-    body = _recv_exact(sock, length)
-    if body is None:
-        raise ProtocolError("the channel closed in the middle of a frame")
-    return kind, body
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            if got == 0:
-                return None
-            raise ProtocolError("the channel closed in the middle of a frame")
-        got += k
-    return bytes(buf)
-
-
-def _check(length: int, kind: int) -> None:
-    if kind not in KINDS:
-        raise ProtocolError(f"unknown frame kind {kind} (a worker of another psjobs version, or garbage)")
-    if length > MAX_FRAME:
-        raise ProtocolError(f"a frame announced {length} bytes, over the {MAX_FRAME}-byte limit")
-
+# --- reading frames --------------------------------------------------------------------------------
 
 class FrameReader:
-    """Non-blocking reader (session side): feed it what the socket has, get whole frames.
+    """Whole frames from a byte stream: ``read`` a non-blocking socket (the session's side) or
+    ``feed`` bytes that came some other way (an SSH channel, a pipe). Every header is checked
+    (kind, MAX_FRAME) before anything is allocated for it.
 
     Large payloads are received straight into a buffer of their announced size, so a 100 MB
     value is copied from the kernel once.
@@ -207,10 +401,30 @@ class FrameReader:
                 return True
             if not chunk:
                 return self._eof()
-            buf = self._buf
-            buf += chunk
+            self._buf += chunk
             self._parse(frames)
         return True
+
+    def feed(self, data: bytes | bytearray) -> list[tuple[int, bytes | bytearray]]:
+        """The whole frames ``data`` completes."""
+        frames: list[tuple[int, bytes | bytearray]] = []
+        big = self._big
+        if big is not None:
+            n = min(len(big) - self._pos, len(data))
+            big[self._pos:self._pos + n] = memoryview(data)[:n]
+            self._pos += n
+            if self._pos < len(big):
+                return frames
+            frames.append((self._kind, big))
+            self._big = None
+            data = data[n:]
+        self._buf += data
+        self._parse(frames)
+        return frames
+
+    def pending(self) -> bool:
+        """Part of a frame is waiting for the rest."""
+        return bool(self._buf) or self._big is not None
 
     def _parse(self, frames: list[tuple[int, bytes | bytearray]]) -> None:
         buf = self._buf
@@ -218,7 +432,7 @@ class FrameReader:
         size = HEADER.size
         while len(buf) - start >= size:
             length, kind = HEADER.unpack_from(buf, start)
-            _check(length, kind)
+            check(length, kind)
             end = start + size + length
             if len(buf) >= end:
                 frames.append((kind, bytes(buf[start + size:end])))
@@ -235,6 +449,42 @@ class FrameReader:
             del buf[:start]
 
     def _eof(self) -> bool:
-        if self._buf or self._big is not None:
+        if self.pending():
             raise ProtocolError("the worker's channel closed in the middle of a frame")
         return False
+
+
+def recv_frame(fd: int) -> tuple[int, bytes] | None:
+    """Blocking read of one frame from a file descriptor (the worker's side); None at its end."""
+    head = _read_exact(lambda k: os.read(fd, k), HEADER.size)
+    if head is None:
+        return None
+    length, kind = HEADER.unpack(head)
+    check(length, kind)
+    body = _read_exact(lambda k: os.read(fd, k), length)
+    if body is None:
+        raise ProtocolError("the channel closed in the middle of a frame")
+    return kind, body
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """Exactly ``n`` bytes from a blocking socket; None at a clean end of stream, ProtocolError
+    at an end in the middle."""
+    return _read_exact(sock.recv, n)
+
+
+_recv_exact = recv_exact  # the name host/_client imports
+
+
+def _read_exact(read: Callable[[int], bytes], n: int) -> bytes | None:
+    chunks = []
+    got = 0
+    while got < n:
+        chunk = read(n - got)
+        if not chunk:
+            if got == 0:
+                return None
+            raise ProtocolError("the channel closed in the middle of a frame")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ..._errors import WorkerError
 from ..._records import ErrorRecord, Record, Stream
 from ...core import Entry, JobPort, Outcome
-from ..process._call import load_reason as _load_reason
+from ...worker._outcome import load_reason as _load_reason
 
 if TYPE_CHECKING:
     from ._backend import DaskBackend

@@ -20,6 +20,8 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from ..._compat import scheduler_forget_topic
+
 LOST = "psjobs_lost"  # same name as in _dask_worker (kept apart: this module runs in the scheduler)
 
 
@@ -75,7 +77,4 @@ def forget_topic(topic: str, dask_scheduler: Any = None) -> None:
     The scheduler keeps the last events of every topic (``distributed.admin.low-level-log-length``);
     a session's chunks are of no use to anyone once it is gone.
     """
-    broker = getattr(dask_scheduler, "_broker", None)
-    truncate = getattr(broker, "truncate", None)
-    if callable(truncate):
-        truncate(topic)
+    scheduler_forget_topic(dask_scheduler, topic)

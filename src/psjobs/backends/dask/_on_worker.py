@@ -5,7 +5,8 @@
     scheduler --compute-task run_task(key, item, spec)--> a worker thread
         run_task: refuses a re-run after a lost worker (the guard plugin's annotation) and a
                   stopped key or group, then makes this thread's psjobs emitter a _TaskEmitter
-                  and runs init + target (or the command, its lines streamed)
+                  and runs init + target (or the command, its lines streamed) through
+                  worker._runner, with worker._thread_stop as its gate
     write_*() / print / warnings / logging --> _TaskEmitter --> _Shipper (one per worker process)
     _Shipper thread --every 2 ms, or 1,000 records--> worker.log_event("psjobs-<token>", chunk)
         --> scheduler --> the session's Client (subscribe_topic), in the order they were made
@@ -20,8 +21,6 @@ except what is shared on purpose: the shipper, the registry of running tasks, an
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import inspect
 import logging
 import math
 import os
@@ -36,10 +35,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from ... import _inside
-from ..._errors import ExitStatusError, JobStateError, JobStopped, WorkerError, exit_failure
+from ..._compat import worker_backlog
+from ..._errors import JobStateError, JobStopped, WorkerError
 from ..._records import Stream
-from ...worker._process_worker import _dump_reason, _dumps_batch
-from ...worker._remote_boot import proc_stats  # stdlib only, like this module's other imports
+from ...worker._outcome import dump_reason, status_error
+from ...worker._process_worker import dumps_batch
+from ...worker._procs import run_command, signal_procs
+from ...worker._runner import call, run_guarded
+from ...worker._thread_stop import ThreadStopper
 
 FLUSH_SECONDS = 0.002   # a trickle reaches the session within a few ms (plus the scheduler hop)...
 FLUSH_ITEMS = 1000      # ...and a flood goes in batches: every chunk is one scheduler message
@@ -48,8 +51,6 @@ MAX_PENDING = 20_000    # records a task may have waiting before write_* waits f
 MAX_BACKLOG = 64        # messages the worker may hold for the scheduler before the shipper waits
 STOP_MEMORY = 3600.0    # seconds a worker remembers a stopped key, in case it is dispatched late
 LOST = "psjobs_lost"    # annotation the guard plugin sets: times the task's worker was lost
-
-_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 
 Columns = tuple[bytes, list[Any], list[float]]  # streams (a byte each), values, times
 
@@ -81,9 +82,8 @@ class _Spec:
 class _Task:
     """One running task: its records waiting to ship, its stop state, the processes it started."""
 
-    __slots__ = ("attempt", "begin", "first", "grace", "group", "in_user", "injected", "input", "key", "lock",
-                 "procs", "seq", "start_due", "start_sent", "stop", "streams", "thread_id", "timer", "times",
-                 "topic", "values")
+    __slots__ = ("attempt", "begin", "first", "grace", "group", "input", "key", "procs", "seq", "start_due",
+                 "start_sent", "stopper", "streams", "timer", "times", "topic", "values")
 
     def __init__(self, key: str, group: str, topic: str, attempt: int, items: list[Any] | None) -> None:
         self.key = key
@@ -100,14 +100,14 @@ class _Task:
         self.seq = 0                     # chunks shipped so far
         self.start_due = time.monotonic() + START_DELAY
         self.start_sent = False
-        self.stop = False
         self.grace = 5.0
-        self.lock = threading.Lock()
-        self.in_user = False
-        self.injected = False
-        self.thread_id: int | None = None
+        self.stopper = ThreadStopper()  # its lock also guards procs
         self.procs: list[subprocess.Popen[Any]] = []
         self.timer: threading.Timer | None = None
+
+    @property
+    def stop(self) -> bool:
+        return self.stopper.stop
 
     def columns(self) -> Columns:
         """Hand over the records not shipped yet (the caller holds the shipper's lock)."""
@@ -119,16 +119,14 @@ class _Task:
 
     def request_stop(self, grace: float) -> None:
         """Cooperative flag, JobStopped in the thread, SIGTERM now and SIGKILL after ``grace``."""
-        with self.lock:
-            if self.stop:
-                return
-            self.stop = True
-            self.grace = grace
-            if self.in_user and not self.injected and self.thread_id is not None:
-                _set_async_exc(ctypes.c_ulong(self.thread_id), ctypes.py_object(JobStopped))
-                self.injected = True
+        if self.stopper.stop:
+            return
+        self.grace = grace  # before the stop is raised: run_command's kill uses it
+        if not self.stopper.request():
+            return
+        with self.stopper.lock:
             procs = list(self.procs)
-        _signal_all(procs, signal.SIGTERM)
+        signal_procs(procs, signal.SIGTERM)
         timer = threading.Timer(grace, self.kill)
         timer.name = "psjobs-dask-kill"
         timer.daemon = True
@@ -136,17 +134,9 @@ class _Task:
         timer.start()
 
     def kill(self) -> None:
-        with self.lock:
+        with self.stopper.lock:
             procs = list(self.procs)
-        _signal_all(procs, signal.SIGKILL)
-
-    def leave_user(self) -> None:
-        with self.lock:
-            self.in_user = False
-            if self.injected and self.thread_id is not None:
-                # A stop raised at the very end would land in Dask's thread pool: take it back.
-                _set_async_exc(ctypes.c_ulong(self.thread_id), None)
-                self.injected = False
+        signal_procs(procs, signal.SIGKILL)
 
 
 class _TaskEmitter:
@@ -260,7 +250,7 @@ class _Shipper:
             for topic, items in chunks.items():
                 try:
                     blob = pickle.dumps((self.runtime.address, [
-                        (key, attempt, seq, begin, _dumps_batch(*columns) if columns[1] else None)
+                        (key, attempt, seq, begin, dumps_batch(*columns) if columns[1] else None)
                         for key, attempt, seq, begin, columns in items]), protocol=5)
                     self.runtime.worker.log_event(topic, blob)
                 except Exception as exc:  # the worker is closing: the session fails the job then
@@ -272,8 +262,7 @@ class _Shipper:
         return getattr(status, "name", "") in ("closing", "closed", "failed")
 
     def _wait_for_room(self) -> None:
-        stream = getattr(self.runtime.worker, "batched_stream", None)
-        buffer = getattr(stream, "buffer", None)
+        buffer = worker_backlog(self.runtime.worker)
         if buffer is None:
             return
         deadline = time.monotonic() + 5.0
@@ -377,7 +366,7 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
     try:
         s = rt.spec(spec_id, spec)
     except WorkerError as exc:
-        return ("fail", lost, 0, begin, rt.address, None, _dump_reason(exc), None, None)
+        return ("fail", lost, 0, begin, rt.address, None, dump_reason(exc), None, None)
     if lost > s.retries:
         return ("refused", lost, 0, begin, rt.address, None, None, None, None)
     if rt.stopped(key, group):
@@ -389,65 +378,28 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
     rt.shipper.started(task)
     emitter = _TaskEmitter(task, rt)
     token = _inside._current.set(emitter)
-    event, code, result = "complete", None, None
-    reason: BaseException | None = None
     try:
-        try:
-            with task.lock:
-                task.in_user = True
-                task.thread_id = threading.get_ident()
-            if task.stop:
-                raise JobStopped()
-            code, result = _call(s, item, task, emitter)
-        finally:
-            task.leave_user()
-    except JobStopped:
-        task.leave_user()
-        event = "stopped"
-    except SystemExit as exc:
-        code, failure = exit_failure(exc)
-        if failure is not None:
-            event, reason = "fail", failure
-    except BaseException as exc:
-        event, reason = "fail", exc
-        if isinstance(exc, ExitStatusError) and s.kind != "call":
-            code = exc.status  # the command's own status, kept as the job's exit_code
+        if s.kind != "call":
+            ended = run_guarded(lambda: _command(s, item, task, emitter), task.stopper, status=True)
+        else:
+            args = s.args if item is None else (pickle.loads(item), *s.args)  # type: ignore[arg-type]
+            ended = run_guarded(lambda: call(s.target, args, s.kwargs, s.init, emitter, keep_value=True),
+                                task.stopper)
     finally:
         _inside.flush_lines(emitter)
         _inside._current.reset(token)
         _end(rt, task)
     (streams, values, times), sent = rt.shipper.take(task)
-    if result is not None:  # a returned value comes straight back, with the result
+    if ended.value is not None:  # a returned value comes straight back, with the result
         streams += bytes((Stream.OUTPUT,))
-        values.append(result)
+        values.append(ended.value)
         times.append(time.time())
-    tb = blob = None
-    if reason is not None:
-        import traceback
-
-        tb = "".join(traceback.format_exception(type(reason), reason, reason.__traceback__))
-        blob = _dump_reason(reason)
-    tail = _dumps_batch(streams, values, times) if values else None
-    return (event, lost, sent, begin, rt.address, tail, blob, tb, code)
-
-
-def _call(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter) -> tuple[int | None, Any]:
-    if s.kind != "call":
-        return _command(s, item, task, emitter), None
-    args = s.args if item is None else (pickle.loads(item), *s.args)  # type: ignore[arg-type]
-    if s.init is not None:
-        s.init()
-    result = s.target(*args, **s.kwargs)
-    if inspect.isgenerator(result):
-        for value in result:
-            emitter.emit(Stream.OUTPUT, value)
-        return None, None
-    return None, result
+    done = ended.done()
+    tail = dumps_batch(streams, values, times) if values else None
+    return (done.event, lost, sent, begin, rt.address, tail, done.reason, done.traceback, done.exit_code)
 
 
 def _command(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmitter) -> int:
-    from .._thread import _status_error, run_command
-
     # The item (already text) comes first: $1 of a command line, the first extra argument of an argv.
     argv = [*s.argv, *(() if item is None else (str(item),)), *s.args]
     env = None
@@ -466,7 +418,7 @@ def _command(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmit
     if status != 0:
         if task.stop:
             raise JobStopped()
-        raise _status_error("the command", status)
+        raise status_error("the command", status)
     return status
 
 
@@ -517,49 +469,18 @@ def _track_popen() -> None:
             kwargs.setdefault("start_new_session", True)
         # No JobStopped while the process starts: raised between the fork and the note below, it
         # would leave a process nobody knows of. A stop meanwhile is acted on right after.
-        with task.lock:
-            shielded = task.in_user
-            task.in_user = False
+        shielded = task.stopper.shield()
         try:
             _popen_init(self, *args, **kwargs)
-            with task.lock:
+            with task.stopper.lock:
                 task.procs.append(self)
         finally:
-            with task.lock:
-                task.in_user = shielded
-                stopping = task.stop
+            stopping = task.stopper.unshield(shielded)
         if stopping:
-            _signal_all([self], signal.SIGTERM)  # and SIGKILL after the grace, like the others
+            signal_procs([self], signal.SIGTERM)  # and SIGKILL after the grace, like the others
             if shielded:
                 raise JobStopped()
 
     __init__._psjobs = True  # type: ignore[attr-defined]
     subprocess.Popen.__init__ = __init__  # type: ignore[method-assign]
 
-
-def _signal_all(procs: list[subprocess.Popen[Any]], sig: int) -> None:
-    for proc in procs:
-        if proc.returncode is not None:
-            continue
-        pids = {proc.pid, *_descendants(proc.pid)}
-        with contextlib.suppress(OSError):
-            if os.getpgid(proc.pid) == proc.pid:
-                os.killpg(proc.pid, sig)
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-
-
-def _descendants(root: int) -> list[int]:
-    """Every live descendant of ``root`` (Linux /proc; elsewhere none, and the group kill must do)."""
-    children: dict[int, list[int]] = {}
-    for pid, fields in proc_stats() or []:
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(pid)
-    out: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            out.append(child)
-            todo.append(child)
-    return out

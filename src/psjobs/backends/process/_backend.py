@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import selectors
 import signal
 import socket
@@ -34,10 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._errors import WorkerError
 from ...core import CALL, Backend, JobPort, Outcome
-from ...worker._wire import (
-    JOB,
-    frame,
-)
+from ...worker._wire import JobMsg
 
 if TYPE_CHECKING:
     from ...core import JobSpec, Session
@@ -119,9 +115,8 @@ class ProcessBackend(Backend):
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
-        meta = {"cwd": spec.cwd, "env": self._job_environ(spec), "sys_path": list(sys.path),
-                "call": spec.payload}
-        job_frame = frame(JOB, pickle.dumps(meta, protocol=5))
+        assert spec.payload is not None  # prepare() pickled it
+        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(sys.path)).frame()
         ours.setblocking(False)
         try:
             sent = ours.send(job_frame)  # usually all of it: the loop writes any rest

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import selectors
 import socket
 import time
 from typing import TYPE_CHECKING
 
-from ..._errors import ProtocolError, RemoteError, RemoteTraceback, WorkerError
+from ..._errors import ProtocolError, WorkerError
 from ..._records import ErrorRecord, Stream
 from ...core import Outcome
+from ...worker._outcome import load_reason, status_text
+from ...worker._procs import Lines
 from ...worker._wire import (
     DONE,
     HELLO,
@@ -27,14 +28,15 @@ from ...worker._wire import (
     RECORDS,
     RECORDS_OOB,
     VERSION,
+    Answer,
+    Done,
     FrameReader,
-    decode_records,
-    decode_records_oob,
-    frame,
+    Hello,
+    Prompt,
+    decode_entries,
 )
 from ._forkclient import ForkClient
 from ._handle import Handle, line_entries
-from ._loop import status_text
 
 if TYPE_CHECKING:
     from ...core import Entry, JobPort
@@ -51,7 +53,7 @@ class CallHandle(Handle):
         self.worker_sock: socket.socket | None = worker_sock
         self.reader = FrameReader()
         self.out = memoryview(job_frame)
-        self.done: tuple[str, bytes | None, str | None, int | None] | None = None
+        self.done: Done | None = None
         self.eof = False
         self.server_lost = False
         self.registered = False
@@ -64,7 +66,7 @@ class CallHandle(Handle):
         r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
         r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
         self.pipes = {r_out: Stream.INFORMATION, r_err: Stream.ERROR}
-        self.partial = {r_out: b"", r_err: b""}
+        self.lines = {r_out: Lines(), r_err: Lines()}
 
     def worker_fds(self) -> list[int]:
         assert self.worker_sock is not None
@@ -100,13 +102,10 @@ class CallHandle(Handle):
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     self.backend.loop.sel.unregister(fd)
                 del self.pipes[fd]
-                rest = self.partial.pop(fd)
-                if rest:
-                    line_entries(entries, stream, [rest], now, info=True)
+                line_entries(entries, stream, self.lines.pop(fd).rest(), now, info=True)
                 os.close(fd)
                 break
-            *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
-            line_entries(entries, stream, lines, now, info=True)
+            line_entries(entries, stream, self.lines[fd].feed(chunk), now, info=True)
 
     def register(self) -> None:
         if self.sock.fileno() < 0:
@@ -149,7 +148,7 @@ class CallHandle(Handle):
     def on_frame(self, kind: int, payload: bytes | bytearray) -> None:
         if kind == RECORDS or kind == RECORDS_OOB:
             try:
-                entries = decode_records(payload) if kind == RECORDS else decode_records_oob(payload)
+                entries = decode_entries(kind, payload)
             except Exception as exc:
                 entries = [(Stream.ERROR, ErrorRecord(
                     f"psjobs could not unpickle records from the worker ({type(exc).__name__}: {exc}); "
@@ -158,8 +157,8 @@ class CallHandle(Handle):
             # step, one lock and one wake-up of the waiting thread instead of two.
             self.held.extend(entries)
         elif kind == DONE:
-            self.done = pickle.loads(payload)
-            if self.done[0] in ("complete", "fail") and not self.port.stop_requested:
+            self.done = Done.decode(payload)
+            if self.done.event in ("complete", "fail") and not self.port.stop_requested:
                 # DONE is the worker's last word and comes after everything it wrote: the job is
                 # over now. Waiting for its exit too cost ~0.5 ms a job (the kernel tears down
                 # the worker's memory before it closes the socket); the fork server reaps it.
@@ -167,17 +166,17 @@ class CallHandle(Handle):
                 self.maybe_end()  # reads what fd 1 and 2 hold, then finishes the job
                 self.close()
         elif kind == HELLO:
-            version, pid, _python = pickle.loads(payload)
-            if version != VERSION:
-                raise ProtocolError(f"the worker speaks protocol {version}, this session {VERSION}; "
+            hello = Hello.decode(payload)
+            if hello.version != VERSION:
+                raise ProtocolError(f"the worker speaks protocol {hello.version}, this session {VERSION}; "
                                     f"install the same psjobs on both sides")
-            self._started(pid)
-            self._watch_exit(pid)
+            self._started(hello.pid)
+            self._watch_exit(hello.pid)
         elif kind == PROMPT:
             if self.held:
                 self.port.records(self._hand_over())  # what it wrote before it asked comes first
-            self.prompt = pickle.loads(payload)
-            self.port.blocked(str(self.prompt))
+            self.prompt = Prompt.decode(payload).text
+            self.port.blocked(self.prompt)
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from a worker")
 
@@ -237,9 +236,11 @@ class CallHandle(Handle):
         for fd in list(self.pipes):
             self._read_pipe(fd, entries, final=True)
         if self.done is not None:
-            name, blob, tb, code = self.done
-            outcome = Outcome.named(name, load_reason(blob, tb) if blob is not None else None, code)
-            if self.status_known and self.status is not None and self.status != 0 and name == "complete":
+            done = self.done
+            code = done.exit_code
+            outcome = Outcome.named(done.event, load_reason(done.reason, done.traceback)
+                                    if done.reason is not None else None, code)
+            if self.status_known and self.status is not None and self.status != 0 and done.event == "complete":
                 outcome = Outcome.failed(WorkerError(f"the worker process {self.pid} {status_text(self.status)} "
                                                      f"after it finished the job"), code)
         elif self.port.stop_requested:
@@ -251,9 +252,7 @@ class CallHandle(Handle):
         self.end(entries, outcome)
 
     def send_input(self, text: str) -> None:
-        from ...worker._wire import ANSWER
-
-        data = frame(ANSWER, pickle.dumps(text))
+        data = Answer(text).frame()
         self.prompt = None
 
         def write() -> None:
@@ -280,14 +279,3 @@ class CallHandle(Handle):
         self.pipes.clear()
         self._close_worker_ends()
 
-
-def load_reason(blob: bytes, tb: str | None) -> BaseException:
-    try:
-        reason = pickle.loads(blob)
-        if not isinstance(reason, BaseException):
-            raise TypeError(f"not an exception: {type(reason).__name__}")
-    except Exception as exc:
-        reason = RemoteError(f"(the exception could not be brought back: {exc})", "Exception")
-    if tb:
-        reason.__cause__ = RemoteTraceback(tb)
-    return reason  # type: ignore[no-any-return]

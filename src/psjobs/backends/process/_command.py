@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from ..._records import Stream
 from ...core import Outcome
+from ...worker._outcome import status_error
+from ...worker._procs import Lines
 from ._handle import Handle, line_entries
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ class CommandHandle(Handle):
         self.fds = {proc.stdout.fileno(): Stream.OUTPUT, proc.stderr.fileno(): Stream.ERROR}
         # Popen's file objects own the descriptors: close through them, never twice.
         self.files = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
-        self.partial = {fd: b"" for fd in self.fds}
+        self.lines = {fd: Lines() for fd in self.fds}
         self.feed = memoryview(feed) if feed else None
 
     def register(self) -> None:
@@ -87,13 +89,10 @@ class CommandHandle(Handle):
             if not chunk:
                 self.backend.loop.sel.unregister(fd)
                 del self.fds[fd]
-                rest = self.partial.pop(fd)
-                if rest:
-                    line_entries(entries, stream, [rest], now)
+                line_entries(entries, stream, self.lines.pop(fd).rest(), now)
                 self.files.pop(fd).close()
                 break
-            *lines, self.partial[fd] = (self.partial[fd] + chunk).split(b"\n")
-            line_entries(entries, stream, lines, now)
+            line_entries(entries, stream, self.lines[fd].feed(chunk), now)
         if entries:
             self.port.records(entries)
 
@@ -119,9 +118,7 @@ class CommandHandle(Handle):
         elif code == 0:
             outcome = Outcome.completed(code)
         else:
-            from .._thread import _status_error
-
-            outcome = Outcome.failed(_status_error("the command", code), code)
+            outcome = Outcome.failed(status_error("the command", code), code)
         self._close_stdin()
         self.backend.handles.discard(self)
         self.end([], outcome)

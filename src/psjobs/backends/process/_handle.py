@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..._errors import WorkerError
 from ..._records import ErrorRecord, InformationRecord, Stream
 from ...core import Outcome
-from ...worker._remote_boot import group_gone  # stdlib only: the remote side runs the same check
+from ...worker._procs import group_gone
 
 if TYPE_CHECKING:
     from ...core import Entry, JobPort
@@ -92,11 +92,8 @@ class Handle:
 
 
 
-def line_entries(entries: list[Entry], stream: Stream, lines: list[bytes], now: float, info: bool = False) -> None:
-    for raw in lines:
-        text = raw.decode("utf-8", "replace")
-        if text.endswith("\r"):
-            text = text[:-1]
+def line_entries(entries: list[Entry], stream: Stream, lines: list[str], now: float, info: bool = False) -> None:
+    for text in lines:
         if stream is Stream.INFORMATION:
             entries.append((Stream.INFORMATION, InformationRecord(text, now, "localhost"), now))
         elif stream is Stream.OUTPUT:

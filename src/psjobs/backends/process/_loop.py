@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import selectors
-import signal
 import threading
 import time
 from collections import deque
@@ -29,20 +28,6 @@ if TYPE_CHECKING:
 
 
 SOCK_BUF = 1 << 20  # 1 MiB socket buffers: large values cross in few syscalls
-
-
-def status_text(status: int | None) -> str:
-    """A wait status as words: 'exited with status 3', 'was killed by SIGSEGV'."""
-    if status is None:
-        return "ended (its exit status is unknown: the fork server that started it died)"
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"was killed by {name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 class _SharedSelector(selectors.DefaultSelector):

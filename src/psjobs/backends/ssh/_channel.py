@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
-import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -30,21 +28,30 @@ from ..._errors import ProtocolError, RemoteConnectionError, RemoteVersionError,
 from ..._records import ErrorRecord, Record, Stream
 from ...core import Outcome
 from ...worker import _remote_boot as boot
+from ...worker._outcome import load_reason, status_error, status_text
+from ...worker._procs import Lines, text
 from ...worker._wire import (
-    ANSWER,
     DONE,
     HELLO,
-    JOB,
-    MAX_FRAME,
     PROMPT,
     RECORDS,
     RECORDS_OOB,
     VERSION,
-    decode_records,
-    decode_records_oob,
+    Answer,
+    Done,
+    Exit,
+    FrameReader,
+    Hello,
+    Info,
+    JobMsg,
+    Kind,
+    Pause,
+    Prompt,
+    Refuse,
+    Stop,
+    decode_entries,
     frame,
 )
-from ..process._call import load_reason as _load_reason
 from ._backend import ssh_options
 
 if TYPE_CHECKING:
@@ -90,29 +97,9 @@ class Marked:
         return bytes(self.buf)
 
 
-class _Lines:
-    __slots__ = ("partial",)
-
-    def __init__(self) -> None:
-        self.partial = b""
-
-    def feed(self, data: bytes) -> list[str]:
-        *lines, self.partial = (self.partial + data).split(b"\n")
-        return [_text(line) for line in lines]
-
-    def rest(self) -> list[str]:
-        rest, self.partial = self.partial, b""
-        return [_text(rest)] if rest else []
-
-
-def _text(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace")
-    return text[:-1] if text.endswith("\r") else text
-
-
 def _noise_records(noise: bytes, computer: str, t: float) -> list[Entry]:
     """What the login shell printed before psjobs' command started: debug records."""
-    lines = [_text(x) for x in noise.split(b"\n") if x.strip()]
+    lines = [text(x) for x in noise.split(b"\n") if x.strip()]
     return [(Stream.DEBUG, Record(Stream.DEBUG, f"login shell: {line}", t, computer), t) for line in lines]
 
 
@@ -123,7 +110,7 @@ class Channel(asyncssh.SSHClientSession[bytes]):
         self.child = child
         self.chan: asyncssh.SSHClientChannel[bytes] | None = None
         self.err = Marked()
-        self.err_lines = _Lines()
+        self.err_lines = Lines()
         self.status: int | None = None
         self.signal: str | None = None
         self.reason: BaseException | None = None  # set when psjobs itself refuses the channel
@@ -220,7 +207,7 @@ class CommandChannel(Channel):
     def __init__(self, child: Child) -> None:
         super().__init__(child)
         self.out = Marked()
-        self.out_lines = _Lines()
+        self.out_lines = Lines()
 
     def on_stdout(self, data: bytes) -> None:
         rest = self.out.feed(data)
@@ -265,15 +252,15 @@ class CallChannel(Channel):
     def __init__(self, child: Child, boot_source: bytes) -> None:
         super().__init__(child)
         self.out = Marked()
-        self.frames = boot.FrameSplitter()
+        self.frames = FrameReader()
         self.boot_source = boot_source
-        self.done: tuple[str, bytes | None, str | None, int | None] | None = None
+        self.done: Done | None = None
         self.worker_status: int | None = None
         self.handshaken = False
 
     def session_started(self) -> None:
         assert self.chan is not None
-        self.chan.write(len(self.boot_source).to_bytes(4, "big") + self.boot_source)
+        self.chan.write(self.boot_source)
 
     def on_stdout(self, data: bytes) -> None:
         rest = self.out.feed(data)
@@ -283,17 +270,18 @@ class CallChannel(Channel):
             now = time.time()
             self.child.port.records(_noise_records(self.out.noise, self.child.computer, now))
             self.out.noise = b""
-        for kind, payload in self.frames.feed(rest):
+        try:
+            frames = self.frames.feed(rest)  # every header checked: kind, and the size cap
+        except ProtocolError as exc:
+            raise ProtocolError(f"{self.child.computer} sent a bad frame: {exc}") from None
+        for kind, payload in frames:
             self.on_frame(kind, payload)
-        buf = self.frames.buf
-        if len(buf) >= boot.HEADER.size and boot.HEADER.unpack_from(buf)[0] > MAX_FRAME:
-            raise ProtocolError(f"{self.child.computer} announced a frame over the {MAX_FRAME}-byte limit")
 
-    def on_frame(self, kind: int, payload: bytes) -> None:
+    def on_frame(self, kind: int, payload: bytes | bytearray) -> None:
         child = self.child
         if kind == RECORDS or kind == RECORDS_OOB:
             try:
-                entries = decode_records(payload) if kind == RECORDS else decode_records_oob(payload)
+                entries = decode_entries(kind, payload)
             except Exception as exc:  # a value whose class cannot be rebuilt here: say so, go on
                 now = time.time()
                 entries = [(Stream.ERROR, ErrorRecord(
@@ -304,27 +292,27 @@ class CallChannel(Channel):
                     record.computer_name = child.computer
             child.port.records(entries)
         elif kind == DONE:
-            self.done = pickle.loads(payload)
-        elif kind == boot.R_INFO:
-            self.on_info(json.loads(payload.decode("utf-8")))
-        elif kind == boot.R_REFUSE:
-            text = payload.decode("utf-8", "replace")
+            self.done = Done.decode(payload)
+        elif kind == Kind.R_INFO:
+            self.on_info(Info.decode(payload).info)
+        elif kind == Kind.R_REFUSE:
+            why = Refuse.decode(payload).text
             self.refuse(RemoteVersionError(
-                f"{child.computer} cannot run the callable: {text}. Pickled code does not "
+                f"{child.computer} cannot run the callable: {why}. Pickled code does not "
                 f"cross Python minor versions; name a matching interpreter with "
                 f"psjobs.configure_ssh(python='python3.N') or run the session under that Python"))
         elif kind == HELLO:
-            version, _pid, _python = pickle.loads(payload)
+            version = Hello.decode(payload).version
             if version != VERSION:
                 self.refuse(ProtocolError(
                     f"the psjobs on {child.computer} speaks protocol {version}, this "
                     f"session {VERSION}; install the same psjobs there, or uninstall it there (psjobs then "
                     f"sends its own)"))
         elif kind == PROMPT:
-            child.prompt = pickle.loads(payload)
-            child.port.blocked(str(child.prompt))  # receive_job can then show and answer it
-        elif kind == boot.R_EXIT:
-            self.worker_status = json.loads(payload.decode("utf-8")).get("status")
+            child.prompt = Prompt.decode(payload).text
+            child.port.blocked(child.prompt)  # receive_job can then show and answer it
+        elif kind == Kind.R_EXIT:
+            self.worker_status = Exit.decode(payload).status
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from {child.computer}")
 
@@ -352,25 +340,23 @@ class CallChannel(Channel):
         modules, note = child.engine.modules_for(info)
         self.handshaken = True
         assert self.chan is not None and child.spec.payload is not None
-        meta = {"cwd": None, "env": None, "sys_path": None, "call": child.spec.payload}
-        job_frame = frame(JOB, pickle.dumps(meta, protocol=5))
-        self.chan.write(frame(boot.R_MODULES, modules) + job_frame)
+        self.chan.write(frame(Kind.R_MODULES, modules) + JobMsg(child.spec.payload).frame())
         now = time.time()
         child.port.records([(Stream.DEBUG, Record(Stream.DEBUG, note, now, child.computer), now)])
 
     def send_stop(self, grace: float) -> None:
         if self.chan is not None:
             with contextlib.suppress(Exception):
-                self.chan.write(frame(boot.R_STOP, json.dumps({"grace": grace}).encode()))
+                self.chan.write(Stop(grace).frame())
 
     def send_pause(self, pause: bool) -> None:
         if self.chan is not None:
             with contextlib.suppress(Exception):
-                self.chan.write(frame(boot.R_PAUSE, b"stop" if pause else b"cont"))
+                self.chan.write(Pause(pause).frame())
 
     def send_answer(self, text: str) -> None:
         if self.chan is not None:
-            self.chan.write(frame(ANSWER, pickle.dumps(text)))
+            self.chan.write(Answer(text).frame())
 
     def started(self) -> bool:
         return self.out.seen
@@ -471,9 +457,7 @@ class Child:
         elif code == 0:
             self.end(entries, Outcome.completed(0))
         else:
-            from .._thread import _status_error
-
-            self.end(entries, Outcome.failed(_status_error(f"the command on {self.computer}", code), code))
+            self.end(entries, Outcome.failed(status_error(f"the command on {self.computer}", code), code))
 
     def _call_end(self, ch: CallChannel, exc: Exception | None, entries: list[Entry],
                   stopping: bool) -> None:
@@ -481,8 +465,10 @@ class Child:
             self.end(entries, Outcome.failed(ch.reason))
             return
         if ch.done is not None:
-            name, blob, tb, code = ch.done
-            outcome = Outcome.named(name, _load_reason(blob, tb) if blob is not None else None, code)
+            done = ch.done
+            code = done.exit_code
+            outcome = Outcome.named(done.event, load_reason(done.reason, done.traceback)
+                                    if done.reason is not None else None, code)
             if stopping and outcome.kind != Outcome.completed().kind:
                 outcome = Outcome.stopped(code)
             self.end(entries, outcome)
@@ -497,8 +483,6 @@ class Child:
                 f"{ssh_options(self.engine.session).python!r} runs there "
                 f"(psjobs.configure_ssh(python=...))"))))
         else:
-            from ..process._loop import status_text
-
             status = ch.worker_status
             what = status_text(status) if status is not None else "ended"
             self.end(entries, Outcome.failed(WorkerError(self.fail_text(

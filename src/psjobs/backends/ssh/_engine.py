@@ -110,7 +110,7 @@ class Engine:
 
     def boot_source(self) -> bytes:
         if self._boot_source is None:
-            self._boot_source = Path(boot.__file__).read_bytes()
+            self._boot_source = boot.boot_sources()
         return self._boot_source
 
     def modules_for(self, info: dict[str, Any]) -> tuple[bytes, str]:
@@ -134,8 +134,8 @@ class Engine:
             payload = _MODULES.get(key)
             if payload is None:
                 sources: dict[str, list[Any]] = {}
-                if need_psjobs:
-                    sources.update(_package_sources(psjobs))
+                if need_psjobs:  # worker/ and the bottom layer only (see _remote_boot.remote_package)
+                    sources.update(boot.remote_package(psjobs.__version__))
                 if need_cp:
                     sources.update(_package_sources(cloudpickle))
                 payload = _MODULES[key] = boot.dump_modules(sources, marshalled)

@@ -1,0 +1,98 @@
+"""Every reach into CPython's or another library's private parts, each with a fallback.
+
+Nothing else in psjobs touches a private name of the interpreter, of ``os`` or of a library it
+talks to: when one of these changes, this is the one module to fix. Standard library only (it is
+part of the bottom layer a remote computer receives).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+
+def set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> bool:
+    """Raise ``exc_type`` in another thread of this process at its next bytecode (None: take back a
+    pending one); False where the interpreter has no such call.
+
+    Needed because Python has no public way to interrupt a thread: a thread job's stop must land
+    in user code that never looks at ``stop_requested()``. ``PyThreadState_SetAsyncExc`` is part of
+    CPython's C API (not the limited one); PyPy and others may lack it.
+    """
+    try:
+        import ctypes
+
+        call = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    except (ImportError, AttributeError):
+        return False
+    exc: Any = None if exc_type is None else ctypes.py_object(exc_type)
+    return int(call(ctypes.c_ulong(thread_id), exc)) == 1
+
+
+def current_exception(thread_id: int) -> BaseException | None:
+    """The exception another thread is handling right now (None: none, or it cannot be known).
+
+    Needed to tell whether a thread is still cleaning up after a stop (a second stop raised there
+    would cut its ``finally`` short). ``sys._current_exceptions`` is private; it gave
+    (type, value, traceback) tuples before Python 3.12.
+    """
+    getter = getattr(sys, "_current_exceptions", None)
+    if getter is None:
+        return None
+    exc: Any = getter().get(thread_id)
+    if isinstance(exc, tuple):  # Python < 3.12
+        exc = exc[1]
+    return exc if isinstance(exc, BaseException) else None
+
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def set_child_subreaper() -> bool:
+    """Make this process reap the orphans of its descendants (Linux); False elsewhere.
+
+    Needed by the fork server: a job's grandchildren that outlive it are reaped there instead of
+    being left to init as zombies of nobody's. The stdlib has no prctl, so libc is called directly.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False  # not Linux: orphans go to init, as they would anyway
+
+
+def environ_snapshot() -> Any:
+    """A cheap token that changes when ``os.environ`` changes: its private bytes mapping.
+
+    Comparing it costs ~1 us where ``dict(os.environ)`` costs ~50 us (measured), and it is asked
+    for on every process job's start. None where ``os.environ`` has no ``_data`` (the caller then
+    copies the environment).
+    """
+    return getattr(os.environ, "_data", None)
+
+
+def scheduler_forget_topic(scheduler: Any, topic: str) -> bool:
+    """Drop the events a Dask scheduler keeps for ``topic``; False where it has no way to.
+
+    distributed keeps the last events of every topic in its private ``_broker``
+    (``distributed.admin.low-level-log-length``) and offers no public call to drop them.
+    """
+    broker = getattr(scheduler, "_broker", None)
+    truncate = getattr(broker, "truncate", None)
+    if not callable(truncate):
+        return False
+    truncate(topic)
+    return True
+
+
+def worker_backlog(worker: Any) -> Any:
+    """The list of messages a Dask worker holds for its scheduler (None: not reachable).
+
+    ``Worker.batched_stream.buffer`` is not documented; it is the only way to apply backpressure
+    to ``log_event``, which queues without limit.
+    """
+    stream = getattr(worker, "batched_stream", None)
+    return getattr(stream, "buffer", None)
