@@ -12,6 +12,7 @@ verbs drive work in a thread, in another process, and on remote computers over S
 """
 
 from ._api import (
+    configure_ssh,
     default_session,
     get_job,
     invoke_command,
@@ -65,14 +66,13 @@ from ._records import (
     Snapshot,
     Stream,
 )
-from .backends.ssh._backend import SSHOptions, configure_ssh
+from ._version import __version__ as __version__
+from .backends.ssh._backend import SSHOptions
 from .core._format import JobList, format_table
 from .core._job import Job, JobStateInfo
 from .core._pshost import Host
 from .core._session import Session
 from .core._state import JobState
-
-__version__ = "0.1.0"
 
 
 def load_ipython_extension(ip: object) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from .backends.ssh._backend import SSHOptions
+from .backends.ssh._backend import configure_ssh as _configure_ssh
 from .core._format import JobList
 from .core._job import Job
 from .core._session import JobSelector, Session
@@ -135,3 +138,9 @@ def suspend_job(jobs: JobSelector) -> list[Job]:
 def resume_job(jobs: JobSelector) -> list[Job]:
     """Let suspended jobs run on (SIGCONT); they show Running."""
     return JobList(default_session().resume_job(jobs))
+
+
+@functools.wraps(_configure_ssh)
+def configure_ssh(session: Session | None = None, **options: Any) -> SSHOptions:
+    # The backend configures the session it is given; the default session lives here, in the face.
+    return _configure_ssh(default_session() if session is None else session, **options)

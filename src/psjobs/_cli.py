@@ -384,7 +384,7 @@ def _seconds(text: str) -> float:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

@@ -38,13 +38,6 @@ class JobSpec:
         assert self.kind != CALL
         return list(self.target)
 
-    def pickled_call(self) -> bytes:
-        """The call as a worker unpickles it (``_worker._run``), for process and remote jobs."""
-        import cloudpickle
-
-        data: bytes = cloudpickle.dumps((self.target, self.args, self.kwargs, self.init, self.input), protocol=5)
-        return data
-
 
 def make_spec(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
               init: Callable[[], Any] | None = None, input: Iterable[Any] | None = None,

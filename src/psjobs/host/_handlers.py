@@ -213,7 +213,7 @@ def remove(ctx: Context, req: RemoveRequest, reply: Reply) -> RemoveResult:
 
 
 def status(ctx: Context, req: StatusRequest, reply: Reply) -> StatusResult:
-    from .. import __version__
+    from .._version import __version__
 
     rows = ctx.table.rows()
     paths = ctx.paths

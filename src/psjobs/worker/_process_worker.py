@@ -44,6 +44,7 @@ from ._wire import (
     Prompt,
     encode_records,
     header,
+    load_call,
     recv_frame,
 )
 
@@ -487,10 +488,8 @@ def _settle(job: JobMsg) -> None:
 
 
 def _run(job: JobMsg, writer: Writer) -> None:
-    import cloudpickle
-
     try:
-        target, args, kwargs, init, items = cloudpickle.loads(job.call)
+        target, args, kwargs, init, items = load_call(job.call)
     except Exception as exc:
         raise WorkerError(f"the worker could not unpickle the job's callable or its arguments: "
                           f"{type(exc).__name__}: {exc}") from exc

@@ -128,7 +128,7 @@ class Hello(_Message):
 
 @dataclass(slots=True)
 class JobMsg(_Message):
-    """The job: where to run (None: leave as it is) and the pickled call (JobSpec.pickled_call)."""
+    """The job: where to run (None: leave as it is) and the pickled call (pickle_call)."""
 
     kind: ClassVar[Kind] = Kind.JOB
     call: bytes
@@ -144,6 +144,26 @@ class JobMsg(_Message):
     def decode(cls, payload: bytes | bytearray) -> JobMsg:
         meta: dict[str, Any] = pickle.loads(payload)
         return cls(meta["call"], meta.get("cwd"), meta.get("env"), meta.get("sys_path"))
+
+
+def pickle_call(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], init: Any, items: Any) -> bytes:
+    """A call as ``JobMsg.call`` carries it, for process and remote jobs; ``load_call`` reads it.
+
+    cloudpickle is imported here, not at the top: a remote bootstrap runs this module's source
+    before cloudpickle may exist there, and only the session pickles calls.
+    """
+    import cloudpickle
+
+    data: bytes = cloudpickle.dumps((target, args, kwargs, init, items), protocol=5)
+    return data
+
+
+def load_call(call: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any], Any, Any]:
+    """(target, args, kwargs, init, input items) from ``pickle_call``'s bytes, in the worker."""
+    import cloudpickle
+
+    target, args, kwargs, init, items = cloudpickle.loads(call)
+    return target, args, kwargs, init, items
 
 
 @dataclass(slots=True)

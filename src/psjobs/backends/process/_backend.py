@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._errors import WorkerError
 from ...core import CALL, Backend, JobPort, Outcome
-from ...worker._wire import JobMsg
+from ...worker._wire import JobMsg, pickle_call
 
 if TYPE_CHECKING:
     from ...core import JobSpec, Session
@@ -96,7 +96,7 @@ class ProcessBackend(Backend):
         if spec.kind != CALL:
             return
         try:
-            spec.payload = spec.pickled_call()
+            spec.payload = pickle_call(spec.target, spec.args, spec.kwargs, spec.init, spec.input)
         except Exception as exc:
             raise TypeError(f"start_job: the callable {spec.command!r} or its arguments cannot be sent to "
                             f"another process ({type(exc).__name__}: {exc}); pass picklable values, or use "

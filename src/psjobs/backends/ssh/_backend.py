@@ -90,10 +90,6 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
 
         psjobs.configure_ssh(known_hosts="~/.ssh/known_hosts", accept_new_host_keys=True)
     """
-    if session is None:
-        from ..._api import default_session
-
-        session = default_session()
     if not isinstance(session, Session):
         raise TypeError(f"configure_ssh: session must be a psjobs.Session, not {type(session).__name__}")
     changes: dict[str, Any] = {}

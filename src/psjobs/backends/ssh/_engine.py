@@ -40,7 +40,7 @@ import asyncssh
 from ..._errors import RemoteConnectionError, WorkerError
 from ...core import CALL, SHELL, JobPort, Outcome
 from ...worker import _remote_boot as boot
-from ...worker._wire import VERSION
+from ...worker._wire import VERSION, pickle_call
 from ._backend import ssh_options
 from ._channel import STOP_MARGIN, CallChannel, Channel, Child, CommandChannel, local_python
 from ._conn import Pool
@@ -98,7 +98,7 @@ class Engine:
                     cloudpickle.register_pickle_by_value(module)
                     registered.append(module)
             try:
-                spec.payload = spec.pickled_call()
+                spec.payload = pickle_call(spec.target, spec.args, spec.kwargs, spec.init, spec.input)
             except Exception as exc:
                 raise TypeError(f"invoke_command: the callable {spec.command!r} or its arguments cannot be "
                                 f"sent to another computer ({type(exc).__name__}: {exc}); pass picklable "
@@ -124,9 +124,9 @@ class Engine:
 
         import cloudpickle
 
-        import psjobs
+        from ..._version import __version__
 
-        need_psjobs = info.get("psjobs") != psjobs.__version__ or info.get("wire") != VERSION
+        need_psjobs = info.get("psjobs") != __version__ or info.get("wire") != VERSION
         need_cp = info.get("cloudpickle") != cloudpickle.__version__
         marshalled = info.get("magic") == importlib.util.MAGIC_NUMBER.hex()
         key = (need_psjobs, need_cp, marshalled)
@@ -135,7 +135,7 @@ class Engine:
             if payload is None:
                 sources: dict[str, list[Any]] = {}
                 if need_psjobs:  # worker/ and the bottom layer only (see _remote_boot.remote_package)
-                    sources.update(boot.remote_package(psjobs.__version__))
+                    sources.update(boot.remote_package(__version__))
                 if need_cp:
                     sources.update(_package_sources(cloudpickle))
                 payload = _MODULES[key] = boot.dump_modules(sources, marshalled)
