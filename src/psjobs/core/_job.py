@@ -319,6 +319,23 @@ class Job:
         if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
             cond.notify_all()
 
+    @classmethod
+    def restored(cls, session: Session, job_id: int, *, parent: Job | None, name: str, job_type: str,
+                 command: str, location: str, computer_name: str | None, state: JobState,
+                 reason: BaseException | None, exit_code: int | None, begin: float | None,
+                 end: float | None, instance_id: uuid.UUID, pid: int | None, journal: Journal) -> Job:
+        """A finished job as it was stored (the session host's jobs of earlier runs), with its journal.
+
+        Register it with ``Session.restore_jobs``; it never runs again, so no event reaches it.
+        """
+        if not state.is_finished:
+            raise ValueError(f"a restored job is finished, not {state}")
+        job = cls(session, job_id, job_type=job_type, name=name, command=command, location=location,
+                  state=state, parent=parent, computer_name=computer_name)
+        job._reason, job.exit_code, job._begin, job._end = reason, exit_code, begin, end
+        job._iid, job.pid, job._journal = instance_id, pid, journal
+        return job
+
     # --- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:
         pid = f" pid={self.pid}" if self.pid is not None and not self._state.is_finished else ""
