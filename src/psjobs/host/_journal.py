@@ -253,7 +253,7 @@ def restore(session: Session, writer: Writer) -> dict[int, str | None]:
     cwds: dict[int, str | None] = {}
     for row, count, received in writer.store.load():
         state = JobState.parse(row["state"])
-        if not state.is_finished:  # written by a host that is still... us: cannot be, but never run it
+        if not state.is_finished:  # recover() made every stored job finished; a restored job never runs
             state = JobState.FAILED
         journal = SqliteJournal(writer, None, row["id"], length=count, cursor=received, new=False)
         job = Job.restored(session, row["id"], parent=jobs.get(row["parent"]), name=row["name"],
