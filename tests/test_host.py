@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from psjobs import JobState
 from psjobs._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Snapshot, Stream
 from psjobs.host._client import _BOOT, HEADER, MAGIC, MAX_REQUEST, VERSION, Client, Paths, host_free, pack, read_frame
 from psjobs.host._server import HostServer
@@ -194,7 +195,7 @@ def test_everything_that_arrived_survives_sigkill(home: Path, tmp_path: Path) ->
     assert code == 5 and "HostLostError" in err
 
 
-def test_records_leave_memory_once_stored_and_finished_jobs_leave_the_session(tmp_path: Path) -> None:
+def test_records_are_stored_as_they_arrive_and_the_session_answers_from_the_store(tmp_path: Path) -> None:
     paths = Paths(tmp_path / "inproc")
     paths.prepare()
     server = HostServer(paths)
@@ -205,17 +206,18 @@ def test_records_leave_memory_once_stored_and_finished_jobs_leave_the_session(tm
         go = tmp_path / "go"
         row = client.call("start", command=[f"seq 1 50000; while [ ! -e {go} ]; do sleep 0.01; done"],
                           cwd=str(tmp_path))
-        leaf = server.persister.live[row["child_ids"][0]]
+        # Stored while the job still runs, without anyone receiving them.
         wait_until(lambda: server.store.count_records() == 50000, what="the records to be stored")
-        wait_until(lambda: not leaf._entries, what="the journal to be emptied")
         assert [j.id for j in server.session.get_job()] == [row["id"]]
         go.touch()
         client.call("wait", ids=[str(row["id"])])
-        wait_until(lambda: server.session.get_job() == [], what="the job to leave the session")
-        assert server.persister.live == {}
+        (job,) = server.session.get_job()  # the host's Session is its one job table
+        assert job.state is JobState.COMPLETED and job.has_more_data
         got = [v for r in client.stream("receive", ids=[str(row["id"])]) if r["more"]
                for *_, v in r["result"]["records"]]
         assert got == [str(i) for i in range(1, 50001)]
+        assert not job.has_more_data
+        assert client.call("get", ids=[str(row["id"])])[0]["has_more_data"] is False
     finally:
         client.call("shutdown")
         thread.join(30)

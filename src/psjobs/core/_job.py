@@ -6,7 +6,7 @@
                                      |  state: only through _state.next_state
                                      |  parent: only through _state.derive_parent_state
                                      v
-                                  journal: [(stream, payload, time), ...] + one read cursor
+                                  journal (see _journal): entries in order + one read cursor
                                      |
                  receive_job <-------+  reads from the cursor (keep=True leaves it where it is)
                  job.output etc. <---+  every record of a stream, whatever was received
@@ -24,6 +24,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
+from ._journal import Entry as Entry  # backends import it from here
+from ._journal import Journal, MemoryJournal
 from ._state import Event, JobState, derive_parent_state_counts, next_state
 
 if TYPE_CHECKING:
@@ -50,9 +52,6 @@ def skip_ids(first: int) -> None:
         _last_id = max(_last_id, first - 1)
 
 
-Entry = tuple[int, Any, float]  # (stream, value or record, time.time())
-
-
 class JobStateInfo:
     """A job's state and, for a failed job, the exception that failed it."""
 
@@ -73,7 +72,7 @@ class Job:
     """A unit of background work, and the handle to manage it (see the module verbs)."""
 
     __slots__ = (
-        "_begin", "_children", "_counts", "_cursor", "_end", "_entries", "_history", "_iid", "_parent",
+        "_begin", "_children", "_counts", "_end", "_history", "_iid", "_journal", "_parent",
         "_reason", "_session", "_state", "_stop_requested", "backend_data", "command",
         "computer_name", "exit_code", "id", "job_type", "location", "name", "pid", "prompt", "status_message",
     )
@@ -96,8 +95,7 @@ class Job:
         self._iid: uuid.UUID | None = None
         self._begin: float | None = time.time() if state is JobState.RUNNING else None
         self._end: float | None = None
-        self._entries: list[Entry] | None = None
-        self._cursor = 0
+        self._journal: Journal | None = None  # made on the first records, or by the session's factory
         self._stop_requested = False
         self._history: list[tuple[JobState, float]] | None = None
         self.exit_code: int | None = None
@@ -176,7 +174,8 @@ class Job:
             return True
         if self._children:
             return any(c.has_more_data for c in self._children)
-        return self._entries is not None and self._cursor < len(self._entries)
+        journal = self._journal
+        return journal is not None and journal.cursor < len(journal)
 
     def _leaves(self) -> list[Job]:
         if not self._children:
@@ -189,11 +188,11 @@ class Job:
     # --- streams ---------------------------------------------------------------------------
     def _stream(self, stream: Stream) -> list[Any]:
         with self._session._cond:
-            out: list[Any] = []
-            for leaf in self._leaves():
-                if leaf._entries:
-                    out.extend(p for s, p, _ in leaf._entries if s == stream)
-            return out
+            ends = [(leaf._journal, len(leaf._journal)) for leaf in self._leaves() if leaf._journal]
+        out: list[Any] = []
+        for journal, end in ends:  # outside the lock: a journal may read from storage
+            out.extend(p for s, p, _ in journal.read(0, end) if s == stream)
+        return out
 
     @property
     def output(self) -> list[Any]:
@@ -275,6 +274,8 @@ class Job:
             self._begin = t
         if new.is_finished:
             self._end = t
+            if self._journal is not None:
+                self._journal.close()
         parent = self._parent
         if parent is not None:
             counts = parent._counts
@@ -301,22 +302,39 @@ class Job:
     def _extend(self, entries: list[Entry]) -> None:
         if self._state.is_finished or not entries:
             return  # a finished job absorbs late records
-        if self._entries is None:
-            self._entries = entries if isinstance(entries, list) else list(entries)
+        if self._journal is None:
+            self._journal = MemoryJournal(entries)
         else:
-            self._entries.extend(entries)
+            self._journal.extend(entries)
         self._session._cond.notify_all()
 
     def _append(self, entry: Entry) -> None:
         if self._state.is_finished:
             return
-        if self._entries is None:
-            self._entries = [entry]
+        if self._journal is None:
+            self._journal = MemoryJournal([entry])
         else:
-            self._entries.append(entry)
+            self._journal.append(entry)
         cond = self._session._cond
         if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
             cond.notify_all()
+
+    @classmethod
+    def restored(cls, session: Session, job_id: int, *, parent: Job | None, name: str, job_type: str,
+                 command: str, location: str, computer_name: str | None, state: JobState,
+                 reason: BaseException | None, exit_code: int | None, begin: float | None,
+                 end: float | None, instance_id: uuid.UUID, pid: int | None, journal: Journal) -> Job:
+        """A finished job as it was stored (the session host's jobs of earlier runs), with its journal.
+
+        Register it with ``Session.restore_jobs``; it never runs again, so no event reaches it.
+        """
+        if not state.is_finished:
+            raise ValueError(f"a restored job is finished, not {state}")
+        job = cls(session, job_id, job_type=job_type, name=name, command=command, location=location,
+                  state=state, parent=parent, computer_name=computer_name)
+        job._reason, job.exit_code, job._begin, job._end = reason, exit_code, begin, end
+        job._iid, job.pid, job._journal = instance_id, pid, journal
+        return job
 
     # --- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:

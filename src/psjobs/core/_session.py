@@ -6,12 +6,12 @@
              --> job tree + one JobPort per leaf in the table (_tree.make_tree) --> backend.start(ports, spec)
     backend  --> port.started / records / blocked / ended(outcome)  (the port holds self._lock)
              --> Job._apply / Job._extend --> notify_all
-    receive  --> reads leaves' journals from their cursors    --> output returned,
-                                                                  other records to the Host
+    receive  --> claims leaves' journal ranges (under the lock) --> reads them (outside it) -->
+                 output returned, other records to the Host
     wait     --> self._cond.wait until the jobs are done
     stop     --> Event.STOP on the leaves, backend.stop(port, grace), wait (grace), warn if stuck
                  (_control.stop_jobs; suspend, resume and send_input are there too)
-    remove   --> drop from the table, backend.forget(port), free the journal
+    remove   --> drop from the table, backend.forget(port), journal.drop() (outside the lock)
 
 One lock (a Condition) guards every job of the session; nothing slow runs under it. Every thread
 and lock of psjobs, and their order, are listed in the docstring of ``psjobs.core``.
@@ -40,6 +40,7 @@ from ._backend import Backend, load_backend
 from ._control import pause_jobs, send_input, stop_jobs
 from ._format import JobList
 from ._job import Job, skip_ids
+from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job, reason_text
 from ._select import resolve, select_jobs, unique
@@ -61,11 +62,12 @@ class Session:
     warning (threads that cannot be interrupted). ``verbose``/``debug``: show those records when
     received. ``host``: what shows received records (see :class:`Host`). ``first_id``: no job of
     this process gets a lower id from now on (the session host resumes after its stored jobs).
+    ``journal_factory``: makes each new job's journal (see ``_journal``; default: in memory).
     """
 
     def __init__(self, *, thread_throttle_limit: int = 5, stop_grace: float = 5.0,
                  verbose: bool = False, debug: bool = False, host: Host | None = None,
-                 first_id: int = 1) -> None:
+                 first_id: int = 1, journal_factory: JournalFactory | None = None) -> None:
         check_limit("Session", thread_throttle_limit)
         skip_ids(first_id)  # ids are never reused: a host resumes after the jobs it stored
         if not isinstance(stop_grace, (int, float)) or stop_grace < 0:
@@ -81,6 +83,7 @@ class Session:
         self.stop_grace = float(stop_grace)
         self.host = host or Host(verbose=verbose, debug=debug)
         self._closed = False
+        self._journal_factory = journal_factory
 
     # --- backends ------------------------------------------------------------------------
     def _backend(self, kind: str) -> Backend:
@@ -106,6 +109,20 @@ class Session:
         if ports:
             backend.start(ports, spec)
         return top
+
+    def _register_locked(self, jobs: list[Job]) -> None:
+        """Put new jobs (parents first) in the table; the caller holds ``self._cond``."""
+        for job in jobs:
+            if self._journal_factory is not None and job._journal is None:
+                job._journal = self._journal_factory(job)
+            self._all[job.id] = job
+            if job.parent is None:
+                self._jobs[job.id] = job
+
+    def restore_jobs(self, jobs: list[Job]) -> None:
+        """Put finished jobs made with ``Job.restored`` (parents first) into the table."""
+        with self._cond:
+            self._register_locked(jobs)
 
     # --- starting --------------------------------------------------------------------------
     def start_job(self, target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
@@ -308,16 +325,30 @@ class Session:
         """
         return self._read(self._leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
 
+    def read_batches(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
+                     timeout: float | None = None) -> Iterator[tuple[Job, list[Entry]]]:
+        """``read_entries`` a batch at a time: ``(leaf job, [(stream, value, time), ...])``, for
+        readers that forward records in bulk (the session host sends a batch before waiting)."""
+        return self._read_batches(self._leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
+
     def _read(self, leaves: list[Job], keep: bool, wait: bool, timeout: float | None,
               on_prompt: Callable[[Job, str], bool] | None = None) -> Iterator[tuple[Job, Stream, Any, float]]:
-        positions = {leaf.id: leaf._cursor for leaf in leaves}
+        for leaf, entries in self._read_batches(leaves, keep, wait, timeout, on_prompt):
+            for stream, payload, t in entries:
+                yield leaf, _STREAMS[stream], payload, t  # a tuple index: Stream(n) cost 0.35 us
+
+    def _read_batches(self, leaves: list[Job], keep: bool, wait: bool, timeout: float | None,
+                      on_prompt: Callable[[Job, str], bool] | None = None) -> Iterator[tuple[Job, list[Entry]]]:
+        # Where this call reads from: a consuming read starts at each journal's cursor every time
+        # (so concurrent readers never get a record twice); a keeping read at its own positions.
+        positions = {leaf.id: leaf._journal.cursor if leaf._journal is not None else 0 for leaf in leaves}
         deadline = None if timeout is None else time.monotonic() + timeout
         asked: set[tuple[int, str]] = set()  # prompts offered in this call: each is asked once
         while True:
             prompts: list[tuple[Job, str]] = []
             with self._cond:
                 if wait:
-                    while not self._has_news(leaves, positions, asked if on_prompt else None):
+                    while not self._has_news(leaves, positions, keep, asked if on_prompt else None):
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if remaining is not None and remaining <= 0:
                             break
@@ -325,22 +356,24 @@ class Session:
                 # Like PowerShell's Receive-Job -Wait: done when every job is finished, suspended
                 # or disconnected (the states that change only if the user acts).
                 done = all(leaf._state.is_persistent for leaf in leaves)
-                batch: list[tuple[Job, list[Any]]] = []
+                batch: list[tuple[Job, Journal, int, int]] = []
                 for leaf in leaves:
-                    entries = leaf._entries
-                    start = positions[leaf.id]
-                    if entries is not None and start < len(entries):
-                        batch.append((leaf, entries[start:]))
-                        positions[leaf.id] = len(entries)
-                        if not keep:
-                            leaf._cursor = len(entries)
+                    journal = leaf._journal
+                    if journal is not None:
+                        start = positions[leaf.id] if keep else journal.cursor
+                        end = len(journal)
+                        if start < end:
+                            batch.append((leaf, journal, start, end))  # claimed: read below
+                            positions[leaf.id] = end
+                            if not keep:
+                                journal.cursor = end
                     if on_prompt is not None and leaf._state is JobState.BLOCKED and leaf.prompt is not None \
                             and (leaf.id, leaf.prompt) not in asked:
                         prompts.append((leaf, leaf.prompt))
-            # Outside the lock: a consumer may be slow, and a job must never wait for a printer.
-            for leaf, entries in batch:
-                for stream, payload, t in entries:
-                    yield leaf, _STREAMS[stream], payload, t  # a tuple index: Stream(n) cost 0.35 us
+            # Outside the lock: a consumer may be slow, and a job must never wait for a printer (nor
+            # for a journal that reads from storage).
+            for leaf, journal, start, end in batch:
+                yield leaf, journal.read(start, end)
             stop_waiting = False
             for leaf, prompt in prompts:
                 asked.add((leaf.id, prompt))
@@ -350,9 +383,11 @@ class Session:
                 return
 
     @staticmethod
-    def _has_news(leaves: list[Job], positions: dict[int, int], asked: set[tuple[int, str]] | None) -> bool:
+    def _has_news(leaves: list[Job], positions: dict[int, int], keep: bool,
+                  asked: set[tuple[int, str]] | None) -> bool:
         for leaf in leaves:
-            if leaf._entries is not None and positions[leaf.id] < len(leaf._entries):
+            journal = leaf._journal
+            if journal is not None and (positions[leaf.id] if keep else journal.cursor) < len(journal):
                 return True
             if asked is not None and leaf._state is JobState.BLOCKED and leaf.prompt is not None \
                     and (leaf.id, leaf.prompt) not in asked:
@@ -414,18 +449,18 @@ class Session:
         seen: dict[int, int] = {}
         counted: set[int] = set()
         while True:
-            updates: list[tuple[Job, Any]] = []
+            ranges: list[tuple[Job, Journal, int, int]] = []
             with self._cond:
                 for job in selected:
                     for leaf in job._leaves():
-                        entries = leaf._entries or []
-                        start = seen.get(leaf.id, 0)
-                        for stream, payload, _ in entries[start:]:
-                            if stream == Stream.PROGRESS:
-                                updates.append((job, payload))  # one bar per job waited for
-                        seen[leaf.id] = len(entries)
+                        journal = leaf._journal
+                        if journal is not None and seen.get(leaf.id, 0) < len(journal):
+                            ranges.append((job, journal, seen.get(leaf.id, 0), len(journal)))
+                            seen[leaf.id] = len(journal)
                 finished = [j for j in selected if j._state.is_persistent and j.id not in counted]
                 result = self._wait_locked(selected, any, deadline, once=True)
+            updates = [(job, payload) for job, journal, start, end in ranges  # one bar per job waited for
+                       for stream, payload, _ in journal.read(start, end) if stream == Stream.PROGRESS]
             for leaf, record in updates:
                 shown.update(leaf, record)
             for job in finished:
@@ -484,15 +519,20 @@ class Session:
         if running:
             self._stop(running)
         gone: list[JobPort] = []
+        journals: list[Journal] = []
         with self._cond:
             for job in selected:
                 for node in [job, *_descendants(job)]:
                     self._all.pop(node.id, None)
-                    node._entries = None
+                    if node._journal is not None:
+                        journals.append(node._journal)
+                        node._journal = None
                     port = self._ports.pop(node.id, None)
                     if port is not None:
                         gone.append(port)
                 self._jobs.pop(job.id, None)
+        for journal in journals:  # outside the lock: a journal may delete from storage
+            journal.drop()
         for port in gone:
             backend = self._backends.get(port.kind)
             if backend is not None:

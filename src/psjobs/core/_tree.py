@@ -46,9 +46,7 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
         tree = _Tree(top, plan.follow_where)
     ports = [JobPort(leaf, kind, spec, tree) for leaf in leaves]
     with session._cond:
-        for job in jobs:
-            session._all[job.id] = job
-        session._jobs[top.id] = top
+        session._register_locked(jobs)
         for port in ports:
             session._ports[port.job_id] = port
         if not leaves:

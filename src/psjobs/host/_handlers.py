@@ -2,30 +2,43 @@
 
 ::
 
-    HostServer._dispatch --XRequest--> handler(ctx, request, reply) --verbs--> Session
-                                             |                    --rows---> JobTable (store)
-                                             +-- reply.part(...) for receive's pages
+    HostServer._dispatch --XRequest--> handler(ctx, request, reply) --verbs--> Session (the job table)
+                                             |                                   | its jobs' journals
+                                             +-- reply.part(...) for receive's    v
+                                             |   batches                  Writer --> SQLite
                                              v
                                         XResponse (to_json by the server)
 
+Every answer comes from the Session: selection, newest, has_more_data and the remove rules are the
+core's; a handler only turns the command's words into the Session's (and its messages back).
 A handler raises PsJobsError (with its exit_code), ValueError/TypeError (bad input: 2) or
 OSError; the server turns any of them into the error reply.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+import re
 import socket
-import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
-from .._errors import JobNotFinishedError, JobStateError, MissingDependencyError, missing_dependency
+from .._errors import (
+    JobNotFinishedError,
+    JobNotFoundError,
+    JobStateError,
+    MissingDependencyError,
+    missing_dependency,
+)
+from ..core._job import Job
+from ..core._pshost import reason_text
+from ..core._session import Session
 from ..core._spec import check_directory
-from ..core._state import JobState
 from ._client import Paths
+from ._journal import Writer, pid_of
 from ._protocol import (
     VERSION,
     Failure,
@@ -34,6 +47,7 @@ from ._protocol import (
     JobView,
     ReceiveRequest,
     ReceiveResult,
+    RecordRow,
     RemoveRequest,
     RemoveResult,
     Request,
@@ -48,8 +62,6 @@ from ._protocol import (
     pack,
     records_part,
 )
-from ._store import Row, is_finished, subtree
-from ._table import JobTable, describe, iso, view
 
 PAGE_BYTES = 4 << 20         # a receive sends records in parts of about this size
 
@@ -66,162 +78,209 @@ class Reply:
 
 @dataclass
 class Context:
-    """What every handler may use: the job table, where things are, and the host's own life."""
+    """What every handler may use: the Session, its store's writer, where things are, the host's life."""
 
-    table: JobTable
+    session: Session
+    writer: Writer
     paths: Paths
     started: float
     shutdown: Callable[[], list[int]]   # stops the host; returns the running jobs it stopped
+    cwds: dict[int, str | None] = field(default_factory=dict)  # where each job's command runs
 
+
+# --- the command's words and the Session's ---------------------------------------------------------
+
+def find(ctx: Context, texts: list[str], verb: str) -> list[Job]:
+    """The jobs that ids, instance ids or names (wildcards allowed) select, in the order given,
+    each once: the core's selection, with the command's words in its messages."""
+    out: dict[int, Job] = {}
+    for text in texts:
+        for job in worded(verb, ctx.session.get_job, id=_selector(text)):
+            out.setdefault(job.id, job)
+    return list(out.values())
+
+
+def _selector(text: str) -> int | uuid.UUID | str:
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return text  # a name, wildcards allowed
+
+
+_HINTS = [(re.compile(r"list the session's jobs with get_job\(\)"), "list the jobs with `psjobs get`"),
+          (re.compile(r"\bstop_job\((\d+)\)"), r"`psjobs stop \1`"),
+          (re.compile(r"\bremove_job\((\d+)\)"), r"`psjobs remove \1`"),
+          (re.compile(r"pass force=True"), "pass --force")]
+
+
+def worded(verb: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(...)``, its refusals said in the command's words (``psjobs stop 3``, not stop_job(3))."""
+    try:
+        return call(*args, **kwargs)
+    except (JobNotFoundError, JobNotFinishedError, JobStateError) as exc:
+        if type(exc) not in (JobNotFoundError, JobNotFinishedError, JobStateError):
+            raise
+        message = re.sub(r"^\w+: ", f"{verb}: ", str(exc))
+        for pattern, words in _HINTS:
+            message = pattern.sub(words, message)
+        raise type(exc)(message) from None
+
+
+def view(ctx: Context, job: Job) -> JobView:
+    """A job as clients see it (``--json``)."""
+    parent = job.parent
+    reason = job.reason
+    return JobView(id=job.id, name=job.name, job_type=job.job_type, state=str(job.state),
+                   has_more_data=job.has_more_data, location=job.location, command=job.command,
+                   parent_id=None if parent is None else parent.id, child_ids=[c.id for c in job.child_jobs],
+                   computer_name=job.computer_name, exit_code=job.exit_code,
+                   reason=None if reason is None else reason_text(reason), begin_time=_iso(job.begin_time),
+                   end_time=_iso(job.end_time), instance_id=str(job.instance_id), pid=pid_of(job),
+                   cwd=ctx.cwds.get(job.id))
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def _tree(job: Job) -> list[Job]:
+    out = [job]
+    for child in job.child_jobs:
+        out.extend(_tree(child))
+    return out
+
+
+def _started(ctx: Context, job: Job, cwd: str | None) -> JobView:
+    nodes = _tree(job)
+    for node in nodes:
+        ctx.cwds[node.id] = cwd
+    ctx.writer.started(nodes, cwd)
+    return view(ctx, job)
+
+
+# --- the verbs -------------------------------------------------------------------------------------
 
 def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
     if not req.command:
         raise ValueError("start: give the command to run after `--`, e.g. psjobs start -- make test")
     cwd = check_directory("start", req.cwd)
     target: Any = req.command[0] if len(req.command) == 1 else req.command
-    session = ctx.table.session
+    session = ctx.session
     if req.thread:
         job = session.start_thread_job(target, name=req.name, working_directory=cwd)
     else:
         job = session.start_job(target, name=req.name, working_directory=cwd,
                                 env=None if req.env is None else _env_delta(req.env))
-    return ctx.table.register(job, cwd)
+    return _started(ctx, job, cwd)
 
 
 def invoke(ctx: Context, req: InvokeRequest, reply: Reply) -> JobView:
     if not req.command or not req.computers:
         raise ValueError("invoke: give the computers with -c and the command after `--`")
     try:
-        job = ctx.table.session.invoke_command(req.command[0] if len(req.command) == 1 else req.command,
-                                               computer_name=req.computers, throttle_limit=req.throttle,
-                                               job_name=req.name)
+        job = ctx.session.invoke_command(req.command[0] if len(req.command) == 1 else req.command,
+                                         computer_name=req.computers, throttle_limit=req.throttle,
+                                         job_name=req.name)
     except (MissingDependencyError, ModuleNotFoundError) as exc:  # asyncssh, or the backend itself
         # The host is a long-lived process: installing the extra is not enough, it must restart.
         why = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc  # the import itself
         raise missing_dependency("invoke (in the psjobs host)", "ssh", why,
                                  then="restart the host with `psjobs host stop`") from exc
-    return ctx.table.register(job, None)
+    return _started(ctx, job, None)
 
 
 def get(ctx: Context, req: GetRequest, reply: Reply) -> list[JobView]:
-    rows = ctx.table.rows()
-    selected = ctx.table.select(req.ids, "get")[1] if req.ids else [r for r in rows if r["parent"] is None]
-    if req.state is not None:
-        want = str(JobState.parse(req.state))
-        selected = [r for r in selected if r["state"] == want]
-    if req.children:
-        ids_in = {r["id"] for r in selected}
-        selected = selected + [r for r in rows if r["parent"] in ids_in and r["id"] not in ids_in]
-    if req.newest is not None:
-        if req.newest < 0:
-            raise ValueError(f"get: --newest must be >= 0, not {req.newest}")
-        # Unfinished jobs count as the newest: their end is still to come.
-        selected = sorted(selected, key=lambda r: r["end_time"] if is_finished(r) else float("inf"),
-                          reverse=True)[:req.newest]
-    return [view(r) for r in sorted(selected, key=lambda r: r["id"])]
+    if req.newest is not None and req.newest < 0:
+        raise ValueError(f"get: --newest must be >= 0, not {req.newest}")
+    ids = find(ctx, req.ids, "get") if req.ids else None
+    jobs = ctx.session.get_job(id=ids, state=req.state, newest=req.newest, include_child_jobs=req.children)
+    return [view(ctx, j) for j in jobs]
 
 
 def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and not req.wait:
         raise ValueError("receive: --auto-remove needs --wait (a job is removed once it is finished)")
-    table, store = ctx.table, ctx.table.store
-    rows, selected = table.select(req.ids, "receive")
-    deadline = None if req.timeout is None else time.monotonic() + req.timeout
-    leaves = subtree(rows, selected, leaves_only=True)
-    positions: dict[int, int] | None = None
-    while True:
-        generation = store.generation
-        finished = all(is_finished(r) for r in store.rows(leaves))
-        with table.reading(leaves):
-            first = positions if req.keep and positions is not None else store.cursors(leaves)
-            page, moved = store.receive_page(leaves, first, PAGE_BYTES)
-            if page:
-                reply.part(records_part(page))
-                if req.keep:
-                    positions = moved
-                else:
-                    store.move_cursors(moved, first)
-                continue
-        if not req.wait or finished:
-            break
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            break
-        store.wait_for(functools.partial(_moved_on, store, generation), remaining)
-    after = store.rows(leaves)
-    failures = _failures(rows, after)
-    done = all(is_finished(r) for r in after)
+    selected = find(ctx, req.ids, "receive")
+    rows: list[RecordRow] = []
+    size = 0
+    # A part per batch (at most about PAGE_BYTES): what arrived goes out before the read waits again.
+    for leaf, entries in ctx.session.read_batches(selected, keep=req.keep, wait=req.wait, timeout=req.timeout):
+        for stream, stored, t in entries:
+            rows.append((stored.seq, leaf.id, stream, t, stored.flag, stored.data))
+            size += len(stored.data) + 40
+            if size >= PAGE_BYTES:
+                reply.part(records_part(rows))
+                rows, size = [], 0
+        if rows:
+            reply.part(records_part(rows))
+            rows, size = [], 0
+    ctx.writer.sync()  # the moved cursors are stored before the answer
+    leaves = [leaf for job in selected for leaf in _tree(job) if not leaf.child_jobs]
+    done = all(leaf.state.is_finished for leaf in leaves)
     removed: list[int] = []
     if req.auto_remove and done:
-        removed = table.delete([r for r in selected if r["parent"] is None])
-    return ReceiveResult(failures=failures, timed_out=req.wait and not done, removed=removed)
+        removed = _remove(ctx, [j for j in selected if j.parent is None], force=False)
+    return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
 
 
-def _moved_on(store: Any, generation: int) -> bool:
-    return bool(store.generation != generation)
-
-
-def _failures(rows: list[Row], leaves: list[Row]) -> list[Failure]:
-    by_id = {r["id"]: r for r in rows}
-
-    def top(r: Row) -> Row:
-        while r["parent"] is not None and r["parent"] in by_id:
-            r = by_id[r["parent"]]
-        return r
+def _failures(leaves: list[Job]) -> list[Failure]:
+    def top(job: Job) -> Job:
+        while job.parent is not None:
+            job = job.parent
+        return job
 
     # Named after the job the user knows (the top-level one), with the child that failed.
-    return [Failure(id=top(r)["id"], name=top(r)["name"], child_id=r["id"], computer_name=r["computer_name"],
-                    reason=r["reason"]) for r in leaves if r["state"] == "Failed" and r["reason"]]
+    return [Failure(id=top(j).id, name=top(j).name, child_id=j.id, computer_name=j.computer_name,
+                    reason=reason_text(reason)) for j in leaves
+            if str(j.state) == "Failed" and (reason := j.reason) is not None]
 
 
 def wait(ctx: Context, req: WaitRequest, reply: Reply) -> WaitResult:
-    _, selected = ctx.table.select(req.ids, "wait")
-    ids = [r["id"] for r in selected]
-    done = ctx.table.wait_stored(ids, req.timeout, req.any) if ids else []
-    if req.any:
-        done = done[:1]
-    ok = bool(done) if req.any else len(done) == len(ids)
-    return WaitResult(done=ctx.table.views(done) if ok else [],
-                      pending=ctx.table.views([i for i in ids if i not in done]))
+    selected = find(ctx, req.ids, "wait")
+    done = ctx.session.wait_job(selected, any=req.any, timeout=req.timeout) if selected else []
+    ctx.writer.sync()  # their final states are stored before the answer
+    if done:
+        pending = [j for j in selected if j not in done]
+    else:
+        pending = [j for j in selected if not j.state.is_persistent]
+    return WaitResult(done=[view(ctx, j) for j in done], pending=[view(ctx, j) for j in pending])
 
 
 def stop(ctx: Context, req: StopRequest, reply: Reply) -> list[JobView]:
-    table = ctx.table
-    _, selected = table.select(req.ids, "stop")
-    live = table.running(selected)
-    if live:
-        table.session.stop_job(live)
-        table.wait_stored([j.id for j in live], table.session.stop_grace + 10.0)
-    return table.views([r["id"] for r in selected])
+    selected = find(ctx, req.ids, "stop")
+    ctx.session.stop_job(selected)
+    ctx.writer.sync()
+    return [view(ctx, j) for j in selected]
 
 
 def remove(ctx: Context, req: RemoveRequest, reply: Reply) -> RemoveResult:
-    table = ctx.table
-    _, selected = table.select(req.ids, "remove")
-    for row in selected:
-        if row["parent"] is not None:
-            raise JobStateError(f"remove: {describe(row)} is a child job; child jobs are removed with "
-                                f"their parent: `psjobs remove {row['parent']}`")
-        if not is_finished(row) and not req.force:
-            raise JobNotFinishedError(f"remove: {describe(row)} is not finished; stop it first with "
-                                      f"`psjobs stop {row['id']}`, or pass --force")
-    running = table.running(selected)
-    if running:
-        table.session.stop_job(running)
-    table.wait_stored([r["id"] for r in selected], table.session.stop_grace + 10.0)
-    return RemoveResult(removed=table.delete(selected))
+    return RemoveResult(removed=_remove(ctx, find(ctx, req.ids, "remove"), force=req.force))
+
+
+def _remove(ctx: Context, jobs: list[Job], force: bool) -> list[int]:
+    worded("remove", ctx.session.remove_job, jobs, force=force)
+    ctx.writer.sync()  # deleted from the store before the answer
+    for job in jobs:
+        for node in _tree(job):
+            ctx.cwds.pop(node.id, None)
+    return sorted(j.id for j in jobs)
 
 
 def status(ctx: Context, req: StatusRequest, reply: Reply) -> StatusResult:
     from .._version import __version__
 
-    rows = ctx.table.rows()
+    jobs = ctx.session.get_job()
+    ctx.writer.sync()
     paths = ctx.paths
-    return StatusResult(pid=os.getpid(), version=__version__, protocol=VERSION, started=iso(ctx.started),
+    started = _iso(datetime.fromtimestamp(ctx.started, timezone.utc).astimezone())
+    return StatusResult(pid=os.getpid(), version=__version__, protocol=VERSION, started=started,
                         home=str(paths.home), socket=str(paths.socket), database=str(paths.database),
-                        log=str(paths.log), jobs=sum(1 for r in rows if r["parent"] is None),
-                        running_jobs=sum(1 for r in rows if r["parent"] is None and not is_finished(r)),
-                        records=ctx.table.store.count_records())
+                        log=str(paths.log),
+                        jobs=len(jobs), running_jobs=sum(1 for j in jobs if not j.state.is_finished),
+                        records=ctx.writer.store.count_records())
 
 
 def shutdown(ctx: Context, req: ShutdownRequest, reply: Reply) -> ShutdownResult:

@@ -5,10 +5,10 @@
     psjobs (client) --request frame--> host.sock (0600, in a 0700 directory)
           ^                                 | a thread per connection, one handler per verb
           |                                 v
-          +--- response frames ------- HostServer --request--> handler --verbs--> Session
-               (the last has more=false)    |                   | journals
-                                            |                   v
-                                            +--rows, records-- Store (SQLite) <-- Persister
+          +--- response frames ------- HostServer --request--> handler --verbs--> Session (the job table)
+               (the last has more=false)                                            | its journals
+                                                                                    v
+                                                      Store (SQLite) <-- Writer thread
 
     frames, requests and responses: see _protocol; one handler per verb: see _handlers
 
@@ -41,9 +41,9 @@ from .._errors import HostError, ProtocolError, PsJobsError, RequestError
 from ..core._session import Session
 from ._client import Paths, answers, read_frame
 from ._handlers import HANDLERS, Context, Reply
+from ._journal import Writer, restore
 from ._protocol import MAX_REQUEST, decode_request, error_reply, final, pack
-from ._store import Persister, Store, kill_orphans
-from ._table import JobTable
+from ._store import Store, kill_orphans
 
 _IDLE = 60.0                 # seconds a connection may take to send its request
 
@@ -70,7 +70,7 @@ def _showwarning(message: Any, category: Any, filename: str, lineno: int, file: 
 # --- the server ------------------------------------------------------------------------------------
 
 class HostServer:
-    """Owns the Session, the Store and the Persister; hands each request to its verb's handler."""
+    """Owns the Session, the Store and its Writer; hands each request to its verb's handler."""
 
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
@@ -79,8 +79,11 @@ class HostServer:
         try:
             self.store = Store(str(paths.database))
             kill_orphans(self.store.recover(os.getpid()))
-            self.session = Session(first_id=self.store.next_id())
-            self.persister = Persister(self.session, self.store)
+            self.writer = Writer(self.store)
+            # One job table: the stored jobs come back as finished jobs of the host's Session, and
+            # every new job's records go to the store through its journal.
+            self.session = Session(first_id=self.store.next_id(), journal_factory=self.writer.journal)
+            cwds = restore(self.session, self.writer)
             with contextlib.suppress(FileNotFoundError):
                 paths.socket.unlink()  # left by a dead host: we hold the lock, so no host uses it
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -90,8 +93,8 @@ class HostServer:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self.table = JobTable(self.session, self.store, self.persister)
-        self.context = Context(table=self.table, paths=paths, started=self.started, shutdown=self._request_stop)
+        self.context = Context(session=self.session, writer=self.writer, paths=paths, started=self.started,
+                               shutdown=self._request_stop, cwds=cwds)
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped_jobs: list[int] = []
@@ -129,9 +132,9 @@ class HostServer:
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.paths.socket.unlink()
-        self._stopped_jobs = self.table.running_tops()
+        self._stopped_jobs = [j.id for j in self.session.get_job() if not j.state.is_finished]
         self.session.close(grace=2.0)
-        self.persister.close(timeout=10.0)
+        self.writer.close(timeout=10.0)
         self._stopped.set()  # the shutdown handler replies now, before the process ends
 
     def _request_stop(self) -> list[int]:
