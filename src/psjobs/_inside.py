@@ -47,6 +47,20 @@ def current() -> Emitter | None:
     return _current.get() or _process_emitter
 
 
+def bind(emitter: Emitter) -> contextvars.Token[Emitter | None]:
+    """Make ``emitter`` the job of this thread (and of the tasks it starts); ``unbind`` undoes it."""
+    return _current.set(emitter)
+
+
+def unbind(token: contextvars.Token[Emitter | None]) -> None:
+    _current.reset(token)
+
+
+def bound() -> Emitter | None:
+    """The emitter ``bind`` set in this context, if any (not the process's own)."""
+    return _current.get()
+
+
 def set_process_emitter(emitter: Emitter | None) -> None:
     global _process_emitter
     _process_emitter = emitter

@@ -62,6 +62,11 @@ class Record:
         return (_rebuild, (type(self), tuple(getattr(self, a) for a in _all_slots(type(self)))))
 
 
+def record_time(record: Record) -> float:
+    """When ``record`` was made, in seconds since the epoch (``record.time`` is the datetime)."""
+    return record._t  # noqa: SLF001 (this module owns Record: the accessor for the others)
+
+
 def _all_slots(cls: type) -> tuple[str, ...]:
     names: list[str] = []
     for klass in reversed(cls.__mro__):

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError
-from .._inside import _current, flush_lines, install_routers
+from .._inside import bind, flush_lines, install_routers, unbind
 from ..core import CALL, Backend, JobPort, JobSpec, Outcome
 from ..worker._outcome import status_error
 from ..worker._procs import run_command
@@ -147,7 +147,7 @@ class ThreadBackend(Backend):
         if data is None or port.finished:
             return  # stopped, or stopped and removed, while it waited for this thread
         emitter = _Emitter(port, data)
-        token = _current.set(emitter)
+        token = bind(emitter)
         try:
             if not port.started():
                 return  # stopped between admission and now
@@ -160,7 +160,7 @@ class ThreadBackend(Backend):
                 ended = run_guarded(lambda: self._command(data, emitter), data.stopper, status=True)
         finally:
             flush_lines(emitter)
-            _current.reset(token)
+            unbind(token)
         port.ended(Outcome.named(ended.event, ended.reason, ended.code))
         port.data = None  # the spec (target, arguments, input) is not needed any more
 

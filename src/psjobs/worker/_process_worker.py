@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import _inside
 from .._errors import JobStopped, ProtocolError, RemoteError, WorkerError
-from .._records import ErrorRecord, Stream, snapshot
+from .._records import ErrorRecord, Stream, record_time, snapshot
 from ._outcome import qualname
 from ._procs import Lines
 from ._runner import Ended, call, run_guarded
@@ -161,7 +161,7 @@ def _records_frame(streams: bytes, values: list[Any], times: list[float]) -> tup
 def _stand_in(payload: Any, exc: BaseException) -> Any:
     if isinstance(payload, ErrorRecord) and payload.exception is not None:
         ex = payload.exception
-        return ErrorRecord(payload.message, payload._t, payload.computer_name,
+        return ErrorRecord(payload.message, record_time(payload), payload.computer_name,
                            RemoteError(str(ex), qualname(ex)), payload.traceback)
     return snapshot(payload, f"{type(exc).__name__}: {exc}")
 

@@ -68,7 +68,7 @@ class ThreadStopper:
             first = not self.stop
             self.stop = True
             if self.in_user and not self.injected and self.thread_id is not None:
-                self._inject()
+                self.inject()
         return first
 
     def nudge(self) -> None:
@@ -82,7 +82,7 @@ class ThreadStopper:
             return
         with self.lock:
             if self.in_user:
-                self._inject()
+                self.inject()
 
     def shield(self) -> bool:
         """No stop raised from now until unshield() (a process being started must be noted
@@ -98,7 +98,7 @@ class ThreadStopper:
             self.in_user = shielded
             return self.stop
 
-    def _inject(self) -> None:
+    def inject(self) -> None:
         # With self.lock held, in user code.
         assert self.thread_id is not None
         set_async_exc(self.thread_id, JobStopped)
@@ -123,7 +123,7 @@ def _unraisable(unraisable: Any) -> None:
         if stopper is not None:
             with stopper.lock:
                 if stopper.in_user:
-                    stopper._inject()
+                    stopper.inject()
             return
     _previous_hook(unraisable)
 

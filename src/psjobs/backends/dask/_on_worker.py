@@ -377,7 +377,7 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
         rt.tasks[key] = task
     rt.shipper.started(task)
     emitter = _TaskEmitter(task, rt)
-    token = _inside._current.set(emitter)
+    token = _inside.bind(emitter)
     try:
         if s.kind != "call":
             ended = run_guarded(lambda: _command(s, item, task, emitter), task.stopper, status=True)
@@ -387,7 +387,7 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
                                 task.stopper)
     finally:
         _inside.flush_lines(emitter)
-        _inside._current.reset(token)
+        _inside.unbind(token)
         _end(rt, task)
     (streams, values, times), sent = rt.shipper.take(task)
     if ended.value is not None:  # a returned value comes straight back, with the result
@@ -456,11 +456,11 @@ def _track_popen() -> None:
     Only calls made in a thread that runs a psjobs task are noted; such a process gets a session
     of its own unless the caller chose otherwise, so that its whole process group can be ended.
     """
-    if getattr(subprocess.Popen.__init__, "_psjobs", False):
+    if getattr(subprocess.Popen.__init__, "psjobs_patched", False):
         return
 
     def __init__(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
-        emitter = _inside._current.get()
+        emitter = _inside.bound()
         task = emitter.task if isinstance(emitter, _TaskEmitter) else None
         if task is None:
             _popen_init(self, *args, **kwargs)
@@ -481,6 +481,6 @@ def _track_popen() -> None:
             if shielded:
                 raise JobStopped()
 
-    __init__._psjobs = True  # type: ignore[attr-defined]
+    __init__.psjobs_patched = True  # type: ignore[attr-defined]
     subprocess.Popen.__init__ = __init__  # type: ignore[method-assign]
 
