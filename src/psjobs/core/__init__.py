@@ -17,25 +17,30 @@ Threads psjobs starts, in the session's process
 - ``psjobs-dask-N`` (backends/dask/_conn): one dispatcher per cluster connection, the only thread
   that reports for cluster jobs; ``psjobs-dask-stop`` helpers broadcast a stop to the workers.
   (distributed's Client runs its own event-loop thread; psjobs only puts things in an inbox there.)
-- ``psjobs-persist`` and one thread per client connection (host/): the session host's.
-- On a Dask worker (backends/dask/_on_worker): ``psjobs-dask-shipper`` sends a task's records.
+- ``psjobs-host-writer`` (host/_journal: writes every journal's records, cursors and states to
+  SQLite, one transaction per pass) and ``psjobs-host-conn`` (one per client connection, host/_server):
+  the session host's.
+- Outside the session's process: ``psjobs-pump`` in a process worker (worker/_process_worker: fd 1
+  and 2 to records), ``psjobs-dask-shipper`` on a Dask worker (backends/dask/_on_worker: a task's
+  records to the session).
 
 Locks, and the order in which they may be taken (outer first)
 ---------------------------------------------------------------
 1. ``Session._backend_lock``: making a backend. Nothing else is taken under it but the
    registry's lock and the backend's constructor's own.
-2. Backend locks, each its own: ``ThreadBackend._cond`` (the queue), ``_Data.lock`` (a thread
-   job's in-user flag, for raising a stop), ``ProcessBackend._server_lock``,
+2. Backend locks, each its own: ``ThreadBackend._cond`` (the queue), ``ThreadStopper.lock``
+   (worker/_thread_stop: a thread job's in-user flag, for raising a stop), ``ProcessBackend._server_lock``,
    ``IOLoop.sel.mutex`` (an RLock: registering descriptors; the loop's handlers run under it, and
    report through ports, so it comes before the session lock), ``SSHBackend._engine_lock``,
    ``DaskBackend.lock``, ``_Conn.lock``; ssh's ``_PICKLE_LOCK``. Two backend locks are never held
    together. A backend may report through a port while it holds one of its own locks.
 3. The session lock, ``Session._lock`` under ``Session._cond``: every job of the session. Only the
-   core takes it (JobPort, Session, Job), and the host (host/) for its snapshots. It is the
-   innermost lock: nothing else is taken while it is held, no backend is called under it, and
-   nothing slow runs under it.
+   core takes it (JobPort, Session, Job, and a Journal's ``extend``/``append``/``close``, which
+   only count and queue). It is the innermost lock: nothing else is taken while it is held, no
+   backend is called under it, and nothing slow runs under it.
 4. Leaves: the registry's lock (core/_backend), the id counter's (core/_job), the default session's
-   (psjobs/_api); nothing is taken under them.
+   (psjobs/_api), the host store's ``Store._lock`` (SQLite, taken by the writer thread and by reads
+   outside the session lock); nothing is taken under them.
 """
 
 from ._backend import Backend, Place, Plan, backend_class, register_backend, unregister_backend
