@@ -176,3 +176,17 @@ def test_progress_bars_while_receiving_and_waiting(tmp_path: Any) -> None:
         assert host.displays[-1].bars == {}  # finished bars are gone, not left behind
     assert "copying" in host.buffer.getvalue()
     assert "jobs done 2/2" in host.buffer.getvalue()
+
+
+def ask_many(n: int) -> int:
+    return sum(int(input(f"Number {i}? ")) for i in range(n))
+
+
+def test_prompts_asked_back_to_back_are_each_answered() -> None:
+    """A worker that asks again as soon as it is answered: each new prompt must stay Blocked until
+    answered (an answer reported after it reached the worker used to undo the next prompt)."""
+    host = AnsweringHost([str(i) for i in range(200)])
+    with psjobs.Session(host=host) as s:
+        job = s.start_job(ask_many, 200)
+        assert s.receive_job(job, wait=True, timeout=30) == [sum(range(200))]
+        assert len(host.asked) == 200 and job.state is JobState.COMPLETED

@@ -44,6 +44,7 @@ class InlineBackend(Backend):
     def __init__(self, session: Session) -> None:
         super().__init__(session)
         self.ports: list[JobPort] = []
+        self.specs: dict[int, JobSpec] = {}  # the port does not keep the spec: backends that need it do
         self.stops: list[tuple[int, float]] = []
         self.forgotten: list[int] = []
         self.answers: list[str] = []
@@ -57,13 +58,14 @@ class InlineBackend(Backend):
 
     def start(self, ports: list[JobPort], spec: JobSpec) -> None:
         self.ports.extend(ports)
+        self.specs.update((port.job_id, spec) for port in ports)
         if spec.options.get("run", True):
             for port in ports:
                 port.started(pid=4242)
 
     def stop(self, port: JobPort, grace: float) -> None:
         self.stops.append((port.job_id, grace))
-        if port.spec.options.get("stop_ends", True):
+        if self.specs[port.job_id].options.get("stop_ends", True):
             port.ended(Outcome.stopped())
 
     def forget(self, port: JobPort) -> None:
@@ -114,7 +116,7 @@ def start(s: Session, *, kind: str = "inline", name: str | None = None, parent: 
     spec.options = options
     job = s._start_tree(kind, spec, job_type="InlineJob", name=name, parent=parent)
     backend: Any = s._backends[kind]
-    ports = [p for p in backend.ports if p.spec is spec]
+    ports = [p for p in backend.ports if backend.specs[p.job_id] is spec]
     return job, ports
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 def _backend_of(session: Session, leaf: Job) -> tuple[Backend | None, JobPort | None]:
-    port = session._ports.get(leaf.id)
+    port = leaf._port
     if port is None:
         return None, None
     return session._backends.get(port.kind), port

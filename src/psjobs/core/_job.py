@@ -29,6 +29,7 @@ from ._journal import Journal, MemoryJournal
 from ._state import Event, JobState, derive_parent_state_counts, next_state
 
 if TYPE_CHECKING:
+    from ._port import JobPort
     from ._session import Session
 
 # PowerShell takes ids from one counter for the whole process, parents before their children.
@@ -73,7 +74,7 @@ class Job:
 
     __slots__ = (
         "_begin", "_children", "_counts", "_end", "_history", "_iid", "_journal", "_parent",
-        "_reason", "_session", "_state", "_stop_requested", "backend_data", "command",
+        "_port", "_reason", "_session", "_state", "_stop_requested", "backend_data", "command",
         "computer_name", "exit_code", "id", "job_type", "location", "name", "pid", "prompt", "status_message",
     )
 
@@ -105,6 +106,7 @@ class Job:
         self.prompt: str | None = None
         #: what the backend keeps for this job (process handle, thread, connection, ...)
         self.backend_data: Any = None
+        self._port: JobPort | None = None  # set by the port itself: how the Session reaches its backend
         if parent is not None:
             if parent._children is None:
                 parent._children = []

@@ -77,7 +77,6 @@ class Session:
         self._jobs: dict[int, Job] = {}      # top-level jobs by id (ids only grow: insertion = id order)
         self._all: dict[int, Job] = {}       # every job, children too
         self._backends: dict[str, Backend] = {}
-        self._ports: dict[int, JobPort] = {}  # leaf job id -> its port (which backend runs it)
         self._backend_lock = threading.Lock()
         self.thread_throttle_limit = thread_throttle_limit
         self.stop_grace = float(stop_grace)
@@ -110,7 +109,7 @@ class Session:
             backend.start(ports, spec)
         return top
 
-    def _register_locked(self, jobs: list[Job]) -> None:
+    def _register_locked(self, jobs: Iterable[Job]) -> None:
         """Put new jobs (parents first) in the table; the caller holds ``self._cond``."""
         for job in jobs:
             if self._journal_factory is not None and job._journal is None:
@@ -527,7 +526,7 @@ class Session:
                     if node._journal is not None:
                         journals.append(node._journal)
                         node._journal = None
-                    port = self._ports.pop(node.id, None)
+                    port, node._port = node._port, None
                     if port is not None:
                         gone.append(port)
                 self._jobs.pop(job.id, None)

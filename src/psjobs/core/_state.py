@@ -26,6 +26,11 @@ class JobState(enum.Enum):
     SUSPENDING = "Suspending"
     STOPPING = "Stopping"
 
+    # Members are singletons compared by identity: hash them by identity too, in C. Enum's own
+    # __hash__ is Python code (hash of the name), and every transition and state check hashes a
+    # state (~12 times per thread job: 0.9 us of its ~8 us in the worker thread).
+    __hash__ = object.__hash__
+
     def __str__(self) -> str:
         return self.value
 
@@ -60,6 +65,8 @@ _PERSISTENT = _FINISHED | {JobState.SUSPENDED, JobState.DISCONNECTED}
 
 class Event(enum.Enum):
     """What a backend (or the user, for stop) says happened to a job."""
+
+    __hash__ = object.__hash__  # as JobState's: the transition table is keyed by (state, event)
 
     START = "start"            # the worker runs the job
     COMPLETE = "complete"      # the worker ended well and every record has arrived

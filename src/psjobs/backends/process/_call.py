@@ -261,8 +261,11 @@ class CallHandle(Handle):
                 self.backend.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                              self.on_event)
 
-        self.backend.loop.call_soon(write)
+        # Answered as far as the session knows before the answer can reach the worker: reported
+        # after, a worker quick to ask again had its next prompt (Blocked) undone by this report,
+        # and nobody answered it (seen: receive_job(wait=True) ran out of time under load).
         self.port.unblocked()
+        self.backend.loop.call_soon(write)
 
     def close(self) -> None:
         self.backend.handles.discard(self)
