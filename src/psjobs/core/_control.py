@@ -22,18 +22,18 @@ import warnings
 from typing import TYPE_CHECKING
 
 from .._errors import JobStateError, StopTimeoutWarning
+from ._port import JobPort
 from ._pshost import describe_job
 from ._state import Event, JobState
 
 if TYPE_CHECKING:
     from ._backend import Backend
     from ._job import Job
-    from ._port import JobPort
     from ._session import Session
 
 
 def _backend_of(session: Session, leaf: Job) -> tuple[Backend | None, JobPort | None]:
-    port = leaf._port
+    port = JobPort.of(leaf)
     if port is None:
         return None, None
     return session._backends.get(port.kind), port

@@ -29,7 +29,6 @@ from ._journal import Journal, MemoryJournal
 from ._state import Event, JobState, derive_parent_state_counts, next_state
 
 if TYPE_CHECKING:
-    from ._port import JobPort
     from ._session import Session
 
 # PowerShell takes ids from one counter for the whole process, parents before their children.
@@ -73,9 +72,31 @@ class Job:
     """A unit of background work, and the handle to manage it (see the module verbs)."""
 
     __slots__ = (
-        "_begin", "_children", "_counts", "_end", "_history", "_iid", "_journal", "_parent",
-        "_port", "_reason", "_session", "_state", "_stop_requested", "backend_data", "command",
-        "computer_name", "exit_code", "id", "job_type", "location", "name", "pid", "prompt", "status_message",
+        "_begin",
+        "_children",
+        "_counts",
+        "_end",
+        "_history",
+        "_iid",
+        "_journal",
+        "_kind",
+        "_parent",
+        "_reason",
+        "_session",
+        "_state",
+        "_stop_requested",
+        "_tree",
+        "backend_data",
+        "command",
+        "computer_name",
+        "exit_code",
+        "id",
+        "job_type",
+        "location",
+        "name",
+        "pid",
+        "prompt",
+        "status_message",
     )
 
     def __init__(self, session: Session, job_id: int, *, job_type: str, name: str | None,
@@ -106,7 +127,9 @@ class Job:
         self.prompt: str | None = None
         #: what the backend keeps for this job (process handle, thread, connection, ...)
         self.backend_data: Any = None
-        self._port: JobPort | None = None  # set by the port itself: how the Session reaches its backend
+        # Set by its JobPort when the Session makes a leaf: which backend runs it, and its tree.
+        self._kind: str | None = None
+        self._tree: Any = None
         if parent is not None:
             if parent._children is None:
                 parent._children = []

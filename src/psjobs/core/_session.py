@@ -526,7 +526,7 @@ class Session:
                     if node._journal is not None:
                         journals.append(node._journal)
                         node._journal = None
-                    port, node._port = node._port, None
+                    port = JobPort.of(node)
                     if port is not None:
                         gone.append(port)
                 self._jobs.pop(job.id, None)
