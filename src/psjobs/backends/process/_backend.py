@@ -50,6 +50,9 @@ class ProcessBackend(Backend):
 
     can_pause = True       # SIGSTOP / SIGCONT to the job's process group
     can_send_input = True  # an ANSWER frame to the worker's read_host
+    # A callable's job is NotStarted until its worker exists, yet its JOB frame is on the way: a
+    # stop then must withdraw it (CallHandle.withdraw), or the worker would run it unseen.
+    stops_unstarted = True
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
@@ -111,6 +114,8 @@ class ProcessBackend(Backend):
                 self._start_command(port, spec)
 
     def _start_call(self, port: JobPort, spec: JobSpec) -> None:
+        if port.finished:
+            return  # stopped by another thread between its registration and now: it never runs
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
@@ -128,6 +133,8 @@ class ProcessBackend(Backend):
         self.handles.add(handle)
         self.pending_calls[port.job_id] = handle
         handle.register()  # here, not on the loop thread: see _SharedSelector
+        if port.finished:
+            handle.withdraw()  # a stop that came before port.data was set did not see the handle
         self._submit(handle)
 
     def _submit(self, handle: CallHandle) -> None:
@@ -222,6 +229,8 @@ class ProcessBackend(Backend):
             self.loop.call_soon(lambda: handle.broken(err))
 
     def _start_command(self, port: JobPort, spec: JobSpec) -> None:
+        if port.finished:
+            return  # stopped by another thread between its registration and now: it never runs
         feed = None
         if spec.input is not None:
             feed = b"".join(f"{item}\n".encode() for item in spec.input)
@@ -235,17 +244,26 @@ class ProcessBackend(Backend):
         handle = CommandHandle(self, port, proc, feed)
         port.data = handle
         self.handles.add(handle)
-        port.started(pid=proc.pid)
-        handle.register()
+        if not port.started(pid=proc.pid):
+            handle.kill(signal.SIGKILL)  # stopped while Popen ran: the job is over, its process too
+        handle.register()  # reaps it and closes its pipes either way
 
     # --- stopping and the rest -----------------------------------------------------------------
     def stop(self, port: JobPort, grace: float) -> None:
         handle = port.data
-        if isinstance(handle, Handle):
+        if isinstance(handle, CallHandle) and handle.pid is None:
+            # No worker known yet (the job is Stopped already): withdraw the job now, in this
+            # thread, so that a worker that has not begun it never does; one that raced past
+            # is killed as soon as it is known (CallHandle._started).
+            handle.withdraw()
+        elif isinstance(handle, Handle):
             self.loop.call_soon(lambda: handle.stop(grace))
 
     def forget(self, port: JobPort) -> None:
-        self.pending_calls.pop(port.job_id, None)
+        # Nothing is dropped here: a handle stays in pending_calls until its worker's exit is
+        # reported (the fork client pops it), so a stop still in flight finds it and nothing of
+        # the job (a worker, its descriptors) outlives the removal unseen (issue 13, case 2).
+        pass
 
     def suspend(self, port: JobPort) -> None:
         """SIGSTOP to the whole process group: nothing of the job runs until resume."""

@@ -1,0 +1,99 @@
+"""Issue 13 ("nothing left running, nothing hangs"): cases 2, 7, 8 and the thread cases of 10.
+
+Each test is named after its case. Real processes throughout; a window in which something must
+not happen is the test's claim (``stays``), never a synchronisation.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+import psjobs
+from psjobs import JobState
+
+from .conftest import wait_until
+from .test_kinds import stays
+
+TRIES = 20
+
+
+def beat(path: str) -> None:
+    """The side effect: appends to ``path`` every 10 ms until ``path.release`` exists."""
+    import time
+
+    while not os.path.exists(path + ".release"):
+        with open(path, "a") as f:
+            f.write(".")
+        time.sleep(0.01)
+
+
+SHELL_BEAT = 'while [ ! -e "$1.release" ]; do printf . >> "$1"; sleep 0.01; done'
+
+
+def _starter(kind: str, session: psjobs.Session) -> Callable[[Path], psjobs.Job]:
+    if kind == "thread":
+        return lambda path: session.start_thread_job(beat, str(path))
+    if kind == "process":
+        return lambda path: session.start_job(beat, str(path))
+    return lambda path: session.start_job(SHELL_BEAT, str(path))
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+@pytest.mark.parametrize("kind", ["thread", "process", "command"])
+def test_case2_stop_or_remove_right_after_start_leaves_nothing_running(kind: str, tmp_path: Path) -> None:
+    """A job stopped, or removed with force, right after its start never runs afterwards: its
+    side effect does not change once the verb returned, and no descriptor of it is left."""
+    me = psutil.Process()
+    session = psjobs.Session(stop_grace=2.0)
+    paths: list[Path] = []
+    try:
+        start = _starter(kind, session)
+        warm = tmp_path / "warm"  # the loop, the fork server and its spares exist before we count
+        session.remove_job(start(warm), force=True)
+        wait_until(lambda: not session.get_job(), 10, "the warm-up job to go")
+        fds = me.num_fds()
+        for i in range(TRIES):
+            stopped, forced = tmp_path / f"stopped{i}", tmp_path / f"forced{i}"
+            paths += [stopped, forced]
+            job = start(stopped)
+            session.stop_job(job)
+            assert job.state is JobState.STOPPED
+            session.remove_job(job)
+            job = start(forced)
+            session.remove_job(job, force=True)
+            assert job.state is JobState.STOPPED
+        assert session.get_job() == []
+        sizes = {path: _size(path) for path in paths}
+        assert stays(lambda: any(_size(p) != sizes[p] for p in paths), 1.0), \
+            f"{kind}: a job stopped or removed right after its start ran afterwards"
+        # The workers' sockets and pipes close as they exit; the fork server refills its spares.
+        wait_until(lambda: me.num_fds() <= fds, 10, f"{kind}: the descriptors of {2 * TRIES} stopped "
+                   f"jobs to be closed (had {fds}, now {me.num_fds()})")
+    finally:
+        for path in [*paths, tmp_path / "warm"]:
+            path.with_name(path.name + ".release").touch()
+        session.close()
+
+
+def test_case2_queued_thread_jobs_stopped_or_removed_never_run(session: psjobs.Session, tmp_path: Path) -> None:
+    """A job stopped or removed while it waited for a throttle slot never runs, not even later."""
+    gate = threading.Event()
+    busy = session.start_thread_job(gate.wait, 30, throttle_limit=1)
+    stopped, forced = tmp_path / "stopped", tmp_path / "forced"
+    job = session.start_thread_job(beat, str(stopped))
+    assert job.state is JobState.NOT_STARTED
+    session.stop_job(job)
+    other = session.start_thread_job(beat, str(forced))
+    session.remove_job(other, force=True)
+    gate.set()
+    assert busy.wait(10)
+    assert stays(lambda: stopped.exists() or forced.exists(), 0.5), "a queued job ran after its stop"
