@@ -6,6 +6,7 @@ not happen is the test's claim (``stays``), never a synchronisation.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -97,3 +98,49 @@ def test_case2_queued_thread_jobs_stopped_or_removed_never_run(session: psjobs.S
     gate.set()
     assert busy.wait(10)
     assert stays(lambda: stopped.exists() or forced.exists(), 0.5), "a queued job ran after its stop"
+
+
+# --- case 8: NaN and infinity ------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0])
+def test_case8_a_nan_or_negative_timeout_is_refused_before_waiting(session: psjobs.Session, bad: float) -> None:
+    job = session.start_thread_job(lambda: 1)
+    for verb in (lambda: session.wait_job(job, timeout=bad),
+                 lambda: session.receive_job(job, wait=True, timeout=bad),
+                 lambda: job.wait(bad),
+                 lambda: list(session.read_entries(job, wait=True, timeout=bad))):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+            verb()
+
+
+def test_case8_an_infinite_timeout_means_no_limit(session: psjobs.Session) -> None:
+    import time
+
+    # The job's own work takes a while, so each verb below really waits (inf overflowed there).
+    job = session.start_thread_job(lambda: (time.sleep(0.2), 7)[1])
+    assert session.wait_job(job, timeout=math.inf) == [job]
+    assert session.receive_job(job, wait=True, timeout=math.inf) == [7]
+    assert job.wait(math.inf)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_case8_a_stop_grace_must_be_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match="stop grace must be a finite number"):
+        psjobs.Session(stop_grace=bad)
+    session = psjobs.Session()
+    try:
+        with pytest.raises(ValueError, match="stop grace must be a finite number"):
+            session.close(grace=bad)
+    finally:
+        session.close()
+
+
+def test_case8_the_command_takes_inf_as_no_limit_and_refuses_nan(tmp_path: Path) -> None:
+    from .clitools import ok, private_home, run
+
+    with private_home(tmp_path / "home"):
+        job = ok("start", "-q", "--", "true").strip()
+        assert ok("wait", "--timeout", "inf", job)
+        code, _, err = run("wait", "--timeout", "nan", job)
+        assert code == 2 and "a timeout is >= 0 seconds (or inf: no limit), not nan" in err
+        ok("remove", "--force", job)
