@@ -144,3 +144,37 @@ def test_case8_the_command_takes_inf_as_no_limit_and_refuses_nan(tmp_path: Path)
         code, _, err = run("wait", "--timeout", "nan", job)
         assert code == 2 and "a timeout is >= 0 seconds (or inf: no limit), not nan" in err
         ok("remove", "--force", job)
+
+
+# --- case 10: a thread job waiting on itself, a suspend of a queued thread job ----------------------
+
+def _waits_on_itself(how: str) -> str:
+    me = psjobs.get_job(name="me")[0]
+    try:
+        if how == "wait":
+            me.wait()
+        else:
+            psjobs.receive_job(me, wait=True)
+    except psjobs.JobStateError as exc:
+        return str(exc)
+    return "it waited"
+
+
+@pytest.mark.parametrize("how", ["wait", "receive"])
+def test_case10_a_thread_job_waiting_on_itself_is_refused(default_session: psjobs.Session, how: str) -> None:
+    job = psjobs.start_thread_job(_waits_on_itself, how, name="me")
+    assert job.wait(10), "the job hung waiting for itself"
+    (message,) = job.receive()
+    assert f"Job {job.id} 'me'" in message and "is the job this code runs in" in message
+
+
+def test_case10_suspending_a_queued_thread_job_is_refused(session: psjobs.Session) -> None:
+    gate = threading.Event()
+    busy = session.start_thread_job(gate.wait, 30, throttle_limit=1)
+    queued = session.start_thread_job(lambda: 1)
+    assert queued.state is JobState.NOT_STARTED
+    with pytest.raises(psjobs.JobStateError, match="cannot be suspended"):
+        session.suspend_job(queued)
+    gate.set()
+    assert busy.wait(10) and queued.wait(10)
+    assert queued.state is JobState.COMPLETED and queued.receive() == [1]

@@ -46,7 +46,15 @@ from ._pshost import Host, describe_job, reason_text
 from ._select import resolve, select_jobs, unique
 from ._spec import JobSpec, check_directory, make_env, make_spec
 from ._state import JobState
-from ._tree import check_as_job, check_grace, check_limit, check_name, check_timeout, make_tree
+from ._tree import (
+    check_as_job,
+    check_grace,
+    check_limit,
+    check_name,
+    check_timeout,
+    make_tree,
+    refuse_waiting_on_itself,
+)
 
 JobSelector = Any  # Job | int | str | uuid.UUID | Iterable of these
 
@@ -244,6 +252,8 @@ class Session:
         timeout = check_timeout("receive_job", timeout)
         selected = self._resolve(jobs, "receive_job")
         leaves = self._leaves_of(selected, no_recurse)
+        if wait:
+            refuse_waiting_on_itself("receive_job(wait=True)", leaves, every=True)
         output: list[Any] = []
         errors: list[ErrorRecord] = []
         reasons: list[BaseException] = []
@@ -435,6 +445,7 @@ class Session:
             selected = [j for j in selected if j.state is want]
         if not selected:
             return JobList()
+        refuse_waiting_on_itself("wait_job", selected, every=not any)
         deadline = None if timeout is None else time.monotonic() + timeout
         if show_progress:
             shown = self.host.progress_display(total=len(selected), force=True)

@@ -1,4 +1,4 @@
-"""How the Session makes a job tree, for every kind, and the checks its start verbs share.
+"""How the Session makes a job tree, for every kind, and the checks its verbs share.
 
 ::
 
@@ -17,8 +17,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from .._errors import JobStateError
+from .._inside import current_job_id
 from ._job import Job, _next_ids
 from ._port import JobPort, _Tree
+from ._pshost import describe_job
 from ._state import Event, JobState
 
 if TYPE_CHECKING:
@@ -103,3 +106,16 @@ def check_as_job(as_job: Any, job_name: Any) -> None:
         if not as_job:
             raise ValueError("invoke_command: job_name names a job, so it needs as_job=True (PowerShell's "
                              "-JobName implies -AsJob); leave one of them out")
+
+
+def refuse_waiting_on_itself(verb: str, jobs: list[Job], every: bool) -> None:
+    """A thread job that waits for itself (all of ``jobs``, or any with every=False) would wait
+    forever: it ends only when this very call returns. Refused at once (issue 13, case 10)."""
+    me = current_job_id()
+    if me is None:
+        return
+    mine = [job for job in jobs if job.id == me or any(leaf.id == me for leaf in job._leaves())]
+    if mine and (every or len(mine) == len(jobs)):
+        job = mine[0]
+        raise JobStateError(f"{verb}: {describe_job(job)} is the job this code runs in, so waiting for it "
+                            f"would never end; return from the job instead, or receive without wait=True")
