@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -178,3 +179,47 @@ def test_case10_suspending_a_queued_thread_job_is_refused(session: psjobs.Sessio
     gate.set()
     assert busy.wait(10) and queued.wait(10)
     assert queued.state is JobState.COMPLETED and queued.receive() == [1]
+
+
+# --- case 7: ghost jobs -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("start", [
+    lambda s: s.start_job("echo a\0b"),
+    lambda s: s.start_job(["echo", "a\0b"]),
+    lambda s: s.start_job('echo "$1"', "a\0b"),
+    lambda s: s.start_job(lambda: 1, env={"X": "a\0b"}),
+    lambda s: s.start_thread_job(["echo", "a\0b"]),
+], ids=["command", "argv", "shell-argument", "env", "thread-argv"])
+def test_case7_a_nul_byte_is_refused_before_a_job_exists(session: psjobs.Session, start: Any) -> None:
+    with pytest.raises(ValueError, match="NUL byte"):
+        start(session)
+    assert session.get_job(include_child_jobs=True) == []
+
+
+@pytest.mark.parametrize("target", [beat, "true"], ids=["callable", "command"])
+def test_case7_no_descriptor_left_fails_the_job_with_its_reason(session: psjobs.Session, target: Any,
+                                                               tmp_path: Path) -> None:
+    import resource
+
+    warm = session.start_job(lambda: 1)  # the I/O loop and the fork server exist before the limit
+    assert warm.wait(30)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (psutil.Process().num_fds() + 8, hard))
+    try:
+        while True:  # every descriptor taken: the start cannot make its socket, pipes or process
+            try:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        args = (str(tmp_path / "beats"),) if target is beat else ()
+        job = session.start_job(target, *args)  # the failure can only happen at the start
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert job.wait(30), f"{job} stayed {job.state}"
+    assert job.state is JobState.FAILED
+    leaf = job.child_jobs[0]
+    assert leaf.state is JobState.FAILED
+    assert "Too many open files" in str(leaf.job_state_info.reason)

@@ -31,7 +31,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..._errors import WorkerError
+from ..._errors import ProtocolError, WorkerError
 from ...core import CALL, Backend, JobPort, Outcome
 from ...worker._wire import JobMsg, pickle_call
 
@@ -108,26 +108,44 @@ class ProcessBackend(Backend):
     # --- starting ----------------------------------------------------------------------------
     def start(self, ports: list[JobPort], spec: JobSpec) -> None:
         for port in ports:
-            if spec.kind == CALL:
-                self._start_call(port, spec)
-            else:
-                self._start_command(port, spec)
+            try:
+                if spec.kind == CALL:
+                    self._start_call(port, spec)
+                else:
+                    self._start_command(port, spec)
+            except (OSError, ProtocolError) as exc:
+                # Only at the start can it fail so (EMFILE from socketpair, pipe or Popen; a frame
+                # over the limit): the job exists already, so it fails with the reason instead of
+                # staying NotStarted with its parent Running for good (issue 13, case 7).
+                handle = port.data
+                if isinstance(handle, Handle):
+                    self.pending_calls.pop(port.job_id, None)
+                    handle.close()
+                err = WorkerError(f"start_job: {port.describe()} could not start: {type(exc).__name__}: {exc}; "
+                                  f"free some descriptors (or shrink its arguments) and start it again")
+                err.__cause__ = exc
+                port.ended(Outcome.failed(err))
 
     def _start_call(self, port: JobPort, spec: JobSpec) -> None:
         if port.finished:
             return  # stopped by another thread between its registration and now: it never runs
+        assert spec.payload is not None  # prepare() pickled it
+        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(sys.path)).frame()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
-        assert spec.payload is not None  # prepare() pickled it
-        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(sys.path)).frame()
         ours.setblocking(False)
         try:
             sent = ours.send(job_frame)  # usually all of it: the loop writes any rest
         except BlockingIOError:
             sent = 0
-        handle = CallHandle(self, port, ours, theirs, job_frame[sent:])
+        try:
+            handle = CallHandle(self, port, ours, theirs, job_frame[sent:])  # its pipes: EMFILE here too
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         handle.module = getattr(spec.target, "__module__", None)
         port.data = handle
         self.handles.add(handle)
