@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -334,14 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", metavar="ID|NAME")
     p.add_argument("--keep", action="store_true", help="leave the records to be received again")
     p.add_argument("--wait", action="store_true", help="follow the jobs until they finish")
-    p.add_argument("--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds (inf: no limit)")
     p.add_argument("--auto-remove", action="store_true", help="with --wait: remove the jobs afterwards")
 
     p = add("wait", cmd_wait, "Wait until jobs are finished (or one of them, with --any).",
             "psjobs wait 3 --timeout 60 && psjobs receive 3")
     p.add_argument("ids", nargs="+", metavar="ID|NAME")
     p.add_argument("--any", action="store_true", help="return when the first of them finishes")
-    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds (exit status 6)")
+    p.add_argument("--timeout", type=_seconds, metavar="S",
+                   help="give up after S seconds (exit status 6; inf: no limit)")
 
     p = add("stop", cmd_stop, "Stop jobs for real (their whole process group) and show them.",
             "psjobs stop backup")
@@ -373,14 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str) -> float | None:
+    """A --timeout: seconds >= 0, or inf for no limit (None, as the library takes it)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a timeout is >= 0 seconds, not {text}")
-    return value
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"a timeout is >= 0 seconds (or inf: no limit), not {text}")
+    return None if math.isinf(value) else value
 
 
 def _version() -> str:

@@ -61,6 +61,24 @@ def bound() -> Emitter | None:
     return _current.get()
 
 
+_job_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("psjobs_job_id", default=None)
+
+
+def bind_job_id(job_id: int) -> contextvars.Token[int | None]:
+    """Record that this thread runs job ``job_id`` of a session in this process (thread jobs), so
+    that a wait of the job on itself is refused instead of hanging; ``unbind_job_id`` undoes it."""
+    return _job_id.set(job_id)
+
+
+def unbind_job_id(token: contextvars.Token[int | None]) -> None:
+    _job_id.reset(token)
+
+
+def current_job_id() -> int | None:
+    """The id of the job this code runs as, in this process (None outside a thread job)."""
+    return _job_id.get()
+
+
 def set_process_emitter(emitter: Emitter | None) -> None:
     global _process_emitter
     _process_emitter = emitter

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError
-from .._inside import bind, flush_lines, install_routers, unbind
+from .._inside import bind, bind_job_id, flush_lines, install_routers, unbind, unbind_job_id
 from ..core import CALL, Backend, JobPort, JobSpec, Outcome
 from ..worker._outcome import status_error
 from ..worker._procs import run_command
@@ -150,6 +150,7 @@ class ThreadBackend(Backend):
             return  # stopped, or stopped and removed, while it waited for this thread
         emitter = _Emitter(port, data)
         token = bind(emitter)
+        job_token = bind_job_id(port.job_id)
         try:
             if not port.started():
                 return  # stopped between admission and now
@@ -162,6 +163,7 @@ class ThreadBackend(Backend):
                 ended = run_guarded(lambda: self._command(data, emitter), data, status=True)
         finally:
             flush_lines(emitter)
+            unbind_job_id(job_token)
             unbind(token)
         port.ended(Outcome.named(ended.event, ended.reason, ended.code))
         port.data = None  # the spec (target, arguments, input) is not needed any more

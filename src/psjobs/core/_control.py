@@ -54,12 +54,15 @@ def pause_jobs(session: Session, selected: list[Job], verb: str) -> list[Job]:
         for leaf in job._leaves():
             if leaf.state.is_finished:
                 continue
-            if verb == "suspend" and leaf.state not in (JobState.RUNNING, JobState.BLOCKED):
+            backend, port = _backend_of(session, leaf)
+            # A kind that cannot pause refuses a suspend in every unfinished state: accepted while
+            # the job waited for a throttle slot, it changed nothing and ran unpaused (issue 13, 10).
+            refused = backend is None or port is None or not backend.can_pause
+            if verb == "suspend" and leaf.state not in (JobState.RUNNING, JobState.BLOCKED) and not refused:
                 continue
             if verb == "resume" and leaf.state not in (JobState.SUSPENDED, JobState.SUSPENDING):
                 continue
-            backend, port = _backend_of(session, leaf)
-            if backend is None or port is None or not backend.can_pause:
+            if refused or backend is None or port is None:
                 done = {"suspend": "suspended", "resume": "resumed"}[verb]
                 raise JobStateError(f"{verb}_job: {describe_job(leaf)} is a {leaf.job_type or job.job_type} "
                                     f"which cannot be {done} (Python cannot pause a thread from outside); "

@@ -46,7 +46,15 @@ from ._pshost import Host, describe_job, reason_text
 from ._select import resolve, select_jobs, unique
 from ._spec import JobSpec, check_directory, make_env, make_spec
 from ._state import JobState
-from ._tree import check_as_job, check_limit, check_name, check_timeout, make_tree
+from ._tree import (
+    check_as_job,
+    check_grace,
+    check_limit,
+    check_name,
+    check_timeout,
+    make_tree,
+    refuse_waiting_on_itself,
+)
 
 JobSelector = Any  # Job | int | str | uuid.UUID | Iterable of these
 
@@ -59,7 +67,9 @@ class Session:
 
     ``thread_throttle_limit``: how many thread jobs run at once (default 5; the rest wait
     NotStarted). ``stop_grace``: seconds a stop waits before it kills (processes) or gives up with a
-    warning (threads that cannot be interrupted). ``verbose``/``debug``: show those records when
+    warning (threads that cannot be interrupted); finite, since a stop ends in a kill (NaN and inf
+    raise ValueError). Every ``timeout`` of the verbs is seconds >= 0, or None or ``math.inf`` for
+    no limit (NaN raises ValueError). ``verbose``/``debug``: show those records when
     received. ``host``: what shows received records (see :class:`Host`). ``first_id``: no job of
     this process gets a lower id from now on (the session host resumes after its stored jobs).
     ``journal_factory``: makes each new job's journal (see ``_journal``; default: in memory).
@@ -70,8 +80,7 @@ class Session:
                  first_id: int = 1, journal_factory: JournalFactory | None = None) -> None:
         check_limit("Session", thread_throttle_limit)
         skip_ids(first_id)  # ids are never reused: a host resumes after the jobs it stored
-        if not isinstance(stop_grace, (int, float)) or stop_grace < 0:
-            raise ValueError(f"Session: stop_grace must be a number of seconds >= 0, not {stop_grace!r}")
+        stop_grace = check_grace("Session", stop_grace)
         self._lock = threading.Lock()  # C-level: see _port.JobPort (a stop raised in a thread job)
         self._cond = threading.Condition(self._lock)
         self._jobs: dict[int, Job] = {}      # top-level jobs by id (ids only grow: insertion = id order)
@@ -240,9 +249,11 @@ class Session:
         if auto_remove and not wait:
             raise ValueError("receive_job: auto_remove=True needs wait=True (a job is removed only once "
                              "it is finished)")
-        check_timeout("receive_job", timeout)
+        timeout = check_timeout("receive_job", timeout)
         selected = self._resolve(jobs, "receive_job")
         leaves = self._leaves_of(selected, no_recurse)
+        if wait:
+            refuse_waiting_on_itself("receive_job(wait=True)", leaves, every=True)
         output: list[Any] = []
         errors: list[ErrorRecord] = []
         reasons: list[BaseException] = []
@@ -322,12 +333,14 @@ class Session:
         ``wait=True`` it follows the jobs until they finish (or ``timeout``), yielding as records
         arrive. Moves the jobs' read cursors unless ``keep``.
         """
+        timeout = check_timeout("read_entries", timeout)
         return self._read(self._leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
 
     def read_batches(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
                      timeout: float | None = None) -> Iterator[tuple[Job, list[Entry]]]:
         """``read_entries`` a batch at a time: ``(leaf job, [(stream, value, time), ...])``, for
         readers that forward records in bulk (the session host sends a batch before waiting)."""
+        timeout = check_timeout("read_batches", timeout)
         return self._read_batches(self._leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
 
     def _read(self, leaves: list[Job], keep: bool, wait: bool, timeout: float | None,
@@ -425,13 +438,14 @@ class Session:
         ``show_progress=True`` draws how many jobs are done and each job's latest progress record
         while it waits (PowerShell #12069); nothing is consumed.
         """
-        check_timeout("wait_job", timeout)
+        timeout = check_timeout("wait_job", timeout)
         want = JobState.parse(state) if state is not None else None
         selected = self._resolve(jobs, "wait_job")
         if want is not None:
             selected = [j for j in selected if j.state is want]
         if not selected:
             return JobList()
+        refuse_waiting_on_itself("wait_job", selected, every=not any)
         deadline = None if timeout is None else time.monotonic() + timeout
         if show_progress:
             shown = self.host.progress_display(total=len(selected), force=True)
@@ -540,7 +554,9 @@ class Session:
 
     # --- lifetime --------------------------------------------------------------------------
     def close(self, grace: float = 1.0) -> None:
-        """Stop every running job (processes are killed after ``grace``) and free the workers."""
+        """Stop every running job (processes are killed after ``grace``, finite seconds) and free
+        the workers."""
+        grace = check_grace("Session.close", grace)
         with self._backend_lock:
             if self._closed:
                 return

@@ -54,6 +54,7 @@ def make_spec(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         _no_kwargs(verb, kwargs, "a command line")
         if init is not None:
             raise TypeError(f"{verb}: init applies to Python callables, not to a command line")
+        _no_nul(verb, "the command line", target)
         # $0 is "sh" and the arguments become $1, $2...: they are never pasted into the text.
         argv = ["/bin/sh", "-c", target, "sh", *(command_arg(verb, a) for a in args)]
         return JobSpec(SHELL, argv, input=input, command=target)
@@ -79,13 +80,24 @@ def _no_kwargs(verb: str, kwargs: Mapping[str, Any], what: str) -> None:
 
 
 def command_arg(verb: str, value: Any) -> str:
-    """An argument of a command as text (a str, a path or a number), or TypeError."""
+    """An argument of a command as text (a str, a path or a number), or TypeError (ValueError
+    for a NUL byte, which no exec can pass: refused here, before a job exists)."""
     if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)
+        text = os.fspath(value)
+        if isinstance(text, str):
+            _no_nul(verb, f"the argument {text!r}", text)
+        return text
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise TypeError(f"{verb}: arguments of a command must be strings, paths or numbers, "
                     f"not {type(value).__name__} ({value!r})")
+
+
+def _no_nul(verb: str, what: str, text: str) -> None:
+    # exec and the environment take C strings: a NUL byte failed in Popen after the job was
+    # registered, leaving it NotStarted (its parent Running) for good (issue 13, case 7).
+    if "\0" in text:
+        raise ValueError(f"{verb}: {what} contains a NUL byte, which a command cannot receive; remove it")
 
 
 def check_directory(verb: str, working_directory: str | os.PathLike[str] | None) -> str:
@@ -118,11 +130,12 @@ def make_env(verb: str, env: Mapping[str, str | None] | None) -> dict[str, str] 
         raise TypeError(f"{verb}: env must be a mapping of names to values, not {type(env).__name__}")
     out = dict(os.environ)
     for key, value in env.items():
-        if not isinstance(key, str) or not key or "=" in key:
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise ValueError(f"{verb}: env has an invalid variable name {key!r}")
         if value is None:
             out.pop(key, None)
         elif isinstance(value, str):
+            _no_nul(verb, f"env[{key!r}]", value)
             out[key] = value
         else:
             raise TypeError(f"{verb}: env[{key!r}] must be a str (or None to remove it), "

@@ -1,4 +1,4 @@
-"""How the Session makes a job tree, for every kind, and the checks its start verbs share.
+"""How the Session makes a job tree, for every kind, and the checks its verbs share.
 
 ::
 
@@ -14,10 +14,14 @@ once always finds its job.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+from .._errors import JobStateError
+from .._inside import current_job_id
 from ._job import Job, _next_ids
 from ._port import JobPort, _Tree
+from ._pshost import describe_job
 from ._state import Event, JobState
 
 if TYPE_CHECKING:
@@ -54,11 +58,32 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
     return top, ports
 
 
-def check_timeout(verb: str, timeout: float | None) -> None:
+def check_timeout(verb: str, timeout: float | None) -> float | None:
+    """A timeout as the waits use it: seconds >= 0, or None for no limit.
+
+    The one rule for every timeout of psjobs (issue 13, case 8): ``math.inf`` means no limit, the
+    same as None (a deadline of inf overflowed the lock's wait); NaN is refused, since it compares
+    false with everything and a wait on it spun at 100% CPU.
+    """
     if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"{verb}: timeout must be a number of seconds >= 0 or None, not {timeout!r}")
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"{verb}: timeout must be a number of seconds >= 0, math.inf or None (no limit), "
+                         f"not {timeout!r}")
+    return None if math.isinf(timeout) else float(timeout)
+
+
+def check_grace(verb: str, grace: Any) -> float:
+    """A stop's grace period: finite seconds >= 0.
+
+    Not inf: a stop ends in a kill when the grace is over ("stop means stop"), and a grace that
+    never ends would be a stop that never kills. NaN made stop_job wait forever and the I/O
+    thread spin (issue 13, case 8).
+    """
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not math.isfinite(grace) or grace < 0:
+        raise ValueError(f"{verb}: the stop grace must be a finite number of seconds >= 0 (a stop kills "
+                         f"when it is over), not {grace!r}")
+    return float(grace)
 
 
 def check_limit(verb: str, limit: Any) -> None:
@@ -81,3 +106,16 @@ def check_as_job(as_job: Any, job_name: Any) -> None:
         if not as_job:
             raise ValueError("invoke_command: job_name names a job, so it needs as_job=True (PowerShell's "
                              "-JobName implies -AsJob); leave one of them out")
+
+
+def refuse_waiting_on_itself(verb: str, jobs: list[Job], every: bool) -> None:
+    """A thread job that waits for itself (all of ``jobs``, or any with every=False) would wait
+    forever: it ends only when this very call returns. Refused at once (issue 13, case 10)."""
+    me = current_job_id()
+    if me is None:
+        return
+    mine = [job for job in jobs if job.id == me or any(leaf.id == me for leaf in job._leaves())]
+    if mine and (every or len(mine) == len(jobs)):
+        job = mine[0]
+        raise JobStateError(f"{verb}: {describe_job(job)} is the job this code runs in, so waiting for it "
+                            f"would never end; return from the job instead, or receive without wait=True")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import socket
 import struct
 from typing import Any, ClassVar
@@ -100,9 +101,9 @@ def _strs(args: dict[str, Any], verb: str, name: str, default: Any = _MISSING) -
 
 def _timeout(args: dict[str, Any], verb: str) -> float | None:
     value = _arg(args, verb, "timeout", (int, float), None)
-    if value is not None and value < 0:
-        raise ProtocolError(f"{verb}: the timeout must be >= 0 seconds, not {value}")
-    return None if value is None else float(value)
+    if value is not None and (math.isnan(value) or value < 0):
+        raise ProtocolError(f"{verb}: the timeout must be >= 0 seconds (or inf: no limit), not {value}")
+    return None if value is None or math.isinf(value) else float(value)  # inf: no limit, as in the library
 
 
 # --- requests: one class per verb ---------------------------------------------------------------

@@ -430,7 +430,8 @@ def serve(rfd: int, wfd: int, *, computer_name: str | None = None, capture_fds: 
     """Run the one job that arrives on the channel; return the process exit status to use.
 
     ``hello_first=False`` (a local worker, whose pid the session knows) sends HELLO with the job's
-    first frames instead: a trivial job then wakes the session once, not twice.
+    first frames instead: a trivial job then wakes the session once, not twice. Such a worker
+    also honours a withdrawal (see ``_withdrawn``) right before the job's code begins.
     """
     prepare(computer_name=computer_name, capture_fds=capture_fds)
     writer = _Prepared.writer
@@ -465,10 +466,24 @@ def _serve_one(writer: Writer, pump: _Pump | None, rfd: int, wfd: int, *, hello_
     if kind != JOB:
         raise ProtocolError(f"expected the job, got frame kind {kind}")
     job = JobMsg.decode(body)
+    if not hello_first and _withdrawn(rfd):
+        return 0  # stopped or removed before it began: it never runs, and the session expects nothing
     _settle(job)
     ended = run_guarded(lambda: _run(job, writer), _SignalGate())
     _finish(writer, pump, ended)
     return 0
+
+
+def _withdrawn(fd: int) -> bool:
+    """True if a local session shut its sending side of the job socket: it withdrew the job (a
+    stop or a remove before the worker was known, backends/process/_call CallHandle.withdraw).
+
+    Only a local worker's channel is a socket the session shuts to say so; a remote worker's is a
+    pipe, on which a closed end means something else. One poll: ~1 us on the start path.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _settle(job: JobMsg) -> None:

@@ -12,6 +12,8 @@
                  the task shipped has arrived (chunks go through the scheduler, results come direct)
         lost  -> port.ended(failed: WorkerError naming the worker), cancel the task
         stop  -> client.cancel(tasks not started) + client.run(stop_tasks) on every worker
+        forget -> the key dropped, after the stops of the same batch (a removal right after a
+                 stop must not make the stop find nothing)
 
 Only the dispatcher thread reports for jobs (through their ports); the other threads only put
 things in the inbox.
@@ -172,6 +174,7 @@ class _Conn:
     def _handle(self, batch: list[tuple[str, Any]]) -> bool:
         """Take one batch from the inbox; False once the connection closes."""
         done: list[Any] = []
+        forgotten: list[_Leaf] = []
         closing = False
         for kind, payload in batch:
             try:
@@ -179,6 +182,8 @@ class _Conn:
                     self._on_message(payload)
                 elif kind == "done":
                     done.append(payload)
+                elif kind == "forget":
+                    forgotten.append(payload)
                 elif kind == "close":
                     closing = True
             except Exception as exc:  # a bug here must not stop every job of the session
@@ -188,6 +193,8 @@ class _Conn:
                 stops, self.stops = self.stops, []
             if stops:
                 self._stop(stops)
+            for leaf in forgotten:  # after the stops: a removal never loses the stop before it
+                self._drop(leaf)
             if done:
                 self._finished(done)
             if self.parked:
@@ -394,7 +401,9 @@ class _Conn:
                 self.helpers.discard(threading.current_thread())
 
     def forget(self, leaf: _Leaf) -> None:
-        self._drop(leaf)
+        # Through the dispatcher, as a stop is: dropped here at once, the key was gone before the
+        # dispatcher came to the stop asked for just before, and the queued task ran later.
+        self.inbox.put(("forget", leaf))
 
     def connected(self) -> bool:
         return bool(self.client.status == "running")

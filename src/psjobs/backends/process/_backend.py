@@ -31,7 +31,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..._errors import WorkerError
+from ..._errors import ProtocolError, WorkerError
 from ...core import CALL, Backend, JobPort, Outcome
 from ...worker._wire import JobMsg, pickle_call
 
@@ -50,6 +50,9 @@ class ProcessBackend(Backend):
 
     can_pause = True       # SIGSTOP / SIGCONT to the job's process group
     can_send_input = True  # an ANSWER frame to the worker's read_host
+    # A callable's job is NotStarted until its worker exists, yet its JOB frame is on the way: a
+    # stop then must withdraw it (CallHandle.withdraw), or the worker would run it unseen.
+    stops_unstarted = True
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
@@ -105,29 +108,51 @@ class ProcessBackend(Backend):
     # --- starting ----------------------------------------------------------------------------
     def start(self, ports: list[JobPort], spec: JobSpec) -> None:
         for port in ports:
-            if spec.kind == CALL:
-                self._start_call(port, spec)
-            else:
-                self._start_command(port, spec)
+            try:
+                if spec.kind == CALL:
+                    self._start_call(port, spec)
+                else:
+                    self._start_command(port, spec)
+            except (OSError, ProtocolError) as exc:
+                # Only at the start can it fail so (EMFILE from socketpair, pipe or Popen; a frame
+                # over the limit): the job exists already, so it fails with the reason instead of
+                # staying NotStarted with its parent Running for good (issue 13, case 7).
+                handle = port.data
+                if isinstance(handle, Handle):
+                    self.pending_calls.pop(port.job_id, None)
+                    handle.close()
+                err = WorkerError(f"start_job: {port.describe()} could not start: {type(exc).__name__}: {exc}; "
+                                  f"free some descriptors (or shrink its arguments) and start it again")
+                err.__cause__ = exc
+                port.ended(Outcome.failed(err))
 
     def _start_call(self, port: JobPort, spec: JobSpec) -> None:
+        if port.finished:
+            return  # stopped by another thread between its registration and now: it never runs
+        assert spec.payload is not None  # prepare() pickled it
+        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(sys.path)).frame()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
-        assert spec.payload is not None  # prepare() pickled it
-        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(sys.path)).frame()
         ours.setblocking(False)
         try:
             sent = ours.send(job_frame)  # usually all of it: the loop writes any rest
         except BlockingIOError:
             sent = 0
-        handle = CallHandle(self, port, ours, theirs, job_frame[sent:])
+        try:
+            handle = CallHandle(self, port, ours, theirs, job_frame[sent:])  # its pipes: EMFILE here too
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         handle.module = getattr(spec.target, "__module__", None)
         port.data = handle
         self.handles.add(handle)
         self.pending_calls[port.job_id] = handle
         handle.register()  # here, not on the loop thread: see _SharedSelector
+        if port.finished:
+            handle.withdraw()  # a stop that came before port.data was set did not see the handle
         self._submit(handle)
 
     def _submit(self, handle: CallHandle) -> None:
@@ -222,6 +247,8 @@ class ProcessBackend(Backend):
             self.loop.call_soon(lambda: handle.broken(err))
 
     def _start_command(self, port: JobPort, spec: JobSpec) -> None:
+        if port.finished:
+            return  # stopped by another thread between its registration and now: it never runs
         feed = None
         if spec.input is not None:
             feed = b"".join(f"{item}\n".encode() for item in spec.input)
@@ -235,17 +262,26 @@ class ProcessBackend(Backend):
         handle = CommandHandle(self, port, proc, feed)
         port.data = handle
         self.handles.add(handle)
-        port.started(pid=proc.pid)
-        handle.register()
+        if not port.started(pid=proc.pid):
+            handle.kill(signal.SIGKILL)  # stopped while Popen ran: the job is over, its process too
+        handle.register()  # reaps it and closes its pipes either way
 
     # --- stopping and the rest -----------------------------------------------------------------
     def stop(self, port: JobPort, grace: float) -> None:
         handle = port.data
-        if isinstance(handle, Handle):
+        if isinstance(handle, CallHandle) and handle.pid is None:
+            # No worker known yet (the job is Stopped already): withdraw the job now, in this
+            # thread, so that a worker that has not begun it never does; one that raced past
+            # is killed as soon as it is known (CallHandle._started).
+            handle.withdraw()
+        elif isinstance(handle, Handle):
             self.loop.call_soon(lambda: handle.stop(grace))
 
     def forget(self, port: JobPort) -> None:
-        self.pending_calls.pop(port.job_id, None)
+        # Nothing is dropped here: a handle stays in pending_calls until its worker's exit is
+        # reported (the fork client pops it), so a stop still in flight finds it and nothing of
+        # the job (a worker, its descriptors) outlives the removal unseen (issue 13, case 2).
+        pass
 
     def suspend(self, port: JobPort) -> None:
         """SIGSTOP to the whole process group: nothing of the job runs until resume."""

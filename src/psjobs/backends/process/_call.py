@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
+import signal
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -189,9 +190,23 @@ class CallHandle(Handle):
         if self.pid is not None:
             return
         self.pid = pid
-        self.port.started(pid=pid)
-        if self.port.stop_requested:  # stopped before the worker existed
+        if not self.port.started(pid=pid):
+            # Stopped (or removed) before its worker existed: the job is over for the user, so a
+            # worker that began it before it saw the withdrawal (withdraw) goes at once.
+            self.kill(signal.SIGKILL)
+        elif self.port.stop_requested:  # asked to stop while it was being handed over
             self.stop(self.backend.session.stop_grace)
+
+    def withdraw(self) -> None:
+        """The job ended before its worker was known: shut our sending side, which the worker checks
+        right before it begins the job's code (worker/_process_worker._withdrawn), so it never runs.
+
+        Called from the thread that stops the job, not the loop: the withdrawal must be in place
+        when stop_job returns. A job frame not fully sent yet cannot be completed any more; the
+        worker then sees a truncated frame and runs nothing either.
+        """
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
 
     def _watch_exit(self, pid: int) -> None:
         # The worker's exit seen here, not through the fork server's report: that report waits

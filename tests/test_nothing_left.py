@@ -1,0 +1,225 @@
+"""Issue 13 ("nothing left running, nothing hangs"): cases 2, 7, 8 and the thread cases of 10.
+
+Each test is named after its case. Real processes throughout; a window in which something must
+not happen is the test's claim (``stays``), never a synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import psjobs
+from psjobs import JobState
+
+from .conftest import wait_until
+from .test_kinds import stays
+
+TRIES = 20
+
+
+def beat(path: str) -> None:
+    """The side effect: appends to ``path`` every 10 ms until ``path.release`` exists."""
+    import time
+
+    while not os.path.exists(path + ".release"):
+        with open(path, "a") as f:
+            f.write(".")
+        time.sleep(0.01)
+
+
+SHELL_BEAT = 'while [ ! -e "$1.release" ]; do printf . >> "$1"; sleep 0.01; done'
+
+
+def _starter(kind: str, session: psjobs.Session) -> Callable[[Path], psjobs.Job]:
+    if kind == "thread":
+        return lambda path: session.start_thread_job(beat, str(path))
+    if kind == "process":
+        return lambda path: session.start_job(beat, str(path))
+    return lambda path: session.start_job(SHELL_BEAT, str(path))
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+@pytest.mark.parametrize("kind", ["thread", "process", "command"])
+def test_case2_stop_or_remove_right_after_start_leaves_nothing_running(kind: str, tmp_path: Path) -> None:
+    """A job stopped, or removed with force, right after its start never runs afterwards: its
+    side effect does not change once the verb returned, and no descriptor of it is left."""
+    me = psutil.Process()
+    session = psjobs.Session(stop_grace=2.0)
+    paths: list[Path] = []
+    try:
+        start = _starter(kind, session)
+        warm = tmp_path / "warm"  # the loop, the fork server and its spares exist before we count
+        session.remove_job(start(warm), force=True)
+        wait_until(lambda: not session.get_job(), 10, "the warm-up job to go")
+        fds = me.num_fds()
+        for i in range(TRIES):
+            stopped, forced = tmp_path / f"stopped{i}", tmp_path / f"forced{i}"
+            paths += [stopped, forced]
+            job = start(stopped)
+            session.stop_job(job)
+            assert job.state is JobState.STOPPED
+            session.remove_job(job)
+            job = start(forced)
+            session.remove_job(job, force=True)
+            assert job.state is JobState.STOPPED
+        assert session.get_job() == []
+        sizes = {path: _size(path) for path in paths}
+        assert stays(lambda: any(_size(p) != sizes[p] for p in paths), 1.0), \
+            f"{kind}: a job stopped or removed right after its start ran afterwards"
+        # The workers' sockets and pipes close as they exit; the fork server refills its spares.
+        wait_until(lambda: me.num_fds() <= fds, 10, f"{kind}: the descriptors of {2 * TRIES} stopped "
+                   f"jobs to be closed (had {fds}, now {me.num_fds()})")
+    finally:
+        for path in [*paths, tmp_path / "warm"]:
+            path.with_name(path.name + ".release").touch()
+        session.close()
+
+
+def test_case2_queued_thread_jobs_stopped_or_removed_never_run(session: psjobs.Session, tmp_path: Path) -> None:
+    """A job stopped or removed while it waited for a throttle slot never runs, not even later."""
+    gate = threading.Event()
+    busy = session.start_thread_job(gate.wait, 30, throttle_limit=1)
+    stopped, forced = tmp_path / "stopped", tmp_path / "forced"
+    job = session.start_thread_job(beat, str(stopped))
+    assert job.state is JobState.NOT_STARTED
+    session.stop_job(job)
+    other = session.start_thread_job(beat, str(forced))
+    session.remove_job(other, force=True)
+    gate.set()
+    assert busy.wait(10)
+    assert stays(lambda: stopped.exists() or forced.exists(), 0.5), "a queued job ran after its stop"
+
+
+# --- case 8: NaN and infinity ------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0])
+def test_case8_a_nan_or_negative_timeout_is_refused_before_waiting(session: psjobs.Session, bad: float) -> None:
+    job = session.start_thread_job(lambda: 1)
+    for verb in (lambda: session.wait_job(job, timeout=bad),
+                 lambda: session.receive_job(job, wait=True, timeout=bad),
+                 lambda: job.wait(bad),
+                 lambda: list(session.read_entries(job, wait=True, timeout=bad))):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+            verb()
+
+
+def test_case8_an_infinite_timeout_means_no_limit(session: psjobs.Session) -> None:
+    import time
+
+    # The job's own work takes a while, so each verb below really waits (inf overflowed there).
+    job = session.start_thread_job(lambda: (time.sleep(0.2), 7)[1])
+    assert session.wait_job(job, timeout=math.inf) == [job]
+    assert session.receive_job(job, wait=True, timeout=math.inf) == [7]
+    assert job.wait(math.inf)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_case8_a_stop_grace_must_be_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match="stop grace must be a finite number"):
+        psjobs.Session(stop_grace=bad)
+    session = psjobs.Session()
+    try:
+        with pytest.raises(ValueError, match="stop grace must be a finite number"):
+            session.close(grace=bad)
+    finally:
+        session.close()
+
+
+def test_case8_the_command_takes_inf_as_no_limit_and_refuses_nan(tmp_path: Path) -> None:
+    from .clitools import ok, private_home, run
+
+    with private_home(tmp_path / "home"):
+        job = ok("start", "-q", "--", "true").strip()
+        assert ok("wait", "--timeout", "inf", job)
+        code, _, err = run("wait", "--timeout", "nan", job)
+        assert code == 2 and "a timeout is >= 0 seconds (or inf: no limit), not nan" in err
+        ok("remove", "--force", job)
+
+
+# --- case 10: a thread job waiting on itself, a suspend of a queued thread job ----------------------
+
+def _waits_on_itself(how: str) -> str:
+    me = psjobs.get_job(name="me")[0]
+    try:
+        if how == "wait":
+            me.wait()
+        else:
+            psjobs.receive_job(me, wait=True)
+    except psjobs.JobStateError as exc:
+        return str(exc)
+    return "it waited"
+
+
+@pytest.mark.parametrize("how", ["wait", "receive"])
+def test_case10_a_thread_job_waiting_on_itself_is_refused(default_session: psjobs.Session, how: str) -> None:
+    job = psjobs.start_thread_job(_waits_on_itself, how, name="me")
+    assert job.wait(10), "the job hung waiting for itself"
+    (message,) = job.receive()
+    assert f"Job {job.id} 'me'" in message and "is the job this code runs in" in message
+
+
+def test_case10_suspending_a_queued_thread_job_is_refused(session: psjobs.Session) -> None:
+    gate = threading.Event()
+    busy = session.start_thread_job(gate.wait, 30, throttle_limit=1)
+    queued = session.start_thread_job(lambda: 1)
+    assert queued.state is JobState.NOT_STARTED
+    with pytest.raises(psjobs.JobStateError, match="cannot be suspended"):
+        session.suspend_job(queued)
+    gate.set()
+    assert busy.wait(10) and queued.wait(10)
+    assert queued.state is JobState.COMPLETED and queued.receive() == [1]
+
+
+# --- case 7: ghost jobs -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("start", [
+    lambda s: s.start_job("echo a\0b"),
+    lambda s: s.start_job(["echo", "a\0b"]),
+    lambda s: s.start_job('echo "$1"', "a\0b"),
+    lambda s: s.start_job(lambda: 1, env={"X": "a\0b"}),
+    lambda s: s.start_thread_job(["echo", "a\0b"]),
+], ids=["command", "argv", "shell-argument", "env", "thread-argv"])
+def test_case7_a_nul_byte_is_refused_before_a_job_exists(session: psjobs.Session, start: Any) -> None:
+    with pytest.raises(ValueError, match="NUL byte"):
+        start(session)
+    assert session.get_job(include_child_jobs=True) == []
+
+
+@pytest.mark.parametrize("target", [beat, "true"], ids=["callable", "command"])
+def test_case7_no_descriptor_left_fails_the_job_with_its_reason(session: psjobs.Session, target: Any,
+                                                               tmp_path: Path) -> None:
+    import resource
+
+    warm = session.start_job(lambda: 1)  # the I/O loop and the fork server exist before the limit
+    assert warm.wait(30)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (psutil.Process().num_fds() + 8, hard))
+    try:
+        while True:  # every descriptor taken: the start cannot make its socket, pipes or process
+            try:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        args = (str(tmp_path / "beats"),) if target is beat else ()
+        job = session.start_job(target, *args)  # the failure can only happen at the start
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert job.wait(30), f"{job} stayed {job.state}"
+    assert job.state is JobState.FAILED
+    leaf = job.child_jobs[0]
+    assert leaf.state is JobState.FAILED
+    assert "Too many open files" in str(leaf.job_state_info.reason)
