@@ -3,7 +3,7 @@
 ::
 
     session ==JOB frame==> worker: cwd, env, sys.path, then the cloudpickled call
-    worker: write_*() / print / warnings / logging --> Writer batch --(1 ms or 1000 items)--> RECORDS
+    worker: write_*() / print / warnings / logging --> Writer batch (_batching) --(1 ms or 1000 items)--> RECORDS
             fd 1 and fd 2 (C code, subprocesses) --> pipe --> pump thread --> information / error
     worker ==DONE==> session: how it ended, the exception and its traceback text; then it exits
 
