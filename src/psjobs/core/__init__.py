@@ -41,6 +41,10 @@ Locks, and the order in which they may be taken (outer first)
 4. Leaves: the registry's lock (core/_backend), the id counter's (core/_job), the default session's
    (psjobs/_api), the host store's ``Store._lock`` (SQLite, taken by the writer thread and by reads
    outside the session lock); nothing is taken under them.
+
+Outside the session's process, a process worker has two: ``Writer._lock`` then ``Channel.lock``
+(worker/_batching), both RLocks with a busy flag, since a finalizer that prints re-enters them in
+the same thread: its records then go to a side list, never into a half-updated batch.
 """
 
 from ._backend import Backend, Place, Plan, backend_class, register_backend, unregister_backend

@@ -94,16 +94,61 @@ def run_guarded(body: Callable[[], Any], gate: Gate, *, status: bool = False) ->
 def call(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
          init: Callable[[], Any] | None, emitter: Any, *, keep_value: bool = False) -> Any:
     """init, then the call: a generator's items go to the output stream as they come; a plain
-    value too, unless ``keep_value`` (it is then returned, to travel with the result)."""
+    value too, unless ``keep_value`` (it is then returned, to travel with the result).
+
+    An ``async def`` target (or init) is run to its end by ``asyncio.run`` in this thread, and an
+    async generator's items are streamed like a generator's: a coroutine returned unawaited was
+    taken for the job's output (a thread job "completed" with it; a process job hung on the
+    warning its finalizer gave: issue 13, case 1).
+    """
     if init is not None:
-        init()
+        _settle(init())
     result = target(*args, **kwargs)
     if inspect.isgenerator(result):
         for item in result:
             emitter.emit(Stream.OUTPUT, item)
         return None
+    if inspect.isawaitable(result) or inspect.isasyncgen(result):
+        result = _settle(result, emitter)
+        if result is None:
+            return None
     if keep_value:
         return result
     if result is not None:
         emitter.emit(Stream.OUTPUT, result)
     return None
+
+
+STOP_POLL = 0.05  # seconds: how often a running coroutine looks at the stop flag (see _settle)
+
+
+def _settle(result: Any, emitter: Any = None) -> Any:
+    """What a coroutine, an awaitable or an async generator comes to, run in a loop of this thread;
+    anything else as it is. An async generator's items go to ``emitter`` (or are dropped)."""
+    if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+        return result
+    import asyncio  # only here: importing it costs a process job ~10 ms
+
+    async def drain(agen: Any) -> None:
+        async for item in agen:
+            if emitter is not None:
+                emitter.emit(Stream.OUTPUT, item)
+
+    async def until_stopped(main: Any) -> Any:
+        # A thread job's stop lands only when its thread runs Python code, and a loop waiting in
+        # epoll runs none: the flag is looked at every STOP_POLL seconds (a process job's SIGTERM
+        # needs no help), and the job's task is cancelled, so its finally blocks run.
+        task = asyncio.ensure_future(main)
+        while emitter is not None:
+            done, _ = await asyncio.wait({task}, timeout=STOP_POLL)
+            if done:
+                break
+            if emitter.stop_requested():
+                task.cancel()
+                try:
+                    return await task  # it may catch the cancellation and return
+                except asyncio.CancelledError:
+                    raise JobStopped() from None
+        return await task
+
+    return asyncio.run(until_stopped(drain(result) if inspect.isasyncgen(result) else result))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import selectors
 import signal
 import socket
@@ -221,7 +222,34 @@ class CallHandle(Handle):
     def on_pidfd(self, mask: int) -> None:
         self._close_pidfd()
         self.exited = True
+        self._kill_leftovers()
+        if not self.eof and not self.finished:
+            # Everything the worker wrote is in the socket now. A child it forked (os.fork, a
+            # multiprocessing Pool) may hold the socket and the pipes, and no end of stream would
+            # come until it ends, or ever (issue 13, case 3): the worker's exit is the end.
+            self._read_rest()
+            self.eof = True
         self.maybe_end()
+        if self.finished:
+            self.close()
+
+    def _read_rest(self) -> None:
+        """Read the frames left in the socket of a worker that exited (bounded: its children,
+        which could go on writing, were just killed)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        for _ in range(256):  # 16 reads of up to 256 KiB each: 1 GiB, a frame's limit
+            if self.finished or self.sock.fileno() < 0 or not poller.poll(0):
+                return
+            self.on_event(selectors.EVENT_READ)
+            if self.eof:
+                return
+
+    def _kill_leftovers(self) -> None:
+        """Nothing of a job outlives its worker: what it forked goes with its process group."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
 
     def _close_pidfd(self) -> None:
         if self.pidfd >= 0:
@@ -233,6 +261,7 @@ class CallHandle(Handle):
     def on_exited(self, status: int | None) -> None:
         self.status = status
         self.status_known = True
+        self._kill_leftovers()
         self.maybe_end()
 
     def on_server_lost(self) -> None:
@@ -262,8 +291,13 @@ class CallHandle(Handle):
             outcome = Outcome.stopped()
         else:
             status = self.status if self.status_known else None
-            outcome = Outcome.failed(WorkerError(f"the worker process {self.pid} {status_text(status)} before "
-                                                 f"it reported the end of the job"))
+            # Its exit status is the job's exit code (os._exit(3), or C code's exit(3)).
+            code = os.waitstatus_to_exitcode(status) if status is not None and os.WIFEXITED(status) else None
+            why = "os._exit, or C code that called exit" if code is not None else "it crashed or was killed"
+            outcome = Outcome.failed(WorkerError(
+                f"the worker process {self.pid} of Job {self.port.job_id} {status_text(status)} before it "
+                f"reported the end of the job ({why}); the records it wrote before are kept. Run the code "
+                f"in a thread job or under a debugger to see where"), code)
         self.end(entries, outcome)
 
     def send_input(self, text: str) -> None:
