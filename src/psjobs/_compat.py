@@ -47,21 +47,40 @@ def current_exception(thread_id: int) -> BaseException | None:
 
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+PR_SET_PDEATHSIG = 1         # linux/prctl.h
+_libc: Any = None            # loaded once: a command's child calls prctl between fork and exec
+
+
+def _prctl(option: int, value: int) -> bool:
+    """prctl(2) on Linux; False where there is none. The stdlib has no prctl, so libc is called."""
+    global _libc
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        return int(_libc.prctl(option, value, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def set_child_subreaper() -> bool:
     """Make this process reap the orphans of its descendants (Linux); False elsewhere.
 
     Needed by the fork server: a job's grandchildren that outlive it are reaped there instead of
-    being left to init as zombies of nobody's. The stdlib has no prctl, so libc is called directly.
+    being left to init as zombies of nobody's (not Linux: orphans go to init, as they would anyway).
     """
-    try:
-        import ctypes
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False  # not Linux: orphans go to init, as they would anyway
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux); False elsewhere.
+
+    Needed by a command the fork server starts: if the server is SIGKILLed it cannot end the
+    command itself. The setting outlives ``exec`` (not of a set-user-ID program) and belongs to
+    the parent *thread*; the fork server has one thread, so it means the server's death.
+    """
+    return _prctl(PR_SET_PDEATHSIG, sig)
 
 
 def environ_snapshot() -> Any:

@@ -63,7 +63,12 @@ class Session:
     received. ``host``: what shows received records (see :class:`Host`). ``first_id``: no job of
     this process gets a lower id from now on (the session host resumes after its stored jobs).
     ``journal_factory``: makes each new job's journal (see ``_journal``; default: in memory).
+
+    ``commands_outlive_process`` (default False): command jobs end when this session's process
+    ends, however it ends; the session host sets it, because its jobs must outlive it.
     """
+
+    commands_outlive_process = False
 
     def __init__(self, *, thread_throttle_limit: int = 5, stop_grace: float = 5.0,
                  verbose: bool = False, debug: bool = False, host: Host | None = None,

@@ -8,7 +8,15 @@
         job's worker (own process group) --("taken", token)--> server, and serves the job
     no spare left: session --ctl: ("fork", token) + the same descriptors--> server --fork--> worker
     server --ctl: ("forked", token, pid) / ("exited", token or None, pid, wait status)--> session
-    session closes ctl (or dies) --> server kills every worker group it still has, then exits
+    command job: session --ctl: ("command", token, argv, cwd, env) + reply pipe, fd 0/1/2--> server
+        --fork, own session and cgroup, exec--> the command;  server --reply pipe: pid or error--> session
+    session closes ctl (or dies) --> server kills every job's processes (cgroup.kill on its directory,
+        and every worker group it still has), then exits
+
+Commands are started here, not from the session, so that they die with it: the server notices the
+session's end (the socket closes, even on SIGKILL) and ends them; a command whose server is
+SIGKILLed gets SIGKILL itself (PR_SET_PDEATHSIG). Where cgroup v2 is writable each job gets a cgroup
+of its own (see _tree): nothing it starts can escape its stop or the session's end.
 
 The session hands a job to a spare itself: going through the server woke one more process on the
 job's path (~0.4 ms here). The server keeps its own end of each spare's socket, to hear "ready"
@@ -21,6 +29,7 @@ its pages. It is a child subreaper, so the orphans a job leaves are reaped here,
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -30,7 +39,8 @@ import socket
 import sys
 from typing import Any
 
-from .._compat import set_child_subreaper
+from .._compat import set_child_subreaper, set_parent_death_signal
+from ._tree import join_cgroup, kill_cgroup, make_session_cgroup, remove_cgroups
 
 # Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
 # faults of a new process (3-8 us a page here, several ms in all) before its job arrives.
@@ -62,8 +72,9 @@ def main() -> None:
 
     gc.collect()
     gc.freeze()
-    ctl.send(pickle.dumps(("ready", os.getpid())))
-    server = _Server(ctl, (wake_r, wake_w, ctl.fileno()))
+    cgroup = make_session_cgroup()
+    ctl.send(pickle.dumps(("ready", os.getpid(), cgroup)))
+    server = _Server(ctl, (wake_r, wake_w, ctl.fileno()), cgroup)
     try:
         server.serve(wake_r)
     except SessionGone:
@@ -75,8 +86,9 @@ class SessionGone(Exception):
 
 
 class _Server:
-    def __init__(self, ctl: socket.socket, own: tuple[int, ...]) -> None:
+    def __init__(self, ctl: socket.socket, own: tuple[int, ...], cgroup: str | None) -> None:
         self.ctl = ctl
+        self.cgroup = cgroup                             # every job's cgroup is in it (None: no cgroups)
         self.own = own                                   # descriptors no child may keep
         self.workers: dict[int, Any] = {}                # pid -> token of its job (None: unknown)
         self.spares: dict[int, socket.socket] = {}       # pid -> our end of its socket
@@ -137,6 +149,9 @@ class _Server:
         if request[0] == "fork":
             self.fork(request[1], fds)
             return
+        if request[0] == "command":
+            self.command(request[1:], fds)
+            return
         if request[0] == "preload" and PRELOAD:
             preload.append(request[1])
         for extra in fds:
@@ -171,7 +186,7 @@ class _Server:
             if pid == 0:
                 status = 70
                 try:
-                    _become_worker(self.own, self.spares)
+                    _become_worker(self.own, self.spares, self.cgroup)
                     ours.close()
                     status = _spare(theirs)
                 except BaseException:
@@ -196,7 +211,7 @@ class _Server:
         if pid == 0:
             status = 70
             try:
-                _become_worker(self.own, self.spares)
+                _become_worker(self.own, self.spares, self.cgroup)
                 _take_outputs(outputs)
                 from ._process_worker import serve
 
@@ -215,6 +230,60 @@ class _Server:
         self.workers[pid] = token
         self.tell(("forked", token, pid))
 
+    def command(self, request: tuple[Any, ...], fds: list[int]) -> None:
+        """Start a command job: fds are the reply pipe, then the command's fd 1, fd 2 and (with
+        input) fd 0. The session waits on the reply pipe for the pid, or the error exec raised."""
+        token, argv, cwd, env = request
+        reply, stdio = fds[0], fds[1:]
+        err_r, err_w = os.pipe()  # close-on-exec: the end of it (EOF) says exec succeeded
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(err_r)
+                os.close(reply)
+                _become_worker(self.own, self.spares, self.cgroup, new_session=True)
+                set_parent_death_signal(signal.SIGKILL)  # the server SIGKILLed: nobody else ends it
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(sig, signal.SIG_DFL)  # as Popen's restore_signals: Python ignores them
+                stdin = stdio[2] if len(stdio) > 2 else os.open(os.devnull, os.O_RDONLY)
+                for target, source in ((0, stdin), (1, stdio[0]), (2, stdio[1])):
+                    os.dup2(source, target)
+                for source in {stdin, *stdio}:
+                    if source > 2:
+                        os.close(source)
+                if cwd is not None:
+                    os.chdir(cwd)
+                if env is None:
+                    os.execvp(argv[0], argv)
+                os.execvpe(argv[0], argv, env)
+            except BaseException as exc:
+                if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+                    exc = OSError(exc.errno, exc.strerror, argv[0])  # as Popen says it: which program
+                with contextlib.suppress(BaseException):
+                    os.write(err_w, pickle.dumps(exc))
+            finally:
+                os._exit(127)
+        os.close(err_w)
+        for source in stdio:
+            os.close(source)
+        with os.fdopen(err_r, "rb") as f:
+            failure = f.read()
+        if failure:
+            os.waitpid(pid, 0)
+            if self.cgroup is not None:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(self.cgroup, str(pid)))
+            answer: tuple[Any, ...] = ("error", pickle.loads(failure))
+        else:
+            self.workers[pid] = token
+            answer = ("ok", pid)
+        try:
+            os.write(reply, pickle.dumps(answer))
+        except OSError:
+            pass  # the session is gone: the shutdown that follows ends the command
+        finally:
+            os.close(reply)
+
     def reap(self) -> None:
         while True:
             try:
@@ -227,6 +296,9 @@ class _Server:
                 self.drop_spare(pid)
                 self.workers[pid] = None
             if pid in self.workers:
+                if self.cgroup is not None:  # empty unless something of the job outlives it
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.join(self.cgroup, str(pid)))
                 # With no token, the session finds the job it may have handed that spare by the pid.
                 self.tell(("exited", self.workers.pop(pid), pid, status))
 
@@ -235,6 +307,8 @@ class _Server:
         pids = list(self.workers) + list(self.spares)
         for sock in self.spares.values():
             sock.close()
+        if self.cgroup is not None:
+            kill_cgroup(self.cgroup)  # every job's processes, those that left their group too
         for pid in pids:
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -245,6 +319,8 @@ class _Server:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+        if self.cgroup is not None:
+            remove_cgroups(self.cgroup)  # populated ones stay: their members are dying (SIGKILL)
 
 
 def _spare(theirs: socket.socket) -> int:
@@ -291,10 +367,16 @@ def _preload(names: list[str]) -> bool:
     return imported
 
 
-def _become_worker(own: tuple[int, ...], spares: dict[int, socket.socket]) -> None:
-    """In a child just forked: a process group of its own, default signals, and none of the
-    server's descriptors (nor its spares' sockets, whose end must be seen by those spares)."""
-    os.setpgid(0, 0)
+def _become_worker(own: tuple[int, ...], spares: dict[int, socket.socket], cgroup: str | None,
+                   new_session: bool = False) -> None:
+    """In a child just forked: a process group (a command: a session) and a cgroup of its own,
+    default signals, and none of the server's descriptors (nor its spares' sockets, whose end must
+    be seen by those spares)."""
+    if new_session:
+        os.setsid()
+    else:
+        os.setpgid(0, 0)
+    join_cgroup(cgroup)
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)

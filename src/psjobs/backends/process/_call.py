@@ -21,6 +21,7 @@ from ..._records import ErrorRecord, Stream
 from ...core import Outcome
 from ...worker._outcome import load_reason, status_text
 from ...worker._procs import Lines
+from ...worker._tree import ProcessTree
 from ...worker._wire import (
     DONE,
     HELLO,
@@ -189,6 +190,7 @@ class CallHandle(Handle):
         if self.pid is not None:
             return
         self.pid = pid
+        self.tree = ProcessTree(pid, self.server.cgroup_of(pid) if self.server is not None else None)
         self.port.started(pid=pid)
         if self.port.stop_requested:  # stopped before the worker existed
             self.stop(self.backend.session.stop_grace)
