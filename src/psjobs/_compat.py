@@ -47,8 +47,7 @@ def current_exception(thread_id: int) -> BaseException | None:
 
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
-PR_SET_PDEATHSIG = 1         # linux/prctl.h
-_libc: Any = None            # loaded once: a command's child calls prctl between fork and exec
+_libc: Any = None            # libc, loaded once
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -71,16 +70,6 @@ def set_child_subreaper() -> bool:
     being left to init as zombies of nobody's (not Linux: orphans go to init, as they would anyway).
     """
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
-
-
-def set_parent_death_signal(sig: int) -> bool:
-    """Have the kernel send ``sig`` to this process when its parent dies (Linux); False elsewhere.
-
-    Needed by a command the fork server starts: if the server is SIGKILLed it cannot end the
-    command itself. The setting outlives ``exec`` (not of a set-user-ID program) and belongs to
-    the parent *thread*; the fork server has one thread, so it means the server's death.
-    """
-    return _prctl(PR_SET_PDEATHSIG, sig)
 
 
 def environ_snapshot() -> Any:

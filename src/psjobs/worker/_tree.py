@@ -76,21 +76,30 @@ def make_session_cgroup() -> str | None:
     return path
 
 
-def join_cgroup(session_dir: str | None) -> None:
-    """Move this process into its own cgroup under ``session_dir`` (named by its pid).
+def join_cgroup(path: str) -> None:
+    """Move this process into the cgroup ``path``, made if need be.
 
-    Called between fork and exec (or the job's code), so that whatever it starts is born inside.
-    A failure leaves it where it is: its process group still covers what stays in it.
+    Called before the job's code runs (or its command is spawned), so that whatever it starts is
+    born inside. A failure leaves it where it is: its process group still covers what stays in it.
     """
-    if session_dir is None:
-        return
-    path = os.path.join(session_dir, str(os.getpid()))
     with contextlib.suppress(OSError):
         with contextlib.suppress(FileExistsError):
             os.mkdir(path)
         fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
         try:
             os.write(fd, b"0")  # 0: the writing process
+        finally:
+            os.close(fd)
+
+
+def leave_cgroup(home: str | None) -> None:
+    """Move this process back to its own cgroup ``home`` (after spawning a command from another)."""
+    if home is None:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
         finally:
             os.close(fd)
 
@@ -137,9 +146,12 @@ class ProcessTree:
 
     def signal(self, sig: int) -> None:
         """``sig`` to every process of the job."""
+        # Found before any is signalled: once a parent dies its children are reparented, and a
+        # walk from the job's first process would no longer find them.
+        members = self._members()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        for pid in self._members():
+        for pid in members:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
 

@@ -49,7 +49,7 @@ class CommandHandle(Handle):
     def on_started(self, pid: int, server: ForkClient | None, proc: subprocess.Popen[bytes] | None) -> None:
         self.pid = pid
         self.server, self.proc = server, proc
-        self.tree = ProcessTree(pid, server.cgroup_of(pid) if server is not None else None)
+        self.tree = ProcessTree(pid, server.cgroup_of(f"cmd-{self.port.job_id}") if server is not None else None)
         if proc is not None:
             self.pidfd = os.pidfd_open(pid)  # our child: its exit is ours to wait for
 
@@ -121,8 +121,8 @@ class CommandHandle(Handle):
         self.maybe_end()
 
     def on_server_lost(self) -> None:
-        """The fork server died: the command got SIGKILL with it (PR_SET_PDEATHSIG), and init
-        reaped it, so its status is lost; what it left is ended too (nobody would end it now)."""
+        """The fork server died: the command's exit status goes with it (init reaps it), and once
+        the server is gone nothing would end it with the session, so it is ended now."""
         if self.tree is not None:
             self.tree.kill()
         self.on_exited(None)
@@ -136,8 +136,8 @@ class CommandHandle(Handle):
         elif code is None:
             server = self.server.proc.pid if self.server is not None else "?"
             outcome = Outcome.failed(WorkerError(
-                f"the fork server (pid {server}) that started Job {self.port.job_id}'s command died, and "
-                f"the command with it; its exit status is lost. Start the job again"))
+                f"the fork server (pid {server}) that started Job {self.port.job_id}'s command died, so "
+                f"psjobs ended the command (its exit status was lost with the server). Start the job again"))
         elif code == 0:
             outcome = Outcome.completed(code)
         else:

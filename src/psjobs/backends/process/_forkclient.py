@@ -117,9 +117,10 @@ class ForkClient:
             raise value
         return int(value)
 
-    def cgroup_of(self, pid: int) -> str | None:
-        """The cgroup directory of this server's job whose first process is ``pid``."""
-        return None if self.cgroup is None else os.path.join(self.cgroup, str(pid))
+    def cgroup_of(self, name: int | str) -> str | None:
+        """The cgroup directory of one of this server's jobs: a worker's is named by its pid, a
+        command's ``cmd-<token>`` (it is made before the command's pid exists)."""
+        return None if self.cgroup is None else os.path.join(self.cgroup, str(name))
 
     def preload(self, module: str) -> None:
         self.sock.send(pickle.dumps(("preload", module)))
