@@ -62,6 +62,7 @@ def make_session_cgroup() -> str | None:
     base = own_cgroup()
     if base is None:
         return None
+    _prune(base)
     path = os.path.join(base, f"psjobs-{os.getpid()}")
     try:
         os.mkdir(path)
@@ -74,6 +75,16 @@ def make_session_cgroup() -> str | None:
             os.rmdir(path)
         return None
     return path
+
+
+def _prune(base: str) -> None:
+    """Remove the empty directories of fork servers that died without their clean-up (SIGKILL);
+    one whose server lives, or that still holds a process, stays."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            pid = entry.name.removeprefix("psjobs-")
+            if entry.name.startswith("psjobs-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                remove_cgroups(entry.path)
 
 
 def join_cgroup(path: str) -> None:
