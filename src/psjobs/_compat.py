@@ -47,21 +47,29 @@ def current_exception(thread_id: int) -> BaseException | None:
 
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+_libc: Any = None            # libc, loaded once
+
+
+def _prctl(option: int, value: int) -> bool:
+    """prctl(2) on Linux; False where there is none. The stdlib has no prctl, so libc is called."""
+    global _libc
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        return int(_libc.prctl(option, value, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def set_child_subreaper() -> bool:
     """Make this process reap the orphans of its descendants (Linux); False elsewhere.
 
     Needed by the fork server: a job's grandchildren that outlive it are reaped there instead of
-    being left to init as zombies of nobody's. The stdlib has no prctl, so libc is called directly.
+    being left to init as zombies of nobody's (not Linux: orphans go to init, as they would anyway).
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False  # not Linux: orphans go to init, as they would anyway
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def environ_snapshot() -> Any:

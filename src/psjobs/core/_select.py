@@ -170,3 +170,20 @@ def _as_timestamp(what: str, value: datetime | None) -> float | None:
     if value.tzinfo is None:
         value = value.astimezone()  # a naive datetime means local time
     return value.timestamp()
+
+
+def leaves_of(selected: list[Job], no_recurse: bool = False) -> list[Job]:
+    """The leaf jobs under ``selected`` (or the selected jobs themselves), each once."""
+    leaves: list[Job] = []
+    for job in selected:
+        leaves.extend([job] if no_recurse else job._leaves())
+    return unique(leaves)
+
+
+def descendants(job: Job) -> list[Job]:
+    """Every job under ``job``, children before grandchildren of the next child."""
+    out: list[Job] = []
+    for child in job.child_jobs:
+        out.append(child)
+        out.extend(descendants(child))
+    return out

@@ -25,7 +25,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from .._errors import (
@@ -43,7 +43,7 @@ from ._job import Job, skip_ids
 from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job, reason_text
-from ._select import resolve, select_jobs, unique
+from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import JobSpec, check_directory, make_env, make_spec
 from ._state import JobState
 from ._tree import (
@@ -73,7 +73,12 @@ class Session:
     received. ``host``: what shows received records (see :class:`Host`). ``first_id``: no job of
     this process gets a lower id from now on (the session host resumes after its stored jobs).
     ``journal_factory``: makes each new job's journal (see ``_journal``; default: in memory).
+
+    ``commands_outlive_process`` (default False): command jobs end when this session's process
+    ends, however it ends; the session host sets it, because its jobs must outlive it.
     """
+
+    commands_outlive_process = False
 
     def __init__(self, *, thread_throttle_limit: int = 5, stop_grace: float = 5.0,
                  verbose: bool = False, debug: bool = False, host: Host | None = None,
@@ -251,7 +256,7 @@ class Session:
                              "it is finished)")
         timeout = check_timeout("receive_job", timeout)
         selected = self._resolve(jobs, "receive_job")
-        leaves = self._leaves_of(selected, no_recurse)
+        leaves = leaves_of(selected, no_recurse)
         if wait:
             refuse_waiting_on_itself("receive_job(wait=True)", leaves, every=True)
         output: list[Any] = []
@@ -317,13 +322,6 @@ class Session:
                                  reason=reasons[0] if reasons else None)
         return output
 
-    @staticmethod
-    def _leaves_of(selected: list[Job], no_recurse: bool = False) -> list[Job]:
-        leaves: list[Job] = []
-        for job in selected:
-            leaves.extend([job] if no_recurse else job._leaves())
-        return unique(leaves)
-
     def read_entries(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
                      timeout: float | None = None) -> Iterator[tuple[Job, Stream, Any, float]]:
         """Every record not yet received, of all seven streams, in production order per job.
@@ -334,14 +332,14 @@ class Session:
         arrive. Moves the jobs' read cursors unless ``keep``.
         """
         timeout = check_timeout("read_entries", timeout)
-        return self._read(self._leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
+        return self._read(leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
 
     def read_batches(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
                      timeout: float | None = None) -> Iterator[tuple[Job, list[Entry]]]:
         """``read_entries`` a batch at a time: ``(leaf job, [(stream, value, time), ...])``, for
         readers that forward records in bulk (the session host sends a batch before waiting)."""
         timeout = check_timeout("read_batches", timeout)
-        return self._read_batches(self._leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
+        return self._read_batches(leaves_of(self._resolve(jobs, "read_entries")), keep, wait, timeout)
 
     def _read(self, leaves: list[Job], keep: bool, wait: bool, timeout: float | None,
               on_prompt: Callable[[Job, str], bool] | None = None) -> Iterator[tuple[Job, Stream, Any, float]]:
@@ -535,7 +533,7 @@ class Session:
         journals: list[Journal] = []
         with self._cond:
             for job in selected:
-                for node in [job, *_descendants(job)]:
+                for node in [job, *descendants(job)]:
                     self._all.pop(node.id, None)
                     if node._journal is not None:
                         journals.append(node._journal)
@@ -586,15 +584,3 @@ class Session:
 # --- helpers --------------------------------------------------------------------------------
 
 _STREAMS = tuple(Stream)
-
-
-def _descendants(job: Job) -> list[Job]:
-    out: list[Job] = []
-    for child in job.child_jobs:
-        out.append(child)
-        out.extend(_descendants(child))
-    return out
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)

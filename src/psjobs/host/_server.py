@@ -83,6 +83,8 @@ class HostServer:
             # One job table: the stored jobs come back as finished jobs of the host's Session, and
             # every new job's records go to the store through its journal.
             self.session = Session(first_id=self.store.next_id(), journal_factory=self.writer.journal)
+            # Its command jobs outlive it (`psjobs start -- make`): a later host ends them if it dies.
+            self.session.commands_outlive_process = True
             cwds = restore(self.session, self.writer)
             with contextlib.suppress(FileNotFoundError):
                 paths.socket.unlink()  # left by a dead host: we hold the lock, so no host uses it

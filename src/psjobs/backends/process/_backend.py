@@ -7,16 +7,23 @@
           +-- job socket + fd 1/2 pipes --> a warm spare the fork server handed over
           +-- (no spare left) ("fork", token) + the same --> fork server --fork--+
                                            fork server --("spare"/"forked"/"exited")--> I/O loop
-    start_job("cmd" | [argv]) --Popen(own session)--> stdout lines -> output, stderr lines -> errors,
-                                                      pidfd -> exit status
+    start_job("cmd" | [argv]) --("command") + pipes--> fork server --fork, setsid, cgroup, exec--> command
+        (the session host's: Popen, own session)   stdout lines -> output, stderr lines -> errors,
+                                                      exit status <- fork server ("exited") or pidfd
     one I/O loop thread (selectors) reads every job's socket, pipe and pidfd of the session;
     the thread that starts a job registers its descriptors itself (see _SharedSelector)
 
 A callable's job ends at its DONE frame, the worker's last word (what it wrote on fd 1 and 2 is in
 the pipes by then, and is read first); a command's when it has exited and its pipes reached their
-end. So a receive right after a wait sees the tail. A stop sends SIGTERM to the job's process
-group, then SIGKILL after the grace period, and the job is Stopped only when no process of its
-group is left.
+end. So a receive right after a wait sees the tail. A stop sends SIGTERM to the job's whole
+process tree, then SIGKILL after the grace period, and the job is Stopped only when no process of
+it is left (worker/_tree: the job's cgroup where cgroup v2 is writable, else its process group and
+its descendants).
+
+Commands start through the fork server, which ends them when the session's process ends, however
+it ends (SIGKILL, ``os._exit``, a Session never closed). The session host's commands are started
+straight from it (``Session.commands_outlive_process``): they outlive the host, whose next start
+ends them (host/_store.kill_orphans), as callable jobs never could.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ if TYPE_CHECKING:
 
 from ._call import CallHandle
 from ._command import CommandHandle
-from ._forkclient import ForkClient, environ_now, find_psjobs
+from ._forkclient import ForkClient, ServerGone, environ_now, find_psjobs
 from ._handle import Handle
 from ._loop import SOCK_BUF, IOLoop
 
@@ -61,6 +68,7 @@ class ProcessBackend(Backend):
         self.spare_tokens: dict[int, int] = {}           # pid of a spare given a job -> its token
         self.spawned: dict[int, subprocess.Popen[bytes]] = {}  # workers started as fresh interpreters
         self.handles: set[Handle] = set()                # every handle whose descriptors are open
+        self.server_commands: dict[int, CommandHandle] = {}  # token -> a command the fork server started
         self._server: ForkClient | None = None
         self._server_lock = threading.Lock()
         self._preloaded: set[tuple[int, str]] = set()  # (server pid, module) asked for
@@ -155,26 +163,33 @@ class ProcessBackend(Backend):
             handle.withdraw()  # a stop that came before port.data was set did not see the handle
         self._submit(handle)
 
+    def _live_server(self) -> ForkClient | None:
+        """The session's fork server, started if need be; None where none can serve (spawn)."""
+        with self._server_lock:
+            if self._closed:
+                raise WorkerError("the session is closing; no new process job can start")
+            server = self._server
+            if server is None or not server.alive:
+                try:
+                    server = self._server = ForkClient(self)
+                except (OSError, WorkerError) as exc:
+                    # Forking cannot serve here: a fresh interpreter per job still works.
+                    print(f"psjobs: no fork server ({exc}); starting process jobs as fresh "
+                          f"interpreters", file=sys.stderr)
+                    self.start_method = "spawn"
+                    return None
+            return server
+
     def _submit(self, handle: CallHandle) -> None:
         assert handle.worker_sock is not None
         if self.start_method == "spawn":
             self._spawn(handle)
             return
         for _attempt in range(3):
-            with self._server_lock:
-                if self._closed:
-                    raise WorkerError("the session is closing; no new process job can start")
-                server = self._server
-                if server is None or not server.alive:
-                    try:
-                        server = self._server = ForkClient(self)
-                    except (OSError, WorkerError) as exc:
-                        # Forking cannot serve here: a fresh interpreter per job still works.
-                        print(f"psjobs: no fork server ({exc}); starting process jobs as fresh "
-                              f"interpreters", file=sys.stderr)
-                        self.start_method = "spawn"
-                        self._spawn(handle)
-                        return
+            server = self._live_server()
+            if server is None:
+                self._spawn(handle)
+                return
             try:
                 handle.server = server
                 token = handle.port.job_id
@@ -238,6 +253,10 @@ class ProcessBackend(Backend):
                 self.pending_calls.pop(handle.port.job_id, None)
                 self.spare_tokens.pop(handle.pid, None)
                 handle.on_server_lost()
+        for command in list(self.server_commands.values()):
+            if command.server is server:
+                self.server_commands.pop(command.port.job_id, None)
+                command.on_server_lost()
 
     def _resubmit(self, handle: CallHandle) -> None:
         try:
@@ -252,19 +271,64 @@ class ProcessBackend(Backend):
         feed = None
         if spec.input is not None:
             feed = b"".join(f"{item}\n".encode() for item in spec.input)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe() if feed is not None else (-1, None)
+        theirs = [out_w, err_w] + ([in_r] if in_r >= 0 else [])
+        handle = CommandHandle(self, port, out_r, err_r, in_w, feed)
         try:
-            proc = subprocess.Popen(spec.argv, stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=spec.cwd, env=spec.env,
-                                    start_new_session=True)
-        except OSError as exc:
+            self._run_command(handle, spec, theirs)
+        except (OSError, WorkerError) as exc:
+            handle.close()
             port.ended(Outcome.failed(exc))
             return
-        handle = CommandHandle(self, port, proc, feed)
+        finally:
+            for fd in theirs:
+                os.close(fd)
         port.data = handle
         self.handles.add(handle)
-        if not port.started(pid=proc.pid):
-            handle.kill(signal.SIGKILL)  # stopped while Popen ran: the job is over, its process too
-        handle.register()  # reaps it and closes its pipes either way
+
+    def _run_command(self, handle: CommandHandle, spec: JobSpec, theirs: list[int]) -> None:
+        """Start the command through the fork server (or straight from here), then watch it."""
+        server = None
+        if not self.session.commands_outlive_process and self.start_method != "spawn":
+            server = self._live_server()
+        if server is None:
+            proc = subprocess.Popen(spec.argv, stdin=theirs[2] if len(theirs) > 2 else subprocess.DEVNULL,
+                                    stdout=theirs[0], stderr=theirs[1], cwd=spec.cwd, env=spec.env,
+                                    start_new_session=True)
+            handle.on_started(proc.pid, None, proc)
+            if not handle.port.started(pid=proc.pid):
+                handle.kill(signal.SIGKILL)  # stopped while Popen ran: the job is over, its process too
+            handle.register()  # reaps it and closes its pipes either way
+            return
+        token = handle.port.job_id
+        env = spec.env if spec.env is not None else self._job_environ(spec)
+        for _attempt in range(3):
+            # Under the loop's mutex: the server's "exited" report cannot be handled before the
+            # job has started and its pipes are registered.
+            with self.loop.sel.mutex:
+                self.server_commands[token] = handle
+                try:
+                    pid = server.command(token, list(spec.argv), spec.cwd, env, theirs)
+                except ServerGone:
+                    self.server_commands.pop(token, None)
+                    server.alive = False
+                    self.loop.call_soon(server.lost)
+                    server = self._live_server()
+                    if server is None:
+                        raise WorkerError("the fork server died, and no other can start; the command "
+                                          "was not started") from None
+                    continue
+                except BaseException:
+                    self.server_commands.pop(token, None)
+                    raise
+                handle.on_started(pid, server, None)
+                if not handle.port.started(pid=pid):
+                    handle.kill(signal.SIGKILL)  # stopped while it was being started: it goes at once
+                handle.register()
+                return
+        raise WorkerError("the fork server keeps dying; command jobs cannot start")
 
     # --- stopping and the rest -----------------------------------------------------------------
     def stop(self, port: JobPort, grace: float) -> None:

@@ -23,6 +23,7 @@ from ..._records import ErrorRecord, Stream
 from ...core import Outcome
 from ...worker._outcome import load_reason, status_text
 from ...worker._procs import Lines
+from ...worker._tree import ProcessTree
 from ...worker._wire import (
     DONE,
     HELLO,
@@ -191,6 +192,7 @@ class CallHandle(Handle):
         if self.pid is not None:
             return
         self.pid = pid
+        self.tree = ProcessTree(pid, self.server.cgroup_of(pid) if self.server is not None else None)
         if not self.port.started(pid=pid):
             # Stopped (or removed) before its worker existed: the job is over for the user, so a
             # worker that began it before it saw the withdrawal (withdraw) goes at once.

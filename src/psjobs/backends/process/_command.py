@@ -1,9 +1,11 @@
-"""A command's process job: run straight from the session in its own process group.
+"""A command's process job: started by the fork server (so it dies with the session), or straight
+from the session (the session host's, or with no fork server) in a session of its own.
 
 ::
 
-    Popen(start_new_session) --stdout--> lines --> output;  --stderr--> lines --> errors
-    input items --stdin--> the command;  pidfd --> exit status --> the job's end
+    session --("command", argv) + pipes--> fork server --fork, setsid, own cgroup, exec--> the command
+    the command --stdout--> lines --> output;  --stderr--> lines --> errors;  input items --stdin-->
+    fork server --("exited", token, pid, status)--> its exit status (straight from the session: pidfd)
 """
 
 from __future__ import annotations
@@ -11,36 +13,45 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
-import subprocess
 import time
 from typing import TYPE_CHECKING
 
+from ..._errors import WorkerError
 from ..._records import Stream
 from ...core import Outcome
 from ...worker._outcome import status_error
 from ...worker._procs import Lines
+from ...worker._tree import ProcessTree
 from ._handle import Handle, line_entries
 
 if TYPE_CHECKING:
+    import subprocess
+
     from ...core import Entry, JobPort
     from ._backend import ProcessBackend
+    from ._forkclient import ForkClient
 
 
 class CommandHandle(Handle):
-    """A command line or argv run straight from the session in its own process group."""
+    """A command line or argv run in a session (and, where it can, a cgroup) of its own."""
 
-    def __init__(self, backend: ProcessBackend, port: JobPort, proc: subprocess.Popen[bytes],
+    def __init__(self, backend: ProcessBackend, port: JobPort, out_r: int, err_r: int, stdin_w: int | None,
                  feed: bytes | None) -> None:
         super().__init__(backend, port)
-        self.proc = proc
-        self.pid = proc.pid
-        self.pidfd = os.pidfd_open(proc.pid)
-        assert proc.stdout is not None and proc.stderr is not None
-        self.fds = {proc.stdout.fileno(): Stream.OUTPUT, proc.stderr.fileno(): Stream.ERROR}
-        # Popen's file objects own the descriptors: close through them, never twice.
-        self.files = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
+        self.fds = {out_r: Stream.OUTPUT, err_r: Stream.ERROR}
         self.lines = {fd: Lines() for fd in self.fds}
+        self.stdin = stdin_w if stdin_w is not None else -1
         self.feed = memoryview(feed) if feed else None
+        self.proc: subprocess.Popen[bytes] | None = None  # started straight from the session
+        self.server: ForkClient | None = None             # or by this fork server
+        self.pidfd = -1
+
+    def on_started(self, pid: int, server: ForkClient | None, proc: subprocess.Popen[bytes] | None) -> None:
+        self.pid = pid
+        self.server, self.proc = server, proc
+        self.tree = ProcessTree(pid, server.cgroup_of(f"cmd-{self.port.job_id}") if server is not None else None)
+        if proc is not None:
+            self.pidfd = os.pidfd_open(pid)  # our child: its exit is ours to wait for
 
     def register(self) -> None:
         sel = self.backend.loop.sel
@@ -48,28 +59,26 @@ class CommandHandle(Handle):
             for fd in self.fds:
                 os.set_blocking(fd, False)
                 sel.register(fd, selectors.EVENT_READ, self.on_pipe)
-            sel.register(self.pidfd, selectors.EVENT_READ, self.on_exit)
-            stdin = self.proc.stdin
-            if stdin is not None:
+            if self.pidfd >= 0:
+                sel.register(self.pidfd, selectors.EVENT_READ, self.on_exit)
+            if self.stdin >= 0:
                 if self.feed is None:
-                    stdin.close()
+                    self._close_stdin()
                 else:
-                    os.set_blocking(stdin.fileno(), False)
-                    sel.register(stdin.fileno(), selectors.EVENT_WRITE, self.on_stdin)
+                    os.set_blocking(self.stdin, False)
+                    sel.register(self.stdin, selectors.EVENT_WRITE, self.on_stdin)
 
     def on_stdin(self, mask: int) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None and self.feed is not None
+        assert self.feed is not None
         try:
-            n = os.write(stdin.fileno(), self.feed[:262144])
+            n = os.write(self.stdin, self.feed[:262144])
         except BlockingIOError:
             return
         except OSError:
             n = len(self.feed)
         self.feed = self.feed[n:]
         if not self.feed:
-            self.backend.loop.sel.unregister(stdin.fileno())
-            stdin.close()
+            self._close_stdin()
 
     def on_pipe(self, mask: int) -> None:
         # The selector hands us the callback only; find which pipe is ready.
@@ -90,45 +99,67 @@ class CommandHandle(Handle):
                 self.backend.loop.sel.unregister(fd)
                 del self.fds[fd]
                 line_entries(entries, stream, self.lines.pop(fd).rest(), now)
-                self.files.pop(fd).close()
+                os.close(fd)
                 break
             line_entries(entries, stream, self.lines[fd].feed(chunk), now)
         if entries:
             self.port.records(entries)
 
     def on_exit(self, mask: int) -> None:
+        assert self.proc is not None
         pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
         if pid == 0:
             return
         self.proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it, not Popen
-        self.backend.loop.sel.unregister(self.pidfd)
-        os.close(self.pidfd)
-        self.pidfd = -1
+        self._close_pidfd()
+        self.on_exited(status)
+
+    def on_exited(self, status: int | None) -> None:
+        """Its exit status: from our pidfd, or the fork server's report."""
         self.status = status
         self.status_known = True
         self.maybe_end()
 
+    def on_server_lost(self) -> None:
+        """The fork server died: the command's exit status goes with it (init reaps it), and once
+        the server is gone nothing would end it with the session, so it is ended now."""
+        if self.tree is not None:
+            self.tree.kill()
+        self.on_exited(None)
+
     def maybe_end(self) -> None:
         if self.finished or self.fds or not self.status_known:
             return
-        assert self.status is not None
-        code = os.waitstatus_to_exitcode(self.status)
+        code = None if self.status is None else os.waitstatus_to_exitcode(self.status)
         if self.port.stop_requested:
             outcome = Outcome.stopped(code)
+        elif code is None:
+            server = self.server.proc.pid if self.server is not None else "?"
+            outcome = Outcome.failed(WorkerError(
+                f"the fork server (pid {server}) that started Job {self.port.job_id}'s command died, so "
+                f"psjobs ended the command (its exit status was lost with the server). Start the job again"))
         elif code == 0:
             outcome = Outcome.completed(code)
         else:
             outcome = Outcome.failed(status_error("the command", code), code)
         self._close_stdin()
         self.backend.handles.discard(self)
+        self.backend.server_commands.pop(self.port.job_id, None)
         self.end([], outcome)
 
     def _close_stdin(self) -> None:
-        stdin = self.proc.stdin
-        if stdin is not None and not stdin.closed:
+        if self.stdin >= 0:
             with contextlib.suppress(KeyError, ValueError, OSError):
-                self.backend.loop.sel.unregister(stdin.fileno())
-            stdin.close()
+                self.backend.loop.sel.unregister(self.stdin)
+            os.close(self.stdin)
+            self.stdin = -1
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
 
     def close(self) -> None:
         self.backend.handles.discard(self)
@@ -136,11 +167,7 @@ class CommandHandle(Handle):
         for fd in list(self.fds):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 sel.unregister(fd)
-            self.files.pop(fd).close()
+            os.close(fd)
         self.fds.clear()
-        if self.pidfd >= 0:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                sel.unregister(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = -1
+        self._close_pidfd()
         self._close_stdin()

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 
 
+class ServerGone(Exception):
+    """The fork server died before it answered: the request goes to a new one."""
+
+
 class ForkClient:
     """The session's handle on its fork server process."""
 
@@ -52,10 +56,13 @@ class ForkClient:
             self.proc.kill()
             self.proc.wait()
             raise WorkerError(f"the fork server did not start: {exc}") from exc
-        if not msg or pickle.loads(msg)[0] != "ready":
+        ready: Any = pickle.loads(msg) if msg else ("",)
+        if ready[0] != "ready":
             self.proc.wait()
             raise WorkerError(f"the fork server did not start (it exited with status {self.proc.returncode})")
         ours.settimeout(None)
+        # The cgroup directory its jobs are in, each in <it>/<pid> (None: no cgroup v2 here; see _tree).
+        self.cgroup: str | None = ready[2]
         self.alive = True
         # Warm spares the server handed over (pid, our end of its socket): a job goes straight
         # to one. Threads starting jobs pop them; the loop thread appends.
@@ -82,6 +89,38 @@ class ForkClient:
 
     def submit(self, token: int, fds: list[int]) -> None:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
+
+    def command(self, token: int, argv: list[str], cwd: str | None, env: dict[str, str] | None,
+                stdio: list[int]) -> int:
+        """Have the server start a command (fd 1, fd 2 and maybe fd 0 in ``stdio``); its pid.
+
+        Raises what exec raised (FileNotFoundError...), or ServerGone.
+        """
+        reply_r, reply_w = os.pipe()
+        try:
+            try:
+                socket.send_fds(self.sock, [pickle.dumps(("command", token, argv, cwd, env))], [reply_w, *stdio])
+            except OSError as exc:
+                raise ServerGone(f"the fork server is gone: {exc}") from exc
+            finally:
+                os.close(reply_w)
+            with os.fdopen(reply_r, "rb") as f:
+                reply_r = -1
+                answer = f.read()  # to its end: the server closes the pipe once it has answered
+        finally:
+            if reply_r >= 0:
+                os.close(reply_r)
+        if not answer:
+            raise ServerGone("the fork server ended before it started the command")
+        what, value = pickle.loads(answer)
+        if what == "error":
+            raise value
+        return int(value)
+
+    def cgroup_of(self, name: int | str) -> str | None:
+        """The cgroup directory of one of this server's jobs: a worker's is named by its pid, a
+        command's ``cmd-<token>`` (it is made before the command's pid exists)."""
+        return None if self.cgroup is None else os.path.join(self.cgroup, str(name))
 
     def preload(self, module: str) -> None:
         self.sock.send(pickle.dumps(("preload", module)))
@@ -113,6 +152,9 @@ class ForkClient:
                 token = by_pid if token is None else token
             handle = self.backend.pending_calls.get(token)
             if handle is None:
+                command = self.backend.server_commands.get(token) if what == "exited" else None
+                if command is not None:
+                    command.on_exited(rest[1])
                 continue
             if what == "forked":
                 handle.on_forked(rest[0])

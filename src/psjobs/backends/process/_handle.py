@@ -1,10 +1,12 @@
 """What every process job's handle does at its end: hand the records over, stop, end once.
+
+A stop signals the job's whole process tree (see worker/_tree: its cgroup where it has one, else
+its group and its descendants), SIGKILLs it after the grace period, and the job is Stopped only
+when nothing of it is left, escaped descendants included.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import time
 from typing import TYPE_CHECKING
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..._errors import WorkerError
 from ..._records import ErrorRecord, InformationRecord, Stream
 from ...core import Outcome
-from ...worker._procs import group_gone
+from ...worker._tree import ProcessTree
 
 if TYPE_CHECKING:
     from ...core import Entry, JobPort
@@ -34,16 +36,19 @@ class Handle:
         self.finished = False
         self.stop_at: float | None = None
         self.held: list[Entry] = []  # records of the frames of one read, handed over together
+        self.tree: ProcessTree | None = None  # every process of the job, once its first one exists
 
     def _hand_over(self) -> list[Entry]:
         held, self.held = self.held, []
         return held
 
     def kill(self, sig: int) -> None:
-        if self.pid is None or self.finished:
+        if self.tree is None or self.finished:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
+        if sig == signal.SIGKILL:
+            self.tree.kill()
+        else:
+            self.tree.signal(sig)
 
     def stop(self, grace: float) -> None:
         def escalate() -> None:
@@ -59,17 +64,16 @@ class Handle:
         """Finish the job, after making sure (on a stop) that nothing of its group is left."""
         if self.finished:
             return
-        if self.port.stop_requested and self.pid is not None:
+        if self.port.stop_requested and self.tree is not None:
             self._after_stop(entries, outcome, time.monotonic() + 5.0)
             return
         self.finished = True
         self.port.ended(outcome, entries)
 
     def _after_stop(self, entries: list[Entry], outcome: Outcome, deadline: float) -> None:
-        assert self.pid is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        if group_gone(self.pid) or time.monotonic() > deadline:
+        assert self.tree is not None
+        self.tree.kill()
+        if self.tree.gone() or time.monotonic() > deadline:
             self.finished = True
             self.port.ended(outcome, entries)
             return

@@ -1,0 +1,230 @@
+"""A job's whole process tree, escaped descendants included: what a stop must end.
+
+::
+
+    fork server start --make_session_cgroup--> <our cgroup>/psjobs-<server pid>/   (cgroup v2, writable)
+    a worker or command, before it runs anything --join_cgroup--> .../psjobs-<server pid>/<its pid>/
+    stop --ProcessTree.signal(TERM)--> every member;  kill --> cgroup.kill (or SIGSTOP, walk, SIGKILL)
+    ProcessTree.gone() --> the job is Stopped only then
+    the session ends --fork server: cgroup.kill on its whole directory--> nothing of any job is left
+
+Two modes, chosen per fork server by whether it could make its cgroup directory:
+
+- **cgroup v2** (the unified hierarchy is mounted and our cgroup is writable, e.g. as root or
+  under a systemd delegation): each process job and each command the fork server starts has a
+  cgroup of its own, and every process it ever forks stays in it whatever it does (``setsid``,
+  double fork, a new process group). A stop signals every member and ends with ``cgroup.kill``;
+  the job is over when the cgroup is empty. This is what ``systemd-run`` does.
+- **process group and descendants** (elsewhere, and for commands started straight from the
+  session: the session host's, or where there is no fork server): the job's process group plus
+  every descendant found in /proc when the stop begins, frozen with SIGSTOP and walked again until
+  no new one appears, then killed. A descendant whose parent had already exited before the stop
+  (an orphan, reparented to the fork server, a subreaper, or to init) is no longer known to be the
+  job's, and is missed; so is one that leaves the group and outlives its parent between two walks.
+
+Standard library only: the fork server and its children import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+from ._procs import proc_stats
+
+_MAX_WALKS = 20  # fixed-point walks of a frozen tree; each finds what forked during the last one
+
+
+def own_cgroup() -> str | None:
+    """The directory of this process's cgroup v2 (the unified hierarchy), or None."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+        if path is None:
+            return None
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split()[:1] == ["cgroup2"]:
+                    mount = left.split()[4]
+                    return os.path.join(mount, path.lstrip("/")).rstrip("/")
+    except OSError:
+        return None
+    return None
+
+
+def make_session_cgroup() -> str | None:
+    """A cgroup directory for one fork server's jobs, beside it in the tree; None where cgroup v2
+    is missing or not writable (the other mode then serves)."""
+    if os.environ.get("PSJOBS_CGROUPS") == "0":
+        return None  # asked for the other mode (its tests; a machine whose cgroups are managed)
+    base = own_cgroup()
+    if base is None:
+        return None
+    _prune(base)
+    path = os.path.join(base, f"psjobs-{os.getpid()}")
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass  # left by an earlier process with our pid: reused
+    except OSError:
+        return None
+    if not os.access(os.path.join(path, "cgroup.kill"), os.W_OK):  # Linux >= 5.14
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        return None
+    return path
+
+
+def _prune(base: str) -> None:
+    """Remove the empty directories of fork servers that died without their clean-up (SIGKILL);
+    one whose server lives, or that still holds a process, stays."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            pid = entry.name.removeprefix("psjobs-")
+            if entry.name.startswith("psjobs-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                remove_cgroups(entry.path)
+
+
+def join_cgroup(path: str) -> None:
+    """Move this process into the cgroup ``path``, made if need be.
+
+    Called before the job's code runs (or its command is spawned), so that whatever it starts is
+    born inside. A failure leaves it where it is: its process group still covers what stays in it.
+    """
+    with contextlib.suppress(OSError):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+        try:
+            os.write(fd, b"0")  # 0: the writing process
+        finally:
+            os.close(fd)
+
+
+def leave_cgroup(home: str | None) -> None:
+    """Move this process back to its own cgroup ``home`` (after spawning a command from another)."""
+    if home is None:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def kill_cgroup(path: str) -> None:
+    """SIGKILL every process of the cgroup ``path`` and of its children, at once (cgroup.kill)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
+
+
+def remove_cgroups(path: str) -> None:
+    """Remove the empty cgroup ``path`` and its empty children (a populated one stays)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            if entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)
+        os.rmdir(path)
+
+
+def cgroup_members(path: str) -> list[int] | None:
+    """The pids in the cgroup ``path``; None when it does not exist (it was emptied and removed)."""
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "rb") as f:
+            return [int(pid) for pid in f.read().split()]
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return []
+
+
+class ProcessTree:
+    """Every process of one job: its cgroup's members where it has one, its process group, and
+    (without a cgroup) the descendants seen since its stop began."""
+
+    def __init__(self, pid: int, cgroup: str | None) -> None:
+        self.pid = pid          # the job's first process, leader of its group
+        self.cgroup = cgroup
+        self.seen: dict[int, str] = {}  # descendant pid -> its start time (a reused pid is not it)
+
+    def signal(self, sig: int) -> None:
+        """``sig`` to every process of the job."""
+        # Found before any is signalled: once a parent dies its children are reparented, and a
+        # walk from the job's first process would no longer find them.
+        members = self._members()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the job, including those that left its group."""
+        if self.cgroup is not None:
+            kill_cgroup(self.cgroup)
+        else:
+            # Frozen first, so none forks between the walk that finds it and the kill.
+            for _ in range(_MAX_WALKS):
+                known = set(self.seen)
+                self.signal(signal.SIGSTOP)
+                if set(self.seen) == known:
+                    break
+        self.signal(signal.SIGKILL)
+
+    def gone(self) -> bool:
+        """True when no live process of the job is left (zombies being reaped do not count)."""
+        if self.cgroup is not None:
+            members = cgroup_members(self.cgroup)
+            if members and _alive(set(members)):
+                return False
+        stats = proc_stats()
+        if stats is None:
+            return False  # cannot look: assume something is left
+        group = str(self.pid)
+        for pid, fields in stats:
+            if len(fields) > 2 and fields[0] != "Z" and (
+                    fields[2] == group or (pid in self.seen and _start(fields) == self.seen[pid])):
+                return False
+        return True
+
+    def _members(self) -> list[int]:
+        if self.cgroup is not None:
+            return cgroup_members(self.cgroup) or []
+        stats = proc_stats() or []
+        children: dict[int, list[int]] = {}
+        starts: dict[int, str] = {}
+        for pid, fields in stats:
+            if len(fields) > 19 and fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(pid)
+                starts[pid] = _start(fields)
+        # Who is still the job's: the descendants of its first process and of any process seen
+        # before (an orphan of a descendant seen earlier is found again through that one).
+        todo = [self.pid, *(pid for pid, start in self.seen.items() if starts.get(pid) == start)]
+        found: set[int] = set()
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+        for pid in found:
+            self.seen.setdefault(pid, starts[pid])
+        return [pid for pid, start in self.seen.items() if starts.get(pid) == start]
+
+
+def _start(fields: list[str]) -> str:
+    return fields[19] if len(fields) > 19 else ""  # starttime: field 22 of /proc/PID/stat
+
+
+def _alive(pids: set[int]) -> bool:
+    stats = proc_stats()
+    if stats is None:
+        return True
+    return any(pid in pids and fields[:1] != ["Z"] for pid, fields in stats)
