@@ -253,13 +253,6 @@ class CallHandle(Handle):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
 
-    def _close_pidfd(self) -> None:
-        if self.pidfd >= 0:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self.backend.loop.sel.unregister(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = -1
-
     def on_exited(self, status: int | None) -> None:
         self.status = status
         self.status_known = True

@@ -154,13 +154,6 @@ class CommandHandle(Handle):
             os.close(self.stdin)
             self.stdin = -1
 
-    def _close_pidfd(self) -> None:
-        if self.pidfd >= 0:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self.backend.loop.sel.unregister(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = -1
-
     def close(self) -> None:
         self.backend.handles.discard(self)
         sel = self.backend.loop.sel

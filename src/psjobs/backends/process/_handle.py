@@ -7,6 +7,8 @@ when nothing of it is left, escaped descendants included.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
 from typing import TYPE_CHECKING
@@ -37,10 +39,19 @@ class Handle:
         self.stop_at: float | None = None
         self.held: list[Entry] = []  # records of the frames of one read, handed over together
         self.tree: ProcessTree | None = None  # every process of the job, once its first one exists
+        self.pidfd = -1  # the first process's pidfd, once it exists: its exit, without polling
 
     def _hand_over(self) -> list[Entry]:
         held, self.held = self.held, []
         return held
+
+    def _close_pidfd(self) -> None:
+        """Stop watching the process's pidfd (a worker's or a command's) and close it."""
+        if self.pidfd >= 0:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
 
     def kill(self, sig: int) -> None:
         if self.tree is None or self.finished:
