@@ -96,11 +96,7 @@ def join_cgroup(path: str) -> None:
     with contextlib.suppress(OSError):
         with contextlib.suppress(FileExistsError):
             os.mkdir(path)
-        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
-        try:
-            os.write(fd, b"0")  # 0: the writing process
-        finally:
-            os.close(fd)
+        _write(path, "cgroup.procs", b"0")  # 0: the writing process
 
 
 def leave_cgroup(home: str | None) -> None:
@@ -108,21 +104,22 @@ def leave_cgroup(home: str | None) -> None:
     if home is None:
         return
     with contextlib.suppress(OSError):
-        fd = os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
+        _write(home, "cgroup.procs", b"0")
 
 
 def kill_cgroup(path: str) -> None:
     """SIGKILL every process of the cgroup ``path`` and of its children, at once (cgroup.kill)."""
     with contextlib.suppress(OSError):
-        fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY)
-        try:
-            os.write(fd, b"1")
-        finally:
-            os.close(fd)
+        _write(path, "cgroup.kill", b"1")
+
+
+def _write(cgroup: str, name: str, data: bytes) -> None:
+    """One write to a cgroup control file (a single write(2): the kernel acts on each one)."""
+    fd = os.open(os.path.join(cgroup, name), os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def remove_cgroups(path: str) -> None:
