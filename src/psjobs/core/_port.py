@@ -98,7 +98,7 @@ class JobPort:
 
     def __init__(self, job: Job, kind: str | None = None, tree: _Tree | None = None) -> None:
         self._job = job
-        self._lock = job.session._lock
+        self._lock = job._session._lock
         if kind is not None:  # made by the Session for a new leaf
             job._kind = kind
             job._tree = tree

@@ -76,7 +76,7 @@ def resolve(every: Mapping[int, Job], session: object, jobs: Any, verb: str) -> 
                         f"not {type(jobs).__name__}")
     for item in items:
         if isinstance(item, Job):
-            if item.session is not session:
+            if item._session is not session:
                 raise JobNotFoundError(f"{verb}: Job {item.id} {item.name!r} belongs to another session; "
                                        f"use that session's verbs")
             if item.id not in every:

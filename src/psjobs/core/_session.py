@@ -152,7 +152,7 @@ class Session:
                                           working_directory=working_directory, env=env, **kwargs)
         check_name("start_job", name)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_job")
-        spec.cwd = check_directory("start_job", working_directory)
+        spec.cwd = os.getcwd() if working_directory is None else check_directory("start_job", working_directory)
         spec.env = make_env("start_job", env)
         if spec.input is not None:
             spec.input = list(spec.input)
@@ -192,9 +192,9 @@ class Session:
         if throttle_limit is not None:
             check_limit("start_thread_job", throttle_limit)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
-        spec.cwd = check_directory("start_thread_job", working_directory)
-        self._backend("thread")  # a closed session refuses before the limit changes
+        spec.cwd = os.getcwd() if working_directory is None else check_directory("start_thread_job", working_directory)
         if throttle_limit is not None:
+            self._backend("thread")  # a closed session refuses before the limit changes
             self.thread_throttle_limit = throttle_limit
         return self._start_tree("thread", spec, job_type="ThreadJob", name=name, parent=False)
 
@@ -538,17 +538,16 @@ class Session:
                     if node._journal is not None:
                         journals.append(node._journal)
                         node._journal = None
-                    port = JobPort.of(node)
-                    if port is not None:
-                        gone.append(port)
+                    if node._kind is not None:  # a leaf with a backend (JobPort.of, inlined)
+                        gone.append(JobPort(node))
                 self._jobs.pop(job.id, None)
         for journal in journals:  # outside the lock: a journal may delete from storage
             journal.drop()
         for port in gone:
-            backend = self._backends.get(port.kind)
+            backend = self._backends.get(port._job._kind or "")
             if backend is not None:
                 backend.forget(port)
-            port.data = None
+            port._job.backend_data = None
 
     # --- lifetime --------------------------------------------------------------------------
     def close(self, grace: float = 1.0) -> None:

@@ -1,0 +1,85 @@
+"""``python -m bench.instructions BASE [--jobs N]``: instructions per thread job, this tree against BASE.
+
+::
+
+    git worktree of BASE (temporary) --+--> valgrind --tool=callgrind python -c LOOP(0)   } per tree:
+    this checkout ---------------------+--> valgrind --tool=callgrind python -c LOOP(N)   } (N - 0) / N
+
+Wall-clock A/B rows (``bench.ab``) move by 10-20% on this shared 2-core machine from one minute to
+the next; callgrind counts instructions, which repeat to 0.1% whatever else runs, so a change of a
+few percent on the thread path shows. The loop is the ``bench core`` row "thread job, trivial
+callable: start -> result" plus its removal. Both runs of a tree start the interpreter and import
+psjobs; the difference between N jobs and none is what the jobs cost. PYTHONHASHSEED is fixed
+so dictionary layouts repeat. Needs valgrind (Debian's package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LOOP = """
+import sys, psjobs
+def trivial():
+    return 1
+s = psjobs.Session()
+for _ in range({n}):
+    job = s.start_thread_job(trivial)
+    s.wait_job(job)
+    assert job.receive() == [1]
+    s.remove_job(job)
+s.close()
+"""
+
+
+def _count(tree: Path, n: int) -> int:
+    python = os.path.realpath(sys.executable)  # a pyenv shim is a shell script: count python itself
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        env = dict(os.environ, PYTHONPATH=str(tree / "src"), PYTHONHASHSEED="0")
+        proc = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                               python, "-c", LOOP.format(n=n)],
+                              env=env, cwd=tmp, capture_output=True, text=True, check=True)
+    for line in proc.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.rsplit(":", 1)[1].strip())
+    raise RuntimeError(f"no callgrind total in: {proc.stderr[-500:]}")
+
+
+def per_job(tree: Path, n: int) -> float:
+    _count(tree, 1)  # compile the tree's .pyc files once, outside the measured runs
+    return (_count(tree, n) - _count(tree, 0)) / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.splitlines()[0])
+    parser.add_argument("base", help="the commit to compare against")
+    parser.add_argument("--jobs", type=int, default=2000)
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        base_tree = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_tree), args.base],
+                       check=True)
+        try:
+            base = per_job(base_tree, args.jobs)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
+    this = per_job(ROOT, args.jobs)
+    print(f"thread job start -> result -> remove, {args.jobs} jobs, instructions per job (callgrind)")
+    print(f"  {args.base[:10]:>10}: {base:>10,.0f}")
+    print(f"  {'this tree':>10}: {this:>10,.0f}   ratio {this / base:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
