@@ -91,6 +91,10 @@ def run_guarded(body: Callable[[], Any], gate: Gate, *, status: bool = False) ->
     return ended
 
 
+# Exact types that are never a generator, an awaitable nor an async generator.
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes, list, tuple, dict, set})
+
+
 def call(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
          init: Callable[[], Any] | None, emitter: Any, *, keep_value: bool = False) -> Any:
     """init, then the call: a generator's items go to the output stream as they come; a plain
@@ -104,6 +108,12 @@ def call(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     if init is not None:
         _settle(init())
     result = target(*args, **kwargs)
+    if type(result) in _PLAIN:  # most values: skip the awaitable tests (an ABC check each)
+        if keep_value:
+            return result
+        if result is not None:
+            emitter.emit(Stream.OUTPUT, result)
+        return None
     if inspect.isgenerator(result):
         for item in result:
             emitter.emit(Stream.OUTPUT, item)

@@ -53,11 +53,11 @@ class ThreadStopper:
         """The job's code is over (idempotent): a stop raised at its very end is taken back."""
         with self.lock:
             self.in_user = False
-            if self.thread_id is not None:
+            # _stopping holds this thread only while a stop is injected (see inject)
+            if self.injected and self.thread_id is not None:
                 _stopping.pop(self.thread_id, None)
-                if self.injected:
-                    set_async_exc(self.thread_id, None)
-                    self.injected = False
+                set_async_exc(self.thread_id, None)
+                self.injected = False
 
     def stopping(self) -> bool:
         return self.stop
