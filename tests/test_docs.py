@@ -1,17 +1,34 @@
-"""The docs are examples a user can paste: run every Python code block of every page in docs/."""
+"""The docs are examples a user can paste: every Python block of every page runs, and what it prints
+is what the page shows.
+
+::
+
+    page --doctools.blocks--> python blocks, in order --exec--> one fresh namespace per page
+                                                          |
+                              what the block printed <----+--> matches the ``output`` block under it
+                                                               (a block that prints must have one)
+
+The namespace starts empty, as a new interpreter would (a page that needs ``time`` imports it).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import psjobs
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+from .clitools import subprocess_env
+from .doctools import blocks, matches
+
+REPO = Path(__file__).resolve().parent.parent  # remote.md imports tests.sshd, from the root
+DOCS = REPO / "docs"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
@@ -19,22 +36,67 @@ def pages() -> list[Path]:
     return [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
-@pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
-def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                           default_session: psjobs.Session) -> None:
-    blocks = BLOCK.findall(page.read_text())
-    if not blocks:
-        pytest.skip(f"{page.name} has no Python block")
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"os": os, "time": time, "__name__": "__docs__"}
+# Runs one page's blocks in order in a new interpreter, as a user pasting them would: ids start at
+# 1 there, as the pages show them. A marker line before each block splits what they printed.
+# With "repl", each expression statement's value is shown, as the interactive interpreter does.
+DRIVER = """
+import ast, json, sys, traceback
+blocks = json.load(open(sys.argv[1]))
+repl = sys.argv[2] == "repl"
+namespace = {"__name__": "__main__"}
+for n, (where, code) in enumerate(blocks):
+    print(f"\\x00block {n}\\x00", flush=True)
     try:
-        for n, block in enumerate(blocks, 1):
-            try:
-                exec(compile(block, f"{page.name} block {n}", "exec"), namespace)
-            except Exception as exc:
-                raise AssertionError(f"{page.name}, code block {n} failed: {exc!r}\n{block}") from exc
-    finally:
-        psjobs.remove_job(psjobs.get_job(), force=True)
+        if repl:
+            for node in ast.parse(code).body:
+                if isinstance(node, ast.Expr):
+                    value = eval(compile(ast.Expression(node.value), where, "eval"), namespace)
+                    if value is not None:
+                        print(repr(value))
+                else:
+                    exec(compile(ast.Module([node], []), where, "exec"), namespace)
+        else:
+            exec(compile(code, where, "exec"), namespace)
+    except BaseException:
+        sys.stdout.flush()
+        print(f"\\x00failed {n}\\x00", flush=True)
+        traceback.print_exc(file=sys.stdout)
+        sys.exit(1)
+    sys.stdout.flush()
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
+def test_python_blocks_run_and_print_what_the_page_shows(page: Path, tmp_path: Path) -> None:
+    found = blocks(page, ("python",))
+    if not found:
+        pytest.skip(f"{page.name} has no Python block")
+    wheres = [f"{page.name}, the block at line {b.line}" for b in found]
+    (tmp_path / "blocks.json").write_text(json.dumps([[w, b.code] for w, b in zip(wheres, found)]))
+    env = subprocess_env()
+    env["PYTHONPATH"] += f"{os.pathsep}{REPO}"
+    # A page made from a recorded run (docs/tour.md: ids, pids and times differ from run to run)
+    # says so in a comment: its blocks run as a REPL would, and their outputs are not compared.
+    mode = re.search(r"<!-- doctest: ([\w, ]+)", page.read_text())
+    options = mode.group(1).replace(" ", "").split(",") if mode else []
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "blocks.json"),
+                           "repl" if "repl" in options else "exec"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=280)
+    parts = re.split(r"\x00block \d+\x00\n", proc.stdout)[1:]
+    for n, (block, where) in enumerate(zip(found, wheres)):
+        assert n < len(parts), f"{where} did not run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        out, failed, trace = parts[n].partition(f"\x00failed {n}\x00\n")
+        assert not failed, f"{where} failed:\n{block.code}\n{trace}\n{proc.stderr[-2000:]}"
+        if "recorded" in options:
+            continue
+        if block.output is None:
+            assert not out.strip(), (f"{where} prints, and the page shows no output block under it:"
+                                     f"\n{block.code}\nprinted:\n{out}")
+        else:
+            assert matches(block.output, out), (f"{where} printed what the page does not show:\n"
+                                                f"{block.code}\nthe page:\n{block.output}\nprinted:\n{out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_tour_page_is_up_to_date() -> None:

@@ -14,7 +14,6 @@ import os
 import sys
 import tempfile
 import textwrap
-import time
 from dataclasses import dataclass
 
 
@@ -45,6 +44,8 @@ job
          "(see docs/ipython.md). In plain Python the same is `start_job`; a callable works as well as a "
          "command, and runs in a warm worker process that starts in about a millisecond.",
          """
+import os
+
 def processes():
     return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 
@@ -92,6 +93,8 @@ with open("results.txt") as f:
          "While a job runs, `receive_job` returns what was produced so far; the next call returns only "
          "what came since.",
          """
+import time
+
 job = psjobs.start_job("for i in 1 2 3 4 5 6; do echo line $i; sleep 0.2; done")
 time.sleep(0.5)
 print(psjobs.receive_job(job))
@@ -189,7 +192,7 @@ def _prompt(source: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     markdown = "--markdown" in args
-    namespace: dict[str, object] = {"os": os, "time": time}
+    namespace: dict[str, object] = {"__name__": "__main__"}  # as a new interpreter: each step imports what it uses
     with tempfile.TemporaryDirectory(prefix="psjobs-tour-") as tmp:
         here = os.getcwd()
         os.chdir(tmp)
@@ -223,11 +226,14 @@ def main(argv: list[str] | None = None) -> int:
 
 _HEADER = """# The seed, in Python: about_Jobs with psjobs
 
+<!-- doctest: repl, recorded (tests/test_docs.py runs the blocks as a REPL would; the outputs are a
+recorded run, made by `python -m psjobs.tour --markdown`) -->
+
 Every example of PowerShell's about_Jobs, in the order of that page, with its psjobs equivalent and
 the output it printed on a 2-core Linux machine (ids, pids and times differ from run to run).
 Run it yourself with `python -m psjobs.tour`; this page is made by `python -m psjobs.tour --markdown`
-and a test runs every code block of it. The code blocks share one Python session, which starts
-with `import os, time`.
+and a test runs every code block of it in a new interpreter, in order: the blocks share one Python
+session, as if pasted one after the other.
 """
 
 if __name__ == "__main__":
