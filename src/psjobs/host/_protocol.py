@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import socket
 import struct
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ VERSION = 1
 HEADER = struct.Struct("!4sBI")
 MAX_REQUEST = 1 << 20        # 1 MiB: a request is a verb and a few arguments (an environment at most)
 MAX_RESPONSE = 1 << 30       # responses come from the user's own host; pages are ~4 MiB
+MAX_DEPTH = 16               # a request nests 3 levels ({"args": {"env": {...}}}); json recurses per level
 
 
 # --- frames ----------------------------------------------------------------------------------------
@@ -253,6 +255,9 @@ REQUESTS: dict[str, type[Request]] = {c.verb: c for c in (
 
 def decode_request(body: bytes) -> Request:
     """A checked request from a frame's body; ProtocolError says what is wrong."""
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+        raise ProtocolError(f"the request nests deeper than {MAX_DEPTH} levels; a request is a verb "
+                            f"and plain arguments")
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -267,6 +272,19 @@ def decode_request(body: bytes) -> Request:
     if not isinstance(args, dict):
         raise ProtocolError(f"{verb}: the request's args must be a JSON object")
     return kind.from_json(args)
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def _depth(body: bytes) -> int:
+    """How deep arrays and objects nest in ``body``, in linear time (brackets in strings do not count)."""
+    depth = deepest = 0
+    for c in _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body)):
+        depth += 1 if c in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 # --- responses: one shape per verb -----------------------------------------------------------------
