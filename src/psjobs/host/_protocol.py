@@ -164,17 +164,19 @@ class GetRequest(Request):
     state: str | None = None
     newest: int | None = None
     children: bool = False
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> GetRequest:
         v = cls.verb
         return cls(ids=_strs(args, v, "ids", []), state=_arg(args, v, "state", str, None),
-                   newest=_arg(args, v, "newest", int, None), children=_arg(args, v, "children", bool, False))
+                   newest=_arg(args, v, "newest", int, None), children=_arg(args, v, "children", bool, False),
+                   names=_strs(args, v, "names", []))
 
 
 def _selection(args: dict[str, Any], verb: str) -> list[str]:
     ids = _strs(args, verb, "ids")
-    if not ids:
+    if not ids and not _strs(args, verb, "names", []):
         raise ProtocolError(f"{verb}: name at least one job (an id or a name)")
     return ids
 
@@ -187,13 +189,14 @@ class ReceiveRequest(Request):
     wait: bool = False
     timeout: float | None = None
     auto_remove: bool = False
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> ReceiveRequest:
         v = cls.verb
         return cls(ids=_selection(args, v), keep=_arg(args, v, "keep", bool, False),
                    wait=_arg(args, v, "wait", bool, False), timeout=_timeout(args, v),
-                   auto_remove=_arg(args, v, "auto_remove", bool, False))
+                   auto_remove=_arg(args, v, "auto_remove", bool, False), names=_strs(args, v, "names", []))
 
 
 @dataclasses.dataclass
@@ -202,21 +205,24 @@ class WaitRequest(Request):
     ids: list[str]
     any: bool = False
     timeout: float | None = None
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> WaitRequest:
         v = cls.verb
-        return cls(ids=_selection(args, v), any=_arg(args, v, "any", bool, False), timeout=_timeout(args, v))
+        return cls(ids=_selection(args, v), any=_arg(args, v, "any", bool, False), timeout=_timeout(args, v),
+                   names=_strs(args, v, "names", []))
 
 
 @dataclasses.dataclass
 class StopRequest(Request):
     verb: ClassVar[str] = "stop"
     ids: list[str]
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StopRequest:
-        return cls(ids=_selection(args, cls.verb))
+        return cls(ids=_selection(args, cls.verb), names=_strs(args, cls.verb, "names", []))
 
 
 @dataclasses.dataclass
@@ -224,10 +230,12 @@ class RemoveRequest(Request):
     verb: ClassVar[str] = "remove"
     ids: list[str]
     force: bool = False
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> RemoveRequest:
-        return cls(ids=_selection(args, cls.verb), force=_arg(args, cls.verb, "force", bool, False))
+        return cls(ids=_selection(args, cls.verb), force=_arg(args, cls.verb, "force", bool, False),
+                   names=_strs(args, cls.verb, "names", []))
 
 
 @dataclasses.dataclass
