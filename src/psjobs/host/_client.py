@@ -8,6 +8,9 @@
     frames and messages: see _protocol (shared with the server)
 
 Kept apart from the host itself (``_server``) so a command imports neither SQLite nor the server.
+Before it sends anything, the client checks that the state directory is a real directory of its
+own (never a symbolic link, never another user's) and that the process serving the socket runs as
+its own uid (SO_PEERCRED): a request carries the whole environment and command line.
 """
 
 from __future__ import annotations

@@ -13,9 +13,12 @@
     frames, requests and responses: see _protocol; one handler per verb: see _handlers
 
 JSON only: the host never unpickles or runs what a client sends; it calls the named verb with
-checked plain arguments. Requests are capped at MAX_REQUEST bytes. A malformed or oversized
-request gets an error reply (and, when the framing itself is broken, the connection is closed);
-the host stays up. One host per user and state directory: an flock on ``host.lock`` is held for
+checked plain arguments. Requests are capped at MAX_REQUEST bytes, MAX_DEPTH levels of nesting and
+MAX_SELECTOR characters a selector. A malformed or oversized request, or a peer of another uid,
+gets an error reply (when the framing itself is broken, what follows is read and dropped within
+bounds, then the connection is closed, so the reply is not lost to a reset); the host stays up.
+The host is started isolated (``python -I`` from ``/``, see _client), so nothing in the user's
+current directory is imported into it. One host per user and state directory: an flock on ``host.lock`` is held for
 the host's whole life, so a second host refuses to start, and a socket left by a dead host
 (whose lock the kernel released) is removed by the next one.
 """
