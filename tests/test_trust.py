@@ -235,7 +235,9 @@ def test_deeply_nested_json_gets_a_clear_error_and_the_connection_goes_on(home: 
         s.connect(str(home / "host.sock"))
         s.settimeout(30)
         for body in [b'{"verb": "get", "args": {"ids": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
-                     b"[" * 500_000, b'{"a":' * 20 + b"1" + b"}" * 20]:
+                     b"[" * 500_000, b'{"a":' * 20 + b"1" + b"}" * 20,
+                     b"[" * 17 + b'"' + b'\\"' * 300_000]:  # an unterminated string of escaped quotes
+            began = time.monotonic()
             s.sendall(pack(body.decode()))
             reply = read_frame(s, 1 << 20, "the host")
             assert reply is not None
@@ -243,6 +245,7 @@ def test_deeply_nested_json_gets_a_clear_error_and_the_connection_goes_on(home: 
             assert answer["ok"] is False and answer["error"]["exit_code"] == 2
             assert "nests deeper than 16 levels" in answer["error"]["message"], answer
             assert "RecursionError" not in answer["error"]["message"]
+            assert time.monotonic() - began < 3.0  # the depth is measured in linear time
         # Brackets inside strings are text, not nesting.
         s.sendall(pack({"verb": "get", "args": {"ids": ["[" * 100]}}))
         reply = read_frame(s, 1 << 20, "the host")

@@ -295,7 +295,9 @@ def decode_request(body: bytes) -> Request:
     return kind.from_json(args)
 
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# A string, to its closing quote or (unterminated: invalid JSON anyway) to the end, so a match
+# never fails and is never retried from a later quote: linear, even for `"\"\"\"...`.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 
 
