@@ -18,7 +18,9 @@ MAX_SELECTOR characters a selector. A malformed or oversized request, or a peer 
 gets an error reply (when the framing itself is broken, what follows is read and dropped within
 bounds, then the connection is closed, so the reply is not lost to a reset); the host stays up.
 The host is started isolated (``python -I`` from ``/``, see _client), so nothing in the user's
-current directory is imported into it. One host per user and state directory: an flock on ``host.lock`` is held for
+current directory is imported into it.
+
+One host per user and state directory: an flock on ``host.lock`` is held for
 the host's whole life, so a second host refuses to start, and a socket left by a dead host
 (whose lock the kernel released) is removed by the next one.
 """
