@@ -16,13 +16,15 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any, TextIO, cast
+from typing import Any, NoReturn, TextIO, cast
 
 from ._errors import (
     HostError,
+    HostReplyError,
     JobFailedError,
     JobNotFinishedError,
     JobNotFoundError,
@@ -64,17 +66,28 @@ ALIASES = {"start": "Start-Job", "get": "Get-Job", "receive": "Receive-Job", "wa
 
 # --- output ----------------------------------------------------------------------------------------
 
+# C0 and C1 controls but tab, newline and return (which the table folds into spaces), DEL, and the
+# bidirectional overrides: a job's name or command that holds them must not drive the terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters written as escapes (ESC as ``\\x1b``), for the
+    terminal: the command's own words (tables, messages), never a job's output."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 class _View:
-    """A job as format_table reads it."""
+    """A job as format_table reads it, its text made printable."""
 
     def __init__(self, row: dict[str, Any]) -> None:
         self.id = row["id"]
-        self.name = row["name"]
-        self.job_type = row["job_type"]
-        self.state = row["state"]
+        self.name = printable(row["name"])
+        self.job_type = printable(row["job_type"])
+        self.state = printable(row["state"])
         self.has_more_data = row["has_more_data"]
-        self.location = row["location"]
-        self.command = row["command"]
+        self.location = printable(row["location"])
+        self.command = printable(row["command"])
 
 
 def _print_jobs(rows: list[dict[str, Any]] | dict[str, Any], as_json: bool) -> None:
@@ -140,19 +153,26 @@ def _show_new(row: dict[str, Any], a: argparse.Namespace) -> int:
     return 0
 
 
+def _selected(a: argparse.Namespace) -> None:
+    if not a.ids and not a.names:
+        raise UsageError(f"{a.cmd}: name at least one job: an id, a name, or --name NAME")
+
+
 def cmd_get(client: Client, a: argparse.Namespace) -> int:
-    rows = client.call(GetRequest(ids=a.ids, state=a.state, newest=a.newest, children=a.children))
+    rows = client.call(GetRequest(ids=a.ids, state=a.state, newest=a.newest, children=a.children,
+                                  names=a.names))
     _print_jobs(rows, a.json)
     return 0
 
 
 def cmd_receive(client: Client, a: argparse.Namespace) -> int:
+    _selected(a)
     ordered = _Ordered()
     out = ordered.stream(sys.stdout)
     host = Host(stdout=out, stderr=ordered.stream(sys.stderr))
     result: dict[str, Any] = {}
     for response in client.stream(ReceiveRequest(ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout,
-                                                 auto_remove=a.auto_remove)):
+                                                 auto_remove=a.auto_remove, names=a.names)):
         if response.get("more"):
             for _, job, stream, t, is_json, value in response["result"]["records"]:
                 if a.json:
@@ -180,7 +200,7 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
         else:
             where = f["computer_name"]
             prefix = f"[{where}] " if where and where != "localhost" else ""
-            err.write(f"{prefix}Job {f['id']} {f['name']!r} failed: {f['reason']}\n")
+            err.write(printable(f"{prefix}Job {f['id']} {f['name']!r} failed: {f['reason']}") + "\n")
     sys.stdout.flush()
     if result.get("failures"):
         return JobFailedError.exit_code
@@ -191,7 +211,8 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_wait(client: Client, a: argparse.Namespace) -> int:
-    result = client.call(WaitRequest(ids=a.ids, any=a.any, timeout=a.timeout))
+    _selected(a)
+    result = client.call(WaitRequest(ids=a.ids, any=a.any, timeout=a.timeout, names=a.names))
     done, pending = result["done"], result["pending"]
     if not done and pending:
         names = ", ".join(f"Job {r['id']} {r['name']!r} ({r['state']})" for r in pending[:5])
@@ -200,17 +221,19 @@ def cmd_wait(client: Client, a: argparse.Namespace) -> int:
     _print_jobs(done, a.json)
     failed = [r for r in done if r["state"] == "Failed"]
     for r in failed if not a.json else ():
-        print(f"Job {r['id']} {r['name']!r} failed: {r['reason']}", file=sys.stderr)
+        print(printable(f"Job {r['id']} {r['name']!r} failed: {r['reason']}"), file=sys.stderr)
     return JobFailedError.exit_code if failed else 0
 
 
 def cmd_stop(client: Client, a: argparse.Namespace) -> int:
-    _print_jobs(client.call(StopRequest(ids=a.ids)), a.json)
+    _selected(a)
+    _print_jobs(client.call(StopRequest(ids=a.ids, names=a.names)), a.json)
     return 0
 
 
 def cmd_remove(client: Client, a: argparse.Namespace) -> int:
-    result = client.call(RemoveRequest(ids=a.ids, force=a.force))
+    _selected(a)
+    result = client.call(RemoveRequest(ids=a.ids, force=a.force, names=a.names))
     if a.json:
         print(json.dumps(result))
     return 0
@@ -288,7 +311,7 @@ def _exit_codes_text() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="psjobs", formatter_class=fmt,
         description="PowerShell-style background jobs for the shell. Jobs run in a per-user session "
                     "host that starts on first use and keeps every job and record on disk, so they "
@@ -296,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_exit_codes_text() + "\n\nExample:\n  psjobs start -n build -- make -j4 && psjobs get")
     parser.add_argument("--version", action="version", version=f"psjobs {_version()}")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
 
     def add(name: str, func: Callable[[Client, argparse.Namespace], int], help: str, example: str,
@@ -321,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("get", cmd_get, "List jobs as the Get-Job table (all top-level jobs by default).",
             "psjobs get --state Running",
-            "IDs, names (wildcards allowed: 'build*') and instance ids select jobs.")
+            "IDs, names (wildcards allowed: 'build*') and instance ids select jobs; --name NAME selects\n"
+            "the job named NAME as it is written (a name like '5' or 'build[1]').")
     p.add_argument("ids", nargs="*", metavar="ID|NAME")
+    _name_option(p)
     p.add_argument("--state", help="only jobs in this state (Running, Completed, Failed, Stopped, ...)")
     p.add_argument("--newest", type=int, metavar="N",
                    help="only the N most recently finished (running jobs count as the newest)")
@@ -332,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
             "psjobs receive 1 > results.txt",
             "Output goes to stdout, errors and warnings to stderr, in the order they were produced.\n"
             "Receiving consumes the records unless --keep; a failed job's reason is shown every time.")
-    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p.add_argument("ids", nargs="*", metavar="ID|NAME")
+    _name_option(p)
     p.add_argument("--keep", action="store_true", help="leave the records to be received again")
     p.add_argument("--wait", action="store_true", help="follow the jobs until they finish")
     p.add_argument("--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds (inf: no limit)")
@@ -340,18 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("wait", cmd_wait, "Wait until jobs are finished (or one of them, with --any).",
             "psjobs wait 3 --timeout 60 && psjobs receive 3")
-    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p.add_argument("ids", nargs="*", metavar="ID|NAME")
+    _name_option(p)
     p.add_argument("--any", action="store_true", help="return when the first of them finishes")
     p.add_argument("--timeout", type=_seconds, metavar="S",
                    help="give up after S seconds (exit status 6; inf: no limit)")
 
     p = add("stop", cmd_stop, "Stop jobs for real (their whole process group) and show them.",
             "psjobs stop backup")
-    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p.add_argument("ids", nargs="*", metavar="ID|NAME")
+    _name_option(p)
 
     p = add("remove", cmd_remove, "Remove finished jobs and all their records.", "psjobs remove 1 2 3",
             "A job that is still running is refused (exit status 4) unless --force, which stops it first.")
-    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p.add_argument("ids", nargs="*", metavar="ID|NAME")
+    _name_option(p)
     p.add_argument("-f", "--force", action="store_true", help="stop running jobs first")
 
     p = add("invoke", cmd_invoke, "Run a command on computers over SSH as one RemoteJob.",
@@ -373,6 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("tour", cmd_tour, "A one-minute tour: real commands against a temporary host.", "psjobs tour")
     return parser
+
+
+def _name_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", action="append", default=[], dest="names", metavar="NAME",
+                   help="the job named NAME, as it is written: not an id, no wildcards (repeatable)")
+
+
+class _ParseError(Exception):
+    """A bad option or argument, raised instead of argparse's exit so `--json` can answer in JSON."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _ParseError(self, message)
 
 
 def _seconds(text: str) -> float | None:
@@ -415,7 +462,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ns.args = [*extra, *ns.args]  # IPython's own options go through untouched
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+    except _ParseError as exc:
+        if "--json" in args[:args.index("--")] if "--" in args else "--json" in args:
+            _print_error("UsageError", f"{exc.parser.prog}: {exc}", UsageError.exit_code)
+        else:  # as argparse says it
+            exc.parser.print_usage(sys.stderr)
+            print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        return UsageError.exit_code
+    except SystemExit as exc:  # argparse: --help (0)
         return exc.code if isinstance(exc.code, int) else UsageError.exit_code
     if ns.cmd is None:
         parser.print_help()
@@ -427,8 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except (PsJobsError, FileNotFoundError, NotADirectoryError) as exc:
         sys.stdout.flush()
-        print(f"psjobs: {exc}", file=sys.stderr)
-        return int(getattr(exc, "exit_code", UsageError.exit_code))
+        code = int(getattr(exc, "exit_code", UsageError.exit_code))
+        if getattr(ns, "json", False):
+            _print_error(exc.type_name if isinstance(exc, HostReplyError) else type(exc).__name__, str(exc), code)
+        else:
+            print(f"psjobs: {printable(str(exc))}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -436,6 +494,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+
+
+def _print_error(type_name: str, message: str, exit_code: int) -> None:
+    """An error for scripts (`--json`): one JSON object on stdout, shaped as the host's error replies."""
+    print(json.dumps({"error": {"type": type_name, "message": message, "exit_code": exit_code}}))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@
     frames and messages: see _protocol (shared with the server)
 
 Kept apart from the host itself (``_server``) so a command imports neither SQLite nor the server.
+Before it sends anything, the client checks that the state directory is a real directory of its
+own (never a symbolic link, never another user's) and that the process serving the socket runs as
+its own uid (SO_PEERCRED): a request carries the whole environment and command line.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -29,7 +33,14 @@ from ._protocol import HEADER, MAGIC, MAX_REQUEST, MAX_RESPONSE, REQUESTS, VERSI
 __all__ = ["HEADER", "MAGIC", "MAX_REQUEST", "VERSION", "Client", "HostError", "HostReplyError", "Paths",
            "RequestError", "answers", "host_free", "pack", "read_frame", "state_dir"]
 _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
-_BOOT = "import sys; from psjobs.host._server import host_main; sys.exit(host_main(sys.argv[1:]))"
+# The host runs isolated (`python -I`: no PYTHON* variables, no user site, neither the current
+# directory nor the script's on sys.path) from "/", so a `selectors.py` where the user stands is
+# never imported into it. What must stay importable is appended, after the standard library: the
+# directory psjobs comes from (a checkout) and the absolute PYTHONPATH entries (backends installed there).
+_ROOT = str(Path(__file__).resolve().parents[2])
+_BOOT = (f"import os, sys; sys.path += [p for p in [{_ROOT!r}, *os.environ.get('PYTHONPATH', '').split(os.pathsep)] "
+         "if os.path.isabs(p) and p not in sys.path]; "
+         "from psjobs.host._server import host_main; sys.exit(host_main(sys.argv[1:]))")
 
 
 # --- where things are --------------------------------------------------------------------------
@@ -53,17 +64,46 @@ class Paths:
         self.log = self.home / "host.log"
 
     def prepare(self) -> None:
-        """Make the directory private to its owner (0700) and check that the socket path fits."""
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = self.home.stat()
-        if st.st_uid != os.getuid():
-            raise HostError(f"the psjobs state directory {self.home} belongs to uid {st.st_uid}, not to you "
-                            f"(uid {os.getuid()}); set PSJOBS_HOME to a directory of your own")
-        if st.st_mode & 0o077:
-            os.chmod(self.home, 0o700)
+        """Make the directory (0700), refuse one that is not safely ours (see ``check``), and check
+        that the socket path fits."""
+        if not self.check():
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.check()
         if len(os.fsencode(self.socket)) > _SOCKET_MAX:
             raise HostError(f"the socket path {self.socket} is longer than a unix socket allows "
                             f"({_SOCKET_MAX} bytes); set PSJOBS_HOME to a shorter directory")
+
+    def check(self) -> bool:
+        """False when the directory does not exist yet. Refuses (HostError) a symbolic link, a
+        non-directory and another user's directory: whoever controls those could put a socket of
+        theirs where the host's should be. Makes a directory of ours private (0700) if it is not."""
+        try:
+            # O_NOFOLLOW: the mode is changed on the directory that was checked, never on a link's target.
+            fd = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if os.path.islink(self.home):
+                raise HostError(f"the psjobs state directory {self.home} is a symbolic link (to "
+                                f"{os.readlink(self.home)}), which psjobs does not follow: set PSJOBS_HOME "
+                                f"to a real directory of your own") from None
+            raise HostError(f"the psjobs state directory {self.home} cannot be used ({exc.strerror}); set "
+                            f"PSJOBS_HOME to a directory of your own") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid():
+                raise HostError(f"the psjobs state directory {self.home} belongs to uid {st.st_uid}, not to "
+                                f"you (uid {os.getuid()}); set PSJOBS_HOME to a directory of your own")
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+        return True
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    return int(struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1])
 
 
 # --- frames ----------------------------------------------------------------------------------------
@@ -126,24 +166,32 @@ class Client:
             time.sleep(0.02)  # another host holds the lock and is about to listen
 
     def _try_connect(self) -> socket.socket | None:
+        if not self.paths.check():
+            return None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(self.paths.socket))
-            return sock
+            uid = peer_uid(sock)
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             return None
         except OSError as exc:
             sock.close()
             raise HostError(f"cannot reach the psjobs host on {self.paths.socket}: {exc}") from exc
+        if uid != os.getuid():  # checked before anything (the environment, the command) is sent
+            sock.close()
+            raise HostError(f"the socket {self.paths.socket} is served by uid {uid}, not by you (uid "
+                            f"{os.getuid()}), so psjobs sent it nothing; find out who put it there, remove "
+                            f"it, and run the command again (or set PSJOBS_HOME to another directory)")
+        return sock
 
     def start_host(self) -> None:
         """Start a host in the background and return once it listens (or another one does)."""
         import subprocess
 
         self.paths.prepare()
-        done = subprocess.run([sys.executable, "-c", _BOOT, "--home", str(self.paths.home), "--daemon"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        done = subprocess.run([sys.executable, "-I", "-c", _BOOT, "--home", str(self.paths.home), "--daemon"],
+                              cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               timeout=60)
         if done.returncode != 0:
             raise HostError(done.stderr.decode(errors="replace").strip()
@@ -154,9 +202,17 @@ class Client:
         the final one last)."""
         request = verb if isinstance(verb, Request) else REQUESTS[verb](**args)
         verb = request.verb
+        frame = pack(request.to_json())
+        if len(frame) - HEADER.size > MAX_REQUEST:
+            carries = " (it carries this shell's environment: unset large variables)" if verb == "start" else ""
+            raise RequestError(f"the `{verb}` request is {len(frame) - HEADER.size} bytes, over the host's "
+                               f"{MAX_REQUEST}-byte limit{carries}; nothing was sent")
         with self.connect(start) as sock:
             try:
-                sock.sendall(pack(request.to_json()))
+                try:
+                    sock.sendall(frame)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the host refused the request before reading it all: its reply says why
                 yield from self._responses(sock)
             except ConnectionError as exc:  # also a host that died while it had us in its backlog
                 raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "

@@ -90,14 +90,32 @@ class Context:
 
 # --- the command's words and the Session's ---------------------------------------------------------
 
-def find(ctx: Context, texts: list[str], verb: str) -> list[Job]:
-    """The jobs that ids, instance ids or names (wildcards allowed) select, in the order given,
-    each once: the core's selection, with the command's words in its messages."""
+def find(ctx: Context, texts: list[str], verb: str, names: list[str] | None = None) -> list[Job]:
+    """The jobs that ids, instance ids or names (wildcards allowed) select, then the jobs named
+    ``names`` exactly (--name), in the order given, each once: the core's selection, with the
+    command's words in its messages. A selector with wildcard characters also selects the job
+    of that very name (`build[1]`), which the wildcard alone would miss."""
     out: dict[int, Job] = {}
     for text in texts:
-        for job in worded(verb, ctx.session.get_job, id=_selector(text)):
+        selector = _selector(text)
+        jobs = worded(verb, ctx.session.get_job, id=selector)
+        if isinstance(selector, str) and any(c in selector for c in "*?["):
+            jobs = [*jobs, *ctx.session.get_job(id=_literal(selector))]
+        for job in jobs:
+            out.setdefault(job.id, job)
+    for name in names or ():
+        jobs = worded(verb, ctx.session.get_job, id=_literal(name))
+        if not jobs:
+            raise JobNotFoundError(f"{verb}: cannot find a job named {name!r}; list the jobs with `psjobs get`")
+        for job in jobs:
             out.setdefault(job.id, job)
     return list(out.values())
+
+
+def _literal(name: str) -> str:
+    """A wildcard pattern that matches ``name`` itself: each wildcard character in brackets. Never
+    taken for an id: the core's selection reads every string as a name."""
+    return re.sub(r"[*?\[]", lambda m: f"[{m.group()}]", name)
 
 
 def _selector(text: str) -> int | uuid.UUID | str:
@@ -195,7 +213,7 @@ def invoke(ctx: Context, req: InvokeRequest, reply: Reply) -> JobView:
 def get(ctx: Context, req: GetRequest, reply: Reply) -> list[JobView]:
     if req.newest is not None and req.newest < 0:
         raise ValueError(f"get: --newest must be >= 0, not {req.newest}")
-    ids = find(ctx, req.ids, "get") if req.ids else None
+    ids = find(ctx, req.ids, "get", req.names) if req.ids or req.names else None
     jobs = ctx.session.get_job(id=ids, state=req.state, newest=req.newest, include_child_jobs=req.children)
     return [view(ctx, j) for j in jobs]
 
@@ -203,7 +221,7 @@ def get(ctx: Context, req: GetRequest, reply: Reply) -> list[JobView]:
 def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and not req.wait:
         raise ValueError("receive: --auto-remove needs --wait (a job is removed once it is finished)")
-    selected = find(ctx, req.ids, "receive")
+    selected = find(ctx, req.ids, "receive", req.names)
     rows: list[RecordRow] = []
     size = 0
     # A part per batch (at most about PAGE_BYTES): what arrived goes out before the read waits again.
@@ -239,7 +257,7 @@ def _failures(leaves: list[Job]) -> list[Failure]:
 
 
 def wait(ctx: Context, req: WaitRequest, reply: Reply) -> WaitResult:
-    selected = find(ctx, req.ids, "wait")
+    selected = find(ctx, req.ids, "wait", req.names)
     done = ctx.session.wait_job(selected, any=req.any, timeout=req.timeout) if selected else []
     ctx.writer.sync()  # their final states are stored before the answer
     if done:
@@ -250,14 +268,14 @@ def wait(ctx: Context, req: WaitRequest, reply: Reply) -> WaitResult:
 
 
 def stop(ctx: Context, req: StopRequest, reply: Reply) -> list[JobView]:
-    selected = find(ctx, req.ids, "stop")
+    selected = find(ctx, req.ids, "stop", req.names)
     ctx.session.stop_job(selected)
     ctx.writer.sync()
     return [view(ctx, j) for j in selected]
 
 
 def remove(ctx: Context, req: RemoveRequest, reply: Reply) -> RemoveResult:
-    return RemoveResult(removed=_remove(ctx, find(ctx, req.ids, "remove"), force=req.force))
+    return RemoveResult(removed=_remove(ctx, find(ctx, req.ids, "remove", req.names), force=req.force))
 
 
 def _remove(ctx: Context, jobs: list[Job], force: bool) -> list[int]:

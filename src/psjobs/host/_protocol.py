@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import socket
 import struct
 from typing import Any, ClassVar
@@ -31,6 +32,11 @@ VERSION = 1
 HEADER = struct.Struct("!4sBI")
 MAX_REQUEST = 1 << 20        # 1 MiB: a request is a verb and a few arguments (an environment at most)
 MAX_RESPONSE = 1 << 30       # responses come from the user's own host; pages are ~4 MiB
+# Characters in one selector (an id, a name or a wildcard pattern): the host compiles a pattern into a
+# regular expression and matches it against every job's name, which costs about its length each
+# time (4,096 `*a` took 0.04 s; 1 MiB of them, half a minute).
+MAX_SELECTOR = 4096
+MAX_DEPTH = 16               # a request nests 3 levels ({"args": {"env": {...}}}); json recurses per level
 
 
 # --- frames ----------------------------------------------------------------------------------------
@@ -99,6 +105,15 @@ def _strs(args: dict[str, Any], verb: str, name: str, default: Any = _MISSING) -
     return list(value)
 
 
+def _selectors(args: dict[str, Any], verb: str, name: str, default: Any = _MISSING) -> list[str]:
+    items = _strs(args, verb, name, default)
+    for item in items:
+        if len(item) > MAX_SELECTOR:
+            raise ProtocolError(f"{verb}: a job selector is at most {MAX_SELECTOR} characters, not {len(item)} "
+                                f"({item[:20]!r}...); select the job by its id")
+    return items
+
+
 def _timeout(args: dict[str, Any], verb: str) -> float | None:
     value = _arg(args, verb, "timeout", (int, float), None)
     if value is not None and (math.isnan(value) or value < 0):
@@ -162,17 +177,19 @@ class GetRequest(Request):
     state: str | None = None
     newest: int | None = None
     children: bool = False
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> GetRequest:
         v = cls.verb
-        return cls(ids=_strs(args, v, "ids", []), state=_arg(args, v, "state", str, None),
-                   newest=_arg(args, v, "newest", int, None), children=_arg(args, v, "children", bool, False))
+        return cls(ids=_selectors(args, v, "ids", []), state=_arg(args, v, "state", str, None),
+                   newest=_arg(args, v, "newest", int, None), children=_arg(args, v, "children", bool, False),
+                   names=_selectors(args, v, "names", []))
 
 
 def _selection(args: dict[str, Any], verb: str) -> list[str]:
-    ids = _strs(args, verb, "ids")
-    if not ids:
+    ids = _selectors(args, verb, "ids")
+    if not ids and not _selectors(args, verb, "names", []):
         raise ProtocolError(f"{verb}: name at least one job (an id or a name)")
     return ids
 
@@ -185,13 +202,14 @@ class ReceiveRequest(Request):
     wait: bool = False
     timeout: float | None = None
     auto_remove: bool = False
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> ReceiveRequest:
         v = cls.verb
         return cls(ids=_selection(args, v), keep=_arg(args, v, "keep", bool, False),
                    wait=_arg(args, v, "wait", bool, False), timeout=_timeout(args, v),
-                   auto_remove=_arg(args, v, "auto_remove", bool, False))
+                   auto_remove=_arg(args, v, "auto_remove", bool, False), names=_selectors(args, v, "names", []))
 
 
 @dataclasses.dataclass
@@ -200,21 +218,24 @@ class WaitRequest(Request):
     ids: list[str]
     any: bool = False
     timeout: float | None = None
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> WaitRequest:
         v = cls.verb
-        return cls(ids=_selection(args, v), any=_arg(args, v, "any", bool, False), timeout=_timeout(args, v))
+        return cls(ids=_selection(args, v), any=_arg(args, v, "any", bool, False), timeout=_timeout(args, v),
+                   names=_selectors(args, v, "names", []))
 
 
 @dataclasses.dataclass
 class StopRequest(Request):
     verb: ClassVar[str] = "stop"
     ids: list[str]
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StopRequest:
-        return cls(ids=_selection(args, cls.verb))
+        return cls(ids=_selection(args, cls.verb), names=_selectors(args, cls.verb, "names", []))
 
 
 @dataclasses.dataclass
@@ -222,10 +243,12 @@ class RemoveRequest(Request):
     verb: ClassVar[str] = "remove"
     ids: list[str]
     force: bool = False
+    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> RemoveRequest:
-        return cls(ids=_selection(args, cls.verb), force=_arg(args, cls.verb, "force", bool, False))
+        return cls(ids=_selection(args, cls.verb), force=_arg(args, cls.verb, "force", bool, False),
+                   names=_selectors(args, cls.verb, "names", []))
 
 
 @dataclasses.dataclass
@@ -253,6 +276,9 @@ REQUESTS: dict[str, type[Request]] = {c.verb: c for c in (
 
 def decode_request(body: bytes) -> Request:
     """A checked request from a frame's body; ProtocolError says what is wrong."""
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+        raise ProtocolError(f"the request nests deeper than {MAX_DEPTH} levels; a request is a verb "
+                            f"and plain arguments")
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -267,6 +293,21 @@ def decode_request(body: bytes) -> Request:
     if not isinstance(args, dict):
         raise ProtocolError(f"{verb}: the request's args must be a JSON object")
     return kind.from_json(args)
+
+
+# A string, to its closing quote or (unterminated: invalid JSON anyway) to the end, so a match
+# never fails and is never retried from a later quote: linear, even for `"\"\"\"...`.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def _depth(body: bytes) -> int:
+    """How deep arrays and objects nest in ``body``, in linear time (brackets in strings do not count)."""
+    depth = deepest = 0
+    for c in _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body)):
+        depth += 1 if c in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 # --- responses: one shape per verb -----------------------------------------------------------------

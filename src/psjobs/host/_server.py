@@ -13,9 +13,14 @@
     frames, requests and responses: see _protocol; one handler per verb: see _handlers
 
 JSON only: the host never unpickles or runs what a client sends; it calls the named verb with
-checked plain arguments. Requests are capped at MAX_REQUEST bytes. A malformed or oversized
-request gets an error reply (and, when the framing itself is broken, the connection is closed);
-the host stays up. One host per user and state directory: an flock on ``host.lock`` is held for
+checked plain arguments. Requests are capped at MAX_REQUEST bytes, MAX_DEPTH levels of nesting and
+MAX_SELECTOR characters a selector. A malformed or oversized request, or a peer of another uid,
+gets an error reply (when the framing itself is broken, what follows is read and dropped within
+bounds, then the connection is closed, so the reply is not lost to a reset); the host stays up.
+The host is started isolated (``python -I`` from ``/``, see _client), so nothing in the user's
+current directory is imported into it.
+
+One host per user and state directory: an flock on ``host.lock`` is held for
 the host's whole life, so a second host refuses to start, and a socket left by a dead host
 (whose lock the kernel released) is removed by the next one.
 """
@@ -46,6 +51,10 @@ from ._protocol import MAX_REQUEST, decode_request, error_reply, final, pack
 from ._store import Store, kill_orphans
 
 _IDLE = 60.0                 # seconds a connection may take to send its request
+# After a refusal, what the client still sends is dropped for at most this long and this much: enough
+# for a request a little over the limit to be read whole, while a peer cannot hold a thread for long.
+_DRAIN_SECONDS = 2.0
+_DRAIN_BYTES = 4 * MAX_REQUEST
 
 
 class _AlreadyRunning(Exception):
@@ -156,14 +165,14 @@ class HostServer:
             try:
                 uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
                 if uid != os.getuid():
-                    conn.sendall(pack(_error(HostError(f"this psjobs host serves uid {os.getuid()} only"))))
+                    _refuse(conn, HostError(f"this psjobs host serves uid {os.getuid()} only"))
                     return
                 while True:
                     conn.settimeout(_IDLE)
                     try:
                         body = read_frame(conn, MAX_REQUEST, "the client")
                     except RequestError as exc:
-                        conn.sendall(pack(_error(exc)))
+                        _refuse(conn, exc)
                         return  # the framing is lost: the connection cannot go on
                     if body is None:
                         return
@@ -187,6 +196,23 @@ class HostServer:
             return _error(exc, sink)
         finally:
             _collect.sink = None
+
+
+def _refuse(conn: socket.socket, exc: BaseException) -> None:
+    """Send the error reply, then read and drop what the client still sends (within bounds) before
+    the connection closes: a unix socket closed with unread data is reset, and a client still
+    writing its request would get a broken pipe or a reset instead of the reply."""
+    conn.sendall(pack(_error(exc)))
+    conn.shutdown(socket.SHUT_WR)  # the reply is whole: the client reads it, then the end
+    deadline = time.monotonic() + _DRAIN_SECONDS
+    left = _DRAIN_BYTES
+    with contextlib.suppress(OSError):
+        while left > 0 and (wait := deadline - time.monotonic()) > 0:
+            conn.settimeout(wait)
+            chunk = conn.recv(min(left, 1 << 16))
+            if not chunk:
+                return
+            left -= len(chunk)
 
 
 def _error(exc: BaseException, sink: list[str] | None = None) -> dict[str, Any]:
