@@ -17,6 +17,9 @@ OSError; the server turns any of them into the error reply.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
 import re
 import socket
@@ -36,6 +39,7 @@ from .._errors import (
 from ..core._job import Job
 from ..core._pshost import reason_text
 from ..core._session import Session
+from ..core._shipped import start_shipped
 from ..core._spec import check_directory
 from ._client import Paths
 from ._journal import Writer, pid_of
@@ -43,20 +47,25 @@ from ._protocol import (
     VERSION,
     Failure,
     GetRequest,
+    InputRequest,
     InvokeRequest,
     JobView,
     ReceiveRequest,
     ReceiveResult,
     RecordRow,
+    RecordsRequest,
+    RecordsResult,
     RemoveRequest,
     RemoveResult,
     Request,
     ShutdownRequest,
     ShutdownResult,
+    StartCallRequest,
     StartRequest,
     StatusRequest,
     StatusResult,
     StopRequest,
+    SuspendRequest,
     WaitRequest,
     WaitResult,
     pack,
@@ -172,8 +181,20 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
     if req.thread:
         job = session.start_thread_job(target, name=req.name, working_directory=cwd)
     else:
-        job = session.start_job(target, name=req.name, working_directory=cwd,
+        job = session.start_job(target, name=req.name, working_directory=cwd, input=req.input,
                                 env=None if req.env is None else _env_delta(req.env))
+    return _started(ctx, job, cwd)
+
+
+def start_call(ctx: Context, req: StartCallRequest, reply: Reply) -> JobView:
+    """A connected session's callable: its pickled bytes go unopened to the job's worker."""
+    cwd = check_directory("start_job", req.cwd)
+    try:
+        payload = base64.b64decode(req.payload, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"start_call: the payload is not base64 ({exc})") from None
+    job = start_shipped(ctx.session, payload, command=req.command, name=req.name, cwd=cwd, env=req.env,
+                        sys_path=req.sys_path or None)
     return _started(ctx, job, cwd)
 
 
@@ -269,6 +290,35 @@ def _remove(ctx: Context, jobs: list[Job], force: bool) -> list[int]:
     return sorted(j.id for j in jobs)
 
 
+def suspend(ctx: Context, req: SuspendRequest, reply: Reply) -> list[JobView]:
+    selected = find(ctx, req.ids, "resume" if req.resume else "suspend")
+    (ctx.session.resume_job if req.resume else ctx.session.suspend_job)(selected)
+    ctx.writer.sync()
+    return [view(ctx, j) for j in selected]
+
+
+def send_input(ctx: Context, req: InputRequest, reply: Reply) -> list[JobView]:
+    selected = find(ctx, req.ids, "input")
+    ctx.session.send_input(selected, req.text)
+    return [view(ctx, j) for j in selected]
+
+
+def records(ctx: Context, req: RecordsRequest, reply: Reply) -> RecordsResult:
+    """One stream of a job, from its first record: what ``job.output`` (and the others) show."""
+    (job,) = find(ctx, [str(req.id)], "records")
+    ctx.writer.sync()  # what the job's journals counted is in the store
+    rows: list[list[Any]] = []
+    for leaf in _tree(job):
+        if not leaf.child_jobs:
+            rows.extend([leaf.id, t, stored.flag, json.loads(stored.data) if stored.flag else stored.data]
+                        for stream, stored, t in ctx.writer.store.read(leaf.id, 0, _ALL)
+                        if stream == req.stream)
+    return RecordsResult(records=rows)
+
+
+_ALL = 1 << 62               # "to the end" for Store.read (an SQLite LIMIT)
+
+
 def status(ctx: Context, req: StatusRequest, reply: Reply) -> StatusResult:
     from .._version import __version__
 
@@ -299,5 +349,6 @@ Handler = Callable[[Context, Any, Reply], Any]
 HANDLERS: dict[type[Request], Handler] = {
     StartRequest: start, InvokeRequest: invoke, GetRequest: get, ReceiveRequest: receive,
     WaitRequest: wait, StopRequest: stop, RemoveRequest: remove, StatusRequest: status,
-    ShutdownRequest: shutdown,
+    ShutdownRequest: shutdown, StartCallRequest: start_call, SuspendRequest: suspend, InputRequest: send_input,
+    RecordsRequest: records,
 }

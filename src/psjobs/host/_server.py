@@ -13,7 +13,9 @@
     frames, requests and responses: see _protocol; one handler per verb: see _handlers
 
 JSON only: the host never unpickles or runs what a client sends; it calls the named verb with
-checked plain arguments. Requests are capped at MAX_REQUEST bytes. A malformed or oversized
+checked plain arguments. (A connected session's callable, ``start_call``, is pickled bytes the host
+hands unopened to the job's own worker process, which runs as the same user: the peer uid check.)
+Requests are capped at MAX_REQUEST bytes. A malformed or oversized
 request gets an error reply (and, when the framing itself is broken, the connection is closed);
 the host stays up. One host per user and state directory: an flock on ``host.lock`` is held for
 the host's whole life, so a second host refuses to start, and a socket left by a dead host
