@@ -143,6 +143,20 @@ def test_receive_wait_with_a_timeout_and_auto_remove(jobs: psjobs.Session) -> No
         jobs.receive_job(slow, auto_remove=True)
 
 
+def test_values_travel_as_json_and_the_rest_as_text(jobs: psjobs.Session) -> None:
+    class Point:
+        def __repr__(self) -> str:
+            return "Point()"
+
+    def values() -> Iterator[object]:
+        yield (1, "a")
+        yield {"k": [1.5, None]}
+        yield Point()
+
+    job = jobs.start_job(values)
+    assert jobs.receive_job(job, wait=True) == [[1, "a"], {"k": [1.5, None]}, "Point()"]
+
+
 def test_a_failed_job_reports_its_reason(jobs: psjobs.Session, capsys: pytest.CaptureFixture[str]) -> None:
     job = jobs.start_job(lambda: 1 / 0)
     assert job.wait(30)
@@ -253,9 +267,11 @@ def test_a_host_restart_keeps_every_record(jobs: psjobs.Session, home: Path) -> 
     assert jobs.receive_job(job)[:3] == [0, 1, 4]  # consumed before the restart
     again = jobs.start_job(squares, 5)
     assert again.wait(30)
-    stop_host(home)
+    running = jobs.start_job("sleep 60")
+    stop_host(home)  # stops the running job
     # The next request starts a new host, which loads the stored jobs, records and cursors.
-    assert [j.id for j in jobs.get_job()] == [job.id, again.id]
+    assert [j.id for j in jobs.get_job()] == [job.id, again.id, running.id]
+    assert running.state.is_finished
     assert job.state is JobState.COMPLETED
     assert job.output == [i * i for i in range(100)]
     assert jobs.receive_job(job) == []

@@ -11,6 +11,8 @@ import pytest
 
 import psjobs
 
+from .clitools import stop_host
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
@@ -26,6 +28,8 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
     if not blocks:
         pytest.skip(f"{page.name} has no Python block")
     monkeypatch.chdir(tmp_path)
+    # psjobs.connect() examples (docs/connect.md) reach a host of their own, never the user's.
+    monkeypatch.setenv("PSJOBS_HOME", str(tmp_path / "psjobs-home"))
     namespace: dict[str, object] = {"os": os, "time": time, "__name__": "__docs__"}
     try:
         for n, block in enumerate(blocks, 1):
@@ -35,6 +39,7 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
                 raise AssertionError(f"{page.name}, code block {n} failed: {exc!r}\n{block}") from exc
     finally:
         psjobs.remove_job(psjobs.get_job(), force=True)
+        stop_host(tmp_path / "psjobs-home")
 
 
 def test_tour_page_is_up_to_date() -> None:
