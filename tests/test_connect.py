@@ -247,6 +247,18 @@ def test_invoke_command_makes_the_hosts_remote_job(jobs: psjobs.Session) -> None
     assert job.state.is_finished
 
 
+def test_selectors_of_every_kind(jobs: psjobs.Session, home: Path) -> None:
+    a = jobs.start_job("echo a", name="alpha")
+    b = jobs.start_job("echo b", name="beta")
+    assert jobs.wait_job(j for j in [a, b]) == [a, b]  # a generator is read once
+    assert jobs.get_job([a.id, b.instance_id]) == [a, b]
+    assert jobs.receive_job(["alp*", b.child_jobs[0]]) == ["a", "b"]
+    other = psjobs.connect(home)  # another connected session of the same host takes these jobs too
+    assert [j.id for j in other.wait_job([a, b])] == [a.id, b.id]
+    with psjobs.Session() as local, pytest.raises(psjobs.JobNotFoundError, match="belongs to another session"):
+        other.wait_job(local.start_thread_job(lambda: None))
+
+
 def test_close_leaves_the_jobs_running(home: Path) -> None:
     first = psjobs.connect()
     job = first.start_job("sleep 60", name="outlives")

@@ -311,9 +311,32 @@ class HostSession(Session):
             return super().get_job(id, **filters)
 
     def _resolve(self, jobs: JobSelector, verb: str) -> list[Job]:
-        self._sync()
+        # Jobs, ids and instance ids: only their trees are asked for, so a verb on one job costs the
+        # same with 10,000 jobs in the host. Names and wildcards (and a job the host no longer has,
+        # or a child whose parent is new here) list every job, then the core resolves as always.
+        jobs = self._ours(jobs)
+        keys = _keys(jobs)
+        synced = False
+        if keys is not None:
+            try:
+                views = self._call(GetRequest(ids=keys, children=True))
+                synced = all(v["parent_id"] is None or v["parent_id"] in self._all
+                             or any(p["id"] == v["parent_id"] for p in views) for v in views)
+                if synced:
+                    self._adopt(views)
+            except _errors.JobNotFoundError:
+                pass
+        if not synced:
+            self._sync()
         with _fresh():
             return super()._resolve(jobs, verb)
+
+    def _ours(self, jobs: JobSelector) -> JobSelector:
+        """``jobs`` as a list (read once), a job of another connected session of the same host as its id."""
+        if isinstance(jobs, (Job, int, uuid.UUID, str, bytes)) or not isinstance(jobs, Iterable):
+            jobs = [jobs]
+        return [j.id if isinstance(j, HostJob) and j.session is not self and isinstance(j.session, HostSession)
+                and j.session.home == self.home else j for j in jobs]
 
     def _ids(self, jobs: list[Job]) -> list[str]:
         return [str(j.id) for j in jobs]
@@ -421,6 +444,19 @@ class HostSession(Session):
 
     def __repr__(self) -> str:
         return f"<psjobs.Session connected to the psjobs host of {self.home}>"
+
+
+def _keys(jobs: list[Any]) -> list[str] | None:
+    """The host's words for jobs given as Jobs, ids or instance ids; None for names (or anything else)."""
+    out: list[str] = []
+    for item in jobs:
+        if isinstance(item, Job):
+            out.append(str(item.id))
+        elif isinstance(item, (int, uuid.UUID)) and not isinstance(item, bool):
+            out.append(str(item))
+        else:
+            return None
+    return out or None
 
 
 # --- values and errors as they come back -----------------------------------------------------------
