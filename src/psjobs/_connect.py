@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import os
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
@@ -67,6 +69,7 @@ from .worker._wire import pickle_call
 
 View = dict[str, Any]        # a host/_protocol.JobView as JSON
 _STREAMS = tuple(Stream)
+_FRESH_FOR = 0.02            # seconds a job's view from the host stands for its live attributes
 _local = threading.local()   # .fresh > 0: the mirrors were synced by the verb running in this thread
 
 
@@ -87,7 +90,7 @@ def _ts(text: str | None) -> float | None:
 class HostJob(Job):
     """A job of the session host, seen from a connected session (see the module docstring)."""
 
-    __slots__ = ("_more", "_reason_text")
+    __slots__ = ("_more", "_reason_text", "_seen")
 
     def __init__(self, session: HostSession, v: View, parent: Job | None) -> None:
         super().__init__(session, v["id"], job_type=v["job_type"], name=v["name"], command=v["command"],
@@ -107,6 +110,11 @@ class HostJob(Job):
         self._begin, self._end = _ts(v["begin_time"]), _ts(v["end_time"])
         self.exit_code, self.pid, self._more = v["exit_code"], v["pid"], bool(v["has_more_data"])
         self._iid = uuid.UUID(v["instance_id"])
+        self._seen = time.monotonic()
+
+    def stale(self) -> None:
+        """The next read of a live attribute asks the host (a verb changed what it would say)."""
+        self._seen = -math.inf
 
     def _host(self) -> HostSession:
         session = self._session
@@ -114,7 +122,10 @@ class HostJob(Job):
         return session
 
     def _now(self) -> None:
-        if not getattr(_local, "fresh", 0):
+        # An answer younger than _FRESH_FOR stands: a table of N jobs just listed (format_table reads
+        # each one's state and has_more_data) costs no request per job, yet a loop polling
+        # job.state still sees each change within that time.
+        if not getattr(_local, "fresh", 0) and time.monotonic() - self._seen > _FRESH_FOR:
             self._host().refresh(self)
 
     @property
@@ -372,7 +383,10 @@ class HostSession(Session):
                     leaf = self._all[jid]
                     self._receive_one(leaf, _STREAMS[stream], _value(stream, t, flag, data), t, records,
                                       action, output, errors)
-            self._adopt([])
+            for job in selected:  # their has_more_data changed in the host: ask again on the next read
+                for node in [job, *job.child_jobs]:
+                    if isinstance(node, HostJob):
+                        node.stale()
             for failure in result.get("failures", ()):
                 leaf = self._all[failure["child_id"]]
                 reason = leaf.reason or reason_from_text(failure["reason"])
