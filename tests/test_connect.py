@@ -4,6 +4,7 @@ host's, so the command sees them, and they outlive the interpreter and a host re
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -16,6 +17,9 @@ import pytest
 
 import psjobs
 from psjobs import JobState
+from psjobs._errors import HostReplyError
+from psjobs.host._client import Client, Paths
+from psjobs.host._protocol import StartCallRequest
 
 from .clitools import ok, private_home, run, stop_host, subprocess_env
 from .conftest import wait_until
@@ -218,6 +222,31 @@ def test_input_env_directory_and_send_input(jobs: psjobs.Session, tmp_path: Path
     wait_until(lambda: asking.state is JobState.BLOCKED, timeout=30, what="the job to ask")
     jobs.send_input(asking, "world")
     assert jobs.receive_job(asking, wait=True) == ["hello world"]
+
+
+def test_a_callable_from_the_callers_own_module_and_environment(jobs: psjobs.Session, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pickled by reference: the worker imports it through this process's sys.path, not the host's.
+    (tmp_path / "connect_helper_mod.py").write_text("import os\n\ndef where():\n"
+                                                    "    return [os.getcwd(), os.environ['ONLY_HERE']]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import connect_helper_mod
+
+    job = jobs.start_job(connect_helper_mod.where, working_directory=tmp_path, env={"ONLY_HERE": "yes"})
+    assert jobs.receive_job(job, wait=True) == [[str(tmp_path), "yes"]]
+
+
+def test_the_host_hands_a_payload_unopened_to_the_worker(jobs: psjobs.Session, home: Path) -> None:
+    client = Client(Paths(home))
+    row = client.call(StartCallRequest(payload=base64.b64encode(b"not a pickle").decode(), command="junk",
+                                       cwd=str(home), env={}))
+    (job,) = jobs.get_job(row["id"])
+    assert job.wait(30)
+    assert job.state is JobState.FAILED  # its worker could not unpickle it; the host never tried
+    assert job.command == "junk"
+    with pytest.raises(HostReplyError, match="not base64"):
+        client.call(StartCallRequest(payload="***", command="junk", cwd=str(home), env={}))
+    assert client.call("status")["jobs"] == 1  # the host serves on
 
 
 def test_what_a_connected_session_refuses(jobs: psjobs.Session) -> None:
