@@ -288,6 +288,23 @@ def test_selectors_of_every_kind(jobs: psjobs.Session, home: Path) -> None:
         other.wait_job(local.start_thread_job(lambda: None))
 
 
+def test_threads_share_one_connected_session(jobs: psjobs.Session) -> None:
+    started: list[psjobs.Job] = []
+
+    def work() -> None:
+        for _ in range(3):
+            started.append(jobs.start_job("true"))
+            jobs.get_job()  # a listing made while other threads start jobs drops none of theirs
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    listed = jobs.get_job()
+    assert len(started) == 12 and all(any(job is j for j in listed) for job in started)
+
+
 def test_close_leaves_the_jobs_running(home: Path) -> None:
     first = psjobs.connect()
     job = first.start_job("sleep 60", name="outlives")

@@ -112,6 +112,11 @@ class HostJob(Job):
         self._iid = uuid.UUID(v["instance_id"])
         self._seen = time.monotonic()
 
+    @property
+    def seen_at(self) -> float:
+        """When (time.monotonic()) the host last said how this job is."""
+        return self._seen
+
     def stale(self) -> None:
         """The next read of a live attribute asks the host (a verb changed what it would say)."""
         self._seen = -math.inf
@@ -196,9 +201,10 @@ class HostSession(Session):
             result = response.get("result")
         return result
 
-    def _adopt(self, views: list[View], *, complete: bool = False) -> None:
-        """Mirror the host's jobs in these views (parents come before their children); with
-        ``complete``, they are all the host has: drop the mirrors of jobs removed meanwhile."""
+    def _adopt(self, views: list[View], *, complete_since: float | None = None) -> None:
+        """Mirror the host's jobs in these views (parents come before their children). With
+        ``complete_since`` (when the listing was asked for), they are all the host had: drop the
+        mirrors of jobs removed meanwhile, but not those another thread heard of since."""
         with self._cond:
             for v in sorted(views, key=lambda v: int(v["id"])):
                 job = self._all.get(v["id"])
@@ -207,14 +213,16 @@ class HostSession(Session):
                     continue
                 parent = self._all.get(v["parent_id"]) if v["parent_id"] is not None else None
                 self._register_locked([HostJob(self, v, parent)])
-            if complete:
+            if complete_since is not None:
                 seen = {v["id"] for v in views}
-                for jid in [jid for jid in self._all if jid not in seen]:
-                    self._all.pop(jid)
-                    self._jobs.pop(jid, None)
+                for jid, job in list(self._all.items()):
+                    if jid not in seen and isinstance(job, HostJob) and job.seen_at < complete_since:
+                        self._all.pop(jid)
+                        self._jobs.pop(jid, None)
 
     def _sync(self) -> None:
-        self._adopt(self._call(GetRequest(children=True)), complete=True)
+        asked = time.monotonic()
+        self._adopt(self._call(GetRequest(children=True)), complete_since=asked)
 
     def refresh(self, job: Job) -> None:
         """Ask the host for ``job``'s tree as it is now (a removed job keeps its last known state)."""
@@ -233,11 +241,9 @@ class HostSession(Session):
         return [_value(int(stream), t, flag, data) for _, t, flag, data in rows]
 
     def _new(self, view: View) -> Job:
-        self.refresh_id(view["id"])
+        """The mirror of a job the host has just made, with its children."""
+        self._adopt(self._call(GetRequest(ids=[str(view["id"])], children=True)))
         return self._all[view["id"]]
-
-    def refresh_id(self, job_id: int) -> None:
-        self._adopt(self._call(GetRequest(ids=[str(job_id)], children=True)))
 
     def _refuse_closed(self, verb: str) -> None:
         if self._closed:
