@@ -216,10 +216,14 @@ def test_input_env_directory_and_send_input(jobs: psjobs.Session, tmp_path: Path
     assert jobs.receive_job(jobs.start_job(total, input=[1, 2, 3]), wait=True) == [6]
     assert jobs.receive_job(jobs.start_job("cat", input=["x", "y"]), wait=True) == ["x", "y"]
     where = jobs.start_job("pwd; echo $ONLY_HERE", working_directory=tmp_path, env={"ONLY_HERE": "yes"})
-    assert jobs.receive_job(where, wait=True) == [str(tmp_path), "yes"]
+    assert jobs.wait_job(where, show_progress=True) == [where]  # no bars here, the same answer
+    assert jobs.receive_job(where) == [str(tmp_path), "yes"]
 
     asking = jobs.start_job(lambda: "hello " + psjobs.read_host("name? "))
     wait_until(lambda: asking.state is JobState.BLOCKED, timeout=30, what="the job to ask")
+    assert jobs.receive_job(asking, wait=True, timeout=0.3) == []  # nobody is asked: it waits for send_input
+    with pytest.raises(psjobs.JobBlockedError, match="waits for input"):  # the in-process refusal, too
+        jobs.wait_job(asking, timeout=10)
     jobs.send_input(asking, "world")
     assert jobs.receive_job(asking, wait=True) == ["hello world"]
 

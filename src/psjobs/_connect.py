@@ -377,6 +377,7 @@ class HostSession(Session):
         errors: list[ErrorRecord] = []
         reasons: list[BaseException] = []
         if leaves:
+            by_id = {leaf.id: leaf for leaf in leaves}
             result: dict[str, Any] = {}
             for response in self._replies(ReceiveRequest(ids=self._ids(leaves), keep=keep, wait=wait,
                                                          timeout=timeout)):
@@ -386,7 +387,7 @@ class HostSession(Session):
                 for _, jid, stream, t, flag, data in response["result"]["records"]:
                     if stream == Stream.PROGRESS:
                         continue  # kept on job.progress; a receive shows no bars (as the core's)
-                    leaf = self._all[jid]
+                    leaf = by_id[jid]
                     self._receive_one(leaf, _STREAMS[stream], _value(stream, t, flag, data), t, records,
                                       action, output, errors)
             for job in selected:  # their has_more_data changed in the host: ask again on the next read
@@ -394,7 +395,7 @@ class HostSession(Session):
                     if isinstance(node, HostJob):
                         node.stale()
             for failure in result.get("failures", ()):
-                leaf = self._all[failure["child_id"]]
+                leaf = by_id[failure["child_id"]]
                 reason = leaf.reason or reason_from_text(failure["reason"])
                 assert reason is not None
                 reasons.append(reason)
@@ -404,7 +405,8 @@ class HostSession(Session):
 
     def wait_job(self, jobs: JobSelector, *, any: bool = False, timeout: float | None = None,
                  state: JobState | str | None = None, show_progress: bool = False) -> list[Job]:
-        """Wait in the host until the jobs are done (or one, with any=True); [] on timeout."""
+        """Wait in the host until the jobs are done (or one, with any=True); [] on timeout.
+        ``show_progress`` draws nothing here: the records stay in the host until received."""
         timeout = check_timeout("wait_job", timeout)
         want = JobState.parse(state) if state is not None else None
         selected = self._resolve(jobs, "wait_job")
