@@ -55,27 +55,34 @@ def rows() -> list[dict[str, object]]:
 def test_a_job_started_from_python_is_listed_and_received_by_the_command_after_python_exited(
         home: Path, tmp_path: Path) -> None:
     script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent("""
+    go = tmp_path / "go"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
         import psjobs
 
         def count(n):                      # defined in __main__: shipped by value
+            while not os.path.exists({str(go)!r}):
+                time.sleep(0.01)           # the job's own wait, until the test says go
             for i in range(n):
-                yield f"item {i}"
+                yield f"item {{i}}"
 
         jobs = psjobs.connect()
         call = jobs.start_job(count, 3, name="from-python")
-        cmd = jobs.start_job("echo $GREETING", name="from-python-cmd", env={"GREETING": "hello"})
+        cmd = jobs.start_job("while [ ! -e {go} ]; do sleep 0.01; done; echo $GREETING", name="from-python-cmd",
+                             env={{"GREETING": "hello"}})
         print(call.id, cmd.id)
     """))
     done = subprocess.run([sys.executable, str(script)], env=subprocess_env(), capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     call_id, cmd_id = done.stdout.split()
-    # The Python process has exited; its jobs are the host's.
+    # The Python process has exited; its jobs are the host's, and still running.
     listed = {r["id"]: r for r in rows()}
     assert listed[int(call_id)]["name"] == "from-python"
     assert listed[int(cmd_id)]["name"] == "from-python-cmd"
     assert listed[int(call_id)]["job_type"] == "BackgroundJob"
+    assert listed[int(call_id)]["state"] == listed[int(cmd_id)]["state"] == "Running"
+    go.touch()
     ok("wait", call_id, cmd_id, "--timeout", "30")
     assert ok("receive", call_id) == "item 0\nitem 1\nitem 2\n"
     assert ok("receive", cmd_id) == "hello\n"
