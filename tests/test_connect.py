@@ -317,9 +317,8 @@ def test_threads_share_one_connected_session(jobs: psjobs.Session) -> None:
 
 
 def test_close_leaves_the_jobs_running(home: Path) -> None:
-    first = psjobs.connect()
-    job = first.start_job("sleep 60", name="outlives")
-    first.close()
+    with psjobs.connect() as first:
+        job = first.start_job("sleep 60", name="outlives")
     with pytest.raises(psjobs.JobStateError, match="closed"):
         first.start_job("true")
     second = psjobs.connect(home)
