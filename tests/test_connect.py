@@ -168,6 +168,28 @@ def test_values_travel_as_json_and_the_rest_as_text(jobs: psjobs.Session) -> Non
     assert jobs.receive_job(job, wait=True) == [[1, "a"], {"k": [1.5, None]}, "Point()"]
 
 
+def test_every_stream_comes_back_as_records(jobs: psjobs.Session) -> None:
+    def chatty() -> None:
+        psjobs.write_warning("careful")
+        psjobs.write_verbose("details")
+        psjobs.write_debug("internals")
+        psjobs.write_progress("copying", "file 1", percent_complete=50)
+        psjobs.write_error("a bad file")
+        psjobs.write_information({"size": 3})
+
+    job = jobs.start_job(chatty)
+    assert job.wait(30)
+    assert [str(r) for r in job.warning] == ["careful"]
+    assert [str(r) for r in job.verbose] == ["details"]
+    assert [str(r) for r in job.debug] == ["internals"]
+    (progress,) = job.progress
+    assert (progress.activity, progress.status, progress.percent_complete) == ("copying", "file 1", 50)
+    assert [str(r) for r in job.error] == ["a bad file"]
+    (info,) = job.information
+    assert info.data == {"size": 3}
+    assert all(r.time.tzinfo is not None for r in [*job.warning, *job.error])
+
+
 def test_a_failed_job_reports_its_reason(jobs: psjobs.Session, capsys: pytest.CaptureFixture[str]) -> None:
     job = jobs.start_job(lambda: 1 / 0)
     assert job.wait(30)
@@ -228,6 +250,7 @@ def test_input_env_directory_and_send_input(jobs: psjobs.Session, tmp_path: Path
 
     asking = jobs.start_job(lambda: "hello " + psjobs.read_host("name? "))
     wait_until(lambda: asking.state is JobState.BLOCKED, timeout=30, what="the job to ask")
+    assert asking.child_jobs[0].prompt == "name? "
     assert jobs.receive_job(asking, wait=True, timeout=0.3) == []  # nobody is asked: it waits for send_input
     with pytest.raises(psjobs.JobBlockedError, match="waits for input"):  # the in-process refusal, too
         jobs.wait_job(asking, timeout=10)

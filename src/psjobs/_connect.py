@@ -109,6 +109,7 @@ class HostJob(Job):
             self._reason = reason_from_text(text)
         self._begin, self._end = _ts(v["begin_time"]), _ts(v["end_time"])
         self.exit_code, self.pid, self._more = v["exit_code"], v["pid"], bool(v["has_more_data"])
+        self.prompt, self.status_message = v.get("prompt"), v.get("status_message") or ""
         self._iid = uuid.UUID(v["instance_id"])
         self._seen = time.monotonic()
 

@@ -148,7 +148,7 @@ def view(ctx: Context, job: Job) -> JobView:
                    computer_name=job.computer_name, exit_code=job.exit_code,
                    reason=None if reason is None else reason_text(reason), begin_time=_iso(job.begin_time),
                    end_time=_iso(job.end_time), instance_id=str(job.instance_id), pid=pid_of(job),
-                   cwd=ctx.cwds.get(job.id))
+                   cwd=ctx.cwds.get(job.id), prompt=job.prompt, status_message=job.status_message)
 
 
 def _iso(t: datetime | None) -> str | None:

@@ -361,6 +361,8 @@ class JobView(Response):
     instance_id: str
     pid: int | None
     cwd: str | None
+    prompt: str | None = None      # what a Blocked job asks (psjobs.connect() shows it as job.prompt)
+    status_message: str = ""
 
 
 @dataclasses.dataclass
