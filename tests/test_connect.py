@@ -322,6 +322,18 @@ def test_selectors_of_every_kind(jobs: psjobs.Session, home: Path) -> None:
         other.wait_job(local.start_thread_job(lambda: None))
 
 
+def test_a_job_removed_from_the_shell_is_gone_here_too(jobs: psjobs.Session) -> None:
+    job = jobs.start_job("echo bye")
+    assert job.wait(30)
+    ok("remove", str(job.id))
+    assert jobs.get_job() == []
+    with pytest.raises(psjobs.JobNotFoundError, match="was removed"):
+        job.receive()
+    assert job.state is JobState.COMPLETED  # the last the host said of it
+    with pytest.raises(TypeError):
+        jobs.wait_job(3.5)  # type: ignore[arg-type]
+
+
 def test_threads_share_one_connected_session(jobs: psjobs.Session) -> None:
     started: list[psjobs.Job] = []
 
