@@ -331,7 +331,7 @@ def test_a_job_removed_from_the_shell_is_gone_here_too(jobs: psjobs.Session) -> 
         job.receive()
     assert job.state is JobState.COMPLETED  # the last the host said of it
     with pytest.raises(TypeError):
-        jobs.wait_job(3.5)  # type: ignore[arg-type]
+        jobs.wait_job(3.5)
 
 
 def test_threads_share_one_connected_session(jobs: psjobs.Session) -> None:
