@@ -272,14 +272,19 @@ def test_a_callable_from_the_callers_own_module_and_environment(jobs: psjobs.Ses
 
 def test_the_host_hands_a_payload_unopened_to_the_worker(jobs: psjobs.Session, home: Path) -> None:
     client = Client(Paths(home))
+    here = "{}.{}".format(*sys.version_info[:2])
     row = client.call(StartCallRequest(payload=base64.b64encode(b"not a pickle").decode(), command="junk",
-                                       cwd=str(home), env={}))
+                                       cwd=str(home), env={}, python=here))
     (job,) = jobs.get_job(row["id"])
     assert job.wait(30)
     assert job.state is JobState.FAILED  # its worker could not unpickle it; the host never tried
     assert job.command == "junk"
     with pytest.raises(HostReplyError, match="not base64"):
-        client.call(StartCallRequest(payload="***", command="junk", cwd=str(home), env={}))
+        client.call(StartCallRequest(payload="***", command="junk", cwd=str(home), env={}, python=here))
+    # Pickled code runs only on the Python that pickled it: another one is refused, not crashed.
+    with pytest.raises(HostReplyError, match=r"this Python is 2\.7 and the psjobs host runs Python") as caught:
+        client.call(StartCallRequest(payload="", command="junk", cwd=str(home), env={}, python="2.7"))
+    assert caught.value.type_name == "JobStateError"
     assert client.call("status")["jobs"] == 1  # the host serves on
 
 

@@ -277,7 +277,8 @@ class HostSession(Session):
                                 f"another process ({type(exc).__name__}: {exc}); pass picklable values") from exc
             view = self._call(StartCallRequest(payload=base64.b64encode(payload).decode("ascii"),
                                                command=spec.command, cwd=cwd, env=environ,
-                                               sys_path=[os.path.abspath(p) for p in sys.path], name=name))
+                                               sys_path=[os.path.abspath(p) for p in sys.path], name=name,
+                                               python="{}.{}".format(*sys.version_info[:2])))
         else:
             command = [target] if isinstance(target, str) and not args else spec.argv
             view = self._call(StartRequest(command=command, cwd=cwd, name=name, env=environ,

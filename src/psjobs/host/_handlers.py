@@ -23,6 +23,7 @@ import json
 import os
 import re
 import socket
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,6 +189,12 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
 
 def start_call(ctx: Context, req: StartCallRequest, reply: Reply) -> JobView:
     """A connected session's callable: its pickled bytes go unopened to the job's worker."""
+    here = "{}.{}".format(*sys.version_info[:2])
+    if req.python != here:  # pickled bytecode of another minor version crashed workers (3.11 -> 3.12)
+        raise JobStateError(f"start_job: this Python is {req.python or 'unknown'} and the psjobs host runs "
+                            f"Python {here} ({sys.executable}), where a callable pickled there cannot run; "
+                            f"stop the host with `psjobs host stop` (jobs and records are kept) and start "
+                            f"it from this Python: `python -m psjobs host start`")
     cwd = check_directory("start_job", req.cwd)
     try:
         payload = base64.b64decode(req.payload, validate=True)

@@ -262,6 +262,7 @@ class StartCallRequest(Request):
     env: dict[str, str]
     sys_path: list[str] = dataclasses.field(default_factory=list)
     name: str | None = None
+    python: str = ""         # the client's "major.minor": pickled code runs only on the same one
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StartCallRequest:
@@ -271,7 +272,7 @@ class StartCallRequest(Request):
             raise ProtocolError("start_call: env must map names to strings")
         return cls(payload=_arg(args, v, "payload", str), command=_arg(args, v, "command", str),
                    cwd=_arg(args, v, "cwd", str), env=env, sys_path=_strs(args, v, "sys_path", []),
-                   name=_arg(args, v, "name", str, None))
+                   name=_arg(args, v, "name", str, None), python=_arg(args, v, "python", str, ""))
 
 
 @dataclasses.dataclass
