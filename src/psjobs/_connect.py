@@ -12,11 +12,15 @@
                      attributes (state, reason, has_more_data, times, repr) ask the host first,
                      its streams (output, error...) are read from the host's store
 
-The host owns the jobs: this side keeps no records, no cursor and no state of its own, so what
-the shell does (``psjobs receive``, ``psjobs stop``) is what this session sees next, and the jobs
-outlive this process. The read-only parts of the verbs are the core Session's own code run over
-the mirrors (selection, wildcards, not-found messages, error_action, auto_remove); everything
-that changes a job is a request to the host.
+The host owns the jobs: this side keeps no records and no cursor, and a job's state as read here
+is at most _FRESH_FOR old (or what the verb that just ran was told), so what the shell does
+(``psjobs receive``, ``psjobs stop``) is what this session sees next, and the jobs outlive this
+process. No thread and no lock of its own: a verb runs in the caller's thread, one connection per
+request, and the mirrors change under the Session's lock.
+
+The read-only parts of the verbs are the core Session's own code run over the mirrors (selection,
+wildcards, not-found messages, error_action, auto_remove); everything that changes a job is a
+request to the host.
 
 Thread jobs are refused (a thread of this interpreter cannot live in the host); so are cluster
 jobs and remote callables: see docs/connect.md.
