@@ -24,7 +24,7 @@ import pytest
 
 import psjobs
 
-from .clitools import subprocess_env
+from .clitools import stop_host, subprocess_env
 from .doctools import blocks, matches
 
 REPO = Path(__file__).resolve().parent.parent  # remote.md imports tests.sshd, from the root
@@ -74,15 +74,19 @@ def test_python_blocks_run_and_print_what_the_page_shows(page: Path, tmp_path: P
         pytest.skip(f"{page.name} has no Python block")
     wheres = [f"{page.name}, the block at line {b.line}" for b in found]
     (tmp_path / "blocks.json").write_text(json.dumps([[w, b.code] for w, b in zip(wheres, found)]))
-    env = subprocess_env()
+    # psjobs.connect() examples (docs/connect.md) reach a host of their own, never the user's.
+    env = subprocess_env(PSJOBS_HOME=str(tmp_path / "psjobs-home"))
     env["PYTHONPATH"] += f"{os.pathsep}{REPO}"
     # A page made from a recorded run (docs/tour.md: ids, pids and times differ from run to run)
     # says so in a comment: its blocks run as a REPL would, and their outputs are not compared.
     mode = re.search(r"<!-- doctest: ([\w, ]+)", page.read_text())
     options = mode.group(1).replace(" ", "").split(",") if mode else []
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "blocks.json"),
-                           "repl" if "repl" in options else "exec"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=280)
+    try:
+        proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "blocks.json"),
+                               "repl" if "repl" in options else "exec"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=280)
+    finally:
+        stop_host(tmp_path / "psjobs-home")
     parts = re.split(r"\x00block \d+\x00\n", proc.stdout)[1:]
     for n, (block, where) in enumerate(zip(found, wheres)):
         assert n < len(parts), f"{where} did not run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

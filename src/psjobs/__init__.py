@@ -13,6 +13,7 @@ verbs drive work in a thread, in another process, and on remote computers over S
 
 from ._api import (
     configure_ssh,
+    connect,
     default_session,
     get_job,
     invoke_command,
@@ -122,6 +123,7 @@ __all__ = [
     "Stream",
     "WorkerError",
     "configure_ssh",
+    "connect",
     "default_session",
     "format_table",
     "get_job",

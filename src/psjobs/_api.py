@@ -140,6 +140,18 @@ def resume_job(jobs: JobSelector) -> list[Job]:
     return JobList(default_session().resume_job(jobs))
 
 
+def connect(home: str | os.PathLike[str] | None = None, *, verbose: bool = False, debug: bool = False) -> Session:
+    """A Session whose jobs live in the per-user session host, the one the ``psjobs`` command uses
+    (started now if none runs): they show in ``psjobs get``, outlive this interpreter and keep
+    every record through a host restart. ``home``: the host's state directory (default: the
+    command's, ``$PSJOBS_HOME`` or ``~/.local/state/psjobs``). See docs/connect.md.
+    Example: ``jobs = psjobs.connect(); job = jobs.start_job(build, "all")``.
+    """
+    from ._connect import HostSession  # lazily: the host's client is not part of `import psjobs`
+
+    return HostSession(home=home, verbose=verbose, debug=debug)
+
+
 @functools.wraps(_configure_ssh)
 def configure_ssh(session: Session | None = None, **options: Any) -> SSHOptions:
     # The backend configures the session it is given; the default session lives here, in the face.

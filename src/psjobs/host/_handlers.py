@@ -17,9 +17,13 @@ OSError; the server turns any of them into the error reply.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
 import re
 import socket
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ from .._errors import (
 from ..core._job import Job
 from ..core._pshost import reason_text
 from ..core._session import Session
+from ..core._shipped import start_shipped
 from ..core._spec import check_directory
 from ._client import Paths
 from ._journal import Writer, pid_of
@@ -43,20 +48,25 @@ from ._protocol import (
     VERSION,
     Failure,
     GetRequest,
+    InputRequest,
     InvokeRequest,
     JobView,
     ReceiveRequest,
     ReceiveResult,
     RecordRow,
+    RecordsRequest,
+    RecordsResult,
     RemoveRequest,
     RemoveResult,
     Request,
     ShutdownRequest,
     ShutdownResult,
+    StartCallRequest,
     StartRequest,
     StatusRequest,
     StatusResult,
     StopRequest,
+    SuspendRequest,
     WaitRequest,
     WaitResult,
     pack,
@@ -157,7 +167,7 @@ def view(ctx: Context, job: Job) -> JobView:
                    computer_name=job.computer_name, exit_code=job.exit_code,
                    reason=None if reason is None else reason_text(reason), begin_time=_iso(job.begin_time),
                    end_time=_iso(job.end_time), instance_id=str(job.instance_id), pid=pid_of(job),
-                   cwd=ctx.cwds.get(job.id))
+                   cwd=ctx.cwds.get(job.id), prompt=job.prompt, status_message=job.status_message)
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -190,8 +200,26 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
     if req.thread:
         job = session.start_thread_job(target, name=req.name, working_directory=cwd)
     else:
-        job = session.start_job(target, name=req.name, working_directory=cwd,
+        job = session.start_job(target, name=req.name, working_directory=cwd, input=req.input,
                                 env=None if req.env is None else _env_delta(req.env))
+    return _started(ctx, job, cwd)
+
+
+def start_call(ctx: Context, req: StartCallRequest, reply: Reply) -> JobView:
+    """A connected session's callable: its pickled bytes go unopened to the job's worker."""
+    here = "{}.{}".format(*sys.version_info[:2])
+    if req.python != here:  # pickled bytecode of another minor version crashed workers (3.11 -> 3.12)
+        raise JobStateError(f"start_job: this Python is {req.python or 'unknown'} and the psjobs host runs "
+                            f"Python {here} ({sys.executable}), where a callable pickled there cannot run; "
+                            f"stop the host with `psjobs host stop` (jobs and records are kept) and start "
+                            f"it from this Python: `python -m psjobs host start`")
+    cwd = check_directory("start_job", req.cwd)
+    try:
+        payload = base64.b64decode(req.payload, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"start_call: the payload is not base64 ({exc})") from None
+    job = start_shipped(ctx.session, payload, command=req.command, name=req.name, cwd=cwd, env=req.env,
+                        sys_path=req.sys_path or None)
     return _started(ctx, job, cwd)
 
 
@@ -287,6 +315,35 @@ def _remove(ctx: Context, jobs: list[Job], force: bool) -> list[int]:
     return sorted(j.id for j in jobs)
 
 
+def suspend(ctx: Context, req: SuspendRequest, reply: Reply) -> list[JobView]:
+    selected = find(ctx, req.ids, "resume" if req.resume else "suspend")
+    (ctx.session.resume_job if req.resume else ctx.session.suspend_job)(selected)
+    ctx.writer.sync()
+    return [view(ctx, j) for j in selected]
+
+
+def send_input(ctx: Context, req: InputRequest, reply: Reply) -> list[JobView]:
+    selected = find(ctx, req.ids, "input")
+    ctx.session.send_input(selected, req.text)
+    return [view(ctx, j) for j in selected]
+
+
+def records(ctx: Context, req: RecordsRequest, reply: Reply) -> RecordsResult:
+    """One stream of a job, from its first record: what ``job.output`` (and the others) show."""
+    (job,) = find(ctx, [str(req.id)], "records")
+    ctx.writer.sync()  # what the job's journals counted is in the store
+    rows: list[list[Any]] = []
+    for leaf in _tree(job):
+        if not leaf.child_jobs:
+            rows.extend([leaf.id, t, stored.flag, json.loads(stored.data) if stored.flag else stored.data]
+                        for stream, stored, t in ctx.writer.store.read(leaf.id, 0, _ALL)
+                        if stream == req.stream)
+    return RecordsResult(records=rows)
+
+
+_ALL = 1 << 62               # "to the end" for Store.read (an SQLite LIMIT)
+
+
 def status(ctx: Context, req: StatusRequest, reply: Reply) -> StatusResult:
     from .._version import __version__
 
@@ -317,5 +374,6 @@ Handler = Callable[[Context, Any, Reply], Any]
 HANDLERS: dict[type[Request], Handler] = {
     StartRequest: start, InvokeRequest: invoke, GetRequest: get, ReceiveRequest: receive,
     WaitRequest: wait, StopRequest: stop, RemoveRequest: remove, StatusRequest: status,
-    ShutdownRequest: shutdown,
+    ShutdownRequest: shutdown, StartCallRequest: start_call, SuspendRequest: suspend, InputRequest: send_input,
+    RecordsRequest: records,
 }

@@ -144,6 +144,7 @@ class StartRequest(Request):
     name: str | None = None
     thread: bool = False
     env: dict[str, str] | None = None     # the client's whole environment (process jobs)
+    input: list[str] | None = None        # lines fed to the command's stdin (psjobs.connect())
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StartRequest:
@@ -152,7 +153,8 @@ class StartRequest(Request):
         if env is not None and not all(isinstance(k, str) and isinstance(x, str) for k, x in env.items()):
             raise ProtocolError("start: env must map names to strings")
         return cls(command=_strs(args, v, "command"), cwd=_arg(args, v, "cwd", str),
-                   name=_arg(args, v, "name", str, None), thread=_arg(args, v, "thread", bool, False), env=env)
+                   name=_arg(args, v, "name", str, None), thread=_arg(args, v, "thread", bool, False), env=env,
+                   input=None if args.get("input") is None else _strs(args, v, "input"))
 
 
 @dataclasses.dataclass
@@ -269,9 +271,72 @@ class ShutdownRequest(Request):
         return cls()
 
 
+# --- the requests of a connected session (psjobs.connect(): the verbs the command has no word for) ---
+
+@dataclasses.dataclass
+class StartCallRequest(Request):
+    """A callable, pickled by the client (cloudpickle) and sent base64: the host never unpickles it,
+    it hands the bytes to the job's worker process, which runs as the same user (peer uid checked)."""
+
+    verb: ClassVar[str] = "start_call"
+    payload: str
+    command: str
+    cwd: str
+    env: dict[str, str]
+    sys_path: list[str] = dataclasses.field(default_factory=list)
+    name: str | None = None
+    python: str = ""         # the client's "major.minor": pickled code runs only on the same one
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> StartCallRequest:
+        v = cls.verb
+        env = _arg(args, v, "env", dict)
+        if not all(isinstance(k, str) and isinstance(x, str) for k, x in env.items()):
+            raise ProtocolError("start_call: env must map names to strings")
+        return cls(payload=_arg(args, v, "payload", str), command=_arg(args, v, "command", str),
+                   cwd=_arg(args, v, "cwd", str), env=env, sys_path=_strs(args, v, "sys_path", []),
+                   name=_arg(args, v, "name", str, None), python=_arg(args, v, "python", str, ""))
+
+
+@dataclasses.dataclass
+class SuspendRequest(Request):
+    verb: ClassVar[str] = "suspend"
+    ids: list[str]
+    resume: bool = False     # False: suspend; True: resume
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> SuspendRequest:
+        return cls(ids=_selection(args, cls.verb), resume=_arg(args, cls.verb, "resume", bool, False))
+
+
+@dataclasses.dataclass
+class InputRequest(Request):
+    verb: ClassVar[str] = "input"
+    ids: list[str]
+    text: str
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> InputRequest:
+        return cls(ids=_selection(args, cls.verb), text=_arg(args, cls.verb, "text", str))
+
+
+@dataclasses.dataclass
+class RecordsRequest(Request):
+    """Every record of one stream of a job (all its leaves), received or not; moves no cursor."""
+
+    verb: ClassVar[str] = "records"
+    id: int
+    stream: int
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> RecordsRequest:
+        v = cls.verb
+        return cls(id=_arg(args, v, "id", int), stream=_arg(args, v, "stream", int))
+
+
 REQUESTS: dict[str, type[Request]] = {c.verb: c for c in (
     StartRequest, InvokeRequest, GetRequest, ReceiveRequest, WaitRequest, StopRequest, RemoveRequest,
-    StatusRequest, ShutdownRequest)}
+    StatusRequest, ShutdownRequest, StartCallRequest, SuspendRequest, InputRequest, RecordsRequest)}
 
 
 def decode_request(body: bytes) -> Request:
@@ -338,6 +403,8 @@ class JobView(Response):
     instance_id: str
     pid: int | None
     cwd: str | None
+    prompt: str | None = None      # what a Blocked job asks (psjobs.connect() shows it as job.prompt)
+    status_message: str = ""
 
 
 @dataclasses.dataclass
@@ -387,6 +454,13 @@ class StatusResult(Response):
 @dataclasses.dataclass
 class ShutdownResult(Response):
     stopped: list[int]
+
+
+@dataclasses.dataclass
+class RecordsResult(Response):
+    """``records``' answer: [job id, time, is-json, value] per record, in production order per leaf."""
+
+    records: list[list[Any]]
 
 
 RecordRow = tuple[int, int, int, float, int, str]  # seq, job, stream, time, is-json, data

@@ -13,7 +13,9 @@
     frames, requests and responses: see _protocol; one handler per verb: see _handlers
 
 JSON only: the host never unpickles or runs what a client sends; it calls the named verb with
-checked plain arguments. Requests are capped at MAX_REQUEST bytes, MAX_DEPTH levels of nesting and
+checked plain arguments. (A connected session's callable, ``start_call``, is pickled bytes the host
+hands unopened to the job's own worker process, which runs as the same user: the peer uid check.)
+Requests are capped at MAX_REQUEST bytes, MAX_DEPTH levels of nesting and
 MAX_SELECTOR characters a selector. A malformed or oversized request, or a peer of another uid,
 gets an error reply (when the framing itself is broken, what follows is read and dropped within
 bounds, then the connection is closed, so the reply is not lost to a reset); the host stays up.

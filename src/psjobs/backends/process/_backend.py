@@ -104,8 +104,8 @@ class ProcessBackend(Backend):
         return dict(os.environ)
 
     def prepare(self, spec: JobSpec) -> None:
-        if spec.kind != CALL:
-            return
+        if spec.kind != CALL or spec.payload is not None:
+            return  # a command, or a call pickled by a connected client (core/_shipped)
         try:
             spec.payload = pickle_call(spec.target, spec.args, spec.kwargs, spec.init, spec.input)
         except Exception as exc:
@@ -138,7 +138,8 @@ class ProcessBackend(Backend):
         if port.finished:
             return  # stopped by another thread between its registration and now: it never runs
         assert spec.payload is not None  # prepare() pickled it
-        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(sys.path)).frame()
+        path = spec.options.get("sys_path") or sys.path  # a connected client's (core/_shipped), else ours
+        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(path)).frame()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
