@@ -182,6 +182,15 @@ class StreamRouter(io.TextIOBase):
         self.fallback = fallback
         self.stream = stream
 
+    def __getattr__(self, name: str) -> Any:
+        # What the stream underneath offers beyond a file's methods stays reachable: a Jupyter
+        # kernel tells its sys.stdout which cell runs with ``set_parent``; without it, every print
+        # after the first thread job went to the cell that started that job (issue 17).
+        fallback = self.__dict__.get("fallback")
+        if fallback is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(fallback, name)
+
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return "utf-8"

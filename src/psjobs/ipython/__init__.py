@@ -49,7 +49,9 @@ from traitlets.config import Configurable
 import psjobs
 from psjobs.core._format import JobList, format_table
 from psjobs.core._job import Job
+from psjobs.core._pshost import set_frontend
 
+from ._kernel import KernelFrontend, StatusWatcher, in_kernel
 from ._magics import JobMagics
 from ._operator import BackgroundOperator
 from ._render import announcement, render_html, render_rich, short_command
@@ -96,6 +98,10 @@ class _Extension:
         self._told_blocked: set[int] = set()
         self._last_id = 0
         self._printers: list[tuple[str, type]] = []
+        #: in a Jupyter kernel: status lines in the starting cell instead of notices in later ones
+        self.in_kernel = in_kernel(shell)
+        self.status = StatusWatcher() if self.in_kernel else None
+        self._previous_frontend: Any = None
 
     # --- lifetime --------------------------------------------------------------------------
     def load(self) -> None:
@@ -111,6 +117,8 @@ class _Extension:
             self._printers += [("text/plain", cls), ("text/html", cls)]
         self._last_id = max((j.id for j in self._jobs_now()), default=0)
         shell.events.register("post_run_cell", self.post_run_cell)
+        if self.in_kernel:
+            self._previous_frontend = set_frontend(KernelFrontend(shell))
 
     def unload(self) -> None:
         shell = self.shell
@@ -119,11 +127,16 @@ class _Extension:
         transformers = shell.input_transformer_manager.token_transformers
         while BackgroundOperator in transformers:
             transformers.remove(BackgroundOperator)
-        registry = shell.magics_manager.magics["line"]
-        for name in self.magics.magics["line"]:  # every magic of ours, %suspend and %resume too
-            fn = registry.get(name)
-            if getattr(fn, "__self__", None) is self.magics:
-                del registry[name]
+        for kind in ("line", "cell"):
+            registry = shell.magics_manager.magics[kind]
+            for name in self.magics.magics[kind]:  # every magic of ours, %suspend and %%bg too
+                fn = registry.get(name)
+                if getattr(fn, "__self__", None) is self.magics:
+                    del registry[name]
+        if self.in_kernel:
+            set_frontend(self._previous_frontend)
+        if self.status is not None:
+            self.status.close()
         shell.magics_manager.registry.pop(type(self.magics).__name__, None)
         for mime, cls in self._printers:
             with _suppress():
@@ -141,6 +154,9 @@ class _Extension:
         return None
 
     def _pretty(self, obj: Any, p: Any, cycle: bool) -> None:
+        if isinstance(obj, JobList) and not obj:
+            p.text(_NO_JOBS)
+            return
         jobs = self._jobs_of(obj)
         if jobs is None:
             p.text(list.__repr__(obj))
@@ -153,6 +169,8 @@ class _Extension:
             p.text(format_table(jobs))
 
     def _html(self, obj: Any) -> str | None:
+        if isinstance(obj, JobList) and not obj:
+            return f"<i>{_NO_JOBS}</i>"
         jobs = self._jobs_of(obj)
         return None if jobs is None else render_html(jobs)
 
@@ -170,6 +188,13 @@ class _Extension:
         return True
 
     # --- announcements ---------------------------------------------------------------------
+    def started(self, job: Job) -> None:
+        """A job this shell started: a status line in its cell (kernel), or a notice when done."""
+        if self.status is not None:
+            self.status.add(job)
+        else:
+            self.watch(job)
+
     def watch(self, job: Job) -> None:
         """Announce this job once when it is finished."""
         self._watched[job.id] = job
@@ -205,8 +230,13 @@ class _Extension:
             if job.id > self._last_id:
                 newest = max(newest, job.id)
                 if not job.state.is_finished:
-                    self._watched.setdefault(job.id, job)
+                    if self.status is not None:
+                        self.status.add_once(job)  # still this cell's output: its status line
+                    else:
+                        self._watched.setdefault(job.id, job)
         self._last_id = newest
+        if self.status is not None:
+            return  # a kernel prints nothing into later cells: the status lines say it
         if not self._watched:
             return
         live = {j.id for j in jobs}
@@ -231,6 +261,9 @@ class _Extension:
                   f"%receive {job.id} to answer)")
         if done:
             print(announcement(done, self.MAX_LINES))
+
+
+_NO_JOBS = "No jobs. Start one with `expr &`, %bg EXPR or psjobs.start_job(...)."
 
 
 class _suppress:

@@ -20,12 +20,15 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class, needs_local_scope, no_var_expand
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, needs_local_scope, no_var_expand
 
 import psjobs
 from psjobs._errors import PsJobsError
 from psjobs.core._format import JobList
 from psjobs.core._job import Job
+
+from ._cell import names_used, register, run_cell
+from ._kernel import user_traceback
 
 if TYPE_CHECKING:
     from . import _Extension
@@ -58,7 +61,8 @@ def _unpicklable(fn: types.FunctionType) -> list[tuple[str, Any, BaseException]]
 
 def _compile_expression(text: str, namespace: dict[str, Any]) -> types.FunctionType:
     """A function of no arguments that evaluates ``text`` over ``namespace`` (its globals)."""
-    code = compile(f"lambda: ({text}\n)", "<psjobs &>", "eval")
+    source = f"lambda: ({text}\n)"
+    code = compile(source, register(source), "eval")  # a traceback shows the line
     fn = eval(code, namespace)
     fn.__qualname__ = text.strip()  # the job's command is the expression's text
     return fn  # type: ignore[no-any-return]
@@ -136,8 +140,20 @@ class JobMagics(Magics):
                 job = start(fn, name=name)
             else:
                 job = self._start_process(fn, text, name)
-        self.ext.watch(job)
+        self.ext.started(job)
         return job
+
+    @cell_magic("bg")  # type: ignore[untyped-decorator]
+    def bg_cell(self, line: str, cell: str) -> Job:
+        """Run the whole cell as one job and return the job (the cell's value is the job).
+
+        Usage: ``%%bg [--thread | --process] [--name NAME] [-c HOST[,HOST...]]`` over a cell.
+        The job's output is what the cell's last line evaluates to (as a cell's Out), plus what it
+        writes with psjobs.write_output; print goes to its information stream. A process job gets
+        copies of the names the cell uses; a thread job shares the namespace; ``-c`` runs the cell
+        on those computers over SSH (psjobs.invoke_command), one child job per computer.
+        """
+        return self._bg_cell(line, cell)
 
     def _namespace(self, local_ns: dict[str, Any] | None) -> dict[str, Any]:
         assert self.shell is not None  # magics run only in a shell
@@ -159,7 +175,8 @@ class JobMagics(Magics):
                 raise
             what = ", ".join(f"{n!r} (a {type(v).__module__}.{type(v).__qualname__}: {e})" for n, v, e in bad)
             names = " and ".join(repr(n) for n, _, _ in bad)
-            raise TypeError(
+            # One line, as IPython's own usage errors (%tb shows the pickling error behind it).
+            raise UsageError(
                 f"{text} &: cannot copy {what} into the job's process, so no job was started. A process "
                 f"job gets a copy of every name it uses; make {names} picklable, or run it as a thread "
                 f"job, which shares the namespace: %bg --thread {text}  (or %config PsJobs.kind = 'thread')"
@@ -200,8 +217,15 @@ class JobMagics(Magics):
         timeout = _take_seconds(words, "%receive")
         self._no_other_options(words, "%receive", "--keep, --wait, --timeout S")
         jobs = self._select(self._need(words, "%receive"), local_ns)
-        with _as_usage("%receive"):
-            out = psjobs.receive_job(jobs, keep=keep, wait=wait or timeout is not None, timeout=timeout)
+        try:
+            with _as_usage("%receive"):
+                out = psjobs.receive_job(jobs, keep=keep, wait=wait or timeout is not None, timeout=timeout)
+        except KeyboardInterrupt:
+            print("%receive: interrupted; the jobs go on, and what was not shown is kept for the next "
+                  "%receive", file=sys.stderr)
+            return None  # type: ignore[return-value]
+        if not self.ext.in_kernel:  # a kernel's front end shows the traceback with the failure
+            self._show_tracebacks(jobs)
         self.ext.seen(jobs)
         return out
 
@@ -217,11 +241,16 @@ class JobMagics(Magics):
         timeout = _take_seconds(words, "%wait")
         self._no_other_options(words, "%wait", "--any, --timeout S")
         jobs = self._select(self._need(words, "%wait"), local_ns)
-        with _as_usage("%wait"):
-            done = psjobs.wait_job(jobs, any=any_, timeout=timeout)
+        try:
+            with _as_usage("%wait"):
+                done = psjobs.wait_job(jobs, any=any_, timeout=timeout, show_progress=self.ext.in_kernel)
+        except KeyboardInterrupt:
+            print("%wait: interrupted; the jobs go on (see %jobs)", file=sys.stderr)
+            return None
         if not done:
             print(f"%wait: timed out after {timeout:g}s; the jobs go on (see %jobs)", file=sys.stderr)
             return None
+        self._show_tracebacks(done)
         self.ext.seen(done)
         return JobList(done)
 
@@ -275,6 +304,73 @@ class JobMagics(Magics):
         self.ext.forget(jobs)
 
     # --- helpers ---------------------------------------------------------------------------
+    def _show_tracebacks(self, jobs: list[Any]) -> None:
+        """The failed jobs' own tracebacks (psjobs' frames left out), after the table or output."""
+        for job in psjobs.get_job(jobs) if jobs else []:
+            for leaf in [job, *job.child_jobs]:
+                reason = leaf.job_state_info.reason if leaf.state is psjobs.JobState.FAILED else None
+                if reason is not None and (leaf.child_jobs == [] or leaf is not job):
+                    trace = user_traceback(reason)
+                    if "\n" in trace:
+                        print(trace, file=sys.stderr)
+
+    def _bg_cell(self, line: str, cell: str) -> Job:
+        __tracebackhide__ = True
+        words = _split(line)
+        kind = "thread" if _take_flag(words, "--thread") else None
+        if _take_flag(words, "--process"):
+            kind = "process"
+        name = _take_option(words, "--name", "%%bg")
+        hosts = _take_option(words, "-c", "%%bg")
+        self._no_other_options(words, "%%bg", "--thread, --process, --name NAME, -c HOST[,HOST]")
+        if words:
+            raise UsageError(f"%%bg: unexpected {' '.join(words)!r}; the code goes in the cell below the "
+                             f"%%bg line (options: --thread, --process, --name NAME, -c HOST[,HOST])")
+        if not cell.strip():
+            raise UsageError("%%bg: the cell is empty; write the code to run below the %%bg line")
+        assert self.shell is not None
+        filename = register(cell)
+        try:
+            used = names_used(cell, filename)
+        except SyntaxError as exc:
+            raise UsageError(f"%%bg: the cell is not valid Python: {exc}") from None
+        user = self.shell.user_ns
+        job: Job
+        with _as_usage("%%bg"):
+            if hosts:
+                computers = [h for h in hosts.split(",") if h]
+                captured = self._copies(user, used, "%%bg -c")
+                job = psjobs.invoke_command(run_cell, cell, filename, captured, computer_name=computers,
+                                            job_name=name)
+            elif (kind or self.ext.config.kind) == "thread":
+                job = psjobs.start_thread_job(run_cell, cell, filename, user, name=name)
+            else:
+                captured = self._copies(user, used, "%%bg")
+                job = psjobs.start_job(run_cell, cell, filename, captured, name=name)
+        self.ext.started(job)
+        return job
+
+    @staticmethod
+    def _copies(user: dict[str, Any], used: set[str], magic: str) -> dict[str, Any]:
+        """The values of the names the cell uses, each checked to travel to another process."""
+        import cloudpickle
+
+        captured: dict[str, Any] = {}
+        bad: list[str] = []
+        for name in sorted(used):
+            if name in user and not name.startswith("_"):
+                try:
+                    cloudpickle.dumps(user[name])
+                except Exception as exc:
+                    bad.append(f"{name!r} (a {type(user[name]).__qualname__}: {exc})")
+                    continue
+                captured[name] = user[name]
+        if bad:
+            raise UsageError(f"{magic}: cannot copy {', '.join(bad)} into the job's process, so no job "
+                             f"was started; make them picklable, or use %%bg --thread, which shares the "
+                             f"namespace")
+        return captured
+
     @staticmethod
     def _need(words: list[str], magic: str) -> list[str]:
         if not words:

@@ -59,11 +59,19 @@ def _python_rewrite(stmt: str) -> str | None:
         return None  # import, del, x += ..., compound statements: no job, normal meaning
     if value is None:
         return None
-    text = ast.get_source_segment(stmt, value)
+    # The value runs to the end of the statement; its node leaves out parentheses around it
+    # ("x = (1 / 0)": the node is "1 / 0"), so take the text from the first of them.
+    start = _char_offset(stmt, value.lineno, value.col_offset)
+    left = start
+    while left > 0 and stmt[left - 1] in "( \t":
+        left -= 1
+    opening = stmt.find("(", left, start)
+    if opening >= 0:
+        start = opening
+    text = stmt[start:].strip()
     if not text:
         return None
-    prefix = stmt[: _char_offset(stmt, value.lineno, value.col_offset)]
-    return prefix + _background_call(text)
+    return stmt[:start] + _background_call(text)
 
 
 class BackgroundOperator(TokenTransformBase):

@@ -152,10 +152,9 @@ def pickle_call(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], init
     cloudpickle is imported here, not at the top: a remote bootstrap runs this module's source
     before cloudpickle may exist there, and only the session pickles calls.
     """
-    import cloudpickle
+    from .._compat import cloudpickle_dumps  # function file names kept: tracebacks show lines
 
-    data: bytes = cloudpickle.dumps((target, args, kwargs, init, items), protocol=5)
-    return data
+    return cloudpickle_dumps((target, args, kwargs, init, items), protocol=5)
 
 
 def load_call(call: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any], Any, Any]:
