@@ -236,6 +236,7 @@ class _Extension:
                         self._watched.setdefault(job.id, job)
         self._last_id = newest
         if self.status is not None:
+            self.status.refresh()  # what changed during the cell shows before it ends
             return  # a kernel prints nothing into later cells: the status lines say it
         if not self._watched:
             return

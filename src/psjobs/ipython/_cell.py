@@ -42,9 +42,9 @@ exec(compile(_RUNNER_SOURCE, "<psjobs %%bg runner>", "exec"), _runner_ns)
 run_cell: types.FunctionType = _runner_ns["run_cell"]
 
 
-def register(source: str) -> str:
+def register(source: str, what: str = "%%bg") -> str:
     """Keep ``source`` in this process's linecache under a new name; return the name."""
-    filename = f"<psjobs %%bg {next(_counter)}>"
+    filename = f"<psjobs {what} {next(_counter)}>"
     lines = [line + "\n" for line in source.splitlines()]
     linecache.cache[filename] = (len(source), None, lines, filename)
     return filename

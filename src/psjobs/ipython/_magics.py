@@ -62,7 +62,7 @@ def _unpicklable(fn: types.FunctionType) -> list[tuple[str, Any, BaseException]]
 def _compile_expression(text: str, namespace: dict[str, Any]) -> types.FunctionType:
     """A function of no arguments that evaluates ``text`` over ``namespace`` (its globals)."""
     source = f"lambda: ({text}\n)"
-    code = compile(source, register(source), "eval")  # a traceback shows the line
+    code = compile(source, register(source, "&"), "eval")  # a traceback shows the line
     fn = eval(code, namespace)
     fn.__qualname__ = text.strip()  # the job's command is the expression's text
     return fn  # type: ignore[no-any-return]
