@@ -53,7 +53,7 @@ class SSHOptions:
     port: int | None = None
     accept_new_host_keys: bool | None = None
     python: str = "python3"
-    connect_timeout: float = 15.0
+    connect_timeout: float | None = None  # None: the config's ConnectTimeout, else 15 s
     password: str | None = dataclasses.field(default=None, repr=False, compare=False)
     passphrase: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
