@@ -94,13 +94,15 @@ class HostKeyClient(asyncssh.SSHClient):
 # --- connections -------------------------------------------------------------------------------
 
 class Connection:
-    __slots__ = ("alive", "channels", "client", "conn", "hops", "limit")
+    __slots__ = ("alive", "channels", "client", "conn", "hops", "limit", "proxy")
 
     def __init__(self, conn: asyncssh.SSHClientConnection, client: HostKeyClient,
-                 hops: list[Connection] | None = None) -> None:
+                 hops: list[Connection] | None = None,
+                 proxy: asyncio.subprocess.Process | None = None) -> None:
         self.conn = conn
         self.client = client
         self.hops = hops or []  # the jump host connection it runs through (ProxyJump), closed with it
+        self.proxy = proxy      # the ProxyCommand process, ended (and reaped) with it
         self.channels = 0
         self.limit: int | None = None  # learned when sshd refuses a channel (MaxSessions)
         self.alive = True
@@ -164,11 +166,12 @@ class Pool:
                 hr = await self._resolve(what, h_host, h_user, h_port, options)
                 if i:
                     hr = dataclasses.replace(hr, proxy_jump=None)
+                label = f"{h_user + '@' if h_user else ''}{h_host}{':' + str(h_port) if h_port else ''}"
                 try:
-                    hop_via = await self._login(f"the jump host {hop} (on the way to {self.name})", hr,
+                    hop_via = await self._login(f"the jump host {label} (on the way to {self.name})", hr,
                                                 options, hop_via)
                 except BaseException:
-                    _close(hops)
+                    await _abandon(hops)
                     raise
                 hops = [hop_via]
         tunnel = hops[-1].conn if hops else None
@@ -178,6 +181,7 @@ class Pool:
         if strict == "ask" and options.accepts_new_host_keys:  # psjobs' setting never weakens the config
             strict = "accept-new"
         proxy = proxy_argv(r) if tunnel is None else None
+        proxy_proc: asyncio.subprocess.Process | None = None
         check = HostKeyCheck(r.hostname, r.port, tuple(user_files), r.global_known_hosts, strict,
                              r.check_host_ip, r.hash_known_hosts, r.host_key_alias,
                              proxied=proxy is not None or tunnel is not None)
@@ -203,7 +207,20 @@ class Pool:
         if options.password is not None:
             kwargs["password"] = options.password
         if proxy is not None:
-            kwargs["proxy_command"] = proxy
+            # Run by psjobs, not by asyncssh's proxy_command: asyncssh forgets the process when the
+            # connection closes, and a loop that closes before it is reaped leaks it (unreaped).
+            ours, theirs = socket.socketpair()
+            try:
+                proxy_proc = await asyncio.create_subprocess_exec(*proxy, stdin=theirs.fileno(),
+                                                                  stdout=theirs.fileno(),
+                                                                  start_new_session=True)
+            except OSError as exc:
+                ours.close()
+                raise RemoteConnectionError(f"cannot connect to {what}: its ProxyCommand does not start "
+                                            f"({exc})", self.name) from exc
+            finally:
+                theirs.close()
+            kwargs["sock"] = ours
         if tunnel is not None:
             kwargs["tunnel"] = tunnel
         if not r.server_alive_interval:  # ServerAliveInterval unset: still notice a dead peer
@@ -216,20 +233,20 @@ class Pool:
         try:
             conn = await asyncssh.connect(r.hostname, client_factory=lambda: client, **kwargs)
         except asyncssh.HostKeyNotVerifiable as exc:
-            _close(hops)
+            await _abandon(hops, proxy_proc)
             raise _host_key_error(subject, self.name, client, check, exc) from exc
         except asyncssh.PermissionDenied as exc:
-            _close(hops)
+            await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(
                 f"{subject} refused the login ({exc.reason}); "
                 f"{_login_hint(what, options, r)}", self.name) from exc
         except (asyncio.TimeoutError, TimeoutError) as exc:
-            _close(hops)
+            await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(
                 f"{subject} did not answer within {timeout:g}s; check that it is up and "
                 f"reachable, or raise connect_timeout with psjobs.configure_ssh", self.name) from exc
         except OSError as exc:
-            _close(hops)
+            await _abandon(hops, proxy_proc)
             if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
                 why = exc.strerror or str(exc)  # a name that does not resolve, or several causes
             else:
@@ -238,25 +255,25 @@ class Pool:
                 f"cannot connect to {subject} ({at}): {why}; check that the computer is up and that sshd "
                 f"listens there (ssh {what} true)", self.name) from exc
         except asyncssh.Error as exc:
-            _close(hops)
+            await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(f"the SSH connection to {subject} failed: {exc.reason}",
                                         self.name) from exc
         except (ValueError, KeyError) as exc:  # bad key files
-            _close(hops)
+            await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(f"cannot connect to {subject}: {exc}", self.name) from exc
         except BaseException:
-            _close(hops)
+            await _abandon(hops, proxy_proc)
             raise
         if client.verdict is not None and client.verdict.lines and user_files:
             with contextlib.suppress(OSError):  # OpenSSH too connects when it cannot record the key
                 record(user_files[0], client.verdict.lines)
-        return Connection(conn, client, hops)
+        return Connection(conn, client, hops, proxy_proc)
 
     def lost(self, client: HostKeyClient, exc: Exception | None) -> None:
         for c in self.conns:
             if c.client is client:
                 c.alive = False
-                _close(c.hops)
+                _close(c.hops, c.proxy)
         self.conns = [c for c in self.conns if c.alive]
 
     async def open(self, factory: Callable[[], asyncssh.SSHClientSession[bytes]],
@@ -290,14 +307,36 @@ class Pool:
         for c in conns:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(c.conn.wait_closed(), 5)
-            _close(c.hops)
+            _close(c.hops, c.proxy)
+        await _reaped(conns)
 
 
-def _close(conns: list[Connection]) -> None:
-    """Close jump host connections (and the ones they run through)."""
+def _close(conns: list[Connection], proxy: asyncio.subprocess.Process | None = None) -> None:
+    """Close jump host connections (and what they run through), end a ProxyCommand process."""
+    if proxy is not None and proxy.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proxy.kill()
     for c in conns:
         c.conn.close()
-        _close(c.hops)
+        _close(c.hops, c.proxy)
+
+
+async def _abandon(conns: list[Connection], proxy: asyncio.subprocess.Process | None = None) -> None:
+    """_close, then wait until the processes are reaped (a failed login leaves no process)."""
+    _close(conns, proxy)
+    if proxy is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proxy.wait(), 5)
+    await _reaped(conns)
+
+
+async def _reaped(conns: list[Connection]) -> None:
+    """Wait until the ProxyCommand processes under ``conns`` are reaped (before the loop closes)."""
+    for c in conns:
+        if c.proxy is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(c.proxy.wait(), 5)
+        await _reaped(c.hops)
 
 
 def _login_hint(what: str, options: SSHOptions, r: Resolved) -> str:
@@ -307,9 +346,10 @@ def _login_hint(what: str, options: SSHOptions, r: Resolved) -> str:
         for f in r.identity_files:
             try:
                 asyncssh.read_private_key(f)
-            except asyncssh.KeyEncryptionError:
-                locked.append(f)
-            except (OSError, asyncssh.KeyImportError, ValueError):
+            except asyncssh.KeyImportError as exc:  # asyncssh has no class of its own for "encrypted"
+                if "passphrase" in str(exc).lower():
+                    locked.append(f)
+            except (OSError, ValueError):
                 continue
         if locked and not os.environ.get("SSH_AUTH_SOCK"):
             files = ", ".join(locked)
