@@ -362,3 +362,68 @@ def test_the_default_files_are_openssh_defaults(tmp_path: Path, monkeypatch: pyt
     assert r.user_known_hosts == (f"{home}/.ssh/known_hosts", f"{home}/.ssh/known_hosts2")
     assert r.global_known_hosts == ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
     assert r.strict == "ask" and not r.check_host_ip and not r.hash_known_hosts
+
+
+def test_an_encrypted_key_in_an_agent_logs_in_as_with_ssh(server: sshd_helper.LoopbackSSHD, tmp_path: Path,
+                                                          other_key: str, quiet_env: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    if shutil.which("ssh-agent") is None:
+        pytest.skip("no ssh-agent")
+    locked = tmp_path / "locked_ed25519"
+    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret")
+    case = Case("agent", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
+    config = _write_case(case, server, tmp_path, other_key)
+    config.write_text(config.read_text().replace(str(server.client_key), str(locked)))
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        from .conftest import wait_until
+
+        wait_until(sock.exists, 10, "the agent's socket")
+
+        async def add() -> None:
+            async with asyncssh.connect_agent(str(sock)) as client:
+                await client.add_keys([asyncssh.read_private_key(str(locked), "s3cret")])
+
+        asyncio.run(add())
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        ssh_ok, err = ssh_verdict(config, "127.0.0.2")
+        ours_ok, why = psjobs_verdict(config, "127.0.0.2")
+        assert ssh_ok, err
+        assert ours_ok, why
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
+def test_known_hosts_option_is_the_user_file_and_the_global_files_still_count(
+        server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str, quiet_env: None) -> None:
+    case = Case("option", "", {"g": f"{P} {{key}}\n"}, "127.0.0.2", True)
+    config = _write_case(case, server, tmp_path, other_key)
+    empty = tmp_path / "mine"
+    empty.write_text("")
+    assert psjobs_verdict(config, "127.0.0.2", known_hosts=str(empty))[0]
+    (tmp_path / "g").write_text("")
+    ok, why = psjobs_verdict(config, "127.0.0.2", known_hosts=str(empty))
+    assert not ok and str(empty) in why
+
+
+def test_without_the_ssh_command_asyncssh_reads_the_config(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from psjobs.backends.ssh._config import resolve
+
+    config = tmp_path / "ssh_config"
+    config.write_text("Host web\n  HostName 127.0.0.2\n  Port 2222\n  User admin\n  HostKeyAlias webkey\n"
+                      f"  UserKnownHostsFile {tmp_path}/kh\n  ConnectTimeout 3\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ssh there
+    r = asyncio.run(resolve("web", None, None, psjobs.SSHOptions(config=(str(config),))))
+    assert r.by == "asyncssh"
+    assert (r.hostname, r.port, r.user, r.host_key_alias) == ("127.0.0.2", 2222, "admin", "webkey")
+    assert r.user_known_hosts == (f"{tmp_path}/kh",) and r.connect_timeout == 3
+    assert r.global_known_hosts == ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+    assert r.strict == "ask" and not r.check_host_ip and not r.hash_known_hosts
