@@ -186,9 +186,11 @@ class Pool:
                              r.check_host_ip, r.hash_known_hosts, r.host_key_alias,
                              proxied=proxy is not None or tunnel is not None)
         client = HostKeyClient(self, check, options.password is not None)
+        # asyncssh still reads the config for what ssh -G's answer does not carry over (algorithms,
+        # auth methods, ...); what it did resolve is given explicitly and wins.
         kwargs: dict[str, Any] = {"port": r.port, "username": r.user, "connect_timeout": timeout,
-                                  # the config has spoken through ssh -G: asyncssh must not read it again
-                                  "config": [], "known_hosts": asyncssh.import_known_hosts("")}
+                                  "config": _asyncssh_configs(options),
+                                  "known_hosts": asyncssh.import_known_hosts("")}
         if options.client_keys is not None:
             kwargs["client_keys"] = list(options.client_keys)
         else:
@@ -221,8 +223,8 @@ class Pool:
             finally:
                 theirs.close()
             kwargs["sock"] = ours
-        if tunnel is not None:
-            kwargs["tunnel"] = tunnel
+        if tunnel is not None:  # through the jump host to HostName and Port as ssh -G said
+            kwargs["tunnel"] = _Hop(tunnel, r.hostname, r.port)
         if not r.server_alive_interval:  # ServerAliveInterval unset: still notice a dead peer
             kwargs["keepalive_interval"] = _KEEPALIVE
         else:
@@ -231,7 +233,14 @@ class Pool:
         at = f"{r.hostname} port {r.port}"
         subject = what
         try:
-            conn = await asyncssh.connect(r.hostname, client_factory=lambda: client, **kwargs)
+            if proxy is None and tunnel is None:  # the TCP connection to HostName, as ssh makes it
+                kwargs["sock"] = await _tcp(r.hostname, r.port, timeout)
+            try:
+                conn = await _asyncssh_connect(r.name, client, kwargs)
+            except BaseException:
+                if "sock" in kwargs:  # a refused or failed login: the socket is ours to close
+                    kwargs["sock"].close()
+                raise
         except asyncssh.HostKeyNotVerifiable as exc:
             await _abandon(hops, proxy_proc)
             raise _host_key_error(subject, self.name, client, check, exc) from exc
@@ -309,6 +318,58 @@ class Pool:
                 await asyncio.wait_for(c.conn.wait_closed(), 5)
             _close(c.hops, c.proxy)
         await _reaped(conns)
+
+
+def _asyncssh_configs(options: SSHOptions) -> list[str]:
+    if options.config is not None:
+        return list(options.config)
+    user = os.path.expanduser("~/.ssh/config")
+    return [user] if os.path.isfile(user) else []
+
+
+async def _asyncssh_connect(name: str, client: HostKeyClient,
+                            kwargs: dict[str, Any]) -> asyncssh.SSHClientConnection:
+    try:
+        # the name as given: asyncssh matches its Host blocks against it, as ssh does
+        return await asyncssh.connect(name, client_factory=lambda: client, **kwargs)
+    except asyncssh.ConfigParseError:
+        # asyncssh's reader fails on a config ssh -G accepted (Match exec "test %h = x" is split
+        # at its "="): what matters came from ssh -G, so go on without asyncssh's reading
+        return await asyncssh.connect(name, client_factory=lambda: client, **{**kwargs, "config": []})
+
+
+class _Hop:
+    """A jump host connection as asyncssh's ``tunnel``, always to the address ssh -G resolved."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, host: str, port: int) -> None:
+        self.conn = conn
+        self.host = host
+        self.port = port
+
+    async def create_connection(self, session_factory: Any, remote_host: str,
+                                remote_port: int) -> Any:
+        return await self.conn.create_connection(session_factory, self.host, self.port)
+
+
+async def _tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """A connected TCP socket to the first address of ``host`` that answers (as OpenSSH tries
+    them), each attempt bounded by ``timeout``."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error
 
 
 def _close(conns: list[Connection], proxy: asyncio.subprocess.Process | None = None) -> None:
