@@ -338,7 +338,7 @@ def test_an_encrypted_key_is_skipped_with_the_reason_and_works_with_its_passphra
         server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str, quiet_env: None) -> None:
     pytest.importorskip("bcrypt")  # OpenSSH-format encrypted keys (the ssh extra installs it)
     locked = tmp_path / "locked_ed25519"
-    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret", rounds=50)
+    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret", rounds=50)  # 50: fewer makes bcrypt warn, its default 128 costs seconds
     case = Case("locked", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", False)
     config = _write_case(case, server, tmp_path, other_key)
     config.write_text(config.read_text().replace(str(server.client_key), str(locked)))
@@ -427,3 +427,28 @@ def test_without_the_ssh_command_asyncssh_reads_the_config(tmp_path: Path,
     assert r.user_known_hosts == (f"{tmp_path}/kh",) and r.connect_timeout == 3
     assert r.global_known_hosts == ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
     assert r.strict == "ask" and not r.check_host_ip and not r.hash_known_hosts
+
+
+def test_check_host_ip_off_loopback_follows_openssh(other_key: str, tmp_path: Path) -> None:
+    """CheckHostIP cannot be seen on 127.0.0.1 (OpenSSH skips loopback), so the address case is
+    judged directly, as sshconnect.c's check_host_key decides it for a routable address."""
+    from psjobs.backends.ssh._known_hosts import HostKeyCheck
+
+    public = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    key = asyncssh.import_public_key(public)  # what a server offers
+    kh = tmp_path / "kh"
+
+    def judge(lines: str, strict: str = "ask", **kw: object) -> tuple[bool, str, tuple[str, ...]]:
+        kh.write_text(lines)
+        check = HostKeyCheck("web", 22, (str(kh),), (), strict, True, False, **kw)  # type: ignore[arg-type]
+        v = check.judge(key, "192.0.2.7")
+        return v.accept, v.status, v.lines
+
+    ok, status, lines = judge(f"web {public}\n")  # name known, address new: the address is added
+    assert ok and status == "ok" and lines == (f"192.0.2.7 {' '.join(public.split()[:2])}",)
+    ok, status, _ = judge(f"web {public}\n192.0.2.7 {other_key}\n")  # the address's key differs
+    assert not ok and status == "ip-changed"
+    assert judge(f"web {public}\n192.0.2.7 {other_key}\n", "no")[0]
+    ok, _, lines = judge("", "accept-new")  # both new: one "name,address" line
+    assert ok and lines == (f"web,192.0.2.7 {' '.join(public.split()[:2])}",)
+    assert judge(f"web {public}\n192.0.2.7 {other_key}\n", proxied=True)[0]  # no address via a proxy
