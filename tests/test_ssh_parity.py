@@ -338,7 +338,9 @@ def test_an_encrypted_key_is_skipped_with_the_reason_and_works_with_its_passphra
         server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str, quiet_env: None) -> None:
     pytest.importorskip("bcrypt")  # OpenSSH-format encrypted keys (the ssh extra installs it)
     locked = tmp_path / "locked_ed25519"
-    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret", rounds=50)  # 50: fewer makes bcrypt warn, its default 128 costs seconds
+    # rounds=50: fewer makes bcrypt warn, its default (128) costs seconds at every opening
+    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret",
+                                                                        rounds=50)
     case = Case("locked", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", False)
     config = _write_case(case, server, tmp_path, other_key)
     config.write_text(config.read_text().replace(str(server.client_key), str(locked)))
@@ -372,7 +374,8 @@ def test_an_encrypted_key_in_an_agent_logs_in_as_with_ssh(server: sshd_helper.Lo
     if shutil.which("ssh-agent") is None:
         pytest.skip("no ssh-agent")
     locked = tmp_path / "locked_ed25519"
-    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret", rounds=50)
+    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret",
+                                                                        rounds=50)
     case = Case("agent", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
     config = _write_case(case, server, tmp_path, other_key)
     config.write_text(config.read_text().replace(str(server.client_key), str(locked)))
