@@ -186,28 +186,7 @@ class Pool:
                              r.check_host_ip, r.hash_known_hosts, r.host_key_alias,
                              proxied=proxy is not None or tunnel is not None)
         client = HostKeyClient(self, check, options.password is not None)
-        # asyncssh still reads the config for what ssh -G's answer does not carry over (algorithms,
-        # auth methods, ...); what it did resolve is given explicitly and wins.
-        kwargs: dict[str, Any] = {"port": r.port, "username": r.user, "connect_timeout": timeout,
-                                  "config": _asyncssh_configs(options),
-                                  "known_hosts": asyncssh.import_known_hosts("")}
-        if options.client_keys is not None:
-            kwargs["client_keys"] = list(options.client_keys)
-        else:
-            keys = [f for f in r.identity_files if os.path.isfile(f)]
-            if keys:
-                kwargs["client_keys"] = keys
-                kwargs["ignore_encrypted"] = True  # as OpenSSH: a key it cannot open is skipped
-            if r.identities_only:  # of the agent's keys, only those named by IdentityFile
-                kwargs["agent_identities"] = [f + ".pub" if os.path.isfile(f + ".pub") else f for f in keys]
-        if r.identity_agent:
-            agent = r.identity_agent
-            kwargs["agent_path"] = os.environ.get(agent.lstrip("$"), "") if agent == "SSH_AUTH_SOCK" \
-                or agent.startswith("$") else agent
-        if options.passphrase is not None:
-            kwargs["passphrase"] = options.passphrase
-        if options.password is not None:
-            kwargs["password"] = options.password
+        kwargs = _connect_kwargs(r, options, timeout)
         if proxy is not None:
             # Run by psjobs, not by asyncssh's proxy_command: asyncssh forgets the process when the
             # connection closes, and a loop that closes before it is reaped leaks it (unreaped).
@@ -225,13 +204,7 @@ class Pool:
             kwargs["sock"] = ours
         if tunnel is not None:  # through the jump host to HostName and Port as ssh -G said
             kwargs["tunnel"] = _Hop(tunnel, r.hostname, r.port)
-        if not r.server_alive_interval:  # ServerAliveInterval unset: still notice a dead peer
-            kwargs["keepalive_interval"] = _KEEPALIVE
-        else:
-            kwargs["keepalive_interval"] = r.server_alive_interval
-            kwargs["keepalive_count_max"] = r.server_alive_count
         at = f"{r.hostname} port {r.port}"
-        subject = what
         try:
             if proxy is None and tunnel is None:  # the TCP connection to HostName, as ssh makes it
                 kwargs["sock"] = await _tcp(r.hostname, r.port, timeout)
@@ -243,16 +216,16 @@ class Pool:
                 raise
         except asyncssh.HostKeyNotVerifiable as exc:
             await _abandon(hops, proxy_proc)
-            raise _host_key_error(subject, self.name, client, check, exc) from exc
+            raise _host_key_error(what, self.name, client, check, exc) from exc
         except asyncssh.PermissionDenied as exc:
             await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(
-                f"{subject} refused the login ({exc.reason}); "
-                f"{_login_hint(what, options, r)}", self.name) from exc
+                f"{what} refused the login ({exc.reason}); "
+                f"{_login_hint(self.name, options, r)}", self.name) from exc
         except (asyncio.TimeoutError, TimeoutError) as exc:
             await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(
-                f"{subject} did not answer within {timeout:g}s; check that it is up and "
+                f"{what} did not answer within {timeout:g}s; check that it is up and "
                 f"reachable, or raise connect_timeout with psjobs.configure_ssh", self.name) from exc
         except OSError as exc:
             await _abandon(hops, proxy_proc)
@@ -261,15 +234,15 @@ class Pool:
             else:
                 why = os.strerror(exc.errno)
             raise RemoteConnectionError(
-                f"cannot connect to {subject} ({at}): {why}; check that the computer is up and that sshd "
-                f"listens there (ssh {what} true)", self.name) from exc
+                f"cannot connect to {what} ({at}): {why}; check that the computer is up and that sshd "
+                f"listens there (ssh {self.name} true)", self.name) from exc
         except asyncssh.Error as exc:
             await _abandon(hops, proxy_proc)
-            raise RemoteConnectionError(f"the SSH connection to {subject} failed: {exc.reason}",
+            raise RemoteConnectionError(f"the SSH connection to {what} failed: {exc.reason}",
                                         self.name) from exc
         except (ValueError, KeyError) as exc:  # bad key files
             await _abandon(hops, proxy_proc)
-            raise RemoteConnectionError(f"cannot connect to {subject}: {exc}", self.name) from exc
+            raise RemoteConnectionError(f"cannot connect to {what}: {exc}", self.name) from exc
         except BaseException:
             await _abandon(hops, proxy_proc)
             raise
@@ -318,6 +291,38 @@ class Pool:
                 await asyncio.wait_for(c.conn.wait_closed(), 5)
             _close(c.hops, c.proxy)
         await _reaped(conns)
+
+
+def _connect_kwargs(r: Resolved, options: SSHOptions, timeout: float) -> dict[str, Any]:
+    """asyncssh.connect's options for the computer ssh -G resolved to ``r``."""
+    # asyncssh still reads the config for what ssh -G's answer does not carry over (algorithms,
+    # auth methods, ...); what it did resolve is given explicitly and wins.
+    kwargs: dict[str, Any] = {"port": r.port, "username": r.user, "connect_timeout": timeout,
+                              "config": _asyncssh_configs(options),
+                              "known_hosts": asyncssh.import_known_hosts("")}
+    if options.client_keys is not None:
+        kwargs["client_keys"] = list(options.client_keys)
+    else:
+        keys = [f for f in r.identity_files if os.path.isfile(f)]
+        if keys:
+            kwargs["client_keys"] = keys
+            kwargs["ignore_encrypted"] = True  # as OpenSSH: a key it cannot open is skipped
+        if r.identities_only:  # of the agent's keys, only those named by IdentityFile
+            kwargs["agent_identities"] = [f + ".pub" if os.path.isfile(f + ".pub") else f for f in keys]
+    if r.identity_agent:
+        agent = r.identity_agent
+        kwargs["agent_path"] = os.environ.get(agent.lstrip("$"), "") if agent == "SSH_AUTH_SOCK" \
+            or agent.startswith("$") else agent
+    if options.passphrase is not None:
+        kwargs["passphrase"] = options.passphrase
+    if options.password is not None:
+        kwargs["password"] = options.password
+    if not r.server_alive_interval:  # ServerAliveInterval unset: still notice a dead peer
+        kwargs["keepalive_interval"] = _KEEPALIVE
+    else:
+        kwargs["keepalive_interval"] = r.server_alive_interval
+        kwargs["keepalive_count_max"] = r.server_alive_count
+    return kwargs
 
 
 def _asyncssh_configs(options: SSHOptions) -> list[str]:
