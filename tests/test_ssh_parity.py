@@ -55,6 +55,11 @@ def other_key() -> str:
     return str(asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip())
 
 
+@pytest.fixture(scope="module")
+def other_rsa() -> str:
+    return str(asyncssh.generate_private_key("ssh-rsa", key_size=2048).export_public_key().decode().strip())
+
+
 @pytest.fixture
 def quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No agent and no accept-new from the environment, unless a case sets it."""
@@ -92,6 +97,9 @@ CASES = [
     Case("name-absent-ip-present", "", {"kh": "[127.0.0.1]:{port} {key}\n"}, "localhost", False),
     Case("name-other-key-ip-right", "",
          {"kh": "[localhost]:{port} {other}\n[127.0.0.1]:{port} {key}\n"}, "localhost", False),
+    # a key of another type recorded for the name (the server has only ed25519)
+    Case("name-other-type", "", {"kh": f"{P} {{other_rsa}}\n"}, "127.0.0.2", False),
+    Case("name-other-type-and-right", "", {"kh": f"{P} {{other_rsa}}\n{P} {{key}}\n"}, "127.0.0.2", True),
     Case("name-right", "", {"kh": "[localhost]:{port} {key}\n"}, "localhost", True),
     # CheckHostIP: never for loopback (OpenSSH), so a stale address entry does not matter here
     Case("checkhostip-loopback", "Host *\n  CheckHostIP yes\n",
@@ -139,8 +147,8 @@ CASES = [
 ]
 
 
-def _write_case(case: Case, server: sshd_helper.LoopbackSSHD, d: Path, other: str) -> Path:
-    fmt = {"port": server.port, "key": server.host_public, "other": other, "d": d,
+def _write_case(case: Case, server: sshd_helper.LoopbackSSHD, d: Path, other: str, other_rsa: str = "") -> Path:
+    fmt = {"port": server.port, "key": server.host_public, "other": other, "other_rsa": other_rsa, "d": d,
            "user": server.user, "client": server.client_key}
     for name in FILES:
         (d / name).write_text(case.known.get(name, "").format(**fmt))
@@ -185,8 +193,9 @@ def psjobs_verdict(config: Path, computer: str, *, accept_new: bool | None = Non
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_same_verdict_as_openssh(case: Case, server: sshd_helper.LoopbackSSHD, tmp_path: Path,
-                                 other_key: str, quiet_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _write_case(case, server, tmp_path, other_key)
+                                 other_key: str, other_rsa: str, quiet_env: None,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _write_case(case, server, tmp_path, other_key, other_rsa)
     before = _snapshot(tmp_path)
     names = [n.format(port=server.port) for n in case.recorded]
     ssh_ok, ssh_err = ssh_verdict(config, case.computer, case.ssh_options)
@@ -385,7 +394,11 @@ def test_an_encrypted_key_in_an_agent_logs_in_as_with_ssh(server: sshd_helper.Lo
     try:
         from .conftest import wait_until
 
-        wait_until(sock.exists, 10, "the agent's socket")
+        def listening() -> bool:
+            with socket.socket(socket.AF_UNIX) as probe:
+                return probe.connect_ex(str(sock)) == 0
+
+        wait_until(listening, 10, "the agent to listen")  # its socket file exists before listen()
 
         async def add() -> None:
             async with asyncssh.connect_agent(str(sock)) as client:
@@ -455,3 +468,57 @@ def test_check_host_ip_off_loopback_follows_openssh(other_key: str, tmp_path: Pa
     ok, _, lines = judge("", "accept-new")  # both new: one "name,address" line
     assert ok and lines == (f"web,192.0.2.7 {' '.join(public.split()[:2])}",)
     assert judge(f"web {public}\n192.0.2.7 {other_key}\n", proxied=True)[0]  # no address via a proxy
+
+
+# --- host certificates: @cert-authority ------------------------------------------------------------
+
+class CertSSHD(sshd_helper.LoopbackSSHD):
+    """The tests' sshd, its host key certified by a CA of its own (principal 127.0.0.2)."""
+
+    def _keys(self) -> None:
+        super()._keys()
+        ca = asyncssh.generate_private_key("ssh-ed25519")
+        self.ca_public = ca.export_public_key().decode().strip()
+        host = asyncssh.read_private_key(str(self.dir / "host_ed25519"))
+        cert = ca.generate_host_certificate(host, "psjobs-test-host", principals=["127.0.0.2"])
+        cert.write_certificate(str(self.dir / "host_ed25519-cert.pub"))
+
+    def _configs(self) -> None:
+        super()._configs()
+        with open(self.dir / "sshd_config", "a") as f:
+            f.write(f"HostCertificate {self.dir / 'host_ed25519-cert.pub'}\n")
+
+
+@pytest.fixture(scope="module")
+def cert_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CertSSHD]:
+    if sshd_helper.find_sshd() is None:
+        pytest.skip("no sshd (apt-get install openssh-server)")
+    srv = CertSSHD(tmp_path_factory.mktemp("certsshd")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+CERT_CASES = {
+    "ca-trusted": ("@cert-authority {name} {ca}\n", True),
+    "ca-trusted-by-wildcard": ("@cert-authority [127.0.0.*]:* {ca}\n", True),
+    "ca-revoked": ("@cert-authority {name} {ca}\n@revoked * {ca}\n", False),
+    "host-key-revoked": ("@cert-authority {name} {ca}\n@revoked * {key}\n", False),
+    "plain-key-only": ("{name} {key}\n", True),   # OpenSSH falls back from the certificate
+    "other-ca": ("@cert-authority {name} {other}\n", False),
+}
+
+
+@pytest.mark.parametrize("which", list(CERT_CASES))
+def test_certificate_authorities_as_openssh(which: str, cert_server: CertSSHD, tmp_path: Path, other_key: str,
+                                            quiet_env: None) -> None:
+    lines, connects = CERT_CASES[which]
+    name = f"[127.0.0.2]:{cert_server.port}"
+    case = Case(which, "", {"g": lines.format(name=name, ca=cert_server.ca_public, key=cert_server.host_public,
+                                              other=other_key)}, "127.0.0.2", connects)
+    config = _write_case(case, cert_server, tmp_path, other_key)  # type: ignore[arg-type]
+    ssh_ok, ssh_err = ssh_verdict(config, "127.0.0.2")
+    ours_ok, why = psjobs_verdict(config, "127.0.0.2")
+    assert ssh_ok == connects, ssh_err
+    assert ours_ok == ssh_ok, why

@@ -61,6 +61,7 @@ class Resolved:
     proxy_jump: str | None = None
     server_alive_interval: int = 0
     server_alive_count: int = 3
+    host_key_algorithms: tuple[str, ...] = ()   # empty: asyncssh's defaults
     by: str = "ssh -G"
 
 
@@ -150,7 +151,8 @@ def _from_ssh_g(name: str, text: str) -> Resolved:
         proxy_command=single.get("proxycommand"),
         proxy_jump=single.get("proxyjump"),
         server_alive_interval=number("serveraliveinterval", 0),
-        server_alive_count=number("serveralivecountmax", 3))
+        server_alive_count=number("serveralivecountmax", 3),
+        host_key_algorithms=tuple(a for a in single.get("hostkeyalgorithms", "").split(",") if a))
 
 
 async def resolve(name: str, user: str | None, port: int | None, options: SSHOptions) -> Resolved:

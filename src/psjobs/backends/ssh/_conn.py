@@ -187,6 +187,11 @@ class Pool:
                              proxied=proxy is not None or tunnel is not None)
         client = HostKeyClient(self, check, options.password is not None)
         kwargs = _connect_kwargs(r, options, timeout)
+        kwargs["server_host_key_algs"] = algs = check.algorithms(r.host_key_algorithms)
+        # asyncssh is given an empty trust list so that every key comes to HostKeyClient; with a
+        # certificate possible, also the @revoked keys (the CA callback never shows the host's key)
+        kwargs["known_hosts"] = check.revoked() if any("-cert-" in a for a in algs) \
+            else asyncssh.import_known_hosts("")
         if proxy is not None:
             # Run by psjobs, not by asyncssh's proxy_command: asyncssh forgets the process when the
             # connection closes, and a loop that closes before it is reaped leaks it (unreaped).
@@ -281,9 +286,12 @@ class Pool:
         conn.channels = max(0, conn.channels - 1)
 
     async def close(self) -> None:
+        connecting = self.connecting
+        if connecting is not None:
+            connecting.cancel()
+            # Waited for: a cancelled ssh -G or ProxyCommand is killed and reaped before the loop ends
+            await asyncio.wait({connecting}, timeout=5)
         conns, self.conns = self.conns, []
-        if self.connecting is not None:
-            self.connecting.cancel()
         for c in conns:
             c.conn.close()
         for c in conns:
@@ -298,8 +306,7 @@ def _connect_kwargs(r: Resolved, options: SSHOptions, timeout: float) -> dict[st
     # asyncssh still reads the config for what ssh -G's answer does not carry over (algorithms,
     # auth methods, ...); what it did resolve is given explicitly and wins.
     kwargs: dict[str, Any] = {"port": r.port, "username": r.user, "connect_timeout": timeout,
-                              "config": _asyncssh_configs(options),
-                              "known_hosts": asyncssh.import_known_hosts("")}
+                              "config": _asyncssh_configs(options)}
     if options.client_keys is not None:
         kwargs["client_keys"] = list(options.client_keys)
     else:
@@ -451,7 +458,7 @@ def _host_key_error(what: str, computer: str, client: HostKeyClient, check: Host
             f"the host key of {what}{fingerprint} differs from the one recorded for its address in "
             f"{where} (CheckHostIP): remove the stale entry (ssh-keygen -R ADDRESS -f FILE) if the "
             f"change is expected", computer)
-    if status == "revoked":
+    if status == "revoked" or (verdict is None and "revoked" in str(exc).lower()):
         return HostKeyError(f"the host key of {what}{fingerprint} is revoked in {where}", computer)
     if not check.user_files:
         how = "add the key to a known_hosts file and name it in UserKnownHostsFile"

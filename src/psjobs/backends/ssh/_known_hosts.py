@@ -36,6 +36,12 @@ import os
 from collections.abc import Iterable, Sequence
 
 import asyncssh
+from asyncssh.public_key import (
+    get_certificate_algs,
+    get_default_certificate_algs,
+    get_default_public_key_algs,
+    get_public_key_algs,
+)
 
 OK, NEW, CHANGED, REVOKED = "ok", "new", "changed", "revoked"
 # StrictHostKeyChecking, as ``ssh -G`` prints it ("true"/"false" for yes/no)
@@ -156,6 +162,32 @@ class HostKeyCheck:
     alias: str | None = None
     proxied: bool = False         # ProxyCommand: there is no peer address to check
 
+    @property
+    def lookup_name(self) -> str:
+        return self.alias if self.alias else host_port(self.hostname, self.port)
+
+    def algorithms(self, wanted: Sequence[str]) -> list[str]:
+        """The host key algorithms to offer, as OpenSSH orders them (order_hostkeyalgs): certificates
+        only when a @cert-authority line covers the name (OpenSSH falls back from an untrusted
+        certificate to its plain key; asyncssh cannot, so it must not be offered one), and the
+        key types already recorded for the name first (a new type would read as a changed key)."""
+        if not wanted:
+            wanted = [a.decode() for a in get_default_certificate_algs() + get_default_public_key_algs()]
+        supported = {a.decode() for a in get_public_key_algs() + get_certificate_algs()}
+        entries = [e for e in load(self.user_files + self.system_files) if e.matches(self.lookup_name)]
+        with_ca = any(e.marker == "cert-authority" for e in entries)
+        known = {_key_type(e.key.algorithm.decode()) for e in entries if not e.marker}
+        algs = [a for a in wanted if a in supported and (with_ca or "-cert-" not in a)]
+        return sorted(algs, key=lambda a: _key_type(a) not in known)
+
+    def revoked(self) -> asyncssh.SSHKnownHosts:
+        """What asyncssh is told: only the @revoked keys (it checks a certificate's own key against
+        them, which the CA callback never shows); every other decision is judge()'s."""
+        entries = load(self.user_files + self.system_files)
+        lines = [f"@revoked * {' '.join(e.key.export_public_key().decode().split()[:2])}\n"
+                 for e in entries if e.marker == "revoked" and e.matches(self.lookup_name)]
+        return asyncssh.import_known_hosts("".join(lines))
+
     def judge(self, key: asyncssh.SSHKey, addr: str | None, *, ca: bool = False) -> Verdict:
         entries = load(self.user_files + self.system_files)
         return self._judge(entries, key, addr, self.port, clobber=False, ca=ca)
@@ -204,6 +236,12 @@ class HostKeyCheck:
             name = f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
         algorithm, blob = key.export_public_key().decode().split()[:2]  # no comment recorded
         return f"{name} {algorithm} {blob}"
+
+
+def _key_type(algorithm: str) -> str:
+    """The key type of a host key algorithm: rsa-sha2-512-cert-v01@openssh.com -> ssh-rsa."""
+    algorithm = algorithm.replace("-cert-v01@openssh.com", "")
+    return "ssh-rsa" if algorithm.startswith("rsa-sha2-") else algorithm
 
 
 def record(path: str, lines: Sequence[str]) -> None:
