@@ -522,3 +522,20 @@ def test_certificate_authorities_as_openssh(which: str, cert_server: CertSSHD, t
     ours_ok, why = psjobs_verdict(config, "127.0.0.2")
     assert ssh_ok == connects, ssh_err
     assert ours_ok == ssh_ok, why
+
+
+@pytest.mark.parametrize("path", ["~/keys/id", "%d/keys/id"])
+def test_identity_file_home(path: str, server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str,
+                            quiet_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """~ and %d in IdentityFile are the home directory (psjobs' ~ is $HOME, as Python's: OpenSSH
+    would take the password database's, the same directory unless HOME was changed, as here)."""
+    home = tmp_path / "home"
+    (home / "keys").mkdir(parents=True)
+    shutil.copy(server.client_key, home / "keys" / "id")
+    os.chmod(home / "keys" / "id", 0o600)
+    monkeypatch.setenv("HOME", str(home))
+    case = Case("home", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
+    config = _write_case(case, server, tmp_path, other_key)
+    config.write_text(config.read_text().replace(str(server.client_key), path))
+    ok, why = psjobs_verdict(config, "127.0.0.2")
+    assert ok, why
