@@ -53,7 +53,7 @@ class SSHOptions:
     port: int | None = None
     accept_new_host_keys: bool | None = None
     python: str = "python3"
-    connect_timeout: float = 15.0
+    connect_timeout: float | None = None  # None: the config's ConnectTimeout, else 15 s
     password: str | None = dataclasses.field(default=None, repr=False, compare=False)
     passphrase: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -84,8 +84,9 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
     one connection per computer). ``config``, ``known_hosts``, ``client_keys``: a path or a list
     of paths (``config=[]``: no OpenSSH config file at all). ``accept_new_host_keys=True``
     accepts, and records in the known_hosts file, the key of a computer that has no entry yet
-    (OpenSSH's ``StrictHostKeyChecking accept-new``); a key that differs from its entry is always
-    refused. ``python``: the remote interpreter for callables, a command line such as
+    (OpenSSH's ``StrictHostKeyChecking accept-new``) unless the config is stricter for that computer;
+    a key that differs from its entry is refused. ``connect_timeout``: seconds (``None``: the
+    config's ``ConnectTimeout``, else 15). ``python``: the remote interpreter for callables, a command line such as
     ``"/opt/py/bin/python3 -S"``. Example::
 
         psjobs.configure_ssh(known_hosts="~/.ssh/known_hosts", accept_new_host_keys=True)
