@@ -247,6 +247,9 @@ def cmd_host(client: Client, a: argparse.Namespace) -> int:
         print(f"psjobs host: running, pid {status['pid']}, since {status['started']}\n"
               f"  jobs: {status['jobs']} ({status['running_jobs']} running), records: {status['records']}\n"
               f"  socket: {status['socket']}\n  database: {status['database']}\n  log: {status['log']}")
+        if status.get("storage_problem"):
+            print(f"  storage: FAILING: {status['storage_problem']} (retrying; records dropped: "
+                  f"{status.get('records_dropped', 0)})")
     return 0
 
 

@@ -168,6 +168,7 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
         raise ValueError("start: give the command to run after `--`, e.g. psjobs start -- make test")
     cwd = check_directory("start", req.cwd)
     target: Any = req.command[0] if len(req.command) == 1 else req.command
+    ctx.writer.check("start")  # record first, then start: a job the store cannot take never runs
     session = ctx.session
     if req.thread:
         job = session.start_thread_job(target, name=req.name, working_directory=cwd)
@@ -180,6 +181,7 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
 def invoke(ctx: Context, req: InvokeRequest, reply: Reply) -> JobView:
     if not req.command or not req.computers:
         raise ValueError("invoke: give the computers with -c and the command after `--`")
+    ctx.writer.check("invoke")
     try:
         job = ctx.session.invoke_command(req.command[0] if len(req.command) == 1 else req.command,
                                          computer_name=req.computers, throttle_limit=req.throttle,
@@ -280,7 +282,8 @@ def status(ctx: Context, req: StatusRequest, reply: Reply) -> StatusResult:
                         home=str(paths.home), socket=str(paths.socket), database=str(paths.database),
                         log=str(paths.log),
                         jobs=len(jobs), running_jobs=sum(1 for j in jobs if not j.state.is_finished),
-                        records=ctx.writer.store.count_records())
+                        records=ctx.writer.store.count_records(), storage_problem=ctx.writer.problem,
+                        records_dropped=ctx.writer.dropped)
 
 
 def shutdown(ctx: Context, req: ShutdownRequest, reply: Reply) -> ShutdownResult:

@@ -341,6 +341,8 @@ class StatusResult(Response):
     jobs: int
     running_jobs: int
     records: int
+    storage_problem: str | None = None   # why records cannot be stored now (None: they are)
+    records_dropped: int = 0             # records lost while nothing could store them
 
 
 @dataclasses.dataclass

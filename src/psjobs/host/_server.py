@@ -180,11 +180,13 @@ class HostServer:
                 request = decode_request(body)
             except ProtocolError as exc:
                 raise RequestError(str(exc)) from None
-            return final(HANDLERS[type(request)](self.context, request, reply), sink)
+            result = HANDLERS[type(request)](self.context, request, reply)
+            return final(result, sink + self.writer.notes())  # a storage problem: every client is told
         except Exception as exc:
             if not isinstance(exc, (PsJobsError, TypeError, ValueError, OSError)):
-                traceback.print_exc()
-            return _error(exc, sink)
+                with contextlib.suppress(Exception):  # a full disk under host.log is no reason to stop
+                    traceback.print_exc()
+            return _error(exc, sink + self.writer.notes())
         finally:
             _collect.sink = None
 
