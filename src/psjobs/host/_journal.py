@@ -119,8 +119,8 @@ class Writer:
     that they are dropped and counted, and every failure is reported (``problem``) and retried.
     """
 
-    QUEUED = 4096                # records waiting for the writer before a producer waits
-    TX_RECORDS = 4096            # records per transaction at most
+    QUEUED = 4096                # records waiting for the writer (or being written) before a producer waits
+    TX_RECORDS = 1024            # records per transaction at most
     TX_BYTES = 1 << 20           # bytes per transaction at most (a transaction takes what is queued)
     FAILING_BYTES = 64 << 20     # what is kept in memory while nothing can be stored
     WAIT_FOR_ROOM = 2.0          # seconds a producer waits for room at most (a stalled store)
@@ -152,20 +152,24 @@ class Writer:
     def put_records(self, journal: SqliteJournal, entries: list[Entry]) -> bool:
         """Queue a job's records (called with the session lock held); False if they were dropped."""
         size = _size(entries)
+        n = len(entries)
         with self._cond:
-            if self._queued >= self.QUEUED and self.problem is None:
+            if self._queued and self._queued + n > self.QUEUED and self.problem is None:
                 # Backpressure: the writer makes room within a transaction's time (it never takes
                 # the session lock); a store that stalls instead turns into a reported problem.
                 deadline = time.monotonic() + self.WAIT_FOR_ROOM
-                while self._queued >= self.QUEUED and self.problem is None and self.thread.is_alive():
+                while self._queued and self._queued + n > self.QUEUED and self.problem is None \
+                        and self.thread.is_alive():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not self._cond.wait(remaining):
                         break
             if self.problem is not None and self._queued_bytes + size > self.FAILING_BYTES:
-                self.dropped += len(entries)
+                self.dropped += n
                 return False
-            self._items.append(("records", journal, entries))
-            self._queued += len(entries)
+            step = self.TX_RECORDS  # a big batch goes in transaction-sized pieces, each committed soon
+            for i in range(0, n, step):
+                self._items.append(("records", journal, entries if n <= step else entries[i:i + step]))
+            self._queued += n
             self._queued_bytes += size
             self._cond.notify_all()
         return True

@@ -208,7 +208,8 @@ class Store:
         """Return the pages of deleted rows to the file system (after ``delete``, outside a
         transaction): the file shrinks at the checkpoint that follows."""
         with self._lock:
-            self._db.execute("PRAGMA incremental_vacuum").fetchall()
+            # executescript: a cursor's fetchall() steps this pragma once (one page), not to the end
+            self._db.executescript("PRAGMA incremental_vacuum;")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     # --- jobs ------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""The session host's store under stress: SIGKILL mid-stream, storage failures (a full disk, a
+database locked by another process), acknowledged receive, and what it costs to hold many jobs.
+Each test has a state directory and a host of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from psjobs.host._client import Paths, host_free
+
+from .clitools import gone, host_pid, ok, private_home, run
+from .conftest import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    with private_home(tmp_path / "h") as h:
+        yield h
+
+
+def child_pid(job: int) -> int:
+    rows = json.loads(ok("get", str(job), "--children", "--json"))
+    pid = rows[1]["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def complete_lines(path: Path) -> list[str]:
+    text = path.read_text()
+    return text.split("\n")[:-1]  # a last line without its newline was not produced whole
+
+
+# --- SIGKILL ---------------------------------------------------------------------------------------
+
+def test_sigkill_mid_stream_keeps_all_but_what_was_in_flight(home: Path, tmp_path: Path) -> None:
+    produced = tmp_path / "produced"
+    job = int(ok("start", "-q", "--", f"seq 1 1000000 | tee {produced}").strip())
+    # Killed while the job is producing as fast as the host takes it.
+    wait_until(lambda: produced.exists() and produced.stat().st_size > 700_000, timeout=60,
+               what="the job to be well under way")
+    orphan = child_pid(job)
+    old = host_pid(home)
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: host_free(Paths(home)), what="the host to die")
+    before = complete_lines(produced)  # tee ends at its next write to the dead host's pipe
+    assert len(before) < 1_000_000, "the job ended before the kill: nothing was in flight"
+
+    code, out, err = run("receive", str(job))  # a new host, with what the old one stored
+    assert code == 5 and "HostLostError" in err
+    stored = out.split("\n")[:-1]
+    assert stored == [str(i) for i in range(1, len(stored) + 1)]  # in order, no gap, nothing twice
+    assert len(before) - len(stored) <= 20_000, (len(before), len(stored))
+    wait_until(lambda: gone(orphan), what="the dead host's job to be ended")
+
+
+# --- record first, then start ----------------------------------------------------------------------
+
+def test_a_start_that_cannot_be_recorded_does_not_run(home: Path, tmp_path: Path) -> None:
+    ok("get")  # the host and its database exist
+    marker = tmp_path / "ran"
+    other = sqlite3.connect(home / "jobs.db", timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's write lock, held
+        code, _, err = run("start", "--", f"touch {marker}")
+        assert code == 1
+        assert "could not be recorded" in err and "not started" in err and "locked" in err
+        assert json.loads(ok("get", "--json")) == []
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not marker.exists()
+    job = ok("start", "-q", "--", f"touch {marker}").strip()  # the lock is gone: it runs, once
+    ok("wait", job)
+    assert marker.exists()
+    assert len(json.loads(ok("get", "--json"))) == 1
+
+
+# --- the files ---------------------------------------------------------------------------------------
+
+def test_database_files_are_private_and_space_comes_back_after_remove(home: Path) -> None:
+    job = ok("start", "-q", "--", "yes 'a line of some length, to take some room on disk' | head -n 300000").strip()
+    ok("wait", job)
+    for name in ("jobs.db", "jobs.db-wal", "jobs.db-shm"):
+        assert stat.S_IMODE(os.stat(home / name).st_mode) == 0o600, name
+    db = home / "jobs.db"
+    wait_until(lambda: json.loads(ok("host", "status", "--json"))["records"] == 300_000, what="stored")
+
+    def size() -> int:
+        return sum(os.stat(p).st_size for p in (db, home / "jobs.db-wal") if p.exists())
+
+    ok("host", "stop")  # a checkpoint: the records are in jobs.db itself
+    full = os.stat(db).st_size
+    assert full > 10_000_000
+    ok("remove", job)
+    assert size() < full / 4, (size(), full)
