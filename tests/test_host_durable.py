@@ -9,7 +9,6 @@ import os
 import signal
 import sqlite3
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
