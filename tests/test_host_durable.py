@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 
 from psjobs.host._client import Paths, host_free
 
-from .clitools import gone, host_pid, ok, private_home, run
+from .clitools import gone, host_pid, ok, private_home, run, subprocess_env
 from .conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,6 +36,10 @@ def child_pid(job: int) -> int:
     pid = rows[1]["pid"]
     assert isinstance(pid, int)
     return pid
+
+
+def lines(n: int, start: int = 1) -> str:
+    return "".join(f"{i}\n" for i in range(start, start + n))
 
 
 def complete_lines(path: Path) -> list[str]:
@@ -103,3 +110,44 @@ def test_database_files_are_private_and_space_comes_back_after_remove(home: Path
     assert full > 10_000_000
     ok("remove", job)
     assert size() < full / 4, (size(), full)
+
+
+# --- acknowledged receive --------------------------------------------------------------------------
+
+def _psjobs(home: Path) -> str:
+    return f"PSJOBS_HOME={shlex.quote(str(home))} {shlex.quote(sys.executable)} -m psjobs"
+
+
+def test_receive_into_a_reader_that_takes_one_line_consumes_only_that_line(home: Path) -> None:
+    job = ok("start", "-q", "--", "seq 1 5000").strip()
+    ok("wait", job)
+    # `read` takes a pipe's bytes one at a time: exactly one line leaves the pipe, the rest is
+    # thrown away with it when the shell exits.
+    shown = subprocess.run(["sh", "-c", f"{_psjobs(home)} receive {job} | {{ read -r line; echo \"$line\"; }}"],
+                           capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert shown.stdout == "1\n", shown.stderr
+    assert ok("receive", job) == lines(4999, 2)  # everything the reader did not take, once
+
+
+def test_receive_piped_to_head_consumes_nothing_head_did_not_read(home: Path) -> None:
+    text = "x" * 90  # 100-byte lines: head reads a few KiB of them, the pipe holds 64 KiB more
+    job = ok("start", "-q", "--", f"for i in $(seq 1 20000); do echo \"$i {text}\"; done").strip()
+    ok("wait", job, "--timeout", "60")
+    shown = subprocess.run(["sh", "-c", f"{_psjobs(home)} receive {job} | head -n 1"],
+                           capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert shown.stdout == f"1 {text}\n", shown.stderr
+    rest = ok("receive", job).splitlines()
+    first = int(rest[0].split()[0])
+    assert first <= 400, f"head took at most a few KiB, yet {first - 1} lines were consumed"
+    assert rest == [f"{i} {text}" for i in range(first, 20001)]
+
+
+def test_an_acknowledged_receive_into_a_file_or_a_reader_consumes_everything(home: Path, tmp_path: Path) -> None:
+    job = ok("start", "-q", "--", "seq 1 100000").strip()
+    ok("wait", job)
+    out = tmp_path / "out"
+    subprocess.run(["sh", "-c", f"{_psjobs(home)} receive {job} | cat > {out}"], check=True,
+                   env=subprocess_env(), timeout=60)
+    assert out.read_text() == lines(100000)
+    assert ok("receive", job) == ""
+    assert json.loads(ok("get", job, "--json"))[0]["has_more_data"] is False

@@ -12,12 +12,13 @@ Exit statuses are decided in one place (``main``), from the ``exit_code`` of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO, cast
 
@@ -36,6 +37,7 @@ from ._records import Record, Stream
 from .core._format import format_table
 from .core._pshost import Host
 from .host._client import Client, host_free
+from .host._delivered import Delivery
 from .host._protocol import (
     GetRequest,
     InvokeRequest,
@@ -148,11 +150,13 @@ def cmd_get(client: Client, a: argparse.Namespace) -> int:
 
 def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     ordered = _Ordered()
-    out = ordered.stream(sys.stdout)
+    delivery = Delivery(sys.stdout)  # what the reader took is all the host may consume (see _delivered)
+    out = ordered.stream(delivery.out)
     host = Host(stdout=out, stderr=ordered.stream(sys.stderr))
     result: dict[str, Any] = {}
-    for response in client.stream(ReceiveRequest(ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout,
-                                                 auto_remove=a.auto_remove)):
+    request = ReceiveRequest(ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout, auto_remove=a.auto_remove,
+                             ack=not a.keep)
+    for response in _acked(client.stream(request), None if a.keep else delivery):
         if response.get("more"):
             for _, job, stream, t, is_json, value in response["result"]["records"]:
                 if a.json:
@@ -170,8 +174,11 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
                     message = str(fields.get("message", ""))
                     record = Record(Stream(stream), message, t, fields.get("computer_name"))
                     host.write_record(cast(Any, None), record)
+                delivery.mark()
         else:
             result = response["result"]
+    if delivery.broken:
+        raise BrokenPipeError  # the reader went away; what it did not take stays to be received
     err = ordered.stream(sys.stderr)
     for f in result.get("failures", ()):
         if a.json:
@@ -181,6 +188,7 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
             where = f["computer_name"]
             prefix = f"[{where}] " if where and where != "localhost" else ""
             err.write(f"{prefix}Job {f['id']} {f['name']!r} failed: {f['reason']}\n")
+    delivery.out.flush()
     sys.stdout.flush()
     if result.get("failures"):
         return JobFailedError.exit_code
@@ -188,6 +196,18 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
         raise WaitTimeoutError(f"receive: the jobs did not finish within {a.timeout:g}s; they go on: "
                                f"receive again later")
     return 0
+
+
+def _acked(responses: Generator[dict[str, Any], int | None, None],
+           delivery: Delivery | None) -> Iterator[dict[str, Any]]:
+    """The host's responses; with a ``delivery``, each part is answered with what it delivered."""
+    with contextlib.closing(responses):
+        response = next(responses)
+        while True:
+            yield response
+            if not response.get("more"):
+                return
+            response = responses.send(None if delivery is None else delivery.settle())
 
 
 def cmd_wait(client: Client, a: argparse.Namespace) -> int:

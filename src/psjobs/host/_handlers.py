@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,15 +32,17 @@ from .._errors import (
     JobNotFoundError,
     JobStateError,
     MissingDependencyError,
+    RequestError,
     missing_dependency,
 )
 from ..core._job import Job
 from ..core._pshost import reason_text
 from ..core._session import Session
 from ..core._spec import check_directory
-from ._client import Paths
+from ._client import Paths, read_frame
 from ._journal import Writer, pid_of
 from ._protocol import (
+    MAX_REQUEST,
     VERSION,
     Failure,
     GetRequest,
@@ -60,6 +63,7 @@ from ._protocol import (
     WaitRequest,
     WaitResult,
     pack,
+    read_ack,
     records_part,
 )
 
@@ -75,6 +79,15 @@ class Reply:
     def part(self, frame_json: str) -> None:
         self._conn.sendall(pack(frame_json))
 
+    def ack(self, sent: int) -> int:
+        """Wait for the client's ack of the part just sent: how many of its ``sent`` records it
+        delivered (0 if it went away)."""
+        try:
+            body = read_frame(self._conn, MAX_REQUEST, "the client")
+        except (OSError, RequestError):
+            return 0
+        return read_ack(body, sent)
+
 
 @dataclass
 class Context:
@@ -86,6 +99,8 @@ class Context:
     started: float
     shutdown: Callable[[], list[int]]   # stops the host; returns the running jobs it stopped
     cwds: dict[int, str | None] = field(default_factory=dict)  # where each job's command runs
+    receiving: set[int] = field(default_factory=set)  # leaves an acknowledged receive is reading
+    receiving_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 # --- the command's words and the Session's ---------------------------------------------------------
@@ -206,6 +221,8 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and not req.wait:
         raise ValueError("receive: --auto-remove needs --wait (a job is removed once it is finished)")
     selected = find(ctx, req.ids, "receive")
+    if req.ack and not req.keep:
+        return _receive_acked(ctx, req, reply, selected)
     rows: list[RecordRow] = []
     size = 0
     # A part per batch (at most about PAGE_BYTES): what arrived goes out before the read waits again.
@@ -226,6 +243,65 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and done:
         removed = _remove(ctx, [j for j in selected if j.parent is None], force=False)
     return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
+
+
+def _receive_acked(ctx: Context, req: ReceiveRequest, reply: Reply, selected: list[Job]) -> ReceiveResult:
+    """A receive that consumes only what its client says it delivered: the records are read
+    without moving the cursors, and each part's ack moves them past the delivered records only.
+    A leaf another acknowledged receive is reading is left to it (each record goes to one)."""
+    leaves = [leaf for job in selected for leaf in _tree(job) if not leaf.child_jobs]
+    with ctx.receiving_lock:
+        mine = [leaf for leaf in leaves if leaf.id not in ctx.receiving]
+        ctx.receiving.update(leaf.id for leaf in mine)
+    complete = True
+    try:
+        if mine:
+            complete = _send_acked(ctx, req, reply, mine)
+    finally:
+        with ctx.receiving_lock:
+            ctx.receiving.difference_update(leaf.id for leaf in mine)
+    ctx.writer.sync()  # the moved cursors are stored before the answer
+    done = all(leaf.state.is_finished for leaf in leaves)
+    removed: list[int] = []
+    if req.auto_remove and done and complete:
+        removed = _remove(ctx, [j for j in selected if j.parent is None], force=False)
+    return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
+
+
+def _send_acked(ctx: Context, req: ReceiveRequest, reply: Reply, leaves: list[Job]) -> bool:
+    """Send the leaves' unread records in parts; False if the client delivered only some."""
+    journals = {leaf.id: ctx.writer.journals.get(leaf.id) for leaf in leaves}
+    position = {i: 0 if j is None else j.cursor for i, j in journals.items()}  # next unsent record
+    rows: list[RecordRow] = []
+    at: list[int] = []  # per row: the position after it (its job's cursor once it is delivered)
+    size = 0
+
+    def flush() -> bool:
+        nonlocal rows, at, size
+        reply.part(records_part(rows))
+        delivered = reply.ack(len(rows))
+        moved: dict[int, int] = {}
+        for row, end in zip(rows[:delivered], at):
+            moved[row[1]] = end
+        for job_id, end in moved.items():
+            journal = journals[job_id]
+            if journal is not None and end > journal.cursor:
+                journal.cursor = end
+        complete = delivered == len(rows)
+        rows, at, size = [], [], 0
+        return complete
+
+    for leaf, entries in ctx.session.read_batches(leaves, keep=True, wait=req.wait, timeout=req.timeout):
+        for stream, stored, t in entries:
+            rows.append((stored.seq, leaf.id, stream, t, stored.flag, stored.data))
+            position[leaf.id] += 1
+            at.append(position[leaf.id])
+            size += len(stored.data) + 40
+            if size >= PAGE_BYTES and not flush():
+                return False
+        if rows and req.wait and not flush():  # what arrived goes out before the read waits again
+            return False
+    return not rows or flush()  # without --wait, many jobs' records share parts
 
 
 def _failures(leaves: list[Job]) -> list[Failure]:
