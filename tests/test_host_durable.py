@@ -151,3 +151,60 @@ def test_an_acknowledged_receive_into_a_file_or_a_reader_consumes_everything(hom
     assert out.read_text() == lines(100000)
     assert ok("receive", job) == ""
     assert json.loads(ok("get", job, "--json"))[0]["has_more_data"] is False
+
+
+# --- storage failures --------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs as the state directory, with its own host (root only: it mounts)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs as the state directory (a disk that fills up)")
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(where)], check=True,
+                   timeout=30)
+    try:
+        with private_home(where / "h") as h:
+            yield h
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, timeout=30)
+
+
+def _status() -> dict[str, object]:
+    return json.loads(ok("host", "status", "--json"))  # type: ignore[no-any-return]
+
+
+def test_a_full_disk_is_reported_retried_and_survived(small_disk: Path) -> None:
+    home = small_disk
+    ok("get")  # the host, its database and its log on the small disk
+    filler = home.parent / "filler"
+    free = os.statvfs(home).f_bavail * os.statvfs(home).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (free - (1 << 20)))  # 1 MiB left: the records below need ~8
+    job = ok("start", "-q", "--", "seq 1 200000").strip()
+
+    wait_until(lambda: _status()["storage_problem"] is not None, timeout=60, what="the disk to fill up")
+    code, out, err = run("get", job, "--json")  # every client is told, with what to do
+    assert code == 0 and "cannot store records" in err and "full" in err and str(home) in err
+    code, out, err = run("host", "status")
+    assert code == 0 and "storage: FAILING" in out and "full" in out
+    ok("wait", job, "--timeout", "60")  # the host keeps serving; the job ends meanwhile
+
+    filler.unlink()  # space is back
+    told: list[str] = []
+
+    def storing() -> bool:
+        code, out, err = run("host", "status", "--json")
+        told.append(err)
+        return code == 0 and json.loads(out)["storage_problem"] is None
+
+    wait_until(storing, timeout=60, what="the host to store again")
+    assert any("stores records again" in e for e in told)
+    assert json.loads(ok("get", job, "--json"))[0]["state"] == "Completed"
+    assert ok("receive", job) == lines(200000)  # kept in memory meanwhile, then stored: all of it
+    echo = ok("start", "-q", "--", "echo fine").strip()
+    assert ok("receive", echo, "--wait") == "fine\n"
+    ok("host", "stop")  # and what it stored after the failure is on disk
+    rows = {r["id"]: r for r in json.loads(ok("get", "--json"))}
+    assert rows[int(job)]["state"] == "Completed" and rows[int(echo)]["state"] == "Completed"
