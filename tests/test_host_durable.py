@@ -208,3 +208,19 @@ def test_a_full_disk_is_reported_retried_and_survived(small_disk: Path) -> None:
     ok("host", "stop")  # and what it stored after the failure is on disk
     rows = {r["id"]: r for r in json.loads(ok("get", "--json"))}
     assert rows[int(job)]["state"] == "Completed" and rows[int(echo)]["state"] == "Completed"
+
+
+# --- many jobs ---------------------------------------------------------------------------------------
+
+def test_receive_star_over_thousands_of_stored_jobs(home: Path) -> None:
+    from bench.host import populate
+
+    populate(home, 2500)  # stored by an earlier host: more than SQLite's expression limit allowed
+    out = ok("receive", "*")
+    assert out.splitlines() == [f"{2 * k + 1}:{i}" for k in range(2500) for i in range(3)]
+    assert ok("receive", "*") == ""  # consumed, each once
+    rows = json.loads(ok("get", "--json"))
+    assert len(rows) == 2500 and not any(r["has_more_data"] for r in rows)
+    job = ok("start", "-q", "--", "echo new").strip()
+    assert int(job) == 5001  # ids go on after the stored ones
+    assert ok("receive", job, "--wait") == "new\n"
