@@ -12,12 +12,14 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from psjobs.host._client import Paths, host_free
+from psjobs.host._client import Client, Paths, host_free
+from psjobs.host._server import HostServer
 
 from .clitools import gone, host_pid, ok, private_home, run, subprocess_env
 from .conftest import wait_until
@@ -224,3 +226,38 @@ def test_receive_star_over_thousands_of_stored_jobs(home: Path) -> None:
     job = ok("start", "-q", "--", "echo new").strip()
     assert int(job) == 5001  # ids go on after the stored ones
     assert ok("receive", job, "--wait") == "new\n"
+
+
+def test_a_locked_database_is_retried_and_memory_stays_bounded_meanwhile(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "inproc")
+    paths.prepare()
+    server = HostServer(paths)
+    thread = threading.Thread(target=server.serve, name="test-host")
+    thread.start()
+    client = Client(paths)
+    other = sqlite3.connect(paths.database, timeout=0, isolation_level=None)
+    try:
+        go = tmp_path / "go"
+        job = client.call("start", command=[f"while [ ! -e {go} ]; do sleep 0.01; done; seq 1 50000"],
+                          cwd=str(tmp_path))["id"]
+        server.writer.FAILING_BYTES = 200_000  # a small bound, so the test need not fill 64 MiB
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        go.touch()
+        client.call("wait", ids=[str(job)], timeout=60)  # the host serves while nothing is stored
+        wait_until(lambda: server.writer.problem is not None, what="the writer to find the lock")
+        status = client.call("status")
+        assert "locked" in status["storage_problem"]
+        dropped = status["records_dropped"]
+        assert 0 < dropped < 50000  # kept what the bound allows, dropped (and counted) the rest
+        other.execute("ROLLBACK")
+        wait_until(lambda: client.call("status")["storage_problem"] is None, timeout=30,
+                   what="the host to store again")
+        got = [int(v) for r in client.stream("receive", ids=[str(job)]) if r["more"]
+               for *_, v in r["result"]["records"]]
+        assert len(got) == 50000 - dropped and got == sorted(got)
+        assert client.call("get", ids=[str(job)])[0]["state"] == "Completed"
+    finally:
+        other.close()
+        client.call("shutdown")
+        thread.join(30)
+        server.close()
