@@ -261,3 +261,25 @@ def test_a_locked_database_is_retried_and_memory_stays_bounded_meanwhile(tmp_pat
         client.call("shutdown")
         thread.join(30)
         server.close()
+
+
+def test_the_host_stays_small_while_a_job_prints_a_lot_and_nobody_receives(home: Path) -> None:
+    import psutil
+
+    ok("get")
+    host = psutil.Process(host_pid(home))
+    before = host.memory_info().rss
+    # 120 MB in 1,000-byte lines, then 4 lines of 4 MB: the queue is bounded in bytes too.
+    job = ok("start", "-q", "--", "head -c 120000000 /dev/zero | tr '\\0' x | fold -w 1000; echo; "
+             "head -c 16000000 /dev/zero | tr '\\0' y | fold -w 4000000; echo").strip()
+    peak = before
+
+    def finished() -> bool:
+        nonlocal peak
+        peak = max(peak, host.memory_info().rss)
+        return json.loads(ok("get", job, "--json"))[0]["state"] == "Completed"
+
+    wait_until(finished, timeout=100, what="the job to end")
+    assert peak - before < 64 << 20, f"the host grew by {(peak - before) >> 20} MiB"
+    got = ok("receive", job).splitlines()
+    assert got[:120000] == ["x" * 1000] * 120000 and got[120000:] == ["y" * 4000000] * 4

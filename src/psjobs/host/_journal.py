@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import _errors
@@ -111,7 +111,7 @@ def _size(entries: list[Entry]) -> int:
 class Writer:
     """One thread that writes what the journals are given, in small transactions, in order.
 
-    Bounded: at most QUEUED records wait for it. A producer (a job's pipe reader, under the session
+    Bounded: at most QUEUED records (QUEUED_BYTES) wait for it. A producer (a job's pipe reader, under the session
     lock) past that bound waits for room, so a fast job is slowed to the store's pace instead of
     growing the host; what a SIGKILL can lose is what is in the pipes, plus at most QUEUED records
     and one transaction. While the store fails (disk full, database locked, I/O error) producers
@@ -120,6 +120,7 @@ class Writer:
     """
 
     QUEUED = 4096                # records waiting for the writer (or being written) before a producer waits
+    QUEUED_BYTES = 8 << 20       # ... or this many bytes of them (long lines)
     TX_RECORDS = 1024            # records per transaction at most
     TX_BYTES = 1 << 20           # bytes per transaction at most (a transaction takes what is queued)
     FAILING_BYTES = 64 << 20     # what is kept in memory while nothing can be stored
@@ -154,25 +155,39 @@ class Writer:
         size = _size(entries)
         n = len(entries)
         with self._cond:
-            if self._queued and self._queued + n > self.QUEUED and self.problem is None:
+            if self._full(n, size) and self.problem is None:
                 # Backpressure: the writer makes room within a transaction's time (it never takes
                 # the session lock); a store that stalls instead turns into a reported problem.
                 deadline = time.monotonic() + self.WAIT_FOR_ROOM
-                while self._queued and self._queued + n > self.QUEUED and self.problem is None \
-                        and self.thread.is_alive():
+                while self._full(n, size) and self.problem is None and self.thread.is_alive():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not self._cond.wait(remaining):
                         break
             if self.problem is not None and self._queued_bytes + size > self.FAILING_BYTES:
                 self.dropped += n
                 return False
-            step = self.TX_RECORDS  # a big batch goes in transaction-sized pieces, each committed soon
-            for i in range(0, n, step):
-                self._items.append(("records", journal, entries if n <= step else entries[i:i + step]))
+            if n <= self.TX_RECORDS and size <= self.TX_BYTES:
+                self._items.append(("records", journal, entries))
+            else:  # a big batch goes in transaction-sized pieces, each committed soon
+                self._items.extend(("records", journal, piece) for piece in self._pieces(entries))
             self._queued += n
             self._queued_bytes += size
             self._cond.notify_all()
         return True
+
+    def _pieces(self, entries: list[Entry]) -> Iterator[list[Entry]]:
+        start = size = 0
+        for i, entry in enumerate(entries):
+            size += _size([entry])
+            if i + 1 - start >= self.TX_RECORDS or size >= self.TX_BYTES:
+                yield entries[start:i + 1]
+                start, size = i + 1, 0
+        if start < len(entries):
+            yield entries[start:]
+
+    def _full(self, n: int, size: int) -> bool:
+        """No room for n records of ``size`` bytes (an empty queue takes any batch)."""
+        return self._queued > 0 and (self._queued + n > self.QUEUED or self._queued_bytes + size > self.QUEUED_BYTES)
 
     def journal(self, job: Job) -> SqliteJournal:
         """The Session's journal factory (called with the session lock held)."""
