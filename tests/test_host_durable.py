@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from psjobs._errors import HostReplyError
 from psjobs.host._client import Client, Paths, host_free
 from psjobs.host._server import HostServer
 
@@ -249,6 +250,8 @@ def test_a_locked_database_is_retried_and_memory_stays_bounded_meanwhile(tmp_pat
         assert "locked" in status["storage_problem"]
         dropped = status["records_dropped"]
         assert 0 < dropped < 50000  # kept what the bound allows, dropped (and counted) the rest
+        with pytest.raises(HostReplyError, match="not stored yet"):  # an acknowledged receive (the command's)
+            list(client.stream("receive", ids=[str(job)], ack=True))
         other.execute("ROLLBACK")
         wait_until(lambda: client.call("status")["storage_problem"] is None, timeout=30,
                    what="the host to store again")

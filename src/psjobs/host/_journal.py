@@ -91,9 +91,14 @@ class SqliteJournal:
             self.length += 1
 
     def read(self, start: int, stop: int) -> list[Entry]:
-        """Up to ``stop`` once stored; while the store fails, what is stored of it (maybe less)."""
+        """The entries once stored; raises HostError if they cannot be (the store fails), rather
+        than return fewer: a reader's positions stay those of the records it got."""
         if stop > self.stored:
             self._writer.sync(lambda: self.stored >= stop)
+            if stop > self.stored:
+                raise HostError(f"receive: records of job {self.job_id} are not stored yet, and storing "
+                                f"fails now ({self._writer.problem or 'the store is slow'}); `psjobs receive` "
+                                f"leaves them unreceived: receive again once `psjobs host status` no longer shows a storage problem")
         return self._writer.store.read(self.job_id, start, stop)
 
     def close(self) -> None:
