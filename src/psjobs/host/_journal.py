@@ -98,7 +98,8 @@ class SqliteJournal:
             if stop > self.stored:
                 raise HostError(f"receive: records of job {self.job_id} are not stored yet, and storing "
                                 f"fails now ({self._writer.problem or 'the store is slow'}); `psjobs receive` "
-                                f"leaves them unreceived: receive again once `psjobs host status` no longer shows a storage problem")
+                                f"leaves them unreceived: receive again once `psjobs host status` no longer "
+                                f"shows a storage problem")
         return self._writer.store.read(self.job_id, start, stop)
 
     def close(self) -> None:
