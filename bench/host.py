@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(opts.quick)
     print(format_tables(rows))
     print(format_targets(rows))
-    return 0 if all(r.get("meets", True) for r in rows) else 1
+    # Exit 1 when receive lost records; a missed timing target is reported above, not an error.
+    return 0 if all(r.get("meets", True) for r in rows if r["unit"] == "s") else 1
 
 
 if __name__ == "__main__":

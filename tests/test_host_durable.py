@@ -286,3 +286,11 @@ def test_the_host_stays_small_while_a_job_prints_a_lot_and_nobody_receives(home:
     assert peak - before < 64 << 20, f"the host grew by {(peak - before) >> 20} MiB"
     got = ok("receive", job).splitlines()
     assert got[:120000] == ["x" * 1000] * 120000 and got[120000:] == ["y" * 4000000] * 4
+
+
+def test_bench_host_runs_and_receives_every_record(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.host import main
+
+    assert main(["--quick"]) == 0  # no timing is checked here: figures belong to bench/
+    out = capsys.readouterr().out
+    assert "psjobs start (request)" in out and "receive '*' over 300 stored jobs" in out
