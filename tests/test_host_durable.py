@@ -78,7 +78,7 @@ def test_sigkill_mid_stream_keeps_all_but_what_was_in_flight(home: Path, tmp_pat
 def test_a_start_that_cannot_be_recorded_does_not_run(home: Path, tmp_path: Path) -> None:
     ok("get")  # the host and its database exist
     marker = tmp_path / "ran"
-    other = sqlite3.connect(home / "jobs.db", timeout=0, isolation_level=None)
+    other = sqlite3.connect(home / "jobs.db", timeout=10, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process's write lock, held
         code, _, err = run("start", "--", f"touch {marker}")
@@ -236,7 +236,7 @@ def test_a_locked_database_is_retried_and_memory_stays_bounded_meanwhile(tmp_pat
     thread = threading.Thread(target=server.serve, name="test-host")
     thread.start()
     client = Client(paths)
-    other = sqlite3.connect(paths.database, timeout=0, isolation_level=None)
+    other = sqlite3.connect(paths.database, timeout=10, isolation_level=None)
     try:
         go = tmp_path / "go"
         job = client.call("start", command=[f"while [ ! -e {go} ]; do sleep 0.01; done; seq 1 50000"],

@@ -280,13 +280,13 @@ def _send_acked(ctx: Context, req: ReceiveRequest, reply: Reply, leaves: list[Jo
         nonlocal rows, at, size
         reply.part(records_part(rows))
         delivered = reply.ack(len(rows))
-        moved: dict[int, int] = {}
+        moved: dict[int, tuple[int, int]] = {}
         for row, end in zip(rows[:delivered], at):
-            moved[row[1]] = end
-        for job_id, end in moved.items():
+            moved[row[1]] = (end, row[0])
+        for job_id, (end, seq) in moved.items():
             journal = journals[job_id]
             if journal is not None and end > journal.cursor:
-                journal.cursor = end
+                journal.receive_to(end, seq)
         complete = delivered == len(rows)
         rows, at, size = [], [], 0
         return complete

@@ -100,13 +100,40 @@ class SqliteJournal:
                                 f"fails now ({self._writer.problem or 'the store is slow'}); `psjobs receive` "
                                 f"leaves them unreceived: receive again once `psjobs host status` no longer "
                                 f"shows a storage problem")
-        return self._writer.store.read(self.job_id, start, stop)
+        return _Rows(self._writer.store, self.job_id, start, stop)
+
+    def receive_to(self, position: int, seq: int) -> None:
+        """Move the cursor to ``position``, the record ``seq`` being the last received (no lookup)."""
+        self._cursor = position
+        self._writer.put(("cursor_seq", self, seq))
 
     def close(self) -> None:
         self._writer.put(("close", self))
 
     def drop(self) -> None:
         self._writer.put(("drop", self))
+
+
+class _Rows(list):  # type: ignore[type-arg]  # list[Entry] for the Journal protocol
+    """A range of a job's records, read from the store in windows as it is iterated, so a receive
+    of a big job never holds it whole (``len`` is the range's; only iteration is supported)."""
+
+    WINDOW = 8192
+
+    def __init__(self, store: Store, job_id: int, start: int, stop: int) -> None:
+        super().__init__()
+        self._where = (store, job_id, start, stop)
+
+    def __iter__(self) -> Iterator[Entry]:
+        store, job_id, start, stop = self._where
+        for window in store.windows(job_id, start, stop, self.WINDOW):
+            yield from window
+
+    def __len__(self) -> int:
+        return max(0, self._where[3] - self._where[2])
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
 
 
 def _size(entries: list[Entry]) -> int:
@@ -382,6 +409,8 @@ class Writer:
                     self._store_pid(journal)
                 elif kind == "cursor":
                     self.store.set_cursor(what[1].job_id, what[2])
+                elif kind == "cursor_seq":
+                    self.store.set_cursor_seq(what[1].job_id, what[2])
                 elif kind == "close":
                     self.store.update_job(what[1].job_id, _final(what[1].job))
                     self._store_pid(what[1])

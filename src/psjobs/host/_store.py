@@ -285,14 +285,33 @@ class Store:
 
     def read(self, job_id: int, start: int, stop: int) -> list[tuple[int, Any, float]]:
         """A job's records from position ``start`` up to ``stop``: (stream, Stored, time)."""
+        return [entry for window in self.windows(job_id, start, stop, stop - start) for entry in window]
+
+    def windows(self, job_id: int, start: int, stop: int, size: int) -> Iterator[list[tuple[int, Any, float]]]:
+        """``read`` in lists of at most ``size`` records: the first found by position (OFFSET), the
+        next ones after the last seq seen (the index, not a scan from the job's first record)."""
         from ._journal import Stored
 
-        if stop <= start:
-            return []
-        with self._rlock:  # committed rows only, without waiting for a write transaction
-            cur = self._rdb.execute("SELECT seq, stream, time, json, data FROM records WHERE job = ? "
-                                    "ORDER BY seq LIMIT ? OFFSET ?", (job_id, stop - start, start))
-            return [(stream, Stored(seq, flag, data), t) for seq, stream, t, flag, data in cur.fetchall()]
+        after = None
+        while start < stop:
+            n = min(size, stop - start)
+            with self._rlock:  # committed rows only, without waiting for a write transaction
+                if after is None:
+                    cur = self._rdb.execute("SELECT seq, stream, time, json, data FROM records WHERE job = ? "
+                                            "ORDER BY seq LIMIT ? OFFSET ?", (job_id, n, start))
+                else:
+                    cur = self._rdb.execute("SELECT seq, stream, time, json, data FROM records WHERE job = ? "
+                                            "AND seq > ? ORDER BY seq LIMIT ?", (job_id, after, n))
+                rows = cur.fetchall()
+            if not rows:
+                return
+            yield [(stream, Stored(seq, flag, data), t) for seq, stream, t, flag, data in rows]
+            start += len(rows)
+            after = rows[-1][0]
+
+    def set_cursor_seq(self, job_id: int, seq: int) -> None:
+        """Store a job's cursor as the seq of its last received record (known to the caller)."""
+        self._db.execute("UPDATE jobs SET cursor = ? WHERE id = ?", (seq, job_id))
 
     def count_records(self) -> int:
         """How many records are stored (kept as they are written: no scan)."""
