@@ -118,7 +118,7 @@ class _Rows(list):  # type: ignore[type-arg]  # list[Entry] for the Journal prot
     """A range of a job's records, read from the store in windows as it is iterated, so a receive
     of a big job never holds it whole (``len`` is the range's; only iteration is supported)."""
 
-    WINDOW = 8192
+    WINDOW = 1024
 
     def __init__(self, store: Store, job_id: int, start: int, stop: int) -> None:
         super().__init__()
