@@ -150,7 +150,7 @@ def cmd_get(client: Client, a: argparse.Namespace) -> int:
 
 def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     ordered = _Ordered()
-    delivery = Delivery(sys.stdout)  # what the reader took is all the host may consume (see _delivered)
+    delivery = Delivery(sys.stdout, track=not a.keep)  # the host consumes what the reader took (_delivered)
     out = ordered.stream(delivery.out)
     host = Host(stdout=out, stderr=ordered.stream(sys.stderr))
     result: dict[str, Any] = {}

@@ -73,8 +73,9 @@ class _PipeOut:
 class Delivery:
     """The receive command's stdout, and how many of the records written to it were delivered."""
 
-    def __init__(self, stdout: TextIO) -> None:
+    def __init__(self, stdout: TextIO, track: bool = True) -> None:
         self._stdout = stdout
+        self._track = track           # False (receive --keep): nothing to acknowledge, marks ignored
         self._pipe: _PipeOut | None = None
         self._marks: list[int] = []   # per record since the last settle: where it ends in stdout
         self._count = 0               # records since the last settle (without a pipe)
@@ -100,6 +101,8 @@ class Delivery:
 
     def mark(self) -> None:
         """A record was written (to stdout or stderr): it is delivered once stdout up to here is."""
+        if not self._track:
+            return
         if self._pipe is not None:
             self._marks.append(self._pipe.position)
         else:
