@@ -144,19 +144,21 @@ def _size(entries: list[Entry]) -> int:
 class Writer:
     """One thread that writes what the journals are given, in small transactions, in order.
 
-    Bounded: at most QUEUED records (QUEUED_BYTES) wait for it. A producer (a job's pipe reader, under the session
-    lock) past that bound waits for room, so a fast job is slowed to the store's pace instead of
-    growing the host; what a SIGKILL can lose is what is in the pipes, plus at most QUEUED records
-    and one transaction. While the store fails (disk full, database locked, I/O error) producers
-    do not wait (the host keeps serving); records are kept in memory up to FAILING_BYTES, beyond
-    that they are dropped and counted, and every failure is reported (``problem``) and retried.
+    Bounded: at most QUEUED records (QUEUED_BYTES) wait for it, the transaction being written
+    included. A producer (a job's pipe reader, under the session lock) past that bound waits for
+    room, so a fast job is slowed to the store's pace instead of growing the host; what a SIGKILL
+    can lose is what is in the pipes, the reader's chunk and at most QUEUED records. While the
+    store fails (disk full, database locked, I/O error) producers do not wait (the host keeps
+    serving); records are kept in memory up to FAILING_BYTES / FAILING_RECORDS, beyond that they
+    are dropped and counted, and every failure is reported (``problem``) and retried.
     """
 
     QUEUED = 4096                # records waiting for the writer (or being written) before a producer waits
     QUEUED_BYTES = 8 << 20       # ... or this many bytes of them (long lines)
     TX_RECORDS = 1024            # records per transaction at most
     TX_BYTES = 1 << 20           # bytes per transaction at most (a transaction takes what is queued)
-    FAILING_BYTES = 64 << 20     # what is kept in memory while nothing can be stored
+    FAILING_BYTES = 64 << 20     # what is kept in memory while nothing can be stored: this much
+    FAILING_RECORDS = 500_000    # text, and at most this many records (each costs ~100 bytes more)
     WAIT_FOR_ROOM = 2.0          # seconds a producer waits for room at most (a stalled store)
     RETRY = (0.05, 1.0)          # seconds between attempts while the store fails: first, most
 
@@ -196,7 +198,8 @@ class Writer:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not self._cond.wait(remaining):
                         break
-            if self.problem is not None and self._queued_bytes + size > self.FAILING_BYTES:
+            if self.problem is not None and (self._queued_bytes + size > self.FAILING_BYTES
+                                             or self._queued + n > self.FAILING_RECORDS):
                 self.dropped += n
                 return False
             if n <= self.TX_RECORDS and size <= self.TX_BYTES:
@@ -252,8 +255,8 @@ class Writer:
             self.store.probe()
         except sqlite3.Error as exc:
             raise HostError(f"{verb}: the job could not be recorded in {self.store.path} ({exc}), so it "
-                               f"was not started; free space or end what holds the database, then run "
-                               f"it again (`psjobs host status` shows the host's state)") from None
+                            f"was not started; free space or end what holds the database, then run it "
+                            f"again (`psjobs host status` shows the host's state)") from None
 
     def notes(self) -> list[str]:
         """What a client should be told with its answer: a storage problem, or news about one."""

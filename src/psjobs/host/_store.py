@@ -5,7 +5,7 @@
     host journals (see _journal) --Writer thread, one transaction a pass--> SQLite (WAL):
         jobs (one row each: what get shows, the cursor, the pid to end after a crash)
         records (seq, job, stream, time, JSON or readable text)
-    SqliteJournal.read --Store.read--> a job's records by position (its k-th record by seq)
+    SqliteJournal.read --Store.windows--> a job's records by position (its k-th record by seq)
     host start --recover (unfinished jobs of a dead host: Failed), load--> the Session's jobs
 
 The host's Session is the job table; this is its durable copy. A job's final state is written
@@ -283,13 +283,10 @@ class Store:
         self._db.execute("UPDATE jobs SET cursor = coalesce((SELECT seq FROM records WHERE job = ?1 "
                          "ORDER BY seq LIMIT 1 OFFSET ?2 - 1), 0) WHERE id = ?1", (job_id, position))
 
-    def read(self, job_id: int, start: int, stop: int) -> list[tuple[int, Any, float]]:
-        """A job's records from position ``start`` up to ``stop``: (stream, Stored, time)."""
-        return [entry for window in self.windows(job_id, start, stop, stop - start) for entry in window]
-
     def windows(self, job_id: int, start: int, stop: int, size: int) -> Iterator[list[tuple[int, Any, float]]]:
-        """``read`` in lists of at most ``size`` records: the first found by position (OFFSET), the
-        next ones after the last seq seen (the index, not a scan from the job's first record)."""
+        """A job's records from position ``start`` up to ``stop`` as (stream, Stored, time), in lists
+        of at most ``size``: the first found by position (OFFSET), the next ones after the last seq
+        seen (the index, not a scan from the job's first record)."""
         from ._journal import Stored
 
         after = None
