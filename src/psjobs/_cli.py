@@ -12,13 +12,14 @@ Exit statuses are decided in one place (``main``), from the ``exit_code`` of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TextIO, cast
 
@@ -38,6 +39,7 @@ from ._records import Record, Stream
 from .core._format import format_table
 from .core._pshost import Host
 from .host._client import Client, host_free
+from .host._delivered import Delivery
 from .host._protocol import (
     GetRequest,
     InvokeRequest,
@@ -168,11 +170,13 @@ def cmd_get(client: Client, a: argparse.Namespace) -> int:
 def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     _selected(a)
     ordered = _Ordered()
-    out = ordered.stream(sys.stdout)
+    delivery = Delivery(sys.stdout, track=not a.keep)  # the host consumes what the reader took (_delivered)
+    out = ordered.stream(delivery.out)
     host = Host(stdout=out, stderr=ordered.stream(sys.stderr))
     result: dict[str, Any] = {}
-    for response in client.stream(ReceiveRequest(ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout,
-                                                 auto_remove=a.auto_remove, names=a.names)):
+    request = ReceiveRequest(ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout, auto_remove=a.auto_remove,
+                             names=a.names, ack=not a.keep)
+    for response in _acked(client.stream(request), None if a.keep else delivery):
         if response.get("more"):
             for _, job, stream, t, is_json, value in response["result"]["records"]:
                 if a.json:
@@ -190,8 +194,11 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
                     message = str(fields.get("message", ""))
                     record = Record(Stream(stream), message, t, fields.get("computer_name"))
                     host.write_record(cast(Any, None), record)
+                delivery.mark()
         else:
             result = response["result"]
+    if delivery.broken:
+        raise BrokenPipeError  # the reader went away; what it did not take stays to be received
     err = ordered.stream(sys.stderr)
     for f in result.get("failures", ()):
         if a.json:
@@ -201,6 +208,7 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
             where = f["computer_name"]
             prefix = f"[{where}] " if where and where != "localhost" else ""
             err.write(printable(f"{prefix}Job {f['id']} {f['name']!r} failed: {f['reason']}") + "\n")
+    delivery.out.flush()
     sys.stdout.flush()
     if result.get("failures"):
         return JobFailedError.exit_code
@@ -208,6 +216,18 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
         raise WaitTimeoutError(f"receive: the jobs did not finish within {a.timeout:g}s; they go on: "
                                f"receive again later")
     return 0
+
+
+def _acked(responses: Generator[dict[str, Any], int | None, None],
+           delivery: Delivery | None) -> Iterator[dict[str, Any]]:
+    """The host's responses; with a ``delivery``, each part is answered with what it delivered."""
+    with contextlib.closing(responses):
+        response = next(responses)
+        while True:
+            yield response
+            if not response.get("more"):
+                return
+            response = responses.send(None if delivery is None else delivery.settle())
 
 
 def cmd_wait(client: Client, a: argparse.Namespace) -> int:
@@ -270,6 +290,9 @@ def cmd_host(client: Client, a: argparse.Namespace) -> int:
         print(f"psjobs host: running, pid {status['pid']}, since {status['started']}\n"
               f"  jobs: {status['jobs']} ({status['running_jobs']} running), records: {status['records']}\n"
               f"  socket: {status['socket']}\n  database: {status['database']}\n  log: {status['log']}")
+        if status.get("storage_problem"):
+            print(f"  storage: FAILING: {status['storage_problem']} (retrying; records dropped: "
+                  f"{status.get('records_dropped', 0)})")
     return 0
 
 

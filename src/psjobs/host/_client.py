@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -197,9 +197,11 @@ class Client:
             raise HostError(done.stderr.decode(errors="replace").strip()
                             or f"the psjobs host could not start; see {self.paths.log}")
 
-    def stream(self, verb: str | Request, start: bool = True, **args: Any) -> Iterator[dict[str, Any]]:
+    def stream(self, verb: str | Request, start: bool = True,
+               **args: Any) -> Generator[dict[str, Any], int | None, None]:
         """Send one request (typed, or a verb and its arguments); yield each response (parts first,
-        the final one last)."""
+        the final one last). For a receive with ``ack``, ``send(n)`` answers each part: n of its
+        records were delivered."""
         request = verb if isinstance(verb, Request) else REQUESTS[verb](**args)
         verb = request.verb
         frame = pack(request.to_json())
@@ -218,7 +220,7 @@ class Client:
                 raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "
                                 f"crashed; see {self.paths.log}); run the command again") from exc
 
-    def _responses(self, sock: socket.socket) -> Iterator[dict[str, Any]]:
+    def _responses(self, sock: socket.socket) -> Generator[dict[str, Any], int | None, None]:
         while True:
             body = read_frame(sock, MAX_RESPONSE, "the host")
             if body is None:
@@ -230,7 +232,9 @@ class Client:
                 err = response.get("error") or {}
                 raise HostReplyError(str(err.get("message", "the host refused the request")),
                                      str(err.get("type", "HostError")), int(err.get("exit_code", 1)))
-            yield response
+            delivered = yield response
+            if delivered is not None:  # an acknowledged receive: send() tells what was delivered
+                sock.sendall(pack(_protocol.ack_frame(delivered)))
             if not response.get("more"):
                 return
 

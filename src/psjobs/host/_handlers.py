@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .._errors import (
     JobNotFoundError,
     JobStateError,
     MissingDependencyError,
+    RequestError,
     missing_dependency,
 )
 from ..core._job import Job
@@ -42,9 +44,12 @@ from ..core._pshost import reason_text
 from ..core._session import Session
 from ..core._shipped import start_shipped
 from ..core._spec import check_directory
-from ._client import Paths
+from ._client import Paths, read_frame
 from ._journal import Writer, pid_of
 from ._protocol import (
+    HEADER,
+    MAGIC,
+    MAX_REQUEST,
     VERSION,
     Failure,
     GetRequest,
@@ -69,7 +74,7 @@ from ._protocol import (
     SuspendRequest,
     WaitRequest,
     WaitResult,
-    pack,
+    read_ack,
     records_part,
 )
 
@@ -83,7 +88,18 @@ class Reply:
         self._conn = conn
 
     def part(self, frame_json: str) -> None:
-        self._conn.sendall(pack(frame_json))
+        body = frame_json.encode()
+        self._conn.sendall(HEADER.pack(MAGIC, VERSION, len(body)))  # apart: a part is megabytes,
+        self._conn.sendall(body)                                    # not copied once more
+
+    def ack(self, sent: int) -> int:
+        """Wait for the client's ack of the part just sent: how many of its ``sent`` records it
+        delivered (0 if it went away)."""
+        try:
+            body = read_frame(self._conn, MAX_REQUEST, "the client")
+        except (OSError, RequestError):
+            return 0
+        return read_ack(body, sent)
 
 
 @dataclass
@@ -96,6 +112,8 @@ class Context:
     started: float
     shutdown: Callable[[], list[int]]   # stops the host; returns the running jobs it stopped
     cwds: dict[int, str | None] = field(default_factory=dict)  # where each job's command runs
+    receiving: set[int] = field(default_factory=set)  # leaves an acknowledged receive is reading
+    receiving_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 # --- the command's words and the Session's ---------------------------------------------------------
@@ -196,6 +214,7 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
         raise ValueError("start: give the command to run after `--`, e.g. psjobs start -- make test")
     cwd = check_directory("start", req.cwd)
     target: Any = req.command[0] if len(req.command) == 1 else req.command
+    ctx.writer.check("start")  # record first, then start: a job the store cannot take never runs
     session = ctx.session
     if req.thread:
         job = session.start_thread_job(target, name=req.name, working_directory=cwd)
@@ -226,6 +245,7 @@ def start_call(ctx: Context, req: StartCallRequest, reply: Reply) -> JobView:
 def invoke(ctx: Context, req: InvokeRequest, reply: Reply) -> JobView:
     if not req.command or not req.computers:
         raise ValueError("invoke: give the computers with -c and the command after `--`")
+    ctx.writer.check("invoke")
     try:
         job = ctx.session.invoke_command(req.command[0] if len(req.command) == 1 else req.command,
                                          computer_name=req.computers, throttle_limit=req.throttle,
@@ -250,6 +270,8 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and not req.wait:
         raise ValueError("receive: --auto-remove needs --wait (a job is removed once it is finished)")
     selected = find(ctx, req.ids, "receive", req.names)
+    if req.ack and not req.keep:
+        return _receive_acked(ctx, req, reply, selected)
     rows: list[RecordRow] = []
     size = 0
     # A part per batch (at most about PAGE_BYTES): what arrived goes out before the read waits again.
@@ -270,6 +292,65 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and done:
         removed = _remove(ctx, [j for j in selected if j.parent is None], force=False)
     return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
+
+
+def _receive_acked(ctx: Context, req: ReceiveRequest, reply: Reply, selected: list[Job]) -> ReceiveResult:
+    """A receive that consumes only what its client says it delivered: the records are read
+    without moving the cursors, and each part's ack moves them past the delivered records only.
+    A leaf another acknowledged receive is reading is left to it (each record goes to one)."""
+    leaves = [leaf for job in selected for leaf in _tree(job) if not leaf.child_jobs]
+    with ctx.receiving_lock:
+        mine = [leaf for leaf in leaves if leaf.id not in ctx.receiving]
+        ctx.receiving.update(leaf.id for leaf in mine)
+    complete = True
+    try:
+        if mine:
+            complete = _send_acked(ctx, req, reply, mine)
+    finally:
+        with ctx.receiving_lock:
+            ctx.receiving.difference_update(leaf.id for leaf in mine)
+    ctx.writer.sync()  # the moved cursors are stored before the answer
+    done = all(leaf.state.is_finished for leaf in leaves)
+    removed: list[int] = []
+    if req.auto_remove and done and complete:
+        removed = _remove(ctx, [j for j in selected if j.parent is None], force=False)
+    return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
+
+
+def _send_acked(ctx: Context, req: ReceiveRequest, reply: Reply, leaves: list[Job]) -> bool:
+    """Send the leaves' unread records in parts; False if the client delivered only some."""
+    journals = {leaf.id: ctx.writer.journals.get(leaf.id) for leaf in leaves}
+    position = {i: 0 if j is None else j.cursor for i, j in journals.items()}  # next unsent record
+    rows: list[RecordRow] = []
+    at: list[int] = []  # per row: the position after it (its job's cursor once it is delivered)
+    size = 0
+
+    def flush() -> bool:
+        nonlocal rows, at, size
+        reply.part(records_part(rows))
+        delivered = reply.ack(len(rows))
+        moved: dict[int, tuple[int, int]] = {}
+        for row, end in zip(rows[:delivered], at):
+            moved[row[1]] = (end, row[0])
+        for job_id, (end, seq) in moved.items():
+            journal = journals[job_id]
+            if journal is not None and end > journal.cursor:
+                journal.receive_to(end, seq)
+        complete = delivered == len(rows)
+        rows, at, size = [], [], 0
+        return complete
+
+    for leaf, entries in ctx.session.read_batches(leaves, keep=True, wait=req.wait, timeout=req.timeout):
+        for stream, stored, t in entries:
+            rows.append((stored.seq, leaf.id, stream, t, stored.flag, stored.data))
+            position[leaf.id] += 1
+            at.append(position[leaf.id])
+            size += len(stored.data) + 40
+            if size >= PAGE_BYTES and not flush():
+                return False
+        if rows and req.wait and not flush():  # what arrived goes out before the read waits again
+            return False
+    return not rows or flush()  # without --wait, many jobs' records share parts
 
 
 def _failures(leaves: list[Job]) -> list[Failure]:
@@ -335,9 +416,9 @@ def records(ctx: Context, req: RecordsRequest, reply: Reply) -> RecordsResult:
     rows: list[list[Any]] = []
     for leaf in _tree(job):
         if not leaf.child_jobs:
-            rows.extend([leaf.id, t, stored.flag, json.loads(stored.data) if stored.flag else stored.data]
-                        for stream, stored, t in ctx.writer.store.read(leaf.id, 0, _ALL)
-                        if stream == req.stream)
+            for window in ctx.writer.store.windows(leaf.id, 0, _ALL, 1024):
+                rows.extend([leaf.id, t, stored.flag, json.loads(stored.data) if stored.flag else stored.data]
+                            for stream, stored, t in window if stream == req.stream)
     return RecordsResult(records=rows)
 
 
@@ -355,7 +436,8 @@ def status(ctx: Context, req: StatusRequest, reply: Reply) -> StatusResult:
                         home=str(paths.home), socket=str(paths.socket), database=str(paths.database),
                         log=str(paths.log),
                         jobs=len(jobs), running_jobs=sum(1 for j in jobs if not j.state.is_finished),
-                        records=ctx.writer.store.count_records())
+                        records=ctx.writer.store.count_records(), storage_problem=ctx.writer.problem,
+                        records_dropped=ctx.writer.dropped)
 
 
 def shutdown(ctx: Context, req: ShutdownRequest, reply: Reply) -> ShutdownResult:

@@ -2,31 +2,38 @@
 
 ::
 
-    backend --entries--> Job --(session lock)--> SqliteJournal.extend --put--> Writer queue
-                                                 (counts them; no I/O)          |
+    backend --entries--> Job --(session lock)--> SqliteJournal.extend --put--> Writer queue (bounded:
+                                                 (counts them; no I/O)          |  a producer waits)
     Session._read --claims [start, end)--> SqliteJournal.read (no session lock) | the writer thread:
-                  waits for the writer if that range is not stored yet <--------+ one transaction
-                  then SELECTs it: (stream, Stored(seq, json flag, text), time)    per pass: rows,
+                  waits for the writer if that range is not stored yet <--------+ small transactions
+                  then SELECTs it: (stream, Stored(seq, json flag, text), time)    (<= 1 MiB): rows,
                                                                                    records, cursors,
-                                                                                   final states
+                                                                                   final states;
+                                                                                   a failed one is
+                                                                                   retried as it was
 
 The writer applies items in the order they were put, so a job's final state is written after its
 last record, and a removed job's rows are deleted after anything written for it. Nothing here
-takes the session lock; ``put`` is one ``SimpleQueue.put`` (atomic, no Python lock), which is all
-the session lock ever waits for.
+takes the session lock; under it, a producer takes only the writer's small lock, and waits there
+for room only while the store works (see Writer).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
-import queue
+import sqlite3
+import sys
 import threading
+import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import _errors
+from .._errors import HostError
 from ..core._job import Job
 from ..core._journal import Entry
 from ..core._session import Session
@@ -59,6 +66,7 @@ class SqliteJournal:
         self.stored = length        # entries committed by the writer
         self._cursor = cursor
         self.pid_known = not new
+        writer.journals[job_id] = self
         if new:
             writer.put(("job", self))
 
@@ -75,17 +83,29 @@ class SqliteJournal:
         return self.length
 
     def extend(self, entries: list[Entry]) -> None:
-        self.length += len(entries)
-        self._writer.put(("records", self, entries))
+        if self._writer.put_records(self, entries):
+            self.length += len(entries)
 
     def append(self, entry: Entry) -> None:
-        self.length += 1
-        self._writer.put(("records", self, [entry]))
+        if self._writer.put_records(self, [entry]):
+            self.length += 1
 
     def read(self, start: int, stop: int) -> list[Entry]:
+        """The entries once stored; raises HostError if they cannot be (the store fails), rather
+        than return fewer: a reader's positions stay those of the records it got."""
         if stop > self.stored:
-            self._writer.sync()
-        return self._writer.store.read(self.job_id, start, stop)
+            self._writer.sync(lambda: self.stored >= stop)
+            if stop > self.stored:
+                raise HostError(f"receive: records of job {self.job_id} are not stored yet, and storing "
+                                f"fails now ({self._writer.problem or 'the store is slow'}); `psjobs receive` "
+                                f"leaves them unreceived: receive again once `psjobs host status` no longer "
+                                f"shows a storage problem")
+        return _Rows(self._writer.store, self.job_id, start, stop)
+
+    def receive_to(self, position: int, seq: int) -> None:
+        """Move the cursor to ``position``, the record ``seq`` being the last received (no lookup)."""
+        self._cursor = position
+        self._writer.put(("cursor_seq", self, seq))
 
     def close(self) -> None:
         self._writer.put(("close", self))
@@ -94,19 +114,116 @@ class SqliteJournal:
         self._writer.put(("drop", self))
 
 
+class _Rows(list):  # type: ignore[type-arg]  # list[Entry] for the Journal protocol
+    """A range of a job's records, read from the store in windows as it is iterated, so a receive
+    of a big job never holds it whole (``len`` is the range's; only iteration is supported)."""
+
+    WINDOW = 1024
+
+    def __init__(self, store: Store, job_id: int, start: int, stop: int) -> None:
+        super().__init__()
+        self._where = (store, job_id, start, stop)
+
+    def __iter__(self) -> Iterator[Entry]:
+        store, job_id, start, stop = self._where
+        for window in store.windows(job_id, start, stop, self.WINDOW):
+            yield from window
+
+    def __len__(self) -> int:
+        return max(0, self._where[3] - self._where[2])
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+
+def _size(entries: list[Entry]) -> int:
+    """About how many bytes the entries take as stored (a line: its length; a record: a guess)."""
+    return sum(len(p) + 40 if type(p) is str else 200 for _, p, _ in entries)
+
+
 class Writer:
-    """One thread that writes what the journals are given, in one transaction per pass."""
+    """One thread that writes what the journals are given, in small transactions, in order.
+
+    Bounded: at most QUEUED records (QUEUED_BYTES) wait for it, the transaction being written
+    included. A producer (a job's pipe reader, under the session lock) past that bound waits for
+    room, so a fast job is slowed to the store's pace instead of growing the host; what a SIGKILL
+    can lose is what is in the pipes, the reader's chunk and at most QUEUED records. While the
+    store fails (disk full, database locked, I/O error) producers do not wait (the host keeps
+    serving); records are kept in memory up to FAILING_BYTES / FAILING_RECORDS, beyond that they
+    are dropped and counted, and every failure is reported (``problem``) and retried.
+    """
+
+    QUEUED = 4096                # records waiting for the writer (or being written) before a producer waits
+    QUEUED_BYTES = 8 << 20       # ... or this many bytes of them (long lines)
+    TX_RECORDS = 1024            # records per transaction at most
+    TX_BYTES = 1 << 20           # bytes per transaction at most (a transaction takes what is queued)
+    FAILING_BYTES = 64 << 20     # what is kept in memory while nothing can be stored: this much
+    FAILING_RECORDS = 500_000    # text, and at most this many records (each costs ~100 bytes more)
+    WAIT_FOR_ROOM = 2.0          # seconds a producer waits for room at most (a stalled store)
+    RETRY = (0.05, 1.0)          # seconds between attempts while the store fails: first, most
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._items: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._queued = 0             # records in _items (and in the pass being written)
+        self._queued_bytes = 0
         self._seq = store.max_seq
-        self.live: dict[int, SqliteJournal] = {}  # this run's journals, by job id (for their pids)
+        self.live: dict[int, SqliteJournal] = {}      # this run's journals, by job id (for their pids)
+        self.journals: dict[int, SqliteJournal] = {}  # every job's journal, by job id
+        self.problem: str | None = None   # why storing fails now (None: it works)
+        self.since: float | None = None   # when it began to fail
+        self.attempts = 0                 # failed attempts since then
+        self.dropped = 0                  # records lost because nothing could store them
+        self._told: list[str] = []        # news for the next request (storing works again, ...)
         self.thread = threading.Thread(target=self._run, name="psjobs-host-writer", daemon=True)
         self.thread.start()
 
+    # --- what the journals give ------------------------------------------------------------
     def put(self, item: tuple[Any, ...]) -> None:
-        self._queue.put(item)
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+
+    def put_records(self, journal: SqliteJournal, entries: list[Entry]) -> bool:
+        """Queue a job's records (called with the session lock held); False if they were dropped."""
+        size = _size(entries)
+        n = len(entries)
+        with self._cond:
+            if self._full(n, size) and self.problem is None:
+                # Backpressure: the writer makes room within a transaction's time (it never takes
+                # the session lock); a store that stalls instead turns into a reported problem.
+                deadline = time.monotonic() + self.WAIT_FOR_ROOM
+                while self._full(n, size) and self.problem is None and self.thread.is_alive():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._cond.wait(remaining):
+                        break
+            if self.problem is not None and (self._queued_bytes + size > self.FAILING_BYTES
+                                             or self._queued + n > self.FAILING_RECORDS):
+                self.dropped += n
+                return False
+            if n <= self.TX_RECORDS and size <= self.TX_BYTES:
+                self._items.append(("records", journal, entries))
+            else:  # a big batch goes in transaction-sized pieces, each committed soon
+                self._items.extend(("records", journal, piece) for piece in self._pieces(entries))
+            self._queued += n
+            self._queued_bytes += size
+            self._cond.notify_all()
+        return True
+
+    def _pieces(self, entries: list[Entry]) -> Iterator[list[Entry]]:
+        start = size = 0
+        for i, entry in enumerate(entries):
+            size += _size([entry])
+            if i + 1 - start >= self.TX_RECORDS or size >= self.TX_BYTES:
+                yield entries[start:i + 1]
+                start, size = i + 1, 0
+        if start < len(entries):
+            yield entries[start:]
+
+    def _full(self, n: int, size: int) -> bool:
+        """No room for n records of ``size`` bytes (an empty queue takes any batch)."""
+        return self._queued > 0 and (self._queued + n > self.QUEUED or self._queued_bytes + size > self.QUEUED_BYTES)
 
     def journal(self, job: Job) -> SqliteJournal:
         """The Session's journal factory (called with the session lock held)."""
@@ -120,34 +237,117 @@ class Writer:
             self.put(("cwd", job.id, cwd))
             self.put(("pid", job.id))
 
-    def sync(self, timeout: float | None = None) -> bool:
-        """Wait until everything put before this call is committed."""
+    def sync(self, until: Callable[[], bool] | None = None, timeout: float = 10.0) -> bool:
+        """Wait until everything put before this call is committed (or ``until()`` holds); False
+        if it was not within ``timeout``, or at once while the store fails (the caller goes on)."""
         done = threading.Event()
-        self._queue.put(("sync", done))
-        return done.wait(timeout)
+        self.put(("sync", done))
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.05):
+            if (until is not None and until()) or self.problem is not None or time.monotonic() > deadline \
+                    or not self.thread.is_alive():
+                return until is not None and until()
+        return True
+
+    def check(self, verb: str) -> None:
+        """Raise HostError unless a job can be recorded now (record first, then start)."""
+        try:
+            self.store.probe()
+        except sqlite3.Error as exc:
+            raise HostError(f"{verb}: the job could not be recorded in {self.store.path} ({exc}), so it "
+                            f"was not started; free space or end what holds the database, then run it "
+                            f"again (`psjobs host status` shows the host's state)") from None
+
+    def notes(self) -> list[str]:
+        """What a client should be told with its answer: a storage problem, or news about one."""
+        with self._cond:
+            told, self._told = self._told, []
+            problem, since, attempts, dropped = self.problem, self.since, self.attempts, self.dropped
+        if problem is not None:
+            when = time.strftime("%H:%M:%S", time.localtime(since))
+            lost = f"; {dropped} records were dropped (memory bound)" if dropped else ""
+            told.append(f"the psjobs host cannot store records since {when} ({problem}); it retries "
+                        f"({attempts} attempts so far) and keeps {self._queued} records in memory until "
+                        f"then{lost}; free space in {os.path.dirname(self.store.path)} or end what locks "
+                        f"its database")
+        return told
 
     def close(self, timeout: float) -> None:
         """Write what is queued, then end the thread."""
-        self._queue.put(("end",))
+        self.put(("end",))
         self.thread.join(timeout)
+
+    # --- the thread ----------------------------------------------------------------------------
+    def _take(self) -> list[tuple[Any, ...]]:
+        """The next transaction's items: what is queued, up to TX_RECORDS / TX_BYTES of records."""
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            items: list[tuple[Any, ...]] = []
+            n = size = 0
+            while self._items and n < self.TX_RECORDS and size < self.TX_BYTES:
+                item = self._items.popleft()
+                items.append(item)
+                if item[0] == "records":
+                    n += len(item[2])
+                    size += _size(item[2])
+                elif item[0] == "end":
+                    break
+            return items
 
     def _run(self) -> None:
         while True:
-            items = [self._queue.get()]
-            with contextlib.suppress(queue.Empty):
-                while len(items) < 10_000:
-                    items.append(self._queue.get_nowait())
-            try:
-                self._pass(items)
-            except Exception:  # never let one bad pass end persistence for every job
-                traceback.print_exc()
-            for item in items:
-                if item[0] == "sync":
-                    item[1].set()
-            if any(item[0] == "end" for item in items):
+            items = self._take()
+            done = any(item[0] == "end" for item in items)
+            prepared = self._prepare(items)
+            delay = self.RETRY[0]
+            while True:
+                try:
+                    self._commit(*prepared)
+                    break
+                except Exception as exc:  # never let a failure end persistence for every job
+                    self._failed(exc, items)
+                    if done and self.attempts >= 3:  # shutting down: give up after a few
+                        return
+                    time.sleep(delay)  # retrying: nothing to wait for but time
+                    delay = min(delay * 2, self.RETRY[1])
+            self._recovered(items)
+            if done:
                 return
 
-    def _pass(self, items: list[tuple[Any, ...]]) -> None:
+    def _failed(self, exc: Exception, items: list[tuple[Any, ...]]) -> None:
+        with self._cond:
+            first = self.problem is None
+            self.problem = f"{type(exc).__name__}: {exc}"
+            if first:
+                self.since = time.time()
+            self.attempts += 1
+            self._cond.notify_all()  # producers waiting for room stop waiting
+        for item in items:  # their callers go on: what they waited for is not stored yet
+            if item[0] == "sync":
+                item[1].set()
+        if first:
+            _log(f"psjobs host: cannot store records ({self.problem}); retrying")
+            _log_exception()
+
+    def _recovered(self, items: list[tuple[Any, ...]]) -> None:
+        records = sum(len(item[2]) for item in items if item[0] == "records")
+        with self._cond:
+            self._queued -= records
+            self._queued_bytes -= sum(_size(item[2]) for item in items if item[0] == "records")
+            if self.problem is not None:
+                note = (f"the psjobs host stores records again (it could not for "
+                        f"{time.time() - (self.since or time.time()):.0f}s: {self.problem})")
+                self._told.append(note)
+                _log(note)
+                self.problem, self.since, self.attempts = None, None, 0
+            self._cond.notify_all()
+        for item in items:
+            if item[0] == "sync":
+                item[1].set()
+
+    def _prepare(self, items: list[tuple[Any, ...]]) -> tuple[list[tuple[str, Any]], dict[SqliteJournal, int], int]:
+        """The pass's operations in order, its records encoded once (a retry writes the same rows)."""
         records: list[RecordRow] = []
         counted: dict[SqliteJournal, int] = {}
         n = self._seq
@@ -176,6 +376,32 @@ class Writer:
                 flush_records()
                 ops.append((kind, item))
         flush_records()
+        return ops, counted, n
+
+    def _commit(self, ops: list[tuple[str, Any]], counted: dict[SqliteJournal, int], n: int) -> None:
+        dropped = False
+        self._marked: list[SqliteJournal] = []
+        try:
+            self._write(ops)
+        except BaseException:
+            for journal in self._marked:  # rolled back: their pids are stored by the retry
+                journal.pid_known = False
+            raise
+        self._seq = n
+        for journal, k in counted.items():
+            journal.stored += k
+        for kind, what in ops:
+            if kind == "drop":
+                dropped = True
+                gone: SqliteJournal = what[1]
+                self.live.pop(gone.job_id, None)
+                if self.journals.get(gone.job_id) is gone:
+                    del self.journals[gone.job_id]
+        if dropped:
+            with contextlib.suppress(sqlite3.Error):  # space comes back at the next removal otherwise
+                self.store.give_back_space()
+
+    def _write(self, ops: list[tuple[str, Any]]) -> None:
         with self.store.transaction():
             for kind, what in ops:
                 if kind == "records":
@@ -186,21 +412,19 @@ class Writer:
                     self._store_pid(journal)
                 elif kind == "cursor":
                     self.store.set_cursor(what[1].job_id, what[2])
+                elif kind == "cursor_seq":
+                    self.store.set_cursor_seq(what[1].job_id, what[2])
                 elif kind == "close":
                     self.store.update_job(what[1].job_id, _final(what[1].job))
                     self._store_pid(what[1])
                 elif kind == "drop":
                     self.store.delete([what[1].job_id])
-                    self.live.pop(what[1].job_id, None)
                 elif kind == "cwd":
                     self.store.update_job(what[1], {"cwd": what[2]})
                 elif kind == "pid":
                     journal = what if isinstance(what, SqliteJournal) else self.live.get(what[1])
                     if journal is not None:
                         self._store_pid(journal)
-        self._seq = n
-        for journal, k in counted.items():
-            journal.stored += k
 
     def _store_pid(self, journal: SqliteJournal) -> None:
         if journal.pid_known or journal.job is None:
@@ -209,7 +433,20 @@ class Writer:
         start = process_start(pid) if pid else None
         if pid and start is not None:
             journal.pid_known = True
+            self._marked.append(journal)
             self.store.update_job(journal.job_id, {"pid": pid, "pid_start": start})
+
+
+def _log(text: str) -> None:
+    """A line in host.log; a log that cannot be written (the same full disk) is no reason to stop."""
+    with contextlib.suppress(Exception):
+        print(text, file=sys.stderr, flush=True)
+
+
+def _log_exception() -> None:
+    with contextlib.suppress(Exception):
+        traceback.print_exc()
+        sys.stderr.flush()
 
 
 def pid_of(job: Job) -> int | None:

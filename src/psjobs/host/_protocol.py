@@ -6,6 +6,7 @@
     server: read_frame --decode_request--> XRequest (checked) --handler--> XResponse.to_json()
             <--pack-- {"ok": true, "more": false, "result": ..., "warnings": [...]}
                       {"ok": true, "more": true, "result": {"records": [...]}}     (receive's parts)
+    client (a receive with ack): after each part --pack--> {"ack": records delivered}
                       {"ok": false, "more": false, "error": {"type", "message", "exit_code"}}
 
     request:  {"verb": "start", "args": {...}}      (args: the request's fields, by name)
@@ -205,13 +206,32 @@ class ReceiveRequest(Request):
     timeout: float | None = None
     auto_remove: bool = False
     names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
+    ack: bool = False   # the client acknowledges each part (see ack_frame): only that is consumed
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> ReceiveRequest:
         v = cls.verb
         return cls(ids=_selection(args, v), keep=_arg(args, v, "keep", bool, False),
                    wait=_arg(args, v, "wait", bool, False), timeout=_timeout(args, v),
-                   auto_remove=_arg(args, v, "auto_remove", bool, False), names=_selectors(args, v, "names", []))
+                   auto_remove=_arg(args, v, "auto_remove", bool, False), names=_selectors(args, v, "names", []),
+                   ack=_arg(args, v, "ack", bool, False))
+
+
+def ack_frame(delivered: int) -> dict[str, Any]:
+    """A client's answer to a part of an acknowledged receive: how many of its records (from the
+    first) were delivered; fewer than all ends the receive, and the rest stays to be received."""
+    return {"ack": delivered}
+
+
+def read_ack(body: bytes | None, sent: int) -> int:
+    """The count in a client's ack frame (0 for none or a malformed one), at most ``sent``."""
+    if body is None:
+        return 0
+    try:
+        n = json.loads(body).get("ack")
+    except (ValueError, AttributeError):
+        return 0
+    return min(n, sent) if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
 
 
 @dataclasses.dataclass
@@ -449,6 +469,8 @@ class StatusResult(Response):
     jobs: int
     running_jobs: int
     records: int
+    storage_problem: str | None = None   # why records cannot be stored now (None: they are)
+    records_dropped: int = 0             # records lost while nothing could store them
 
 
 @dataclasses.dataclass

@@ -110,6 +110,8 @@ class HostServer:
                                shutdown=self._request_stop, cwds=cwds)
         self._stop = threading.Event()
         self._stopped = threading.Event()
+        self._asked = False                 # the shutdown verb stopped the host (not a signal)
+        self._answered = threading.Event()  # and its reply went out
         self._stopped_jobs: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
 
@@ -149,9 +151,12 @@ class HostServer:
         self.session.close(grace=2.0)
         self.writer.close(timeout=10.0)
         self._stopped.set()  # the shutdown handler replies now, before the process ends
+        if self._asked:
+            self._answered.wait(5.0)  # its client hears "stopped", not a connection that closed
 
     def _request_stop(self) -> list[int]:
         """Stop serving (the shutdown verb); wait for the jobs to be stopped and stored."""
+        self._asked = True
         self._stop.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
@@ -180,6 +185,8 @@ class HostServer:
                         return
                     conn.settimeout(None)
                     conn.sendall(pack(self._dispatch(body, Reply(conn))))
+                    if self._stopped.is_set():
+                        self._answered.set()
             except OSError:
                 return  # the client went away
 
@@ -191,11 +198,13 @@ class HostServer:
                 request = decode_request(body)
             except ProtocolError as exc:
                 raise RequestError(str(exc)) from None
-            return final(HANDLERS[type(request)](self.context, request, reply), sink)
+            result = HANDLERS[type(request)](self.context, request, reply)
+            return final(result, sink + self.writer.notes())  # a storage problem: every client is told
         except Exception as exc:
             if not isinstance(exc, (PsJobsError, TypeError, ValueError, OSError)):
-                traceback.print_exc()
-            return _error(exc, sink)
+                with contextlib.suppress(Exception):  # a full disk under host.log is no reason to stop
+                    traceback.print_exc()
+            return _error(exc, sink + self.writer.notes())
         finally:
             _collect.sink = None
 

@@ -5,12 +5,14 @@
     host journals (see _journal) --Writer thread, one transaction a pass--> SQLite (WAL):
         jobs (one row each: what get shows, the cursor, the pid to end after a crash)
         records (seq, job, stream, time, JSON or readable text)
-    SqliteJournal.read --Store.read--> a job's records by position (its k-th record by seq)
+    SqliteJournal.read --Store.windows--> a job's records by position (its k-th record by seq)
     host start --recover (unfinished jobs of a dead host: Failed), load--> the Session's jobs
 
 The host's Session is the job table; this is its durable copy. A job's final state is written
 after its last record, in the order the writer was given them. The host process is the only one
-that opens the database.
+that opens the database, through two connections: the writer's, and one for reads (WAL lets them
+read while a transaction is open). The files (jobs.db, -wal, -shm) are 0600; space freed by
+``remove`` goes back to the file system (incremental vacuum, then a WAL checkpoint).
 """
 
 from __future__ import annotations
@@ -121,19 +123,31 @@ def process_start(pid: int) -> int | None:
 
 # --- the store -----------------------------------------------------------------------------------
 
+WRITE_BUSY = 1.0   # seconds a write waits for another process's lock before it fails (and is retried)
+
+
 class Store:
-    """One SQLite connection behind one lock (the writer thread writes; readers read)."""
+    """The writer's connection behind one lock, and a connection for reads behind another."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=WRITE_BUSY)
         self._lock = threading.RLock()
         with self._lock:
+            # Before the first table: a new database returns freed pages to the file system on demand.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives the host being killed (SIGKILL); only a crash of
             # the machine itself may lose the last commits.
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA journal_size_limit={8 << 20}")  # the WAL shrinks back after a burst
             self._db.executescript(_SCHEMA)
+            if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                # A database of an earlier psjobs: switch it over once (VACUUM rewrites the file).
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._db.execute("VACUUM")
             found = self._meta("schema_version")
             if found is None:
                 self._set_meta("schema_version", str(SCHEMA_VERSION))
@@ -141,19 +155,29 @@ class Store:
                 raise RuntimeError(f"the psjobs database {path} has schema version {found}, this psjobs "
                                    f"reads version {SCHEMA_VERSION}; move the file away to start afresh")
             self.max_seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(path + suffix, 0o600)  # also those of a database made by an earlier psjobs
+        self._rdb = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._rlock = threading.Lock()
+        self.records = 0  # how many records are stored (load() counts them; the writer keeps it)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One transaction under the lock: committed or rolled back whole. The methods that write
         (add_job, add_records, update_job, set_cursor, delete) are called inside one."""
         with self._lock:
+            counts = self.records, self.max_seq
             self._db.execute("BEGIN")
             try:
                 yield
+                self._db.execute("COMMIT")  # may fail too (a full disk): rolled back like the rest
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self.records, self.max_seq = counts
+                if self._db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -163,8 +187,30 @@ class Store:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
+        with self._rlock:
+            self._rdb.close()
         with self._lock:
             self._db.close()
+
+    def probe(self) -> None:
+        """Take the write lock and commit: raises sqlite3.Error when nothing can be recorded now
+        (the database locked by another process, the disk full, ...)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._set_meta("probe", str(time.time()))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def give_back_space(self) -> None:
+        """Return the pages of deleted rows to the file system (after ``delete``, outside a
+        transaction): the file shrinks at the checkpoint that follows."""
+        with self._lock:
+            # executescript: a cursor's fetchall() steps this pragma once (one page), not to the end
+            self._db.executescript("PRAGMA incremental_vacuum;")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     # --- jobs ------------------------------------------------------------------------------
     def next_id(self) -> int:
@@ -188,7 +234,7 @@ class Store:
 
     def delete(self, ids: list[int]) -> None:
         for job_id in ids:
-            self._db.execute("DELETE FROM records WHERE job = ?", (job_id,))
+            self.records -= self._db.execute("DELETE FROM records WHERE job = ?", (job_id,)).rowcount
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def recover(self, host_pid: int) -> list[tuple[int, int]]:
@@ -217,6 +263,7 @@ class Store:
             counts = dict(self._db.execute("SELECT job, count(*) FROM records GROUP BY job").fetchall())
             read = dict(self._db.execute("SELECT r.job, count(*) FROM records r JOIN jobs j ON r.job = j.id "
                                          "WHERE r.seq <= j.cursor GROUP BY r.job").fetchall())
+            self.records = sum(counts.values())
         return [(row, counts.get(row["id"], 0), read.get(row["id"], 0)) for row in rows]
 
     # --- records ---------------------------------------------------------------------------
@@ -228,6 +275,7 @@ class Store:
             last[job] = seq
         self._db.executemany("UPDATE jobs SET last_seq = ? WHERE id = ?", [(seq, job) for job, seq in last.items()])
         self.max_seq = max(self.max_seq, records[-1][0])
+        self.records += len(records)
 
     def set_cursor(self, job_id: int, position: int) -> None:
         """Store a job's cursor (a position: how many of its records were received) as the seq of
@@ -235,20 +283,36 @@ class Store:
         self._db.execute("UPDATE jobs SET cursor = coalesce((SELECT seq FROM records WHERE job = ?1 "
                          "ORDER BY seq LIMIT 1 OFFSET ?2 - 1), 0) WHERE id = ?1", (job_id, position))
 
-    def read(self, job_id: int, start: int, stop: int) -> list[tuple[int, Any, float]]:
-        """A job's records from position ``start`` up to ``stop``: (stream, Stored, time)."""
+    def windows(self, job_id: int, start: int, stop: int, size: int) -> Iterator[list[tuple[int, Any, float]]]:
+        """A job's records from position ``start`` up to ``stop`` as (stream, Stored, time), in lists
+        of at most ``size``: the first found by position (OFFSET), the next ones after the last seq
+        seen (the index, not a scan from the job's first record)."""
         from ._journal import Stored
 
-        if stop <= start:
-            return []
-        with self._lock:
-            cur = self._db.execute("SELECT seq, stream, time, json, data FROM records WHERE job = ? "
-                                   "ORDER BY seq LIMIT ? OFFSET ?", (job_id, stop - start, start))
-            return [(stream, Stored(seq, flag, data), t) for seq, stream, t, flag, data in cur.fetchall()]
+        after = None
+        while start < stop:
+            n = min(size, stop - start)
+            with self._rlock:  # committed rows only, without waiting for a write transaction
+                if after is None:
+                    cur = self._rdb.execute("SELECT seq, stream, time, json, data FROM records WHERE job = ? "
+                                            "ORDER BY seq LIMIT ? OFFSET ?", (job_id, n, start))
+                else:
+                    cur = self._rdb.execute("SELECT seq, stream, time, json, data FROM records WHERE job = ? "
+                                            "AND seq > ? ORDER BY seq LIMIT ?", (job_id, after, n))
+                rows = cur.fetchall()
+            if not rows:
+                return
+            yield [(stream, Stored(seq, flag, data), t) for seq, stream, t, flag, data in rows]
+            start += len(rows)
+            after = rows[-1][0]
+
+    def set_cursor_seq(self, job_id: int, seq: int) -> None:
+        """Store a job's cursor as the seq of its last received record (known to the caller)."""
+        self._db.execute("UPDATE jobs SET cursor = ? WHERE id = ?", (seq, job_id))
 
     def count_records(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM records").fetchone()[0])
+        """How many records are stored (kept as they are written: no scan)."""
+        return self.records
 
 
 def kill_orphans(groups: list[tuple[int, int]], grace: float = 2.0) -> None:
