@@ -45,6 +45,7 @@ from ._port import JobPort
 from ._pshost import Host, describe_job, reason_text
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import JobSpec, check_directory, make_env, make_spec
+from ._spill import Spill
 from ._state import JobState
 from ._tree import (
     check_as_job,
@@ -97,6 +98,7 @@ class Session:
         self.host = host or Host(verbose=verbose, debug=debug)
         self._closed = False
         self._journal_factory = journal_factory
+        self._spill = Spill(self._lock)  # the memory window of the jobs' records (core/_spill)
 
     # --- backends ------------------------------------------------------------------------
     def _backend(self, kind: str) -> Backend:
@@ -567,6 +569,7 @@ class Session:
                 self._stop(running, grace)
         for backend in list(self._backends.values()):
             backend.close()
+        self._spill.close()
 
     def __enter__(self) -> Session:
         return self
