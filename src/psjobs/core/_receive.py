@@ -70,13 +70,26 @@ class Taken:
             session._cond.notify_all()
 
 
+#: Entries read from a journal at once: a receive of a long backlog (a spilled journal's millions of
+#: lines) holds one piece at a time in memory, beside what it returns.
+PIECE = 65536
+
+
+def claim(batch: list[tuple[Job, Journal, int, int]], claims: list[tuple[Job, int, int]] | None, leaf: Job,
+          journal: Journal, start: int, end: int) -> None:
+    """Claim ``[start, end)`` of ``leaf``'s journal, in pieces of at most PIECE entries (session lock held)."""
+    for at in range(start, end, PIECE):
+        stop = min(end, at + PIECE)
+        batch.append((leaf, journal, at, stop))
+        if claims is not None:
+            claims.append((leaf, at, stop))
+
+
 def take_returned(session: Session, leaf: Job, journal: Journal,
                   batch: list[tuple[Job, Journal, int, int]], claims: list[tuple[Job, int, int]] | None) -> None:
     """Claim the ranges an interrupted receive gave back for ``leaf`` (session lock held)."""
     for start, end in session._returned.pop(leaf.id, ()):
-        batch.append((leaf, journal, start, end))
-        if claims is not None:
-            claims.append((leaf, start, end))
+        claim(batch, claims, leaf, journal, start, end)
 
 
 def after_receive(session: Session, selected: list[Job], auto_remove: bool, action: str, output: list[Any],

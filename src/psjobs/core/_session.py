@@ -42,7 +42,7 @@ from ._job import Job, skip_ids
 from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job
-from ._receive import Taken, after_receive, take_returned
+from ._receive import Taken, after_receive, claim, take_returned
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import JobSpec, check_directory, make_env, make_spec
 from ._spill import Spill
@@ -374,12 +374,10 @@ class Session:
                         if self._returned and not keep:
                             take_returned(self, leaf, journal, batch, claims)
                         if start < end:
-                            batch.append((leaf, journal, start, end))  # claimed: read below
+                            claim(batch, claims if not keep else None, leaf, journal, start, end)  # read below
                             positions[leaf.id] = end
                             if not keep:
                                 journal.cursor = end
-                                if claims is not None:
-                                    claims.append((leaf, start, end))
                     if on_prompt is not None and leaf._state is JobState.BLOCKED and leaf.prompt is not None \
                             and (leaf.id, leaf.prompt) not in asked:
                         prompts.append((leaf, leaf.prompt))
