@@ -52,6 +52,7 @@ def test_memory_stays_flat_while_a_job_prints_64_mb_nobody_receives(session: psj
         peak = max(peak, _rss())
     peak = max(peak, _rss())
     assert job.state is psjobs.JobState.COMPLETED
+    assert session._spill.held <= WINDOW  # what stays in memory once the job is done
     # Without the window the session held ~64 MB of text in ~330 k records: ~150 MB more.
     assert peak - before < 40 << 20, f"the session grew by {(peak - before) >> 20} MiB"
     out = session.receive_job(job)
@@ -91,6 +92,20 @@ def test_a_long_line_is_split_into_capped_records_in_linear_time(session: psjobs
     assert [len(piece) for piece in out] == [MAX_LINE] * (size // MAX_LINE)
     assert set("".join(out)) == {"x"}
     assert took < 15, f"a 64 MiB line took {took:.1f} s (it took 22 s when joining was quadratic)"
+
+
+def _print_long(chars: int) -> None:
+    print("y" * (chars // 2), end="")
+    print("y" * (chars - chars // 2))
+
+
+def test_a_long_printed_line_is_split_too(session: psjobs.Session) -> None:
+    from psjobs._inside import MAX_LINE_CHARS
+
+    job = session.start_job(_print_long, 3 * MAX_LINE_CHARS + 5)
+    assert job.wait(60)
+    pieces = [r.message for r in job.information]
+    assert [len(p) for p in pieces] == [MAX_LINE_CHARS] * 3 + [5]
 
 
 def test_a_long_line_is_cut_between_characters(session: psjobs.Session) -> None:
@@ -240,3 +255,54 @@ def test_values_that_cannot_be_pickled_stay_in_memory(session: psjobs.Session) -
     assert session._spill.directory is not None  # the strings went to disk...
     assert out[0::2] == ["y" * 1000] * n
     assert [o.i for o in out[1::2]] == list(range(n))  # ...the objects with locks stayed
+
+
+def test_a_job_with_few_records_keeps_them_in_a_plain_list(session: psjobs.Session) -> None:
+    from psjobs.core._journal import MemoryJournal
+    from psjobs.core._spill import SMALL, SpillJournal
+
+    few = session.start_thread_job(lambda: [psjobs.write_output(i) for i in range(SMALL)] and None)
+    many = session.start_thread_job(lambda: [psjobs.write_output(i) for i in range(SMALL + 1)] and None)
+    assert few.wait(30) and many.wait(30)
+    assert type(few._journal) is MemoryJournal
+    assert type(many._journal) is SpillJournal
+    assert few.receive() == list(range(SMALL)) and many.receive() == list(range(SMALL + 1))
+
+
+def test_spill_files_go_with_the_interpreter_and_the_closed_session_says_so(tmp_path: Any) -> None:
+    code = f"""
+import sys, psjobs
+session = psjobs.Session()
+job = session.start_job([sys.executable, "-c", {_MAKE_LINES!r}, "100000"])
+job.wait(60)
+print(session._spill.directory, flush=True)
+session.close()
+try:
+    session.receive_job(job)
+except psjobs.PsJobsError as exc:
+    print(type(exc).__name__, exc)
+other = psjobs.Session()
+job = other.start_job([sys.executable, "-c", {_MAKE_LINES!r}, "100000"])
+job.wait(60)
+print(other._spill.directory, flush=True)
+"""  # the second session is never closed: its files go at exit
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, error, second = out.stdout.splitlines()
+    assert not os.path.exists(first) and not os.path.exists(second)
+    assert error.startswith("JobStateError") and "deleted" in error and "keep the session open" in error
+
+
+def test_the_memory_bench_runs() -> None:
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-m", "bench.memory", "--quick"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "read back, in order" in out.stdout and "MISSES" not in out.stdout

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import JobStateError
 from .._records import Record
 from ._journal import Entry, MemoryJournal
+from ._pshost import describe_job
 
 if TYPE_CHECKING:
     from ._job import Job
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 #: Bytes of records a session keeps in memory, across its jobs, before older ones go to disk.
 WINDOW = 4 << 20
 #: A journal with more entries than this becomes a SpillJournal (most jobs hold one value).
-SMALL = 32
+SMALL = 16
 _BLOCK_ENTRIES = 4096   # a block is read back whole: a read of one position unpickles at most this
 _BLOCK_BYTES = 1 << 20
 _RETRY_SECONDS = 5.0    # after a failed write (disk full), memory grows until the next try
@@ -81,11 +82,11 @@ class SpillJournal:
     """
 
     __slots__ = ("_bytes", "_dropped", "_lens", "_mem_at", "_n", "_offs", "_path", "_pinned", "_size",
-                 "_spill", "_starts", "cursor", "what")
+                 "_spill", "_starts", "cursor", "job")
 
-    def __init__(self, spill: Spill, what: str, entries: list[Entry], cursor: int) -> None:
+    def __init__(self, spill: Spill, job: Job, entries: list[Entry], cursor: int) -> None:
         self._spill = spill
-        self.what = what           # "Job 3 'backup'", for messages
+        self.job = job             # for messages
         self.cursor = cursor
         self._mem_at: tuple[int, list[Entry]] = (0, entries)
         self._n = len(entries)
@@ -142,9 +143,9 @@ class SpillJournal:
         except FileNotFoundError:
             if self._dropped:
                 return []  # removed while being read: as a removed in-memory journal reads
-            raise JobStateError(f"{self.what}'s records kept on disk are gone ({path} was deleted, as "
-                                f"its session was closed); keep the session open while you receive "
-                                f"a job's records") from None
+            raise JobStateError(f"{describe_job(self.job)}: its records kept on disk are gone ({path} was "
+                                f"deleted, as its session was closed); keep the session open while you "
+                                f"receive a job's records") from None
         out: list[Entry] = []
         try:
             i = bisect.bisect_right(self._starts, start) - 1
@@ -177,29 +178,30 @@ class SpillJournal:
 
     # --- a spill pass (holds Spill.lock) ----------------------------------------------------------
     def _write(self, directory: str, base: int, entries: list[Entry]) -> list[tuple[int, int, int]]:
-        """Append ``entries`` (positions from ``base``) to the file; the blocks' (start, offset, length)."""
+        """Write ``entries`` (positions from ``base``) after what the file holds, a block at a time (so
+        no second copy of them is made); the blocks' (start, offset, length). Written at explicit
+        offsets: after a failed pass, the next one writes over what it left."""
         if self._path is None:
             self._path = os.path.join(directory, f"{id(self):x}.seg")
         blocks: list[tuple[int, int, int]] = []
-        chunks: list[bytes] = []
         offset = self._size
-        i = 0
-        while i < len(entries):
-            j, size = i, 0
-            while j < len(entries) and j - i < _BLOCK_ENTRIES and size < _BLOCK_BYTES:
-                size += cost(entries[j][1])
-                j += 1
-            data = self._pickle(base + i, entries[i:j])
-            blocks.append((base + i, offset, len(data)))
-            chunks.append(data)
-            offset += len(data)
-            i = j
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            for data in chunks:
+            i = 0
+            while i < len(entries):
+                j, size = i, 0
+                while j < len(entries) and j - i < _BLOCK_ENTRIES and size < _BLOCK_BYTES:
+                    size += cost(entries[j][1])
+                    j += 1
+                data = self._pickle(base + i, entries[i:j])
                 view = memoryview(data)
+                at = offset
                 while view:
-                    view = view[os.write(fd, view):]
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+                blocks.append((base + i, offset, len(data)))
+                offset += len(data)
+                i = j
         finally:
             os.close(fd)
         self._size = offset
@@ -235,7 +237,7 @@ class Spill:
 
     def adopt(self, job: Job, small: MemoryJournal) -> SpillJournal:
         """The SpillJournal that takes over a grown MemoryJournal (session lock held)."""
-        return SpillJournal(self, f"Job {job.id} {job.name!r}", small.read(0, len(small)), small.cursor)
+        return SpillJournal(self, job, small.read(0, len(small)), small.cursor)
 
     def relieve(self) -> None:
         """Write the biggest journals' oldest entries to disk until memory is back to half the
@@ -244,12 +246,14 @@ class Spill:
             return
         if time.monotonic() - self._failed_at < _RETRY_SECONDS:
             return
-        if not self.lock.acquire(blocking=self.held > 2 * self.window):
+        if self.lock.locked() and self.held <= 2 * self.window:
             return  # another pass runs and memory is not at twice the window: go on
-        try:
+        # ``with`` on the C lock, never acquire-then-try: a thread job's stop is raised in its thread
+        # asynchronously, and one that came between the two would leave the lock taken for good.
+        # A stop inside the pass leaves the claimed entries in memory: nothing is dropped before
+        # it is indexed on disk.
+        with self.lock:
             self._pass()
-        finally:
-            self.lock.release()
 
     def _pass(self) -> None:
         claims: list[tuple[SpillJournal, int, list[Entry], int]] = []
@@ -276,7 +280,7 @@ class Spill:
             except (OSError, pickle.PicklingError) as exc:
                 self._failed_at = time.monotonic()
                 _log.warning("psjobs: could not write %s's records to disk (%s); they stay in memory, "
-                             "and psjobs tries again in %.0f s", journal.what, exc, _RETRY_SECONDS)
+                             "and psjobs tries again in %.0f s", describe_job(journal.job), exc, _RETRY_SECONDS)
                 continue
             with self.session_lock:
                 if journal._dropped:
