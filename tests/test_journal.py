@@ -306,3 +306,14 @@ def test_the_memory_bench_runs() -> None:
                          capture_output=True, text=True, timeout=150)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "read back, in order" in out.stdout and "MISSES" not in out.stdout
+
+
+def test_only_the_process_that_made_spill_files_deletes_them_at_exit(tmp_path: Any) -> None:
+    from psjobs.core._spill import _remove
+
+    directory = tmp_path / "spill"
+    directory.mkdir()
+    _remove(str(directory), os.getpid() + 1)  # a forked child's exit hook
+    assert directory.exists()
+    _remove(str(directory), os.getpid())
+    assert not directory.exists()

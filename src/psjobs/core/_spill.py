@@ -302,7 +302,7 @@ class Spill:
                 self.directory = tempfile.mkdtemp(prefix="psjobs-spill-")  # mode 0700
             except OSError:
                 return None
-            atexit.register(shutil.rmtree, self.directory, True)
+            atexit.register(_remove, self.directory, os.getpid())
         return self.directory
 
     def close(self) -> None:
@@ -311,3 +311,10 @@ class Spill:
             self.closed = True
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _remove(directory: str, pid: int) -> None:
+    """At exit: delete a session's spill files, in the process that made them only (a child forked
+    from it, which ran this hook too at its exit, must not delete its parent's records)."""
+    if os.getpid() == pid:
+        shutil.rmtree(directory, ignore_errors=True)
