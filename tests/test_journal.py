@@ -317,3 +317,15 @@ def test_only_the_process_that_made_spill_files_deletes_them_at_exit(tmp_path: A
     assert directory.exists()
     _remove(str(directory), os.getpid())
     assert not directory.exists()
+
+
+def test_records_stay_in_memory_when_they_cannot_be_written(session: psjobs.Session, tmp_path: Any,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    session._spill.directory = str(tmp_path / "missing")  # every write fails: no such directory
+    n = (3 * WINDOW) // _LINE * 2
+    with caplog.at_level("WARNING", logger="psjobs"):
+        job = session.start_job([sys.executable, "-c", _MAKE_LINES, str(n)])
+        assert job.wait(60)
+    assert session.receive_job(job) == _expected(n)  # nothing lost
+    warned = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
+    assert warned and f"Job {job.child_jobs[0].id}" in warned[0] and "stay in memory" in warned[0]

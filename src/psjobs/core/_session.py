@@ -318,7 +318,6 @@ class Session:
                 return
         self.host.write_record(leaf, payload)
 
-
     def read_entries(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
                      timeout: float | None = None) -> Iterator[tuple[Job, Stream, Any, float]]:
         """Every record not yet received, of all seven streams, in production order per job.

@@ -6,7 +6,7 @@
                                    Spill.held (no I/O)
     JobPort.records / record / ended, after the lock --> Spill.relieve(), when held > WINDOW:
         under the session lock:  claim the in-memory entries of the biggest journals (no I/O)
-        outside it:              pickle them in blocks, append them to each journal's segment file
+        outside it:              pickle them in blocks, written after what each journal's file holds
         under the session lock:  index the blocks, drop the entries from memory, held -= bytes
     Session._read (no lock) --> SpillJournal.read(start, stop): blocks read back from the file
                                 (pread), then the entries still in memory, in order
