@@ -32,6 +32,7 @@ import atexit
 import bisect
 import contextlib
 import logging
+import operator
 import os
 import pickle
 import shutil
@@ -43,7 +44,6 @@ from array import array
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError
-from .._records import Record
 from ._journal import Entry, MemoryJournal
 from ._pshost import describe_job
 
@@ -60,16 +60,15 @@ _RETRY_SECONDS = 5.0    # after a failed write (disk full), memory grows until t
 _log = logging.getLogger("psjobs")
 
 
-def cost(payload: Any) -> int:
-    """An estimate of the bytes an entry holds: its tuple, time and list slot (~150 bytes), and
-    its text. Quick, since it runs under the session lock; ``sys.getsizeof`` for other values
-    (their shallow size: a container's items are not counted)."""
-    kind = type(payload)
-    if kind is str or kind is bytes or kind is bytearray:
-        return 150 + len(payload)
-    if isinstance(payload, Record):
-        return 400 + len(payload.message)
-    return 150 + sys.getsizeof(payload)
+_ENTRY = 100  # an entry's tuple, time and list slot, beside its value
+_value = operator.itemgetter(1)
+
+
+def cost(entries: list[Entry]) -> int:
+    """An estimate of the bytes ``entries`` hold: ~100 each, and their values' ``sys.getsizeof``
+    (a record counts its message, see Record.__sizeof__; a container only itself, not its items).
+    C-level iteration: it runs under the session lock, for every batch of records."""
+    return _ENTRY * len(entries) + sum(map(sys.getsizeof, map(_value, entries)))
 
 
 class SpillJournal:
@@ -90,7 +89,7 @@ class SpillJournal:
         self.cursor = cursor
         self._mem_at: tuple[int, list[Entry]] = (0, entries)
         self._n = len(entries)
-        self._bytes = sum(cost(p) for _, p, _ in entries)  # the in-memory entries' estimate
+        self._bytes = cost(entries)  # the in-memory entries' estimate
         self._starts = array("q")
         self._offs = array("q")
         self._lens = array("q")
@@ -108,16 +107,14 @@ class SpillJournal:
     def extend(self, entries: list[Entry]) -> None:
         self._mem_at[1].extend(entries)
         self._n += len(entries)
-        n = 0
-        for _, p, _ in entries:
-            n += cost(p)
+        n = cost(entries)
         self._bytes += n
         self._spill.held += n
 
     def append(self, entry: Entry) -> None:
         self._mem_at[1].append(entry)
         self._n += 1
-        n = cost(entry[1])
+        n = _ENTRY + sys.getsizeof(entry[1])
         self._bytes += n
         self._spill.held += n
 
@@ -191,7 +188,7 @@ class SpillJournal:
             while i < len(entries):
                 j, size = i, 0
                 while j < len(entries) and j - i < _BLOCK_ENTRIES and size < _BLOCK_BYTES:
-                    size += cost(entries[j][1])
+                    size += _ENTRY + sys.getsizeof(entries[j][1])
                     j += 1
                 data = self._pickle(base + i, entries[i:j])
                 view = memoryview(data)
