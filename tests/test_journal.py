@@ -3,6 +3,7 @@ split in linear time, and a receive consumes only what it returns."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import stat
@@ -17,6 +18,7 @@ import pytest
 import psjobs
 from psjobs._records import Record
 from psjobs.core._pshost import Host
+from psjobs.core._receive import wait_on
 from psjobs.core._spill import WINDOW
 from psjobs.worker._procs import MAX_LINE
 
@@ -329,3 +331,47 @@ def test_records_stay_in_memory_when_they_cannot_be_written(session: psjobs.Sess
     assert session.receive_job(job) == _expected(n)  # nothing lost
     warned = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
     assert warned and f"Job {job.child_jobs[0].id}" in warned[0] and "stay in memory" in warned[0]
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
+def test_ctrl_c_while_another_thread_holds_the_lock_leaves_the_session_working(session: psjobs.Session) -> None:
+    # CPython's Condition.wait, interrupted while taking the lock back, raised without it: the
+    # receive's `with` then released the other thread's lock ("release unlocked lock" there).
+    job = session.start_job(_count_then_wait, 10)
+    wait_until(lambda: _arrived(job) == 10, timeout=60, what="the items")
+    assert session.receive_job(job) == list(range(10))
+    main = threading.main_thread().ident
+    assert main is not None
+    errors: list[BaseException] = []
+
+    lines, first = inspect.getsourcelines(wait_on)
+    waiting = first + next(i for i, line in enumerate(lines) if "waiter.acquire(True" in line)
+    retaking = first + next(i for i, line in enumerate(lines) if "lock.acquire()" in line)
+
+    def at(line: int) -> bool:
+        frame = sys._current_frames().get(main)
+        return frame is not None and frame.f_code is wait_on.__code__ and frame.f_lineno == line
+
+    def holder() -> None:
+        try:
+            wait_until(lambda: at(waiting), timeout=30, what="the receive to wait")
+            with session._lock:
+                session._cond.notify_all()  # the receive wakes, and must wait for this lock
+                wait_until(lambda: at(retaking), timeout=30, what="the receive to take the lock back")
+                signal.pthread_kill(main, signal.SIGINT)  # lands while it is blocked on the lock
+                wait_until(lambda: at(retaking) and sys._current_frames()[main].f_locals["interrupted"],
+                           timeout=30, what="the interrupt to land")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            session.receive_job(job, wait=True)
+    finally:
+        thread.join()
+    assert errors == []
+    assert not session._lock.locked()
+    session.stop_job(job)  # the session still works
+    assert job.state is psjobs.JobState.STOPPED

@@ -17,6 +17,8 @@ shown after the first such item are shown again with it: shown twice rather than
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobFailedError
@@ -65,6 +67,8 @@ class Taken:
                 start = max(start, begin)
                 if journal.cursor == end:
                     journal.cursor = start  # nobody took anything after it: simply not consumed
+                elif journal.cursor == start:
+                    continue  # interrupted between claiming it and moving the cursor: not taken
                 else:
                     session._returned.setdefault(leaf.id, []).insert(0, (start, end))
             session._cond.notify_all()
@@ -83,6 +87,39 @@ def claim(batch: list[tuple[Job, Journal, int, int]], claims: list[tuple[Job, in
         batch.append((leaf, journal, at, stop))
         if claims is not None:
             claims.append((leaf, at, stop))
+
+
+def wait_on(session: Session, timeout: float | None) -> None:
+    """``session._cond.wait(timeout)``, except that an exception while it waits (Ctrl+C) leaves the
+    session lock held, as the caller's ``with`` expects.
+
+    CPython's Condition.wait takes the lock back with an interruptible ``acquire``: a SIGINT
+    that came while another thread held the lock raised KeyboardInterrupt without it, the
+    caller's ``with`` then released the other thread's lock, and that thread failed with
+    "release unlocked lock" (seen: a process job failed that way while a receive was
+    interrupted). Here the lock is taken back whatever comes, and the exception raised after.
+    """
+    lock = session._lock
+    waiters = session._cond._waiters  # type: ignore[attr-defined]  # what notify_all releases
+    waiter = _thread.allocate_lock()
+    waiter.acquire()
+    waiters.append(waiter)
+    lock.release()
+    interrupted: BaseException | None = None
+    try:
+        waiter.acquire(True, -1 if timeout is None else timeout)
+    except BaseException as exc:
+        interrupted = exc
+    while True:
+        try:
+            lock.acquire()
+            break
+        except BaseException as exc:  # the lock is not taken: take it, then raise
+            interrupted = exc
+    with contextlib.suppress(ValueError):  # gone if notified
+        waiters.remove(waiter)
+    if interrupted is not None:
+        raise interrupted
 
 
 def take_returned(session: Session, leaf: Job, journal: Journal,

@@ -42,7 +42,7 @@ from ._job import Job, skip_ids
 from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job
-from ._receive import Taken, after_receive, claim, take_returned
+from ._receive import Taken, after_receive, claim, take_returned, wait_on
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import JobSpec, check_directory, make_env, make_spec
 from ._spill import Spill
@@ -360,7 +360,7 @@ class Session:
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if remaining is not None and remaining <= 0:
                             break
-                        self._cond.wait(remaining)
+                        wait_on(self, remaining)  # Ctrl+C here leaves the lock held
                 # Like PowerShell's Receive-Job -Wait: done when every job is finished, suspended
                 # or disconnected (the states that change only if the user acts).
                 done = all(leaf._state.is_persistent for leaf in leaves)
@@ -503,7 +503,7 @@ class Session:
                 return JobList()
             if once:
                 return None
-            self._cond.wait(remaining)
+            wait_on(self, remaining)
 
     # --- stopping --------------------------------------------------------------------------
     def stop_job(self, jobs: JobSelector, *, pass_thru: bool = False) -> list[Job]:
