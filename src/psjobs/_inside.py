@@ -175,6 +175,11 @@ def read_host(prompt: str = "") -> str:
 
 # --- routers: print, warnings and logging inside a job ---------------------------------------
 
+#: The longest record one printed line becomes, in characters (a pipe's lines are capped at 1 MiB,
+#: worker/_procs.MAX_LINE): a longer line comes as several records, in order.
+MAX_LINE_CHARS = 1 << 20
+
+
 class StreamRouter(io.TextIOBase):
     """sys.stdout/sys.stderr stand-in: lines written inside a job become records of it."""
 
@@ -217,20 +222,25 @@ class StreamRouter(io.TextIOBase):
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         key = int(self.stream)
-        pending = e.line_buffers.get(key, "") + text
-        if "\n" not in pending:
-            e.line_buffers[key] = pending
-            return len(text)
-        *lines, rest = pending.split("\n")
-        e.line_buffers[key] = rest
+        *lines, rest = (e.line_buffers.get(key, "") + text).split("\n")
         for line in lines:
-            emit_line(e, self.stream, line)
+            emit_line(e, self.stream, _emit_long(e, self.stream, line))
+        e.line_buffers[key] = _emit_long(e, self.stream, rest)
         return len(text)
 
     def flush(self) -> None:
         e = current()
         if e is None and self.fallback is not None:
             self.fallback.flush()
+
+
+def _emit_long(e: Emitter, stream: Stream, line: str) -> str:
+    """Emit the full MAX_LINE_CHARS pieces of a long line; return the rest (all of a short one)."""
+    start = 0
+    while len(line) - start > MAX_LINE_CHARS:
+        emit_line(e, stream, line[start:start + MAX_LINE_CHARS])
+        start += MAX_LINE_CHARS
+    return line[start:] if start else line
 
 
 def emit_line(e: Emitter, stream: Stream, line: str) -> None:

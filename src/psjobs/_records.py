@@ -8,6 +8,9 @@ boundaries pickled, so they hold only plain data (an error's exception travels b
 from __future__ import annotations
 
 import enum
+import operator
+import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -58,8 +61,13 @@ class Record:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __sizeof__(self) -> int:
+        # With its message, the part that grows: a session's memory window (core/_spill) counts
+        # records by sys.getsizeof, and a 1 MiB line must weigh 1 MiB there.
+        return object.__sizeof__(self) + sys.getsizeof(self.message)
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), tuple(getattr(self, a) for a in _all_slots(type(self)))))
+        return (_rebuild, (type(self), _values(type(self))(self)))
 
 
 def record_time(record: Record) -> float:
@@ -67,11 +75,27 @@ def record_time(record: Record) -> float:
     return record._t  # noqa: SLF001 (this module owns Record: the accessor for the others)
 
 
+# Per class, since pickling records (to a session, to a spill file) asks for each record.
+_SLOTS: dict[type, tuple[str, ...]] = {}
+_GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
+
 def _all_slots(cls: type) -> tuple[str, ...]:
-    names: list[str] = []
-    for klass in reversed(cls.__mro__):
-        names.extend(getattr(klass, "__slots__", ()))
-    return tuple(names)
+    names = _SLOTS.get(cls)
+    if names is None:
+        found: list[str] = []
+        for klass in reversed(cls.__mro__):
+            found.extend(getattr(klass, "__slots__", ()))
+        names = _SLOTS[cls] = tuple(found)
+    return names
+
+
+def _values(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+    """The getter of every slot's value at once, C-level (a Record has four slots or more: a tuple)."""
+    getter = _GETTERS.get(cls)
+    if getter is None:
+        getter = _GETTERS[cls] = operator.attrgetter(*_all_slots(cls))
+    return getter
 
 
 def _rebuild(cls: type[Record], values: tuple[Any, ...]) -> Record:

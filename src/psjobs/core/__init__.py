@@ -20,6 +20,8 @@ Threads psjobs starts, in the session's process
 - ``psjobs-host-writer`` (host/_journal: writes every journal's records, cursors and states to
   SQLite, one transaction per pass) and ``psjobs-host-conn`` (one per client connection, host/_server):
   the session host's.
+- No thread writes spilled records (core/_spill): the thread that reports a job's records past
+  the session's memory window writes the oldest to disk itself, after the session lock.
 - Outside the session's process: ``psjobs-pump`` in a process worker (worker/_process_worker: fd 1
   and 2 to records), ``psjobs-dask-shipper`` on a Dask worker (backends/dask/_on_worker: a task's
   records to the session).
@@ -34,6 +36,9 @@ Locks, and the order in which they may be taken (outer first)
    report through ports, so it comes before the session lock), ``SSHBackend._engine_lock``,
    ``DaskBackend.lock``, ``_Conn.lock``; ssh's ``_PICKLE_LOCK``. Two backend locks are never held
    together. A backend may report through a port while it holds one of its own locks.
+2b. ``Spill.lock`` (core/_spill): one spill pass of a session at a time, and a journal's drop.
+   Taken after any backend lock (a reporting thread holds its own), never under the session
+   lock; the session lock is taken under it, briefly, to claim and then index what is written.
 3. The session lock, ``Session._lock`` under ``Session._cond``: every job of the session. Only the
    core takes it (JobPort, Session, Job, and a Journal's ``extend``/``append``/``close``, which
    only count and queue). It is the innermost lock: nothing else is taken while it is held, no

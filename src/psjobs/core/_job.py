@@ -26,10 +26,13 @@ from typing import TYPE_CHECKING, Any
 from .._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
 from ._journal import Entry as Entry  # backends import it from here
 from ._journal import Journal, MemoryJournal
+from ._spill import SMALL
 from ._state import Event, JobState, derive_parent_state_counts, next_state
 
 if TYPE_CHECKING:
     from ._session import Session
+
+_SMALL = SMALL + 1  # a MemoryJournal's list holds its cursor too
 
 # PowerShell takes ids from one counter for the whole process, parents before their children.
 _last_id = 0
@@ -327,19 +330,25 @@ class Job:
     def _extend(self, entries: list[Entry]) -> None:
         if self._state.is_finished or not entries:
             return  # a finished job absorbs late records
-        if self._journal is None:
-            self._journal = MemoryJournal(entries)
+        journal = self._journal
+        if journal is None:
+            self._journal = journal = MemoryJournal(entries)
         else:
-            self._journal.extend(entries)
+            journal.extend(entries)
+        if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
+            self._journal = self._session._spill.adopt(self, journal)  # now within the memory window
         self._session._cond.notify_all()
 
     def _append(self, entry: Entry) -> None:
         if self._state.is_finished:
             return
-        if self._journal is None:
+        journal = self._journal
+        if journal is None:
             self._journal = MemoryJournal([entry])
         else:
-            self._journal.append(entry)
+            journal.append(entry)
+            if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
+                self._journal = self._session._spill.adopt(self, journal)
         cond = self._session._cond
         if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
             cond.notify_all()

@@ -17,7 +17,8 @@ them elsewhere than in memory (the session host's SQLite journal, in ``psjobs.ho
 
 A Session makes its jobs' journals with its ``journal_factory``; without one, a job gets a
 :class:`MemoryJournal` on its first records (most jobs of a big session hold one value or none,
-so a job without records holds no journal at all).
+so a job without records holds no journal at all), and one that grows past a few records a
+spilling journal (see ``_spill``): its records within the session's memory window, the rest on disk.
 """
 
 from __future__ import annotations

@@ -195,11 +195,20 @@ class JobPort:
         if entries:
             with self._lock:
                 self._job._extend(entries)
+            self._relieve()
 
     def record(self, entry: Entry) -> None:
         """One record (a thread job's write: the job runs in this process, nothing to batch)."""
         with self._lock:
             self._job._append(entry)
+        self._relieve()
+
+    def _relieve(self) -> None:
+        # After the lock: past the session's memory window, this thread writes the oldest
+        # records to disk (core/_spill), and so reads nothing more from its job meanwhile.
+        spill = self._job._session._spill
+        if spill.held > spill.window:
+            spill.relieve()
 
     def blocked(self, prompt: str) -> None:
         """The job's code asks for input: Blocked until someone answers ``prompt``."""
@@ -241,7 +250,8 @@ class JobPort:
             if tail:
                 job._extend(tail if isinstance(tail, list) else list(tail))
             job._apply(outcome.event, reason=outcome.reason, exit_code=outcome.exit_code)
-            return True
+        self._relieve()
+        return True
 
     def __repr__(self) -> str:
         return f"<JobPort {self.kind} {self._job!r}>"

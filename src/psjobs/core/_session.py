@@ -30,7 +30,6 @@ from typing import Any
 
 from .._errors import (
     JobBlockedError,
-    JobFailedError,
     JobNotFinishedError,
     JobStateError,
     StopTimeoutWarning,
@@ -42,9 +41,11 @@ from ._format import JobList
 from ._job import Job, skip_ids
 from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
-from ._pshost import Host, describe_job, reason_text
+from ._pshost import Host, describe_job
+from ._receive import Taken, after_receive, claim, take_returned, wait_on
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import JobSpec, check_directory, make_env, make_spec
+from ._spill import Spill
 from ._state import JobState
 from ._tree import (
     check_as_job,
@@ -97,6 +98,8 @@ class Session:
         self.host = host or Host(verbose=verbose, debug=debug)
         self._closed = False
         self._journal_factory = journal_factory
+        self._spill = Spill(self._lock)  # the memory window of the jobs' records (core/_spill)
+        self._returned: dict[int, list[tuple[int, int]]] = {}  # given back by receives (_receive)
 
     # --- backends ------------------------------------------------------------------------
     def _backend(self, kind: str) -> Backend:
@@ -276,25 +279,33 @@ class Session:
         # old progress records left bars behind); a receive that does not wait shows none.
         shown = host.progress_display() if wait and hasattr(host, "progress_display") else None
         ended: set[int] = set()
+        taken, done = Taken(self, keep), 0  # what to give back if this call cannot return it
         try:
-            for leaf, stream, payload, t in self._read(leaves, keep, wait, timeout, answer):
-                if shown is not None and leaf._state.is_finished and leaf.id not in ended:
-                    ended.add(leaf.id)
-                    shown.job_done(leaf)
-                if stream == Stream.PROGRESS:
-                    if shown is not None:
-                        shown.update(leaf, payload)
-                    continue
-                self._receive_one(leaf, stream, payload, t, records, action, output, errors)
+            for leaf, entries in self._read_batches(leaves, keep, wait, timeout, answer, taken.claims):
+                taken.batches.append(entries)
+                for done, (n, payload, t) in enumerate(entries):  # noqa: B007 (read on an exception)
+                    stream = _STREAMS[n]
+                    if shown is not None and leaf._state.is_finished and leaf.id not in ended:
+                        ended.add(leaf.id)
+                        shown.job_done(leaf)
+                    if stream == Stream.PROGRESS:
+                        if shown is not None:
+                            shown.update(leaf, payload)
+                        continue
+                    self._receive_one(leaf, stream, payload, t, records, action, output, errors)
+                done = len(entries)
+            for leaf in leaves:
+                if leaf._state is JobState.FAILED and leaf._reason is not None:
+                    reasons.append(leaf._reason)
+                    if action == "continue":
+                        host.write_failure(leaf, leaf._reason)
+        except BaseException:
+            taken.give_back(done)
+            raise
         finally:
             if shown is not None:
                 shown.close()
-        for leaf in leaves:
-            if leaf._state is JobState.FAILED and leaf._reason is not None:
-                reasons.append(leaf._reason)
-                if action == "continue":
-                    host.write_failure(leaf, leaf._reason)
-        return self._after_receive(selected, auto_remove, action, output, errors, reasons)
+        return after_receive(self, selected, auto_remove, action, output, errors, reasons)
 
     def _receive_one(self, leaf: Job, stream: Stream, payload: Any, t: float, records: bool, action: str,
                      output: list[Any], errors: list[ErrorRecord]) -> None:
@@ -306,21 +317,6 @@ class Session:
             if action == "silent":
                 return
         self.host.write_record(leaf, payload)
-
-    def _after_receive(self, selected: list[Job], auto_remove: bool, action: str, output: list[Any],
-                       errors: list[ErrorRecord], reasons: list[BaseException]) -> list[Any]:
-        if auto_remove:
-            finished = [j for j in selected if j.parent is None and j.state.is_finished]
-            if finished:
-                self.remove_job(finished)
-        if action == "stop" and (errors or reasons):
-            first = selected[0] if selected else None
-            what = describe_job(first) if first is not None else "the jobs"
-            detail = reason_text(reasons[0]) if reasons else errors[0].message
-            raise JobFailedError(f"receive_job: {what} reported an error: {detail}. What was received is on "
-                                 f"this exception's .output and .errors", output=output, errors=errors,
-                                 reason=reasons[0] if reasons else None)
-        return output
 
     def read_entries(self, jobs: JobSelector, *, keep: bool = False, wait: bool = False,
                      timeout: float | None = None) -> Iterator[tuple[Job, Stream, Any, float]]:
@@ -348,7 +344,8 @@ class Session:
                 yield leaf, _STREAMS[stream], payload, t  # a tuple index: Stream(n) cost 0.35 us
 
     def _read_batches(self, leaves: list[Job], keep: bool, wait: bool, timeout: float | None,
-                      on_prompt: Callable[[Job, str], bool] | None = None) -> Iterator[tuple[Job, list[Entry]]]:
+                      on_prompt: Callable[[Job, str], bool] | None = None,
+                      claims: list[tuple[Job, int, int]] | None = None) -> Iterator[tuple[Job, list[Entry]]]:
         # Where this call reads from: a consuming read starts at each journal's cursor every time
         # (so concurrent readers never get a record twice); a keeping read at its own positions.
         positions = {leaf.id: leaf._journal.cursor if leaf._journal is not None else 0 for leaf in leaves}
@@ -358,11 +355,12 @@ class Session:
             prompts: list[tuple[Job, str]] = []
             with self._cond:
                 if wait:
-                    while not self._has_news(leaves, positions, keep, asked if on_prompt else None):
+                    while not self._has_news(leaves, positions, keep, asked if on_prompt else None) \
+                            and not (self._returned and any(leaf.id in self._returned for leaf in leaves)):
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if remaining is not None and remaining <= 0:
                             break
-                        self._cond.wait(remaining)
+                        wait_on(self, remaining)  # Ctrl+C here leaves the lock held
                 # Like PowerShell's Receive-Job -Wait: done when every job is finished, suspended
                 # or disconnected (the states that change only if the user acts).
                 done = all(leaf._state.is_persistent for leaf in leaves)
@@ -372,8 +370,10 @@ class Session:
                     if journal is not None:
                         start = positions[leaf.id] if keep else journal.cursor
                         end = len(journal)
+                        if self._returned and not keep:
+                            take_returned(self, leaf, journal, batch, claims)
                         if start < end:
-                            batch.append((leaf, journal, start, end))  # claimed: read below
+                            claim(batch, claims if not keep else None, leaf, journal, start, end)  # read below
                             positions[leaf.id] = end
                             if not keep:
                                 journal.cursor = end
@@ -503,7 +503,7 @@ class Session:
                 return JobList()
             if once:
                 return None
-            self._cond.wait(remaining)
+            wait_on(self, remaining)
 
     # --- stopping --------------------------------------------------------------------------
     def stop_job(self, jobs: JobSelector, *, pass_thru: bool = False) -> list[Job]:
@@ -566,6 +566,7 @@ class Session:
                 self._stop(running, grace)
         for backend in list(self._backends.values()):
             backend.close()
+        self._spill.close()
 
     def __enter__(self) -> Session:
         return self

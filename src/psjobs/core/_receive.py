@@ -1,0 +1,146 @@
+"""What a consuming receive gives back when it cannot return what it took.
+
+::
+
+    Session._read_batches --under the lock: claims [start, end) of a journal, cursor = end-->
+        Taken.claims: (leaf, start, end), in the order the batches are yielded
+    receive_job --each batch it is yielded--> Taken.batches; its position in the last one: ``done``
+    an exception (KeyboardInterrupt, a broken stdout, a journal that cannot read) --> give_back:
+        per leaf, from its first output item not returned on: the cursor moves back when nothing
+        was claimed after it, else the ranges wait in Session._returned for the next claim
+
+So receive_job consumes only what it returns: output items that were taken but never returned
+are there for the next receive, once (a concurrent receive never gets them twice, since a given
+back range is claimed again like any other). Records of the other streams that were already
+shown after the first such item are shown again with it: shown twice rather than lost.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from .._errors import JobFailedError
+from .._records import ErrorRecord
+from ._journal import Entry, Journal
+from ._pshost import describe_job, reason_text
+
+if TYPE_CHECKING:
+    from ._job import Job
+    from ._session import Session
+
+_OUTPUT = 0  # Stream.OUTPUT: entries hold the stream as an int (IntEnum)
+
+
+class Taken:
+    """The ranges one consuming receive claimed, and the batches it was given of them."""
+
+    __slots__ = ("batches", "claims", "session")
+
+    def __init__(self, session: Session, keep: bool) -> None:
+        self.session = session
+        self.claims: list[tuple[Job, int, int]] | None = None if keep else []
+        self.batches: list[list[Entry]] = []
+
+    def give_back(self, done: int) -> None:
+        """The receive ends by an exception; ``done`` entries of its last batch were handled."""
+        if not self.claims:
+            return
+        first: dict[int, int] = {}  # leaf id -> the first position given back
+        for k, (leaf, start, end) in enumerate(self.claims):
+            if k < len(self.batches):
+                entries = self.batches[k]
+                limit = done if k == len(self.batches) - 1 else len(entries)
+                i = next((i for i, e in enumerate(entries[:limit]) if e[0] == _OUTPUT), limit)
+            else:
+                i = 0  # claimed, never handed out
+            if start + i < end and leaf.id not in first:
+                first[leaf.id] = start + i
+        session = self.session
+        with session._cond:
+            for leaf, start, end in reversed(self.claims):
+                begin = first.get(leaf.id)
+                journal = leaf._journal
+                if begin is None or end <= begin or journal is None:
+                    continue
+                start = max(start, begin)
+                if journal.cursor == end:
+                    journal.cursor = start  # nobody took anything after it: simply not consumed
+                elif journal.cursor == start:
+                    continue  # interrupted between claiming it and moving the cursor: not taken
+                else:
+                    session._returned.setdefault(leaf.id, []).insert(0, (start, end))
+            session._cond.notify_all()
+
+
+#: Entries read from a journal at once: a receive of a long backlog (a spilled journal's millions of
+#: lines) holds one piece at a time in memory, beside what it returns.
+PIECE = 65536
+
+
+def claim(batch: list[tuple[Job, Journal, int, int]], claims: list[tuple[Job, int, int]] | None, leaf: Job,
+          journal: Journal, start: int, end: int) -> None:
+    """Claim ``[start, end)`` of ``leaf``'s journal, in pieces of at most PIECE entries (session lock held)."""
+    for at in range(start, end, PIECE):
+        stop = min(end, at + PIECE)
+        batch.append((leaf, journal, at, stop))
+        if claims is not None:
+            claims.append((leaf, at, stop))
+
+
+def wait_on(session: Session, timeout: float | None) -> None:
+    """``session._cond.wait(timeout)``, except that an exception while it waits (Ctrl+C) leaves the
+    session lock held, as the caller's ``with`` expects.
+
+    CPython's Condition.wait takes the lock back with an interruptible ``acquire``: a SIGINT
+    that came while another thread held the lock raised KeyboardInterrupt without it, the
+    caller's ``with`` then released the other thread's lock, and that thread failed with
+    "release unlocked lock" (seen: a process job failed that way while a receive was
+    interrupted). Here the lock is taken back whatever comes, and the exception raised after.
+    """
+    lock = session._lock
+    waiters = session._cond._waiters  # type: ignore[attr-defined]  # what notify_all releases
+    waiter = _thread.allocate_lock()
+    waiter.acquire()
+    waiters.append(waiter)
+    lock.release()
+    interrupted: BaseException | None = None
+    try:
+        waiter.acquire(True, -1 if timeout is None else timeout)
+    except BaseException as exc:
+        interrupted = exc
+    while True:
+        try:
+            lock.acquire()
+            break
+        except BaseException as exc:  # the lock is not taken: take it, then raise
+            interrupted = exc
+    with contextlib.suppress(ValueError):  # gone if notified
+        waiters.remove(waiter)
+    if interrupted is not None:
+        raise interrupted
+
+
+def take_returned(session: Session, leaf: Job, journal: Journal,
+                  batch: list[tuple[Job, Journal, int, int]], claims: list[tuple[Job, int, int]] | None) -> None:
+    """Claim the ranges an interrupted receive gave back for ``leaf`` (session lock held)."""
+    for start, end in session._returned.pop(leaf.id, ()):
+        claim(batch, claims, leaf, journal, start, end)
+
+
+def after_receive(session: Session, selected: list[Job], auto_remove: bool, action: str, output: list[Any],
+                  errors: list[ErrorRecord], reasons: list[BaseException]) -> list[Any]:
+    """receive_job's end: auto_remove, and error_action="stop"'s exception (carrying the output)."""
+    if auto_remove:
+        finished = [j for j in selected if j.parent is None and j.state.is_finished]
+        if finished:
+            session.remove_job(finished)
+    if action == "stop" and (errors or reasons):
+        first = selected[0] if selected else None
+        what = describe_job(first) if first is not None else "the jobs"
+        detail = reason_text(reasons[0]) if reasons else errors[0].message
+        raise JobFailedError(f"receive_job: {what} reported an error: {detail}. What was received is on "
+                             f"this exception's .output and .errors", output=output, errors=errors,
+                             reason=reasons[0] if reasons else None)
+    return output

@@ -1,0 +1,317 @@
+"""Spilling journals: a session's records kept within a memory window, the rest on disk.
+
+::
+
+    Job._extend (session lock) --> SpillJournal.extend: append, add an estimate of its bytes to
+                                   Spill.held (no I/O)
+    JobPort.records / record / ended, after the lock --> Spill.relieve(), when held > WINDOW:
+        under the session lock:  claim the in-memory entries of the biggest journals (no I/O)
+        outside it:              pickle them in blocks, written after what each journal's file holds
+        under the session lock:  index the blocks, drop the entries from memory, held -= bytes
+    Session._read (no lock) --> SpillJournal.read(start, stop): blocks read back from the file
+                                (pread), then the entries still in memory, in order
+    remove_job --> drop(): the file deleted;  Session.close, interpreter exit --> the directory
+
+Why the spilling runs in the thread that reported the records, and not in a writer thread of
+its own: that thread is what produces (a process job's ``psjobs-io`` reader, a thread job's own
+thread, a Dask dispatcher), so while it writes, it reads nothing more, the pipes and sockets
+behind it fill, and the job's processes wait: backpressure with no queue between a producer and
+a writer, which would itself grow without bound when the disk is slower than the job. One pass
+runs at a time (``Spill.lock``, taken outside the session lock); another reporter skips it, or
+waits for it when memory is at twice the window.
+
+A job's journal starts as a :class:`MemoryJournal` (most jobs hold one value); past
+:data:`SMALL` entries it becomes a :class:`SpillJournal`, whose in-memory entries count against
+its session's window. Spilled entries come back as equal copies, not the same objects
+(they were pickled); an entry that cannot be pickled stays in memory where it is.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import contextlib
+import logging
+import operator
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from typing import TYPE_CHECKING, Any
+
+from .._errors import JobStateError
+from ._journal import Entry, MemoryJournal
+from ._pshost import describe_job
+
+if TYPE_CHECKING:
+    from ._job import Job
+
+#: Bytes of records a session keeps in memory, across its jobs, before older ones go to disk.
+WINDOW = 4 << 20
+#: A journal with more entries than this becomes a SpillJournal (most jobs hold one value).
+SMALL = 16
+_BLOCK_ENTRIES = 4096   # a block is read back whole: a read of one position unpickles at most this
+_BLOCK_BYTES = 1 << 20
+_RETRY_SECONDS = 5.0    # after a failed write (disk full), memory grows until the next try
+_log = logging.getLogger("psjobs")
+
+
+_ENTRY = 100  # an entry's tuple, time and list slot, beside its value
+_value = operator.itemgetter(1)
+
+
+def cost(entries: list[Entry]) -> int:
+    """An estimate of the bytes ``entries`` hold: ~100 each, and their values' ``sys.getsizeof``
+    (a record counts its message, see Record.__sizeof__; a container only itself, not its items).
+    C-level iteration: it runs under the session lock, for every batch of records."""
+    return _ENTRY * len(entries) + sum(map(sys.getsizeof, map(_value, entries)))
+
+
+class SpillJournal:
+    """A job's journal whose oldest entries go to a segment file when the session needs memory.
+
+    Positions below ``_mem_at[0]`` are in the file's blocks (``_starts``: each block's first
+    position; ``_offs``, ``_lens``: where it lies in the file); the others in ``_mem_at[1]``.
+    ``_mem_at`` is one attribute, replaced whole by a spill pass, so a reader without the lock
+    always sees a base and a list that agree.
+    """
+
+    __slots__ = ("_bytes", "_dropped", "_lens", "_mem_at", "_n", "_offs", "_path", "_pinned", "_size",
+                 "_spill", "_starts", "cursor", "job")
+
+    def __init__(self, spill: Spill, job: Job, entries: list[Entry], cursor: int) -> None:
+        self._spill = spill
+        self.job = job             # for messages
+        self.cursor = cursor
+        self._mem_at: tuple[int, list[Entry]] = (0, entries)
+        self._n = len(entries)
+        self._bytes = cost(entries)  # the in-memory entries' estimate
+        self._starts = array("q")
+        self._offs = array("q")
+        self._lens = array("q")
+        self._size = 0             # bytes written to the file
+        self._path: str | None = None
+        self._pinned: dict[int, Entry] = {}  # entries that could not be pickled, by position
+        self._dropped = False
+        spill.held += self._bytes
+        spill.journals[self] = None
+
+    # --- with the session lock held (no I/O) -------------------------------------------------
+    def __len__(self) -> int:
+        return self._n
+
+    def extend(self, entries: list[Entry]) -> None:
+        self._mem_at[1].extend(entries)
+        self._n += len(entries)
+        n = cost(entries)
+        self._bytes += n
+        self._spill.held += n
+
+    def append(self, entry: Entry) -> None:
+        self._mem_at[1].append(entry)
+        self._n += 1
+        n = _ENTRY + sys.getsizeof(entry[1])
+        self._bytes += n
+        self._spill.held += n
+
+    def close(self) -> None:
+        return None  # the records stay (in memory or in the file) until the job is removed
+
+    # --- without it ----------------------------------------------------------------------------
+    def read(self, start: int, stop: int) -> list[Entry]:
+        base, mem = self._mem_at
+        out: list[Entry] = []
+        if start < base:
+            out = self._read_file(start, min(stop, base))
+        if stop > base:
+            out.extend(mem[max(start, base) - base:stop - base])
+        return out
+
+    def _read_file(self, start: int, stop: int) -> list[Entry]:
+        path = self._path
+        if self._dropped or path is None:
+            return []
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            if self._dropped:
+                return []  # removed while being read: as a removed in-memory journal reads
+            raise JobStateError(f"{describe_job(self.job)}: its records kept on disk are gone ({path} was "
+                                f"deleted, as its session was closed); keep the session open while you "
+                                f"receive a job's records") from None
+        out: list[Entry] = []
+        try:
+            i = bisect.bisect_right(self._starts, start) - 1
+            pos = start
+            while pos < stop:
+                first = self._starts[i]
+                block: list[Any] = pickle.loads(os.pread(fd, self._lens[i], self._offs[i]))
+                for k in range(pos - first, min(len(block), stop - first)):
+                    entry = block[k]
+                    out.append(self._pinned[first + k] if entry is None else entry)
+                pos = first + len(block)
+                i += 1
+        finally:
+            os.close(fd)
+        return out
+
+    def drop(self) -> None:
+        spill = self._spill
+        with spill.lock:  # no pass is writing this journal's file now
+            with spill.session_lock:
+                self._dropped = True
+                spill.held -= self._bytes
+                self._bytes = 0
+                self._mem_at = (self._n, [])
+                self._pinned = {}
+                spill.journals.pop(self, None)
+            if self._path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path)
+
+    # --- a spill pass (holds Spill.lock) ----------------------------------------------------------
+    def _write(self, directory: str, base: int, entries: list[Entry]) -> list[tuple[int, int, int]]:
+        """Write ``entries`` (positions from ``base``) after what the file holds, a block at a time (so
+        no second copy of them is made); the blocks' (start, offset, length). Written at explicit
+        offsets: after a failed pass, the next one writes over what it left."""
+        if self._path is None:
+            self._path = os.path.join(directory, f"{id(self):x}.seg")
+        blocks: list[tuple[int, int, int]] = []
+        offset = self._size
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            i = 0
+            while i < len(entries):
+                j, size = i, 0
+                while j < len(entries) and j - i < _BLOCK_ENTRIES and size < _BLOCK_BYTES:
+                    size += _ENTRY + sys.getsizeof(entries[j][1])
+                    j += 1
+                data = self._pickle(base + i, entries[i:j])
+                view = memoryview(data)
+                at = offset
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+                blocks.append((base + i, offset, len(data)))
+                offset += len(data)
+                i = j
+        finally:
+            os.close(fd)
+        self._size = offset
+        return blocks
+
+    def _pickle(self, first: int, block: list[Entry]) -> bytes:
+        try:
+            return pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # some value cannot be pickled: that one stays in memory
+            kept: list[Entry | None] = []
+            for k, entry in enumerate(block):
+                try:
+                    pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+                    kept.append(entry)
+                except Exception:
+                    self._pinned[first + k] = entry
+                    kept.append(None)
+            return pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class Spill:
+    """A session's memory window over its spilling journals, and the directory of their files."""
+
+    def __init__(self, session_lock: Any, window: int = WINDOW) -> None:
+        self.session_lock = session_lock
+        self.window = window
+        self.held = 0              # estimated bytes in the journals' memory (session lock)
+        self.journals: dict[SpillJournal, None] = {}  # every SpillJournal not dropped
+        self.lock = threading.Lock()  # one pass at a time; taken outside the session lock
+        self.directory: str | None = None
+        self.closed = False
+        self._failed_at = 0.0
+
+    def adopt(self, job: Job, small: MemoryJournal) -> SpillJournal:
+        """The SpillJournal that takes over a grown MemoryJournal (session lock held)."""
+        return SpillJournal(self, job, small.read(0, len(small)), small.cursor)
+
+    def relieve(self) -> None:
+        """Write the biggest journals' oldest entries to disk until memory is back to half the
+        window. Called without the session lock by the thread that just added records."""
+        if self.held <= self.window or self.closed:
+            return
+        if time.monotonic() - self._failed_at < _RETRY_SECONDS:
+            return
+        if self.lock.locked() and self.held <= 2 * self.window:
+            return  # another pass runs and memory is not at twice the window: go on
+        # ``with`` on the C lock, never acquire-then-try: a thread job's stop is raised in its thread
+        # asynchronously, and one that came between the two would leave the lock taken for good.
+        # A stop inside the pass leaves the claimed entries in memory: nothing is dropped before
+        # it is indexed on disk.
+        with self.lock:
+            self._pass()
+
+    def _pass(self) -> None:
+        claims: list[tuple[SpillJournal, int, list[Entry], int]] = []
+        with self.session_lock:
+            if self.closed:
+                return
+            excess = self.held - self.window // 2
+            for journal in sorted(self.journals, key=lambda j: j._bytes, reverse=True):
+                if excess <= 0:
+                    break
+                base, mem = journal._mem_at
+                if not mem:
+                    continue
+                claims.append((journal, base, list(mem), journal._bytes))
+                excess -= journal._bytes
+        if not claims:
+            return
+        directory = self._directory()
+        for journal, base, entries, n_bytes in claims:
+            try:
+                if directory is None:
+                    raise OSError("no directory for psjobs' spill files")
+                blocks = journal._write(directory, base, entries)
+            except (OSError, pickle.PicklingError) as exc:
+                self._failed_at = time.monotonic()
+                _log.warning("psjobs: could not write %s's records to disk (%s); they stay in memory, "
+                             "and psjobs tries again in %.0f s", describe_job(journal.job), exc, _RETRY_SECONDS)
+                continue
+            with self.session_lock:
+                if journal._dropped:
+                    continue
+                for start, off, length in blocks:
+                    journal._starts.append(start)
+                    journal._offs.append(off)
+                    journal._lens.append(length)
+                # Entries added while the pass wrote stay; the list is new, so a reader holding the
+                # old (base, list) still finds its entries there.
+                now_base, mem = journal._mem_at
+                journal._mem_at = (now_base + len(entries), mem[len(entries):])
+                journal._bytes -= n_bytes  # what the claimed entries were counted at
+                self.held -= n_bytes
+
+    def _directory(self) -> str | None:
+        if self.directory is None:
+            try:
+                self.directory = tempfile.mkdtemp(prefix="psjobs-spill-")  # mode 0700
+            except OSError:
+                return None
+            atexit.register(_remove, self.directory, os.getpid())
+        return self.directory
+
+    def close(self) -> None:
+        """The session closed: delete every spilled record (records still in memory stay)."""
+        with self.lock:
+            self.closed = True
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _remove(directory: str, pid: int) -> None:
+    """At exit: delete a session's spill files, in the process that made them only (a child forked
+    from it, which ran this hook too at its exit, must not delete its parent's records)."""
+    if os.getpid() == pid:
+        shutil.rmtree(directory, ignore_errors=True)
