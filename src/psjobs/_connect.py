@@ -47,6 +47,7 @@ from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, St
 from .core._format import JobList
 from .core._job import Job, JobStateInfo
 from .core._pshost import Host, describe_job
+from .core._receive import after_receive
 from .core._select import leaves_of
 from .core._session import _ERROR_ACTIONS, JobSelector, Session
 from .core._spec import CALL, check_directory, make_env, make_spec
@@ -407,7 +408,7 @@ class HostSession(Session):
                 reasons.append(reason)
                 if action == "continue":
                     self.host.write_failure(leaf, reason)
-        return self._after_receive(selected, auto_remove, action, output, errors, reasons)
+        return after_receive(self, selected, auto_remove, action, output, errors, reasons)
 
     def wait_job(self, jobs: JobSelector, *, any: bool = False, timeout: float | None = None,
                  state: JobState | str | None = None, show_progress: bool = False) -> list[Job]:
