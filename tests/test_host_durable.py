@@ -300,7 +300,11 @@ def test_the_host_stays_small_while_a_job_prints_a_lot_and_nobody_receives(home:
         done.set()
         sampler.join(10)
     assert peak - before < 64 << 20, f"the host grew by {(peak - before) >> 20} MiB while sending"
-    assert got[:120000] == ["x" * 1000] * 120000 and got[120000:] == ["y" * 4000000] * 4
+    # a line longer than a record's cap (1 MiB, worker/_procs.MAX_LINE) comes as 1 MiB pieces
+    from psjobs.worker._procs import MAX_LINE
+
+    pieces = ["y" * MAX_LINE] * (4000000 // MAX_LINE) + ["y" * (4000000 % MAX_LINE)]
+    assert got[:120000] == ["x" * 1000] * 120000 and got[120000:] == pieces * 4
 
 
 def test_bench_host_runs_and_receives_every_record(capsys: pytest.CaptureFixture[str]) -> None:

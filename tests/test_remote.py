@@ -659,13 +659,29 @@ def test_remote_command_suspend_and_resume(rs: psjobs.Session, server: sshd_help
     assert job.state is JobState.SUSPENDED
     wait_until(lambda: all(_stopped_or_gone(p) for p in remote_procs(server, ["sleep", "0.01"])), 10,
                "the remote group to stop")
-    settled = len(child.output)
+    # Lines printed before the group stopped may still be on their way (the channel, the reader:
+    # several under load): wait until none has come for 0.3 s, then none may come at all.
+    settled = _settled_count(child, quiet=0.3, timeout=20)
     time.sleep(0.3)  # an interval to observe, not synchronisation
-    assert len(child.output) - settled <= 1  # at most a line already on its way
+    assert len(child.output) == settled
     rs.resume_job(job)
     assert job.state is JobState.RUNNING
     assert job.wait(60)
     assert job.receive() == [str(i) for i in range(1, 401)]  # nothing lost
+
+
+def _settled_count(job: psjobs.Job, quiet: float, timeout: float) -> int:
+    """How many output items ``job`` has once none came for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    count, since = len(job.output), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = len(job.output)
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return count
+    raise AssertionError(f"output kept coming for {timeout}s after the suspend: {count} items")
 
 
 def remote_counter():  # type: ignore[no-untyped-def]

@@ -42,6 +42,16 @@ exec(compile(_RUNNER_SOURCE, "<psjobs %%bg runner>", "exec"), _runner_ns)
 run_cell: types.FunctionType = _runner_ns["run_cell"]
 
 
+def runner_for(source: str) -> types.FunctionType:
+    """``run_cell`` under the name of the cell's first line, which the job table shows as its
+    command (``%%bg: total = 0 ...``)."""
+    lines = [line.strip() for line in source.strip().splitlines() if line.strip()]
+    label = "%%bg: " + (lines[0] if lines else "") + (" ..." if len(lines) > 1 else "")
+    fn = types.FunctionType(run_cell.__code__, run_cell.__globals__, "run_cell")
+    fn.__qualname__ = label
+    return fn
+
+
 def register(source: str, what: str = "%%bg") -> str:
     """Keep ``source`` in this process's linecache under a new name; return the name."""
     filename = f"<psjobs {what} {next(_counter)}>"

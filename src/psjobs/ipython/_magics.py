@@ -27,7 +27,7 @@ from psjobs._errors import PsJobsError
 from psjobs.core._format import JobList
 from psjobs.core._job import Job
 
-from ._cell import names_used, register, run_cell
+from ._cell import names_used, register, runner_for
 from ._kernel import user_traceback
 
 if TYPE_CHECKING:
@@ -340,13 +340,13 @@ class JobMagics(Magics):
             if hosts:
                 computers = [h for h in hosts.split(",") if h]
                 captured = self._copies(user, used, "%%bg -c")
-                job = psjobs.invoke_command(run_cell, cell, filename, captured, computer_name=computers,
+                job = psjobs.invoke_command(runner_for(cell), cell, filename, captured, computer_name=computers,
                                             job_name=name)
             elif (kind or self.ext.config.kind) == "thread":
-                job = psjobs.start_thread_job(run_cell, cell, filename, user, name=name)
+                job = psjobs.start_thread_job(runner_for(cell), cell, filename, user, name=name)
             else:
                 captured = self._copies(user, used, "%%bg")
-                job = psjobs.start_job(run_cell, cell, filename, captured, name=name)
+                job = psjobs.start_job(runner_for(cell), cell, filename, captured, name=name)
         self.ext.started(job)
         return job
 

@@ -152,9 +152,7 @@ def pickle_call(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], init
     cloudpickle is imported here, not at the top: a remote bootstrap runs this module's source
     before cloudpickle may exist there, and only the session pickles calls.
     """
-    from .._compat import cloudpickle_dumps  # function file names kept: tracebacks show lines
-
-    return cloudpickle_dumps((target, args, kwargs, init, items), protocol=5)
+    return cloudpickle_dumps((target, args, kwargs, init, items), protocol=5)  # file names kept
 
 
 def load_call(call: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any], Any, Any]:
@@ -507,3 +505,49 @@ def _read_exact(read: Callable[[int], bytes], n: int) -> bytes | None:
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
+
+
+_pickler: Any = None
+
+
+def cloudpickle_dumps(obj: Any, protocol: int = 5) -> bytes:
+    """``cloudpickle.dumps``, keeping the file name of each function shipped by value.
+
+    cloudpickle 3 writes ``<dynamic-code>`` in place of a code object's file name (for payloads
+    that do not depend on where a function was defined). A worker's traceback then names no file,
+    and no one can show the failing line: neither the worker, for a function of a script, nor the
+    session's Jupyter kernel, for a function of a cell (issue 17). Reaches into cloudpickle's
+    ``_code_reduce`` (here rather than in _compat, the bottom layer, which may import nothing but
+    the standard library); without it, plain ``dumps``.
+    """
+    import io
+
+    import cloudpickle
+
+    global _pickler
+    if _pickler is None:
+        reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+        table = getattr(cloudpickle.Pickler, "dispatch_table", None)
+        if reduce is None or table is None:
+            _pickler = False
+        else:
+            import collections
+            import types
+
+            def keep_name(code: types.CodeType) -> Any:
+                rebuild, args = reduce(code)
+                return rebuild, tuple(code.co_filename if type(a) is str and a == "<dynamic-code>" else a
+                                      for a in args)
+
+            base: Any = table
+
+            class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+                dispatch_table = collections.ChainMap({types.CodeType: keep_name}, base)
+
+            _pickler = Pickler
+    if _pickler is False:
+        data: bytes = cloudpickle.dumps(obj, protocol=protocol)
+        return data
+    out = io.BytesIO()
+    _pickler(out, protocol=protocol).dump(obj)
+    return out.getvalue()
