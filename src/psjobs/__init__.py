@@ -12,6 +12,9 @@ verbs drive work in a thread, in another process, and on remote computers over S
 """
 
 from ._api import (
+    as_completed,
+    async_receive_job,
+    async_wait_job,
     configure_ssh,
     default_session,
     get_job,
@@ -45,6 +48,7 @@ from ._errors import (
     StopTimeoutWarning,
     WorkerError,
 )
+from ._executor import Executor
 from ._inside import (
     job_input,
     read_host,
@@ -91,6 +95,7 @@ def unload_ipython_extension(ip: object) -> None:
 
 __all__ = [
     "ErrorRecord",
+    "Executor",
     "ExitStatusError",
     "Host",
     "HostKeyError",
@@ -121,6 +126,9 @@ __all__ = [
     "StopTimeoutWarning",
     "Stream",
     "WorkerError",
+    "as_completed",
+    "async_receive_job",
+    "async_wait_job",
     "configure_ssh",
     "default_session",
     "format_table",

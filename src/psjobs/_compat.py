@@ -134,3 +134,23 @@ def cancel_running_future(future: Any) -> None:
             waiter.add_cancelled(future)
         condition.notify_all()
     invoke()
+
+
+def register_before_exit(fn: Any) -> None:
+    """Run ``fn()`` when the interpreter exits, before ``atexit`` handlers (so before the default
+    session closes and stops every job): where the standard executors wait for their work.
+
+    ``threading._register_atexit`` is private (3.9+); where it is missing, or once the interpreter
+    is already shutting down, ``atexit`` stands in (it runs last-registered first).
+    """
+    import atexit
+    import threading
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:  # "can't register atexit after shutdown"
+            pass
+    atexit.register(fn)

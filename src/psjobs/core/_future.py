@@ -315,7 +315,7 @@ def _report_failures(job: Job) -> None:
             host.write_failure(leaf, leaf._reason)
 
 
-def _session_of(jobs: Any, default: Callable[[], Session]) -> Session:
+def session_of(jobs: Any, default: Callable[[], Session]) -> Session:
     """The session of the first Job among ``jobs`` (a job belongs to one), else the default one."""
     from ._job import Job
 
