@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import multiprocessing
 import sys
 from collections.abc import Callable
+
 import psjobs
 
 from ._harness import Row, format_tables, interleave, metric, now, row
