@@ -327,3 +327,32 @@ def test_executor_on_a_cluster(dask_client: Any) -> None:  # noqa: F811
             assert list(ex.map(pow, [2, 3], [3, 2], timeout=60)) == [8, 9]
     finally:
         session.close()
+
+
+def test_a_job_returned_by_a_job_is_its_output_not_awaited(session: psjobs.Session) -> None:
+    inner = session.start_thread_job(slow_value, 0.01)
+    outer = session.start_thread_job(lambda: inner)
+    assert outer.result(timeout=30) is inner  # a Job is awaitable, but a returned Job is a value
+
+
+def test_a_callables_value_is_its_last_output_item(session: psjobs.Session) -> None:
+    # As docs/futures.md says: write_output items, then return None: the last written item.
+    def writes() -> None:
+        psjobs.write_output("a")
+        psjobs.write_output("b")
+
+    assert session.start_thread_job(writes).result(timeout=30) == "b"
+    assert session.start_thread_job(lambda: None).result(timeout=30) is None
+
+
+@pytest.mark.ssh
+def test_executor_spreads_calls_over_its_computers(sshd_server: Any) -> None:  # noqa: F811
+    session = psjobs.Session(stop_grace=2.0)
+    try:
+        psjobs.configure_ssh(session, config=str(sshd_server.ssh_config), python=sys.executable)
+        with psjobs.Executor(computer_name=["127.0.0.1", "127.0.0.2"], session=session, max_workers=2) as ex:
+            futures = [ex.submit(pow, 2, n) for n in range(4)]
+            assert [f.result(timeout=60) for f in futures] == [1, 2, 4, 8]
+            assert [f.job.location for f in futures] == ["127.0.0.1", "127.0.0.2"] * 2
+    finally:
+        session.close()
