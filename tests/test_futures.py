@@ -356,3 +356,17 @@ def test_executor_spreads_calls_over_its_computers(sshd_server: Any) -> None:  #
             assert [f.job.location for f in futures] == ["127.0.0.1", "127.0.0.2"] * 2
     finally:
         session.close()
+
+
+def test_cancelling_the_future_of_a_queued_job_stops_the_job(session: psjobs.Session, tmp_path: Path) -> None:
+    session.thread_throttle_limit = 1
+    gate = str(tmp_path / "gate")
+    busy = session.start_thread_job(wait_for_file, gate)
+    queued = session.start_thread_job(slow_value, 0.01)
+    assert queued.state is JobState.NOT_STARTED  # waits for a throttle slot
+    future = queued.as_future()
+    assert not future.running()
+    assert future.cancel() is True
+    assert future.cancelled() and queued.state is JobState.STOPPED
+    Path(gate).touch()
+    assert busy.result(timeout=30) == gate

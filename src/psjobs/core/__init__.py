@@ -44,8 +44,8 @@ Locks, and the order in which they may be taken (outer first)
 4. Leaves: the registry's lock (core/_backend), the id counter's (core/_job), the default session's
    (psjobs/_api), the callbacks dispatcher's ``_Dispatcher.lock`` (core/_future: taken under the
    session lock to queue a callback), ``Executor._lock`` (psjobs/_executor: its queue and count;
-   no job is started or settled under it), the host store's ``Store._lock`` (SQLite, taken by the writer thread and by reads
-   outside the session lock); nothing is taken under them.
+   no job is started or settled under it), the host store's ``Store._lock`` (SQLite, taken by the
+   writer thread and by reads outside the session lock); nothing is taken under them.
 
 Outside the session's process, a process worker has two: ``Writer._lock`` then ``Channel.lock``
 (worker/_batching), both RLocks with a busy flag, since a finalizer that prints re-enters them in

@@ -224,12 +224,14 @@ class FollowingFuture(concurrent.futures.Future[Any]):
         self.job = job
 
     def cancel(self) -> bool:
+        """Stop the job behind this future for real (even a running one, which a plain Future
+        cannot cancel); True once the future is cancelled. Without a job yet (a call still queued
+        in its Executor) or once done, what any Future does."""
         job = self.job
-        if job is None or not self.running():
-            return super().cancel()  # pending (or done): what any Future does
-        if job.done():
-            return False
-        job.cancel()  # returns once the job is Stopped (or a thread job outlived the grace)
+        if job is None or self.done():
+            return super().cancel()
+        if not job.done():
+            job.cancel()  # returns once the job is Stopped (or a thread job outlived the grace)
         self.settle(job)
         return self.cancelled()
 

@@ -326,7 +326,7 @@ class Job:
         """Forget ``fn`` as a done or state callback of this job (nothing happens if it is not one)."""
         _future.remove_callback(self, fn)
 
-    def as_future(self) -> Any:
+    def as_future(self) -> _future.FollowingFuture:
         """A ``concurrent.futures.Future`` following the job (``.job`` is the job); cancelling it
         stops the job."""
         return _future.as_future(self)
