@@ -12,6 +12,9 @@ verbs drive work in a thread, in another process, and on remote computers over S
 """
 
 from ._api import (
+    as_completed,
+    async_receive_job,
+    async_wait_job,
     configure_ssh,
     connect,
     default_session,
@@ -46,6 +49,7 @@ from ._errors import (
     StopTimeoutWarning,
     WorkerError,
 )
+from ._executor import Executor
 from ._inside import (
     job_input,
     read_host,
@@ -92,6 +96,7 @@ def unload_ipython_extension(ip: object) -> None:
 
 __all__ = [
     "ErrorRecord",
+    "Executor",
     "ExitStatusError",
     "Host",
     "HostKeyError",
@@ -122,6 +127,9 @@ __all__ = [
     "StopTimeoutWarning",
     "Stream",
     "WorkerError",
+    "as_completed",
+    "async_receive_job",
+    "async_wait_job",
     "configure_ssh",
     "connect",
     "default_session",

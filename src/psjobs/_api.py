@@ -6,12 +6,13 @@ import atexit
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from .backends.ssh._backend import SSHOptions
 from .backends.ssh._backend import configure_ssh as _configure_ssh
+from .core import _future
 from .core._format import JobList
 from .core._job import Job
 from .core._session import JobSelector, Session
@@ -150,6 +151,29 @@ def connect(home: str | os.PathLike[str] | None = None, *, verbose: bool = False
     from ._connect import HostSession  # lazily: the host's client is not part of `import psjobs`
 
     return HostSession(home=home, verbose=verbose, debug=debug)
+
+
+def as_completed(jobs: JobSelector, timeout: float | None = None) -> Iterator[Job]:
+    """Yield the jobs as they finish, the finished ones first (``concurrent.futures.as_completed``
+    for jobs); ``TimeoutError`` if some are unfinished after ``timeout`` seconds (they go on)."""
+    return _future.as_completed(_future.session_of(jobs, default_session), jobs, timeout)
+
+
+async def async_wait_job(jobs: JobSelector, *, any: bool = False, timeout: float | None = None,
+                         state: JobState | str | None = None) -> list[Job]:
+    """``await``-able ``wait_job``: the event loop runs on while the jobs do (no thread per waiter)."""
+    session = _future.session_of(jobs, default_session)
+    return JobList(await _future.wait_async(session, jobs, any=any, timeout=timeout, state=state))
+
+
+async def async_receive_job(jobs: JobSelector, *, keep: bool = False, wait: bool = False,
+                            timeout: float | None = None, auto_remove: bool = False, no_recurse: bool = False,
+                            error_action: str = "continue", records: bool = False) -> list[Any]:
+    """``await``-able ``receive_job``: with ``wait=True`` the jobs are awaited without blocking the loop."""
+    session = _future.session_of(jobs, default_session)
+    return await _future.receive_async(session, jobs, keep=keep, wait=wait, timeout=timeout,
+                                       auto_remove=auto_remove, no_recurse=no_recurse,
+                                       error_action=error_action, records=records)
 
 
 @functools.wraps(_configure_ssh)

@@ -105,3 +105,52 @@ def worker_backlog(worker: Any) -> Any:
     stream = getattr(worker, "batched_stream", None)
     return getattr(stream, "buffer", None)
 
+
+def cancel_running_future(future: Any) -> None:
+    """Mark a running ``concurrent.futures.Future`` cancelled, waking its waiters and callbacks.
+
+    Needed because a Future cannot be cancelled once running (its executor could not stop the
+    call), but a psjobs job can be stopped for real: its future must then say so, as one cancelled
+    before it ran does (``cancelled()``, ``wait``, ``as_completed``). Reaches into ``_base.Future``'s
+    ``_condition``, ``_state``, ``_waiters`` and ``_invoke_callbacks`` (stable since 3.2); where
+    they are missing, the future gets a ``CancelledError`` as its exception instead.
+    """
+    import concurrent.futures
+
+    condition = getattr(future, "_condition", None)
+    invoke = getattr(future, "_invoke_callbacks", None)
+    waiters = getattr(future, "_waiters", None)
+    if condition is None or invoke is None or waiters is None or not hasattr(future, "_state"):
+        try:
+            future.set_exception(concurrent.futures.CancelledError())
+        except concurrent.futures.InvalidStateError:
+            pass
+        return
+    with condition:
+        if getattr(future, "_state") in ("FINISHED", "CANCELLED_AND_NOTIFIED"):  # noqa: B009
+            return
+        setattr(future, "_state", "CANCELLED_AND_NOTIFIED")  # noqa: B010
+        for waiter in waiters:
+            waiter.add_cancelled(future)
+        condition.notify_all()
+    invoke()
+
+
+def register_before_exit(fn: Any) -> None:
+    """Run ``fn()`` when the interpreter exits, before ``atexit`` handlers (so before the default
+    session closes and stops every job): where the standard executors wait for their work.
+
+    ``threading._register_atexit`` is private (3.9+); where it is missing, or once the interpreter
+    is already shutting down, ``atexit`` stands in (it runs last-registered first).
+    """
+    import atexit
+    import threading
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:  # "can't register atexit after shutdown"
+            pass
+    atexit.register(fn)

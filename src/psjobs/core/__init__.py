@@ -17,6 +17,9 @@ Threads psjobs starts, in the session's process
 - ``psjobs-dask-N`` (backends/dask/_conn): one dispatcher per cluster connection, the only thread
   that reports for cluster jobs; ``psjobs-dask-stop`` helpers broadcast a stop to the workers.
   (distributed's Client runs its own event-loop thread; psjobs only puts things in an inbox there.)
+- ``psjobs-callbacks`` (core/_future): one per process, started by the first job callback that is
+  due (done and state callbacks, ``as_future``, the asyncio waiters' wake-ups) and ended after
+  a second without work; runs every callback in order, outside every psjobs lock.
 - ``psjobs-host-writer`` (host/_journal: writes every journal's records, cursors and states to
   SQLite, one transaction per pass) and ``psjobs-host-conn`` (one per client connection, host/_server):
   the session host's.
@@ -44,8 +47,10 @@ Locks, and the order in which they may be taken (outer first)
    only count and queue). It is the innermost lock: nothing else is taken while it is held, no
    backend is called under it, and nothing slow runs under it.
 4. Leaves: the registry's lock (core/_backend), the id counter's (core/_job), the default session's
-   (psjobs/_api), the host store's ``Store._lock`` (SQLite, taken by the writer thread and by reads
-   outside the session lock); nothing is taken under them.
+   (psjobs/_api), the callbacks dispatcher's ``_Dispatcher.lock`` (core/_future: taken under the
+   session lock to queue a callback), ``Executor._lock`` (psjobs/_executor: its queue and count;
+   no job is started or settled under it), the host store's ``Store._lock`` (SQLite, taken by the
+   writer thread and by reads outside the session lock); nothing is taken under them.
 
 Outside the session's process, a process worker has two: ``Writer._lock`` then ``Channel.lock``
 (worker/_batching), both RLocks with a busy flag, since a finalizer that prints re-enters them in

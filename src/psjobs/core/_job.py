@@ -20,10 +20,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
+from . import _future
+from ._future import VALUE, Watch
 from ._journal import Entry as Entry  # backends import it from here
 from ._journal import Journal, MemoryJournal
 from ._spill import SMALL
@@ -86,9 +89,11 @@ class Job:
         "_parent",
         "_reason",
         "_session",
+        "_shape",
         "_state",
         "_stop_requested",
         "_tree",
+        "_watch",
         "backend_data",
         "command",
         "computer_name",
@@ -133,6 +138,8 @@ class Job:
         # Set by its JobPort when the Session makes a leaf: which backend runs it, and its tree.
         self._kind: str | None = None
         self._tree: Any = None
+        self._shape = VALUE  # what result() makes of the output (see _future; set by make_tree)
+        self._watch: Watch | None = None  # callbacks and async waiters (see _future), made on first use
         if parent is not None:
             if parent._children is None:
                 parent._children = []
@@ -279,6 +286,67 @@ class Job:
         """``resume_job(self)``."""
         self._session.resume_job(self)
 
+    # --- as a future (API.md 8.1; the work is in _future) ----------------------------------------
+    def done(self) -> bool:
+        """True once the job is finished (Completed, Failed or Stopped)."""
+        return self._state.is_finished
+
+    def running(self) -> bool:
+        """True while the job has started and is not finished."""
+        return self._state is not JobState.NOT_STARTED and not self._state.is_finished
+
+    def cancelled(self) -> bool:
+        """True if the job was stopped."""
+        return self._state is JobState.STOPPED
+
+    def cancel(self) -> bool:
+        """Stop the job for real (``stop_job``); True if it was not finished yet."""
+        return _future.cancel(self)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's value once it is finished: a callable's return value, a generator's items as a
+        list, a command's output lines as a list; for a parent of several children, their values in
+        child order. A Failed job raises its reason, a Stopped one
+        ``concurrent.futures.CancelledError``; ``TimeoutError`` if it is not finished within
+        ``timeout`` (the job goes on). The receive cursor does not move."""
+        return _future.result(self, timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception that failed the job, None if it completed (waits as ``result`` does)."""
+        return _future.exception(self, timeout)
+
+    def add_done_callback(self, fn: Callable[[Job], Any]) -> None:
+        """``fn(job)`` once the job is finished: at once in this thread if it already is, else from
+        psjobs' callbacks thread. An exception in ``fn`` is logged on the ``psjobs`` logger."""
+        _future.add_done_callback(self, fn)
+
+    def add_state_callback(self, fn: Callable[[Job, JobState, JobState], Any]) -> None:
+        """``fn(job, old_state, new_state)`` on every state change from now on (PowerShell's
+        StateChanged event), in order, from psjobs' callbacks thread, never under a psjobs lock."""
+        _future.add_state_callback(self, fn)
+
+    def remove_callback(self, fn: Callable[..., Any]) -> None:
+        """Forget ``fn`` as a done or state callback of this job (nothing happens if it is not one)."""
+        _future.remove_callback(self, fn)
+
+    def as_future(self) -> _future.FollowingFuture:
+        """A ``concurrent.futures.Future`` following the job (``.job`` is the job); cancelling it
+        stops the job."""
+        return _future.as_future(self)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await job`` gives ``job.result()`` without blocking the event loop."""
+        return _future.await_result(self).__await__()
+
+    def stream(self, timeout: float | None = None) -> Iterator[Any]:
+        """Output items as they arrive, consumed as ``receive_job`` does, until the job ends (or
+        ``timeout``: the job goes on); other records go to the session's host."""
+        return _future.stream(self, timeout)
+
+    def astream(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        """``stream`` as an async iterator."""
+        return _future.astream(self, timeout)
+
     # --- events (the session's lock is held by the caller) ---------------------------------
     def _apply(self, event: Event, *, reason: BaseException | None = None,
                exit_code: int | None = None, now: float | None = None) -> None:
@@ -311,6 +379,8 @@ class Job:
             counts[old] -= 1
             counts[new] = counts.get(new, 0) + 1
             parent._rederive(t)
+        if self._watch is not None:
+            self._watch.changed(self, old, new)  # only queues: the callbacks run outside the lock
         if new is not JobState.RUNNING:
             # Nobody waits for a job to run (waits are for data, a prompt or the end), and each
             # wake-up of a waiting thread costs a GIL hand-off with the I/O thread on the job's path.
@@ -337,6 +407,8 @@ class Job:
             journal.extend(entries)
         if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
             self._journal = self._session._spill.adopt(self, journal)  # now within the memory window
+        if self._watch is not None:
+            self._watch.news(self)
         self._session._cond.notify_all()
 
     def _append(self, entry: Entry) -> None:
@@ -349,6 +421,8 @@ class Job:
             journal.append(entry)
             if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
                 self._journal = self._session._spill.adopt(self, journal)
+        if self._watch is not None:
+            self._watch.news(self)
         cond = self._session._cond
         if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
             cond.notify_all()

@@ -14,14 +14,18 @@ once always finds its job.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError
 from .._inside import current_job_id
+from ._future import ITEMS, LINES, VALUE
 from ._job import Job, _next_ids
 from ._port import JobPort, _Tree
 from ._pshost import describe_job
+from ._spec import CALL
 from ._state import Event, JobState
 
 if TYPE_CHECKING:
@@ -37,6 +41,7 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
         (jid,) = _next_ids(1)
         top = Job(session, jid, job_type=job_type, name=name, command=spec.command,
                   location=plan.places[0].location)
+        top._shape = shape_of(spec)
         port = JobPort(top, kind, None)
         with session._cond:
             session._register_locked((top,))
@@ -48,6 +53,9 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
         leaves = [Job(session, cid, job_type="", name=None, command=spec.command, parent=top,
                       location=place.location, computer_name=place.computer_name)
                   for cid, place in zip(ids[1:], plan.places)]
+        shape = shape_of(spec)
+        for leaf in leaves:
+            leaf._shape = shape
         jobs = [top, *leaves]
         tree = _Tree(top, plan.follow_where)
     ports = [JobPort(leaf, kind, tree) for leaf in leaves]
@@ -56,6 +64,19 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
         if not leaves:
             top._apply(Event.COMPLETE)  # an empty fan-out: nothing to run, nothing failed
     return top, ports
+
+
+def shape_of(spec: JobSpec) -> str:
+    """What ``result()`` makes of a job's output (core/_future): a command's lines, a generator's
+    items, or a callable's return value (its last output item)."""
+    if spec.kind != CALL:
+        return LINES
+    target = spec.target
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+        return ITEMS
+    return VALUE
 
 
 def check_timeout(verb: str, timeout: float | None) -> float | None:

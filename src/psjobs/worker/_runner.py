@@ -118,7 +118,7 @@ def call(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         for item in result:
             emitter.emit(Stream.OUTPUT, item)
         return None
-    if inspect.isawaitable(result) or inspect.isasyncgen(result):
+    if _awaited(result):
         result = _settle(result, emitter)
         if result is None:
             return None
@@ -129,13 +129,19 @@ def call(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     return None
 
 
+def _awaited(result: Any) -> bool:
+    """A coroutine, an awaitable or an async generator: run to its end. Not a psjobs Job, which is
+    awaitable too (``await job``, API.md 8.1) but, returned by a job, is that job's output."""
+    return (inspect.isawaitable(result) and not hasattr(result, "child_jobs")) or inspect.isasyncgen(result)
+
+
 STOP_POLL = 0.05  # seconds: how often a running coroutine looks at the stop flag (see _settle)
 
 
 def _settle(result: Any, emitter: Any = None) -> Any:
     """What a coroutine, an awaitable or an async generator comes to, run in a loop of this thread;
     anything else as it is. An async generator's items go to ``emitter`` (or are dropped)."""
-    if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+    if not _awaited(result):
         return result
     import asyncio  # only here: importing it costs a process job ~10 ms
 

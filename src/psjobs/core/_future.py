@@ -1,0 +1,494 @@
+"""Jobs as futures: result(), callbacks, as_completed, ``await job``, and streams as iterators.
+
+::
+
+    backend --port--> Job._set_state / _extend  (session lock held)
+                          |  a watched job only: Watch.changed / Watch.news queue a call
+                          v
+                   dispatcher queue --psjobs-callbacks thread--> fn(job, old, new), fn(job)
+                          (outside the session lock, in order)        |
+                                                                      +--> Future.set_result ...
+                                                                      +--> loop.call_soon_threadsafe
+                                                                           (await job, astream)
+    result(): waits on the session's condition, then reads the journal from 0 (the receive
+              cursor does not move) and shapes the value by what ran (``SHAPES``)
+
+Callbacks run on one thread per process (``psjobs-callbacks``, started on the first one and
+ended after a second without work), never with the session lock held: a callback may call any
+verb. An asyncio waiter costs no thread: its callback only schedules a wake-up in its loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .._compat import cancel_running_future
+from .._records import Stream
+from ._state import JobState
+
+if TYPE_CHECKING:
+    from ._job import Job
+    from ._session import Session
+
+log = logging.getLogger("psjobs")
+
+#: what ``result()`` makes of a job's output, set when the job is made (core/_tree.make_tree):
+#: a callable's return value (its last output item), a generator's items, a command's lines
+VALUE, ITEMS, LINES = "value", "items", "lines"
+
+StateCallback = Callable[["Job", JobState, JobState], Any]
+DoneCallback = Callable[["Job"], Any]
+
+
+# --- the dispatcher: one thread runs every callback, outside the session lock ---------------------
+
+class _Dispatcher:
+    """A queue of calls and the one thread that runs them, in order; it ends when idle."""
+
+    IDLE = 1.0  # seconds without work before the thread ends (tests check no psjobs thread lingers)
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # a leaf lock: may be taken under the session lock
+        self.thread: threading.Thread | None = None
+
+    def put(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.queue.put((fn, args))
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="psjobs-callbacks", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                fn, args = self.queue.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self.lock:
+                    if self.queue.empty():  # a put after this sees thread None and starts another
+                        self.thread = None
+                        return
+                continue
+            try:
+                fn(*args)
+            except BaseException:
+                log.exception("psjobs: a job callback %r raised; the other callbacks run on", fn)
+
+
+_dispatcher = _Dispatcher()
+
+
+def _after_fork() -> None:
+    global _dispatcher
+    _dispatcher = _Dispatcher()  # the parent's thread does not exist in the child
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def dispatch(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` on the callbacks thread (its exception is logged on ``psjobs``)."""
+    _dispatcher.put(fn, *args)
+
+
+class Watch:
+    """Who listens to one job: state callbacks, done callbacks, news (record) callbacks."""
+
+    __slots__ = ("done", "news_fns", "pending", "states")
+
+    def __init__(self) -> None:
+        self.states: list[StateCallback] = []
+        self.done: list[DoneCallback] = []
+        self.news_fns: list[DoneCallback] = []
+        self.pending = False  # a news call is queued: records coming meanwhile need no other
+
+    # Called with the session lock held: they only queue.
+    def changed(self, job: Job, old: JobState, new: JobState) -> None:
+        for fn in self.states:
+            dispatch(_call_state, fn, job, old, new)
+        if new.is_finished:
+            done, self.done = self.done, []
+            for dfn in done:
+                dispatch(_call_done, dfn, job)
+        if self.news_fns:
+            self.news(job)
+
+    def news(self, job: Job) -> None:
+        if self.news_fns and not self.pending:
+            self.pending = True
+            dispatch(self._fire_news, job)
+
+    def _fire_news(self, job: Job) -> None:
+        self.pending = False  # before the calls: a record after this queues another call
+        for fn in list(self.news_fns):
+            _call_done(fn, job)
+
+
+def _call_state(fn: StateCallback, job: Job, old: JobState, new: JobState) -> None:
+    try:
+        fn(job, old, new)
+    except Exception:
+        log.exception("psjobs: the state callback %r of %r raised", fn, job)
+
+
+def _call_done(fn: DoneCallback, job: Job) -> None:
+    try:
+        fn(job)
+    except Exception:
+        log.exception("psjobs: the done callback %r of %r raised", fn, job)
+
+
+def _watch(job: Job) -> Watch:
+    """The job's Watch, made on first use (the caller holds the session lock)."""
+    w = job._watch
+    if w is None:
+        w = job._watch = Watch()
+    return w
+
+
+# --- the Job's future methods (Job's methods of the same names call these) --------------------------
+
+def cancel(job: Job) -> bool:
+    if job._state.is_finished:
+        return False
+    job._session.stop_job(job)
+    return True
+
+
+def result(job: Job, timeout: float | None) -> Any:
+    _wait_finished(job, timeout, "result")
+    _raise_unless_completed(job)
+    return value_of(job)
+
+
+def exception(job: Job, timeout: float | None) -> BaseException | None:
+    _wait_finished(job, timeout, "exception")
+    if job._state is JobState.STOPPED:
+        raise concurrent.futures.CancelledError(f"{_describe(job)} was stopped")
+    return job.reason if job._state is JobState.FAILED else None
+
+
+def add_done_callback(job: Job, fn: DoneCallback) -> None:
+    with job._session._cond:
+        if not job._state.is_finished:
+            _watch(job).done.append(fn)
+            return
+    _call_done(fn, job)
+
+
+def add_state_callback(job: Job, fn: StateCallback) -> None:
+    with job._session._cond:
+        _watch(job).states.append(fn)
+
+
+def remove_callback(job: Job, fn: Callable[..., Any]) -> None:
+    with job._session._cond:
+        w = job._watch
+        if w is not None:
+            for fns in (w.states, w.done, w.news_fns):
+                while fn in fns:
+                    fns.remove(fn)
+
+
+def as_future(job: Job) -> FollowingFuture:
+    future = FollowingFuture(job)
+    if job._state is not JobState.NOT_STARTED:
+        future.set_running_or_notify_cancel()
+    add_done_callback(job, future.settle)
+    return future
+
+
+def stream(job: Job, timeout: float | None) -> Iterator[Any]:
+    session = job._session
+    for leaf, kind, payload, _ in session.read_entries(job, wait=True, timeout=timeout):
+        if kind is Stream.OUTPUT:
+            yield payload
+        elif kind is not Stream.PROGRESS:
+            session.host.write_record(leaf, payload)
+    if job._state.is_finished:
+        _report_failures(job)
+
+
+class FollowingFuture(concurrent.futures.Future[Any]):
+    """A Future that follows a job; cancelling it stops the job (``.job``)."""
+
+    def __init__(self, job: Job | None = None) -> None:
+        super().__init__()
+        self.job = job
+
+    def cancel(self) -> bool:
+        """Stop the job behind this future for real (even a running one, which a plain Future
+        cannot cancel); True once the future is cancelled. Without a job yet (a call still queued
+        in its Executor) or once done, what any Future does."""
+        job = self.job
+        if job is None or self.done():
+            return super().cancel()
+        if not job.done():
+            job.cancel()  # returns once the job is Stopped (or a thread job outlived the grace)
+        self.settle(job)
+        return self.cancelled()
+
+    def settle(self, job: Job) -> None:
+        """Take the finished job's outcome (idempotent)."""
+        if self.done() or not job.done():
+            return
+        try:
+            if job.state is JobState.STOPPED:
+                cancel_running_future(self)
+                return
+            if job.state is JobState.FAILED:
+                self.set_exception(job.reason or _failed_without_reason(job))
+                return
+            try:
+                value = value_of(job)
+            except BaseException as exc:
+                self.set_exception(exc)
+                return
+            self.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # settled meanwhile by another thread (a cancel racing the callback)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _describe(job: Job) -> str:
+    return f"Job {job.id} {job.name!r}"
+
+
+def _failed_without_reason(job: Job) -> BaseException:
+    from .._errors import JobFailedError
+
+    return JobFailedError(f"{_describe(job)} is Failed without a reason; read its error stream: job.error",
+                          output=[], errors=job.error, reason=None)
+
+
+def _wait_finished(job: Job, timeout: float | None, verb: str) -> None:
+    from ._tree import check_timeout, refuse_waiting_on_itself
+
+    timeout = check_timeout(verb, timeout)
+    if job._state.is_finished:
+        return
+    refuse_waiting_on_itself(verb, [job], every=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    cond = job._session._cond
+    with cond:
+        while not job._state.is_finished:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise concurrent.futures.TimeoutError(
+                    f"{verb}: {_describe(job)} is still {job._state} after {timeout} s; it goes on: "
+                    f"wait again, or stop it with job.cancel()")
+            cond.wait(remaining)
+
+
+def _raise_unless_completed(job: Job) -> None:
+    if job._state is JobState.STOPPED:
+        raise concurrent.futures.CancelledError(f"{_describe(job)} was stopped, so it has no result")
+    if job._state is JobState.FAILED:
+        raise job.reason or _failed_without_reason(job)
+
+
+def value_of(job: Job) -> Any:
+    """A finished job's value (see ``result``), read without moving the receive cursor."""
+    children = job._children
+    if children is not None and job._journal is None:
+        values = [value_of(child) for child in children]
+        return values[0] if len(values) == 1 else values
+    with job._session._cond:
+        journal = job._journal
+        end = len(journal) if journal is not None else 0
+    items = [p for s, p, _ in journal.read(0, end) if s == Stream.OUTPUT] if journal is not None else []
+    if job._shape == VALUE:
+        return items[-1] if items else None
+    return items
+
+
+def _report_failures(job: Job) -> None:
+    host = job._session.host
+    for leaf in job._leaves():
+        if leaf._state is JobState.FAILED and leaf._reason is not None:
+            host.write_failure(leaf, leaf._reason)
+
+
+def session_of(jobs: Any, default: Callable[[], Session]) -> Session:
+    """The session of the first Job among ``jobs`` (a job belongs to one), else the default one."""
+    from ._job import Job
+
+    items = [jobs] if isinstance(jobs, (Job, str, int)) or not isinstance(jobs, Iterable) else list(jobs)
+    for item in items:
+        if isinstance(item, Job):
+            return item.session
+    return default()
+
+
+def as_completed(session: Session, jobs: Any, timeout: float | None = None) -> Iterator[Job]:
+    """Yield the jobs as they finish (the finished ones first); ``TimeoutError`` when ``timeout``
+    seconds pass with some unfinished (they go on)."""
+    from ._tree import check_timeout
+
+    timeout = check_timeout("as_completed", timeout)
+    selected = session._resolve(jobs, "as_completed")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    finished: queue.SimpleQueue[Job] = queue.SimpleQueue()
+    pending = {job.id: job for job in selected}
+    for job in selected:
+        add_done_callback(job, finished.put)
+    try:
+        while pending:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise queue.Empty
+                job = finished.get(timeout=remaining)
+            except queue.Empty:
+                raise concurrent.futures.TimeoutError(
+                    f"as_completed: {len(pending)} (of {len(selected)}) jobs unfinished after {timeout} s "
+                    f"(first: {_describe(next(iter(pending.values())))}); they go on") from None
+            if pending.pop(job.id, None) is not None:
+                yield job
+    finally:
+        for job in pending.values():
+            remove_callback(job, finished.put)
+
+
+# --- asyncio: one callback per awaited job, scheduled into the loop; no thread per waiter ----------
+
+async def wait_async(session: Session, jobs: Any, *, any: bool = False, timeout: float | None = None,
+                     state: JobState | str | None = None) -> list[Job]:
+    """``wait_job`` for asyncio: the loop runs on while the jobs do."""
+    import asyncio
+
+    from ._tree import check_timeout
+
+    timeout = check_timeout("async_wait_job", timeout)
+    want = JobState.parse(state) if state is not None else None
+    selected = session._resolve(jobs, "async_wait_job")
+    if want is not None:
+        selected = [j for j in selected if j.state is want]
+    if not selected:
+        return session.wait_job([], timeout=0)
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+
+    def poke(*_: Any) -> None:  # on the callbacks thread
+        try:
+            loop.call_soon_threadsafe(woken.set)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    for job in selected:
+        add_state_callback(job, poke)
+    deadline = None if timeout is None else loop.time() + timeout
+    try:
+        while True:
+            woken.clear()
+            done = session.wait_job(selected, any=any, timeout=0)
+            if done:
+                return done
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return done
+            try:
+                await asyncio.wait_for(woken.wait(), remaining)
+            except asyncio.TimeoutError:
+                return session.wait_job(selected, any=any, timeout=0)
+    finally:
+        for job in selected:
+            remove_callback(job, poke)
+
+
+async def receive_async(session: Session, jobs: Any, *, wait: bool = False, timeout: float | None = None,
+                        **kwargs: Any) -> list[Any]:
+    """``receive_job`` for asyncio: with ``wait=True`` the jobs are awaited without blocking the loop."""
+    if wait:
+        await wait_async(session, jobs, timeout=timeout)
+        return session.receive_job(jobs, wait=True, timeout=0, **kwargs)
+    return session.receive_job(jobs, timeout=timeout, **kwargs)
+
+
+async def await_result(job: Job) -> Any:
+    while not job._state.is_finished:
+        await wait_async(job._session, job)  # returns on Suspended too: wait again until finished
+        if not job._state.is_finished:
+            await _next_change(job)
+    return result(job, 0)
+
+
+async def _next_change(job: Job) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+
+    def poke(*_: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(woken.set)
+        except RuntimeError:
+            pass
+
+    add_state_callback(job, poke)
+    try:
+        if not job._state.is_finished:
+            await woken.wait()
+    finally:
+        remove_callback(job, poke)
+
+
+async def astream(job: Job, timeout: float | None) -> AsyncIterator[Any]:
+    import asyncio
+
+    from ._tree import check_timeout
+
+    timeout = check_timeout("astream", timeout)
+    session = job._session
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+    leaves = job._leaves()
+
+    def poke(*_: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(woken.set)
+        except RuntimeError:
+            pass
+
+    with session._cond:
+        for leaf in leaves:
+            _watch(leaf).news_fns.append(poke)
+    deadline = None if timeout is None else loop.time() + timeout
+    try:
+        while True:
+            woken.clear()
+            ended = all(leaf._state.is_persistent for leaf in leaves)
+            for item in _drain(job):
+                yield item
+            if ended:
+                _report_failures(job)
+                return
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(woken.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+    finally:
+        for leaf in leaves:
+            remove_callback(leaf, poke)
+
+
+def _drain(job: Job) -> list[Any]:
+    session = job._session
+    out: list[Any] = []
+    for leaf, stream, payload, _ in session.read_entries(job):
+        if stream is Stream.OUTPUT:
+            out.append(payload)
+        elif stream is not Stream.PROGRESS:
+            session.host.write_record(leaf, payload)
+    return out
