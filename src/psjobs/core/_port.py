@@ -175,6 +175,7 @@ class JobPort:
         with self._lock:
             if job.state.is_finished:
                 return False
+            job._attempts += 1
             if pid is not None:
                 job.pid = pid
             if where is not None:
@@ -238,6 +239,9 @@ class JobPort:
         with self._lock:
             if job.state.is_finished:
                 return False
+            if outcome.kind == _FAILED and job.id in job._session._sched.retries \
+                    and job._session._sched.retry_locked(job, outcome, list(tail)):
+                return True  # retries=N: it runs again (core/_sched)
             if tail:
                 job._extend(tail if isinstance(tail, list) else list(tail))
             job._apply(outcome.event, reason=outcome.reason, exit_code=outcome.exit_code)
