@@ -239,9 +239,10 @@ class JobPort:
         with self._lock:
             if job.state.is_finished:
                 return False
-            if outcome.kind == _FAILED and job.id in job._session._sched.retries \
-                    and job._session._sched.retry_locked(job, outcome, list(tail)):
-                return True  # retries=N: it runs again (core/_sched)
+            if job.id in job._session._sched.retries:  # started with retries=N (core/_sched)
+                tail = tail if isinstance(tail, list) else list(tail)
+                if job._session._sched.retry_locked(job, outcome, tail):
+                    return True  # it runs again
             if tail:
                 job._extend(tail if isinstance(tail, list) else list(tail))
             job._apply(outcome.event, reason=outcome.reason, exit_code=outcome.exit_code)

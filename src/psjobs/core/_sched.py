@@ -192,6 +192,7 @@ class Scheduler:
             if when.holds:
                 self._held.append(_Held(top, ports, spec, backend, when))
                 self._scan_messages_locked(top, when)
+                self.session._cond.notify_all()  # a scheduler thread already waiting looks again
         self._ensure_thread()
         if not when.holds and ports:
             backend.start(ports, spec)
@@ -217,13 +218,13 @@ class Scheduler:
         while True:
             with cond:
                 while True:
-                    if not self._held and not self.retries and not self._again:
-                        self._thread = None
-                        return
                     release, deadline = self._scan_locked(time.time())
                     again, self._again = self._again, []
                     if release or again:
                         break
+                    if not self._held and not self.retries:  # checked after the scan: it drops some
+                        self._thread = None
+                        return
                     cond.wait(None if deadline is None else max(0.0, deadline - time.time()))
             for held in release:
                 self._start(held.backend, held.ports, held.spec)
@@ -282,7 +283,7 @@ class Scheduler:
     def retry_locked(self, job: Job, outcome: Outcome, tail: list[Any]) -> bool:
         """A leaf's run failed: True if it runs again (its tail and a warning kept, still Running)."""
         retry = self.retries.get(job.id)
-        if retry is None or job._stop_requested or retry.left <= 0:
+        if retry is None or outcome.kind != "failed" or job._stop_requested or retry.left <= 0:
             self.retries.pop(job.id, None)
             return False
         retry.left -= 1
