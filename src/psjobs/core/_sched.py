@@ -24,11 +24,12 @@ and no backend is called under it, as everywhere in the core.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -174,6 +175,7 @@ class Scheduler:
         self.recipes: dict[int, _Recipe] = {}   # top-level id -> how it was started
         self._held: list[_Held] = []
         self._again: list[tuple[JobPort, _Retry]] = []
+        self.watch: list[tuple[Job, Callable[[Job], None]]] = []  # on_finished: the host's callback
         self._thread: threading.Thread | None = None
 
     # --- starting ----------------------------------------------------------------------------
@@ -208,7 +210,7 @@ class Scheduler:
 
     def _ensure_thread(self) -> None:
         with self.session._cond:
-            if self._thread is not None or not (self._held or self.retries):
+            if self._thread is not None or not (self._held or self.retries or self.watch):
                 return
             thread = self._thread = threading.Thread(target=self._loop, name="psjobs-sched", daemon=True)
         thread.start()
@@ -220,9 +222,12 @@ class Scheduler:
                 while True:
                     release, deadline = self._scan_locked(time.time())
                     again, self._again = self._again, []
-                    if release or again:
+                    done = [w for w in self.watch if w[0]._state.is_finished]
+                    if done:
+                        self.watch = [w for w in self.watch if not w[0]._state.is_finished]
+                    if release or again or done:
                         break
-                    if not self._held and not self.retries:  # checked after the scan: it drops some
+                    if not self._held and not self.retries and not self.watch:  # after the scan: it drops some
                         self._thread = None
                         return
                     cond.wait(None if deadline is None else max(0.0, deadline - time.time()))
@@ -235,6 +240,11 @@ class Scheduler:
                     port.ended(Outcome.stopped())
                 else:
                     self._start(retry.backend, [port], retry.spec)
+            for job, fn in done:
+                try:
+                    fn(job)
+                except Exception:  # a callback's failure is logged, never lost, and never stops the queue
+                    logging.getLogger("psjobs").exception("psjobs: the finish callback of %r failed", job)
 
     @staticmethod
     def _start(backend: Backend, ports: list[JobPort], spec: JobSpec) -> None:
@@ -377,6 +387,14 @@ class SchedulingVerbs:
             raise ValueError(f"{verb}: there is no group {name!r}; make it with configure_group({name!r}, "
                              f"parallel=N)")
         return group
+
+    def on_finished(self, job: Job, fn: Callable[[Job], None]) -> None:
+        """Call ``fn(job)`` from the psjobs-sched thread once ``job`` is finished (the session host's
+        completion hook). An exception in ``fn`` is logged on the ``psjobs`` logger."""
+        with self._cond:
+            self._sched.watch.append((job, fn))
+            self._cond.notify_all()
+        self._sched._ensure_thread()
 
     def restart_job(self, job: Any) -> Job:
         """A new job with the same target, arguments and options as finished ``job`` (not its

@@ -17,9 +17,13 @@ OSError; the server turns any of them into the error reply.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 import socket
+import subprocess
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,12 +41,14 @@ from ..core._job import Job
 from ..core._pshost import reason_text
 from ..core._session import Session
 from ..core._spec import check_directory
+from ..core._state import JobState
 from ._client import Paths
 from ._journal import Writer, pid_of
 from ._protocol import (
     VERSION,
     Failure,
     GetRequest,
+    GroupRequest,
     InvokeRequest,
     JobView,
     ReceiveRequest,
@@ -51,12 +57,15 @@ from ._protocol import (
     RemoveRequest,
     RemoveResult,
     Request,
+    RestartRequest,
+    ResumeRequest,
     ShutdownRequest,
     ShutdownResult,
     StartRequest,
     StatusRequest,
     StatusResult,
     StopRequest,
+    SuspendRequest,
     WaitRequest,
     WaitResult,
     pack,
@@ -86,6 +95,7 @@ class Context:
     started: float
     shutdown: Callable[[], list[int]]   # stops the host; returns the running jobs it stopped
     cwds: dict[int, str | None] = field(default_factory=dict)  # where each job's command runs
+    callback: str | None = None  # PSJOBS_CALLBACK: a shell command run as each job finishes
 
 
 # --- the command's words and the Session's ---------------------------------------------------------
@@ -113,7 +123,8 @@ def _selector(text: str) -> int | uuid.UUID | str:
 _HINTS = [(re.compile(r"list the session's jobs with get_job\(\)"), "list the jobs with `psjobs get`"),
           (re.compile(r"\bstop_job\((\d+)\)"), r"`psjobs stop \1`"),
           (re.compile(r"\bremove_job\((\d+)\)"), r"`psjobs remove \1`"),
-          (re.compile(r"pass force=True"), "pass --force")]
+          (re.compile(r"pass force=True"), "pass --force"),
+          (re.compile(r"\brestart_job\((\d+)\)"), r"`psjobs restart \1`")]
 
 
 def worded(verb: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -139,7 +150,7 @@ def view(ctx: Context, job: Job) -> JobView:
                    computer_name=job.computer_name, exit_code=job.exit_code,
                    reason=None if reason is None else reason_text(reason), begin_time=_iso(job.begin_time),
                    end_time=_iso(job.end_time), instance_id=str(job.instance_id), pid=pid_of(job),
-                   cwd=ctx.cwds.get(job.id))
+                   cwd=ctx.cwds.get(job.id), status_message=job.status_message, attempts=job.attempts)
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -158,6 +169,8 @@ def _started(ctx: Context, job: Job, cwd: str | None) -> JobView:
     for node in nodes:
         ctx.cwds[node.id] = cwd
     ctx.writer.started(nodes, cwd)
+    if ctx.callback:
+        ctx.session.on_finished(job, functools.partial(run_callback, ctx.callback))
     return view(ctx, job)
 
 
@@ -169,11 +182,13 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
     cwd = check_directory("start", req.cwd)
     target: Any = req.command[0] if len(req.command) == 1 else req.command
     session = ctx.session
+    when = {"group": req.group, "after": find(ctx, req.after, "start") if req.after else None,
+            "delay": req.delay, "retries": req.retries}
     if req.thread:
-        job = session.start_thread_job(target, name=req.name, working_directory=cwd)
+        job = worded("start", session.start_thread_job, target, name=req.name, working_directory=cwd, **when)
     else:
-        job = session.start_job(target, name=req.name, working_directory=cwd,
-                                env=None if req.env is None else _env_delta(req.env))
+        job = worded("start", session.start_job, target, name=req.name, working_directory=cwd,
+                     env=None if req.env is None else _env_delta(req.env), **when)
     return _started(ctx, job, cwd)
 
 
@@ -196,7 +211,9 @@ def get(ctx: Context, req: GetRequest, reply: Reply) -> list[JobView]:
     if req.newest is not None and req.newest < 0:
         raise ValueError(f"get: --newest must be >= 0, not {req.newest}")
     ids = find(ctx, req.ids, "get") if req.ids else None
-    jobs = ctx.session.get_job(id=ids, state=req.state, newest=req.newest, include_child_jobs=req.children)
+    jobs = ctx.session.get_job(id=ids, name=req.names or None, state=req.state, newest=req.newest,
+                               include_child_jobs=req.children, command=req.commands or None,
+                               has_more_data=req.has_more_data, child_job_state=req.child_state)
     return [view(ctx, j) for j in jobs]
 
 
@@ -204,6 +221,10 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and not req.wait:
         raise ValueError("receive: --auto-remove needs --wait (a job is removed once it is finished)")
     selected = find(ctx, req.ids, "receive")
+    # First, which top-level job and computer each leaf's records belong to (the --json lines'
+    # ids and the [web1] prefixes); a client that does not know "jobs" reads no records from it.
+    tops = {leaf.id: [job.id, leaf.computer_name] for job in selected for leaf in _tree(job) if not leaf.child_jobs}
+    reply.part(json.dumps({"ok": True, "more": True, "result": {"records": [], "jobs": tops}}))
     rows: list[RecordRow] = []
     size = 0
     # A part per batch (at most about PAGE_BYTES): what arrived goes out before the read waits again.
@@ -257,7 +278,11 @@ def stop(ctx: Context, req: StopRequest, reply: Reply) -> list[JobView]:
 
 
 def remove(ctx: Context, req: RemoveRequest, reply: Reply) -> RemoveResult:
-    return RemoveResult(removed=_remove(ctx, find(ctx, req.ids, "remove"), force=req.force))
+    jobs = find(ctx, req.ids, "remove") if req.ids else ctx.session.get_job()
+    if req.state is not None:  # remove --state Completed: the top-level jobs in that state
+        want = JobState.parse(req.state)
+        jobs = [j for j in jobs if j.parent is None and j.state is want]
+    return RemoveResult(removed=_remove(ctx, jobs, force=req.force))
 
 
 def _remove(ctx: Context, jobs: list[Job], force: bool) -> list[int]:
@@ -287,6 +312,58 @@ def shutdown(ctx: Context, req: ShutdownRequest, reply: Reply) -> ShutdownResult
     return ShutdownResult(stopped=ctx.shutdown())
 
 
+# --- issue 15: suspend, resume, restart, groups, the completion hook ------------------------------
+
+def suspend(ctx: Context, req: SuspendRequest, reply: Reply) -> list[JobView]:
+    jobs = worded("suspend", ctx.session.suspend_job, find(ctx, req.ids, "suspend"))
+    ctx.writer.sync()
+    return [view(ctx, j) for j in jobs]
+
+
+def resume(ctx: Context, req: ResumeRequest, reply: Reply) -> list[JobView]:
+    jobs = worded("resume", ctx.session.resume_job, find(ctx, req.ids, "resume"))
+    ctx.writer.sync()
+    return [view(ctx, j) for j in jobs]
+
+
+def restart(ctx: Context, req: RestartRequest, reply: Reply) -> list[JobView]:
+    out = []
+    for old in find(ctx, req.ids, "restart"):
+        job = worded("restart", ctx.session.restart_job, old)
+        out.append(_started(ctx, job, ctx.cwds.get(old.id)))
+    return out
+
+
+def group(ctx: Context, req: GroupRequest, reply: Reply) -> dict[str, Any]:
+    session = ctx.session
+    if req.action != "list" and not req.name:
+        raise ValueError(f"group {req.action}: name the group, e.g. psjobs group {req.action} build")
+    if req.action == "add" or req.action == "set":
+        if req.action == "add" and session.get_group(req.name):
+            raise ValueError(f"group add: there is a group {req.name!r} already; change it with "
+                             f"`psjobs group set {req.name} --parallel N`")
+        if req.action == "set" and not session.get_group(req.name):
+            raise ValueError(f"group set: there is no group {req.name!r}; make it with `psjobs group add {req.name}`")
+        assert req.name is not None
+        session.configure_group(req.name, req.parallel if req.parallel is not None else 1)
+    elif req.action == "pause":
+        session.pause_group(str(req.name))
+    elif req.action == "resume":
+        session.resume_group(str(req.name))
+    return {"groups": session.get_group(None if req.action == "list" else req.name)}
+
+
+def run_callback(command: str, job: Job) -> None:
+    """The completion hook (pueue's callback): ``command`` run by /bin/sh with the job's id, name,
+    state and exit code in its environment. Its output is dropped; a thread reaps it."""
+    env = dict(os.environ, PSJOBS_JOB_ID=str(job.id), PSJOBS_JOB_NAME=job.name, PSJOBS_JOB_STATE=str(job.state),
+               PSJOBS_JOB_EXIT_CODE="" if job.exit_code is None else str(job.exit_code),
+               PSJOBS_JOB_COMMAND=job.command)
+    proc = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    threading.Thread(target=proc.wait, name="psjobs-host-callback", daemon=True).start()
+
+
 def _env_delta(env: dict[str, str]) -> dict[str, str | None]:
     """The client's environment as changes to the host's, so a job sees the client's exactly."""
     delta: dict[str, str | None] = {k: v for k, v in env.items() if os.environ.get(k) != v}
@@ -299,5 +376,6 @@ Handler = Callable[[Context, Any, Reply], Any]
 HANDLERS: dict[type[Request], Handler] = {
     StartRequest: start, InvokeRequest: invoke, GetRequest: get, ReceiveRequest: receive,
     WaitRequest: wait, StopRequest: stop, RemoveRequest: remove, StatusRequest: status,
-    ShutdownRequest: shutdown,
+    ShutdownRequest: shutdown, SuspendRequest: suspend, ResumeRequest: resume, RestartRequest: restart,
+    GroupRequest: group,
 }

@@ -129,6 +129,10 @@ class StartRequest(Request):
     name: str | None = None
     thread: bool = False
     env: dict[str, str] | None = None     # the client's whole environment (process jobs)
+    group: str | None = None              # scheduling (core/_sched): --group --after --delay --retries
+    after: list[str] = dataclasses.field(default_factory=list)
+    delay: float | None = None
+    retries: int = 0
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StartRequest:
@@ -137,7 +141,9 @@ class StartRequest(Request):
         if env is not None and not all(isinstance(k, str) and isinstance(x, str) for k, x in env.items()):
             raise ProtocolError("start: env must map names to strings")
         return cls(command=_strs(args, v, "command"), cwd=_arg(args, v, "cwd", str),
-                   name=_arg(args, v, "name", str, None), thread=_arg(args, v, "thread", bool, False), env=env)
+                   name=_arg(args, v, "name", str, None), thread=_arg(args, v, "thread", bool, False), env=env,
+                   group=_arg(args, v, "group", str, None), after=_strs(args, v, "after", []),
+                   delay=_arg(args, v, "delay", (int, float), None), retries=_arg(args, v, "retries", int, 0))
 
 
 @dataclasses.dataclass
@@ -162,12 +168,19 @@ class GetRequest(Request):
     state: str | None = None
     newest: int | None = None
     children: bool = False
+    names: list[str] = dataclasses.field(default_factory=list)      # the library's get_job filters
+    commands: list[str] = dataclasses.field(default_factory=list)
+    has_more_data: bool | None = None
+    child_state: str | None = None
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> GetRequest:
         v = cls.verb
         return cls(ids=_strs(args, v, "ids", []), state=_arg(args, v, "state", str, None),
-                   newest=_arg(args, v, "newest", int, None), children=_arg(args, v, "children", bool, False))
+                   newest=_arg(args, v, "newest", int, None), children=_arg(args, v, "children", bool, False),
+                   names=_strs(args, v, "names", []), commands=_strs(args, v, "commands", []),
+                   has_more_data=_arg(args, v, "has_more_data", bool, None),
+                   child_state=_arg(args, v, "child_state", str, None))
 
 
 def _selection(args: dict[str, Any], verb: str) -> list[str]:
@@ -222,10 +235,13 @@ class RemoveRequest(Request):
     verb: ClassVar[str] = "remove"
     ids: list[str]
     force: bool = False
+    state: str | None = None  # every top-level job in this state (remove --state Completed)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> RemoveRequest:
-        return cls(ids=_selection(args, cls.verb), force=_arg(args, cls.verb, "force", bool, False))
+        state = _arg(args, cls.verb, "state", str, None)
+        return cls(ids=_selection(args, cls.verb) if state is None else _strs(args, cls.verb, "ids", []),
+                   force=_arg(args, cls.verb, "force", bool, False), state=state)
 
 
 @dataclasses.dataclass
@@ -246,9 +262,57 @@ class ShutdownRequest(Request):
         return cls()
 
 
+@dataclasses.dataclass
+class SuspendRequest(Request):
+    verb: ClassVar[str] = "suspend"
+    ids: list[str]
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> SuspendRequest:
+        return cls(ids=_selection(args, cls.verb))
+
+
+@dataclasses.dataclass
+class ResumeRequest(Request):
+    verb: ClassVar[str] = "resume"
+    ids: list[str]
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> ResumeRequest:
+        return cls(ids=_selection(args, cls.verb))
+
+
+@dataclasses.dataclass
+class RestartRequest(Request):
+    verb: ClassVar[str] = "restart"
+    ids: list[str]
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> RestartRequest:
+        return cls(ids=_selection(args, cls.verb))
+
+
+@dataclasses.dataclass
+class GroupRequest(Request):
+    """``psjobs group add|set|pause|resume|list``: the scheduler's groups (core/_sched)."""
+
+    verb: ClassVar[str] = "group"
+    action: str
+    name: str | None = None
+    parallel: int | None = None
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> GroupRequest:
+        v = cls.verb
+        action = _arg(args, v, "action", str)
+        if action not in ("add", "set", "pause", "resume", "list"):
+            raise ProtocolError(f"group: unknown action {action!r}")
+        return cls(action=action, name=_arg(args, v, "name", str, None), parallel=_arg(args, v, "parallel", int, None))
+
+
 REQUESTS: dict[str, type[Request]] = {c.verb: c for c in (
     StartRequest, InvokeRequest, GetRequest, ReceiveRequest, WaitRequest, StopRequest, RemoveRequest,
-    StatusRequest, ShutdownRequest)}
+    StatusRequest, ShutdownRequest, SuspendRequest, ResumeRequest, RestartRequest, GroupRequest)}
 
 
 def decode_request(body: bytes) -> Request:
@@ -297,6 +361,8 @@ class JobView(Response):
     instance_id: str
     pid: int | None
     cwd: str | None
+    status_message: str = ""   # what a NotStarted job waits for (a group slot, a dependency, a delay)
+    attempts: int = 0          # runs started (retries)
 
 
 @dataclasses.dataclass
