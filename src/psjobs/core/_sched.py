@@ -269,7 +269,7 @@ class Scheduler:
             if failed is not None:
                 err = JobStateError(f"{describe_job(top)} did not run: it runs after {describe_job(failed)}, "
                                     f"which did not complete; restart that one, then this one with "
-                                    f"restart_job({top.id})")
+                                    f"restart_job({top.id}) (`psjobs restart {top.id}`)")
                 for leaf in top._leaves():
                     self.retries.pop(leaf.id, None)
                     leaf._apply(Event.FAIL, reason=err)
