@@ -204,3 +204,16 @@ def test_remote_jobs_queue_in_a_group(server: Any) -> None:
         assert second.child_jobs[0].begin_time >= first.end_time  # type: ignore[operator]
         records = s.receive_job(first, records=True)
         assert sorted((r.computer_name, r.value) for r in records) == [("127.0.0.1", "one"), ("127.0.0.2", "one")]
+
+
+@pytest.mark.ssh
+def test_a_failing_remote_child_is_retried(server: Any) -> None:
+    import psjobs
+
+    with psjobs.Session(stop_grace=2.0) as s:
+        psjobs.configure_ssh(s, config=str(server.ssh_config), python=f"{sys.executable} -S")
+        job = s.invoke_command("echo run; exit 3", computer_name=["127.0.0.1", "127.0.0.2"], retries=1)
+        assert s.wait_job(job, timeout=60)
+        assert job.state is psjobs.JobState.FAILED and job.exit_code == 3
+        assert [c.attempts for c in job.child_jobs] == [2, 2]
+        assert [c.output for c in job.child_jobs] == [["run", "run"], ["run", "run"]]

@@ -254,3 +254,20 @@ def test_wildcard_remove_on_the_module_verbs(default_session: psjobs.Session) ->
     psjobs.wait_job(job, timeout=20)
     psjobs.remove_job("*")
     assert psjobs.get_job() == []
+
+
+def _fail_once(flag: str) -> str:
+    import os
+
+    if not os.path.exists(flag):
+        open(flag, "w").close()
+        raise ValueError("first run")
+    return "second run"
+
+
+def test_retries_of_a_process_call(session: psjobs.Session, tmp_path: Path) -> None:
+    job = session.start_job(_fail_once, str(tmp_path / "flag"), retries=1)
+    assert session.wait_job(job, timeout=30)
+    assert job.state is JobState.COMPLETED and job.attempts == 2
+    assert job.output == ["second run"]
+    assert "ValueError: first run" in str(job.warning[0])
