@@ -271,3 +271,18 @@ def test_retries_of_a_process_call(session: psjobs.Session, tmp_path: Path) -> N
     assert job.state is JobState.COMPLETED and job.attempts == 2
     assert job.output == ["second run"]
     assert "ValueError: first run" in str(job.warning[0])
+
+
+def test_resuming_a_group_starts_as_many_as_its_limit_at_once(session: psjobs.Session) -> None:
+    session.configure_group("wide", parallel=3)
+    session.pause_group("wide")
+    gate = threading.Event()
+    try:
+        jobs = [session.start_thread_job(gate.wait, 20, group="wide") for _ in range(5)]
+        session.resume_group("wide")
+        wait_until(lambda: sum(j.state is JobState.RUNNING for j in jobs) == 3, 10, "three jobs running")
+        assert [j.state for j in jobs[3:]] == [JobState.NOT_STARTED] * 2
+        assert session.get_group("wide")[0]["waiting"] == 2
+    finally:
+        gate.set()
+    assert session.wait_job(jobs, timeout=20)

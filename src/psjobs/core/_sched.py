@@ -264,7 +264,6 @@ class Scheduler:
         release: list[_Held] = []
         keep: list[_Held] = []
         deadline: float | None = None
-        taken: dict[str, int] = {}
         for held in self._held:
             top, when = held.top, held.when
             if top._state.is_finished or self.session._all.get(top.id) is not top:
@@ -280,15 +279,14 @@ class Scheduler:
                 continue
             if when.not_before is not None and when.not_before > now:
                 deadline = when.not_before if deadline is None else min(deadline, when.not_before)
-            why = _waiting_for(self, when, now, taken)
+            why = _waiting_for(self, when, now, {})
             if why:
                 _set_status(top, why)
                 keep.append(held)
                 continue
             _set_status(top, "")
-            if when.group is not None:
+            if when.group is not None:  # its slot is taken from now on (and for the jobs after it)
                 self.groups[when.group].active.append(top)
-                taken[when.group] = taken.get(when.group, 0) + 1
             release.append(held)
         self._held = keep
         return release, deadline
