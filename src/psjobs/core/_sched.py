@@ -225,15 +225,20 @@ class Scheduler:
             with cond:
                 while True:
                     release, deadline = self._scan_locked(time.time())
-                    again, self._again = self._again, []
+                    again = [a for a in self._again if a[0].stop_requested or a[1].backend.can_rerun(a[0])]
+                    self._again = [a for a in self._again if a not in again]
                     done = [w for w in self.watch if w[0]._state.is_finished]
                     if done:
                         self.watch = [w for w in self.watch if not w[0]._state.is_finished]
                     if release or again or done:
                         break
-                    if not self._held and not self.retries and not self.watch:  # after the scan: it drops some
-                        self._thread = None
+                    if not self._held and not self.retries and not self.watch and not self._again:
+                        self._thread = None  # checked after the scan, which drops some
                         return
+                    if self._again:
+                        # A retry waits for its backend to let go of the last run, which it reports
+                        # to nobody: poll, briefly (a process job's exit report comes in ~1 ms).
+                        deadline = min(deadline or math.inf, time.time() + 0.002)
                     cond.wait(None if deadline is None else max(0.0, deadline - time.time()))
             for held in release:
                 self._start(held.backend, held.ports, held.spec)
