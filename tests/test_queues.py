@@ -286,3 +286,17 @@ def test_resuming_a_group_starts_as_many_as_its_limit_at_once(session: psjobs.Se
     finally:
         gate.set()
     assert session.wait_job(jobs, timeout=20)
+
+
+def test_the_scheduler_thread_ends_when_nothing_waits(session: psjobs.Session) -> None:
+    def sched_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "psjobs-sched"]
+
+    session.configure_group("idle", parallel=1)
+    session.pause_group("idle")
+    held = session.start_job("echo never", group="idle", retries=2)
+    assert sched_threads()
+    session.stop_job(held)
+    done = session.start_thread_job(lambda: 1, retries=1, delay=0.05)
+    assert session.wait_job(done, timeout=10)
+    wait_until(lambda: not sched_threads(), 10, "the psjobs-sched thread to end")

@@ -178,7 +178,8 @@ class Scheduler:
         self.retries: dict[int, _Retry] = {}    # leaf id -> retries left (read by JobPort.ended)
         self.recipes: dict[int, _Recipe] = {}   # top-level id -> how it was started
         self._held: list[_Held] = []
-        self._again: list[tuple[JobPort, _Retry]] = []
+        self._again: list[tuple[JobPort, _Retry]] = []  # failed runs to start again
+        self._again_at = 0.0  # not before (time.time()): a backend not ready for one yet
         self.watch: list[tuple[Job, Callable[[Job], None]]] = []  # on_finished: the host's callback
         self._thread: threading.Thread | None = None
 
@@ -225,8 +226,9 @@ class Scheduler:
             with cond:
                 while True:
                     release, deadline = self._scan_locked(time.time())
-                    again = [a for a in self._again if a[0].stop_requested or a[1].backend.can_rerun(a[0])]
-                    self._again = [a for a in self._again if a not in again]
+                    again: list[tuple[JobPort, _Retry]] = []
+                    if self._again and time.time() >= self._again_at:
+                        again, self._again = self._again, []
                     done = [w for w in self.watch if w[0]._state.is_finished]
                     if done:
                         self.watch = [w for w in self.watch if not w[0]._state.is_finished]
@@ -238,17 +240,24 @@ class Scheduler:
                     if self._again:
                         # A retry waits for its backend to let go of the last run, which it reports
                         # to nobody: poll, briefly (a process job's exit report comes in ~1 ms).
-                        deadline = min(deadline or math.inf, time.time() + 0.002)
+                        deadline = min(deadline or math.inf, self._again_at)
                     cond.wait(None if deadline is None else max(0.0, deadline - time.time()))
             for held in release:
                 self._start(held.backend, held.ports, held.spec)
+            later = []
             for port, retry in again:
                 if port.stop_requested:
                     from ._port import Outcome
 
                     port.ended(Outcome.stopped())
+                elif not retry.backend.can_rerun(port):  # asked outside the lock, as every backend call
+                    later.append((port, retry))
                 else:
                     self._start(retry.backend, [port], retry.spec)
+            if later:
+                with cond:
+                    self._again.extend(later)
+                    self._again_at = time.time() + 0.002
             for job, fn in done:
                 try:
                     fn(job)
@@ -272,7 +281,9 @@ class Scheduler:
         for held in self._held:
             top, when = held.top, held.when
             if top._state.is_finished or self.session._all.get(top.id) is not top:
-                continue  # stopped (or removed) while it waited
+                for leaf in top._leaves():  # stopped (or removed) while it waited: it never runs
+                    self.retries.pop(leaf.id, None)
+                continue
             failed = next((d for d in when.after if d._state in (JobState.FAILED, JobState.STOPPED)), None)
             if failed is not None:
                 err = JobStateError(f"{describe_job(top)} did not run: it runs after {describe_job(failed)}, "
