@@ -217,3 +217,25 @@ def test_a_failing_remote_child_is_retried(server: Any) -> None:
         assert job.state is psjobs.JobState.FAILED and job.exit_code == 3
         assert [c.attempts for c in job.child_jobs] == [2, 2]
         assert [c.output for c in job.child_jobs] == [["run", "run"], ["run", "run"]]
+
+
+@pytest.mark.ssh
+def test_invoke_takes_the_scheduling_options(server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "user"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(server.ssh_config.read_text())
+    monkeypatch.setenv("HOME", str(home))
+    with private_home(tmp_path / "state"):
+        ok("group", "add", "hosts")
+        ok("group", "pause", "hosts")
+        first = int(ok("invoke", "-q", "-g", "hosts", "-c", "127.0.0.1", "--", "echo first").strip())
+        then = int(ok("invoke", "-q", "--after", str(first), "--retries", "1", "-c", "127.0.0.2",
+                      "--", "echo then; exit 2").strip())
+        assert row(first)["state"] == "NotStarted" and "paused" in row(first)["status_message"]
+        ok("group", "resume", "hosts")
+        code, _, _ = run("wait", "--timeout", "60", str(first), str(then))
+        assert code == 5  # `then` failed, twice
+        assert ok("receive", str(first)) == "first\n"
+        assert row(then)["attempts"] == 2
+        assert run("receive", str(then))[1] == "then\nthen\n"
+        ok("remove", "*")

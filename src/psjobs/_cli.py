@@ -134,7 +134,9 @@ def cmd_invoke(client: Client, a: argparse.Namespace) -> int:
     computers = [c.strip() for c in ",".join(a.computer).split(",") if c.strip()]
     if not computers:
         raise UsageError("invoke: name at least one computer with -c HOST[,HOST...]")
-    row = client.call(InvokeRequest(command=a.command, computers=computers, throttle=a.throttle, name=a.name))
+    after = [x.strip() for x in ",".join(a.after or []).split(",") if x.strip()]
+    row = client.call(InvokeRequest(command=a.command, computers=computers, throttle=a.throttle, name=a.name,
+                                    group=a.group, after=after, delay=a.delay, retries=a.retries))
     return _show_new(row, a)
 
 
@@ -367,12 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run it as a ThreadJob in the host's process (its environment is the host's)")
     p.add_argument("-C", "--directory", metavar="DIR", help="working directory (default: the current one)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
-    p.add_argument("-g", "--group", help="run it in this group (see `psjobs group`): it waits for a slot")
-    p.add_argument("-a", "--after", action="append", metavar="ID[,ID...]",
-                   help="start it once these jobs completed (if one fails or is stopped, it fails unrun)")
-    p.add_argument("--delay", type=_seconds, metavar="S", help="start it S seconds from now")
-    p.add_argument("--retries", type=int, default=0, metavar="N",
-                   help="run it again, up to N more times, when it fails (not when it is stopped)")
+    _add_scheduling(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
 
     p = add("get", cmd_get, "List jobs as the Get-Job table (all top-level jobs by default).",
@@ -445,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle", type=int, default=32, metavar="N", help="at most N computers at once")
     p.add_argument("-n", "--name", help="the job's name")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
+    _add_scheduling(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
 
     p = add("host", cmd_host, "Show, start or stop the session host that runs the jobs.",
@@ -458,6 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("tour", cmd_tour, "A one-minute tour: real commands against a temporary host.", "psjobs tour")
     return parser
+
+
+def _add_scheduling(p: argparse.ArgumentParser) -> None:
+    """start's and invoke's options for when a job runs (core/_sched)."""
+    p.add_argument("-g", "--group", help="run it in this group (see `psjobs group`): it waits for a slot")
+    p.add_argument("-a", "--after", action="append", metavar="ID[,ID...]",
+                   help="start it once these jobs completed (if one fails or is stopped, it fails unrun)")
+    p.add_argument("--delay", type=_seconds, metavar="S", help="start it S seconds from now")
+    p.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="run it again, up to N more times, when it fails (not when it is stopped)")
 
 
 def _seconds(text: str) -> float | None:

@@ -196,9 +196,10 @@ def invoke(ctx: Context, req: InvokeRequest, reply: Reply) -> JobView:
     if not req.command or not req.computers:
         raise ValueError("invoke: give the computers with -c and the command after `--`")
     try:
-        job = ctx.session.invoke_command(req.command[0] if len(req.command) == 1 else req.command,
-                                         computer_name=req.computers, throttle_limit=req.throttle,
-                                         job_name=req.name)
+        job = worded("invoke", ctx.session.invoke_command,
+                     req.command[0] if len(req.command) == 1 else req.command, computer_name=req.computers,
+                     throttle_limit=req.throttle, job_name=req.name, group=req.group, delay=req.delay,
+                     after=find(ctx, req.after, "invoke") if req.after else None, retries=req.retries)
     except (MissingDependencyError, ModuleNotFoundError) as exc:  # asyncssh, or the backend itself
         # The host is a long-lived process: installing the extra is not enough, it must restart.
         why = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc  # the import itself

@@ -153,12 +153,18 @@ class InvokeRequest(Request):
     computers: list[str]
     throttle: int = 32
     name: str | None = None
+    group: str | None = None              # scheduling, as StartRequest's
+    after: list[str] = dataclasses.field(default_factory=list)
+    delay: float | None = None
+    retries: int = 0
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> InvokeRequest:
         v = cls.verb
         return cls(command=_strs(args, v, "command"), computers=_strs(args, v, "computers"),
-                   throttle=_arg(args, v, "throttle", int, 32), name=_arg(args, v, "name", str, None))
+                   throttle=_arg(args, v, "throttle", int, 32), name=_arg(args, v, "name", str, None),
+                   group=_arg(args, v, "group", str, None), after=_strs(args, v, "after", []),
+                   delay=_arg(args, v, "delay", (int, float), None), retries=_arg(args, v, "retries", int, 0))
 
 
 @dataclasses.dataclass
