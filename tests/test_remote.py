@@ -729,5 +729,5 @@ def test_the_psjobs_command_runs_remote_jobs(server: sshd_helper.LoopbackSSHD, t
         table = json.loads(ok("get", "--json", "--children", str(job)))
         assert {t["State"] if "State" in t else t["state"] for t in table} == {"Completed"}
         out = ok("receive", str(job))
-        assert out.splitlines() == ["hello", "hello"]
+        assert sorted(out.splitlines()) == ["[127.0.0.1] hello", "[127.0.0.3] hello"]  # issue 15: names
         ok("remove", str(job))

@@ -45,17 +45,19 @@ def _close_default() -> None:
 
 def start_job(target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
               init: Callable[[], Any] | None = None, working_directory: str | os.PathLike[str] | None = None,
-              env: Mapping[str, str | None] | None = None, cluster: Any = None, **kwargs: Any) -> Job:
+              env: Mapping[str, str | None] | None = None, cluster: Any = None, group: str | None = None,
+              after: Any = None, delay: Any = None, retries: int = 0, **kwargs: Any) -> Job:
     """Run ``target`` in another process and return its BackgroundJob at once.
 
     ``target`` is a callable (run with ``*args, **kwargs``), a shell command line (``*args`` are
     ``$1, $2...``) or an argv list. Example: ``job = psjobs.start_job("ls -l /tmp")``.
     With ``cluster=`` (a dask Client, cluster or scheduler address) it runs on a Dask cluster
-    as a ClusterJob (see start_cluster_job).
+    as a ClusterJob (see start_cluster_job). ``group``, ``after``, ``delay``, ``retries``: when it
+    runs, and how often it is run again after a failure (see configure_group and docs/guide.md).
     """
     return default_session().start_job(target, *args, name=name, input=input, init=init,
                                        working_directory=working_directory, env=env, cluster=cluster,
-                                       **kwargs)
+                                       group=group, after=after, delay=delay, retries=retries, **kwargs)
 
 
 def start_cluster_job(target: Any, *args: Any, cluster: Any, for_each: Iterable[Any] | None = None,
@@ -77,18 +79,22 @@ def start_cluster_job(target: Any, *args: Any, cluster: Any, for_each: Iterable[
 
 def start_thread_job(target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
                      init: Callable[[], Any] | None = None, throttle_limit: int | None = None,
+                     group: str | None = None, after: Any = None, delay: Any = None, retries: int = 0,
                      **kwargs: Any) -> Job:
     """Run ``target`` in a thread and return its ThreadJob at once (queued past the throttle limit)."""
     return default_session().start_thread_job(target, *args, name=name, input=input, init=init,
-                                              throttle_limit=throttle_limit, **kwargs)
+                                              throttle_limit=throttle_limit, group=group, after=after,
+                                              delay=delay, retries=retries, **kwargs)
 
 
 def invoke_command(target: Any, *args: Any, computer_name: str | Iterable[str] | None = None,
                    as_job: bool = True, throttle_limit: int = 32, job_name: str | None = None,
+                   group: str | None = None, after: Any = None, delay: Any = None, retries: int = 0,
                    **kwargs: Any) -> Any:
     """Run ``target`` on every computer over SSH; one RemoteJob with a child per computer."""
     return default_session().invoke_command(target, *args, computer_name=computer_name, as_job=as_job,
-                                            throttle_limit=throttle_limit, job_name=job_name, **kwargs)
+                                            throttle_limit=throttle_limit, job_name=job_name, group=group,
+                                            after=after, delay=delay, retries=retries, **kwargs)
 
 
 def get_job(id: Any = None, *, name: str | Iterable[str] | None = None, instance_id: Any = None,
@@ -180,3 +186,32 @@ async def async_receive_job(jobs: JobSelector, *, keep: bool = False, wait: bool
 def configure_ssh(session: Session | None = None, **options: Any) -> SSHOptions:
     # The backend configures the session it is given; the default session lives here, in the face.
     return _configure_ssh(default_session() if session is None else session, **options)
+
+
+# --- scheduling (core/_sched) -----------------------------------------------------------------
+def configure_group(name: str, parallel: int = 1) -> None:
+    """Make group ``name`` (or change its limit): at most ``parallel`` of its jobs run at once.
+
+    Example: ``psjobs.configure_group("build", parallel=2); psjobs.start_job(cmd, group="build")``.
+    """
+    default_session().configure_group(name, parallel)
+
+
+def pause_group(name: str) -> None:
+    """Start none of the group's waiting jobs until resume_group; running ones go on."""
+    default_session().pause_group(name)
+
+
+def resume_group(name: str) -> None:
+    """Start the group's waiting jobs again, up to its ``parallel`` limit."""
+    default_session().resume_group(name)
+
+
+def get_group(name: str | None = None) -> list[dict[str, Any]]:
+    """The groups: ``{"name", "parallel", "paused", "running", "waiting"}`` each, by name."""
+    return default_session().get_group(name)
+
+
+def restart_job(job: Any) -> Job:
+    """A new job with the same target, arguments and options as the finished ``job``."""
+    return default_session().restart_job(job)

@@ -42,13 +42,17 @@ from .host._client import Client, host_free
 from .host._delivered import Delivery
 from .host._protocol import (
     GetRequest,
+    GroupRequest,
     InvokeRequest,
     ReceiveRequest,
     RemoveRequest,
+    RestartRequest,
+    ResumeRequest,
     ShutdownRequest,
     StartRequest,
     StatusRequest,
     StopRequest,
+    SuspendRequest,
     WaitRequest,
 )
 
@@ -132,8 +136,10 @@ def cmd_start(client: Client, a: argparse.Namespace) -> int:
     if not a.command:
         raise UsageError("start: give the command after `--`, e.g. psjobs start -- make test")
     cwd = os.path.abspath(a.directory) if a.directory else os.getcwd()
+    after = [x.strip() for x in ",".join(a.after or []).split(",") if x.strip()]
     row = client.call(StartRequest(command=a.command, name=a.name, thread=a.thread, cwd=cwd,
-                                   env=None if a.thread else dict(os.environ)))
+                                   env=None if a.thread else dict(os.environ), group=a.group, after=after,
+                                   delay=a.delay, retries=a.retries))
     return _show_new(row, a)
 
 
@@ -143,7 +149,9 @@ def cmd_invoke(client: Client, a: argparse.Namespace) -> int:
     computers = [c.strip() for c in ",".join(a.computer).split(",") if c.strip()]
     if not computers:
         raise UsageError("invoke: name at least one computer with -c HOST[,HOST...]")
-    row = client.call(InvokeRequest(command=a.command, computers=computers, throttle=a.throttle, name=a.name))
+    after = [x.strip() for x in ",".join(a.after or []).split(",") if x.strip()]
+    row = client.call(InvokeRequest(command=a.command, computers=computers, throttle=a.throttle, name=a.name,
+                                    group=a.group, after=after, delay=a.delay, retries=a.retries))
     return _show_new(row, a)
 
 
@@ -162,7 +170,8 @@ def _selected(a: argparse.Namespace) -> None:
 
 def cmd_get(client: Client, a: argparse.Namespace) -> int:
     rows = client.call(GetRequest(ids=a.ids, state=a.state, newest=a.newest, children=a.children,
-                                  names=a.names))
+                                  names=a.names, commands=a.command or [], child_state=a.child_state,
+                                  has_more_data=a.has_more_data))
     _print_jobs(rows, a.json)
     return 0
 
@@ -174,21 +183,29 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     out = ordered.stream(delivery.out)
     host = Host(stdout=out, stderr=ordered.stream(sys.stderr))
     result: dict[str, Any] = {}
+    tops: dict[str, list[Any]] = {}  # leaf id -> [its top-level job's id, its computer]
+    several = False  # several computers answer: output lines get a [computer] prefix
     request = ReceiveRequest(ids=a.ids, keep=a.keep, wait=a.wait, timeout=a.timeout, auto_remove=a.auto_remove,
                              names=a.names, ack=not a.keep)
     for response in _acked(client.stream(request), None if a.keep else delivery):
         if response.get("more"):
+            if "jobs" in response["result"]:
+                tops = response["result"]["jobs"]
+                several = len({c for _, c in tops.values() if c and c != "localhost"}) > 1
             for _, job, stream, t, is_json, value in response["result"]["records"]:
-                if a.json:
-                    item = {"id": job, "stream": Stream(stream).name.title(), "time": _iso(t)}
+                top, where = tops.get(str(job), [job, None])
+                if a.json:  # "id" is the job the user named, as on the failure lines
+                    item = {"id": top, "child_id": job, "computer_name": where,
+                            "stream": Stream(stream).name.title(), "time": _iso(t)}
                     if stream == Stream.OUTPUT:
                         item["value"] = value
                     else:
                         item.update(value if is_json else {"message": value})
                     out.write(json.dumps(item) + "\n")
                 elif stream == Stream.OUTPUT:
-                    out.write((value if isinstance(value, str) else json.dumps(value)) + "\n"
-                              if is_json else value + "\n")
+                    prefix = f"[{where}] " if several and where else ""
+                    out.write(prefix + ((value if isinstance(value, str) else json.dumps(value)) + "\n"
+                              if is_json else value + "\n"))
                 else:
                     fields = value if is_json else {"message": value}
                     message = str(fields.get("message", ""))
@@ -202,8 +219,8 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     err = ordered.stream(sys.stderr)
     for f in result.get("failures", ()):
         if a.json:
-            out.write(json.dumps({"id": f["id"], "child_id": f["child_id"], "stream": "Failure",
-                                  "reason": f["reason"]}) + "\n")
+            out.write(json.dumps({"id": f["id"], "child_id": f["child_id"], "computer_name": f["computer_name"],
+                                  "stream": "Failure", "reason": f["reason"]}) + "\n")
         else:
             where = f["computer_name"]
             prefix = f"[{where}] " if where and where != "localhost" else ""
@@ -252,10 +269,43 @@ def cmd_stop(client: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_remove(client: Client, a: argparse.Namespace) -> int:
-    _selected(a)
-    result = client.call(RemoveRequest(ids=a.ids, force=a.force, names=a.names))
+    if not a.ids and not a.names and a.state is None:
+        raise UsageError("remove: name the jobs (ids, names, '*', --name NAME) or give --state, "
+                         "e.g. psjobs remove --state Completed")
+    result = client.call(RemoveRequest(ids=a.ids, force=a.force, names=a.names, state=a.state))
     if a.json:
         print(json.dumps(result))
+    return 0
+
+
+def cmd_suspend(client: Client, a: argparse.Namespace) -> int:
+    _print_jobs(client.call(SuspendRequest(ids=a.ids)), a.json)
+    return 0
+
+
+def cmd_resume(client: Client, a: argparse.Namespace) -> int:
+    _print_jobs(client.call(ResumeRequest(ids=a.ids)), a.json)
+    return 0
+
+
+def cmd_restart(client: Client, a: argparse.Namespace) -> int:
+    rows = client.call(RestartRequest(ids=a.ids))
+    if a.quiet:
+        print("\n".join(str(r["id"]) for r in rows))
+    else:
+        _print_jobs(rows, a.json)
+    return 0
+
+
+def cmd_group(client: Client, a: argparse.Namespace) -> int:
+    groups = client.call(GroupRequest(action=a.action, name=a.name, parallel=a.parallel))["groups"]
+    if a.json:
+        print(json.dumps(groups, indent=2))
+    elif a.action == "list":
+        lines = [f"{'Group':<16} {'Parallel':>8} {'Running':>7} {'Waiting':>7}  Status"]
+        lines += [f"{g['name']:<16} {g['parallel']:>8} {g['running']:>7} {g['waiting']:>7}  "
+                  f"{'Paused' if g['paused'] else 'Running'}" for g in groups]
+        print("\n".join(lines))
     return 0
 
 
@@ -363,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run it as a ThreadJob in the host's process (its environment is the host's)")
     p.add_argument("-C", "--directory", metavar="DIR", help="working directory (default: the current one)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
+    _add_scheduling(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
 
     p = add("get", cmd_get, "List jobs as the Get-Job table (all top-level jobs by default).",
@@ -375,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--newest", type=int, metavar="N",
                    help="only the N most recently finished (running jobs count as the newest)")
     p.add_argument("--children", action="store_true", help="list the child jobs too")
+    p.add_argument("--command", action="append", metavar="TEXT",
+                   help="only jobs whose command matches (case-insensitive, wildcards allowed: '*make*')")
+    p.add_argument("--child-state", metavar="STATE", help="the child jobs in this state (with their parents)")
+    p.add_argument("--has-more-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="only jobs with (or, --no-has-more-data, without) records not received yet")
 
     p = add("receive", cmd_receive, "Write what jobs produced and was not received yet.",
             "psjobs receive 1 > results.txt",
@@ -401,10 +457,33 @@ def build_parser() -> argparse.ArgumentParser:
     _name_option(p)
 
     p = add("remove", cmd_remove, "Remove finished jobs and all their records.", "psjobs remove 1 2 3",
-            "A job that is still running is refused (exit status 4) unless --force, which stops it first.")
+            "A job that is still running is refused (exit status 4) unless --force, which stops it first.\n"
+            "Wildcards match top-level jobs only: `psjobs remove '*'` removes every (finished) job.")
     p.add_argument("ids", nargs="*", metavar="ID|NAME")
     _name_option(p)
     p.add_argument("-f", "--force", action="store_true", help="stop running jobs first")
+    p.add_argument("--state", help="remove the jobs in this state (all of them, or those named)")
+
+    p = add("suspend", cmd_suspend, "Pause running jobs (SIGSTOP to their process group): Suspended.",
+            "psjobs suspend backup")
+    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p = add("resume", cmd_resume, "Let suspended jobs run on (SIGCONT).", "psjobs resume backup")
+    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+
+    p = add("restart", cmd_restart, "Start a finished job again: a new job with its command and options.",
+            "psjobs restart 3",
+            "The new job gets a new id; the old one stays as it was. Its group, delay and retries are\n"
+            "kept, not --after (those jobs have run).")
+    p.add_argument("ids", nargs="+", metavar="ID|NAME")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the new jobs' ids")
+
+    p = add("group", cmd_group, "Make, change, pause, resume or list the groups that queue jobs.",
+            "psjobs group add build --parallel 2 && psjobs start -g build -- make",
+            "At most --parallel jobs of a group run at once; the others wait NotStarted. A paused\n"
+            "group starts none of its waiting jobs (running ones go on) until it is resumed.")
+    p.add_argument("action", choices=("add", "set", "pause", "resume", "list"))
+    p.add_argument("name", nargs="?", help="the group (not for list)")
+    p.add_argument("-p", "--parallel", type=int, metavar="N", help="how many of its jobs run at once (default 1)")
 
     p = add("invoke", cmd_invoke, "Run a command on computers over SSH as one RemoteJob.",
             "psjobs invoke -c web1,web2 -- uptime")
@@ -412,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle", type=int, default=32, metavar="N", help="at most N computers at once")
     p.add_argument("-n", "--name", help="the job's name")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
+    _add_scheduling(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
 
     p = add("host", cmd_host, "Show, start or stop the session host that runs the jobs.",
@@ -445,6 +525,16 @@ class _Parser(argparse.ArgumentParser):
         raise _ParseError(self, message)
 
 
+def _add_scheduling(p: argparse.ArgumentParser) -> None:
+    """start's and invoke's options for when a job runs (core/_sched)."""
+    p.add_argument("-g", "--group", help="run it in this group (see `psjobs group`): it waits for a slot")
+    p.add_argument("-a", "--after", action="append", metavar="ID[,ID...]",
+                   help="start it once these jobs completed (if one fails or is stopped, it fails unrun)")
+    p.add_argument("--delay", type=_seconds, metavar="S", help="start it S seconds from now")
+    p.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="run it again, up to N more times, when it fails (not when it is stopped)")
+
+
 def _seconds(text: str) -> float | None:
     """A --timeout: seconds >= 0, or inf for no limit (None, as the library takes it)."""
     try:
@@ -465,7 +555,7 @@ def _version() -> str:
 def _normalize(argv: list[str]) -> list[str]:
     """Command names and PowerShell aliases in any case: `psjobs get-job` is `psjobs get`."""
     names = {n.lower(): n for n in ALIASES} | {v.lower(): k for k, v in ALIASES.items()}
-    names |= {n: n for n in ("host", "shell", "tour")}
+    names |= {n: n for n in ("host", "shell", "tour", "group", "restart", "suspend", "resume")}
     for i, arg in enumerate(argv):
         if not arg.startswith("-"):
             canonical = names.get(arg.lower())

@@ -166,7 +166,8 @@ class ThreadBackend(Backend):
             unbind_job_id(job_token)
             unbind(token)
         port.ended(Outcome.named(ended.event, ended.reason, ended.code))
-        port.data = None  # the spec (target, arguments, input) is not needed any more
+        if port.data is data:  # not a retry's new run (retries=N starts the job again at once)
+            port.data = None  # the spec (target, arguments, input) is not needed any more
 
     def _command(self, data: _Data, emitter: _Emitter) -> int:
         spec = data.spec

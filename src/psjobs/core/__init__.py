@@ -8,6 +8,9 @@ Threads psjobs starts, in the session's process
 -----------------------------------------------
 - ``psjobs-thread-N`` (backends/_thread): run thread jobs, at most ``thread_throttle_limit`` at
   once; an idle one ends after 2 s, ``Session.close`` ends them all.
+- ``psjobs-sched`` (core/_sched): one per session while jobs wait for a group slot, a dependency
+  or a delay, or may be retried; waits on the session's condition, starts what may run (outside
+  the lock), and ends when nothing waits.
 - ``psjobs-io`` (backends/process/_loop): one per session with process jobs; reads every job's
   socket, pipes and pidfd, runs the fork client's messages and the stop timers.
 - an unnamed resubmit thread (backends/process/_backend) per job whose fork server died before it

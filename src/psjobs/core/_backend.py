@@ -86,6 +86,11 @@ class Backend(abc.ABC):
     def nudge(self, port: JobPort) -> None:  # noqa: B027 - only thread jobs can lose a stop
         """A stop was asked for and the job has not ended yet (called every 0.1 s while stop_job waits)."""
 
+    def can_rerun(self, port: JobPort) -> bool:
+        """True once a job that ended holds nothing of this backend any more, so ``start`` may run it
+        again (``retries=N``); a backend whose reports of a run come after its end says so here."""
+        return True
+
     def forget(self, port: JobPort) -> None:  # noqa: B027 - nothing kept per job by default
         """The job was removed: drop every reference to it."""
 

@@ -78,6 +78,7 @@ class Job:
     """A unit of background work, and the handle to manage it (see the module verbs)."""
 
     __slots__ = (
+        "_attempts",
         "_begin",
         "_children",
         "_counts",
@@ -128,6 +129,7 @@ class Job:
         self._journal: Journal | None = None  # made on the first records, or by the session's factory
         self._stop_requested = False
         self._history: list[tuple[JobState, float]] | None = None
+        self._attempts = 0  # runs started (retries=N runs a failed one again: core/_sched)
         self.exit_code: int | None = None
         self.pid: int | None = None
         self.status_message = ""
@@ -188,6 +190,13 @@ class Job:
             if child.reason is not None:
                 return child.reason
         return None
+
+    @property
+    def attempts(self) -> int:
+        """How many times the job's work was started: 1 once it ran, more with ``retries=N``."""
+        if self._children:
+            return max(c.attempts for c in self._children)
+        return self._attempts or (1 if self._begin is not None and self._kind is None else 0)
 
     @property
     def begin_time(self) -> datetime | None:

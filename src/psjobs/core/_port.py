@@ -175,6 +175,7 @@ class JobPort:
         with self._lock:
             if job.state.is_finished:
                 return False
+            job._attempts += 1
             if pid is not None:
                 job.pid = pid
             if where is not None:
@@ -247,6 +248,10 @@ class JobPort:
         with self._lock:
             if job.state.is_finished:
                 return False
+            if job.id in job._session._sched.retries:  # started with retries=N (core/_sched)
+                tail = tail if isinstance(tail, list) else list(tail)
+                if job._session._sched.retry_locked(job, outcome, tail):
+                    return True  # it runs again
             if tail:
                 job._extend(tail if isinstance(tail, list) else list(tail))
             job._apply(outcome.event, reason=outcome.reason, exit_code=outcome.exit_code)

@@ -105,12 +105,18 @@ def resolve(every: Mapping[int, Job], session: object, jobs: Any, verb: str) -> 
     return unique(out)
 
 def by_names(every: Mapping[int, Job], names: list[str], verb: str) -> list[Job]:
-    """Jobs whose name matches (case-insensitive wildcards); a plain name that matches none raises."""
+    """Jobs whose name matches (case-insensitive wildcards); a plain name that matches none raises.
+
+    A wildcard matches top-level jobs only, as PowerShell's ``-Name`` does: ``remove_job("*")``
+    meant the hidden children named ``JobN`` too, and refused ("is a child job") to remove anything.
+    A child is still found by its exact name.
+    """
     out: list[Job] = []
     for name in names:
         pattern = _wildcard(name)
-        match = [j for j in every.values() if pattern.fullmatch(j.name)]
-        if not match and not _has_wildcard(name):
+        wild = _has_wildcard(name)
+        match = [j for j in every.values() if pattern.fullmatch(j.name) and not (wild and j._parent is not None)]
+        if not match and not wild:
             raise JobNotFoundError(f"{verb}: cannot find a job named {name!r}; list the session's "
                                    f"jobs with get_job()")
         out.extend(match)

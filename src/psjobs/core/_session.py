@@ -43,6 +43,7 @@ from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job
 from ._receive import Taken, after_receive, claim, take_returned, wait_on
+from ._sched import Scheduler, SchedulingVerbs, When, _Recipe, make_when
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import JobSpec, check_directory, make_env, make_spec
 from ._spill import Spill
@@ -63,7 +64,7 @@ _ERROR_ACTIONS = {"continue": "continue", "stop": "stop", "silentlycontinue": "s
                   "silently_continue": "silent", "ignore": "silent"}
 
 
-class Session:
+class Session(SchedulingVerbs):
     """A table of jobs and the verbs over it. Thread-safe.
 
     ``thread_throttle_limit``: how many thread jobs run at once (default 5; the rest wait
@@ -100,6 +101,7 @@ class Session:
         self._journal_factory = journal_factory
         self._spill = Spill(self._lock)  # the memory window of the jobs' records (core/_spill)
         self._returned: dict[int, list[tuple[int, int]]] = {}  # given back by receives (_receive)
+        self._sched = Scheduler(self)  # groups, after=, delay=, retries=, restart_job (_sched)
 
     # --- backends ------------------------------------------------------------------------
     def _backend(self, kind: str) -> Backend:
@@ -116,14 +118,14 @@ class Session:
             return backend
 
     def _start_tree(self, kind: str, spec: JobSpec, *, job_type: str, name: str | None,
-                    parent: bool = True) -> Job:
+                    parent: bool = True, when: When | None = None) -> Job:
         """Every job of every kind starts here: the backend checks and plans, the Session makes the
         jobs (ids in one block, a parent before its children), their ports, then starts them."""
         backend = self._backend(kind)
         backend.prepare(spec)  # pickles a callable now: a bad argument raises before a job exists
-        top, ports = make_tree(self, backend.plan(spec), kind, spec, job_type=job_type, name=name, parent=parent)
-        if ports:
-            backend.start(ports, spec)
+        top, ports = make_tree(self, backend.plan(spec), kind, spec, job_type=job_type, name=name, parent=parent,
+                               queued=when is not None and when.holds)
+        self._sched.submit(top, ports, backend, _Recipe(kind, spec, job_type, name, parent, when))
         return top
 
     def _register_locked(self, jobs: Iterable[Job]) -> None:
@@ -144,7 +146,8 @@ class Session:
     def start_job(self, target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
                   init: Callable[[], Any] | None = None,
                   working_directory: str | os.PathLike[str] | None = None,
-                  env: Mapping[str, str | None] | None = None, cluster: Any = None, **kwargs: Any) -> Job:
+                  env: Mapping[str, str | None] | None = None, cluster: Any = None, group: str | None = None,
+                  after: Any = None, delay: Any = None, retries: int = 0, **kwargs: Any) -> Job:
         """Run ``target`` in another process; return its BackgroundJob at once (see the docs).
 
         With ``cluster=`` (a dask ``Client``, a cluster object or a scheduler address) the job runs
@@ -152,14 +155,15 @@ class Session:
         """
         if cluster is not None:
             return self.start_cluster_job(target, *args, cluster=cluster, name=name, input=input, init=init,
-                                          working_directory=working_directory, env=env, **kwargs)
+                                          working_directory=working_directory, env=env, retries=retries, **kwargs)
         check_name("start_job", name)
+        when = make_when(self, "start_job", group, after, delay, retries)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_job")
         spec.cwd = os.getcwd() if working_directory is None else check_directory("start_job", working_directory)
         spec.env = make_env("start_job", env)
         if spec.input is not None:
             spec.input = list(spec.input)
-        return self._start_tree("process", spec, job_type="BackgroundJob", name=name)
+        return self._start_tree("process", spec, job_type="BackgroundJob", name=name, when=when)
 
     def start_cluster_job(self, target: Any, *args: Any, cluster: Any, for_each: Iterable[Any] | None = None,
                           name: str | None = None, input: Iterable[Any] | None = None,
@@ -184,8 +188,9 @@ class Session:
 
     def start_thread_job(self, target: Any, *args: Any, name: str | None = None,
                          input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
-                         throttle_limit: int | None = None,
-                         working_directory: str | os.PathLike[str] | None = None, **kwargs: Any) -> Job:
+                         throttle_limit: int | None = None, working_directory: str | os.PathLike[str] | None = None,
+                         group: str | None = None, after: Any = None, delay: Any = None, retries: int = 0,
+                         **kwargs: Any) -> Job:
         """Run ``target`` in a thread of this process; return its ThreadJob at once.
 
         ``working_directory`` is where a command runs (default: the current directory), as for
@@ -194,24 +199,27 @@ class Session:
         check_name("start_thread_job", name)
         if throttle_limit is not None:
             check_limit("start_thread_job", throttle_limit)
+        when = make_when(self, "start_thread_job", group, after, delay, retries)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
         spec.cwd = os.getcwd() if working_directory is None else check_directory("start_thread_job", working_directory)
         if throttle_limit is not None:
             self._backend("thread")  # a closed session refuses before the limit changes
             self.thread_throttle_limit = throttle_limit
-        return self._start_tree("thread", spec, job_type="ThreadJob", name=name, parent=False)
+        return self._start_tree("thread", spec, job_type="ThreadJob", name=name, parent=False, when=when)
 
     def invoke_command(self, target: Any, *args: Any, computer_name: str | Iterable[str] | None = None,
                        as_job: bool = True, throttle_limit: int = 32, job_name: str | None = None,
+                       group: str | None = None, after: Any = None, delay: Any = None, retries: int = 0,
                        **kwargs: Any) -> Any:
         """Run ``target`` on each computer over SSH: one RemoteJob, one child per computer.
 
         With ``as_job=False``, wait for it and return its output (the job is removed).
         """
         check_as_job(as_job, job_name)
+        when = make_when(self, "invoke_command", group, after, delay, retries)
         spec = make_spec(target, args, kwargs, verb="invoke_command")
         spec.options = {"computer_name": computer_name, "throttle_limit": throttle_limit}
-        parent = self._start_tree("ssh", spec, job_type="RemoteJob", name=job_name)
+        parent = self._start_tree("ssh", spec, job_type="RemoteJob", name=job_name, when=when)
         if as_job:
             return parent
         try:
@@ -541,6 +549,7 @@ class Session:
                     if node._kind is not None:  # a leaf with a backend (JobPort.of, inlined)
                         gone.append(JobPort(node))
                 self._jobs.pop(job.id, None)
+                self._sched.recipes.pop(job.id, None)
         for journal in journals:  # outside the lock: a journal may delete from storage
             journal.drop()
         for port in gone:

@@ -35,8 +35,11 @@ if TYPE_CHECKING:
 
 
 def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_type: str, name: str | None,
-              parent: bool) -> tuple[Job, list[JobPort]]:
-    """The top-level job and the ports of its leaves, registered in ``session`` (not started yet)."""
+              parent: bool, queued: bool = False) -> tuple[Job, list[JobPort]]:
+    """The top-level job and the ports of its leaves, registered in ``session`` (not started yet).
+
+    ``queued``: the scheduler holds it (a group, after=, delay=), so a parent is NotStarted too.
+    """
     if not parent:  # one job, no tree: the thread jobs' path, kept short (start -> result ~70 us)
         (jid,) = _next_ids(1)
         top = Job(session, jid, job_type=job_type, name=name, command=spec.command,
@@ -49,7 +52,7 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
     else:
         ids = _next_ids(1 + len(plan.places))
         top = Job(session, ids[0], job_type=job_type, name=name, command=spec.command, location=plan.location,
-                  state=JobState.RUNNING)
+                  state=JobState.NOT_STARTED if queued else JobState.RUNNING)
         leaves = [Job(session, cid, job_type="", name=None, command=spec.command, parent=top,
                       location=place.location, computer_name=place.computer_name)
                   for cid, place in zip(ids[1:], plan.places)]

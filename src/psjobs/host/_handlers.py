@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import uuid
@@ -44,6 +46,7 @@ from ..core._pshost import reason_text
 from ..core._session import Session
 from ..core._shipped import start_shipped
 from ..core._spec import check_directory
+from ..core._state import JobState
 from ._client import Paths, read_frame
 from ._journal import Writer, pid_of
 from ._protocol import (
@@ -53,6 +56,7 @@ from ._protocol import (
     VERSION,
     Failure,
     GetRequest,
+    GroupRequest,
     InputRequest,
     InvokeRequest,
     JobView,
@@ -64,6 +68,8 @@ from ._protocol import (
     RemoveRequest,
     RemoveResult,
     Request,
+    RestartRequest,
+    ResumeRequest,
     ShutdownRequest,
     ShutdownResult,
     StartCallRequest,
@@ -114,6 +120,7 @@ class Context:
     cwds: dict[int, str | None] = field(default_factory=dict)  # where each job's command runs
     receiving: set[int] = field(default_factory=set)  # leaves an acknowledged receive is reading
     receiving_lock: threading.Lock = field(default_factory=threading.Lock)
+    callback: str | None = None  # PSJOBS_CALLBACK: a shell command run as each job finishes
 
 
 # --- the command's words and the Session's ---------------------------------------------------------
@@ -159,7 +166,8 @@ def _selector(text: str) -> int | uuid.UUID | str:
 _HINTS = [(re.compile(r"list the session's jobs with get_job\(\)"), "list the jobs with `psjobs get`"),
           (re.compile(r"\bstop_job\((\d+)\)"), r"`psjobs stop \1`"),
           (re.compile(r"\bremove_job\((\d+)\)"), r"`psjobs remove \1`"),
-          (re.compile(r"pass force=True"), "pass --force")]
+          (re.compile(r"pass force=True"), "pass --force"),
+          (re.compile(r"\brestart_job\((\d+)\)"), r"`psjobs restart \1`")]
 
 
 def worded(verb: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -185,7 +193,8 @@ def view(ctx: Context, job: Job) -> JobView:
                    computer_name=job.computer_name, exit_code=job.exit_code,
                    reason=None if reason is None else reason_text(reason), begin_time=_iso(job.begin_time),
                    end_time=_iso(job.end_time), instance_id=str(job.instance_id), pid=pid_of(job),
-                   cwd=ctx.cwds.get(job.id), prompt=job.prompt, status_message=job.status_message)
+                   cwd=ctx.cwds.get(job.id), prompt=job.prompt, status_message=job.status_message,
+                   attempts=job.attempts)
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -204,6 +213,8 @@ def _started(ctx: Context, job: Job, cwd: str | None) -> JobView:
     for node in nodes:
         ctx.cwds[node.id] = cwd
     ctx.writer.started(nodes, cwd)
+    if ctx.callback:
+        ctx.session.on_finished(job, functools.partial(run_callback, ctx.callback))
     return view(ctx, job)
 
 
@@ -216,11 +227,13 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
     target: Any = req.command[0] if len(req.command) == 1 else req.command
     ctx.writer.check("start")  # record first, then start: a job the store cannot take never runs
     session = ctx.session
+    when = {"group": req.group, "after": find(ctx, req.after, "start") if req.after else None,
+            "delay": req.delay, "retries": req.retries}
     if req.thread:
-        job = session.start_thread_job(target, name=req.name, working_directory=cwd)
+        job = worded("start", session.start_thread_job, target, name=req.name, working_directory=cwd, **when)
     else:
-        job = session.start_job(target, name=req.name, working_directory=cwd, input=req.input,
-                                env=None if req.env is None else _env_delta(req.env))
+        job = worded("start", session.start_job, target, name=req.name, working_directory=cwd, input=req.input,
+                     env=None if req.env is None else _env_delta(req.env), **when)
     return _started(ctx, job, cwd)
 
 
@@ -247,9 +260,10 @@ def invoke(ctx: Context, req: InvokeRequest, reply: Reply) -> JobView:
         raise ValueError("invoke: give the computers with -c and the command after `--`")
     ctx.writer.check("invoke")
     try:
-        job = ctx.session.invoke_command(req.command[0] if len(req.command) == 1 else req.command,
-                                         computer_name=req.computers, throttle_limit=req.throttle,
-                                         job_name=req.name)
+        job = worded("invoke", ctx.session.invoke_command,
+                     req.command[0] if len(req.command) == 1 else req.command, computer_name=req.computers,
+                     throttle_limit=req.throttle, job_name=req.name, group=req.group, delay=req.delay,
+                     after=find(ctx, req.after, "invoke") if req.after else None, retries=req.retries)
     except (MissingDependencyError, ModuleNotFoundError) as exc:  # asyncssh, or the backend itself
         # The host is a long-lived process: installing the extra is not enough, it must restart.
         why = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc  # the import itself
@@ -262,7 +276,9 @@ def get(ctx: Context, req: GetRequest, reply: Reply) -> list[JobView]:
     if req.newest is not None and req.newest < 0:
         raise ValueError(f"get: --newest must be >= 0, not {req.newest}")
     ids = find(ctx, req.ids, "get", req.names) if req.ids or req.names else None
-    jobs = ctx.session.get_job(id=ids, state=req.state, newest=req.newest, include_child_jobs=req.children)
+    jobs = ctx.session.get_job(id=ids, state=req.state, newest=req.newest, include_child_jobs=req.children,
+                               command=req.commands or None, has_more_data=req.has_more_data,
+                               child_job_state=req.child_state)
     return [view(ctx, j) for j in jobs]
 
 
@@ -270,7 +286,12 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and not req.wait:
         raise ValueError("receive: --auto-remove needs --wait (a job is removed once it is finished)")
     selected = find(ctx, req.ids, "receive", req.names)
+    # First, which top-level job and computer each leaf's records belong to (the --json lines'
+    # ids and the [web1] prefixes); a client that does not know "jobs" reads no records from it.
+    tops = {leaf.id: [job.id, leaf.computer_name] for job in selected for leaf in _tree(job) if not leaf.child_jobs}
+    reply.part(json.dumps({"ok": True, "more": True, "result": {"records": [], "jobs": tops}}))
     if req.ack and not req.keep:
+        reply.ack(0)  # an acknowledging client answers every part, this one too
         return _receive_acked(ctx, req, reply, selected)
     rows: list[RecordRow] = []
     size = 0
@@ -384,7 +405,11 @@ def stop(ctx: Context, req: StopRequest, reply: Reply) -> list[JobView]:
 
 
 def remove(ctx: Context, req: RemoveRequest, reply: Reply) -> RemoveResult:
-    return RemoveResult(removed=_remove(ctx, find(ctx, req.ids, "remove", req.names), force=req.force))
+    jobs = find(ctx, req.ids, "remove", req.names) if req.ids or req.names else ctx.session.get_job()
+    if req.state is not None:  # remove --state Completed: the top-level jobs in that state
+        want = JobState.parse(req.state)
+        jobs = [j for j in jobs if j.parent is None and j.state is want]
+    return RemoveResult(removed=_remove(ctx, jobs, force=req.force))
 
 
 def _remove(ctx: Context, jobs: list[Job], force: bool) -> list[int]:
@@ -394,13 +419,6 @@ def _remove(ctx: Context, jobs: list[Job], force: bool) -> list[int]:
         for node in _tree(job):
             ctx.cwds.pop(node.id, None)
     return sorted(j.id for j in jobs)
-
-
-def suspend(ctx: Context, req: SuspendRequest, reply: Reply) -> list[JobView]:
-    selected = find(ctx, req.ids, "resume" if req.resume else "suspend")
-    (ctx.session.resume_job if req.resume else ctx.session.suspend_job)(selected)
-    ctx.writer.sync()
-    return [view(ctx, j) for j in selected]
 
 
 def send_input(ctx: Context, req: InputRequest, reply: Reply) -> list[JobView]:
@@ -444,6 +462,60 @@ def shutdown(ctx: Context, req: ShutdownRequest, reply: Reply) -> ShutdownResult
     return ShutdownResult(stopped=ctx.shutdown())
 
 
+# --- issue 15: suspend, resume, restart, groups, the completion hook ------------------------------
+
+def suspend(ctx: Context, req: SuspendRequest, reply: Reply) -> list[JobView]:
+    """``psjobs suspend``, and a connected session's suspend and resume (``resume=True``)."""
+    verb, act = ("resume", ctx.session.resume_job) if req.resume else ("suspend", ctx.session.suspend_job)
+    jobs = worded(verb, act, find(ctx, req.ids, verb))
+    ctx.writer.sync()
+    return [view(ctx, j) for j in jobs]
+
+
+def resume(ctx: Context, req: ResumeRequest, reply: Reply) -> list[JobView]:
+    jobs = worded("resume", ctx.session.resume_job, find(ctx, req.ids, "resume"))
+    ctx.writer.sync()
+    return [view(ctx, j) for j in jobs]
+
+
+def restart(ctx: Context, req: RestartRequest, reply: Reply) -> list[JobView]:
+    out = []
+    for old in find(ctx, req.ids, "restart"):
+        job = worded("restart", ctx.session.restart_job, old)
+        out.append(_started(ctx, job, ctx.cwds.get(old.id)))
+    return out
+
+
+def group(ctx: Context, req: GroupRequest, reply: Reply) -> dict[str, Any]:
+    session = ctx.session
+    if req.action != "list" and not req.name:
+        raise ValueError(f"group {req.action}: name the group, e.g. psjobs group {req.action} build")
+    if req.action == "add" or req.action == "set":
+        if req.action == "add" and session.get_group(req.name):
+            raise ValueError(f"group add: there is a group {req.name!r} already; change it with "
+                             f"`psjobs group set {req.name} --parallel N`")
+        if req.action == "set" and not session.get_group(req.name):
+            raise ValueError(f"group set: there is no group {req.name!r}; make it with `psjobs group add {req.name}`")
+        assert req.name is not None
+        session.configure_group(req.name, req.parallel if req.parallel is not None else 1)
+    elif req.action == "pause":
+        session.pause_group(str(req.name))
+    elif req.action == "resume":
+        session.resume_group(str(req.name))
+    return {"groups": session.get_group(None if req.action == "list" else req.name)}
+
+
+def run_callback(command: str, job: Job) -> None:
+    """The completion hook (pueue's callback): ``command`` run by /bin/sh with the job's id, name,
+    state and exit code in its environment. Its output is dropped; a thread reaps it."""
+    env = dict(os.environ, PSJOBS_JOB_ID=str(job.id), PSJOBS_JOB_NAME=job.name, PSJOBS_JOB_STATE=str(job.state),
+               PSJOBS_JOB_EXIT_CODE="" if job.exit_code is None else str(job.exit_code),
+               PSJOBS_JOB_COMMAND=job.command)
+    proc = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    threading.Thread(target=proc.wait, name="psjobs-host-callback", daemon=True).start()
+
+
 def _env_delta(env: dict[str, str]) -> dict[str, str | None]:
     """The client's environment as changes to the host's, so a job sees the client's exactly."""
     delta: dict[str, str | None] = {k: v for k, v in env.items() if os.environ.get(k) != v}
@@ -457,5 +529,5 @@ HANDLERS: dict[type[Request], Handler] = {
     StartRequest: start, InvokeRequest: invoke, GetRequest: get, ReceiveRequest: receive,
     WaitRequest: wait, StopRequest: stop, RemoveRequest: remove, StatusRequest: status,
     ShutdownRequest: shutdown, StartCallRequest: start_call, SuspendRequest: suspend, InputRequest: send_input,
-    RecordsRequest: records,
+    RecordsRequest: records, ResumeRequest: resume, RestartRequest: restart, GroupRequest: group,
 }

@@ -146,6 +146,10 @@ class StartRequest(Request):
     thread: bool = False
     env: dict[str, str] | None = None     # the client's whole environment (process jobs)
     input: list[str] | None = None        # lines fed to the command's stdin (psjobs.connect())
+    group: str | None = None              # scheduling (core/_sched): --group --after --delay --retries
+    after: list[str] = dataclasses.field(default_factory=list)
+    delay: float | None = None
+    retries: int = 0
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StartRequest:
@@ -155,7 +159,9 @@ class StartRequest(Request):
             raise ProtocolError("start: env must map names to strings")
         return cls(command=_strs(args, v, "command"), cwd=_arg(args, v, "cwd", str),
                    name=_arg(args, v, "name", str, None), thread=_arg(args, v, "thread", bool, False), env=env,
-                   input=None if args.get("input") is None else _strs(args, v, "input"))
+                   input=None if args.get("input") is None else _strs(args, v, "input"),
+                   group=_arg(args, v, "group", str, None), after=_strs(args, v, "after", []),
+                   delay=_arg(args, v, "delay", (int, float), None), retries=_arg(args, v, "retries", int, 0))
 
 
 @dataclasses.dataclass
@@ -165,12 +171,18 @@ class InvokeRequest(Request):
     computers: list[str]
     throttle: int = 32
     name: str | None = None
+    group: str | None = None              # scheduling, as StartRequest's
+    after: list[str] = dataclasses.field(default_factory=list)
+    delay: float | None = None
+    retries: int = 0
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> InvokeRequest:
         v = cls.verb
         return cls(command=_strs(args, v, "command"), computers=_strs(args, v, "computers"),
-                   throttle=_arg(args, v, "throttle", int, 32), name=_arg(args, v, "name", str, None))
+                   throttle=_arg(args, v, "throttle", int, 32), name=_arg(args, v, "name", str, None),
+                   group=_arg(args, v, "group", str, None), after=_strs(args, v, "after", []),
+                   delay=_arg(args, v, "delay", (int, float), None), retries=_arg(args, v, "retries", int, 0))
 
 
 @dataclasses.dataclass
@@ -181,13 +193,18 @@ class GetRequest(Request):
     newest: int | None = None
     children: bool = False
     names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
+    commands: list[str] = dataclasses.field(default_factory=list)   # the library's get_job filters
+    has_more_data: bool | None = None
+    child_state: str | None = None
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> GetRequest:
         v = cls.verb
         return cls(ids=_selectors(args, v, "ids", []), state=_arg(args, v, "state", str, None),
                    newest=_arg(args, v, "newest", int, None), children=_arg(args, v, "children", bool, False),
-                   names=_selectors(args, v, "names", []))
+                   names=_selectors(args, v, "names", []), commands=_strs(args, v, "commands", []),
+                   has_more_data=_arg(args, v, "has_more_data", bool, None),
+                   child_state=_arg(args, v, "child_state", str, None))
 
 
 def _selection(args: dict[str, Any], verb: str) -> list[str]:
@@ -266,11 +283,14 @@ class RemoveRequest(Request):
     ids: list[str]
     force: bool = False
     names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
+    state: str | None = None  # every top-level job in this state (remove --state Completed)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> RemoveRequest:
-        return cls(ids=_selection(args, cls.verb), force=_arg(args, cls.verb, "force", bool, False),
-                   names=_selectors(args, cls.verb, "names", []))
+        state = _arg(args, cls.verb, "state", str, None)
+        return cls(ids=_selection(args, cls.verb) if state is None else _strs(args, cls.verb, "ids", []),
+                   force=_arg(args, cls.verb, "force", bool, False),
+                   names=_selectors(args, cls.verb, "names", []), state=state)
 
 
 @dataclasses.dataclass
@@ -354,9 +374,48 @@ class RecordsRequest(Request):
         return cls(id=_arg(args, v, "id", int), stream=_arg(args, v, "stream", int))
 
 
+@dataclasses.dataclass
+class ResumeRequest(Request):
+    verb: ClassVar[str] = "resume"
+    ids: list[str]
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> ResumeRequest:
+        return cls(ids=_selection(args, cls.verb))
+
+
+@dataclasses.dataclass
+class RestartRequest(Request):
+    verb: ClassVar[str] = "restart"
+    ids: list[str]
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> RestartRequest:
+        return cls(ids=_selection(args, cls.verb))
+
+
+@dataclasses.dataclass
+class GroupRequest(Request):
+    """``psjobs group add|set|pause|resume|list``: the scheduler's groups (core/_sched)."""
+
+    verb: ClassVar[str] = "group"
+    action: str
+    name: str | None = None
+    parallel: int | None = None
+
+    @classmethod
+    def from_json(cls, args: dict[str, Any]) -> GroupRequest:
+        v = cls.verb
+        action = _arg(args, v, "action", str)
+        if action not in ("add", "set", "pause", "resume", "list"):
+            raise ProtocolError(f"group: unknown action {action!r}")
+        return cls(action=action, name=_arg(args, v, "name", str, None), parallel=_arg(args, v, "parallel", int, None))
+
+
 REQUESTS: dict[str, type[Request]] = {c.verb: c for c in (
     StartRequest, InvokeRequest, GetRequest, ReceiveRequest, WaitRequest, StopRequest, RemoveRequest,
-    StatusRequest, ShutdownRequest, StartCallRequest, SuspendRequest, InputRequest, RecordsRequest)}
+    StatusRequest, ShutdownRequest, StartCallRequest, SuspendRequest, InputRequest, RecordsRequest,
+    ResumeRequest, RestartRequest, GroupRequest)}
 
 
 def decode_request(body: bytes) -> Request:
@@ -424,7 +483,8 @@ class JobView(Response):
     pid: int | None
     cwd: str | None
     prompt: str | None = None      # what a Blocked job asks (psjobs.connect() shows it as job.prompt)
-    status_message: str = ""
+    status_message: str = ""       # what a NotStarted job waits for (a group slot, a dependency, a delay)
+    attempts: int = 0              # runs started (retries)
 
 
 @dataclasses.dataclass

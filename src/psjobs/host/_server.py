@@ -107,7 +107,8 @@ class HostServer:
             os.close(self._lock_fd)
             raise
         self.context = Context(session=self.session, writer=self.writer, paths=paths, started=self.started,
-                               shutdown=self._request_stop, cwds=cwds)
+                               shutdown=self._request_stop, cwds=cwds,
+                               callback=os.environ.get("PSJOBS_CALLBACK") or None)
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._asked = False                 # the shutdown verb stopped the host (not a signal)

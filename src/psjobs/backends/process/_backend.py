@@ -342,6 +342,12 @@ class ProcessBackend(Backend):
         elif isinstance(handle, Handle):
             self.loop.call_soon(lambda: handle.stop(grace))
 
+    def can_rerun(self, port: JobPort) -> bool:
+        # The fork server reports a worker's exit by the job's id, and may do so after the job
+        # ended: a retry started before that report would take it for its own worker's.
+        job_id = port.job_id
+        return job_id not in self.pending_calls and job_id not in self.server_commands
+
     def forget(self, port: JobPort) -> None:
         # Nothing is dropped here: a handle stays in pending_calls until its worker's exit is
         # reported (the fork client pops it), so a stop still in flight finds it and nothing of

@@ -1,0 +1,302 @@
+"""Queues for every job kind (issue 15): groups with a parallel limit, pause/resume, after=, delay=,
+retries=, restart_job, and wildcards that never match child jobs. Real processes and threads;
+concurrency is counted from inside the jobs (marker files), never inferred from timing."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import psjobs
+from psjobs import JobState
+
+from .conftest import wait_until
+
+# Each run leaves a file named after its shell's pid while it runs, and prints how many such files
+# it saw (itself included): the most jobs of the group it ever saw running at once.
+_COUNT = 'touch "$1/$$"; ls "$1" | wc -l; sleep 0.3; rm "$1/$$"'
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_group_of_parallel_2_never_runs_3(session: psjobs.Session, tmp_path: Path, kind: str) -> None:
+    session.configure_group("build", parallel=2)
+    start = session.start_job if kind == "process" else session.start_thread_job
+    jobs = [start(_COUNT, str(tmp_path), group="build") for _ in range(6)]
+    waiting = [j for j in jobs if j.state is JobState.NOT_STARTED and "slot in group 'build'" in j.status_message]
+    assert waiting, [(j.state, j.status_message) for j in jobs]
+    assert session.wait_job(jobs, timeout=30)
+    seen = [int(line) for j in jobs for line in j.output]
+    assert all(j.state is JobState.COMPLETED for j in jobs)
+    assert len(seen) == 6 and max(seen) <= 2, seen
+    assert [g["name"] for g in session.get_group()] == ["build"]
+
+
+def test_a_waiting_job_is_not_started_and_says_why(session: psjobs.Session) -> None:
+    session.configure_group("one", parallel=1)
+    gate = threading.Event()
+    first = session.start_thread_job(gate.wait, 20, group="one")
+    second = session.start_job("echo second", group="one")
+    wait_until(lambda: first.state is JobState.RUNNING, what="the first job to run")
+    assert second.state is JobState.NOT_STARTED
+    assert second.child_jobs[0].state is JobState.NOT_STARTED
+    assert second.status_message == "waiting for a slot in group 'one' (parallel=1)"
+    assert session.get_group("one") == [{"name": "one", "parallel": 1, "paused": False, "running": 1,
+                                         "waiting": 1}]
+    gate.set()
+    assert session.wait_job(second, timeout=20)
+    assert second.state is JobState.COMPLETED and second.output == ["second"]
+    assert second.status_message == ""
+
+
+def test_raising_the_limit_starts_waiting_jobs(session: psjobs.Session) -> None:
+    session.configure_group("g", parallel=1)
+    gate = threading.Event()
+    try:
+        first = session.start_thread_job(gate.wait, 20, group="g")
+        second = session.start_thread_job(lambda: "ran", group="g")
+        wait_until(lambda: first.state is JobState.RUNNING, what="the first job to run")
+        assert second.state is JobState.NOT_STARTED
+        session.configure_group("g", parallel=2)
+        assert session.wait_job(second, timeout=10) and second.output == ["ran"]
+        assert first.state is JobState.RUNNING
+    finally:
+        gate.set()
+
+
+def test_pause_and_resume_a_group(session: psjobs.Session) -> None:
+    session.configure_group("nightly", parallel=3)
+    session.pause_group("nightly")
+    job = session.start_job("echo resumed", group="nightly")
+    assert job.state is JobState.NOT_STARTED
+    assert "group 'nightly' is paused" in job.status_message
+    assert session.wait_job(job, timeout=0.3) == []  # it stays waiting while the group is paused
+    assert job.state is JobState.NOT_STARTED
+    assert session.get_group("nightly")[0]["paused"] is True
+    session.resume_group("nightly")
+    assert session.wait_job(job, timeout=20)
+    assert job.output == ["resumed"]
+
+
+def test_stopping_a_waiting_job_never_runs_it(session: psjobs.Session, tmp_path: Path) -> None:
+    session.configure_group("p", parallel=1)
+    session.pause_group("p")
+    marker = tmp_path / "ran"
+    job = session.start_job(f"touch {marker}", group="p")
+    session.stop_job(job)
+    assert job.state is JobState.STOPPED
+    session.resume_group("p")
+    after = session.start_job("echo next", group="p")  # the group goes on past the stopped one
+    assert session.wait_job(after, timeout=20)
+    assert not marker.exists()
+
+
+def test_a_failed_dependency_fails_its_dependents_without_running_them(session: psjobs.Session,
+                                                                       tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    gate = threading.Event()
+    first = session.start_thread_job(lambda: gate.wait(20) and 1 / 0)
+    second = session.start_job(f"touch {marker}", after=[first])
+    third = session.start_thread_job(marker.touch, after=second)  # a chain: fails too
+    wait_until(lambda: first.state is JobState.RUNNING, what="the dependency to run")
+    assert second.state is JobState.NOT_STARTED
+    assert second.status_message == f"waiting for Job {first.id} {first.name!r} (Running) to complete"
+    gate.set()
+    assert session.wait_job([first, second, third], timeout=20)
+    assert first.state is JobState.FAILED
+    assert second.state is JobState.FAILED and third.state is JobState.FAILED
+    assert f"runs after Job {first.id}" in str(second.reason)
+    assert f"restart_job({second.id})" in str(second.reason)
+    assert f"runs after Job {second.id}" in str(third.reason)
+    assert not marker.exists()
+    assert second.attempts == 0
+
+
+def test_a_stopped_dependency_fails_its_dependent(session: psjobs.Session) -> None:
+    first = session.start_job("sleep 30")
+    second = session.start_job("echo never", after=first)
+    session.stop_job(first)
+    assert session.wait_job(second, timeout=20)
+    assert second.state is JobState.FAILED and "did not complete" in str(second.reason)
+
+
+def test_after_runs_once_every_dependency_completed(session: psjobs.Session) -> None:
+    a = session.start_job("sleep 0.2; echo a")
+    b = session.start_thread_job(lambda: "b")
+    c = session.start_job("echo c", after=[a, b.id])
+    assert session.wait_job(c, timeout=20)
+    assert c.state is JobState.COMPLETED
+    assert a.end_time is not None and c.begin_time is not None and c.begin_time >= a.end_time
+
+
+def test_retries_run_a_failing_call_again_and_keep_every_run(session: psjobs.Session) -> None:
+    runs: list[int] = []
+
+    def flaky() -> str:
+        runs.append(1)
+        psjobs.write_output(f"run {len(runs)}")
+        if len(runs) < 3:
+            raise RuntimeError(f"flaky {len(runs)}")
+        return "ok"
+
+    job = session.start_thread_job(flaky, retries=5)
+    assert session.wait_job(job, timeout=20)
+    assert job.state is JobState.COMPLETED
+    assert job.attempts == 3
+    assert job.output == ["run 1", "run 2", "run 3", "ok"]
+    assert [str(w) for w in job.warning] == [
+        "attempt 1 of 6 failed (RuntimeError: flaky 1); running it again",
+        "attempt 2 of 6 failed (RuntimeError: flaky 2); running it again"]
+
+
+def test_retries_of_a_command_end_failed_with_every_run_kept(session: psjobs.Session) -> None:
+    job = session.start_job('echo "try"; exit 3', retries=2)
+    assert session.wait_job(job, timeout=20)
+    assert job.state is JobState.FAILED and job.exit_code == 3
+    assert job.attempts == 3 and job.child_jobs[0].attempts == 3
+    assert job.output == ["try", "try", "try"]
+    assert len(job.warning) == 2
+
+
+def test_a_stop_is_never_retried(session: psjobs.Session) -> None:
+    job = session.start_job("sleep 30", retries=3)
+    wait_until(lambda: job.child_jobs[0].state is JobState.RUNNING, what="the job to run")
+    session.stop_job(job)
+    assert job.state is JobState.STOPPED and job.attempts == 1
+
+
+def test_delay_in_seconds_and_as_a_datetime(session: psjobs.Session) -> None:
+    t0 = time.time()
+    job = session.start_job("echo late", delay=0.5)
+    assert job.state is JobState.NOT_STARTED and job.status_message.endswith("(delay)")
+    at = session.start_thread_job(lambda: "at", delay=datetime.now() + timedelta(seconds=0.3))
+    assert session.wait_job([job, at], timeout=20)
+    assert job.output == ["late"] and at.output == ["at"]
+    assert job.begin_time is not None and job.begin_time.timestamp() >= t0 + 0.5
+    assert at.begin_time is not None and at.begin_time.timestamp() >= t0 + 0.3
+
+
+def test_restart_makes_a_new_job_with_the_same_target_and_options(session: psjobs.Session) -> None:
+    session.configure_group("r", parallel=1)
+    first = session.start_job("echo $1", "again", name="echoer", group="r")
+    assert session.wait_job(first, timeout=20)
+    again = psjobs.Session.restart_job(session, first)
+    assert again.id > first.id and again.name == "echoer"
+    assert session.wait_job(again, timeout=20)
+    assert again.output == ["again"] and first.output == ["again"]
+    running = session.start_job("sleep 30")
+    with pytest.raises(psjobs.JobNotFinishedError, match=f"stop_job\\({running.id}\\)"):
+        session.restart_job(running)
+    with pytest.raises(psjobs.JobStateError, match="is a child job"):
+        session.restart_job(first.child_jobs[0])
+
+
+def test_scheduling_options_are_checked_before_a_job_exists(session: psjobs.Session) -> None:
+    gone = session.start_thread_job(lambda: None)
+    session.wait_job(gone)
+    session.remove_job(gone)
+    bad = [
+        ({"group": "nope"}, ValueError, "no group 'nope'.*configure_group"),
+        ({"group": 3}, TypeError, "group name must be a str"),
+        ({"retries": -1}, ValueError, "retries must be a whole number"),
+        ({"retries": True}, ValueError, "retries must be a whole number"),
+        ({"delay": math.nan}, ValueError, "delay must be finite"),
+        ({"delay": -1}, ValueError, "delay must be finite"),
+        ({"delay": "soon"}, ValueError, "delay must be finite"),
+        ({"after": gone}, ValueError, "not a job of this session"),
+        ({"after": 999_999}, psjobs.JobNotFoundError, "999999"),
+    ]
+    for kwargs, error, match in bad:
+        with pytest.raises(error, match=match):
+            session.start_job("echo no", **kwargs)
+        with pytest.raises(error, match=match):
+            session.start_thread_job(lambda: None, **kwargs)
+    assert session.get_job() == []
+    for name in ["", "has space", "-dash", "x" * 65]:
+        with pytest.raises(ValueError, match="group name"):
+            session.configure_group(name)
+    with pytest.raises(ValueError, match="parallel must be"):
+        session.configure_group("ok", parallel=0)
+    with pytest.raises(ValueError, match="no group 'missing'"):
+        session.pause_group("missing")
+
+
+def test_module_verbs_schedule_on_the_default_session(default_session: psjobs.Session) -> None:
+    psjobs.configure_group("mod", parallel=1)
+    psjobs.pause_group("mod")
+    job = psjobs.start_thread_job(lambda: "mod", group="mod", retries=1)
+    assert job.state is JobState.NOT_STARTED
+    psjobs.resume_group("mod")
+    assert psjobs.wait_job(job, timeout=10)
+    assert psjobs.get_group("mod")[0]["running"] == 0
+    again = psjobs.restart_job(job.id)
+    assert psjobs.wait_job(again, timeout=10) and again.output == ["mod"]
+
+
+def test_wildcards_never_match_child_jobs(session: psjobs.Session) -> None:
+    jobs = [session.start_job("echo hi") for _ in range(3)]
+    session.wait_job(jobs, timeout=20)
+    assert session.get_job(name="*") == jobs
+    assert session.get_job(name="Job*") == jobs
+    child = jobs[0].child_jobs[0]
+    assert session.get_job(name=child.name) == [child]  # an exact name still finds a child
+    session.stop_job("*")
+    session.remove_job("*")
+    assert session.get_job() == []
+
+
+def test_wildcard_remove_on_the_module_verbs(default_session: psjobs.Session) -> None:
+    job = psjobs.start_job("echo x")
+    psjobs.wait_job(job, timeout=20)
+    psjobs.remove_job("*")
+    assert psjobs.get_job() == []
+
+
+def _fail_once(flag: str) -> str:
+    import os
+
+    if not os.path.exists(flag):
+        open(flag, "w").close()
+        raise ValueError("first run")
+    return "second run"
+
+
+def test_retries_of_a_process_call(session: psjobs.Session, tmp_path: Path) -> None:
+    job = session.start_job(_fail_once, str(tmp_path / "flag"), retries=1)
+    assert session.wait_job(job, timeout=30)
+    assert job.state is JobState.COMPLETED and job.attempts == 2
+    assert job.output == ["second run"]
+    assert "ValueError: first run" in str(job.warning[0])
+
+
+def test_resuming_a_group_starts_as_many_as_its_limit_at_once(session: psjobs.Session) -> None:
+    session.configure_group("wide", parallel=3)
+    session.pause_group("wide")
+    gate = threading.Event()
+    try:
+        jobs = [session.start_thread_job(gate.wait, 20, group="wide") for _ in range(5)]
+        session.resume_group("wide")
+        wait_until(lambda: sum(j.state is JobState.RUNNING for j in jobs) == 3, 10, "three jobs running")
+        assert [j.state for j in jobs[3:]] == [JobState.NOT_STARTED] * 2
+        assert session.get_group("wide")[0]["waiting"] == 2
+    finally:
+        gate.set()
+    assert session.wait_job(jobs, timeout=20)
+
+
+def test_the_scheduler_thread_ends_when_nothing_waits(session: psjobs.Session) -> None:
+    def sched_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "psjobs-sched"]
+
+    session.configure_group("idle", parallel=1)
+    session.pause_group("idle")
+    held = session.start_job("echo never", group="idle", retries=2)
+    assert sched_threads()
+    session.stop_job(held)
+    done = session.start_thread_job(lambda: 1, retries=1, delay=0.05)
+    assert session.wait_job(done, timeout=10)
+    wait_until(lambda: not sched_threads(), 10, "the psjobs-sched thread to end")
