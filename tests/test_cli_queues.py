@@ -118,9 +118,9 @@ def test_get_filters_like_the_library(home: Path) -> None:
     ok("wait", "--timeout", "30", str(a), str(b))
     by_command = json.loads(ok("get", "--json", "--command", "*MAKE*"))
     assert [r["id"] for r in by_command] == [a]
-    assert [r["id"] for r in json.loads(ok("get", "--json", "--name", "fq-t*"))] == [b]
+    assert [r["id"] for r in json.loads(ok("get", "--json", "fq-t*"))] == [b]
     ok("receive", str(a))
-    fresh = json.loads(ok("get", "--json", "--name", "fq-*", "--has-more-data"))
+    fresh = json.loads(ok("get", "--json", "fq-*", "--has-more-data"))
     assert [r["id"] for r in fresh] == [b]
     kids = json.loads(ok("get", "--json", "--child-state", "Completed", "--name", "fq-make"))
     assert [r["id"] for r in kids] == [a, a + 1]

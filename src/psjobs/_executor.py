@@ -32,6 +32,7 @@ from ._api import default_session
 from ._compat import register_before_exit
 from .core._future import FollowingFuture
 from .core._job import Job
+from .core._sched import forget_recipe
 from .core._session import Session
 
 _KINDS = ("process", "thread")
@@ -213,6 +214,7 @@ class Executor(concurrent.futures.Executor):
 
     def _settle(self, future: FollowingFuture, job: Job) -> None:
         try:
+            forget_recipe(job)  # the call is not kept alive by restart_job's recipe
             future.settle(job)
         finally:
             self._finished()

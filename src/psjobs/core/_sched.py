@@ -452,3 +452,10 @@ def _one(jobs: list[Job]) -> list[Job]:
         raise ValueError(f"restart_job: name one job, not {len(jobs)} "
                          f"({', '.join(str(j.id) for j in jobs[:5]) or 'none'})")
     return jobs
+
+
+def forget_recipe(job: Job) -> None:
+    """Drop what ``restart_job`` keeps for ``job`` (its target and arguments), so that they can be
+    freed while the job and its records stay: an Executor's jobs are never restarted, and a
+    ``concurrent.futures`` executor keeps no reference to a call once it is done."""
+    job._session._sched.recipes.pop(job.id, None)
