@@ -1,0 +1,84 @@
+"""What starting costs: ``import psjobs``, the ``psjobs`` command and the fork server import only
+what they use (issue 18). Each check runs a fresh interpreter and reads its ``sys.modules``."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psjobs
+
+INIT = Path(psjobs.__file__)
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def _heavy(modules: set[str]) -> set[str]:
+    """The loaded modules a light start must not have: the core, the backends, the worker, the
+    host's server side, cloudpickle, asyncio."""
+    prefixes = ("psjobs.core", "psjobs.backends", "psjobs.worker", "psjobs._api", "psjobs.host._server",
+                "cloudpickle", "asyncio", "sqlite3")
+    return {m for m in modules if m.startswith(prefixes)}
+
+
+def test_import_psjobs_loads_only_the_bottom_layer() -> None:
+    modules = _modules_after("import psjobs")
+    assert not _heavy(modules), sorted(_heavy(modules))
+    assert {m for m in modules if m.startswith("psjobs")} == {"psjobs", "psjobs._errors", "psjobs._records",
+                                                               "psjobs._version"}
+
+
+def test_a_public_name_is_imported_on_first_use_and_says_it_comes_from_psjobs() -> None:
+    code = ("import sys, psjobs\n"
+            "assert 'psjobs.core._session' not in sys.modules\n"
+            "s = psjobs.Session\n"
+            "assert 'psjobs.core._session' in sys.modules and s.__module__ == 'psjobs'\n"
+            "assert 'psjobs.backends.ssh' not in sys.modules\n"
+            "job = psjobs.start_thread_job(lambda: 1)\n"
+            # a class reached through a job, never named through psjobs, still says psjobs
+            "assert type(job).__module__ == 'psjobs', type(job).__module__\n"
+            "assert psjobs.receive_job(psjobs.wait_job(job, timeout=20)) == [1]\n"
+            "assert 'SSHOptions' in dir(psjobs) and 'Session' in vars(psjobs)\n")
+    _modules_after(code)
+
+
+def test_errors_say_they_come_from_psjobs_from_the_start() -> None:
+    # A traceback printed before any public name was used still shows psjobs.JobFailedError.
+    code = ("from psjobs._errors import JobFailedError\n"
+            "assert JobFailedError.__module__ == 'psjobs'\n")
+    _modules_after(code)
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    try:
+        psjobs.no_such_name  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("psjobs.no_such_name did not raise AttributeError")
+
+
+def _typing_names() -> set[str]:
+    """The names the ``if TYPE_CHECKING:`` block of psjobs/__init__.py imports."""
+    tree = ast.parse(INIT.read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
+    return {alias.asname or alias.name for node in block.body if isinstance(node, ast.ImportFrom)
+            for alias in node.names}
+
+
+def test_the_three_lists_of_public_names_agree() -> None:
+    # See psjobs/__init__.py's docstring: a name is added to the TYPE_CHECKING imports, to
+    # _EXPORTS and to __all__; a name added to one only is caught here.
+    exports = set(psjobs._EXPORTS)
+    assert exports == _typing_names()
+    assert exports | {"load_ipython_extension", "unload_ipython_extension"} == set(psjobs.__all__)
+    for name, where in psjobs._EXPORTS.items():
+        assert getattr(psjobs, name) is getattr(sys.modules["psjobs" + where], name), name
