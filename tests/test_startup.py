@@ -82,3 +82,21 @@ def test_the_three_lists_of_public_names_agree() -> None:
     assert exports | {"load_ipython_extension", "unload_ipython_extension"} == set(psjobs.__all__)
     for name, where in psjobs._EXPORTS.items():
         assert getattr(psjobs, name) is getattr(sys.modules["psjobs" + where], name), name
+
+
+def test_the_command_imports_the_host_client_not_the_library(tmp_path: Path) -> None:
+    # `psjobs get` as a whole process: argparse, the host's protocol and client, the job table;
+    # not the Session, the backends, the worker, nor socket.py (its enums cost ~5% of the command).
+    home = tmp_path / "h"
+    code = (f"import os; os.environ['PSJOBS_HOME'] = {str(home)!r}\n"
+            "from psjobs._cli import main\n"
+            "assert main(['get']) == 0\n"
+            "assert main(['host', 'stop']) == 0\n")
+    modules = _modules_after(code)
+    # The job table (core._format) and the PSHost that prints records come from the core, through
+    # its lazy facade: those modules, and what the table's Job needs, but no Session.
+    table = {"psjobs.core", "psjobs.core._format", "psjobs.core._job", "psjobs.core._journal",
+             "psjobs.core._state", "psjobs.core._pshost"}
+    assert not _heavy(modules) - table, sorted(_heavy(modules) - table)
+    assert {"psjobs.host._client", "psjobs.host._protocol"} <= modules
+    assert "socket" not in modules and "psjobs.core._session" not in modules
