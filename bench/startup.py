@@ -29,7 +29,8 @@ ROWS = {
     "python -c pass": "pass",
     "import psjobs": "import psjobs",
     "psjobs get (whole process)": "import sys; from psjobs._cli import main; main(['get'])",
-    "fork server's imports": "import psjobs.worker._forkserver",
+    "fork server's imports": ("import psjobs.worker._forkserver, cloudpickle; from psjobs import _inside; "
+                              "from psjobs.worker import _process_worker"),  # what its main() loads
 }
 
 

@@ -100,3 +100,19 @@ def test_the_command_imports_the_host_client_not_the_library(tmp_path: Path) -> 
     assert not _heavy(modules) - table, sorted(_heavy(modules) - table)
     assert {"psjobs.host._client", "psjobs.host._protocol"} <= modules
     assert "socket" not in modules and "psjobs.core._session" not in modules
+
+
+def test_the_fork_server_imports_only_the_worker_runtime() -> None:
+    # A process job's worker is forked from the fork server, so it holds what the server imported
+    # (plus what the job needs): the worker runtime and cloudpickle, never the core or a backend.
+    code = ("import json, psjobs\n"
+            "def modules():\n"
+            "    import sys\n"
+            "    return sorted(sys.modules)\n"
+            "job = psjobs.start_job(modules)\n"
+            "print(json.dumps(psjobs.receive_job(psjobs.wait_job(job, timeout=25))[0]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
+    in_worker = set(json.loads(out.stdout.splitlines()[-1]))
+    assert {"psjobs.worker._process_worker", "cloudpickle"} <= in_worker  # the server runs as __main__
+    library = {m for m in in_worker if m.startswith(("psjobs.core", "psjobs.backends", "psjobs._api", "psjobs.host"))}
+    assert not library, sorted(library)
