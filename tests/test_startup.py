@@ -66,9 +66,9 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
         raise AssertionError("psjobs.no_such_name did not raise AttributeError")
 
 
-def _typing_names() -> set[str]:
-    """The names the ``if TYPE_CHECKING:`` block of psjobs/__init__.py imports."""
-    tree = ast.parse(INIT.read_text())
+def _typing_names(init: Path = INIT) -> set[str]:
+    """The names the ``if TYPE_CHECKING:`` block of a package's __init__.py imports."""
+    tree = ast.parse(init.read_text())
     block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
     return {alias.asname or alias.name for node in block.body if isinstance(node, ast.ImportFrom)
             for alias in node.names}
@@ -116,3 +116,11 @@ def test_the_fork_server_imports_only_the_worker_runtime() -> None:
     assert {"psjobs.worker._process_worker", "cloudpickle"} <= in_worker  # the server runs as __main__
     library = {m for m in in_worker if m.startswith(("psjobs.core", "psjobs.backends", "psjobs._api", "psjobs.host"))}
     assert not library, sorted(library)
+
+
+def test_the_core_facade_lists_agree() -> None:
+    import psjobs.core as core
+
+    assert set(core._EXPORTS) == set(core.__all__) == _typing_names(Path(core.__file__))
+    for name in core.__all__:
+        assert getattr(core, name) is getattr(sys.modules["psjobs.core" + core._EXPORTS[name]], name), name

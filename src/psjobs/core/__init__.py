@@ -59,7 +59,8 @@ if typing.TYPE_CHECKING:  # what type checkers read; what runs is __getattr__, b
     from ._state import JobState
 
 # name -> module, imported on first use (PEP 562): the command, which shows the job table
-# (._format) and records (._pshost), does not import the Session and its machinery.
+# (._format) and records (._pshost), does not import the Session and its machinery. A new name
+# goes here, in the TYPE_CHECKING imports and in __all__ (tests/test_startup.py checks all three).
 _EXPORTS = {
     "ARGV": "._spec",
     "CALL": "._spec",
