@@ -5,11 +5,12 @@
     git worktree of BASE (temporary) --+--> valgrind --tool=callgrind python -c CODE   } per tree and
     this checkout ---------------------+--> python -c CODE + print(len(sys.modules))  } per row
 
-Rows: ``python -c pass`` (the floor), ``import psjobs``, the ``psjobs get`` command as a whole
-process (its own session host, in a temporary PSJOBS_HOME, started before the counted run), and
-what a fork server imports before it serves (``--quick`` counts only ``import psjobs``). Wall time
-moves by 10-20% on this shared machine; callgrind's instruction counts repeat to 0.1% under any
-load, so they are what an A/B reads (the first wave's wall figures were taken on a quiet machine).
+Rows: ``python -c pass`` (the floor), ``import psjobs``, the ``psjobs get`` and ``start``
+commands as whole processes (against their own session host, in a temporary PSJOBS_HOME, started
+before the counted runs), what a fork server imports before it serves, and a program's first
+process job beside multiprocessing's first forkserver Process (``--quick``: the first two rows).
+Wall time moves by 10-20% on this shared machine; callgrind's instruction counts repeat to 0.1%
+under any load, so they are what an A/B reads on a busy day (targets still need a quiet machine).
 Needs valgrind.
 """
 
@@ -29,6 +30,7 @@ ROWS = {
     "python -c pass": "pass",
     "import psjobs": "import psjobs",
     "psjobs get (whole process)": "import sys; from psjobs._cli import main; main(['get'])",
+    "psjobs start (whole process)": "import sys; from psjobs._cli import main; main(['start', '-q', '--', 'true'])",
     "fork server's imports": ("import psjobs.worker._forkserver, cloudpickle; from psjobs import _inside; "
                               "from psjobs.worker import _process_worker"),  # what its main() loads
     # Whole programs, every process counted (callgrind follows forks and execs); no warm spares

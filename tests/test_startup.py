@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import psjobs
 
@@ -124,3 +127,12 @@ def test_the_core_facade_lists_agree() -> None:
     assert set(core._EXPORTS) == set(core.__all__) == _typing_names(Path(core.__file__))
     for name in core.__all__:
         assert getattr(core, name) is getattr(sys.modules["psjobs.core" + core._EXPORTS[name]], name), name
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="bench.startup counts with valgrind")
+def test_bench_startup_counts_instructions_and_modules(tmp_path: Path) -> None:
+    from bench.startup import ROOT, count
+
+    bare, bare_modules = count(ROOT, "pass", str(tmp_path))
+    light, light_modules = count(ROOT, "import psjobs", str(tmp_path))
+    assert 0 < bare < light and bare_modules < light_modules
