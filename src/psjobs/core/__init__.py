@@ -60,12 +60,50 @@ Outside the session's process, a process worker has two: ``Writer._lock`` then `
 the same thread: its records then go to a side list, never into a half-updated batch.
 """
 
-from ._backend import Backend, Place, Plan, backend_class, register_backend, unregister_backend
-from ._job import Entry, Job
-from ._port import JobPort, Outcome
-from ._session import Session
-from ._spec import ARGV, CALL, SHELL, JobSpec, command_arg, make_spec
-from ._state import JobState
+import importlib
+import typing
+
+if typing.TYPE_CHECKING:  # what type checkers read; what runs is __getattr__, below
+    from ._backend import Backend, Place, Plan, backend_class, register_backend, unregister_backend
+    from ._job import Entry, Job
+    from ._port import JobPort, Outcome
+    from ._session import Session
+    from ._spec import ARGV, CALL, SHELL, JobSpec, command_arg, make_spec
+    from ._state import JobState
+
+# name -> module, imported on first use (PEP 562): the command, which shows the job table
+# (._format) and records (._pshost), does not import the Session and its machinery. A new name
+# goes here, in the TYPE_CHECKING imports and in __all__ (tests/test_startup.py checks all three).
+_EXPORTS = {
+    "ARGV": "._spec",
+    "CALL": "._spec",
+    "SHELL": "._spec",
+    "Backend": "._backend",
+    "Entry": "._job",
+    "Job": "._job",
+    "JobPort": "._port",
+    "JobSpec": "._spec",
+    "JobState": "._state",
+    "Outcome": "._port",
+    "Place": "._backend",
+    "Plan": "._backend",
+    "Session": "._session",
+    "backend_class": "._backend",
+    "command_arg": "._spec",
+    "make_spec": "._spec",
+    "register_backend": "._backend",
+    "unregister_backend": "._backend",
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    where = _EXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ARGV",

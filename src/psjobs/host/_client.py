@@ -15,10 +15,10 @@ its own uid (SO_PEERCRED): a request carries the whole environment and command l
 
 from __future__ import annotations
 
+import _socket  # the C module: socket.py builds its enums at import, ~5% of a whole `psjobs get`
 import fcntl
 import json
 import os
-import socket
 import struct
 import sys
 import time
@@ -101,14 +101,28 @@ class Paths:
         return True
 
 
-def peer_uid(sock: socket.socket) -> int:
+class _Socket(_socket.socket):
+    """A socket of the C module that a ``with`` block closes (all the command used of socket.py)."""
+
+    def __enter__(self) -> _Socket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def unix_socket() -> _Socket:
+    return _Socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+
+
+def peer_uid(sock: _socket.socket) -> int:
     """The uid of the process at the other end of a connected unix socket (SO_PEERCRED)."""
-    return int(struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1])
+    return int(struct.unpack("3i", sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))[1])
 
 
 # --- frames ----------------------------------------------------------------------------------------
 
-def read_frame(sock: socket.socket, cap: int, who: str) -> bytes | None:
+def read_frame(sock: _socket.socket, cap: int, who: str) -> bytes | None:
     """One frame's body (see _protocol); a broken frame raises RequestError."""
     try:
         return _protocol.read_frame(sock, cap, who)
@@ -117,7 +131,7 @@ def read_frame(sock: socket.socket, cap: int, who: str) -> bytes | None:
 
 
 def answers(paths: Paths) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    with unix_socket() as s:
         try:
             s.connect(str(paths.socket))
             return True
@@ -148,7 +162,7 @@ class Client:
     def __init__(self, paths: Paths | None = None) -> None:
         self.paths = paths or Paths()
 
-    def connect(self, start: bool = True) -> socket.socket:
+    def connect(self, start: bool = True) -> _Socket:
         sock = self._try_connect()
         if sock is not None:
             return sock
@@ -165,10 +179,10 @@ class Client:
                                 f"{self.paths.socket}; see {self.paths.log}")
             time.sleep(0.02)  # another host holds the lock and is about to listen
 
-    def _try_connect(self) -> socket.socket | None:
+    def _try_connect(self) -> _Socket | None:
         if not self.paths.check():
             return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = unix_socket()
         try:
             sock.connect(str(self.paths.socket))
             uid = peer_uid(sock)
@@ -220,7 +234,7 @@ class Client:
                 raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "
                                 f"crashed; see {self.paths.log}); run the command again") from exc
 
-    def _responses(self, sock: socket.socket) -> Generator[dict[str, Any], int | None, None]:
+    def _responses(self, sock: _socket.socket) -> Generator[dict[str, Any], int | None, None]:
         while True:
             body = read_frame(sock, MAX_RESPONSE, "the host")
             if body is None:

@@ -22,11 +22,13 @@ import dataclasses
 import json
 import math
 import re
-import socket
 import struct
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._errors import ProtocolError
+
+if TYPE_CHECKING:  # at run time the command imports no socket.py (host/_client uses _socket)
+    from _socket import socket as Socket
 
 MAGIC = b"PSJH"
 VERSION = 1
@@ -48,7 +50,7 @@ def pack(payload: Any) -> bytes:
     return HEADER.pack(MAGIC, VERSION, len(body)) + body
 
 
-def read_frame(sock: socket.socket, cap: int, who: str) -> bytes | None:
+def read_frame(sock: Socket, cap: int, who: str) -> bytes | None:
     """One frame's body; None at a clean end of stream. Raises ProtocolError on a broken frame."""
     head = _recv_exact(sock, HEADER.size, who)
     if head is None:
@@ -68,7 +70,7 @@ def read_frame(sock: socket.socket, cap: int, who: str) -> bytes | None:
     return body
 
 
-def _recv_exact(sock: socket.socket, n: int, who: str) -> bytes | None:
+def _recv_exact(sock: Socket, n: int, who: str) -> bytes | None:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
