@@ -25,14 +25,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
-from . import _future
-from ._future import VALUE, Watch
+from ._journal import SMALL, Journal, MemoryJournal
 from ._journal import Entry as Entry  # backends import it from here
-from ._journal import Journal, MemoryJournal
-from ._spill import SMALL
 from ._state import Event, JobState, derive_parent_state_counts, next_state
 
 if TYPE_CHECKING:
+    from ._future import FollowingFuture, Watch
     from ._session import Session
 
 _SMALL = SMALL + 1  # a MemoryJournal's list holds its cursor too
@@ -140,7 +138,7 @@ class Job:
         # Set by its JobPort when the Session makes a leaf: which backend runs it, and its tree.
         self._kind: str | None = None
         self._tree: Any = None
-        self._shape = VALUE  # what result() makes of the output (see _future; set by make_tree)
+        self._shape = "value"  # what result() makes of the output (_future.VALUE; set by make_tree)
         self._watch: Watch | None = None  # callbacks and async waiters (see _future), made on first use
         if parent is not None:
             if parent._children is None:
@@ -295,7 +293,8 @@ class Job:
         """``resume_job(self)``."""
         self._session.resume_job(self)
 
-    # --- as a future (API.md 8.1; the work is in _future) ----------------------------------------
+    # --- as a future (API.md 8.1; the work is in _future, imported by each method on first use so
+    # that concurrent.futures and logging stay out of the command's `psjobs get`) ------------------
     def done(self) -> bool:
         """True once the job is finished (Completed, Failed or Stopped)."""
         return self._state.is_finished
@@ -310,6 +309,7 @@ class Job:
 
     def cancel(self) -> bool:
         """Stop the job for real (``stop_job``); True if it was not finished yet."""
+        from . import _future  # on first use: concurrent.futures and logging stay out of `psjobs get`
         return _future.cancel(self)
 
     def result(self, timeout: float | None = None) -> Any:
@@ -318,42 +318,51 @@ class Job:
         child order. A Failed job raises its reason, a Stopped one
         ``concurrent.futures.CancelledError``; ``TimeoutError`` if it is not finished within
         ``timeout`` (the job goes on). The receive cursor does not move."""
+        from . import _future
         return _future.result(self, timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception that failed the job, None if it completed (waits as ``result`` does)."""
+        from . import _future
         return _future.exception(self, timeout)
 
     def add_done_callback(self, fn: Callable[[Job], Any]) -> None:
         """``fn(job)`` once the job is finished: at once in this thread if it already is, else from
         psjobs' callbacks thread. An exception in ``fn`` is logged on the ``psjobs`` logger."""
+        from . import _future
         _future.add_done_callback(self, fn)
 
     def add_state_callback(self, fn: Callable[[Job, JobState, JobState], Any]) -> None:
         """``fn(job, old_state, new_state)`` on every state change from now on (PowerShell's
         StateChanged event), in order, from psjobs' callbacks thread, never under a psjobs lock."""
+        from . import _future
         _future.add_state_callback(self, fn)
 
     def remove_callback(self, fn: Callable[..., Any]) -> None:
         """Forget ``fn`` as a done or state callback of this job (nothing happens if it is not one)."""
+        from . import _future
         _future.remove_callback(self, fn)
 
-    def as_future(self) -> _future.FollowingFuture:
+    def as_future(self) -> FollowingFuture:
         """A ``concurrent.futures.Future`` following the job (``.job`` is the job); cancelling it
         stops the job."""
+        from . import _future
         return _future.as_future(self)
 
     def __await__(self) -> Generator[Any, None, Any]:
         """``await job`` gives ``job.result()`` without blocking the event loop."""
+        from . import _future
         return _future.await_result(self).__await__()
 
     def stream(self, timeout: float | None = None) -> Iterator[Any]:
         """Output items as they arrive, consumed as ``receive_job`` does, until the job ends (or
         ``timeout``: the job goes on); other records go to the session's host."""
+        from . import _future
         return _future.stream(self, timeout)
 
     def astream(self, timeout: float | None = None) -> AsyncIterator[Any]:
         """``stream`` as an async iterator."""
+        from . import _future
         return _future.astream(self, timeout)
 
     # --- events (the session's lock is held by the caller) ---------------------------------

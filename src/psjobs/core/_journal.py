@@ -29,7 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from ._job import Job
 
-Entry = tuple[int, Any, float]  # (stream, value or record, time.time())
+Entry = tuple[int, Any, float]
+
+#: a job's records kept in a plain MemoryJournal before it joins the session's memory window
+#: (core/_spill); here, so that the job model does not import the spilling machinery
+SMALL = 16  # (stream, value or record, time.time())
 
 
 class Journal(Protocol):

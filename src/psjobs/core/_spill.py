@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 
 #: Bytes of records a session keeps in memory, across its jobs, before older ones go to disk.
 WINDOW = 4 << 20
-#: A journal with more entries than this becomes a SpillJournal (most jobs hold one value).
-SMALL = 16
+# A journal with more entries than SMALL (core/_journal) becomes a SpillJournal (most jobs hold
+# one value).
 _BLOCK_ENTRIES = 4096   # a block is read back whole: a read of one position unpickles at most this
 _BLOCK_BYTES = 1 << 20
 _RETRY_SECONDS = 5.0    # after a failed write (disk full), memory grows until the next try
