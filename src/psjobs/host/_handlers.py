@@ -289,10 +289,9 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     # First, which top-level job and computer each leaf's records belong to (the --json lines'
     # ids and the [web1] prefixes); a client that does not know "jobs" reads no records from it.
     tops = {leaf.id: [job.id, leaf.computer_name] for job in selected for leaf in _tree(job) if not leaf.child_jobs}
+    if req.ack and not req.keep:  # the map rides on the first part, which the client acknowledges
+        return _receive_acked(ctx, req, reply, selected, tops)
     reply.part(json.dumps({"ok": True, "more": True, "result": {"records": [], "jobs": tops}}))
-    if req.ack and not req.keep:
-        reply.ack(0)  # an acknowledging client answers every part, this one too
-        return _receive_acked(ctx, req, reply, selected)
     rows: list[RecordRow] = []
     size = 0
     # A part per batch (at most about PAGE_BYTES): what arrived goes out before the read waits again.
@@ -315,7 +314,8 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
 
 
-def _receive_acked(ctx: Context, req: ReceiveRequest, reply: Reply, selected: list[Job]) -> ReceiveResult:
+def _receive_acked(ctx: Context, req: ReceiveRequest, reply: Reply, selected: list[Job],
+                   tops: dict[int, list[Any]]) -> ReceiveResult:
     """A receive that consumes only what its client says it delivered: the records are read
     without moving the cursors, and each part's ack moves them past the delivered records only.
     A leaf another acknowledged receive is reading is left to it (each record goes to one)."""
@@ -326,7 +326,7 @@ def _receive_acked(ctx: Context, req: ReceiveRequest, reply: Reply, selected: li
     complete = True
     try:
         if mine:
-            complete = _send_acked(ctx, req, reply, mine)
+            complete = _send_acked(ctx, req, reply, mine, tops)
     finally:
         with ctx.receiving_lock:
             ctx.receiving.difference_update(leaf.id for leaf in mine)
@@ -338,7 +338,8 @@ def _receive_acked(ctx: Context, req: ReceiveRequest, reply: Reply, selected: li
     return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
 
 
-def _send_acked(ctx: Context, req: ReceiveRequest, reply: Reply, leaves: list[Job]) -> bool:
+def _send_acked(ctx: Context, req: ReceiveRequest, reply: Reply, leaves: list[Job],
+                tops: dict[int, list[Any]] | None = None) -> bool:
     """Send the leaves' unread records in parts; False if the client delivered only some."""
     journals = {leaf.id: ctx.writer.journals.get(leaf.id) for leaf in leaves}
     position = {i: 0 if j is None else j.cursor for i, j in journals.items()}  # next unsent record
@@ -347,8 +348,9 @@ def _send_acked(ctx: Context, req: ReceiveRequest, reply: Reply, leaves: list[Jo
     size = 0
 
     def flush() -> bool:
-        nonlocal rows, at, size
-        reply.part(records_part(rows))
+        nonlocal rows, at, size, tops
+        reply.part(records_part(rows, tops))
+        tops = None  # once, on the first part
         delivered = reply.ack(len(rows))
         moved: dict[int, tuple[int, int]] = {}
         for row, end in zip(rows[:delivered], at):

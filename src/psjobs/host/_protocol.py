@@ -550,9 +550,11 @@ class RecordsResult(Response):
 RecordRow = tuple[int, int, int, float, int, str]  # seq, job, stream, time, is-json, data
 
 
-def records_part(rows: list[RecordRow]) -> str:
-    """A part of receive's answer: stored JSON goes out as it is, never decoded and encoded again."""
-    return ('{"ok":true,"more":true,"result":{"records":['
+def records_part(rows: list[RecordRow], jobs: dict[int, list[Any]] | None = None) -> str:
+    """A part of receive's answer: stored JSON goes out as it is, never decoded and encoded again.
+    ``jobs`` (leaf id -> [top-level job id, computer]) rides along where a part carries it."""
+    return ('{"ok":true,"more":true,"result":{' + ("" if jobs is None else f'"jobs":{json.dumps(jobs)},')
+            + '"records":['
             + ",".join(f"[{seq},{job},{stream},{t!r},{flag},{data if flag else json.dumps(data)}]"
                        for seq, job, stream, t, flag, data in rows)
             + "]}}")
