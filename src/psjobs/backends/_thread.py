@@ -81,6 +81,11 @@ class _Emitter:
 class ThreadBackend(Backend):
     """Runs ThreadJobs in worker threads of the session's process, a throttled number at once."""
 
+    # Nothing of a thread can be killed: stop_job waits the grace period and no longer (API.md 5).
+    # A thread job's command is killed at the grace period by run_command and ends Stopped a moment
+    # later, after the warning.
+    stop_slack = 0.0
+
     def __init__(self, session: Session) -> None:
         super().__init__(session)
         self._cond = threading.Condition()

@@ -61,6 +61,9 @@ class Backend(abc.ABC):
     can_send_input: ClassVar[bool] = False
     #: a job stopped while it waited NotStarted must still be told (its queue lives elsewhere)
     stops_unstarted: ClassVar[bool] = False
+    #: seconds stop_job waits past the grace period for work killed at its end to be reaped and
+    #: report (a process's exit, its last records); 0 where nothing can be killed (threads)
+    stop_slack: ClassVar[float] = 2.0
 
     def __init__(self, session: Session) -> None:
         self.session = session

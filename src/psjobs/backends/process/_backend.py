@@ -29,6 +29,7 @@ ends them (host/_store.kill_orphans), as callable jobs never could.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import selectors
 import signal
@@ -36,6 +37,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import ProtocolError, WorkerError
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
 from ._call import CallHandle
 from ._command import CommandHandle
-from ._forkclient import ForkClient, ServerGone, environ_now, find_psjobs
+from ._forkclient import ANSWER_TIMEOUT, ForkClient, ServerGone, environ_now, find_psjobs
 from ._handle import Handle
 from ._loop import SOCK_BUF, IOLoop
 
@@ -199,12 +201,25 @@ class ProcessBackend(Backend):
                         handle.on_forked(pid)
                 if pid is None:
                     server.submit(token, handle.worker_fds())
+                    self.loop.call_later(ANSWER_TIMEOUT, functools.partial(
+                        self._check_forked, handle, server, time.monotonic()))
                 self._ask_preload(server, handle.module)
                 return
             except OSError:
                 server.alive = False
                 self.loop.call_soon(server.lost)
         raise WorkerError("the fork server keeps dying; process jobs cannot start")
+
+    def _check_forked(self, handle: CallHandle, server: ForkClient, began: float) -> None:
+        """On the loop: the server has not said it forked the job's worker; a frozen one goes."""
+        if handle.pid is not None or handle.server is not server or handle.port.finished:
+            return
+        why = server.unresponsive(time.monotonic() - began)
+        if why is None:
+            if server.alive:
+                self.loop.call_later(ANSWER_TIMEOUT, functools.partial(self._check_forked, handle, server, began))
+            return
+        server.replace(why)
 
     def _ask_preload(self, server: ForkClient, module: str | None) -> None:
         if not module or module == "__main__" or module.startswith("psjobs"):
