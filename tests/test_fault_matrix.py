@@ -444,3 +444,55 @@ def dask_scheduler_killed(cell: Cell, request: pytest.FixtureRequest) -> None:
         for p in procs:
             p.kill()
             p.wait()
+
+
+# --- issue 13, case 10: the rest -----------------------------------------------------------------------
+
+def escapes(path: str) -> Iterator[str]:
+    """A child that leaves the worker's process group (setsid), then waits to be stopped."""
+    proc = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    with open(path, "w") as f:
+        f.write(str(proc.pid))
+    yield "started"
+    while True:
+        time.sleep(0.01)
+
+
+@pytest.mark.ssh
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("form", ["command", "callable"])
+def test_case10_a_remote_setsid_grandchild_dies_with_a_stop_of_its_job(sshd_server: Any, tmp_path: Path,
+                                                                     form: str) -> None:
+    server, config = sshd_server
+    pidfile = tmp_path / "escaped"
+    with psjobs.Session(stop_grace=1.0) as s:
+        psjobs.configure_ssh(s, config=str(config), python=sys.executable)
+        if form == "command":
+            line = 'setsid sh -c \'echo $$ > "$0"; exec sleep 1000\' "$1" & echo started; wait'
+            job = s.invoke_command(line, str(pidfile), computer_name="127.0.0.1")
+        else:
+            job = s.invoke_command(escapes, str(pidfile), computer_name="127.0.0.1")
+        wait_until(lambda: job.output == ["started"] and pidfile.exists() and pidfile.read_text().strip(),
+                   DEADLINE, "the escaped grandchild")
+        escaped = psutil.Process(int(pidfile.read_text()))
+        assert escaped.pid in server.session_pids()
+        assert os.getpgid(escaped.pid) != os.getpgid(psutil.Process(escaped.pid).ppid())  # it left the group
+        s.stop_job(job)
+        assert job.state is JobState.STOPPED
+        assert not escaped.is_running() or escaped.status() == psutil.STATUS_ZOMBIE, \
+            f"{form}: the setsid grandchild {escaped.pid} survived the stop of its SSH job"
+
+
+def test_case10_a_thread_stop_waits_the_grace_period_and_no_longer() -> None:
+    # API.md 5: a thread in a call Python cannot interrupt keeps stop_job waiting "only for the
+    # session's stop grace period". It once waited grace + 2 s.
+    with psjobs.Session(stop_grace=0.5) as s:
+        job = s.start_thread_job(time.sleep, 3)
+        wait_until(lambda: job.state is JobState.RUNNING, DEADLINE, "the thread job to run")
+        began = time.monotonic()
+        with pytest.warns(psjobs.StopTimeoutWarning, match=f"Job {job.id}"):
+            s.stop_job(job)
+        waited = time.monotonic() - began
+        assert 0.5 <= waited < 1.2, waited
+        assert job.state is JobState.STOPPING and "stop requested" in job.status_message
+        assert job.wait(DEADLINE) and job.state is JobState.STOPPED  # once the sleep returns
