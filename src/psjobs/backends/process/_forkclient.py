@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._compat import environ_snapshot
 from ..._errors import WorkerError
+from ...worker._tree import cgroup_members, kill_cgroup
 from ...worker._wire import (
     CALLER_PYTHONPATH,
 )
@@ -169,6 +170,22 @@ class ForkClient:
         if what == "error":
             raise value
         return int(value)
+
+    def may_have_started(self, token: int) -> bool:
+        """After this server died during ``command`` (``token``'s): False only when the command
+        surely never started (its cgroup was never made); what it did start is killed. Without
+        cgroups there is no telling. The soak (bench/soak.py) saw a command run twice when a retry
+        followed a server killed between its exec and its answer."""
+        with contextlib.suppress(Exception):
+            self.proc.kill()  # frozen or gone: dead either way, so nothing is made after the look
+            self.proc.wait(timeout=5)
+        path = self.cgroup_of(f"cmd-{token}")
+        if path is None:
+            return True
+        if cgroup_members(path) is None:
+            return False
+        kill_cgroup(path)
+        return True
 
     def cgroup_of(self, name: int | str) -> str | None:
         """The cgroup directory of one of this server's jobs: a worker's is named by its pid, a
