@@ -138,7 +138,7 @@ CELLS: list[tuple[str, str]] = [
     *[("command", f) for f in ["raise", "crash", "kill_worker", "kill_server", "freeze"]],
     *[("ssh", f) for f in ["raise", "crash", "kill_worker", "kill_server", "freeze"]],
     *[("ssh-callable", f) for f in [*CALLABLE_FAULTS, "kill_server", "freeze"]],
-    *[("dask", f) for f in [*CALLABLE_FAULTS, "kill_server"]],
+    *[("dask", f) for f in ["kill_server", *CALLABLE_FAULTS]],
 ]
 # Open: a Dask worker ships records through its own event loop (log_event, batched every 20 ms);
 # os._exit or os.abort in the task ends the process before that loop sends the last batch. The
@@ -252,6 +252,8 @@ def cell(kind_env: tuple[str, Any], tmp_path: Path) -> Iterator[Cell]:
         yield Cell(name, session, start, backing, tmp_path / "pid")
     finally:
         session.close()
+        if name == "dask":  # a killed worker is restarted by its nanny: back before the next cell
+            backing.wait_for_workers(1, timeout=DEADLINE)
 
 
 def finished(cell: Cell, job: psjobs.Job) -> psjobs.Job:
