@@ -11,8 +11,8 @@
     Session.close --------------> backend.close()
 
 A backend never sets a job's state: it reports through its :class:`~._port.JobPort`. Optional
-abilities are class flags (``can_pause``, ``can_send_input``, ``stops_unstarted``), not methods
-probed with getattr. Backends are found by name in a registry of ``"module:Class"`` strings and
+abilities are class flags (``can_pause``, ``can_send_input``, ``stops_unstarted``, ``stop_slack``),
+not methods probed with getattr. Backends are found by name in a registry of ``"module:Class"`` strings and
 imported only when first used, so ``import psjobs`` stays light and the core imports no backend.
 """
 
@@ -62,7 +62,7 @@ class Backend(abc.ABC):
     #: a job stopped while it waited NotStarted must still be told (its queue lives elsewhere)
     stops_unstarted: ClassVar[bool] = False
     #: seconds stop_job waits past the grace period for work killed at its end to be reaped and
-    #: report (a process's exit, its last records); 0 where nothing can be killed (threads)
+    #: report (a process's exit, its last records); less where nothing can be killed (threads)
     stop_slack: ClassVar[float] = 2.0
 
     def __init__(self, session: Session) -> None:
