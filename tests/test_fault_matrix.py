@@ -41,7 +41,7 @@ is replaced and the new job runs); ssh and ssh-callable, sshd's session process 
 drops, or its keepalives go unanswered); dask, the scheduler, run as a `dask scheduler` process
 of the test's own (a LocalCluster's scheduler lives in this test process).
 
-Open (strict xfail, DASK_TAIL): dask with os_exit and crash lose the records yielded just before.
+Open (non-strict xfail, DASK_TAIL: a race the records sometimes win): dask with os_exit and crash lose the records yielded just before.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             if kind == "dask" and fault in ("os_exit", "crash", "kill_worker"):
                 marks.append(pytest.mark.leaves_processes)  # the nanny restarts the cluster's worker
             if kind == "dask" and fault in ("os_exit", "crash"):
-                marks.append(pytest.mark.xfail(strict=True, reason=DASK_TAIL))
+                marks.append(pytest.mark.xfail(strict=False, reason=DASK_TAIL))  # a race: sometimes it arrives
             params.append(pytest.param(kind, fault, marks=marks, id=f"{kind}-{fault}"))
         metafunc.parametrize(("kind_env", "fault"), params, indirect=["kind_env"], scope="module")
 
