@@ -41,7 +41,8 @@ is replaced and the new job runs); ssh and ssh-callable, sshd's session process 
 drops, or its keepalives go unanswered); dask, the scheduler, run as a `dask scheduler` process
 of the test's own (a LocalCluster's scheduler lives in this test process).
 
-Open (non-strict xfail, DASK_TAIL: a race the records sometimes win): dask with os_exit and crash lose the records yielded just before.
+Open (non-strict xfail, DASK_TAIL: a race the records sometimes win): dask with os_exit and crash
+lose the records yielded just before.
 """
 
 from __future__ import annotations
