@@ -62,7 +62,7 @@ class Backend(abc.ABC):
     #: a job stopped while it waited NotStarted must still be told (its queue lives elsewhere)
     stops_unstarted: ClassVar[bool] = False
     #: seconds stop_job waits past the grace period for work killed at its end to be reaped and
-    #: report (a process's exit, its last records); less where nothing can be killed (threads)
+    #: report (a process's exit, its last records), or a stop raised in a thread to land
     stop_slack: ClassVar[float] = 2.0
 
     def __init__(self, session: Session) -> None:
