@@ -1,4 +1,5 @@
 """``python -m bench [--quick] [--json PATH] [area ...]``: run the benchmark areas, print tables.
+(``python -m bench soak [--quick]`` is the soak of bench/soak.py instead: faults, then an account.)
 
 ::
 
@@ -41,6 +42,11 @@ def _commit() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:  # not an area: a run under faults that accounts for every record (bench/soak.py)
+        from bench.soak import main as soak
+
+        return soak(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("areas", nargs="*", help=f"areas to run (default: all of {', '.join(areas())})")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, in seconds")

@@ -81,6 +81,10 @@ class _Emitter:
 class ThreadBackend(Backend):
     """Runs ThreadJobs in worker threads of the session's process, a throttled number at once."""
 
+    # stop_slack stays the default 2 s: a JobStopped raised (or nudged) into a tight loop near the
+    # end of the grace period took over 1.5 s to land under load (tests/test_verbs.py, the full
+    # suite on 2 busy cores); docs/guide.md says grace + 2 s.
+
     def __init__(self, session: Session) -> None:
         super().__init__(session)
         self._cond = threading.Condition()

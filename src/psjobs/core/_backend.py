@@ -11,8 +11,8 @@
     Session.close --------------> backend.close()
 
 A backend never sets a job's state: it reports through its :class:`~._port.JobPort`. Optional
-abilities are class flags (``can_pause``, ``can_send_input``, ``stops_unstarted``), not methods
-probed with getattr. Backends are found by name in a registry of ``"module:Class"`` strings and
+abilities are class flags (``can_pause``, ``can_send_input``, ``stops_unstarted``, ``stop_slack``),
+not methods probed with getattr. Backends are found by name in a registry of ``"module:Class"`` strings and
 imported only when first used, so ``import psjobs`` stays light and the core imports no backend.
 """
 
@@ -61,6 +61,9 @@ class Backend(abc.ABC):
     can_send_input: ClassVar[bool] = False
     #: a job stopped while it waited NotStarted must still be told (its queue lives elsewhere)
     stops_unstarted: ClassVar[bool] = False
+    #: seconds stop_job waits past the grace period for work killed at its end to be reaped and
+    #: report (a process's exit, its last records), or a stop raised in a thread to land
+    stop_slack: ClassVar[float] = 2.0
 
     def __init__(self, session: Session) -> None:
         self.session = session

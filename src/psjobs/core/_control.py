@@ -5,7 +5,8 @@
     stop_jobs:  under the lock: every unfinished leaf Event.STOP (queued ones are Stopped at once),
                 stop requested on it and its parents, parents re-derived
                 then, without the lock: backend.stop(port, grace) for each leaf that ran
-                then wait (grace + 2 s) for every job to end: backend.nudge(port) while waiting,
+                then wait (grace + the backends' stop_slack, 2 s) for every job
+                to end: backend.nudge(port) while waiting,
                 a StopTimeoutWarning and a status message for what did not end
     pause_jobs: check every leaf first (a refusal changes nothing), then per leaf
                 Event.SUSPEND (the request) + backend.suspend(port), or backend.resume(port);
@@ -106,9 +107,10 @@ def stop_jobs(session: Session, selected: list[Job], grace: float) -> None:
                     node._rederive(time.time())
     for backend, port in to_signal:
         backend.stop(port, grace)
-    # Each backend ends its work within the grace period (a process is killed then); only
-    # a thread stuck where Python cannot interrupt it may outlast it, and we say so.
-    deadline = time.monotonic() + grace + 2.0
+    # Each backend ends its work within the grace period (a process is killed then, and gets its
+    # backend's stop_slack to be reaped); only a thread stuck where Python cannot interrupt it may
+    # outlast it, and we say so then (docs/guide.md: grace + 2 s).
+    deadline = time.monotonic() + grace + max((b.stop_slack for b, _ in to_signal), default=0.0)
     with session._cond:
         while True:
             pending = [j for j in selected if not j._state.is_finished]

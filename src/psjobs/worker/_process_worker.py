@@ -154,6 +154,7 @@ def _serve_one(writer: Writer, pump: _Pump | None, rfd: int, wfd: int, *, hello_
         return 0  # stopped or removed before it began: it never runs, and the session expects nothing
     _Ctx.job_pid = os.getpid()
     os._exit = _exit_hook
+    os.abort = _abort_hook
     ended = run_guarded(lambda: _run(job, writer), _SignalGate())
     try:
         _finish(writer, pump, ended)
@@ -186,6 +187,23 @@ def _exit_hook(status: int) -> NoReturn:
     goes (issue 13, case 9: the last batch, up to a millisecond of records, was lost). The job then
     fails as any worker that exits before its end does, with the status as its exit code (the
     session sees it). Elsewhere (a child the job forked, psjobs' own exit) the plain ``os._exit``."""
+    _flush_last()
+    _real_exit(status)
+
+
+_real_abort = os.abort
+
+
+def _abort_hook() -> NoReturn:
+    """``os.abort`` while the job's code runs: as ``os._exit`` (the fault matrix's crash cell lost
+    the records yielded just before); the job then fails naming SIGABRT. A crash inside C code
+    cannot be caught so: what the worker had not sent yet is lost with it."""
+    _flush_last()
+    _real_abort()
+
+
+def _flush_last() -> None:
+    """Send what the job wrote, if this is the job's worker in the job's code and it can."""
     writer = _Prepared.writer
     if _Ctx.in_user and _Ctx.job_pid == os.getpid() and writer is not None and not writer.finished:
         _Ctx.in_user = False  # no stop raised in the middle of the last frames
@@ -196,7 +214,6 @@ def _exit_hook(status: int) -> NoReturn:
             writer.flush()  # does nothing when this thread is mid-batch (an os._exit in a __del__)
         except BaseException:
             pass  # the session still learns the exit status from the worker's end
-    _real_exit(status)
 
 
 def _settle(job: JobMsg) -> None:

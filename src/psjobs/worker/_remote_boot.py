@@ -26,8 +26,9 @@ Python callables::
              <--stdin--  R_MODULES (psjobs/cloudpickle when missing or different: code objects
                          compiled by the session, served from memory; nothing is written to disk)
              fork: child = setsid + psjobs.worker._process_worker.serve(pipe from the watchdog, the channel's stdout)
-             watchdog (parent) relays JOB/ANSWER frames to the child; R_STOP or the end of stdin ->
-             killpg TERM, KILL after the grace period; when the child is gone -> R_EXIT (json status)
+             watchdog (parent, the job's subreaper) relays JOB/ANSWER frames to the child; R_STOP or
+             the end of stdin -> TERM to the child's group and every process below the watchdog,
+             KILL after the grace period; when the child is gone -> R_EXIT (json status)
 
 The channel's stdout carries frames only after MARK (what a login shell's start-up files print
 before is ignored) and the job's own stdout never reaches it: the worker turns fd 1 and fd 2 into
@@ -95,17 +96,21 @@ printf '\036psjobs\036\n'; printf '\036psjobs\036\n' >&2
 """
 
 # The stop itself (always /bin/sh): TERM to the group, then KILL after TICKS checks 50 ms apart;
-# `l` lists the live processes of the group that are not this stopper's own (ps, awk, sleep):
-# zombies do not count, since an init that does not reap would keep them forever.
-STOPPER = r"""g=$1; t=$2; m=$$
+# `l` lists the live processes that are the job's and not this stopper's own (ps, awk, sleep): the
+# group's, those below a process of the group (a child that left it with setsid or a double fork,
+# found while its parent lives: the stop lists them before the TERM), and those listed before
+# (in $e: an escaped child whose parent the TERM ended). Zombies do not count, since an init that
+# does not reap would keep them forever.
+STOPPER = r"""g=$1; t=$2; m=$$; e=
 r=$(ps -o pgid= -p "$g" 2>/dev/null); [ -n "$r" ] && g=$((r))
 command -v ps >/dev/null 2>&1 || { kill -TERM -$g; sleep $((t/20+1)); kill -KILL -$g; exit 0; }
-l() { ps -A -o pid= -o ppid= -o pgid= -o stat= | awk -v g=$g -v m=$m '
-  {p[$1]=$2; if ($3==g && $4!~/^Z/) c[$1]=1}
-  END {for (x in c) {q=x; while (q>1 && q!=m) q=p[q]; if (q!=m) print x}}'; }
-kill -TERM -$g; kill -CONT -$g; i=0; sleep 0.01
-while [ -n "$(l)" ]; do
-  i=$((i+1)); [ $i -eq $t ] && kill -KILL $(l); [ $i -gt $((t+40)) ] && break; sleep 0.05
+l() { ps -A -o pid= -o ppid= -o pgid= -o stat= | awk -v g=$g -v m=$m -v e=" $e " '
+  {p[$1]=$2; s[$1]=$3; if ($4!~/^Z/) a[$1]=1}
+  END {for (x in a) {f=(s[x]==g || index(e, " " x " ")); q=x
+    while (q>1 && q!=m) {if (s[q]==g) f=1; q=p[q]}; if (f && q!=m) print x}}' | tr '\n' ' '; }
+e=$(l); kill -TERM -$g; kill -CONT -$g; [ -n "$e" ] && kill -TERM $e && kill -CONT $e; i=0; sleep 0.01
+while e=$(l); [ -n "$e" ]; do
+  i=$((i+1)); [ $i -eq $t ] && kill -KILL $e; [ $i -gt $((t+40)) ] && break; sleep 0.05
 done
 """
 
@@ -368,8 +373,18 @@ class _Watchdog:
             return
         self.kill_at = time.monotonic() + max(0.0, grace)
         for sig in (signal.SIGTERM, signal.SIGCONT):  # a suspended worker must run to act on TERM
+            self.signal_all(sig)
+
+    def signal_all(self, sig: int) -> None:
+        """``sig`` to the worker's group and to every live process below this watchdog: what
+        left the group (setsid, a double fork) is still below it, as its subreaper (main)."""
+        try:
+            os.killpg(self.pid, sig)
+        except OSError:
+            pass
+        for pid in _below_me():
             try:
-                os.killpg(self.pid, sig)
+                os.kill(pid, sig)
             except OSError:
                 pass
 
@@ -415,10 +430,7 @@ class _Watchdog:
     def escalate(self) -> None:
         if self.kill_at is not None and not self.killed and time.monotonic() >= self.kill_at:
             self.killed = True
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            self.signal_all(signal.SIGKILL)
 
     def run(self, pending: list[tuple[int, bytes]]) -> int | None:
         wake_r, wake_w = os.pipe()
@@ -451,10 +463,38 @@ class _Watchdog:
         if self.kill_at is not None:
             # A stop: report the end only when nothing of the job is left.
             give_up = max(self.kill_at, time.monotonic()) + 2.0
-            while not _procs.group_gone(self.pid) and time.monotonic() < give_up:
+            while not (_procs.group_gone(self.pid) and not _below_me()) and time.monotonic() < give_up:
                 self.escalate()
+                _reap_orphans()
                 time.sleep(0.005)
         return self.status
+
+
+def _below_me() -> list[int]:
+    """Live processes below this one (Linux /proc; elsewhere none, and the group kill must do)."""
+    stats = _procs.proc_stats() or []
+    live = {pid for pid, f in stats if f and f[0] != "Z"}
+    return [pid for pid in _procs.descendants(os.getpid()) if pid in live]
+
+
+def _reap_orphans() -> None:
+    """Reap the orphans of the job that came to this subreaper, so that they do not stay zombies."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _become_subreaper() -> None:
+    """Orphans of the job come to this watchdog instead of init (Linux 3.4+), so its stop finds
+    them: prctl(PR_SET_CHILD_SUBREAPER). Standard library only, hence ctypes; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # 36: PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
 
 
 def main(params: dict[str, Any], version: tuple[int, int], mark: bytes) -> None:
@@ -471,6 +511,7 @@ def main(params: dict[str, Any], version: tuple[int, int], mark: bytes) -> None:
     if modules:
         install(modules)
     rfd, wfd = os.pipe()
+    _become_subreaper()
     pid = os.fork()
     if pid == 0:
         _child(rfd, wfd, params)

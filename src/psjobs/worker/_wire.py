@@ -32,7 +32,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 try:
     from .._errors import ProtocolError
@@ -97,6 +97,30 @@ def check(length: int, kind: int) -> None:
 
 # --- messages -------------------------------------------------------------------------------------
 
+_M = TypeVar("_M", bound="_Message")
+
+
+def _checked(decode: Callable[[type[_M], bytes | bytearray], _M]) -> Callable[[type[_M], bytes | bytearray], _M]:
+    """A payload that does not decode is a ProtocolError naming its frame, whatever broke inside
+    (pickle, JSON, a field of the wrong type): the reader fails its job with that reason instead
+    of dying of a stray exception (tests/test_fuzz.py feeds it garbage)."""
+    def decode_checked(cls: type[_M], payload: bytes | bytearray) -> _M:
+        try:
+            return decode(cls, payload)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"a broken {cls.kind.name} frame of {len(payload)} bytes "
+                                f"({type(exc).__name__}: {exc})") from exc
+    return decode_checked
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise TypeError(f"{what} is a {type(value).__name__}")  # _checked names the frame
+    return value
+
+
 class _Message:
     __slots__ = ()
     kind: ClassVar[Kind]
@@ -121,9 +145,10 @@ class Hello(_Message):
         return pickle.dumps((self.version, self.pid, tuple(self.python)))
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Hello:
         version, pid, python = pickle.loads(payload)
-        return cls(version, pid, tuple(python))
+        return cls(_typed(version, int, "its version"), _typed(pid, int, "its pid"), tuple(python))
 
 
 @dataclass(slots=True)
@@ -141,9 +166,12 @@ class JobMsg(_Message):
                             protocol=5)
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> JobMsg:
         meta: dict[str, Any] = pickle.loads(payload)
-        return cls(meta["call"], meta.get("cwd"), meta.get("env"), meta.get("sys_path"))
+        return cls(_typed(meta["call"], bytes, "its call"), _typed(meta.get("cwd"), (str, type(None)), "its cwd"),
+                   _typed(meta.get("env"), (dict, type(None)), "its env"),
+                   _typed(meta.get("sys_path"), (list, type(None)), "its sys_path"))
 
 
 def pickle_call(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], init: Any, items: Any) -> bytes:
@@ -178,11 +206,13 @@ class Done(_Message):
         return pickle.dumps((self.event, self.reason, self.traceback, self.exit_code))
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Done:
         event, reason, tb, code = pickle.loads(payload)
         if event not in ("complete", "fail", "stopped"):
             raise ProtocolError(f"a DONE frame with the unknown end {event!r}")
-        return cls(event, reason, tb, code)
+        return cls(event, _typed(reason, (bytes, type(None)), "its reason"),
+                   _typed(tb, (str, type(None)), "its traceback"), _typed(code, (int, type(None)), "its exit code"))
 
 
 @dataclass(slots=True)
@@ -196,6 +226,7 @@ class Prompt(_Message):
         return pickle.dumps(self.text)
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Prompt:
         return cls(str(pickle.loads(payload)))
 
@@ -211,6 +242,7 @@ class Answer(_Message):
         return pickle.dumps(self.text)
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Answer:
         return cls(str(pickle.loads(payload)))
 
@@ -226,6 +258,7 @@ class Info(_Message):
         return json.dumps(self.info).encode()
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Info:
         return cls(dict(json.loads(bytes(payload).decode("utf-8"))))
 
@@ -241,6 +274,7 @@ class Refuse(_Message):
         return self.text.encode()
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Refuse:
         return cls(bytes(payload).decode("utf-8", "replace"))
 
@@ -256,8 +290,9 @@ class Exit(_Message):
         return json.dumps({"status": self.status}).encode()
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Exit:
-        return cls(json.loads(bytes(payload).decode("utf-8")).get("status"))
+        return cls(_typed(json.loads(bytes(payload).decode("utf-8")).get("status"), (int, type(None)), "its status"))
 
 
 @dataclass(slots=True)
@@ -272,6 +307,7 @@ class Stop(_Message):
         return json.dumps({"grace": self.grace}).encode()
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Stop:
         try:
             return cls(float(json.loads(bytes(payload).decode())["grace"]))
@@ -290,6 +326,7 @@ class Pause(_Message):
         return b"stop" if self.pause else b"cont"
 
     @classmethod
+    @_checked
     def decode(cls, payload: bytes | bytearray) -> Pause:
         return cls(bytes(payload) == b"stop")
 

@@ -29,6 +29,7 @@ ends them (host/_store.kill_orphans), as callable jobs never could.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import selectors
 import signal
@@ -36,6 +37,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import ProtocolError, WorkerError
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
 from ._call import CallHandle
 from ._command import CommandHandle
-from ._forkclient import ForkClient, ServerGone, environ_now, find_psjobs
+from ._forkclient import ANSWER_TIMEOUT, ForkClient, ServerGone, environ_now, find_psjobs
 from ._handle import Handle
 from ._loop import SOCK_BUF, IOLoop
 
@@ -195,17 +197,34 @@ class ProcessBackend(Backend):
                 handle.server = server
                 token = handle.port.job_id
                 with self.loop.sel.mutex:  # no handler runs meanwhile (see hand_to_spare)
-                    pid = server.hand_to_spare(token, handle.worker_fds())
+                    if handle.worker_sock is None or handle.pid is not None:
+                        return  # a resubmit after a server's death, but its worker had said HELLO
+                    fds = handle.worker_fds()
+                    pid = server.hand_to_spare(token, fds)
                     if pid is not None:
                         handle.on_forked(pid)
                 if pid is None:
-                    server.submit(token, handle.worker_fds())
+                    server.submit(token, fds)
+                    self.loop.call_later(ANSWER_TIMEOUT, functools.partial(
+                        self._check_forked, handle, server, time.monotonic()))
                 self._ask_preload(server, handle.module)
                 return
             except OSError:
+                handle.server = None  # this loop sends it again: server_lost must not as well
                 server.alive = False
                 self.loop.call_soon(server.lost)
         raise WorkerError("the fork server keeps dying; process jobs cannot start")
+
+    def _check_forked(self, handle: CallHandle, server: ForkClient, began: float) -> None:
+        """On the loop: the server has not said it forked the job's worker; a frozen one goes."""
+        if handle.pid is not None or handle.server is not server or handle.port.finished:
+            return
+        why = server.unresponsive(time.monotonic() - began)
+        if why is None:
+            if server.alive:
+                self.loop.call_later(ANSWER_TIMEOUT, functools.partial(self._check_forked, handle, server, began))
+            return
+        server.replace(why)
 
     def _ask_preload(self, server: ForkClient, module: str | None) -> None:
         if not module or module == "__main__" or module.startswith("psjobs"):
@@ -312,23 +331,29 @@ class ProcessBackend(Backend):
                 self.server_commands[token] = handle
                 try:
                     pid = server.command(token, list(spec.argv), spec.cwd, env, theirs)
-                except ServerGone:
+                except ServerGone as exc:
                     self.server_commands.pop(token, None)
                     server.alive = False
                     self.loop.call_soon(server.lost)
-                    server = self._live_server()
-                    if server is None:
-                        raise WorkerError("the fork server died, and no other can start; the command "
-                                          "was not started") from None
-                    continue
+                    if server.may_have_started(token):  # then never again: a command runs at most once
+                        raise WorkerError(f"the fork server (pid {server.proc.pid}) died while it started "
+                                          f"Job {token}'s command ({exc}); psjobs ended what it may have "
+                                          f"begun and did not start it twice. Start the job again") from None
+                    pid = None
                 except BaseException:
                     self.server_commands.pop(token, None)
                     raise
-                handle.on_started(pid, server, None)
-                if not handle.port.started(pid=pid):
-                    handle.kill(signal.SIGKILL)  # stopped while it was being started: it goes at once
-                handle.register()
-                return
+                if pid is not None:
+                    handle.on_started(pid, server, None)
+                    if not handle.port.started(pid=pid):
+                        handle.kill(signal.SIGKILL)  # stopped while it was being started: it goes at once
+                    handle.register()
+                    return
+            # A new server outside the loop's mutex: starting one registers it with the loop, and
+            # another thread may be doing so under _server_lock (the soak deadlocked here).
+            server = self._live_server()
+            if server is None:
+                raise WorkerError("the fork server died, and no other can start; the command was not started")
         raise WorkerError("the fork server keeps dying; command jobs cannot start")
 
     # --- stopping and the rest -----------------------------------------------------------------

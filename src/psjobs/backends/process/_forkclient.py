@@ -4,6 +4,10 @@
 
     ForkClient --("fork", token) + job fds--> fork server --fork--> worker
     fork server --("spare" + socket) / ("forked", pid) / ("exited", status)--> ForkClient.on_message
+
+A server that does not answer a request within ANSWER_TIMEOUT is looked at: stopped (SIGSTOP, a
+debugger) or silent for ANSWER_LIMIT, it is killed, and what it had not started goes to a new one
+(``unresponsive``/``replace``), so no job waits NotStarted on a frozen server.
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ import array
 import contextlib
 import os
 import pickle
+import select
 import selectors
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..._compat import environ_snapshot
 from ..._errors import WorkerError
+from ...worker._tree import cgroup_members, kill_cgroup
 from ...worker._wire import (
     CALLER_PYTHONPATH,
 )
@@ -28,6 +36,24 @@ from ...worker._wire import (
 if TYPE_CHECKING:
     from ._backend import ProcessBackend
 
+
+
+# A fork server answers in milliseconds (a fork, or a spare). Past ANSWER_TIMEOUT it is checked:
+# a stopped server is replaced at once. One that runs but stays silent (a machine so loaded that
+# nothing gets scheduled) is given up to ANSWER_LIMIT, since killing a slow server costs the jobs
+# it is starting right then.
+ANSWER_TIMEOUT = 5.0
+ANSWER_LIMIT = 60.0
+
+
+def _stopped(pid: int) -> bool:
+    """True if ``pid`` is stopped by a signal or a tracer (state T or t in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] in (b"T", b"t")
 
 
 class ServerGone(Exception):
@@ -64,6 +90,7 @@ class ForkClient:
         # The cgroup directory its jobs are in, each in <it>/<pid> (None: no cgroup v2 here; see _tree).
         self.cgroup: str | None = ready[2]
         self.alive = True
+        self.gone = False  # lost() or close() ran
         # Warm spares the server handed over (pid, our end of its socket): a job goes straight
         # to one. Threads starting jobs pop them; the loop thread appends.
         self.spares: deque[tuple[int, socket.socket]] = deque()
@@ -87,6 +114,32 @@ class ForkClient:
             self.backend.spare_tokens[pid] = token
             return pid
 
+    def unresponsive(self, waited: float) -> str | None:
+        """Why this server is to be replaced after ``waited`` seconds without an answer, or None."""
+        if not self.alive:
+            return None
+        if _stopped(self.proc.pid):
+            return f"the fork server (pid {self.proc.pid}) is stopped (SIGSTOP?) and did not answer for {waited:.0f}s"
+        if waited >= ANSWER_LIMIT:
+            return f"the fork server (pid {self.proc.pid}) did not answer for {waited:.0f}s"
+        return None
+
+    def replace(self, why: str) -> None:
+        """Kill a server that does not answer; the loop then sees it gone (lost()), and the jobs it
+        had not started go to a new one."""
+        print(f"psjobs: {why}; psjobs killed it and starts jobs on a new one", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            self.proc.send_signal(signal.SIGKILL)
+
+    def await_answer(self, fd: int) -> None:
+        """Until ``fd`` is readable; ServerGone if the server is to be replaced meanwhile."""
+        began = time.monotonic()
+        while not select.select([fd], [], [], ANSWER_TIMEOUT)[0]:
+            why = self.unresponsive(time.monotonic() - began)
+            if why is not None:
+                self.replace(why)
+                raise ServerGone(why)
+
     def submit(self, token: int, fds: list[int]) -> None:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
 
@@ -106,6 +159,7 @@ class ForkClient:
                 os.close(reply_w)
             with os.fdopen(reply_r, "rb") as f:
                 reply_r = -1
+                self.await_answer(f.fileno())
                 answer = f.read()  # to its end: the server closes the pipe once it has answered
         finally:
             if reply_r >= 0:
@@ -116,6 +170,22 @@ class ForkClient:
         if what == "error":
             raise value
         return int(value)
+
+    def may_have_started(self, token: int) -> bool:
+        """After this server died during ``command`` (``token``'s): False only when the command
+        surely never started (its cgroup was never made); what it did start is killed. Without
+        cgroups there is no telling. The soak (bench/soak.py) saw a command run twice when a retry
+        followed a server killed between its exec and its answer."""
+        with contextlib.suppress(Exception):
+            self.proc.kill()  # frozen or gone: dead either way, so nothing is made after the look
+            self.proc.wait(timeout=5)
+        path = self.cgroup_of(f"cmd-{token}")
+        if path is None:
+            return True
+        if cgroup_members(path) is None:
+            return False
+        kill_cgroup(path)
+        return True
 
     def cgroup_of(self, name: int | str) -> str | None:
         """The cgroup directory of one of this server's jobs: a worker's is named by its pid, a
@@ -169,8 +239,11 @@ class ForkClient:
             sock.close()
 
     def lost(self) -> None:
-        if not self.alive:
+        # Once, whoever calls it first; not keyed on ``alive``, which a caller that saw the server
+        # fail (ServerGone, a failed send) clears before it schedules this: its jobs must still move.
+        if self.gone:
             return
+        self.gone = True
         self.alive = False
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.backend.loop.sel.unregister(self.sock)
@@ -182,6 +255,7 @@ class ForkClient:
 
     def close(self) -> None:
         self.alive = False
+        self.gone = True
         self.drop_spares()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
