@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._errors import JobStateError
+from .._errors import JobStateError, JobStopped
 from .._inside import bind, bind_job_id, flush_lines, install_routers, unbind, unbind_job_id
 from ..core import CALL, Backend, JobPort, JobSpec, Outcome
 from ..worker._outcome import status_error
@@ -56,14 +56,21 @@ class _Emitter:
 
     computer_name: str | None = None
 
-    def __init__(self, port: JobPort, data: _Data) -> None:
+    def __init__(self, port: JobPort, data: _Data, backend: ThreadBackend) -> None:
         self.port = port
         self.data = data
+        self.backend = backend
         # Safe where a stop is raised asynchronously in this thread: see JobPort's lock.
         self.record = port.record
         self.line_buffers: dict[int, str] = {}
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
+        if self.data.stop and (self.port.finished or self.backend.closing):
+            # The stop raised into this thread was lost (Python drops one raised inside a __del__
+            # or a GC callback whose hook someone replaced; code may swallow it and loop in its
+            # handler, where no stop is raised again) and the job was declared Stopped, or its
+            # session closed: end the work at its next write, rather than let it run on unseen.
+            raise JobStopped()
         self.record((stream, payload, time.time() if t is None else t))
 
     def stop_requested(self) -> bool:
@@ -147,12 +154,17 @@ class ThreadBackend(Backend):
             with self._cond:
                 self._threads.discard(me)
 
+    @property
+    def closing(self) -> bool:
+        """True once the session closes: a job whose stop was lost ends at its next write."""
+        return self._closing
+
     # --- running -------------------------------------------------------------------------
     def _run(self, port: JobPort) -> None:
         data: _Data | None = port.data
         if data is None or port.finished:
             return  # stopped, or stopped and removed, while it waited for this thread
-        emitter = _Emitter(port, data)
+        emitter = _Emitter(port, data, self)
         token = bind(emitter)
         job_token = bind_job_id(port.job_id)
         try:
