@@ -260,8 +260,8 @@ def test_values_that_cannot_be_pickled_stay_in_memory(session: psjobs.Session) -
 
 
 def test_a_job_with_few_records_keeps_them_in_a_plain_list(session: psjobs.Session) -> None:
-    from psjobs.core._journal import MemoryJournal
-    from psjobs.core._spill import SMALL, SpillJournal
+    from psjobs.core._journal import SMALL, MemoryJournal
+    from psjobs.core._spill import SpillJournal
 
     few = session.start_thread_job(lambda: [psjobs.write_output(i) for i in range(SMALL)] and None)
     many = session.start_thread_job(lambda: [psjobs.write_output(i) for i in range(SMALL + 1)] and None)

@@ -65,11 +65,15 @@ class _Emitter:
         self.line_buffers: dict[int, str] = {}
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
-        if self.data.stop and (self.port.finished or self.backend.closing):
+        data = self.data
+        if data.stop and (self.port.finished or self.backend.closing
+                          or (data.injected and time.monotonic() - data.injected_at > self.backend.session.stop_grace)):
             # The stop raised into this thread was lost (Python drops one raised inside a __del__
             # or a GC callback whose hook someone replaced; code may swallow it and loop in its
-            # handler, where no stop is raised again) and the job was declared Stopped, or its
-            # session closed: end the work at its next write, rather than let it run on unseen.
+            # handler, where no stop is raised again) and the grace period is over, the job was
+            # declared Stopped, or its session closed: end the work at its next write, rather than
+            # let it run on unseen. Once: the writes of the cleanup it triggers go through.
+            data.injected_at = time.monotonic()
             raise JobStopped()
         self.record((stream, payload, time.time() if t is None else t))
 
