@@ -67,12 +67,13 @@ class _Emitter:
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
         data = self.data
         if data.stop and (self.port.finished or self.backend.closing
-                          or (data.injected and time.monotonic() - data.injected_at > self.backend.session.stop_grace)):
-            # The stop raised into this thread was lost (Python drops one raised inside a __del__
-            # or a GC callback whose hook someone replaced; code may swallow it and loop in its
-            # handler, where no stop is raised again) and the grace period is over, the job was
-            # declared Stopped, or its session closed: end the work at its next write, rather than
-            # let it run on unseen. Once: the writes of the cleanup it triggers go through.
+                          or time.monotonic() - data.injected_at > self.backend.session.stop_grace):
+            # A stop was asked for and none was raised into this thread in the last grace period
+            # (injected_at stays 0 when it never was), or the one raised was lost (Python drops one
+            # raised inside a __del__ or a GC callback whose hook someone replaced; code may
+            # swallow it and loop in its handler, where none is raised again), or the job was
+            # declared Stopped, or its session closed: end the work at this write, rather than let
+            # it run on unseen. Once: the writes of the cleanup it triggers go through.
             data.injected_at = time.monotonic()
             raise JobStopped()
         self.record((stream, payload, time.time() if t is None else t))
