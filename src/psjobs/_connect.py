@@ -47,9 +47,9 @@ from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, St
 from .core._format import JobList
 from .core._job import Job, JobStateInfo
 from .core._pshost import Host, describe_job
-from .core._receive import after_receive
+from .core._receive import after_receive, check_receive
 from .core._select import leaves_of
-from .core._session import _ERROR_ACTIONS, JobSelector, Session
+from .core._session import JobSelector, Session
 from .core._spec import CALL, check_directory, make_env, make_spec
 from .core._state import JobState
 from .core._tree import check_as_job, check_name, check_timeout
@@ -370,14 +370,7 @@ class HostSession(Session):
                     timeout: float | None = None, auto_remove: bool = False, no_recurse: bool = False,
                     error_action: str = "continue", records: bool = False) -> list[Any]:
         """What the host has not handed out yet (to this session or to ``psjobs receive``)."""
-        action = _ERROR_ACTIONS.get(str(error_action).lower())
-        if action is None:
-            raise ValueError(f"receive_job: error_action must be 'continue', 'stop', 'silentlycontinue' "
-                             f"or 'ignore', not {error_action!r}")
-        if auto_remove and not wait:
-            raise ValueError("receive_job: auto_remove=True needs wait=True (a job is removed only once "
-                             "it is finished)")
-        timeout = check_timeout("receive_job", timeout)
+        action, timeout = check_receive(error_action, auto_remove, wait, timeout)
         selected = self._resolve(jobs, "receive_job")
         leaves = leaves_of(selected, no_recurse)
         output: list[Any] = []

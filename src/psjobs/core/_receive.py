@@ -25,6 +25,7 @@ from .._errors import JobFailedError
 from .._records import ErrorRecord
 from ._journal import Entry, Journal
 from ._pshost import describe_job, reason_text
+from ._tree import check_timeout
 
 if TYPE_CHECKING:
     from ._job import Job
@@ -144,3 +145,21 @@ def after_receive(session: Session, selected: list[Job], auto_remove: bool, acti
                              f"this exception's .output and .errors", output=output, errors=errors,
                              reason=reasons[0] if reasons else None)
     return output
+
+
+_ERROR_ACTIONS = {"continue": "continue", "stop": "stop", "silentlycontinue": "silent",
+                  "silently_continue": "silent", "ignore": "silent"}
+
+
+def check_receive(error_action: str, auto_remove: bool, wait: bool,
+                  timeout: float | None) -> tuple[str, float | None]:
+    """receive_job's arguments, checked before anything is read (every Session kind shares it):
+    the error action's canonical name, and the timeout."""
+    action = _ERROR_ACTIONS.get(str(error_action).lower())
+    if action is None:
+        raise ValueError(f"receive_job: error_action must be 'continue', 'stop', 'silentlycontinue' "
+                         f"or 'ignore', not {error_action!r}")
+    if auto_remove and not wait:
+        raise ValueError("receive_job: auto_remove=True needs wait=True (a job is removed only once "
+                         "it is finished)")
+    return action, check_timeout("receive_job", timeout)

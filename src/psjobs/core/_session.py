@@ -42,7 +42,7 @@ from ._job import Job, skip_ids
 from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job
-from ._receive import Taken, after_receive, claim, take_returned, wait_on
+from ._receive import Taken, after_receive, check_receive, claim, take_returned, wait_on
 from ._sched import Scheduler, SchedulingVerbs, When, _Recipe, make_when
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import JobSpec, check_directory, make_env, make_spec
@@ -60,8 +60,6 @@ from ._tree import (
 
 JobSelector = Any  # Job | int | str | uuid.UUID | Iterable of these
 
-_ERROR_ACTIONS = {"continue": "continue", "stop": "stop", "silentlycontinue": "silent",
-                  "silently_continue": "silent", "ignore": "silent"}
 
 
 class Session(SchedulingVerbs):
@@ -258,14 +256,7 @@ class Session(SchedulingVerbs):
                     timeout: float | None = None, auto_remove: bool = False, no_recurse: bool = False,
                     error_action: str = "continue", records: bool = False) -> list[Any]:
         """The output not yet received, in production order; other records go to the host."""
-        action = _ERROR_ACTIONS.get(str(error_action).lower())
-        if action is None:
-            raise ValueError(f"receive_job: error_action must be 'continue', 'stop', 'silentlycontinue' "
-                             f"or 'ignore', not {error_action!r}")
-        if auto_remove and not wait:
-            raise ValueError("receive_job: auto_remove=True needs wait=True (a job is removed only once "
-                             "it is finished)")
-        timeout = check_timeout("receive_job", timeout)
+        action, timeout = check_receive(error_action, auto_remove, wait, timeout)
         selected = self._resolve(jobs, "receive_job")
         leaves = leaves_of(selected, no_recurse)
         if wait:
