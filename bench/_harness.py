@@ -218,7 +218,7 @@ def format_targets(rows: list[Row]) -> str:
     marked = [r for r in rows if r.get("target") is not None]
     if not marked:
         return ""
-    lines = ["\nTargets (issue 3)"]
+    lines = ["\nTargets (issues 3, 12 and 18: the row names each)"]
     for r in marked:
         met = {True: "PASS", False: "FAIL", None: "n/a "}[r.get("meets")]
         lines.append(f"  {met}  {r['case']}: {_fmt(float(r['value']))} {r['unit']}  (target {r['target']})")

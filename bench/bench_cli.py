@@ -7,6 +7,9 @@
                     the same two requests from a client already running (no interpreter start)
        ingest       a job printing N lines, start to "every line stored"           vs  `seq N > /dev/null`
                     with and without a reader (`psjobs receive ID --wait`) attached
+       whole        `psjobs get`, `psjobs start -q -- true` as whole processes     vs  `python -c pass`
+       processes    a program's first process job (import, fork server, job, exit) vs  a program's first
+                    multiprocessing forkserver Process, both counted over `python -c pass` (issue 18)
     --> rows: the median of rounds in which psjobs and the peer take turns
 
 pueue, the model peer, is in neither PyPI nor Debian's archive here (checked with pip and
@@ -127,6 +130,62 @@ def run(quick: bool) -> list[dict[str, Any]]:
                      "unit": "items/s", "better": "higher", "note": "`psjobs receive ID --wait` follows it"})
         rows.append({"case": case, "impl": "seq > /dev/null", "value": got["bare"], "unit": "items/s",
                      "better": "higher", "note": "the program alone, nothing kept"})
+        rows.extend(_whole_processes(env, rounds))
+    return rows
+
+
+# A program whose only work is its first job, and multiprocessing's counterpart: each started as a
+# whole process, so the figure is what a user's script pays (interpreter, imports, server, exit).
+_PSJOBS_FIRST = """
+import psjobs
+from bench import _jobs
+job = psjobs.start_job(_jobs.trivial)
+job.wait(60)
+assert job.receive() == [1], job.reason
+"""
+_MP_FIRST = """
+import multiprocessing as mp
+from bench import _jobs
+if __name__ == "__main__":
+    ctx = mp.get_context("forkserver")
+    r, w = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_jobs.send_one, args=(w,))
+    p.start()
+    w.close()
+    assert r.recv() == 1
+    p.join()
+"""
+
+
+def _whole_processes(env: dict[str, str], rounds: int) -> list[dict[str, Any]]:
+    """Issue 18: the command as a whole process against `python -c pass` (target <= 2.0x), and a
+    program's first job, over `python -c pass`, against multiprocessing's (target <= 0.5x)."""
+    root = str(SRC.parent)
+    env = {**env, "PYTHONPATH": os.pathsep.join([root, env.get("PYTHONPATH", "")])}
+
+    def proc(*argv: str) -> Callable[[], float]:
+        return lambda: _timed(lambda: subprocess.run([sys.executable, *argv], env=env, cwd=root, check=True,
+                                                     stdout=subprocess.DEVNULL)) * 1e3
+
+    got = _rounds({"get": proc("-m", "psjobs", "get"), "start": proc("-m", "psjobs", "start", "-q", "--", "true"),
+                   "pass": proc("-c", "pass"), "psjobs first": proc("-c", _PSJOBS_FIRST),
+                   "mp first": proc("-c", _MP_FIRST)}, max(rounds, 3), warmup=True)
+    rows: list[dict[str, Any]] = []
+    base = got["pass"]
+    for verb in ("get", "start"):
+        case = f"`psjobs {verb}{' -q -- true' if verb == 'start' else ''}` as a whole process"
+        rows.append({"case": case, "impl": "psjobs", "value": got[verb], "unit": "ms", "better": "lower",
+                     "note": f"{got[verb] / base:.2f}x `python -c pass`", "target": "<= 2.0x `python -c pass`",
+                     "meets": got[verb] / base <= 2.0})
+        rows.append({"case": case, "impl": "python -c pass", "value": base, "unit": "ms", "better": "lower"})
+    case = "a program's first process job, whole process"
+    ours, theirs = got["psjobs first"] - base, got["mp first"] - base
+    rows.append({"case": case, "impl": "psjobs", "value": got["psjobs first"], "unit": "ms", "better": "lower",
+                 "note": f"{ours:.1f} ms over `python -c pass`: {ours / theirs:.2f}x multiprocessing's",
+                 "target": "its cost over `python -c pass` <= 0.5x multiprocessing's", "meets": ours <= 0.5 * theirs})
+    rows.append({"case": case, "impl": "mp forkserver Process", "value": got["mp first"], "unit": "ms",
+                 "better": "lower", "note": f"{theirs:.1f} ms over `python -c pass`"})
+    rows.append({"case": case, "impl": "python -c pass", "value": base, "unit": "ms", "better": "lower"})
     return rows
 
 

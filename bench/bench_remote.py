@@ -12,7 +12,7 @@
 
 Raw asyncssh runs the same command line with the same SHLVL=1 environment, so both skip the
 login shell's ~/.bashrc alike; psjobs adds its watchdog (`/bin/sh` + `setsid`) and the job model.
-Issue 4's target: the fan-out at most 1.3x raw asyncssh.
+Targets: with connections open, at most 1.25x raw asyncssh (issue 18); connect included, 1.3x (issue 4).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 COMPUTERS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-TARGET = 1.3
+TARGETS = {"connections open": 1.25, "connect included": 1.3}
 
 
 def _gen(n: int) -> Any:
@@ -145,9 +145,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 samples = _interleave({"psjobs": ours, "asyncssh": theirs}, rounds)
                 a, b = _median(samples["psjobs"]), _median(samples["asyncssh"])
                 ratio = a / b
-                verdict = "met" if ratio <= TARGET else "missed"
+                limit = next(t for key, t in TARGETS.items() if key in case)
                 rows.append({"case": case, "impl": "psjobs", "value": a, "unit": "ms", "better": "lower",
-                             "note": f"{ratio:.2f}x raw asyncssh (target <= {TARGET}x: {verdict})"})
+                             "note": f"{ratio:.2f}x raw asyncssh",
+                             "target": f"<= {limit}x raw asyncssh", "meets": ratio <= limit})
                 rows.append({"case": case, "impl": "asyncssh", "value": b, "unit": "ms", "better": "lower",
                              "note": "conn.run('true', env SHLVL=1) on each computer, gathered"})
 

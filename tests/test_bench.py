@@ -88,7 +88,7 @@ def test_quick_run_prints_tables_and_writes_json(area: str, tmp_path: Path) -> N
         assert "IPython BackgroundJobManager" in impls or "BackgroundJobManager cannot run here" in out.stderr
         targeted = [r for r in rows if "target" in r]
         assert len(targeted) >= 10 and all(isinstance(r["meets"], bool) for r in targeted)
-        assert "Targets (issue 3)" in out.stdout
+        assert "Targets (issues 3, 12 and 18" in out.stdout
 
 
 # --- the runner's pure parts ----------------------------------------------------------------
