@@ -212,7 +212,7 @@ def test_a_known_verb_with_arguments_of_any_type_is_checked(verb: str, args: dic
     assert request.verb == verb
     # What was accepted has the declared types (a handler never meets a str where a list was due).
     for field, value in vars(request).items():
-        declared = type(request).__dataclass_fields__[field].type
+        declared = type(request).__annotations__[field]  # strings: the module has postponed annotations
         if value is not None and "list[str]" in str(declared):
             assert isinstance(value, list) and all(isinstance(v, str) for v in value), (field, value)
         if value is not None and str(declared).startswith("bool"):

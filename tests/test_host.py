@@ -307,3 +307,29 @@ def test_a_client_of_another_protocol_version_is_told_what_to_do(home: Path) -> 
         s.sendall(struct.pack("!4sBI", MAGIC, VERSION + 1, len(body)) + body)
         answer = reply(s)
     assert "psjobs host stop" in answer["error"]["message"]
+
+
+@pytest.mark.timeout(30)
+def test_host_requests_behave_as_records() -> None:
+    """The protocol's requests and responses (cheap records, not dataclasses, for the command's start-up)
+    take arguments by position or name, fill defaults (a fresh list each), compare by value and
+    refuse what they do not declare; to_json gives plain data, nested records included."""
+    from psjobs.host import _protocol as hp
+
+    a = hp.GetRequest(ids=["1"])
+    b = hp.GetRequest(["1"])
+    assert a == b and a != hp.GetRequest(ids=["2"]) and a.names == [] and a.names is not b.names
+    assert repr(a).startswith("GetRequest(ids=['1'], ")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+        hp.GetRequest(nope=1)
+    with pytest.raises(TypeError, match="missing required argument: 'command'"):
+        hp.StartRequest(cwd="/")
+    with pytest.raises(TypeError, match="multiple values"):
+        hp.RemoveResult([1], removed=[2])
+    with pytest.raises(TypeError):
+        hash(a)
+    assert hp.decode_request(json.dumps(a.to_json()).encode()) == a
+    failure = hp.Failure(id=1, name="Job1", child_id=2, computer_name=None, reason="boom")
+    result = hp.ReceiveResult(failures=[failure], timed_out=False, removed=[])
+    assert result.to_json() == {"failures": [{"id": 1, "name": "Job1", "child_id": 2, "computer_name": None,
+                                              "reason": "boom"}], "timed_out": False, "removed": []}

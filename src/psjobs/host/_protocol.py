@@ -18,7 +18,6 @@ that is malformed raises ProtocolError here; each side maps it to its own error 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -124,6 +123,82 @@ def _timeout(args: dict[str, Any], verb: str) -> float | None:
     return None if value is None or math.isinf(value) else float(value)  # inf: no limit, as in the library
 
 
+# --- records: dataclasses to mypy, a cheaper equivalent at run time ------------------------------
+# The command imports this module on every run (`psjobs get` is a whole process). Decorating its ~20
+# classes with dataclasses cost ~12 ms of a ~60 ms command (the module imports inspect, and each
+# class execs generated code); `_record` gives the same __init__ (positional or keyword, defaults,
+# default factories), __eq__ and __repr__ from the same annotations, without either.
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as _record
+    from dataclasses import field as _field
+else:
+    class _Factory:
+        __slots__ = ("make",)
+
+        def __init__(self, make: Any) -> None:
+            self.make = make
+
+    def _field(*, default_factory: Any) -> Any:
+        return _Factory(default_factory)
+
+    _REQUIRED = object()
+
+    def _record(cls: type) -> type:
+        fields = tuple((name, cls.__dict__.get(name, _REQUIRED))
+                       for name, note in cls.__dict__.get("__annotations__", {}).items()  # noqa: RUF063 (own, not inherited; strings)
+                       if not str(note).startswith(("ClassVar", "typing.ClassVar")))
+        names = tuple(name for name, _ in fields)
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            if len(args) > len(fields):
+                raise TypeError(f"{cls.__name__}() takes {len(fields)} arguments, {len(args)} given")
+            for i, (name, default) in enumerate(fields):
+                if i < len(args):
+                    if name in kwargs:
+                        raise TypeError(f"{cls.__name__}() got multiple values for argument {name!r}")
+                    value = args[i]
+                elif name in kwargs:
+                    value = kwargs.pop(name)
+                elif default is _REQUIRED:
+                    raise TypeError(f"{cls.__name__}() missing required argument: {name!r}")
+                else:
+                    value = default.make() if isinstance(default, _Factory) else default
+                setattr(self, name, value)
+            if kwargs:
+                raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {next(iter(kwargs))!r}")
+
+        def __eq__(self: Any, other: object) -> bool:
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return all(getattr(self, n) == getattr(other, n) for n in names)
+
+        def __repr__(self: Any) -> str:
+            return f"{cls.__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+
+        for name, default in fields:
+            if isinstance(default, _Factory):
+                delattr(cls, name)
+        cls.__init__ = __init__
+        cls.__eq__ = __eq__
+        cls.__hash__ = None  # as a dataclass with eq: mutable, so unhashable
+        cls.__repr__ = __repr__
+        cls._fields = names
+        return cls
+
+
+def _plain(value: Any) -> Any:
+    """A record as JSON-ready data, nested records and lists of them included (dataclasses.asdict)."""
+    fields = getattr(value, "_fields", None)
+    if fields is not None:
+        return {name: _plain(getattr(value, name)) for name in fields}
+    if isinstance(value, list):
+        return [_plain(x) for x in value]
+    if isinstance(value, dict):
+        return {k: _plain(x) for k, x in value.items()}
+    return value
+
+
 # --- requests: one class per verb ---------------------------------------------------------------
 
 class Request:
@@ -132,14 +207,14 @@ class Request:
     verb: ClassVar[str]
 
     def to_json(self) -> dict[str, Any]:
-        return {"verb": self.verb, "args": dataclasses.asdict(self)}  # type: ignore[call-overload]
+        return {"verb": self.verb, "args": _plain(self)}
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> Request:
         raise NotImplementedError
 
 
-@dataclasses.dataclass
+@_record
 class StartRequest(Request):
     verb: ClassVar[str] = "start"
     command: list[str]
@@ -149,7 +224,7 @@ class StartRequest(Request):
     env: dict[str, str] | None = None     # the client's whole environment (process jobs)
     input: list[str] | None = None        # lines fed to the command's stdin (psjobs.connect())
     group: str | None = None              # scheduling (core/_sched): --group --after --delay --retries
-    after: list[str] = dataclasses.field(default_factory=list)
+    after: list[str] = _field(default_factory=list)
     delay: float | None = None
     retries: int = 0
 
@@ -166,7 +241,7 @@ class StartRequest(Request):
                    delay=_arg(args, v, "delay", (int, float), None), retries=_arg(args, v, "retries", int, 0))
 
 
-@dataclasses.dataclass
+@_record
 class InvokeRequest(Request):
     verb: ClassVar[str] = "invoke"
     command: list[str]
@@ -174,7 +249,7 @@ class InvokeRequest(Request):
     throttle: int = 32
     name: str | None = None
     group: str | None = None              # scheduling, as StartRequest's
-    after: list[str] = dataclasses.field(default_factory=list)
+    after: list[str] = _field(default_factory=list)
     delay: float | None = None
     retries: int = 0
 
@@ -187,15 +262,15 @@ class InvokeRequest(Request):
                    delay=_arg(args, v, "delay", (int, float), None), retries=_arg(args, v, "retries", int, 0))
 
 
-@dataclasses.dataclass
+@_record
 class GetRequest(Request):
     verb: ClassVar[str] = "get"
-    ids: list[str] = dataclasses.field(default_factory=list)
+    ids: list[str] = _field(default_factory=list)
     state: str | None = None
     newest: int | None = None
     children: bool = False
-    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
-    commands: list[str] = dataclasses.field(default_factory=list)   # the library's get_job filters
+    names: list[str] = _field(default_factory=list)   # names taken literally (--name)
+    commands: list[str] = _field(default_factory=list)   # the library's get_job filters
     has_more_data: bool | None = None
     child_state: str | None = None
 
@@ -216,7 +291,7 @@ def _selection(args: dict[str, Any], verb: str) -> list[str]:
     return ids
 
 
-@dataclasses.dataclass
+@_record
 class ReceiveRequest(Request):
     verb: ClassVar[str] = "receive"
     ids: list[str]
@@ -224,7 +299,7 @@ class ReceiveRequest(Request):
     wait: bool = False
     timeout: float | None = None
     auto_remove: bool = False
-    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
+    names: list[str] = _field(default_factory=list)   # names taken literally (--name)
     ack: bool = False   # the client acknowledges each part (see ack_frame): only that is consumed
 
     @classmethod
@@ -253,13 +328,13 @@ def read_ack(body: bytes | None, sent: int) -> int:
     return min(n, sent) if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
 
 
-@dataclasses.dataclass
+@_record
 class WaitRequest(Request):
     verb: ClassVar[str] = "wait"
     ids: list[str]
     any: bool = False
     timeout: float | None = None
-    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
+    names: list[str] = _field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> WaitRequest:
@@ -268,23 +343,23 @@ class WaitRequest(Request):
                    names=_selectors(args, v, "names", []))
 
 
-@dataclasses.dataclass
+@_record
 class StopRequest(Request):
     verb: ClassVar[str] = "stop"
     ids: list[str]
-    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
+    names: list[str] = _field(default_factory=list)   # names taken literally (--name)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StopRequest:
         return cls(ids=_selection(args, cls.verb), names=_selectors(args, cls.verb, "names", []))
 
 
-@dataclasses.dataclass
+@_record
 class RemoveRequest(Request):
     verb: ClassVar[str] = "remove"
     ids: list[str]
     force: bool = False
-    names: list[str] = dataclasses.field(default_factory=list)   # names taken literally (--name)
+    names: list[str] = _field(default_factory=list)   # names taken literally (--name)
     state: str | None = None  # every top-level job in this state (remove --state Completed)
 
     @classmethod
@@ -295,7 +370,7 @@ class RemoveRequest(Request):
                    names=_selectors(args, cls.verb, "names", []), state=state)
 
 
-@dataclasses.dataclass
+@_record
 class StatusRequest(Request):
     verb: ClassVar[str] = "status"
 
@@ -304,7 +379,7 @@ class StatusRequest(Request):
         return cls()
 
 
-@dataclasses.dataclass
+@_record
 class ShutdownRequest(Request):
     verb: ClassVar[str] = "shutdown"
 
@@ -315,7 +390,7 @@ class ShutdownRequest(Request):
 
 # --- the requests of a connected session (psjobs.connect(): the verbs the command has no word for) ---
 
-@dataclasses.dataclass
+@_record
 class StartCallRequest(Request):
     """A callable, pickled by the client (cloudpickle) and sent base64: the host never unpickles it,
     it hands the bytes to the job's worker process, which runs as the same user (peer uid checked)."""
@@ -325,7 +400,7 @@ class StartCallRequest(Request):
     command: str
     cwd: str
     env: dict[str, str]
-    sys_path: list[str] = dataclasses.field(default_factory=list)
+    sys_path: list[str] = _field(default_factory=list)
     name: str | None = None
     python: str = ""         # the client's "major.minor": pickled code runs only on the same one
 
@@ -340,7 +415,7 @@ class StartCallRequest(Request):
                    name=_arg(args, v, "name", str, None), python=_arg(args, v, "python", str, ""))
 
 
-@dataclasses.dataclass
+@_record
 class SuspendRequest(Request):
     verb: ClassVar[str] = "suspend"
     ids: list[str]
@@ -351,7 +426,7 @@ class SuspendRequest(Request):
         return cls(ids=_selection(args, cls.verb), resume=_arg(args, cls.verb, "resume", bool, False))
 
 
-@dataclasses.dataclass
+@_record
 class InputRequest(Request):
     verb: ClassVar[str] = "input"
     ids: list[str]
@@ -362,7 +437,7 @@ class InputRequest(Request):
         return cls(ids=_selection(args, cls.verb), text=_arg(args, cls.verb, "text", str))
 
 
-@dataclasses.dataclass
+@_record
 class RecordsRequest(Request):
     """Every record of one stream of a job (all its leaves), received or not; moves no cursor."""
 
@@ -376,7 +451,7 @@ class RecordsRequest(Request):
         return cls(id=_arg(args, v, "id", int), stream=_arg(args, v, "stream", int))
 
 
-@dataclasses.dataclass
+@_record
 class ResumeRequest(Request):
     verb: ClassVar[str] = "resume"
     ids: list[str]
@@ -386,7 +461,7 @@ class ResumeRequest(Request):
         return cls(ids=_selection(args, cls.verb))
 
 
-@dataclasses.dataclass
+@_record
 class RestartRequest(Request):
     verb: ClassVar[str] = "restart"
     ids: list[str]
@@ -396,7 +471,7 @@ class RestartRequest(Request):
         return cls(ids=_selection(args, cls.verb))
 
 
-@dataclasses.dataclass
+@_record
 class GroupRequest(Request):
     """``psjobs group add|set|pause|resume|list``: the scheduler's groups (core/_sched)."""
 
@@ -460,10 +535,10 @@ def _depth(body: bytes) -> int:
 
 class Response:
     def to_json(self) -> Any:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return _plain(self)
 
 
-@dataclasses.dataclass
+@_record
 class JobView(Response):
     """A job as clients see it (``--json``); start, invoke, get and stop answer with these."""
 
@@ -489,7 +564,7 @@ class JobView(Response):
     attempts: int = 0              # runs started (retries)
 
 
-@dataclasses.dataclass
+@_record
 class Failure(Response):
     """A failed job named after the top-level job the user knows, with the child that failed."""
 
@@ -500,25 +575,25 @@ class Failure(Response):
     reason: str
 
 
-@dataclasses.dataclass
+@_record
 class ReceiveResult(Response):
     failures: list[Failure]
     timed_out: bool
     removed: list[int]
 
 
-@dataclasses.dataclass
+@_record
 class WaitResult(Response):
     done: list[JobView]
     pending: list[JobView]
 
 
-@dataclasses.dataclass
+@_record
 class RemoveResult(Response):
     removed: list[int]
 
 
-@dataclasses.dataclass
+@_record
 class StatusResult(Response):
     pid: int
     version: str
@@ -535,12 +610,12 @@ class StatusResult(Response):
     records_dropped: int = 0             # records lost while nothing could store them
 
 
-@dataclasses.dataclass
+@_record
 class ShutdownResult(Response):
     stopped: list[int]
 
 
-@dataclasses.dataclass
+@_record
 class RecordsResult(Response):
     """``records``' answer: [job id, time, is-json, value] per record, in production order per leaf."""
 
