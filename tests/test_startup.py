@@ -53,6 +53,17 @@ def test_a_public_name_is_imported_on_first_use_and_says_it_comes_from_psjobs() 
     _modules_after(code)
 
 
+def test_a_program_that_never_uses_ssh_does_not_import_it() -> None:
+    """The module functions (psjobs.start_job...) do not pull in the SSH backend; configure_ssh does."""
+    code = ("import sys, psjobs\n"
+            "job = psjobs.start_job(['true'])\n"
+            "psjobs.wait_job(job, timeout=20)\n"
+            "assert not [m for m in sys.modules if 'ssh' in m], [m for m in sys.modules if 'ssh' in m]\n"
+            "psjobs.configure_ssh\n"
+            "assert 'psjobs.backends.ssh._backend' in sys.modules\n")
+    _modules_after(code)
+
+
 def test_errors_say_they_come_from_psjobs_from_the_start() -> None:
     # A traceback printed before any public name was used still shows psjobs.JobFailedError.
     code = ("from psjobs._errors import JobFailedError\n"

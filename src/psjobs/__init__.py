@@ -31,7 +31,6 @@ if _typing.TYPE_CHECKING:  # what type checkers and editors read; at run time, _
         async_receive_job,
         async_wait_job,
         configure_group,
-        configure_ssh,
         connect,
         default_session,
         get_group,
@@ -50,6 +49,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and editors read; at run time, _
         suspend_job,
         wait_job,
     )
+    from ._api_ssh import configure_ssh
     from ._errors import (
         ExitStatusError,
         HostKeyError,
@@ -138,7 +138,7 @@ _EXPORTS: dict[str, str] = {
     "async_receive_job": "._api",
     "async_wait_job": "._api",
     "configure_group": "._api",
-    "configure_ssh": "._api",
+    "configure_ssh": "._api_ssh",
     "connect": "._api",
     "default_session": "._api",
     "format_table": ".core._format",

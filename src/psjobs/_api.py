@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from .backends.ssh._backend import SSHOptions
-from .backends.ssh._backend import configure_ssh as _configure_ssh
 from .core import _future
 from .core._format import JobList
 from .core._job import Job
@@ -180,12 +177,6 @@ async def async_receive_job(jobs: JobSelector, *, keep: bool = False, wait: bool
     return await _future.receive_async(session, jobs, keep=keep, wait=wait, timeout=timeout,
                                        auto_remove=auto_remove, no_recurse=no_recurse,
                                        error_action=error_action, records=records)
-
-
-@functools.wraps(_configure_ssh)
-def configure_ssh(session: Session | None = None, **options: Any) -> SSHOptions:
-    # The backend configures the session it is given; the default session lives here, in the face.
-    return _configure_ssh(default_session() if session is None else session, **options)
 
 
 # --- scheduling (core/_sched) -----------------------------------------------------------------
