@@ -1,0 +1,80 @@
+"""Every block of every page is run by a test, or says why not; ``python -m tests.test_docs_coverage``
+counts them per page.
+
+::
+
+    every page --doctools.fences()--> every block --> the test that runs it (RUN_BY), an output
+                                                      block under such a block, or a
+                                                      <!-- not run: reason --> comment above it
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from .doctools import Block, fences
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+# Which test runs which blocks; an ``output`` block is checked with the block above it.
+RUN_BY: dict[tuple[str, str], str] = {
+    ("*", "python"): "tests/test_docs.py (output compared, except on a page of recorded output)",
+    ("*", "sh"): "tests/test_docs.py (output compared)",
+    ("ipython.md", "ipython"): "tests/test_ipython.py::test_docs_sessions_run_as_shown (Out[n] compared)",
+}
+
+
+def run_by(page: Path, block: Block) -> str | None:
+    return RUN_BY.get((page.name, block.lang)) or RUN_BY.get(("*", block.lang))
+
+
+def recorded(page: Path) -> bool:
+    """A page made from a recorded run (docs/tour.md): its outputs are ``text`` blocks, not compared."""
+    return re.search(r"<!-- doctest: [\w, ]*recorded", page.read_text()) is not None
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_block_is_run_or_says_why_not(page: Path) -> None:
+    found = fences(page)
+    for i, block in enumerate(found):
+        where = f"{page.name}, the block at line {block.line}"
+        if block.not_run is not None:
+            continue
+        if block.lang == "output":
+            above = found[i - 1] if i else None
+            assert above is not None and above.output == block.code and run_by(page, above), (
+                f"{where} is an output block under no block a test runs")
+            continue
+        if block.lang == "text" and recorded(page):
+            continue  # the page's own comment says its outputs are a recorded run
+        assert run_by(page, block), (f"{where} ({block.lang or 'no language'}) is run by no test: run it, or "
+                                     "say why not in a `<!-- not run: ... -->` comment right above it")
+
+
+def census() -> dict[str, tuple[int, int, int]]:
+    """Per page: (code blocks run with their output compared, run without, not run with a reason).
+
+    ``python -m tests.test_docs_coverage`` prints it."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for page in PAGES:
+        compared = unchecked = skipped = 0
+        for block in fences(page):
+            if block.lang == "output" or (block.lang == "text" and recorded(page)):
+                continue
+            if block.not_run is not None:
+                skipped += 1
+            elif block.lang in ("python", "sh") and not recorded(page):
+                compared += 1  # a block with no output block is checked to print nothing
+            else:
+                unchecked += 1  # docs/tour.md's recorded run; IPython sessions (Out[n] compared)
+        out[str(page.relative_to(ROOT))] = (compared, unchecked, skipped)
+    return out
+
+
+if __name__ == "__main__":
+    for name, (compared, unchecked, skipped) in census().items():
+        print(f"{name:20} {compared:3} checked  {unchecked:3} run, output not compared  {skipped:3} not run")
