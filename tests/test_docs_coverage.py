@@ -55,6 +55,14 @@ def test_every_block_is_run_or_says_why_not(page: Path) -> None:
                                      "say why not in a `<!-- not run: ... -->` comment right above it")
 
 
+def test_every_not_run_comment_is_right_above_a_block() -> None:
+    """A comment that is not right above a block would leave its block unmarked, silently."""
+    for page in PAGES:
+        text = page.read_text()
+        marked = sum(b.not_run is not None for b in fences(page))
+        assert text.count("<!-- not run: ") == marked, f"{page.name}: a `<!-- not run: -->` comment is above no block"
+
+
 def census() -> dict[str, tuple[int, int, int]]:
     """Per page: (code blocks run with their output compared, run without, not run with a reason).
 
