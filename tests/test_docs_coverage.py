@@ -16,19 +16,24 @@ from pathlib import Path
 import pytest
 
 from .doctools import Block, fences
+from .test_docs_notebook import notebook_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NOTEBOOK = {b.line for b in notebook_cells()}  # docs/ipython.md's cells that run in a real kernel
 
 # Which test runs which blocks; an ``output`` block is checked with the block above it.
 RUN_BY: dict[tuple[str, str], str] = {
     ("*", "python"): "tests/test_docs.py (output compared, except on a page of recorded output)",
     ("*", "sh"): "tests/test_docs.py (output compared)",
-    ("ipython.md", "ipython"): "tests/test_ipython.py::test_docs_sessions_run_as_shown (Out[n] compared)",
+    ("ipython.md", "ipython"): "tests/test_ipython.py::test_docs_sessions_run_as_shown (`In [n]:` sessions, "
+                               "Out[n] compared), tests/test_docs_notebook.py (notebook cells, output compared)",
 }
 
 
 def run_by(page: Path, block: Block) -> str | None:
+    if block.lang == "ipython" and "In [" not in block.code and block.line not in NOTEBOOK:
+        return None  # neither an `In [n]:` session nor a notebook cell: no test runs it
     return RUN_BY.get((page.name, block.lang)) or RUN_BY.get(("*", block.lang))
 
 
@@ -75,7 +80,8 @@ def census() -> dict[str, tuple[int, int, int]]:
                 continue
             if block.not_run is not None:
                 skipped += 1
-            elif block.lang in ("python", "sh") and not recorded(page):
+            elif (block.lang in ("python", "sh") and not recorded(page)) or (
+                    page.name == "ipython.md" and block.line in NOTEBOOK):
                 compared += 1  # a block with no output block is checked to print nothing
             else:
                 unchecked += 1  # docs/tour.md's recorded run; IPython sessions (Out[n] compared)
