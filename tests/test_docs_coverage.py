@@ -68,6 +68,13 @@ def test_every_not_run_comment_is_right_above_a_block() -> None:
         assert text.count("<!-- not run: ") == marked, f"{page.name}: a `<!-- not run: -->` comment is above no block"
 
 
+def test_the_pages_that_teach_by_example_keep_their_checked_examples() -> None:
+    """A page whose blocks all lost their check would pass the tests above unnoticed."""
+    counts = census()
+    for page, least in {"docs/cli.md": 12, "docs/guide.md": 8, "docs/ipython.md": 5, "README.md": 2}.items():
+        assert counts[page][0] >= least, f"{page} has {counts[page][0]} checked blocks, fewer than {least}"
+
+
 def census() -> dict[str, tuple[int, int, int]]:
     """Per page: (code blocks run with their output compared, run without, not run with a reason).
 
