@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -268,37 +267,3 @@ def test_tour_runs_real_commands_and_leaves_nothing(tmp_path: Path) -> None:
         assert expected in out + proc.stderr, f"{expected!r} not in the tour"
     assert not (tmp_path / "untouched").exists()  # the user's own state was never touched
     assert [p.name for p in tmp_path.iterdir()] == ["untouched"] or not list(tmp_path.iterdir())
-
-
-# --- the docs -------------------------------------------------------------------------------------
-
-DOC_BLOCKS = re.findall(r"```sh\n(.*?)```", (ROOT / "docs" / "cli.md").read_text(), re.S)
-
-
-@pytest.fixture(scope="module")
-def docs_shell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
-    """A directory and environment where `psjobs` is this tree's command, with a host of its own."""
-    base = tmp_path_factory.mktemp("docs")
-    bindir = base / "bin"
-    bindir.mkdir()
-    shim = bindir / "psjobs"
-    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m psjobs "$@"\n')
-    shim.chmod(0o755)
-    work = base / "work"
-    work.mkdir()
-    env = subprocess_env(PATH=f"{bindir}:{os.environ['PATH']}", PSJOBS_HOME=str(base / "home"))
-    with private_home(base / "home"):
-        yield work, env
-
-
-def test_the_docs_have_examples() -> None:
-    assert len(DOC_BLOCKS) >= 8
-
-
-@pytest.mark.parametrize("block", DOC_BLOCKS, ids=[f"block{i}" for i in range(len(DOC_BLOCKS))])
-def test_every_example_in_the_docs_works(block: str, docs_shell: tuple[Path, dict[str, str]]) -> None:
-    """docs/cli.md's shell blocks, run in order in one state directory, as a user pasting them would."""
-    work, env = docs_shell
-    proc = subprocess.run(["bash", "-c", "set -e\n" + block], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=50)
-    assert proc.returncode == 0, f"this example failed:\n{block}\n{proc.stdout}\n{proc.stderr}"

@@ -1,14 +1,19 @@
-"""The docs are examples a user can paste: every Python block of every page runs, and what it prints
-is what the page shows.
+"""The docs are examples a user can paste: every Python and shell block of every page runs, and what
+it prints is what the page shows.
 
 ::
 
-    page --doctools.blocks--> python blocks, in order --exec--> one fresh namespace per page
-                                                          |
-                              what the block printed <----+--> matches the ``output`` block under it
-                                                               (a block that prints must have one)
+    page --doctools.blocks--> python and sh blocks, in order
+        python --exec--> one fresh namespace per page
+        sh --bash -c--> a shell per block, in one empty directory, with `psjobs` on PATH and a
+                        session host of the page's own
+    what each block printed --> matches the ``output`` block under it (a block that prints must
+                                have one)
 
-The namespace starts empty, as a new interpreter would (a page that needs ``time`` imports it).
+The namespace starts empty, as a new interpreter would (a page that needs ``time`` imports it). A
+shell block's stderr goes where its stdout goes, as a terminal shows both; it runs with ``set -e``.
+A block marked ``<!-- not run: reason -->`` is not run (tests/test_docs_coverage.py checks that
+every other block is).
 """
 
 from __future__ import annotations
@@ -40,14 +45,20 @@ def pages() -> list[Path]:
 # 1 there, as the pages show them. A marker line before each block splits what they printed.
 # With "repl", each expression statement's value is shown, as the interactive interpreter does.
 DRIVER = """
-import ast, json, sys, traceback
+import ast, json, subprocess, sys, traceback
 blocks = json.load(open(sys.argv[1]))
 repl = sys.argv[2] == "repl"
 namespace = {"__name__": "__main__"}
-for n, (where, code) in enumerate(blocks):
+for n, (where, lang, code) in enumerate(blocks):
     print(f"\\x00block {n}\\x00", flush=True)
     try:
-        if repl:
+        if lang == "sh":
+            shell = subprocess.run(["bash", "-c", "set -e\\n" + code], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, timeout=60)
+            sys.stdout.write(shell.stdout)
+            if shell.returncode:
+                raise SystemExit(f"{where} exited with status {shell.returncode}")
+        elif repl:
             for node in ast.parse(code).body:
                 if isinstance(node, ast.Expr):
                     value = eval(compile(ast.Expression(node.value), where, "eval"), namespace)
@@ -69,13 +80,21 @@ for n, (where, code) in enumerate(blocks):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
 def test_python_blocks_run_and_print_what_the_page_shows(page: Path, tmp_path: Path) -> None:
-    found = blocks(page, ("python",))
+    found = [b for b in blocks(page, ("python", "sh")) if b.not_run is None]
     if not found:
-        pytest.skip(f"{page.name} has no Python block")
+        pytest.skip(f"{page.name} has no block to run")
     wheres = [f"{page.name}, the block at line {b.line}" for b in found]
-    (tmp_path / "blocks.json").write_text(json.dumps([[w, b.code] for w, b in zip(wheres, found)]))
-    # psjobs.connect() examples (docs/connect.md) reach a host of their own, never the user's.
-    env = subprocess_env(PSJOBS_HOME=str(tmp_path / "psjobs-home"))
+    (tmp_path / "blocks.json").write_text(json.dumps([[w, b.lang, b.code] for w, b in zip(wheres, found)]))
+    # `psjobs` in a shell block is this tree's command, whatever is installed.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "psjobs").write_text(f'#!/bin/sh\nexec {sys.executable} -m psjobs "$@"\n')
+    (bindir / "psjobs").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    # The command and psjobs.connect() (docs/connect.md) reach a host of the page's own, never the
+    # user's: ids start at 1 there, as the pages show them.
+    env = subprocess_env(PSJOBS_HOME=str(tmp_path / "psjobs-home"), PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
     env["PYTHONPATH"] += f"{os.pathsep}{REPO}"
     # A page made from a recorded run (docs/tour.md: ids, pids and times differ from run to run)
     # says so in a comment: its blocks run as a REPL would, and their outputs are not compared.
@@ -83,7 +102,7 @@ def test_python_blocks_run_and_print_what_the_page_shows(page: Path, tmp_path: P
     options = mode.group(1).replace(" ", "").split(",") if mode else []
     try:
         proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "blocks.json"),
-                               "repl" if "repl" in options else "exec"], cwd=tmp_path,
+                               "repl" if "repl" in options else "exec"], cwd=work,
                               env=env, capture_output=True, text=True, timeout=280)
     finally:
         stop_host(tmp_path / "psjobs-home")
