@@ -118,3 +118,36 @@ def test_the_fork_server_writes_nothing_to_the_session_s_stderr() -> None:
     out = subprocess.run([sys.executable, "-c", _QUIET], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr
     assert out.stderr == "" and out.stdout == ""
+
+
+def _descriptors() -> dict[str, list[str]]:
+    """What this worker holds: the socket and pipe targets of its descriptors, fd 1 and 2 apart."""
+    held: dict[str, list[str]] = {"sockets": [], "pipes": [], "stdio": []}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the directory listing's own descriptor, closed by now
+        if name in ("1", "2"):
+            held["stdio"].append(target)
+        elif target.startswith("socket:"):
+            held["sockets"].append(target)
+        elif target.startswith("pipe:"):
+            held["pipes"].append(target)
+    return held
+
+
+def test_workers_forked_together_hold_no_descriptor_of_another_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Requests read together are forked in a row: each worker must close the descriptors of the
+    # requests behind it (their job sockets and fd 1/2 pipes), or one job could hold another's.
+    monkeypatch.setenv("PSJOBS_SPARES", "0")
+    with psjobs.Session() as s:
+        jobs = [s.start_job(_descriptors) for _ in range(40)]
+        assert len(s.wait_job(jobs, timeout=60)) == len(jobs)
+        held = [s.receive_job(job)[0] for job in jobs]
+    for h in held:
+        assert len(h["sockets"]) == 1, h  # its own channel to the session
+        assert h["pipes"] == [], h        # only fd 1 and 2, the pipes the session reads
+        assert len(set(h["stdio"])) == 2, h
+    mine = [h["sockets"][0] for h in held]
+    assert len(set(mine)) == len(mine)

@@ -32,6 +32,7 @@ its pages. It is a child subreaper, so the orphans a job leaves are reaped here,
 
 from __future__ import annotations
 
+import array
 import contextlib
 import gc
 import importlib
@@ -108,6 +109,7 @@ class _Server:
         self.spares: dict[int, socket.socket] = {}       # pid -> our end of its socket
         self.by_fd: dict[int, int] = {}                  # that end's fd -> pid
         self.poller = select.poll()
+        self.held: list[int] = []                        # descriptors of requests read, not handled yet
 
     def tell(self, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
         try:
@@ -151,25 +153,51 @@ class _Server:
             self.reap()
 
     def from_session(self, preload: list[str]) -> None:
+        """Every request the session has sent so far: forks in a row, answered after the last.
+
+        A fork shares every page of this process with the child, so each page the server writes
+        next is copied: reading, unpickling and answering between forks copied ~100 pages a fork.
+        Requests read together (jobs started back to back) are unpickled first, then forked in
+        a row, then answered.
+        """
         try:
             msg, fds, _, _ = socket.recv_fds(self.ctl, 1 << 20, 4)
         except InterruptedError:
             return
         except OSError:
             msg, fds = b"", []
+        requests: list[tuple[Any, list[int]]] = []
+        while msg:
+            requests.append((pickle.loads(msg), fds))
+            if len(requests) == 64:
+                break  # the rest at the next poll
+            try:
+                msg, fds = _recv_now(self.ctl)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                msg, fds = b"", []
+        forked: list[tuple[Any, int]] = []
+        # Descriptors of the requests not handled yet: no worker forked before them may keep one.
+        self.held = [fd for _, fds in requests for fd in fds]
+        try:
+            for request, fds in requests:
+                del self.held[:len(fds)]
+                if request[0] == "fork":
+                    forked.append((request[1], self.fork(request[1], fds)))
+                elif request[0] == "command":
+                    self.command(request[1:], fds)
+                else:
+                    if request[0] == "preload" and PRELOAD:
+                        preload.append(request[1])
+                    for extra in fds:
+                        os.close(extra)
+        finally:
+            self.held = []
+            for token, pid in forked:
+                self.tell(("forked", token, pid))
         if not msg:
             raise SessionGone()
-        request = pickle.loads(msg)
-        if request[0] == "fork":
-            self.fork(request[1], fds)
-            return
-        if request[0] == "command":
-            self.command(request[1:], fds)
-            return
-        if request[0] == "preload" and PRELOAD:
-            preload.append(request[1])
-        for extra in fds:
-            os.close(extra)
 
     def from_spare(self, pid: int) -> None:
         sock = self.spares[pid]
@@ -216,7 +244,8 @@ class _Server:
             self.by_fd[ours.fileno()] = pid
             self.poller.register(ours.fileno(), select.POLLIN)
 
-    def fork(self, token: Any, fds: list[int]) -> None:
+    def fork(self, token: Any, fds: list[int]) -> int:
+        """Fork the worker of a job the session could not give a spare; its pid (to be told)."""
         fd = fds[0]
         outputs = fds[1:3]  # the job's fd 1 and 2: pipes the session reads
         for extra in fds[3:]:
@@ -225,7 +254,7 @@ class _Server:
         if pid == 0:
             status = 70
             try:
-                _become_worker(self.own, self.spares, self.cgroup)
+                _become_worker(self.own + tuple(self.held), self.spares, self.cgroup)
                 _take_outputs(outputs)
                 from ._process_worker import serve
 
@@ -242,7 +271,7 @@ class _Server:
         for source in outputs:
             os.close(source)
         self.workers[pid] = token
-        self.tell(("forked", token, pid))
+        return pid
 
     def command(self, request: tuple[Any, ...], fds: list[int]) -> None:
         """Start a command job: fds are the reply pipe, then the command's fd 1, fd 2 and (with
@@ -345,6 +374,17 @@ def _spare(theirs: socket.socket) -> int:
     # process exits, so the server neither counts it gone nor forks a spare while the job runs.
     _take_outputs(fds[1:3])
     return serve(fds[0], fds[0], capture_fds=False, hello_first=False)
+
+
+def _recv_now(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and its descriptors, or BlockingIOError (socket.recv_fds drops its flags
+    argument before Python 3.12)."""
+    msg, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_LEN(4 * 4), socket.MSG_DONTWAIT)
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def _preload(names: list[str]) -> bool:
