@@ -9,6 +9,7 @@ logging and stop behave as a spare's, while the server keeps its own streams and
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -68,7 +69,6 @@ def test_a_spare_that_takes_a_job_makes_the_server_fork_no_spare_until_the_job_e
 
 def _speaks() -> str:
     import logging
-    import signal
     import warnings
 
     print("printed")
@@ -151,3 +151,21 @@ def test_workers_forked_together_hold_no_descriptor_of_another_job(monkeypatch: 
         assert len(set(h["stdio"])) == 2, h
     mine = [h["sockets"][0] for h in held]
     assert len(set(mine)) == len(mine)
+
+
+def _caught_signals(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    raise AssertionError("no SigCgt line")
+
+
+def test_the_fork_server_keeps_its_own_signal_handlers() -> None:
+    # prepare_ahead installs a worker's handlers (SIGTERM raises JobStopped, SIGALRM flushes a
+    # batch) only to take them back: a SIGTERM still ends the server, and no timer can fire there.
+    with psjobs.Session() as s:
+        assert s.start_job(lambda: 1).wait(30)
+        caught = _caught_signals(_server(s).pid)
+    assert signal.SIGTERM not in caught and signal.SIGALRM not in caught
+    assert signal.SIGINT in caught and signal.SIGCHLD in caught  # its own: Ctrl+C is the session's

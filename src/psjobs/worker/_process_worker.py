@@ -90,9 +90,9 @@ def prepare_ahead() -> None:
     faults for it, 0.6 ms of CPU (measured: 1.6 -> 1.0 ms a child, fork to exit, and spares pay
     it too); made here, before ``gc.freeze``, the runtime is in the pages every child shares, and
     a child only switches it on (the emitter, sys.stdout and friends, the warnings filter, the
-    root logger's level, signal handlers). The server keeps its own streams, signals, warnings
-    filters and log level; what stays installed here (``warnings.showwarning``, the root logger's
-    handler) falls through to what was there while no emitter is set.
+    root logger's level, signal handlers). The server keeps its own signal handlers and warnings
+    filters (a ResourceWarning of its own reaches nobody); what stays installed here
+    (``warnings.showwarning``, the root logger's handler) falls through while no emitter is set.
     """
     streams = (sys.stdout, sys.stderr, sys.stdin)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT)}
