@@ -36,11 +36,10 @@ __all__ = ["dumps_batch", "main", "prepare", "prepare_ahead", "rehearse", "resto
 
 # The C function under signal.signal, which converts handlers to and from enums: in a child
 # just forked that touched ~40 more pages than the setting itself (measured: 53 -> 16 page faults
-# for a worker's four handlers, 0.1 ms). It takes only its own SIG_IGN and SIG_DFL objects.
+# for a worker's four handlers, 0.1 ms). It takes only its own SIG_IGN (and SIG_DFL) objects.
 _c_signal: Any = importlib.import_module("_signal")
 set_handler: Callable[[int, Any], Any] = _c_signal.signal
 SIG_IGN: Any = _c_signal.SIG_IGN
-SIG_DFL: Any = _c_signal.SIG_DFL
 
 
 def _on_term(signum: int, frame: Any) -> None:
