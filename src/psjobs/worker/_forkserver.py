@@ -5,7 +5,8 @@
     server --fork--> spare: prepares, rehearses a job, then --"ready"--> server
     server --ctl: ("spare", pid) + the spare's socket (SCM_RIGHTS)--> session, which keeps it
     start_job --that socket: token + the job's socket and fd 1/2 pipes--> spare, which becomes the
-        job's worker (own process group) --("taken", token)--> server, and serves the job
+        job's worker (own process group) and serves the job; it says nothing to the server, which
+        counts it a spare until it exits (the session knows the job by the pid)
     no spare left: session --ctl: ("fork", token) + the same descriptors--> server --fork--> worker
     server --ctl: ("forked", token, pid) / ("exited", token or None, pid, wait status)--> session
     command job: session --ctl: ("command", token, argv, cwd, env) + reply pipe, fd 0/1/2--> server
@@ -19,8 +20,10 @@ session ends them. Where cgroup v2 is writable each job gets a cgroup of its own
 nothing it starts can escape its stop or the session's end.
 
 The session hands a job to a spare itself: going through the server woke one more process on the
-job's path (~0.4 ms here). The server keeps its own end of each spare's socket, to hear "ready"
-and "taken"; a spare that sees the end of that socket was never needed, and exits.
+job's path (~0.4 ms here). The server keeps its own end of each spare's socket, to hear "ready";
+a spare that sees the end of that socket was never needed, and exits. A spare that took a job
+used to say "taken" at once: that woke the server on the job's path, and it then forked a new
+spare while the job ran; now the server hears of it at its exit, and tops up after that.
 
 It is started as a fresh interpreter (never forked from the session, whose size and threads would
 make every fork slow and unsafe), preloads the worker runtime, and freezes the GC so children share
@@ -29,8 +32,10 @@ its pages. It is a child subreaper, so the orphans a job leaves are reaped here,
 
 from __future__ import annotations
 
+import array
 import contextlib
 import gc
+import importlib
 import os
 import pickle
 import select
@@ -49,6 +54,10 @@ SPARES = max(0, int(os.environ.get("PSJOBS_SPARES", "2")))
 # Modules of callables pickled by reference are imported here once (when idle), so the next spares
 # have them: a worker importing the caller's module itself cost 2.8 ms a job (measured).
 PRELOAD = os.environ.get("PSJOBS_PRELOAD", "1") != "0"
+
+
+# signal.signal's C function (see _process_worker.set_handler): a child sets handlers with it.
+_c_signal: Any = importlib.import_module("_signal")
 
 
 def main() -> None:
@@ -72,6 +81,7 @@ def main() -> None:
     from . import _process_worker as _worker
 
     _worker.restore_pythonpath()  # jobs see the caller's environment, not the one we needed
+    _worker.prepare_ahead()  # in the shared pages: a child switches it on instead of building it
 
     gc.collect()
     gc.freeze()
@@ -99,6 +109,7 @@ class _Server:
         self.spares: dict[int, socket.socket] = {}       # pid -> our end of its socket
         self.by_fd: dict[int, int] = {}                  # that end's fd -> pid
         self.poller = select.poll()
+        self.held: list[int] = []                        # descriptors of requests read, not handled yet
 
     def tell(self, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
         try:
@@ -142,25 +153,51 @@ class _Server:
             self.reap()
 
     def from_session(self, preload: list[str]) -> None:
+        """Every request the session has sent so far: forks in a row, answered after the last.
+
+        A fork shares every page of this process with the child, so each page the server writes
+        next is copied: reading, unpickling and answering between forks copied ~100 pages a fork.
+        Requests read together (jobs started back to back) are unpickled first, then forked in
+        a row, then answered.
+        """
         try:
             msg, fds, _, _ = socket.recv_fds(self.ctl, 1 << 20, 4)
         except InterruptedError:
             return
         except OSError:
             msg, fds = b"", []
+        requests: list[tuple[Any, list[int]]] = []
+        while msg:
+            requests.append((pickle.loads(msg), fds))
+            if len(requests) == 64:
+                break  # the rest at the next poll
+            try:
+                msg, fds = _recv_now(self.ctl)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                msg, fds = b"", []
+        forked: list[tuple[Any, int]] = []
+        # Descriptors of the requests not handled yet: no worker forked before them may keep one.
+        self.held = [fd for _, fds in requests for fd in fds]
+        try:
+            for request, fds in requests:
+                del self.held[:len(fds)]
+                if request[0] == "fork":
+                    forked.append((request[1], self.fork(request[1], fds)))
+                elif request[0] == "command":
+                    self.command(request[1:], fds)
+                else:
+                    if request[0] == "preload" and PRELOAD:
+                        preload.append(request[1])
+                    for extra in fds:
+                        os.close(extra)
+        finally:
+            self.held = []
+            for token, pid in forked:
+                self.tell(("forked", token, pid))
         if not msg:
             raise SessionGone()
-        request = pickle.loads(msg)
-        if request[0] == "fork":
-            self.fork(request[1], fds)
-            return
-        if request[0] == "command":
-            self.command(request[1:], fds)
-            return
-        if request[0] == "preload" and PRELOAD:
-            preload.append(request[1])
-        for extra in fds:
-            os.close(extra)
 
     def from_spare(self, pid: int) -> None:
         sock = self.spares[pid]
@@ -174,9 +211,9 @@ class _Server:
             self.tell(("spare", pid), [sock.fileno()])  # the session now holds an end too
             return
         self.drop_spare(pid)
-        # ("taken", token): it serves a job of the session now. Nothing: it is dying, maybe with
-        # a job the session gave it; its exit is reported with no token (the session knows).
-        self.workers[pid] = pickle.loads(msg)[1] if msg else None
+        # The end of its socket: it is ending, maybe with a job the session gave it; its exit is
+        # reported with no token (the session knows the job by the pid).
+        self.workers[pid] = None
 
     def drop_spare(self, pid: int) -> None:
         sock = self.spares.pop(pid)
@@ -207,7 +244,8 @@ class _Server:
             self.by_fd[ours.fileno()] = pid
             self.poller.register(ours.fileno(), select.POLLIN)
 
-    def fork(self, token: Any, fds: list[int]) -> None:
+    def fork(self, token: Any, fds: list[int]) -> int:
+        """Fork the worker of a job the session could not give a spare; its pid (to be told)."""
         fd = fds[0]
         outputs = fds[1:3]  # the job's fd 1 and 2: pipes the session reads
         for extra in fds[3:]:
@@ -216,7 +254,7 @@ class _Server:
         if pid == 0:
             status = 70
             try:
-                _become_worker(self.own, self.spares, self.cgroup)
+                _become_worker(self.own + tuple(self.held), self.spares, self.cgroup)
                 _take_outputs(outputs)
                 from ._process_worker import serve
 
@@ -233,7 +271,7 @@ class _Server:
         for source in outputs:
             os.close(source)
         self.workers[pid] = token
-        self.tell(("forked", token, pid))
+        return pid
 
     def command(self, request: tuple[Any, ...], fds: list[int]) -> None:
         """Start a command job: fds are the reply pipe, then the command's fd 1, fd 2 and (with
@@ -286,7 +324,7 @@ class _Server:
                 return
             if pid == 0:
                 return
-            if pid in self.spares:  # it died before its job said "taken" (or before it had one)
+            if pid in self.spares:  # a spare, or the worker of a job a spare took (see _spare)
                 self.drop_spare(pid)
                 self.workers[pid] = None
             if pid in self.workers:
@@ -332,13 +370,21 @@ def _spare(theirs: socket.socket) -> int:
     msg, fds, _, _ = socket.recv_fds(theirs, 4096, 4)
     if not msg or len(fds) < 3:
         return 0  # the server went away, or the session closed: this spare was never needed
-    try:
-        theirs.send(pickle.dumps(("taken", pickle.loads(msg))))
-    except OSError:
-        pass  # the server is gone; the job is the session's, and it goes on
-    theirs.close()
+    # No word to the server (its wake-up was on the job's path): ``theirs`` stays open until this
+    # process exits, so the server neither counts it gone nor forks a spare while the job runs.
     _take_outputs(fds[1:3])
     return serve(fds[0], fds[0], capture_fds=False, hello_first=False)
+
+
+def _recv_now(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and its descriptors, or BlockingIOError (socket.recv_fds drops its flags
+    argument before Python 3.12)."""
+    msg, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_LEN(4 * 4), socket.MSG_DONTWAIT)
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def _preload(names: list[str]) -> bool:
@@ -374,7 +420,7 @@ def _become_worker(own: tuple[int, ...], spares: dict[int, socket.socket], cgrou
         join_cgroup(os.path.join(cgroup, str(os.getpid())))
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+        _c_signal.signal(sig, _c_signal.SIG_DFL)  # signal.signal's enums cost page faults here
     for fd in own:
         os.close(fd)
     for sibling in spares.values():

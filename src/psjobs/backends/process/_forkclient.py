@@ -216,7 +216,7 @@ class ForkClient:
             if what == "spare":
                 continue
             if what == "exited":
-                # A job handed to a spare that died before it said "taken" comes with no token.
+                # A job handed to a spare comes with no token: the spare never tells the server.
                 pid = rest[0]
                 by_pid = self.backend.spare_tokens.pop(pid, None)
                 token = by_pid if token is None else token
