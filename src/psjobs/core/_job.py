@@ -85,6 +85,7 @@ class Job:
         "_iid",
         "_journal",
         "_kind",
+        "_name",
         "_parent",
         "_reason",
         "_session",
@@ -100,7 +101,6 @@ class Job:
         "id",
         "job_type",
         "location",
-        "name",
         "pid",
         "prompt",
         "status_message",
@@ -110,7 +110,7 @@ class Job:
                  command: str, location: str = "localhost", state: JobState = JobState.NOT_STARTED,
                  parent: Job | None = None, computer_name: str | None = None) -> None:
         self.id = job_id
-        self.name = name if name else f"Job{job_id}"
+        self._name = name or None  # None: "Job<id>", made when asked (56 bytes a job otherwise)
         self.job_type = job_type
         self.command = command
         self.location = location
@@ -156,6 +156,15 @@ class Job:
         if self._iid is None:
             self._iid = uuid.uuid4()
         return self._iid
+
+    @property
+    def name(self) -> str:
+        """The name given at the start, or ``Job<id>``."""
+        return self._name or f"Job{self.id}"
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
 
     @property
     def parent(self) -> Job | None:

@@ -34,10 +34,13 @@ def select_jobs(top: Mapping[int, Job], every: Mapping[int, Job], session: objec
     b = _as_timestamp("before", before)
     a = _as_timestamp("after", after)
     if id is None and name is None and instance_id is None:
-        jobs = list(top.values())
         if state is None and command is None and has_more_data is None and before is None \
                 and after is None and newest is None and not include_child_jobs and child_job_state is None:
-            return JobList(jobs)  # the table is in id order already
+            # The table is in id order already. One pass over it: a list() then a JobList() copy
+            # touched every Job three times (two increfs, one decref), a cache miss each over
+            # 100,000 finished jobs (get_job() 1.0 -> 1.9 ms once jobs grew).
+            return JobList(top.values())
+        jobs = list(top.values())
     else:
         jobs = []
         if id is not None:
