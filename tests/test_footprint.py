@@ -41,6 +41,8 @@ def test_a_finished_thread_job_costs_under_a_kilobyte(session: psjobs.Session) -
     # and each is still whole: restartable, named, its output kept
     last = session.get_job()[-1]
     assert last.name == f"Job{last.id}" and last.output == [1]
+    assert [state for state, _ in last.history] == [psjobs.JobState.RUNNING, psjobs.JobState.COMPLETED]
+    assert [when for _, when in last.history] == [last.begin_time, last.end_time]
     again = session.restart_job(last)
     session.wait_job(again, timeout=10)
     assert again.receive() == [1] and again.name == f"Job{again.id}"

@@ -126,7 +126,8 @@ class Job:
         self._end: float | None = None
         self._journal: Journal | None = None  # made on the first records, or by the session's factory
         self._stop_requested = False
-        self._history: list[tuple[JobState, float]] | None = None
+        # state, time, state, time...: flat, a tuple per change cost 44 bytes a finished job
+        self._history: list[JobState | float] | None = None
         self._attempts = 0  # runs started (retries=N runs a failed one again: core/_sched)
         self.exit_code: int | None = None
         self.pid: int | None = None
@@ -216,7 +217,8 @@ class Job:
     @property
     def history(self) -> list[tuple[JobState, datetime]]:
         """Every state the job entered after its first, with when."""
-        return [(s, datetime.fromtimestamp(t, timezone.utc).astimezone()) for s, t in self._history or ()]
+        flat: list[Any] = self._history or []
+        return [(s, datetime.fromtimestamp(t, timezone.utc).astimezone()) for s, t in zip(flat[::2], flat[1::2])]
 
     @property
     def has_more_data(self) -> bool:
@@ -391,8 +393,9 @@ class Job:
         old = self._state
         self._state = new
         if self._history is None:
-            self._history = []
-        self._history.append((new, t))
+            self._history = [new, t]
+        else:
+            self._history += (new, t)
         if self._begin is None and new is not JobState.NOT_STARTED:
             self._begin = t
         if new.is_finished:

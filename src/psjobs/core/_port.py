@@ -200,9 +200,12 @@ class JobPort:
 
     def record(self, entry: Entry) -> None:
         """One record (a thread job's write: the job runs in this process, nothing to batch)."""
+        job = self._job
         with self._lock:
-            self._job._append(entry)
-        self._relieve()
+            job._append(entry)
+        spill = job._session._spill  # _relieve, inlined: this runs for every item a thread job yields
+        if spill.held > spill.window:
+            spill.relieve()
 
     def _relieve(self) -> None:
         # After the lock: past the session's memory window, this thread writes the oldest

@@ -73,6 +73,8 @@ def select_jobs(top: Mapping[int, Job], every: Mapping[int, Job], session: objec
 def resolve(every: Mapping[int, Job], session: object, jobs: Any, verb: str) -> list[Job]:
     """The jobs a verb's ``jobs`` argument names, each once, in the order given; raises when one is missing."""
     out: list[Job] = []
+    if type(jobs) is Job and jobs._session is session and every.get(jobs.id) is jobs:
+        return [jobs]  # one Job of this session: the thread path's receive, wait and remove
     items = [jobs] if isinstance(jobs, (Job, int, str, uuid.UUID)) else jobs
     if not isinstance(items, Iterable):
         raise TypeError(f"{verb}: jobs must be a Job, an id, a name, an instance id or a list of them, "
@@ -127,6 +129,8 @@ def by_names(every: Mapping[int, Job], names: list[str], verb: str) -> list[Job]
 
 
 def unique(jobs: list[Job]) -> list[Job]:
+    if len(jobs) < 2:
+        return jobs  # one job, the common case (every caller passes a list of its own)
     seen: set[int] = set()
     out = []
     for job in jobs:
@@ -205,7 +209,7 @@ def leaves_of(selected: list[Job], no_recurse: bool = False) -> list[Job]:
 def descendants(job: Job) -> list[Job]:
     """Every job under ``job``, children before grandchildren of the next child."""
     out: list[Job] = []
-    for child in job.child_jobs:
+    for child in job._children or ():
         out.append(child)
         out.extend(descendants(child))
     return out

@@ -98,7 +98,7 @@ def make_spec(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         return JobSpec(ARGV, argv, input=input, command=shlex.join(argv))
     if callable(target):
         return JobSpec(CALL, target, tuple(args), dict(kwargs) if kwargs else _NO_KWARGS, init, input,
-                       command=describe(target))
+                       command=describe(target), options=_NO_OPTIONS)
     raise TypeError(f"{verb}: target must be a callable, a command line (str) or an argv (list of str), "
                     f"not {type(target).__name__}")
 
