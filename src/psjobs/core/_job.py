@@ -441,22 +441,6 @@ class Job:
             self._watch.news(self)
         self._session._cond.notify_all()
 
-    def _append(self, entry: Entry) -> None:
-        if self._state.is_finished:
-            return
-        journal = self._journal
-        if journal is None:
-            self._journal = MemoryJournal([entry])
-        else:
-            journal.append(entry)
-            if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
-                self._journal = self._session._spill.adopt(self, journal)
-        if self._watch is not None:
-            self._watch.news(self)
-        cond = self._session._cond
-        if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
-            cond.notify_all()
-
     @classmethod
     def restored(cls, session: Session, job_id: int, *, parent: Job | None, name: str, job_type: str,
                  command: str, location: str, computer_name: str | None, state: JobState,
