@@ -72,7 +72,10 @@ def test_a_process_job_runs_in_its_callers_directory_of_the_moment(session: psjo
     monkeypatch.chdir(tmp_path)
     there = session.start_job(os.getcwd)
     given = session.start_job(os.getcwd, working_directory=tmp_path.parent)
-    session.wait_job([here, there, given], timeout=30)
+    command = session.start_thread_job(["pwd"])  # a thread job's command too (a callable needs none)
+    monkeypatch.chdir(tmp_path.parent)
+    session.wait_job([here, there, given, command], timeout=30)
     assert here.receive() != [str(tmp_path)]
     assert there.receive() == [str(tmp_path)]
     assert given.receive() == [str(tmp_path.parent)]
+    assert command.receive() == [str(tmp_path)]

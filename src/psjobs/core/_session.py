@@ -45,7 +45,7 @@ from ._pshost import Host, describe_job
 from ._receive import Taken, after_receive, check_receive, claim, take_returned, wait_on
 from ._sched import Scheduler, SchedulingVerbs, When, keep_recipe, make_when
 from ._select import descendants, leaves_of, resolve, select_jobs
-from ._spec import JobSpec, check_directory, make_env, make_spec
+from ._spec import CALL, JobSpec, check_directory, make_env, make_spec
 from ._spill import Spill
 from ._state import JobState
 from ._tree import (
@@ -199,7 +199,8 @@ class Session(SchedulingVerbs):
             check_limit("start_thread_job", throttle_limit)
         when = make_when(self, "start_thread_job", group, after, delay, retries)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
-        spec.cwd = check_directory("start_thread_job", working_directory)
+        if working_directory is not None or spec.kind != CALL:  # a callable runs in this process's directory:
+            spec.cwd = check_directory("start_thread_job", working_directory)  # getcwd lets go of the GIL
         if throttle_limit is not None:
             self._backend("thread")  # a closed session refuses before the limit changes
             self.thread_throttle_limit = throttle_limit
