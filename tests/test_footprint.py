@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import tracemalloc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,24 @@ def test_a_process_job_runs_in_its_callers_directory_of_the_moment(session: psjo
     assert there.receive() == [str(tmp_path)]
     assert given.receive() == [str(tmp_path.parent)]
     assert command.receive() == [str(tmp_path)]
+
+
+class _Target:
+    def __call__(self) -> int:
+        return 1
+
+
+@pytest.mark.timeout(30)
+def test_a_finished_job_keeps_its_target_for_restart_until_it_is_removed(session: psjobs.Session) -> None:
+    target = _Target()
+    ref = weakref.ref(target)
+    job = session.start_thread_job(target)
+    session.wait_job(job, timeout=10)
+    del target
+    gc.collect()
+    assert ref() is not None  # kept: restart_job runs it again
+    session.remove_job(job)
+    gc.collect()
+    assert ref() is None, "a removed job (still referenced here) keeps its target alive"
+    with pytest.raises(psjobs.JobNotFoundError):
+        session.restart_job(job)

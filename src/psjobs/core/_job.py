@@ -32,6 +32,7 @@ from ._state import Event, JobState, derive_parent_state_counts, next_state
 if TYPE_CHECKING:
     from ._future import FollowingFuture, Watch
     from ._session import Session
+    from ._spec import JobSpec
 
 _SMALL = SMALL + 1  # a MemoryJournal's list holds its cursor too
 
@@ -88,6 +89,7 @@ class Job:
         "_name",
         "_parent",
         "_reason",
+        "_recipe",
         "_session",
         "_shape",
         "_state",
@@ -128,6 +130,9 @@ class Job:
         self._stop_requested = False
         # state, time, state, time...: flat, a tuple per change cost 44 bytes a finished job
         self._history: list[JobState | float] | None = None
+        # A top-level job's spec, with how it was started, for restart_job (core/_sched): a slot,
+        # not a session dict keyed by id (49 bytes a finished job more).
+        self._recipe: JobSpec | None = None
         self._attempts = 0  # runs started (retries=N runs a failed one again: core/_sched)
         self.exit_code: int | None = None
         self.pid: int | None = None

@@ -107,7 +107,7 @@ _PLAIN: dict[tuple[str, str, bool, None, None], tuple[str, str, bool, None, None
 
 def keep_recipe(kind: str, spec: JobSpec, job_type: str, name: str | None, parent: bool,
                 when: When | None) -> JobSpec:
-    """Write what restart_job needs on the spec, which the scheduler keeps until remove_job.
+    """Write what restart_job needs on the spec, which the top-level job keeps until remove_job.
 
     Every finished top-level job keeps it: it was a tuple of its own beside the spec, ~100 bytes a
     finished thread job. A start without a name or scheduling options shares one tuple per verb.
@@ -185,7 +185,6 @@ class Scheduler:
         self.session = session
         self.groups: dict[str, Group] = {}
         self.retries: dict[int, _Retry] = {}    # leaf id -> retries left (read by JobPort.ended)
-        self.recipes: dict[int, JobSpec] = {}   # top-level id -> how it was started (keep_recipe)
         self._held: list[_Held] = []
         self._again: list[tuple[JobPort, _Retry]] = []  # failed runs to start again
         self._again_at = 0.0  # not before (time.time()): a backend not ready for one yet
@@ -197,7 +196,7 @@ class Scheduler:
         """Start a new job's leaves now, or hold them until they may run (``spec`` carries its
         recipe: keep_recipe)."""
         when: When | None = spec.recipe[4] if spec.recipe is not None else None
-        self.recipes[top.id] = spec  # a dict store is atomic; removed by remove_job
+        top._recipe = spec  # how it was started (keep_recipe), for restart_job; dropped by remove_job
         if when is None:
             if ports:
                 backend.start(ports, spec)
@@ -435,7 +434,7 @@ class SchedulingVerbs:
         if not old.state.is_finished:
             raise JobNotFinishedError(f"restart_job: {describe_job(old)} is not finished; wait for it or "
                                       f"stop it with stop_job({old.id}) first")
-        recipe = self._sched.recipes.get(old.id)
+        recipe: JobSpec | None = old._recipe
         if recipe is None:
             raise JobStateError(f"restart_job: {describe_job(old)} was restored from storage and its target "
                                 f"was not kept; start it again with start_job")
@@ -463,4 +462,4 @@ def forget_recipe(job: Job) -> None:
     """Drop what ``restart_job`` keeps for ``job`` (its target and arguments), so that they can be
     freed while the job and its records stay: an Executor's jobs are never restarted, and a
     ``concurrent.futures`` executor keeps no reference to a call once it is done."""
-    job._session._sched.recipes.pop(job.id, None)
+    job._recipe = None

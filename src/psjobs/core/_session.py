@@ -541,7 +541,7 @@ class Session(SchedulingVerbs):
                     if node._kind is not None:  # a leaf with a backend (JobPort.of, inlined)
                         gone.append(JobPort(node))
                 self._jobs.pop(job.id, None)
-                self._sched.recipes.pop(job.id, None)
+                job._recipe = None  # restart_job's recipe (core/_sched): the target and arguments
         for journal in journals:  # outside the lock: a journal may delete from storage
             journal.drop()
         for port in gone:
