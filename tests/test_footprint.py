@@ -101,3 +101,13 @@ def test_a_finished_job_keeps_its_target_for_restart_until_it_is_removed(session
     assert ref() is None, "a removed job (still referenced here) keeps its target alive"
     with pytest.raises(psjobs.JobNotFoundError):
         session.restart_job(job)
+
+
+def test_the_options_shared_by_specs_without_any_refuse_a_write() -> None:
+    from psjobs.core._spec import make_spec
+
+    first, second = make_spec(trivial, (), {}), make_spec(add, (1,), {"b": 2})
+    assert first.options is second.options and first.kwargs == {} and second.kwargs == {"b": 2}
+    with pytest.raises(TypeError, match="give the spec its own dict"):
+        first.options["computers"] = ["a"]
+    assert second.options == {}
