@@ -38,14 +38,57 @@ for _ in range({n}):
 s.close()
 """
 
+#: name -> (what one unit is, the program: {n} units, and the same program with 0 costs the rest)
+LOOPS = {
+    "job": ("thread job start -> result -> remove", LOOP),
+    # the ``bench core`` row "jobs/s, 1,000 thread jobs": a thousand alive at once, in rounds
+    "batch": ("thread job of 1,000 started at once, waited for, removed", """
+import psjobs
+def trivial():
+    return 1
+s = psjobs.Session()
+for _ in range({n} // 1000):
+    jobs = [s.start_thread_job(trivial) for _ in range(1000)]
+    s.wait_job(jobs)
+    s.remove_job(jobs)
+s.close()
+"""),
+    # the ``bench core`` row "streaming from a thread job": items received while the job runs
+    "stream": ("item streamed from a generator thread job, received as it runs", """
+import psjobs
+def gen(n):
+    for i in range(n):
+        yield i
+s = psjobs.Session()
+job = s.start_thread_job(gen, {n})
+got = sum(1 for entry in s.read_entries(job, wait=True))  # as bench core reads it: batches as they come
+assert got == {n} + 0, got
+s.close()
+"""),
+    # the ``bench core`` row "get_job() over the finished jobs": 10,000 held, listed N times. They
+    # are made one at a time: 10,000 started at once interleave differently from run to run, by
+    # more instructions than a few hundred get_job() calls cost.
+    "get_job": ("get_job() over 10,000 finished thread jobs", """
+import psjobs
+def trivial():
+    return 1
+s = psjobs.Session()
+for _ in range(10000):
+    s.wait_job(s.start_thread_job(trivial))
+for _ in range({n}):
+    s.get_job()
+s.close()
+"""),
+}
 
-def _count(tree: Path, n: int) -> int:
+
+def _count(tree: Path, n: int, loop: str = LOOP) -> int:
     python = os.path.realpath(sys.executable)  # a pyenv shim is a shell script: count python itself
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         env = dict(os.environ, PYTHONPATH=str(tree / "src"), PYTHONHASHSEED="0")
         proc = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                               python, "-c", LOOP.format(n=n)],
+                               python, "-c", loop.format(n=n)],
                               env=env, cwd=tmp, capture_output=True, text=True, check=True)
     for line in proc.stderr.splitlines():
         if "Collected :" in line:
@@ -53,16 +96,20 @@ def _count(tree: Path, n: int) -> int:
     raise RuntimeError(f"no callgrind total in: {proc.stderr[-500:]}")
 
 
-def per_job(tree: Path, n: int) -> float:
-    _count(tree, 1)  # compile the tree's .pyc files once, outside the measured runs
-    return (_count(tree, n) - _count(tree, 0)) / n
+def per_job(tree: Path, n: int, loop: str = LOOP) -> float:
+    _count(tree, 1 if loop is LOOP else 0, loop)  # compile the tree's .pyc files once, outside the measured runs
+    return (_count(tree, n, loop) - _count(tree, 0, loop)) / n
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.splitlines()[0])
     parser.add_argument("base", help="the commit to compare against")
-    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--jobs", type=int, default=2000, help="units of the loop (a multiple of 1,000 for batch)")
+    parser.add_argument("--loop", choices=sorted(LOOPS), default="job",
+                        help="job: one thread job at a time (default); batch: 1,000 at once; stream: items "
+                             "of a generator job; get_job: get_job() over 10,000 finished jobs")
     args = parser.parse_args(argv)
+    unit, loop = LOOPS[args.loop]
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
@@ -71,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_tree), args.base],
                        check=True)
         try:
-            base = per_job(base_tree, args.jobs)
+            base = per_job(base_tree, args.jobs, loop)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
-    this = per_job(ROOT, args.jobs)
-    print(f"thread job start -> result -> remove, {args.jobs} jobs, instructions per job (callgrind)")
+    this = per_job(ROOT, args.jobs, loop)
+    print(f"{unit}: {args.jobs} of them, instructions per one (callgrind)")
     print(f"  {args.base[:10]:>10}: {base:>10,.0f}")
     print(f"  {'this tree':>10}: {this:>10,.0f}   ratio {this / base:.3f}")
     return 0

@@ -32,6 +32,7 @@ from ._state import Event, JobState, derive_parent_state_counts, next_state
 if TYPE_CHECKING:
     from ._future import FollowingFuture, Watch
     from ._session import Session
+    from ._spec import JobSpec
 
 _SMALL = SMALL + 1  # a MemoryJournal's list holds its cursor too
 
@@ -85,8 +86,10 @@ class Job:
         "_iid",
         "_journal",
         "_kind",
+        "_name",
         "_parent",
         "_reason",
+        "_recipe",
         "_session",
         "_shape",
         "_state",
@@ -100,7 +103,6 @@ class Job:
         "id",
         "job_type",
         "location",
-        "name",
         "pid",
         "prompt",
         "status_message",
@@ -110,7 +112,7 @@ class Job:
                  command: str, location: str = "localhost", state: JobState = JobState.NOT_STARTED,
                  parent: Job | None = None, computer_name: str | None = None) -> None:
         self.id = job_id
-        self.name = name if name else f"Job{job_id}"
+        self._name = name or None  # None: "Job<id>", made when asked (56 bytes a job otherwise)
         self.job_type = job_type
         self.command = command
         self.location = location
@@ -126,7 +128,11 @@ class Job:
         self._end: float | None = None
         self._journal: Journal | None = None  # made on the first records, or by the session's factory
         self._stop_requested = False
-        self._history: list[tuple[JobState, float]] | None = None
+        # state, time, state, time...: flat, a tuple per change cost 44 bytes a finished job
+        self._history: list[JobState | float] | None = None
+        # A top-level job's spec, with how it was started, for restart_job (core/_sched): a slot,
+        # not a session dict keyed by id (49 bytes a finished job more).
+        self._recipe: JobSpec | None = None
         self._attempts = 0  # runs started (retries=N runs a failed one again: core/_sched)
         self.exit_code: int | None = None
         self.pid: int | None = None
@@ -156,6 +162,15 @@ class Job:
         if self._iid is None:
             self._iid = uuid.uuid4()
         return self._iid
+
+    @property
+    def name(self) -> str:
+        """The name given at the start, or ``Job<id>``."""
+        return self._name or f"Job{self.id}"
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
 
     @property
     def parent(self) -> Job | None:
@@ -207,7 +222,8 @@ class Job:
     @property
     def history(self) -> list[tuple[JobState, datetime]]:
         """Every state the job entered after its first, with when."""
-        return [(s, datetime.fromtimestamp(t, timezone.utc).astimezone()) for s, t in self._history or ()]
+        flat: list[Any] = self._history or []
+        return [(s, datetime.fromtimestamp(t, timezone.utc).astimezone()) for s, t in zip(flat[::2], flat[1::2])]
 
     @property
     def has_more_data(self) -> bool:
@@ -382,8 +398,9 @@ class Job:
         old = self._state
         self._state = new
         if self._history is None:
-            self._history = []
-        self._history.append((new, t))
+            self._history = [new, t]
+        else:
+            self._history += (new, t)
         if self._begin is None and new is not JobState.NOT_STARTED:
             self._begin = t
         if new.is_finished:
@@ -428,22 +445,6 @@ class Job:
         if self._watch is not None:
             self._watch.news(self)
         self._session._cond.notify_all()
-
-    def _append(self, entry: Entry) -> None:
-        if self._state.is_finished:
-            return
-        journal = self._journal
-        if journal is None:
-            self._journal = MemoryJournal([entry])
-        else:
-            journal.append(entry)
-            if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
-                self._journal = self._session._spill.adopt(self, journal)
-        if self._watch is not None:
-            self._watch.news(self)
-        cond = self._session._cond
-        if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
-            cond.notify_all()
 
     @classmethod
     def restored(cls, session: Session, job_id: int, *, parent: Job | None, name: str, job_type: str,

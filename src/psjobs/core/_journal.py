@@ -2,7 +2,7 @@
 
 ::
 
-    backend --entries--> Job._extend / _append --(session lock held)--> journal.extend / append
+    backend --entries--> Job._extend / JobPort.record --(session lock held)--> journal.extend / append
                                                                            |   no I/O here
     Session._read:  under the lock: end = len(journal), claim [start, end)  |
                                     (journal.cursor = end unless keep)      v

@@ -26,7 +26,10 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ._journal import SMALL, MemoryJournal
 from ._state import Event
+
+_SMALL = SMALL + 1  # a MemoryJournal's list holds its cursor too (as in _job)
 
 if TYPE_CHECKING:
     from ._job import Entry, Job
@@ -199,10 +202,30 @@ class JobPort:
             self._relieve()
 
     def record(self, entry: Entry) -> None:
-        """One record (a thread job's write: the job runs in this process, nothing to batch)."""
+        """One record (a thread job's write: the job runs in this process, nothing to batch).
+
+        Job._extend for one entry, inlined with _relieve: this runs for every item a thread job
+        yields, and each Python call on it cost ~5% of the streaming rate.
+        """
+        job = self._job
         with self._lock:
-            self._job._append(entry)
-        self._relieve()
+            if job._state.is_finished:
+                return  # a finished job absorbs late records
+            journal = job._journal
+            if journal is None:
+                job._journal = MemoryJournal([entry])
+            else:
+                journal.append(entry)
+                if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
+                    job._journal = job._session._spill.adopt(job, journal)  # now within the memory window
+            if job._watch is not None:
+                job._watch.news(job)
+            cond = job._session._cond
+            if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
+                cond.notify_all()
+        spill = job._session._spill
+        if spill.held > spill.window:
+            spill.relieve()
 
     def _relieve(self) -> None:
         # After the lock: past the session's memory window, this thread writes the oldest

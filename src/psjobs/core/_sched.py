@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from .._errors import JobNotFinishedError, JobStateError
 from .._records import Record, Stream
@@ -102,19 +102,22 @@ class _Retry:
     backend: Backend
 
 
-class _Recipe(NamedTuple):
-    """What restart_job needs: how the job was started, kept until remove_job.
+_PLAIN: dict[tuple[str, str, bool, None, None], tuple[str, str, bool, None, None]] = {}  # shared
 
-    A tuple, since every top-level job keeps one: it keeps the job's spec (target, arguments, cwd)
-    alive after the run, ~430 bytes a finished thread job (tracemalloc over 5,000: 644 -> 1,078).
+
+def keep_recipe(kind: str, spec: JobSpec, job_type: str, name: str | None, parent: bool,
+                when: When | None) -> JobSpec:
+    """Write what restart_job needs on the spec, which the top-level job keeps until remove_job.
+
+    Every finished top-level job keeps it: it was a tuple of its own beside the spec, ~100 bytes a
+    finished thread job. A start without a name or scheduling options shares one tuple per verb.
     """
-
-    kind: str
-    spec: JobSpec
-    job_type: str
-    name: str | None
-    parent: bool
-    when: When | None
+    if name is None and when is None:
+        plain = (kind, job_type, parent, None, None)
+        spec.recipe = _PLAIN.setdefault(plain, plain)
+    else:
+        spec.recipe = (kind, job_type, parent, name, when)
+    return spec
 
 
 def check_group_name(verb: str, name: Any) -> str:
@@ -182,7 +185,6 @@ class Scheduler:
         self.session = session
         self.groups: dict[str, Group] = {}
         self.retries: dict[int, _Retry] = {}    # leaf id -> retries left (read by JobPort.ended)
-        self.recipes: dict[int, _Recipe] = {}   # top-level id -> how it was started
         self._held: list[_Held] = []
         self._again: list[tuple[JobPort, _Retry]] = []  # failed runs to start again
         self._again_at = 0.0  # not before (time.time()): a backend not ready for one yet
@@ -190,10 +192,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     # --- starting ----------------------------------------------------------------------------
-    def submit(self, top: Job, ports: list[JobPort], backend: Backend, recipe: _Recipe) -> None:
-        """Start a new job's leaves now, or hold them until they may run."""
-        spec, when = recipe.spec, recipe.when
-        self.recipes[top.id] = recipe  # a dict store is atomic; removed by remove_job
+    def submit(self, top: Job, ports: list[JobPort], backend: Backend, spec: JobSpec) -> None:
+        """Start a new job's leaves now, or hold them until they may run (``spec`` carries its
+        recipe: keep_recipe)."""
+        when: When | None = spec.recipe[4] if spec.recipe is not None else None
+        top._recipe = spec  # how it was started (keep_recipe), for restart_job; dropped by remove_job
         if when is None:
             if ports:
                 backend.start(ports, spec)
@@ -431,19 +434,20 @@ class SchedulingVerbs:
         if not old.state.is_finished:
             raise JobNotFinishedError(f"restart_job: {describe_job(old)} is not finished; wait for it or "
                                       f"stop it with stop_job({old.id}) first")
-        recipe = self._sched.recipes.get(old.id)
+        recipe: JobSpec | None = old._recipe
         if recipe is None:
             raise JobStateError(f"restart_job: {describe_job(old)} was restored from storage and its target "
                                 f"was not kept; start it again with start_job")
-        spec = dataclasses.replace(recipe.spec, kwargs=dict(recipe.spec.kwargs),
-                                   options=dict(recipe.spec.options), payload=None)
-        when = recipe.when
+        assert recipe.recipe is not None
+        kind, job_type, parent, name, when = recipe.recipe
+        spec = dataclasses.replace(recipe, kwargs=dict(recipe.kwargs) if recipe.kwargs else recipe.kwargs,
+                                   options=dict(recipe.options) if recipe.options else recipe.options,
+                                   payload=None)
         if when is not None:
             delay = when.delay
             when = dataclasses.replace(when, after=[], not_before=None if delay is None else (
                 delay.timestamp() if isinstance(delay, datetime) else time.time() + float(delay)))
-        top: Job = session._start_tree(recipe.kind, spec, job_type=recipe.job_type, name=recipe.name,
-                                       parent=recipe.parent, when=when)
+        top: Job = session._start_tree(kind, spec, job_type=job_type, name=name, parent=parent, when=when)
         return top
 
 
@@ -458,4 +462,4 @@ def forget_recipe(job: Job) -> None:
     """Drop what ``restart_job`` keeps for ``job`` (its target and arguments), so that they can be
     freed while the job and its records stay: an Executor's jobs are never restarted, and a
     ``concurrent.futures`` executor keeps no reference to a call once it is done."""
-    job._session._sched.recipes.pop(job.id, None)
+    job._recipe = None

@@ -34,10 +34,13 @@ def select_jobs(top: Mapping[int, Job], every: Mapping[int, Job], session: objec
     b = _as_timestamp("before", before)
     a = _as_timestamp("after", after)
     if id is None and name is None and instance_id is None:
-        jobs = list(top.values())
         if state is None and command is None and has_more_data is None and before is None \
                 and after is None and newest is None and not include_child_jobs and child_job_state is None:
-            return JobList(jobs)  # the table is in id order already
+            # The table is in id order already. One pass over it: a list() then a JobList() copy
+            # touched every Job three times (two increfs, one decref), a cache miss each over
+            # 100,000 finished jobs (get_job() 1.0 -> 1.9 ms once jobs grew).
+            return JobList(top.values())
+        jobs = list(top.values())
     else:
         jobs = []
         if id is not None:
@@ -70,6 +73,8 @@ def select_jobs(top: Mapping[int, Job], every: Mapping[int, Job], session: objec
 def resolve(every: Mapping[int, Job], session: object, jobs: Any, verb: str) -> list[Job]:
     """The jobs a verb's ``jobs`` argument names, each once, in the order given; raises when one is missing."""
     out: list[Job] = []
+    if type(jobs) is Job and jobs._session is session and every.get(jobs.id) is jobs:
+        return [jobs]  # one Job of this session: the thread path's receive, wait and remove
     items = [jobs] if isinstance(jobs, (Job, int, str, uuid.UUID)) else jobs
     if not isinstance(items, Iterable):
         raise TypeError(f"{verb}: jobs must be a Job, an id, a name, an instance id or a list of them, "
@@ -124,6 +129,8 @@ def by_names(every: Mapping[int, Job], names: list[str], verb: str) -> list[Job]
 
 
 def unique(jobs: list[Job]) -> list[Job]:
+    if len(jobs) < 2:
+        return jobs  # one job, the common case (every caller passes a list of its own)
     seen: set[int] = set()
     out = []
     for job in jobs:
@@ -202,7 +209,7 @@ def leaves_of(selected: list[Job], no_recurse: bool = False) -> list[Job]:
 def descendants(job: Job) -> list[Job]:
     """Every job under ``job``, children before grandchildren of the next child."""
     out: list[Job] = []
-    for child in job.child_jobs:
+    for child in job._children or ():
         out.append(child)
         out.extend(descendants(child))
     return out

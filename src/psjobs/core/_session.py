@@ -43,9 +43,9 @@ from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job
 from ._receive import Taken, after_receive, check_receive, claim, take_returned, wait_on
-from ._sched import Scheduler, SchedulingVerbs, When, _Recipe, make_when
+from ._sched import Scheduler, SchedulingVerbs, When, keep_recipe, make_when
 from ._select import descendants, leaves_of, resolve, select_jobs
-from ._spec import JobSpec, check_directory, make_env, make_spec
+from ._spec import CALL, JobSpec, check_directory, make_env, make_spec
 from ._spill import Spill
 from ._state import JobState
 from ._tree import (
@@ -123,7 +123,7 @@ class Session(SchedulingVerbs):
         backend.prepare(spec)  # pickles a callable now: a bad argument raises before a job exists
         top, ports = make_tree(self, backend.plan(spec), kind, spec, job_type=job_type, name=name, parent=parent,
                                queued=when is not None and when.holds)
-        self._sched.submit(top, ports, backend, _Recipe(kind, spec, job_type, name, parent, when))
+        self._sched.submit(top, ports, backend, keep_recipe(kind, spec, job_type, name, parent, when))
         return top
 
     def _register_locked(self, jobs: Iterable[Job]) -> None:
@@ -157,7 +157,7 @@ class Session(SchedulingVerbs):
         check_name("start_job", name)
         when = make_when(self, "start_job", group, after, delay, retries)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_job")
-        spec.cwd = os.getcwd() if working_directory is None else check_directory("start_job", working_directory)
+        spec.cwd = check_directory("start_job", working_directory)
         spec.env = make_env("start_job", env)
         if spec.input is not None:
             spec.input = list(spec.input)
@@ -199,7 +199,8 @@ class Session(SchedulingVerbs):
             check_limit("start_thread_job", throttle_limit)
         when = make_when(self, "start_thread_job", group, after, delay, retries)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
-        spec.cwd = os.getcwd() if working_directory is None else check_directory("start_thread_job", working_directory)
+        if working_directory is not None or spec.kind != CALL:  # a callable runs in this process's directory:
+            spec.cwd = check_directory("start_thread_job", working_directory)  # getcwd lets go of the GIL
         if throttle_limit is not None:
             self._backend("thread")  # a closed session refuses before the limit changes
             self.thread_throttle_limit = throttle_limit
@@ -540,7 +541,7 @@ class Session(SchedulingVerbs):
                     if node._kind is not None:  # a leaf with a backend (JobPort.of, inlined)
                         gone.append(JobPort(node))
                 self._jobs.pop(job.id, None)
-                self._sched.recipes.pop(job.id, None)
+                job._recipe = None  # restart_job's recipe (core/_sched): the target and arguments
         for journal in journals:  # outside the lock: a journal may delete from storage
             journal.drop()
         for port in gone:

@@ -16,14 +16,41 @@ from typing import Any
 CALL, SHELL, ARGV = "call", "shell", "argv"
 
 
-@dataclass
+# Every finished top-level job keeps its spec until remove_job, for restart_job (core/_sched): what
+# a spec holds stays small. Slots, a kwargs dict and an options dict shared when empty (~130 bytes
+# a job), the working directory shared while it does not change (see check_directory).
+_NO_KWARGS: dict[str, Any] = {}  # never written to: read by ``target(*args, **kwargs)`` and pickled
+
+
+def _no_kwargs_dict() -> dict[str, Any]:
+    return _NO_KWARGS
+
+
+class _NoOptions(dict[str, Any]):
+    """The options of a verb that has none, one shared instance: writing to it is a bug (a verb
+    with options gives the spec its own dict)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("JobSpec.options is shared when empty: give the spec its own dict")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _refuse
+
+
+_NO_OPTIONS = _NoOptions()
+
+
+def _no_options() -> dict[str, Any]:
+    return _NO_OPTIONS
+
+
+@dataclass(slots=True)
 class JobSpec:
     """A checked description of a job's work, shared by every backend."""
 
     kind: str                       # CALL, SHELL or ARGV
     target: Any                     # the callable, or the argv list for SHELL and ARGV
     args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=_no_kwargs_dict)
     init: Callable[[], Any] | None = None
     input: Iterable[Any] | None = None
     cwd: str | None = None
@@ -31,7 +58,10 @@ class JobSpec:
     command: str = ""
     payload: bytes | None = None        # the pickled call, made by the backend's prepare()
     #: the verb's arguments meant for its backend (computers, a cluster...), checked by its prepare()
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=_no_options)
+    #: how the job was started, for restart_job (core/_sched.keep_recipe): (backend kind, job type,
+    #: whether it has a parent, the name given, its When), one tuple shared by a verb's plain starts
+    recipe: tuple[str, str, bool, str | None, Any] | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -67,7 +97,8 @@ def make_spec(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         argv = [command_arg(verb, a) for a in (*target, *args)]
         return JobSpec(ARGV, argv, input=input, command=shlex.join(argv))
     if callable(target):
-        return JobSpec(CALL, target, tuple(args), dict(kwargs), init, input, command=describe(target))
+        return JobSpec(CALL, target, tuple(args), dict(kwargs) if kwargs else _NO_KWARGS, init, input,
+                       command=describe(target), options=_NO_OPTIONS)
     raise TypeError(f"{verb}: target must be a callable, a command line (str) or an argv (list of str), "
                     f"not {type(target).__name__}")
 
@@ -100,10 +131,17 @@ def _no_nul(verb: str, what: str, text: str) -> None:
         raise ValueError(f"{verb}: {what} contains a NUL byte, which a command cannot receive; remove it")
 
 
+_cwd = ""  # the last working directory check_directory gave
+
+
 def check_directory(verb: str, working_directory: str | os.PathLike[str] | None) -> str:
     """The job's working directory: the caller's now, or the one given, which must exist."""
+    global _cwd
     if working_directory is None:
-        return os.getcwd()
+        cwd = os.getcwd()
+        if cwd != _cwd:
+            _cwd = cwd
+        return _cwd  # the same str object while it does not change: every finished job keeps it
     if not isinstance(working_directory, (str, os.PathLike)):
         raise TypeError(f"{verb}: working_directory must be a str or a path, "
                         f"not {type(working_directory).__name__}")
