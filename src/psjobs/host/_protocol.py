@@ -25,6 +25,9 @@ import struct
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._errors import ProtocolError
+from ._record import field as _field
+from ._record import plain as _plain
+from ._record import record as _record
 
 if TYPE_CHECKING:  # at run time the command imports no socket.py (host/_client uses _socket)
     from _socket import socket as Socket
@@ -121,82 +124,6 @@ def _timeout(args: dict[str, Any], verb: str) -> float | None:
     if value is not None and (math.isnan(value) or value < 0):
         raise ProtocolError(f"{verb}: the timeout must be >= 0 seconds (or inf: no limit), not {value}")
     return None if value is None or math.isinf(value) else float(value)  # inf: no limit, as in the library
-
-
-# --- records: dataclasses to mypy, a cheaper equivalent at run time ------------------------------
-# The command imports this module on every run (`psjobs get` is a whole process). Decorating its ~20
-# classes with dataclasses cost ~12 ms of a ~60 ms command (the module imports inspect, and each
-# class execs generated code); `_record` gives the same __init__ (positional or keyword, defaults,
-# default factories), __eq__ and __repr__ from the same annotations, without either.
-
-if TYPE_CHECKING:
-    from dataclasses import dataclass as _record
-    from dataclasses import field as _field
-else:
-    class _Factory:
-        __slots__ = ("make",)
-
-        def __init__(self, make: Any) -> None:
-            self.make = make
-
-    def _field(*, default_factory: Any) -> Any:
-        return _Factory(default_factory)
-
-    _REQUIRED = object()
-
-    def _record(cls: type) -> type:
-        fields = tuple((name, cls.__dict__.get(name, _REQUIRED))
-                       for name, note in cls.__dict__.get("__annotations__", {}).items()  # noqa: RUF063 (own, not inherited; strings)
-                       if not str(note).startswith(("ClassVar", "typing.ClassVar")))
-        names = tuple(name for name, _ in fields)
-
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            if len(args) > len(fields):
-                raise TypeError(f"{cls.__name__}() takes {len(fields)} arguments, {len(args)} given")
-            for i, (name, default) in enumerate(fields):
-                if i < len(args):
-                    if name in kwargs:
-                        raise TypeError(f"{cls.__name__}() got multiple values for argument {name!r}")
-                    value = args[i]
-                elif name in kwargs:
-                    value = kwargs.pop(name)
-                elif default is _REQUIRED:
-                    raise TypeError(f"{cls.__name__}() missing required argument: {name!r}")
-                else:
-                    value = default.make() if isinstance(default, _Factory) else default
-                setattr(self, name, value)
-            if kwargs:
-                raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {next(iter(kwargs))!r}")
-
-        def __eq__(self: Any, other: object) -> bool:
-            if other.__class__ is not self.__class__:
-                return NotImplemented
-            return all(getattr(self, n) == getattr(other, n) for n in names)
-
-        def __repr__(self: Any) -> str:
-            return f"{cls.__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
-
-        for name, default in fields:
-            if isinstance(default, _Factory):
-                delattr(cls, name)
-        cls.__init__ = __init__
-        cls.__eq__ = __eq__
-        cls.__hash__ = None  # as a dataclass with eq: mutable, so unhashable
-        cls.__repr__ = __repr__
-        cls._fields = names
-        return cls
-
-
-def _plain(value: Any) -> Any:
-    """A record as JSON-ready data, nested records and lists of them included (dataclasses.asdict)."""
-    fields = getattr(value, "_fields", None)
-    if fields is not None:
-        return {name: _plain(getattr(value, name)) for name in fields}
-    if isinstance(value, list):
-        return [_plain(x) for x in value]
-    if isinstance(value, dict):
-        return {k: _plain(x) for k, x in value.items()}
-    return value
 
 
 # --- requests: one class per verb ---------------------------------------------------------------
