@@ -350,14 +350,18 @@ def test_a_stall_of_the_whole_process_does_not_count_against_a_thread_jobs_stop(
     import warnings
 
     gate = threading.Lock()
+    hold = threading.Event()
+    arrived = threading.Event()
 
     def writer() -> None:
         n = 0
         try:
             while True:
                 n += 1
-                with gate:  # held by the test: the job waits here, in C, where no stop lands
-                    pass
+                if hold.is_set():
+                    arrived.set()
+                    with gate:  # held by the test: the job waits here, in C, where no stop lands
+                        pass
                 psjobs.write_output(n)
         finally:
             psjobs.write_warning("cleaned up")
@@ -370,9 +374,11 @@ def test_a_stall_of_the_whole_process_does_not_count_against_a_thread_jobs_stop(
     grace = 0.2
     with psjobs.Session(stop_grace=grace) as s, warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        gate.acquire()
         job = s.start_thread_job(writer)
         wait_until(lambda: job.output, what="the first item")
-        gate.acquire()
+        hold.set()
+        assert arrived.wait(10), "the job to reach the gate"  # it waits there now
         stopper = threading.Thread(target=s.stop_job, args=(job,), daemon=True)
         stopper.start()
         wait_until(lambda: stop_job_waits(stopper), what="stop_job to wait for the job")
