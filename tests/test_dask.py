@@ -390,6 +390,23 @@ def test_stopping_a_fan_out_stops_running_and_queued_children(
     assert sum(c.begin_time is not None and c.history[0][0] is JobState.RUNNING for c in job.child_jobs) >= len(ran) - 4
 
 
+def test_a_fan_out_stopped_right_after_its_start_never_runs_later(
+        session: psjobs.Session, local_client: Any, tmp_path: Path) -> None:
+    # Issue 13, case 2: children Stopped before they were seen running once began on a worker
+    # after stop_job returned (the stop reached the workers by an asynchronous broadcast).
+    log = tmp_path / "ran"
+    job = session.start_cluster_job(append_and_wait, str(log), for_each=range(12), cluster=local_client)
+    session.stop_job(job)
+    assert job.state is JobState.STOPPED
+    size = log.stat().st_size if log.exists() else 0
+    deadline = time.monotonic() + 1.5  # a window: what did leak showed within 0.1 s
+    while time.monotonic() < deadline:
+        assert (log.stat().st_size if log.exists() else 0) == size, "a child began after stop_job returned"
+        time.sleep(0.02)
+    wait_until(lambda: not _psjobs_tasks(local_client), 30,
+               f"the scheduler to drop the stopped tasks; left: {_psjobs_tasks(local_client)}")
+
+
 def _psjobs_tasks(client: Any) -> list[str]:
     """The psjobs tasks the scheduler still knows (queued, running or holding a result)."""
     def keys(dask_scheduler: Any) -> list[str]:

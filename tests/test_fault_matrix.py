@@ -41,8 +41,9 @@ is replaced and the new job runs); ssh and ssh-callable, sshd's session process 
 drops, or its keepalives go unanswered); dask, the scheduler, run as a `dask scheduler` process
 of the test's own (a LocalCluster's scheduler lives in this test process).
 
-Open (non-strict xfail, DASK_TAIL: a race the records sometimes win): dask with os_exit and crash
-lose the records yielded just before.
+A Dask task that calls os._exit or os.abort ends its worker process, whose batched stream to the
+scheduler still holds the last records: the worker's hooks ship them and wait for the scheduler to
+log them first (once lost in a race), and the reason names the call.
 """
 
 from __future__ import annotations
@@ -141,12 +142,6 @@ CELLS: list[tuple[str, str]] = [
     *[("ssh-callable", f) for f in [*CALLABLE_FAULTS, "kill_server", "freeze"]],
     *[("dask", f) for f in ["kill_server", *CALLABLE_FAULTS]],
 ]
-# Open: a Dask worker ships records through its own event loop (log_event, batched every 20 ms);
-# os._exit or os.abort in the task ends the process before that loop sends the last batch. The
-# process worker flushes in its os._exit/os.abort hooks; the Dask worker would have to wait for its
-# batched stream to drain from the task's thread. The job fails naming the lost worker either way.
-DASK_TAIL = ("dask: the records a task yields just before os._exit/os.abort are still in the worker's "
-             "batched stream when the process ends")
 MARKS = {"ssh": pytest.mark.ssh, "ssh-callable": pytest.mark.ssh, "dask": pytest.mark.dask}
 
 
@@ -157,8 +152,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             marks = [MARKS[kind]] if kind in MARKS else []
             if kind == "dask" and fault in ("os_exit", "crash", "kill_worker"):
                 marks.append(pytest.mark.leaves_processes)  # the nanny restarts the cluster's worker
-            if kind == "dask" and fault in ("os_exit", "crash"):
-                marks.append(pytest.mark.xfail(strict=False, reason=DASK_TAIL))  # a race: sometimes it arrives
             params.append(pytest.param(kind, fault, marks=marks, id=f"{kind}-{fault}"))
         metafunc.parametrize(("kind_env", "fault"), params, indirect=["kind_env"], scope="module")
 
@@ -295,10 +288,14 @@ def test_fault(cell: Cell, fault: str, request: pytest.FixtureRequest) -> None:
         assert cell.leaf(job).exit_code == 3
     elif fault == "os_exit":
         job = cell.start(then_fault, fault, pidfile)
-        failed_saying(cell, job, "status 3", "lost", "died")
+        if cell.kind == "dask":  # the worker's hook names the call before the process goes
+            failed_saying(cell, job, "called os._exit(3)")
+            assert cell.leaf(job).exit_code == 3
+        else:
+            failed_saying(cell, job, "status 3", "lost", "died")
     elif fault == "crash":
         job = cell.start(then_fault, fault, pidfile)
-        failed_saying(cell, job, "SIGABRT", "lost", "died")
+        failed_saying(cell, job, *(["called os.abort()"] if cell.kind == "dask" else ["SIGABRT", "lost", "died"]))
     elif fault == "pickle":
         with pytest.raises(TypeError, match="refuses to be pickled"):
             cell.start(with_argument, RaiseOnPickle())

@@ -452,22 +452,10 @@ def _size(path: Any) -> int:
     return int(path.stat().st_size) if path.exists() else 0
 
 
-# Issue 13, case 2, still open for Dask: the stop of a queued task reaches the workers through an
-# asynchronous broadcast (client.run), so a worker that starts the task before its stop mark arrives
-# runs it until the mark stops it. It fails when the cluster is fresh (the test alone) and passes
-# when warm: not strict, so it neither hides the race nor flakes the run.
-RUNS_AFTER_REMOVE = {
-    "dask": "dask: a queued task's stop reaches the workers by an asynchronous broadcast; a worker "
-            "that starts the task before the stop mark arrives runs it until the mark stops it",
-}
-
-
-def test_a_job_removed_right_after_a_stop_never_runs_later(kind: Kind, tmp_path: Any,
-                                                          request: pytest.FixtureRequest) -> None:
+def test_a_job_removed_right_after_a_stop_never_runs_later(kind: Kind, tmp_path: Any) -> None:
     # Once process (a forget that dropped the job before its worker was known) and dask (a forget
-    # that dropped the key before the dispatcher cancelled the task) failed here: issue 13, case 2.
-    if kind.name in RUNS_AFTER_REMOVE:
-        request.applymarker(pytest.mark.xfail(strict=False, reason=RUNS_AFTER_REMOVE[kind.name]))
+    # that dropped the key before the dispatcher cancelled the task; then a stop that reached the
+    # workers by an asynchronous broadcast, after the task began) failed here: issue 13, case 2.
     beats = {how: tmp_path / how for how in ("stopped", "forced")}
     try:
         # Both at once after start: the work of either may not have begun yet on any kind.

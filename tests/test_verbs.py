@@ -308,9 +308,10 @@ def test_stop_requested_is_seen_inside(start: Callable[..., psjobs.Job], session
     assert [r.message for r in leaf(job).warning] == ["cleaned up, stop_requested=True"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 13, open: in full-suite runs (it passed alone 9 of 9 times "
-                   "here) one of the 100 stops can take longer than grace + 2 s to land while the "
-                   "job writes through the spilling journal; stop_job then warns and returns Stopping")
+@pytest.mark.xfail(strict=False, reason="issue 13, open: in full-suite runs (1 of 2 here after the stall fix; "
+                   "never alone, nor in 400 loops beside CPU burners, disk writers and other test files) "
+                   "one of the 100 stops still ends Stopping after grace + 2 s; the stall and the "
+                   "cleanup's lost writes are fixed (next test), this cause is not yet known")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_thread_job_stopped_while_it_writes_never_hangs_the_session() -> None:
     """The stop lands anywhere in a tight write_output loop, psjobs' own code included (it
@@ -336,6 +337,62 @@ def test_a_thread_job_stopped_while_it_writes_never_hangs_the_session() -> None:
             assert not stopper.is_alive(), "stop_job hung"
             assert job.state is JobState.STOPPED
             assert [r.message for r in job.warning] == ["cleaned up"]
+
+
+@pytest.mark.timeout(60)
+def test_a_stall_of_the_whole_process_does_not_count_against_a_thread_jobs_stop() -> None:
+    """A thread job's stop raised just before the process stalls (nothing runs: a full collection
+    of a big heap, a C call holding the GIL, a machine too busy) lands as soon as the job runs
+    again: stop_job does not count the stall against the grace period, and the job's finally
+    block writes as usual (issue 13: it once gave up, warned, and dropped the cleanup's writes)."""
+    import ctypes
+    import sys
+    import threading
+    import traceback
+    import warnings
+
+    gate = threading.Lock()
+    hold = threading.Event()
+    arrived = threading.Event()
+
+    def writer() -> None:
+        n = 0
+        try:
+            while True:
+                n += 1
+                if hold.is_set():
+                    arrived.set()
+                    with gate:  # held by the test: the job waits here, in C, where no stop lands
+                        pass
+                psjobs.write_output(n)
+        finally:
+            psjobs.write_warning("cleaned up")
+
+    def stop_job_waits(stopper: threading.Thread) -> bool:
+        frame = sys._current_frames().get(stopper.ident or 0)
+        names = [f.name for f in traceback.extract_stack(frame)] if frame is not None else []
+        return "stop_jobs" in names and names[-1] == "wait"
+
+    grace = 0.2
+    with psjobs.Session(stop_grace=grace) as s, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        gate.acquire()
+        job = s.start_thread_job(writer)
+        wait_until(lambda: job.output, what="the first item")
+        hold.set()
+        assert arrived.wait(10), "the job to reach the gate"  # it waits there now
+        stopper = threading.Thread(target=s.stop_job, args=(job,), daemon=True)
+        stopper.start()
+        wait_until(lambda: stop_job_waits(stopper), what="stop_job to wait for the job")
+        gate.release()
+        # The whole process stalls for longer than the grace period and stop_job's 2 s slack:
+        # libc's usleep called holding the GIL (ctypes.PyDLL), so that no thread runs.
+        ctypes.PyDLL(None).usleep(int((grace + 2.0 + 1.0) * 1e6))
+        stopper.join(30)
+        assert not stopper.is_alive(), "stop_job hung"
+        assert job.state is JobState.STOPPED
+        assert [r.message for r in job.warning] == ["cleaned up"]
+    assert not [w for w in seen if issubclass(w.category, psjobs.StopTimeoutWarning)]
 
 
 def test_stopped_job_cannot_be_swallowed_by_except_exception(start: Callable[..., psjobs.Job],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -43,12 +44,14 @@ class _Data(ThreadStopper):
     and each object more per job showed in starting 10,000 of them (the collector walks them)."""
 
     backend_kind = "thread"
-    __slots__ = ("proc", "spec")
+    __slots__ = ("asked_at", "handled_at", "proc", "spec")
 
     def __init__(self, spec: JobSpec) -> None:
         super().__init__()
         self.spec = spec
         self.proc: subprocess.Popen[bytes] | None = None
+        self.asked_at = 0.0    # monotonic time of the first stop request (see _Emitter._overdue)
+        self.handled_at = 0.0  # ...and of the first write while the thread handled a stop
 
 
 class _Emitter:
@@ -66,17 +69,31 @@ class _Emitter:
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
         data = self.data
-        if data.stop and (self.port.finished or self.backend.closing
-                          or time.monotonic() - data.injected_at > self.backend.session.stop_grace):
-            # A stop was asked for and none was raised into this thread in the last grace period
-            # (injected_at stays 0 when it never was), or the one raised was lost (Python drops one
-            # raised inside a __del__ or a GC callback whose hook someone replaced; code may
-            # swallow it and loop in its handler, where none is raised again), or the job was
-            # declared Stopped, or its session closed: end the work at this write, rather than let
-            # it run on unseen. Once: the writes of the cleanup it triggers go through.
-            data.injected_at = time.monotonic()
+        if data.stop and (self.port.finished or self.backend.closing or self._overdue(data)):
+            # The stop asked for a grace period ago has not ended the work: the one raised was
+            # lost (Python drops one raised inside a __del__ or a GC callback whose hook someone
+            # replaced; code may swallow it and loop in its handler), or none was raised, or the
+            # job was declared Stopped, or its session closed: end the work at this write, rather
+            # than let it run on unseen.
+            data.handled_at = time.monotonic()  # the handler this starts gets a grace period
             raise JobStopped()
         self.record((stream, payload, time.time() if t is None else t))
+
+    def _overdue(self, data: _Data) -> bool:
+        """Whether a write of this job, asked to stop, is a grace period too late (issue 13).
+
+        Counted from the request, not from the last raise (nudge raises again every 0.25 s, which
+        kept this from ever firing); in code that handles the stop (a finally block, an except
+        that swallowed it), from the first write there: a stop that landed late (the process
+        stalled past the grace period) still lets its cleanup write.
+        """
+        now = time.monotonic()
+        grace = self.backend.session.stop_grace
+        if _handling_stop():
+            if not data.handled_at:
+                data.handled_at = now
+            return now - data.handled_at > grace
+        return now - data.asked_at > grace
 
     def stop_requested(self) -> bool:
         return self.data.stop
@@ -88,6 +105,17 @@ class _Emitter:
     def read_host(self, prompt: str) -> str:
         raise JobStateError(f"read_host: {self.port.describe()} is a thread job, which cannot "
                             f"ask for input; run it with start_job to be able to answer it")
+
+
+def _handling_stop() -> bool:
+    """Whether this thread runs the handler or the finally block of a JobStopped (or of an
+    exception raised while it did)."""
+    exc = sys.exc_info()[1]
+    while exc is not None:
+        if isinstance(exc, JobStopped):
+            return True
+        exc = exc.__context__
+    return False
 
 
 class ThreadBackend(Backend):
@@ -207,6 +235,8 @@ class ThreadBackend(Backend):
         data: _Data | None = port.data
         if data is None:
             return  # it just ended
+        if not data.stop:
+            data.asked_at = time.monotonic()
         data.request()
         proc = data.proc
         if proc is not None and proc.returncode is None:

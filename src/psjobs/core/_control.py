@@ -79,6 +79,21 @@ def pause_jobs(session: Session, selected: list[Job], verb: str) -> list[Job]:
     return selected
 
 
+STALL = 0.5  # seconds a 0.1 s wait may overrun before the overrun is taken for a stall (see _stalled)
+
+
+def _stalled(overrun: float) -> float:
+    """The time to add to a stop's deadline after a wait that overran by ``overrun`` seconds.
+
+    A wait that overruns by more than STALL means nothing ran here meanwhile: a full collection
+    of a big heap or a C call holding the GIL, or a machine too busy to run this process. The
+    work did not run either, so it could not stop: that time is not counted against the grace
+    period (issue 13: a stop raised just before such a stall landed right after it, yet stop_job
+    had given up, warned, and returned the job Stopping).
+    """
+    return overrun if overrun > STALL else 0.0
+
+
 def stop_jobs(session: Session, selected: list[Job], grace: float) -> None:
     """Stop the work of ``selected`` for real and return when it is over (or warn after the grace)."""
     to_signal: list[tuple[Backend, JobPort]] = []
@@ -119,7 +134,9 @@ def stop_jobs(session: Session, selected: list[Job], grace: float) -> None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            asleep = time.monotonic()
             session._cond.wait(min(remaining, 0.1))
+            deadline += _stalled(time.monotonic() - asleep - min(remaining, 0.1))
             for backend, port in to_signal:
                 if not port.finished:
                     backend.nudge(port)  # a stop raised in a thread can be lost (ThreadBackend.nudge)

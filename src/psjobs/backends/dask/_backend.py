@@ -184,7 +184,10 @@ class DaskBackend(Backend):
     def stop(self, port: JobPort, grace: float) -> None:
         leaf = port.data
         if isinstance(leaf, _Leaf):
-            leaf.conn.request_stop(leaf, grace)
+            if not port.finished:
+                leaf.conn.request_stop(leaf, grace)  # it ends through its port: stop_job waits for that
+            else:  # Stopped at once (it was NotStarted): its task must never run after stop_job returns
+                leaf.conn.stop_unseen(leaf, grace)
 
     def forget(self, port: JobPort) -> None:
         leaf = port.data

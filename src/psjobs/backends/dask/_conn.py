@@ -11,7 +11,9 @@
         done  -> client.gather in batches -> port.ended(outcome, last records), once every chunk
                  the task shipped has arrived (chunks go through the scheduler, results come direct)
         lost  -> port.ended(failed: WorkerError naming the worker), cancel the task
-        stop  -> client.cancel(tasks not started) + client.run(stop_tasks) on every worker
+        stop  -> client.cancel(tasks not started) + client.run(stop_tasks) on every worker; for a
+                 task the session has not seen start, stop_job waits for the workers' answer
+                 (stop_tasks marked it and ended it if it ran): Stopped then means it never runs
         forget -> the key dropped, after the stops of the same batch (a removal right after a
                  stop must not make the stop find nothing)
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 PARK_SECONDS = 10.0   # a result waits this long for chunks still on their way through the scheduler
 GATHER_BATCH = 1000   # results fetched in one client.gather
+STOP_SLACK = 5.0      # seconds past the grace a stop of an unseen task waits for the workers' answer
 
 class _Group:
     """The children of one start call: they share a spec, and a stop may name them all at once."""
@@ -53,8 +56,8 @@ class _Group:
 class _Leaf:
     """What the dask backend keeps per child job (its ``backend_data``)."""
 
-    __slots__ = ("attempt", "conn", "future", "group", "key", "losses", "parked", "port", "recv", "retries",
-                 "started")
+    __slots__ = ("attempt", "confirm", "conn", "future", "group", "key", "last_words", "losses", "parked", "port",
+                 "recv", "retries", "started")
 
     def __init__(self, conn: _Conn, group: _Group, port: JobPort, retries: int) -> None:
         self.conn = conn
@@ -68,6 +71,8 @@ class _Leaf:
         self.recv = 0         # chunks received from that run
         self.losses = 0
         self.parked: tuple[Any, float] | None = None  # (outcome, deadline) waiting for chunks
+        self.confirm: threading.Event | None = None  # set once every worker has its stop (see stop_unseen)
+        self.last_words: tuple[str, int | None] | None = None  # ("os._exit(3)", 3): why its worker went
 
 
 class _Conn:
@@ -86,7 +91,7 @@ class _Conn:
         self.keys: dict[str, _Leaf] = {}
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.lock = threading.Lock()
-        self.stops: list[tuple[_Leaf, float]] = []
+        self.stops: list[tuple[_Leaf, float, threading.Event | None]] = []
         self.parked: set[_Leaf] = set()
         self.helpers: set[threading.Thread] = set()
         self.watchers: set[Any] = set()  # asyncio tasks on the Client's loop, one per pending future
@@ -108,10 +113,32 @@ class _Conn:
     def _on_done(self, future: Any) -> None:
         self.inbox.put(("done", future))
 
-    def request_stop(self, leaf: _Leaf, grace: float) -> None:
+    def request_stop(self, leaf: _Leaf, grace: float, confirm: threading.Event | None = None) -> None:
         with self.lock:
-            self.stops.append((leaf, grace))
+            self.stops.append((leaf, grace, confirm))
         self.inbox.put(("stop", None))
+
+    def stop_unseen(self, leaf: _Leaf, grace: float) -> None:
+        """Stop a task the session has not seen start, and return once every worker has the stop.
+
+        The session shows such a job Stopped at once, yet its task may already run on a worker
+        (it says so only after START_DELAY) or reach one before an asynchronous stop mark does:
+        it then ran after stop_job returned (issue 13, case 2). So wait for client.run's answer;
+        stop_tasks ends such a task before it answers. Every unseen leaf of the group whose stop
+        is requested goes in one broadcast: a fan-out's stop costs one round trip, not one each.
+        """
+        confirm = leaf.confirm
+        if confirm is None:
+            confirm = threading.Event()
+            with self.lock:
+                todo = [other for other in leaf.group.leaves if other is leaf or (
+                    other.confirm is None and other.port.stop_requested and other.port.finished)]
+                for other in todo:
+                    other.confirm = confirm
+                self.stops.extend((other, grace, confirm) for other in todo)
+            self.inbox.put(("stop", None))
+        # Bounded: a scheduler that does not answer leaves the job Stopped, as before.
+        confirm.wait(grace + STOP_SLACK)
 
     # --- submitting ----------------------------------------------------------------------------
     def submit(self, group: _Group, spec_id: str, spec: bytes, items: list[Any] | None,
@@ -209,10 +236,12 @@ class _Conn:
                 self._lost(str(msg.get("key")), str(msg.get("worker") or ""), str(msg.get("stimulus") or ""))
             return
         where, items = pickle.loads(msg)
-        for key, attempt, _seq, _begin, blob in items:
+        for key, attempt, _seq, _begin, blob, *rest in items:
             leaf = self.keys.get(key)
             if leaf is None:
                 continue  # removed, or already finished
+            if rest and rest[0] is not None:
+                leaf.last_words = rest[0]  # the task ends its worker (os._exit): the loss's cause
             if attempt != leaf.attempt:
                 leaf.attempt, leaf.recv = attempt, 0
                 self._start(leaf, where)
@@ -349,7 +378,14 @@ class _Conn:
             return
         future = leaf.future
         self._drop(leaf)
-        port.ended(Outcome.failed(_lost_error(port, where, stimulus, leaf.retries)))
+        last = leaf.last_words
+        if last is not None:  # the task ended its own worker: say so, not only "lost"
+            port.ended(Outcome.failed(WorkerError(
+                f"{port.describe()} failed: its code called {last[0]}, which ended the Dask worker {where or '?'} "
+                f"(the worker was lost; psjobs does not run it again). Start it again once the code no "
+                f"longer ends its process"), last[1]))
+        else:
+            port.ended(Outcome.failed(_lost_error(port, where, stimulus, leaf.retries)))
         if future is not None:
             try:
                 self.client.cancel([future], reason="psjobs: its worker was lost")
@@ -365,10 +401,13 @@ class _Conn:
             self.parked.discard(leaf)
 
     # --- stopping ------------------------------------------------------------------------------
-    def _stop(self, stops: list[tuple[_Leaf, float]]) -> None:
-        grace = max(g for _, g in stops)
-        leaves = [leaf for leaf, _ in stops if self.keys.get(leaf.key) is leaf]
+    def _stop(self, stops: list[tuple[_Leaf, float, threading.Event | None]]) -> None:
+        grace = max(g for _, g, _ in stops)
+        confirms = {id(c): c for _, _, c in stops if c is not None}
+        leaves = [leaf for leaf, _, _ in stops if self.keys.get(leaf.key) is leaf]
         if not leaves:
+            for confirm in confirms.values():
+                confirm.set()  # all ended or removed already: nothing of them can run
             return
         queued = [leaf for leaf in leaves if not leaf.started]
         if queued:
@@ -381,22 +420,29 @@ class _Conn:
             except Exception:
                 pass  # the stop marks below still keep them from running
         keys, groups = _stop_targets(leaves)
-        helper = threading.Thread(target=self._broadcast, args=(keys, groups, grace),
+        helper = threading.Thread(target=self._broadcast, args=(keys, groups, grace, list(confirms.values())),
                                   name="psjobs-dask-stop", daemon=True)
         with self.lock:
             self.helpers.add(helper)
         helper.start()
 
-    def _broadcast(self, keys: list[str], groups: list[str], grace: float) -> None:
-        """Tell every worker: stop these tasks now, and never start them later."""
+    def _broadcast(self, keys: list[str], groups: list[str], grace: float, confirms: list[threading.Event]) -> None:
+        """Tell every worker: stop these tasks now, and never start them later.
+
+        When someone waits for the answer (``confirms``), each worker answers only once the tasks
+        it ran of these have ended (within the grace period), so nothing of them runs afterwards.
+        """
         from ._on_worker import stop_tasks
 
         try:
             if self.connected() and not self.closed:
-                self.client.run(stop_tasks, keys, groups, grace, on_error="return", callback_timeout=30)
+                self.client.run(stop_tasks, keys, groups, grace, grace + 1.0 if confirms else 0.0,
+                                on_error="return", callback_timeout=30)
         except Exception:
             pass  # a stopping job then stays Stopping, and stop_job says so after the grace period
         finally:
+            for confirm in confirms:
+                confirm.set()
             with self.lock:
                 self.helpers.discard(threading.current_thread())
 

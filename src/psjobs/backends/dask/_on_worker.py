@@ -32,7 +32,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from ... import _inside
 from ..._compat import worker_backlog
@@ -53,6 +53,10 @@ STOP_MEMORY = 3600.0    # seconds a worker remembers a stopped key, in case it i
 LOST = "psjobs_lost"    # annotation the guard plugin sets: times the task's worker was lost
 
 Columns = tuple[bytes, list[Any], list[float]]  # streams (a byte each), values, times
+LastWords = tuple[str, "int | None"]  # what ended the process from the task ("os._exit(3)"), its status
+#: One task's part of a chunk: key, attempt, seq, begin time (the first time), records, last words.
+Chunk = tuple[str, int, int, "float | None", Columns, "LastWords | None"]
+LAST_WORDS_SECONDS = 5.0  # an os._exit in a task waits at most this long for its records to reach the scheduler
 
 #: The result of run_task, by position:
 #: (outcome, attempt, chunks shipped, begin time, worker address, last records (pickled),
@@ -82,8 +86,8 @@ class _Spec:
 class _Task:
     """One running task: its records waiting to ship, its stop state, the processes it started."""
 
-    __slots__ = ("attempt", "begin", "first", "grace", "group", "input", "key", "procs", "seq", "start_due",
-                 "start_sent", "stopper", "streams", "timer", "times", "topic", "values")
+    __slots__ = ("attempt", "begin", "first", "grace", "group", "input", "key", "last_words", "procs", "seq",
+                 "start_due", "start_sent", "stopper", "streams", "timer", "times", "topic", "values")
 
     def __init__(self, key: str, group: str, topic: str, attempt: int, items: list[Any] | None) -> None:
         self.key = key
@@ -104,6 +108,7 @@ class _Task:
         self.stopper = ThreadStopper()  # its lock also guards procs
         self.procs: list[subprocess.Popen[Any]] = []
         self.timer: threading.Timer | None = None
+        self.last_words: LastWords | None = None
 
     @property
     def stop(self) -> bool:
@@ -144,6 +149,7 @@ class _TaskEmitter:
 
     def __init__(self, task: _Task, runtime: _Runtime) -> None:
         self.task = task
+        self.runtime = runtime
         self.shipper = runtime.shipper
         self.computer_name: str | None = runtime.address
         self.line_buffers: dict[int, str] = {}
@@ -171,6 +177,7 @@ class _Shipper:
         self.cond = threading.Condition(self.lock)
         self.dirty: dict[str, _Task] = {}   # tasks with records to ship or a start to announce
         self.urgent = False
+        self.shipping = False  # chunks taken out of the tasks and not yet handed to the worker
         # When the thread wakes next: a task wakes it only to make that earlier, so a stream of
         # short tasks costs no thread switch each (inf: it waits for a poke; 0: it is shipping).
         self.wake_at = math.inf
@@ -236,26 +243,69 @@ class _Shipper:
                     self.cond.wait(1.0 if due is None else due - now)
                 self.urgent = False
                 self.wake_at = 0.0  # shipping: the loop looks at every task again before it waits
-                chunks: dict[str, list[tuple[str, int, int, float | None, Columns]]] = {}
-                for key, task in list(self.dirty.items()):
-                    if not task.values and task.start_due > now:
-                        continue  # nothing to say yet: a short task never costs a message
-                    chunks.setdefault(task.topic, []).append(
-                        (key, task.attempt, task.seq, None if task.start_sent else task.begin, task.columns()))
-                    task.seq += 1
-                    task.start_sent = True
-                    del self.dirty[key]
+                chunks = self._collect(now, everything=False)
+                self.shipping = bool(chunks)
                 self.cond.notify_all()  # wake tasks that waited for room
-            self._wait_for_room()
-            for topic, items in chunks.items():
-                try:
-                    blob = pickle.dumps((self.runtime.address, [
-                        (key, attempt, seq, begin, dumps_batch(*columns) if columns[1] else None)
-                        for key, attempt, seq, begin, columns in items]), protocol=5)
-                    self.runtime.worker.log_event(topic, blob)
-                except Exception as exc:  # the worker is closing: the session fails the job then
-                    logging.getLogger("psjobs.dask").warning("psjobs: could not ship records to %s: %r", topic, exc,
-                                                             exc_info=exc)
+            try:
+                if chunks:
+                    self._wait_for_room()
+                    self._send(chunks)
+            finally:
+                if chunks:
+                    with self.cond:
+                        self.shipping = False
+                        self.cond.notify_all()  # ship_last waits for chunks in flight
+
+    def _collect(self, now: float, everything: bool) -> dict[str, list[Chunk]]:
+        """Take the chunks due (``everything``: all there is) out of the tasks; the lock is held."""
+        chunks: dict[str, list[Chunk]] = {}
+        for key, task in list(self.dirty.items()):
+            if not everything and not task.values and task.start_due > now:
+                continue  # nothing to say yet: a short task never costs a message
+            chunks.setdefault(task.topic, []).append(
+                (key, task.attempt, task.seq, None if task.start_sent else task.begin, task.columns(),
+                 task.last_words))
+            task.seq += 1
+            task.start_sent = True
+            del self.dirty[key]
+        return chunks
+
+    def _send(self, chunks: dict[str, list[Chunk]]) -> dict[str, bytes]:
+        """log_event each topic's chunk (through the worker's batched stream); what went, by topic."""
+        sent: dict[str, bytes] = {}
+        for topic, items in chunks.items():
+            try:
+                blob = pickle.dumps((self.runtime.address, [
+                    (key, attempt, seq, begin, dumps_batch(*columns) if columns[1] else None, last)
+                    for key, attempt, seq, begin, columns, last in items]), protocol=5)
+                self.runtime.worker.log_event(topic, blob)
+                sent[topic] = blob
+            except Exception as exc:  # the worker is closing: the session fails the job then
+                logging.getLogger("psjobs.dask").warning("psjobs: could not ship records to %s: %r", topic, exc,
+                                                         exc_info=exc)
+        return sent
+
+    def ship_last(self, seconds: float) -> None:
+        """Ship every record not shipped yet and return once the scheduler holds them (or after
+        ``seconds``): the process is about to end (``os._exit``, ``os.abort`` in a task), and
+        the worker's batched stream would go with it, its last messages unsent."""
+        deadline = time.monotonic() + seconds
+        with self.cond:
+            while self.shipping and time.monotonic() < deadline:
+                self.cond.wait(max(0.0, deadline - time.monotonic()))  # chunks in flight go first
+            chunks = self._collect(time.monotonic(), everything=True)
+        from distributed.utils import sync
+
+        worker = self.runtime.worker
+        for topic, blob in self._send(chunks).items():
+            # The batched stream keeps order: once this chunk is in the scheduler's log, so is
+            # every earlier one, and the worker's loss (logged when it is gone) comes after.
+            while time.monotonic() < deadline:
+                events = sync(worker.loop, worker.scheduler.events, topic=topic,
+                              callback_timeout=max(0.1, deadline - time.monotonic()))
+                if any(msg == blob for _, msg in reversed(events)):
+                    break
+                time.sleep(0.005)  # the scheduler has not read it yet: nothing to wait on across processes
 
     def _worker_gone(self) -> bool:
         status = getattr(self.runtime.worker, "status", None)
@@ -276,7 +326,9 @@ class _Runtime:
     def __init__(self, worker: Any) -> None:
         self.worker = worker
         self.address: str = worker.address
+        self.pid = os.getpid()  # a child the task forks has no worker to ship through
         self.lock = threading.Lock()
+        self.ended = threading.Condition(self.lock)  # a task left self.tasks
         self.tasks: dict[str, _Task] = {}
         self.stopped_keys: dict[str, float] = {}
         self.stopped_groups: dict[str, float] = {}
@@ -303,9 +355,15 @@ class _Runtime:
                 self.specs.popitem(last=False)
         return spec
 
-    def stopped(self, key: str, group: str) -> bool:
-        with self.lock:
-            return key in self.stopped_keys or group in self.stopped_groups
+    def wait_ended(self, keys: set[str], groups: set[str], seconds: float) -> None:
+        """Until no task of ``keys`` or ``groups`` runs here, for at most ``seconds``."""
+        deadline = time.monotonic() + seconds
+        with self.ended:
+            while any(t.key in keys or t.group in groups for t in self.tasks.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.ended.wait(left)
 
     def stop(self, keys: list[str], groups: list[str], grace: float) -> int:
         until = time.time() + STOP_MEMORY
@@ -344,6 +402,7 @@ def _get_runtime(worker: Any) -> _Runtime:
         if not _installed:
             _inside.install_routers()
             _track_popen()
+            _hook_exits()
             _installed = True
         rt = _runtimes.get(worker)
         if rt is None:
@@ -369,11 +428,10 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
         return ("fail", lost, 0, begin, rt.address, None, dump_reason(exc), None, None)
     if lost > s.retries:
         return ("refused", lost, 0, begin, rt.address, None, None, None, None)
-    if rt.stopped(key, group):
-        return ("stopped", lost, 0, begin, rt.address, None, None, None, None)
-
     task = _Task(key, group, topic, lost, s.input)
-    with rt.lock:
+    with rt.lock:  # checked and registered at once: a stop_tasks meanwhile sees one or the other
+        if key in rt.stopped_keys or group in rt.stopped_groups:
+            return ("stopped", lost, 0, begin, rt.address, None, None, None, None)
         rt.tasks[key] = task
     rt.shipper.started(task)
     emitter = _TaskEmitter(task, rt)
@@ -424,8 +482,6 @@ def _command(s: _Spec, item: bytes | str | None, task: _Task, emitter: _TaskEmit
 
 def _end(rt: _Runtime, task: _Task) -> None:
     """The task's code returned: after a stop, nothing it started may outlive it."""
-    with rt.lock:
-        rt.tasks.pop(task.key, None)
     if task.timer is not None:
         task.timer.cancel()
     if task.stop:
@@ -434,15 +490,70 @@ def _end(rt: _Runtime, task: _Task) -> None:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=2)  # reap it: a worker must not collect zombies
     task.procs.clear()
+    with rt.ended:  # last: a stop_tasks that waits for it (wait > 0) knows nothing of it is left
+        rt.tasks.pop(task.key, None)
+        rt.ended.notify_all()
 
 
-def stop_tasks(keys: list[str], groups: list[str], grace: float, dask_worker: Any = None) -> int:
-    """Run by ``client.run`` on every worker: stop these keys and groups, now and when they come."""
+async def stop_tasks(keys: list[str], groups: list[str], grace: float, wait: float = 0.0,
+                     dask_worker: Any = None) -> int:
+    """Run by ``client.run`` on every worker: stop these keys and groups, now and when they come.
+
+    With ``wait`` > 0, answer only once the tasks of them running here have ended (or after
+    ``wait`` seconds): the session then knows none of them runs any more. A coroutine, so that
+    Dask runs it on the worker's event loop without blocking it while it waits.
+    """
     if dask_worker is None:
         from distributed import get_worker
 
         dask_worker = get_worker()
-    return _get_runtime(dask_worker).stop(keys, groups, grace)
+    rt = _get_runtime(dask_worker)
+    stopped = rt.stop(keys, groups, grace)
+    if stopped and wait > 0:
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, rt.wait_ended, set(keys), set(groups), wait)
+    return stopped
+
+
+# --- a task that ends its worker process -----------------------------------------------------------
+
+def _hook_exits() -> None:
+    """``os._exit`` and ``os.abort`` in a task first ship its records and say why the worker goes.
+
+    The records wait in the shipper and in the worker's batched stream (both flushed on a timer),
+    so the process ended before they left (issue 13's fault matrix, dask os_exit and crash). The
+    job still fails as a lost worker, the reason naming the call (and ``os._exit``'s status as its
+    exit code). Elsewhere (not in a task's thread, or in a child the task forked) the plain call.
+    """
+    real_exit, real_abort = os._exit, os.abort
+
+    def _exit(status: int) -> NoReturn:
+        _last_words(f"os._exit({status})", status)
+        real_exit(status)
+
+    def _abort() -> NoReturn:
+        _last_words("os.abort()", None)
+        real_abort()
+
+    os._exit = _exit
+    os.abort = _abort
+
+
+def _last_words(what: str, status: int | None) -> None:
+    emitter = _inside.bound()
+    if not isinstance(emitter, _TaskEmitter) or emitter.runtime.pid != os.getpid():
+        return
+    task = emitter.task
+    task.stopper.shield()  # no stop raised while the last records go: they would be lost with it
+    try:
+        _inside.flush_lines(emitter)
+        with emitter.shipper.cond:
+            task.last_words = (what, status)
+            emitter.shipper.dirty[task.key] = task
+        emitter.shipper.ship_last(LAST_WORDS_SECONDS)
+    except BaseException:
+        pass  # the job still fails as a lost worker
 
 
 # --- the processes a task starts ------------------------------------------------------------------
