@@ -217,7 +217,10 @@ class Cell:
         return job if self.kind == "thread" else job.child_jobs[0]
 
     def worker_pid(self) -> int:
-        wait_until(lambda: self.pidfile.exists(), DEADLINE, f"{self.kind}: the job's pid file")
+        # Its content, not only its existence: the job creates the file, then writes it (a full run
+        # under load read it empty between the two: ValueError from int('')).
+        wait_until(lambda: self.pidfile.exists() and self.pidfile.read_text().strip(), DEADLINE,
+                   f"{self.kind}: the job's pid file")
         return int(self.pidfile.read_text())
 
     @property
