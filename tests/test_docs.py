@@ -130,6 +130,19 @@ def test_tour_page_is_up_to_date() -> None:
     assert [b.strip() for b in blocks] == [textwrap.dedent(s.code).strip() for s in STEPS]
 
 
+@pytest.mark.timeout(60)
+def test_tour_page_is_what_the_tour_writes(capsys: pytest.CaptureFixture[str],
+                                           default_session: psjobs.Session) -> None:
+    """`python -m psjobs.tour --markdown` writes docs/tour.md again, prose and outputs alike (the
+    page's `...` standing for what differs from run to run): a step edited in psjobs.tour and not
+    written to the page fails here."""
+    from psjobs.tour import main
+
+    assert main(["--markdown"]) == 0
+    assert matches((DOCS / "tour.md").read_text(), capsys.readouterr().out), (
+        "docs/tour.md is not what `python -m psjobs.tour --markdown > docs/tour.md` writes: run that")
+
+
 def test_tour_runs(capsys: pytest.CaptureFixture[str], default_session: psjobs.Session) -> None:
     from psjobs.tour import main
 
