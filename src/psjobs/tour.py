@@ -29,6 +29,9 @@ class Step:
     loose: tuple[tuple[str, str], ...] = ()
 
 
+# ps pads its PID column to the width of the system's largest pid, and pid 1 is a different program
+# from machine to machine.
+_PS_LINES = ((r"' +PID COMMAND'", "'...PID COMMAND'"), (r"' +1 [^']*'", "'...1 ...'"))
 # A ps job may have ended by the time its row is printed (it lists the processes in milliseconds).
 _PS_STATE = (r"(<Job \d+ 'Job\d+' )(?:NotStarted|Running|Completed)", r"\1...")
 
@@ -78,7 +81,7 @@ job.id, job.name, job.command
          """
 psjobs.wait_job(job)
 psjobs.receive_job(job)[:2]
-""", ((r"'( +1) [^']*'", r"'\1 ...'"),)),
+""", _PS_LINES),
     Step("Keep the results in a variable", "$results = Receive-Job -Job $job",
          "Receiving consumes: what was received is not returned again (the job's `output` list keeps "
          "everything).",
@@ -86,7 +89,7 @@ psjobs.receive_job(job)[:2]
 results = psjobs.receive_job(job)
 results
 job.output[:2]
-""", ((r"'( +1) [^']*'", r"'\1 ...'"),)),
+""", _PS_LINES),
     Step("Save the results to a file", "Receive-Job -Job $job > results.txt",
          "Write what is received to a file (from a shell: `psjobs receive 1 > results.txt`).",
          """
@@ -254,8 +257,8 @@ the output it prints. Run it yourself with `python -m psjobs.tour`; this page is
 `python -m psjobs.tour --markdown`, and a test runs every code block of it in a new interpreter, in
 order, and compares what each prints with the output under it: the blocks share one Python session,
 as if pasted one after the other at the `>>>` prompt. In an output, `...` stands for what differs
-from run to run and from machine to machine: the processes `ps` lists, an error message's wording,
-and whether a `ps` job has already finished when its row is printed.
+from run to run and from machine to machine: the processes `ps` lists and how it pads them, an
+error message's wording, and whether a `ps` job has already finished when its row is printed.
 """
 
 if __name__ == "__main__":
