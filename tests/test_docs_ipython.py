@@ -3,35 +3,30 @@ page shows: ``Out[n]`` values, the notices said before the next prompt, usage er
 
 ::
 
-    page --doctools.blocks--> ipython blocks --cells()--> [Cell(n, code, shown)]
-    Cell --InteractiveShell.run_cell (as In [n])--> what IPython printed --doctools.matches--> shown
+    page --doctools.blocks--> ipython blocks --cells()--> [Cell(n, code, shown)] --json-->
+    a new interpreter (DRIVER): one InteractiveShell, each cell run as In [n] --json-->
+    what IPython printed for each cell --doctools.matches--> shown
 
-A notice the page shows (``[5] Failed ...``) is said once its job has finished: a reader typing
-the cells is seconds behind the jobs, this test is not, so it waits for the job before it runs
-the cell that shows the notice.
+The shell runs in a new interpreter, as a reader's does: job ids count from 1 in a process, and
+the page shows them. A notice the page shows (``[5] Failed ...``) is said once its job has
+finished: a reader typing the cells is seconds behind the jobs, the driver is not, so it waits for
+the job before it runs the cell that shows the notice.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import json
 import re
-from collections.abc import Iterator
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 pytest.importorskip("IPython")
 
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
-
-import psjobs
-from psjobs import _api
-
-from .conftest import wait_until
+from .clitools import subprocess_env
 from .doctools import blocks, matches
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "ipython.md"
@@ -62,40 +57,44 @@ def cells(page: Path = PAGE) -> list[Cell]:
     return found
 
 
-@pytest.fixture
-def shell(session: psjobs.Session, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
-    """A fresh IPython shell with the extension loaded, as `%load_ext psjobs` gives a reader."""
-    monkeypatch.setattr(_api, "_default", session)  # `&` and the magics use this test's session
-    monkeypatch.chdir(tmp_path)
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell(config=config, ipython_dir=str(tmp_path / "ipython"))
-    ip.run_line_magic("load_ext", "psjobs")
-    try:
-        yield ip
-    finally:
-        ip.run_line_magic("unload_ext", "psjobs")
-        ip.history_manager.end_session()
+DRIVER = """
+import contextlib, io, json, sys
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+import psjobs
+config = Config()
+config.HistoryManager.hist_file = ":memory:"
+shell = InteractiveShell(config=config, ipython_dir=sys.argv[2])
+shell.run_line_magic("load_ext", "psjobs")
+printed = []
+for number, code, notices in json.load(open(sys.argv[1])):
+    for job_id in notices:  # waited for from code: the notice is still said (the magics' waits silence it)
+        psjobs.wait_job(job_id, timeout=20)
+    shell.execution_count = number
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        shell.run_cell(code, store_history=True)
+    printed.append(out.getvalue())
+shell.history_manager.end_session()
+psjobs.remove_job(psjobs.get_job(), force=True)
+json.dump(printed, sys.stdout)
+"""
 
 
-@pytest.mark.timeout(60)
-def test_sessions_print_what_the_page_shows(shell: Any, session: psjobs.Session) -> None:
+@pytest.mark.timeout(90)
+def test_sessions_print_what_the_page_shows(tmp_path: Path) -> None:
     found = cells()
     assert len(found) > 20
-    for cell in found:
-        for job_id in NOTICE.findall(cell.shown):
-            job = session.get_job(int(job_id))[0]
-            wait_until(job.done, timeout=20, what=f"job {job.id}, whose notice the page shows at In [{cell.number}], "
-                                                  "to finish")
-        shell.execution_count = cell.number  # a block the tests do not run leaves a gap in the numbers
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-            shell.run_cell(cell.code, store_history=True)
+    (tmp_path / "cells.json").write_text(json.dumps(
+        [[c.number, c.code, [int(i) for i in NOTICE.findall(c.shown)]] for c in found]))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "cells.json"), str(tmp_path / "ipython")],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cell, printed in zip(found, json.loads(proc.stdout), strict=True):
         where = f"docs/ipython.md, In [{cell.number}] at line {cell.line}"
         if cell.shown.strip():
-            assert matches(cell.shown, printed.getvalue()), (
-                f"{where} printed what the page does not show:\n{cell.code}\nthe page:\n{cell.shown}"
-                f"\nprinted:\n{printed.getvalue()}")
+            assert matches(cell.shown, printed), (f"{where} printed what the page does not show:\n{cell.code}"
+                                                  f"\nthe page:\n{cell.shown}\nprinted:\n{printed}")
         else:
-            assert not printed.getvalue().strip(), (f"{where} prints, and the page shows nothing under it:"
-                                                    f"\n{cell.code}\nprinted:\n{printed.getvalue()}")
+            assert not printed.strip(), (f"{where} prints, and the page shows nothing under it:\n{cell.code}"
+                                         f"\nprinted:\n{printed}")
