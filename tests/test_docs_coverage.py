@@ -10,7 +10,6 @@ counts them per page.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,10 @@ NOTEBOOK = {b.line for b in notebook_cells()}  # docs/ipython.md's cells that ru
 
 # Which test runs which blocks; an ``output`` block is checked with the block above it.
 RUN_BY: dict[tuple[str, str], str] = {
-    ("*", "python"): "tests/test_docs.py (output compared, except on a page of recorded output)",
+    ("*", "python"): "tests/test_docs.py (output compared)",
     ("*", "sh"): "tests/test_docs.py (output compared)",
-    ("ipython.md", "ipython"): "tests/test_ipython.py::test_docs_sessions_run_as_shown (`In [n]:` sessions, "
-                               "Out[n] compared), tests/test_docs_notebook.py (notebook cells, output compared)",
+    ("ipython.md", "ipython"): "tests/test_docs_ipython.py (`In [n]:` sessions, output compared), "
+                               "tests/test_docs_notebook.py (notebook cells, output compared)",
 }
 
 
@@ -35,11 +34,6 @@ def run_by(page: Path, block: Block) -> str | None:
     if block.lang == "ipython" and "In [" not in block.code and block.line not in NOTEBOOK:
         return None  # neither an `In [n]:` session nor a notebook cell: no test runs it
     return RUN_BY.get((page.name, block.lang)) or RUN_BY.get(("*", block.lang))
-
-
-def recorded(page: Path) -> bool:
-    """A page made from a recorded run (docs/tour.md): its outputs are ``text`` blocks, not compared."""
-    return re.search(r"<!-- doctest: [\w, ]*recorded", page.read_text()) is not None
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -54,8 +48,6 @@ def test_every_block_is_run_or_says_why_not(page: Path) -> None:
             assert above is not None and above.output == block.code and run_by(page, above), (
                 f"{where} is an output block under no block a test runs")
             continue
-        if block.lang == "text" and recorded(page):
-            continue  # the page's own comment says its outputs are a recorded run
         assert run_by(page, block), (f"{where} ({block.lang or 'no language'}) is run by no test: run it, or "
                                      "say why not in a `<!-- not run: ... -->` comment right above it")
 
@@ -71,7 +63,8 @@ def test_every_not_run_comment_is_right_above_a_block() -> None:
 def test_the_pages_that_teach_by_example_keep_their_checked_examples() -> None:
     """A page whose blocks all lost their check would pass the tests above unnoticed."""
     counts = census()
-    for page, least in {"docs/cli.md": 12, "docs/guide.md": 8, "docs/ipython.md": 5, "README.md": 2}.items():
+    for page, least in {"docs/cli.md": 12, "docs/guide.md": 8, "docs/ipython.md": 12, "docs/tour.md": 18,
+                        "README.md": 2}.items():
         assert counts[page][0] >= least, f"{page} has {counts[page][0]} checked blocks, fewer than {least}"
 
 
@@ -83,15 +76,14 @@ def census() -> dict[str, tuple[int, int, int]]:
     for page in PAGES:
         compared = unchecked = skipped = 0
         for block in fences(page):
-            if block.lang == "output" or (block.lang == "text" and recorded(page)):
+            if block.lang == "output":
                 continue
             if block.not_run is not None:
                 skipped += 1
-            elif (block.lang in ("python", "sh") and not recorded(page)) or (
-                    page.name == "ipython.md" and block.line in NOTEBOOK):
+            elif block.lang in ("python", "sh") or (page.name == "ipython.md" and run_by(page, block)):
                 compared += 1  # a block with no output block is checked to print nothing
             else:
-                unchecked += 1  # docs/tour.md's recorded run; IPython sessions (Out[n] compared)
+                unchecked += 1  # none now: kept so a new kind of block shows up here
         out[str(page.relative_to(ROOT))] = (compared, unchecked, skipped)
     return out
 

@@ -488,33 +488,6 @@ def test_import_psjobs_does_not_import_ipython() -> None:
     assert out.split() == ["False", "True"]
 
 
-# --- the docs ---------------------------------------------------------------------------------
-
-def test_docs_sessions_run_as_shown(ip: Any) -> None:
-    """docs/ipython.md's `In [n]:` cells run in order in one shell; one-line `Out[n]:` values match."""
-    import re
-
-    page = (Path(__file__).resolve().parent.parent / "docs" / "ipython.md").read_text()
-    steps: list[tuple[str, str | None]] = []
-    for block in re.findall(r"^```ipython\n(.*?)^```", page, re.S | re.M):
-        for line in block.splitlines():
-            if m := re.match(r"In \[\d+\]: ?(.*)$", line):
-                steps.append((m.group(1), None))
-            elif (m := re.match(r"\s*\.\.\.: ?(.*)$", line)) and steps:
-                steps[-1] = (steps[-1][0] + "\n" + m.group(1), None)
-            elif (m := re.match(r"Out\[\d+\]: (\S.*)$", line)) and steps:
-                steps[-1] = (steps[-1][0], m.group(1))
-    assert len(steps) > 20
-    for cell, shown in steps:
-        result = ip.run_cell(cell)
-        if "lock]) &" in cell and "PsJobs.kind" not in cell and "results" not in cell:
-            assert type(result.error_in_exec).__name__ == "UsageError", cell  # the documented refusal
-            continue
-        assert result.success, f"{cell!r}: {result.error_before_exec or result.error_in_exec!r}"
-        if shown is not None:
-            assert repr(result.result) == shown, cell
-
-
 # --- a real terminal -------------------------------------------------------------------------
 
 def _tmux() -> str | None:
