@@ -556,3 +556,16 @@ def test_suspend_and_resume_magics(ip: Any, session: psjobs.Session) -> None:
     assert job.state is psjobs.JobState.RUNNING
     ip.run_line_magic("stop", "j")
     assert job.state is psjobs.JobState.STOPPED
+
+
+def test_a_job_that_ends_within_its_own_cell_is_announced_after_the_next(ip: Any,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """As a shell says "Done" at a later prompt, never in the output of the `&` line itself: where the
+    notice appears does not depend on how fast the job was (docs/ipython.md's sessions rely on it)."""
+    run(ip, "import psjobs")
+    # The cell itself waits until its job is over, without waiting *for* it through psjobs.
+    run(ip, "quick = 'fast' &\nwhile not quick.state.is_finished: pass")
+    job = ip.user_ns["quick"]
+    assert "Completed" not in capsys.readouterr().out
+    run(ip, "pass")
+    assert f"[{job.id}] Completed" in capsys.readouterr().out

@@ -225,7 +225,7 @@ class _Extension:
         # Jobs this cell started some other way (psjobs.start_job(...)) that are still running
         # when it ends are background jobs too; those it waited for itself are not announced.
         jobs = self._jobs_now()
-        newest = self._last_id
+        before = newest = self._last_id  # jobs above it were started by this cell
         for job in jobs:
             if job.id > self._last_id:
                 newest = max(newest, job.id)
@@ -246,9 +246,12 @@ class _Extension:
         for jid, job in list(self._watched.items()):
             if jid not in live:
                 del self._watched[jid]  # removed by the user: nothing to announce
-            elif job.state.is_finished:
+            elif job.state.is_finished and jid <= before:
                 done.append(job)
                 del self._watched[jid]
+            # A job that ended within the cell that started it is announced after the next cell,
+            # as a shell says "Done" at the prompt after the one its `&` returned to: where the
+            # notice appears does not depend on how fast the job was.
             elif job.state is psjobs.JobState.BLOCKED and jid not in self._told_blocked:
                 asking.append(job)  # a shell says "Stopped (tty input)": say it once too
                 self._told_blocked.add(jid)
