@@ -197,7 +197,8 @@ class Session(SchedulingVerbs):
         ``working_directory`` is where a command runs (default: the current directory), as for
         start_job: the session host runs clients' commands in their directories without a chdir.
         """
-        check_name("start_thread_job", name)
+        if name is not None:  # a call saved on the thread path
+            check_name("start_thread_job", name)
         if throttle_limit is not None:
             check_limit("start_thread_job", throttle_limit)
         when = make_when(self, "start_thread_job", group, after, delay, retries)
