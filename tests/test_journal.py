@@ -375,3 +375,28 @@ def test_ctrl_c_while_another_thread_holds_the_lock_leaves_the_session_working(s
     assert not session._lock.locked()
     session.stop_job(job)  # the session still works
     assert job.state is psjobs.JobState.STOPPED
+
+
+def test_a_thread_jobs_streamed_records_are_counted_exactly_and_released_on_removal(
+        session: psjobs.Session) -> None:
+    # JobPort.record adds a thread job's records to its SpillJournal itself (not through
+    # SpillJournal.append): the window's count must still be the records' own estimate, to the
+    # byte, or the session would spill too early (or never) and drift upward job after job.
+    from psjobs.core._spill import cost
+
+    values: list[Any] = ["é" * 300, b"x" * 1000, 12345678901234567890, [1, 2, 3], "a", 7, None, 2.5]
+
+    def produce() -> Any:
+        for i in range(400):
+            yield values[i % len(values)]
+            psjobs.write_warning(f"line {i}")
+
+    before = session._spill.held
+    job = session.start_thread_job(produce)
+    assert job.wait(60)
+    entries = job._journal.read(0, len(job._journal))  # type: ignore[union-attr]
+    assert len(entries) == 800
+    assert session._spill.held - before == cost(entries)
+    assert session.receive_job(job) == values * 50
+    session.remove_job(job)
+    assert session._spill.held == before  # nothing of it counted any more

@@ -49,6 +49,14 @@ def _next_ids(n: int) -> list[int]:
         return list(range(first, first + n))
 
 
+def _next_id() -> int:
+    """``_next_ids(1)[0]`` without the list and range (a thread job's start)."""
+    global _last_id
+    with _ids_lock:
+        _last_id += 1
+        return _last_id
+
+
 def skip_ids(first: int) -> None:
     """Give no id below ``first`` from now on: a Session whose jobs were numbered before (the
     session host's stored jobs) resumes after them. The counter only ever moves forward."""

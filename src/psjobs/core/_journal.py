@@ -34,6 +34,9 @@ Entry = tuple[int, Any, float]
 #: a job's records kept in a plain MemoryJournal before it joins the session's memory window
 #: (core/_spill); here, so that the job model does not import the spilling machinery
 SMALL = 16  # (stream, value or record, time.time())
+#: bytes the spill accounting counts for an entry's tuple, time and list slot, beside its value's
+#: ``sys.getsizeof`` (core/_spill; JobPort.record adds a thread job's records itself)
+ENTRY = 100
 
 
 class Journal(Protocol):

@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from sys import getsizeof
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._journal import SMALL, MemoryJournal
+from ._journal import ENTRY, SMALL, MemoryJournal
 from ._state import Event
 
 _SMALL = SMALL + 1  # a MemoryJournal's list holds its cursor too (as in _job)
+#: Types whose sys.getsizeof is their own __sizeof__() (no GC header, no subclass's override), as
+#: the spill accounting counts them: the method is ~1,200 instructions cheaper (callgrind: a streamed
+#: item 11,755 -> 10,799), since getsizeof parses its arguments and looks the method up by name.
+_FLAT = frozenset({int, float, str, bytes, bool, type(None)})
 
 if TYPE_CHECKING:
     from ._job import Entry, Job
@@ -208,22 +213,32 @@ class JobPort:
         yields, and each Python call on it cost ~5% of the streaming rate.
         """
         job = self._job
+        spill = job._session._spill
         with self._lock:
             if job._state.is_finished:
                 return  # a finished job absorbs late records
-            journal = job._journal
+            journal: Any = job._journal
             if journal is None:
                 job._journal = MemoryJournal([entry])
+            elif type(journal) is spill.journal_type:
+                # SpillJournal.append, inlined (a Python call per streamed item, ~10% of one). The
+                # record is appended last: a stop raised into this thread lands at a call's end, so
+                # it finds the record counted and in place, or neither.
+                value = entry[1]
+                n = ENTRY + (value.__sizeof__() if type(value) in _FLAT else getsizeof(value))
+                journal._n += 1
+                journal._bytes += n
+                spill.held += n
+                journal._mem_at[1].append(entry)
             else:
                 journal.append(entry)
                 if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
-                    job._journal = job._session._spill.adopt(job, journal)  # now within the memory window
+                    job._journal = spill.adopt(job, journal)  # now within the memory window
             if job._watch is not None:
                 job._watch.news(job)
             cond = job._session._cond
             if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
                 cond.notify_all()
-        spill = job._session._spill
         if spill.held > spill.window:
             spill.relieve()
 

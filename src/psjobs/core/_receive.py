@@ -18,13 +18,13 @@ shown after the first such item are shown again with it: shown twice rather than
 from __future__ import annotations
 
 import _thread
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobFailedError
 from .._records import ErrorRecord
 from ._journal import Entry, Journal
 from ._pshost import describe_job, reason_text
+from ._state import JobState
 from ._tree import check_timeout
 
 if TYPE_CHECKING:
@@ -90,6 +90,32 @@ def claim(batch: list[tuple[Job, Journal, int, int]], claims: list[tuple[Job, in
             claims.append((leaf, at, stop))
 
 
+def claim_one(session: Session, leaf: Job, keep: bool,
+              claims: list[tuple[Job, int, int]] | None) -> list[tuple[Job, Journal, int, int]] | None:
+    """What Session._read_batches claims for one leaf without waiting (``job.receive()``), without
+    its generator, positions and wait loop; None when the leaf asks a question, which that path
+    offers to the host. Returned ranges come first, as there."""
+    batch: list[tuple[Job, Journal, int, int]] = []
+    with session._cond:
+        if leaf._state is JobState.BLOCKED and leaf.prompt is not None:
+            return None
+        journal = leaf._journal
+        if journal is not None:
+            if session._returned and not keep:
+                take_returned(session, leaf, journal, batch, claims)
+            start, end = journal.cursor, len(journal)
+            if start < end:
+                if end - start <= PIECE:  # claim(), inlined: one piece, the common case
+                    batch.append((leaf, journal, start, end))
+                    if claims is not None:
+                        claims.append((leaf, start, end))
+                else:
+                    claim(batch, claims, leaf, journal, start, end)
+                if not keep:
+                    journal.cursor = end
+    return batch
+
+
 def wait_on(session: Session, timeout: float | None) -> None:
     """``session._cond.wait(timeout)``, except that an exception while it waits (Ctrl+C) leaves the
     session lock held, as the caller's ``with`` expects.
@@ -117,8 +143,10 @@ def wait_on(session: Session, timeout: float | None) -> None:
             break
         except BaseException as exc:  # the lock is not taken: take it, then raise
             interrupted = exc
-    with contextlib.suppress(ValueError):  # gone if notified
+    try:  # not contextlib.suppress: three Python calls on every wait
         waiters.remove(waiter)
+    except ValueError:
+        pass  # gone if notified
     if interrupted is not None:
         raise interrupted
 

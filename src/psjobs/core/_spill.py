@@ -44,7 +44,7 @@ from array import array
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError
-from ._journal import Entry, MemoryJournal
+from ._journal import ENTRY, Entry, MemoryJournal
 from ._pshost import describe_job
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ _RETRY_SECONDS = 5.0    # after a failed write (disk full), memory grows until t
 _log = logging.getLogger("psjobs")
 
 
-_ENTRY = 100  # an entry's tuple, time and list slot, beside its value
+_ENTRY = ENTRY  # an entry's tuple, time and list slot, beside its value
 _value = operator.itemgetter(1)
 
 
@@ -111,7 +111,7 @@ class SpillJournal:
         self._bytes += n
         self._spill.held += n
 
-    def append(self, entry: Entry) -> None:
+    def append(self, entry: Entry) -> None:  # JobPort.record inlines it (a thread job's records)
         self._mem_at[1].append(entry)
         self._n += 1
         n = _ENTRY + sys.getsizeof(entry[1])
@@ -231,6 +231,9 @@ class Spill:
         self.directory: str | None = None
         self.closed = False
         self._failed_at = 0.0
+
+    #: what JobPort.record tests a journal against to add a record itself (it does not import this module)
+    journal_type = SpillJournal
 
     def adopt(self, job: Job, small: MemoryJournal) -> SpillJournal:
         """The SpillJournal that takes over a grown MemoryJournal (session lock held)."""

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError
 from .._inside import current_job_id
+from ._backend import Backend
 from ._future import ITEMS, LINES, VALUE
-from ._job import Job, _next_ids
+from ._job import Job, _next_id, _next_ids
 from ._port import JobPort, _Tree
 from ._pshost import describe_job
 from ._spec import CALL
@@ -68,6 +69,36 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
         if not leaves:
             top._apply(Event.COMPLETE)  # an empty fan-out: nothing to run, nothing failed
     return top, ports
+
+
+def start_leaf(session: Session, backend: Backend, kind: str, spec: JobSpec, job_type: str, name: str | None) -> Job:
+    """A top-level leaf without scheduling options (a thread job), made and started at once:
+    make_tree's, keep_recipe's and Scheduler.submit's work for one leaf, without a plan (unless its
+    backend makes one of its own), a port list or their calls."""
+    kind_of = type(backend)
+    if kind_of.prepare is not Backend.prepare:  # the default checks nothing: a call saved
+        backend.prepare(spec)  # a bad argument raises before a job exists
+    location = "localhost" if kind_of.plan is Backend.plan else backend.plan(spec).places[0].location
+    jid = _next_id()
+    top = Job(session, jid, job_type=job_type, name=name, command=spec.command, location=location)
+    top._shape = shape_of(spec)
+    recipe: tuple[str, str, bool, str | None, Any] | None = _PLAIN.get((kind, job_type)) if name is None else None
+    if recipe is None:  # what _sched.keep_recipe writes; a start without a name shares one per kind
+        recipe = (kind, job_type, False, name, None)
+        if name is None:
+            _PLAIN[kind, job_type] = recipe
+    spec.recipe = recipe
+    top._recipe = spec  # for restart_job; dropped by remove_job
+    port = JobPort(top, kind, None)
+    with session._cond:  # Session._register_locked, for one top-level job
+        if session._journal_factory is not None:
+            top._journal = session._journal_factory(top)
+        session._all[jid] = session._jobs[jid] = top
+    backend.start([port], spec)
+    return top
+
+
+_PLAIN: dict[tuple[str, str], tuple[str, str, bool, str | None, Any]] = {}  # (kind, job type) -> its shared recipe
 
 
 def shape_of(spec: JobSpec) -> str:
