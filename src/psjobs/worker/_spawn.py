@@ -2,13 +2,16 @@
 
 ::
 
-    fork server --spawn(argv, fd 0/1/2, cwd, env)--> posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK),
+    fork server --spawn(argv, fd 0/1/2, cwd, env)--> posix_spawn[p] (glibc: clone(CLONE_VM|CLONE_VFORK),
         dup2 0/1/2, setsid, SIGPIPE/SIGXFSZ back to default, exec) --> the command's pid
                                                   \\--> Popen: a program not found or not started, a
                                                        cwd we cannot enter (its error, in Popen's words)
 
 Popen spends most of its time in Python around the vfork (an error pipe, the environment
-converted, the object built): posix_spawn did the same start in 80% of the server's CPU time.
+converted, the object built, execve tried on each PATH entry): posix_spawnp did the same start
+in 79 us of the server's CPU against Popen's 211 (bench/FINDINGS.md, "Commands and posix_spawn").
+glibc looks the program up along PATH (posix_spawnp) when the job's PATH is the server's; else it
+is looked up here (one stat per entry), so the job's own PATH decides, as with Popen.
 It has no close-the-rest pass, so every descriptor of the server is close-on-exec (its control
 socket, and what it receives: see _forkserver._recv_now). Python's binding has no chdir action
 (glibc's addchdir_np), and every command has a cwd (the caller's): the server steps into it for the
@@ -37,11 +40,16 @@ def spawn(argv: Sequence[str], stdin: int, stdout: int, stderr: int, cwd: str | 
     environ = os.environ if env is None else env
     if argv and _enter(cwd):
         try:
-            path = _find(argv[0], environ)  # a relative one is relative to cwd, as in Popen
+            path: str | None = argv[0]
+            start = os.posix_spawn
+            if not os.path.dirname(argv[0]) and environ.get("PATH") == os.environ.get("PATH"):
+                start = os.posix_spawnp  # glibc walks our PATH, the job's too: no stat per entry here
+            else:
+                path = _find(argv[0], environ)  # a relative one is relative to cwd, as in Popen
             if path is not None:
-                return os.posix_spawn(path, list(argv), environ, setsid=True, setsigdef=_DEFAULTED,
-                                      file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
-                                                    (os.POSIX_SPAWN_DUP2, stderr, 2)]), None
+                return start(path, list(argv), environ, setsid=True, setsigdef=_DEFAULTED,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
+                                           (os.POSIX_SPAWN_DUP2, stderr, 2)]), None
         except (OSError, ValueError):
             pass  # nothing ran (exec failed, or a bad environment): Popen raises it as it always has
         finally:
