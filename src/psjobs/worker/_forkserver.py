@@ -10,7 +10,7 @@
     no spare left: session --ctl: ("fork", token) + the same descriptors--> server --fork--> worker
     server --ctl: ("forked", token, pid) / ("exited", token or None, pid, wait status)--> session
     command job: session --ctl: ("command", token, argv, cwd, env) + reply pipe, fd 0/1/2--> server
-        --fork, own session and cgroup, exec--> the command;  server --reply pipe: pid or error--> session
+        --posix_spawn (_spawn), own session and cgroup--> the command;  server --reply pipe: pid or error--> session
     session closes ctl (or dies) --> server kills every job's processes (cgroup.kill on its directory,
         and every worker group it still has), then exits
 
