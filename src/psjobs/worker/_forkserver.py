@@ -10,7 +10,7 @@
     no spare left: session --ctl: ("fork", token) + the same descriptors--> server --fork--> worker
     server --ctl: ("forked", token, pid) / ("exited", token or None, pid, wait status)--> session
     command job: session --ctl: ("command", token, argv, cwd, env) + reply pipe, fd 0/1/2--> server
-        --fork, own session and cgroup, exec--> the command;  server --reply pipe: pid or error--> session
+        --posix_spawn (_spawn), own session and cgroup--> the command;  server --reply pipe: pid or error--> session
     session closes ctl (or dies) --> server kills every job's processes (cgroup.kill on its directory,
         and every worker group it still has), then exits
 
@@ -46,6 +46,7 @@ import sys
 from typing import Any
 
 from .._compat import set_child_subreaper
+from ._spawn import spawn
 from ._tree import join_cgroup, kill_cgroup, leave_cgroup, make_session_cgroup, own_cgroup, remove_cgroups
 
 # Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
@@ -63,6 +64,7 @@ _c_signal: Any = importlib.import_module("_signal")
 def main() -> None:
     ctl = socket.socket(fileno=int(sys.argv[1]))
     ctl.setblocking(True)
+    ctl.set_inheritable(False)  # commands are spawned without a closing pass (see _spawn)
     set_child_subreaper()  # orphans of jobs are reaped here (not Linux: they go to init)
     # Ctrl+C is for the session, which stops jobs itself. Caught, not ignored: an ignored signal
     # stays ignored across exec, and the commands started here must not ignore it.
@@ -103,7 +105,8 @@ class _Server:
         self.ctl = ctl
         self.cgroup = cgroup                             # every job's cgroup is in it (None: no cgroups)
         self.home = own_cgroup()                         # ours, to come back to after a command's spawn
-        self.commands: dict[int, tuple[subprocess.Popen[bytes], str | None]] = {}  # pid -> its Popen, cgroup
+        self.commands: dict[int, tuple[subprocess.Popen[bytes] | None, str | None]] = {}  # pid -> Popen?, cgroup
+        self.null = -1                                   # /dev/null, for commands without input
         self.own = own                                   # descriptors no child may keep
         self.workers: dict[int, Any] = {}                # pid -> token of its job (None: unknown)
         self.spares: dict[int, socket.socket] = {}       # pid -> our end of its socket
@@ -161,7 +164,7 @@ class _Server:
         a row, then answered.
         """
         try:
-            msg, fds, _, _ = socket.recv_fds(self.ctl, 1 << 20, 4)
+            msg, fds = _recv_now(self.ctl, 0)
         except InterruptedError:
             return
         except OSError:
@@ -277,10 +280,11 @@ class _Server:
         """Start a command job: fds are the reply pipe, then the command's fd 1, fd 2 and (with
         input) fd 0. The session waits on the reply pipe for the pid, or the error exec raised.
 
-        Popen (vfork, then exec in C) costs ~0.65 ms here; a Python-level fork of this server
-        cost ~6 ms (the child's copy-on-write faults). Popen runs no Python in the child, so the
-        cgroup is entered the other way: this server steps into the job's cgroup for the spawn,
-        and the command is born there (cgroup v2 has no other way before exec short of clone3).
+        posix_spawn or Popen (vfork, then exec in C: see _spawn) costs ~0.65 ms here; a
+        Python-level fork of this server cost ~6 ms (the child's copy-on-write faults). Neither
+        runs Python in the child, so the cgroup is entered the other way: this server steps into
+        the job's cgroup for the spawn, and the command is born there (cgroup v2 has no other way
+        before exec short of clone3's CLONE_INTO_CGROUP: glibc >= 2.41's posix_spawn, not here).
         """
         token, argv, cwd, env = request
         reply, stdio = fds[0], fds[1:]
@@ -290,9 +294,7 @@ class _Server:
             if cgroup is not None:
                 join_cgroup(cgroup)
             try:
-                proc = subprocess.Popen(argv, stdin=stdio[2] if len(stdio) > 2 else subprocess.DEVNULL,
-                                        stdout=stdio[0], stderr=stdio[1], cwd=cwd, env=env,
-                                        start_new_session=True)
+                pid, proc = spawn(argv, stdio[2] if len(stdio) > 2 else self.devnull(), stdio[0], stdio[1], cwd, env)
             finally:
                 if cgroup is not None:
                     leave_cgroup(self.home)
@@ -304,9 +306,9 @@ class _Server:
         else:
             # Kept until reaped here: a dropped Popen of a live child would be waited for by
             # subprocess's own clean-up, which would take its exit status from reap().
-            self.commands[proc.pid] = (proc, cgroup)
-            self.workers[proc.pid] = token
-            answer = ("ok", proc.pid)
+            self.commands[pid] = (proc, cgroup)
+            self.workers[pid] = token
+            answer = ("ok", pid)
         for source in stdio:
             os.close(source)
         try:
@@ -315,6 +317,12 @@ class _Server:
             pass  # the session is gone: the shutdown that follows ends the command
         finally:
             os.close(reply)
+
+    def devnull(self) -> int:
+        if self.null < 0:
+            self.null = os.open(os.devnull, os.O_RDWR)  # close-on-exec, as every descriptor here
+            self.own += (self.null,)  # and no worker forked from now on keeps it
+        return self.null
 
     def reap(self) -> None:
         while True:
@@ -328,16 +336,19 @@ class _Server:
                 self.drop_spare(pid)
                 self.workers[pid] = None
             if pid in self.workers:
-                proc, cgroup = self.commands.pop(pid, (None, None))
-                if proc is not None:
-                    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+                command = self.commands.pop(pid, None)
+                cgroup = None
+                if command is not None:
+                    proc, cgroup = command
+                    if proc is not None:
+                        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
                 elif self.cgroup is not None:
                     cgroup = os.path.join(self.cgroup, str(pid))
-                if cgroup is not None:  # empty unless something of the job outlives it
-                    with contextlib.suppress(OSError):
-                        os.rmdir(cgroup)
                 # With no token, the session finds the job it may have handed that spare by the pid.
                 self.tell(("exited", self.workers.pop(pid), pid, status))
+                if cgroup is not None:  # empty unless something of the job outlives it; removed
+                    with contextlib.suppress(OSError):  # after the word, off the job's path (20-45 us)
+                        os.rmdir(cgroup)
 
     def shutdown(self) -> None:
         """The session is gone: leave nothing of its jobs behind."""
@@ -376,10 +387,11 @@ def _spare(theirs: socket.socket) -> int:
     return serve(fds[0], fds[0], capture_fds=False, hello_first=False)
 
 
-def _recv_now(sock: socket.socket) -> tuple[bytes, list[int]]:
+def _recv_now(sock: socket.socket, flags: int = socket.MSG_DONTWAIT) -> tuple[bytes, list[int]]:
     """One message and its descriptors, or BlockingIOError (socket.recv_fds drops its flags
-    argument before Python 3.12)."""
-    msg, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_LEN(4 * 4), socket.MSG_DONTWAIT)
+    argument before Python 3.12). The descriptors are close-on-exec: a command spawned here must
+    not keep another job's pipe open (nothing closes the rest in the child, see _spawn)."""
+    msg, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_LEN(4 * 4), flags | socket.MSG_CMSG_CLOEXEC)
     fds = array.array("i")
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

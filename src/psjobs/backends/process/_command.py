@@ -3,7 +3,7 @@ from the session (the session host's, or with no fork server) in a session of it
 
 ::
 
-    session --("command", argv) + pipes--> fork server --fork, setsid, own cgroup, exec--> the command
+    session --("command", argv) + pipes--> fork server --posix_spawn, setsid, own cgroup--> the command
     the command --stdout--> lines --> output;  --stderr--> lines --> errors;  input items --stdin-->
     fork server --("exited", token, pid, status)--> its exit status (straight from the session: pidfd)
 """

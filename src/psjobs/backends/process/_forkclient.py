@@ -157,10 +157,10 @@ class ForkClient:
                 raise ServerGone(f"the fork server is gone: {exc}") from exc
             finally:
                 os.close(reply_w)
-            with os.fdopen(reply_r, "rb") as f:
-                reply_r = -1
-                self.await_answer(f.fileno())
-                answer = f.read()  # to its end: the server closes the pipe once it has answered
+            self.await_answer(reply_r)
+            answer = b""
+            while chunk := os.read(reply_r, 65536):  # to its end: the server closes it once it has answered
+                answer += chunk
         finally:
             if reply_r >= 0:
                 os.close(reply_r)
