@@ -400,3 +400,27 @@ def test_a_thread_jobs_streamed_records_are_counted_exactly_and_released_on_remo
     assert session.receive_job(job) == values * 50
     session.remove_job(job)
     assert session._spill.held == before  # nothing of it counted any more
+
+
+@pytest.mark.timeout(60)
+def test_spilled_blocks_are_bounded_and_read_back_in_order(session: psjobs.Session) -> None:
+    """A spill writes blocks of at most 4,096 entries, ending at the latest at the entry that brings
+    one to 1 MiB (so a read of one position unpickles about that much at most); mixed small and big
+    values come back whole and in order."""
+    from psjobs.core import _spill
+
+    values: list[Any] = [("x" * (300_000 if i % 997 == 0 else i % 50)) for i in range(30_000)]
+    job = session.start_thread_job(lambda: [psjobs.write_output(v) for v in values] and None)
+    assert job.wait(timeout=30)
+    journal = job._journal
+    assert isinstance(journal, _spill.SpillJournal) and journal._starts
+    starts = [*journal._starts, None]
+    for k, (start, length) in enumerate(zip(journal._starts, journal._lens, strict=True)):
+        end = starts[k + 1]
+        if end is not None:
+            count = end - start
+            assert 1 <= count <= _spill._BLOCK_ENTRIES
+            sizes = [_spill._ENTRY + sys.getsizeof(v) for v in values[start:end]]
+            assert sum(sizes[:-1]) < _spill._BLOCK_BYTES, (start, count)
+        assert length > 0
+    assert job.receive() == values

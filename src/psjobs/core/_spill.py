@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from array import array
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError
@@ -183,13 +184,15 @@ class SpillJournal:
         blocks: list[tuple[int, int, int]] = []
         offset = self._size
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
+        # Where each block ends: at _BLOCK_ENTRIES entries, or at the entry that brings it to
+        # _BLOCK_BYTES (as cost() counts them). The running sums are made by map/accumulate and the
+        # ends found by bisect, in C: a Python loop over the entries took ~30 ms a 100,000 (a
+        # process job streaming faster than its reader spills every entry: bench core's streaming).
+        ends = list(accumulate(map(_ENTRY.__add__, map(sys.getsizeof, map(_value, entries))), initial=0))
         try:
             i = 0
             while i < len(entries):
-                j, size = i, 0
-                while j < len(entries) and j - i < _BLOCK_ENTRIES and size < _BLOCK_BYTES:
-                    size += _ENTRY + sys.getsizeof(entries[j][1])
-                    j += 1
+                j = min(bisect.bisect_left(ends, ends[i] + _BLOCK_BYTES, i + 1), i + _BLOCK_ENTRIES, len(entries))
                 data = self._pickle(base + i, entries[i:j])
                 view = memoryview(data)
                 at = offset
