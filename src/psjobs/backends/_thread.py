@@ -29,7 +29,7 @@ from .._inside import bind, bind_job_id, flush_lines, install_routers, unbind, u
 from ..core import CALL, Backend, JobPort, JobSpec, Outcome
 from ..worker._outcome import status_error
 from ..worker._procs import run_command
-from ..worker._runner import call, run_guarded
+from ..worker._runner import STOPPED, Ended, call, run_guarded
 from ..worker._thread_stop import ThreadStopper
 
 if TYPE_CHECKING:
@@ -201,19 +201,28 @@ class ThreadBackend(Backend):
         token = bind(emitter)
         job_token = bind_job_id(port.job_id)
         try:
-            if not port.started():
-                return  # stopped between admission and now
-            install_routers()
-            spec = data.spec
-            if spec.kind == CALL:
-                ended = run_guarded(lambda: call(spec.target, spec.args, spec.kwargs, spec.init, emitter),
-                                    data)
-            else:
-                ended = run_guarded(lambda: self._command(data, emitter), data, status=True)
-        finally:
-            flush_lines(emitter)
-            unbind_job_id(job_token)
-            unbind(token)
+            try:
+                if not port.started():
+                    return  # stopped between admission and now
+                install_routers()
+                spec = data.spec
+                if spec.kind == CALL:
+                    ended = run_guarded(lambda: call(spec.target, spec.args, spec.kwargs, spec.init, emitter),
+                                        data)
+                else:
+                    ended = run_guarded(lambda: self._command(data, emitter), data, status=True)
+            finally:
+                try:
+                    flush_lines(emitter)  # a write, so it may end the job (_Emitter.emit's fallback)
+                finally:
+                    unbind_job_id(job_token)
+                    unbind(token)
+        except JobStopped:
+            # A stop that came out of the runner itself (raised in its own epilogue, or by the last
+            # line's write): the job did stop. Before this, such a stop killed this thread and the
+            # job stayed Stopping for good (issue 13: a tight write loop stopped 100 times, full runs).
+            data.leave()
+            ended = Ended(STOPPED)
         port.ended(Outcome.named(ended.event, ended.reason, ended.code))
         if port.data is data:  # not a retry's new run (retries=N starts the job again at once)
             port.data = None  # the spec (target, arguments, input) is not needed any more
