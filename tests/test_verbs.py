@@ -308,10 +308,10 @@ def test_stop_requested_is_seen_inside(start: Callable[..., psjobs.Job], session
     assert [r.message for r in leaf(job).warning] == ["cleaned up, stop_requested=True"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 13, open: in full-suite runs (1 of 2 here after the stall fix; "
-                   "never alone, nor in 400 loops beside CPU burners, disk writers and other test files) "
-                   "one of the 100 stops still ends Stopping after grace + 2 s; the stall and the "
-                   "cleanup's lost writes are fixed (next test), this cause is not yet known")
+@pytest.mark.xfail(strict=False, reason="issue 13: it failed in every full-suite run of 2026-12-05 until a stop "
+                   "that came out of the thread runner's own epilogue was caught (it killed the worker "
+                   "thread before the job ended: ThreadBackend._run); it passed in the 2 full runs since. "
+                   "Strict once more full runs confirm it")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_thread_job_stopped_while_it_writes_never_hangs_the_session() -> None:
     """The stop lands anywhere in a tight write_output loop, psjobs' own code included (it
