@@ -269,16 +269,8 @@ def case_back_to_back(s: psjobs.Session, z: Sizes) -> list[Row]:
             raise RuntimeError(f"{len(bad)} of {n} jobs did not complete: {bad[0]!r} {bad[0].reason!r}")
         return n / dt
 
-    def mp_fork() -> float:
-        t = now()
-        procs = [fork.Process(target=_jobs.trivial) for _ in range(n)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        return n / (now() - t)
-
-    samples = interleave({"psjobs": psj, "mp fork Process each": mp_fork}, max(3, z.rounds_slow), warmup=1)
+    samples = interleave({"psjobs": psj, "mp fork Process each": lambda: _mp_fork_rate(fork, n)},
+                         max(3, z.rounds_slow), warmup=1)
     rows = [row(case, name, metric(v), "jobs/s", "higher") for name, v in samples.items()]
     ratio = value_of(rows, case, "psjobs") / value_of(rows, case, "mp fork Process each")
     set_target(rows, case, f">= 2x the rate of mp fork Processes: {ratio:.2f}x", bool(ratio >= 2.0))
@@ -429,13 +421,7 @@ def case_rates(s: psjobs.Session, z: Sizes) -> list[Row]:
                 return n / (now() - t)
 
             def mp_fork(n: int = n) -> float:
-                t = now()
-                procs = [fork.Process(target=_jobs.trivial) for _ in range(n)]
-                for p in procs:
-                    p.start()
-                for p in procs:
-                    p.join()
-                return n / (now() - t)
+                return _mp_fork_rate(fork, n)
 
             def popen(n: int = n) -> float:
                 t = now()
@@ -465,6 +451,17 @@ def case_rates(s: psjobs.Session, z: Sizes) -> list[Row]:
 
 
 # --- 3. streaming -----------------------------------------------------------------------------
+
+def _mp_fork_rate(fork: Any, n: int) -> float:
+    """Jobs/s of n multiprocessing fork Processes started at once, then joined (the peer of two cases)."""
+    t = now()
+    procs = [fork.Process(target=_jobs.trivial) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return n / (now() - t)
+
 
 def _psj_stream(s: psjobs.Session, start: Callable[[], psjobs.Job], n: int) -> dict[str, float]:
     t = now()
