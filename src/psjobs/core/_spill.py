@@ -186,7 +186,7 @@ class SpillJournal:
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
         # Where each block ends: at _BLOCK_ENTRIES entries, or at the entry that brings it to
         # _BLOCK_BYTES (as cost() counts them). The running sums are made by map/accumulate and the
-        # ends found by bisect, in C: a Python loop over the entries took ~30 ms a 100,000 (a
+        # ends found by bisect, in C: a Python loop over the entries took ~30 ms a 100,000 at load ~1 (a
         # process job streaming faster than its reader spills every entry: bench core's streaming).
         ends = list(accumulate(map(_ENTRY.__add__, map(sys.getsizeof, map(_value, entries))), initial=0))
         try:

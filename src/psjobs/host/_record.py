@@ -1,9 +1,9 @@
 """Records for the host protocol: dataclasses to mypy, a cheaper equivalent at run time.
 
 The command imports host/_protocol on every run (`psjobs get` is a whole process). Decorating its ~20
-classes with dataclasses cost ~12 ms of a ~60 ms command (the module imports inspect, and each class
-execs generated code); ``_record`` gives the same __init__ (positional or keyword, defaults, default
-factories), __eq__ and __repr__ from the same annotations, without either.
+classes with dataclasses cost ~12 ms of a ~60 ms command at load 0.8 (bench/FINDINGS.md): the module
+imports inspect, and each class execs generated code. ``record`` gives the same __init__ (positional
+or keyword, defaults, default factories), __eq__ and __repr__ from the same annotations, without either.
 """
 
 from __future__ import annotations
