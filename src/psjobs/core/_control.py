@@ -5,7 +5,8 @@
     stop_jobs:  under the lock: every unfinished leaf Event.STOP (queued ones are Stopped at once),
                 stop requested on it and its parents, parents re-derived
                 then, without the lock: backend.stop(port, grace) for each leaf that ran
-                then wait (grace + the backends' stop_slack, 2 s) for every job
+                then wait (grace + the backends' stop_slack: 2 s to reap a killed process,
+                none for a thread) for every job
                 to end: backend.nudge(port) while waiting,
                 a StopTimeoutWarning and a status message for what did not end
     pause_jobs: check every leaf first (a refusal changes nothing), then per leaf
@@ -124,7 +125,7 @@ def stop_jobs(session: Session, selected: list[Job], grace: float) -> None:
         backend.stop(port, grace)
     # Each backend ends its work within the grace period (a process is killed then, and gets its
     # backend's stop_slack to be reaped); only a thread stuck where Python cannot interrupt it may
-    # outlast it, and we say so then (docs/guide.md: grace + 2 s).
+    # outlast it, and we say so at the end of the grace period (API.md 5, docs/guide.md).
     deadline = time.monotonic() + grace + max((b.stop_slack for b, _ in to_signal), default=0.0)
     with session._cond:
         while True:
