@@ -704,3 +704,27 @@ def test_repr_and_table(session: psjobs.Session) -> None:
     assert lines[2].split() == [str(job.id), "backup", "BackgroundJob", "Running", "True", "localhost", "sleeper"]
     assert psjobs.format_table([job]) == table
     session.stop_job(job)
+
+
+def test_idle_thread_workers_end_and_new_jobs_still_run() -> None:
+    """A session's worker threads end after ~2 s without work (nothing left running that nobody
+    can see), the throttle holds while they are reused, and a job started after they ended runs."""
+    import threading
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("psjobs-thread-") and t.is_alive()]
+
+    before = set(workers())  # other sessions' workers, ending on their own clock
+    with psjobs.Session(thread_throttle_limit=3) as s:
+        gate = threading.Event()
+        busy = [s.start_thread_job(gate.wait, 30) for _ in range(5)]
+        wait_until(lambda: sum(j.state is JobState.RUNNING for j in busy) == 3, what="3 jobs running")
+        assert sum(j.state is JobState.NOT_STARTED for j in busy) == 2  # the throttle
+        mine = set(workers()) - before
+        assert len(mine) == 3, mine
+        gate.set()
+        assert s.wait_job(busy, timeout=10) == busy
+        wait_until(lambda: not (set(workers()) & mine), 15, "the idle workers to end")
+        job = s.start_thread_job(lambda: 42)
+        assert job.wait(10) and job.receive() == [42]
+    wait_until(lambda: not (set(workers()) - before), 10, "the workers of a closed session to end")

@@ -15,6 +15,7 @@ Output is handed over by reference (no copy, no pickling), as PowerShell's threa
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -131,11 +132,15 @@ class ThreadBackend(Backend):
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
-        self._cond = threading.Condition()
+        # Workers wait on a SimpleQueue, not a Condition: its put and get are C code, where
+        # Condition.notify/wait and their ``with`` blocks are Python (~300 of a thread job's 2,500
+        # bytecodes). The lock (a plain one, also C) guards the counts and the throttle queue.
+        self._lock = threading.Lock()
         self._queue: deque[JobPort] = deque()   # started, waiting for a throttle slot (NotStarted)
-        self._ready: deque[JobPort] = deque()   # admitted, waiting for a worker thread
+        self._ready: queue.SimpleQueue[JobPort | None] = queue.SimpleQueue()  # admitted; None ends a worker
+        self._pending = 0                   # ports put in _ready and not yet taken
         self._running = 0                   # admitted jobs
-        self._idle = 0
+        self._idle = 0                      # worker threads waiting on _ready (or about to)
         self._threads: set[threading.Thread] = set()
         self._closing = False
         self._seq = 0
@@ -144,7 +149,7 @@ class ThreadBackend(Backend):
     def start(self, ports: list[JobPort], spec: JobSpec) -> None:
         for port in ports:
             port.data = _Data(spec)
-        with self._cond:
+        with self._lock:
             self._queue.extend(ports)
             self._admit_locked()
 
@@ -155,40 +160,42 @@ class ThreadBackend(Backend):
             if port.finished:
                 continue  # stopped (or removed) while it waited
             self._running += 1
-            self._ready.append(port)
-        missing = len(self._ready) - self._idle
-        for _ in range(max(0, missing)):
+            self._pending += 1
+            self._ready.put(port)
+        for _ in range(self._pending - self._idle):
             self._seq += 1
             thread = threading.Thread(target=self._worker, name=f"psjobs-thread-{self._seq}", daemon=True)
             self._threads.add(thread)
             self._idle += 1
             thread.start()
-        if self._ready:
-            self._cond.notify(len(self._ready))
 
     def _worker(self) -> None:
         me = threading.current_thread()
+        lock, ready = self._lock, self._ready
         try:
             while True:
-                with self._cond:
-                    deadline = time.monotonic() + _LINGER
-                    while not self._ready:
-                        remaining = deadline - time.monotonic()
-                        if self._closing or remaining <= 0:
-                            self._idle -= 1
-                            return
-                        self._cond.wait(remaining)
-                    port = self._ready.popleft()
+                try:
+                    port = ready.get(timeout=_LINGER)
+                except queue.Empty:
+                    with lock:
+                        if self._pending and not self._closing:
+                            continue  # put just now, and counted on this thread being idle
+                        self._idle -= 1
+                        return
+                with lock:
                     self._idle -= 1
+                    if port is None:
+                        return  # close
+                    self._pending -= 1
                 try:
                     self._run(port)
                 finally:
-                    with self._cond:
+                    with lock:
                         self._running -= 1
                         self._idle += 1
                         self._admit_locked()
         finally:
-            with self._cond:
+            with lock:
                 self._threads.discard(me)
 
     @property
@@ -271,15 +278,16 @@ class ThreadBackend(Backend):
         # port's repr into its ValueError (issue 11's A/B: 6 calls a job).
         if not self._queue:
             return
-        with self._cond:
+        with self._lock:
             if port in self._queue:
                 self._queue.remove(port)
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closing = True
-            self._cond.notify_all()
             threads = list(self._threads)
+            for _ in threads:
+                self._ready.put(None)  # one each, after the jobs already admitted
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=0.5)
