@@ -268,7 +268,9 @@ def test_a_thread_job_whose_stop_was_lost_ends_at_its_next_write() -> None:
             finally:
                 done.set()
 
-    with psjobs.Session(stop_grace=0.2) as s:
+    # A grace period of 2 s: the job ends half a grace after its handler's first write, and that
+    # first write comes once the stop landed, which on 2 busy cores took over 0.1 s.
+    with psjobs.Session(stop_grace=2.0) as s:
         job = s.start_thread_job(swallows_once)
         wait_until(lambda: job.output, what="the first item")
         s.stop_job(job)  # once the grace is over, its next write raises the stop again, itself
