@@ -60,6 +60,13 @@ def main() -> None:
     _wrap(_tree.ProcessTree, "kill", "tree.kill")
     _wrap(_tree.ProcessTree, "gone", "tree.gone")
     _wrap(_port.JobPort, "ended", "port.ended")
+    walk = _tree.proc_stats
+
+    def counted_walk() -> Any:
+        _marks.append(("walk of /proc", time.perf_counter()))
+        return walk()
+
+    _tree.proc_stats = counted_walk
     on_frame: Callable[..., Any] = _call.CallHandle.on_frame
 
     def frame(self: Any, kind: int, payload: Any) -> Any:
@@ -71,6 +78,7 @@ def main() -> None:
 
     steps: dict[str, list[float]] = {}
     rounds: list[int] = []
+    walks: list[int] = []
     totals: list[float] = []
     with psjobs.Session(stop_grace=0.2) as s:
         warm = s.start_job(_jobs.trivial)
@@ -92,18 +100,20 @@ def main() -> None:
             if opts.verbose:
                 print(f"{(t1 - t0) * 1e3:8.3f} ms: " + ", ".join(f"{m} {(t - t0) * 1e3:.3f}" for m, t in marks))
             rounds.append(sum(1 for m, _ in marks if m == "_after_stop (in)"))
+            walks.append(sum(1 for m, _ in marks if m == "walk of /proc"))
             seen: set[str] = set()
             for label, t in marks:
                 if label not in seen:  # the first time each step happens
                     seen.add(label)
                     steps.setdefault(label, []).append((t - t0) * 1e3)
-    totals, rounds = totals[2:], rounds[2:]
+    totals = totals[2:]
     print(f"load average {os.getloadavg()}; cgroups={os.environ.get('PSJOBS_CGROUPS', 'auto')}; n={opts.n}")
     for label, values in sorted(steps.items(), key=lambda kv: statistics.median(kv[1])):
         print(f"  {statistics.median(values[2:] or values):8.3f} ms  {label}")
     print(f"  {statistics.median(totals):8.3f} ms  stop_job returns (median; min {min(totals):.3f}, "
           f"max {max(totals):.3f})")
-    print(f"  _after_stop rounds per stop: {sorted(rounds)}")
+    print(f"  _after_stop rounds per stop: {sorted(rounds[2:])}")
+    print(f"  walks of /proc per stop: {sorted(walks[2:])}")
 
 
 if __name__ == "__main__":
