@@ -1,4 +1,4 @@
-"""``python -m bench.stop_probe [--n N] [--cgroups 0|1]``: where one stop of a busy process job goes.
+"""``python -m bench.stop_probe [--n N] [--cgroups 0|1] [--verbose] [--plain]``: where a stop goes.
 
 ::
 
@@ -37,12 +37,56 @@ def _wrap(cls: type, name: str, label: str | None = None) -> None:
     setattr(cls, name, wrapped)
 
 
+def plain(n: int) -> None:
+    """Stops timed with the public API only, so any psjobs tree can be put on PYTHONPATH and
+    compared (``git archive BASE | tar -x -C /tmp/base``): a busy job stopped once its pid is
+    known (as ``bench core`` does), and ``sleep 100 | cat`` once both are running."""
+    import psutil
+
+    import psjobs
+
+    from . import _jobs
+
+    res: dict[str, list[float]] = {"busy": [], "tree": []}
+    with psjobs.Session(stop_grace=0.2) as s:
+        warm = s.start_job(_jobs.trivial)
+        s.wait_job(warm, timeout=60)
+        s.remove_job(warm)
+        for i in range(n + 2):
+            for kind in res:
+                job = s.start_job(_jobs.busy) if kind == "busy" else s.start_job("sleep 100 | cat")
+                if kind == "busy":
+                    for _leaf, stream, payload, _t in s.read_entries(job, keep=True, wait=True, timeout=30):
+                        if stream == psjobs.Stream.OUTPUT and payload == "go":
+                            break
+                leaf = job.child_jobs[0] if job.child_jobs else job
+                deadline = time.monotonic() + 30
+                while (leaf.pid is None or (kind == "tree" and len(psutil.Process(leaf.pid).children()) < 2)) \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.0005)  # polling the probe's own start, not psjobs' stop
+                t = time.perf_counter()
+                s.stop_job(job)
+                dt = (time.perf_counter() - t) * 1e3
+                assert job.state is psjobs.JobState.STOPPED
+                s.remove_job(job, force=True)
+                if i >= 2:
+                    res[kind].append(dt)
+    where = os.path.dirname(os.path.dirname(psjobs.__file__))
+    print(f"{where}: " + ", ".join(
+        f"{kind} median {statistics.median(v):.2f} ms (over 100 ms: {sum(x > 100 for x in v)}/{len(v)})"
+        for kind, v in res.items()) + f"; load {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=30, help="stops to mark (default 30)")
     parser.add_argument("--cgroups", default=None, help="PSJOBS_CGROUPS for the fork server (0: no cgroups)")
     parser.add_argument("--verbose", action="store_true", help="print every stop's steps")
+    parser.add_argument("--plain", action="store_true", help="time stops with the public API only (any psjobs)")
     opts = parser.parse_args()
+    if opts.plain:
+        plain(opts.n)
+        return
     if opts.cgroups is not None:
         os.environ["PSJOBS_CGROUPS"] = opts.cgroups
 

@@ -14,7 +14,10 @@ Two modes, chosen per fork server by whether it could make its cgroup directory:
   under a systemd delegation): each process job and each command the fork server starts has a
   cgroup of its own, and every process it ever forks stays in it whatever it does (``setsid``,
   double fork, a new process group). A stop signals every member and ends with ``cgroup.kill``;
-  the job is over when the cgroup is empty. This is what ``systemd-run`` does.
+  the job is over when the cgroup is empty (read from ``cgroup.procs``, which lists no zombie:
+  no walk of /proc). This is what ``systemd-run`` does. A process that moves itself to another
+  cgroup (it takes write access to the cgroup tree) is no longer the job's; a job whose first
+  process could not join its cgroup is looked for by its process group.
 - **process group and descendants** (elsewhere, and for commands started straight from the
   session: the session host's, or where there is no fork server): the job's process group plus
   every descendant found in /proc when the stop begins, frozen with SIGSTOP and walked again until
