@@ -34,7 +34,7 @@ import contextlib
 import os
 import signal
 
-from ._procs import proc_stats
+from ._procs import proc_stats, stat_fields
 
 _MAX_WALKS = 20  # fixed-point walks of a frozen tree; each finds what forked during the last one
 
@@ -204,7 +204,7 @@ class ProcessTree:
             if self.contained:
                 return True
         for pid, start in self.seen.items():  # descendants seen leaving the group, by their pid
-            fields = _stat(pid)
+            fields = stat_fields(pid)
             if fields is not None and fields[0] != "Z" and _start(fields) == start:
                 return False
         try:
@@ -249,16 +249,6 @@ def _start(fields: list[str]) -> str:
     return fields[19] if len(fields) > 19 else ""  # starttime: field 22 of /proc/PID/stat
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name; None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2:].split()
-
-
 def _alive(pids: list[int]) -> bool:
     """True if one of ``pids`` is a live process (each read alone: no walk of /proc)."""
-    return any((fields := _stat(pid)) is not None and fields[:1] != ["Z"] for pid in pids)
+    return any((fields := stat_fields(pid)) is not None and fields[:1] != ["Z"] for pid in pids)
