@@ -138,12 +138,18 @@ def remove_cgroups(path: str) -> None:
 def cgroup_members(path: str) -> list[int] | None:
     """The pids in the cgroup ``path``; None when it does not exist (it was emptied and removed)."""
     try:
+        return _read_members(path)
+    except OSError:
+        return []
+
+
+def _read_members(path: str) -> list[int] | None:
+    """As cgroup_members, but an error other than a missing cgroup is raised."""
+    try:
         with open(os.path.join(path, "cgroup.procs"), "rb") as f:
             return [int(pid) for pid in f.read().split()]
     except FileNotFoundError:
         return None
-    except OSError:
-        return []
 
 
 class ProcessTree:
@@ -198,11 +204,15 @@ class ProcessTree:
         processes on the machine (more with more), on every stop's path (issue 11's A/B).
         """
         if self.cgroup is not None:
-            members = cgroup_members(self.cgroup)  # a zombie is not listed (Linux drops it at exit)
-            if members and _alive(members):
-                return False
-            if self.contained:
-                return True
+            try:
+                members = _read_members(self.cgroup)  # no zombie is listed (Linux drops it at exit)
+            except OSError:
+                pass  # cannot tell now: the group is looked at instead (as before the cgroups)
+            else:
+                if members and _alive(members):
+                    return False
+                if self.contained:
+                    return True
         for pid, start in self.seen.items():  # descendants seen leaving the group, by their pid
             fields = stat_fields(pid)
             if fields is not None and fields[0] != "Z" and _start(fields) == start:
