@@ -435,6 +435,12 @@ class _Pump(threading.Thread):
                     writer.flush()
                 except OSError:
                     return
+                main = threading.main_thread().ident
+                if _Ctx.stop and _Ctx.in_user and not _Ctx.raised and main is not None:
+                    # A SIGTERM that came during this flush only set the flag (no stop is raised
+                    # mid-send, nor from this thread): again, so the job's thread acts on it now
+                    # (without, 1 stop in 5 waited for the SIGKILL, finally blocks unrun).
+                    signal.pthread_kill(main, signal.SIGTERM)
             if self.done and not self.fds:
                 return
 
@@ -446,3 +452,7 @@ class _Pump(threading.Thread):
 def _on_alarm(signum: int, frame: Any) -> None:
     if _Ctx.writer is not None:
         _Ctx.writer.on_alarm()
+        # A SIGTERM that came while this flush was under way only set the flag (the writer was
+        # busy): act on it now that it is not, or the job ran on until the SIGKILL, its finally
+        # blocks unrun (seen in 2 of 3 stops right after a job's first output).
+        _Ctx.raise_stop()

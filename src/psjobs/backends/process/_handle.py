@@ -67,8 +67,9 @@ class Handle:
                 self.kill(signal.SIGKILL)
 
         self.stop_at = time.monotonic()
-        self.kill(signal.SIGTERM)
-        self.kill(signal.SIGCONT)  # a suspended job must run to act on its SIGTERM
+        if self.tree is not None and not self.finished:
+            # A suspended job must run to act on its SIGTERM; one look at the tree for both.
+            self.tree.signal(signal.SIGTERM, signal.SIGCONT)
         self.backend.loop.call_later(grace, escalate)
 
     def end(self, entries: list[Entry], outcome: Outcome) -> None:
