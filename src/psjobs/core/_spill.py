@@ -75,9 +75,9 @@ def _sizes(entries: list[Entry]) -> Iterator[int]:
     values = list(map(_value, entries))
     kinds = set(map(type, values))
     if len(kinds) == 1:
-        kind = kinds.pop()
+        kind: Any = kinds.pop()
         if kind in _FLAT:
-            return map(kind.__sizeof__, values)
+            return map(kind.__sizeof__, values)  # the unbound method: kind.__sizeof__(value)
     return map(sys.getsizeof, values)
 
 
