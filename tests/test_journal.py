@@ -402,6 +402,24 @@ def test_a_thread_jobs_streamed_records_are_counted_exactly_and_released_on_remo
     assert session._spill.held == before  # nothing of it counted any more
 
 
+class _BigInt(int):
+    def __sizeof__(self) -> int:
+        return 5000  # an override: only sys.getsizeof sees it
+
+
+def test_the_window_counts_every_batch_as_getsizeof_does() -> None:
+    # cost() sizes a batch of one flat type by that type's __sizeof__ (cheaper than getsizeof): it
+    # must count what getsizeof counts, for every such type and for the batches it leaves to getsizeof.
+    from psjobs.core._spill import _ENTRY, cost
+
+    batches: list[list[Any]] = [[1, 2**70, -5], [2.5, 0.0], ["a", "é" * 50, "€"], [b"", b"x" * 99],
+                                [True, False], [None, None], [_BigInt(3), _BigInt(4)], [1, "a", None],
+                                [[1, 2], (3,)], [int, str], [Record(psjobs.Stream.WARNING, "m", 1.0)]]
+    for values in batches:
+        entries = [(0, v, 1.0) for v in values]
+        assert cost(entries) == sum(_ENTRY + sys.getsizeof(v) for v in values), values
+
+
 @pytest.mark.timeout(60)
 def test_spilled_blocks_are_bounded_and_read_back_in_order(session: psjobs.Session) -> None:
     """A spill writes blocks of at most 4,096 entries, ending at the latest at the entry that brings
