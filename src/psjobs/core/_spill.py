@@ -63,7 +63,7 @@ _log = logging.getLogger("psjobs")
 
 
 _ENTRY = ENTRY  # an entry's tuple, time and list slot, beside its value
-_value = operator.itemgetter(1)
+_stream, _value, _time = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
 #: Types whose sys.getsizeof is their own __sizeof__ (no GC header, no override): see _sizes.
 _FLAT = frozenset({int, float, str, bytes, bool, type(None)})
 
@@ -72,13 +72,14 @@ def _sizes(entries: list[Entry]) -> Iterator[int]:
     """The ``sys.getsizeof`` of each entry's value, in C. A batch of one flat type (a stream of
     ints, of lines) takes the type's ``__sizeof__`` method itself: getsizeof parses its arguments,
     looks the method up by name and binds it, ~840 instructions a call against ~150 (callgrind)."""
-    values = list(map(_value, entries))
-    kinds = set(map(type, values))
+    # Iterators, no list of the values: a container as long as the batch is one more object the
+    # collector walks, and it runs often while records stream (a tuple an entry).
+    kinds = set(map(type, map(_value, entries)))
     if len(kinds) == 1:
         kind: Any = kinds.pop()
         if kind in _FLAT:
-            return map(kind.__sizeof__, values)  # the unbound method: kind.__sizeof__(value)
-    return map(sys.getsizeof, values)
+            return map(kind.__sizeof__, map(_value, entries))  # the unbound method: kind.__sizeof__(value)
+    return map(sys.getsizeof, map(_value, entries))
 
 
 def cost(entries: list[Entry]) -> int:
@@ -230,10 +231,12 @@ class SpillJournal:
 
     def _pickle(self, first: int, block: list[Entry]) -> bytes:
         # In columns, as the worker wire sends them: a list of 3-tuples pickled at ~900 instructions
-        # an int item (each tuple saved and memoized), the columns at ~400 (callgrind).
-        streams, values, times = zip(*block)
+        # an int item (each tuple saved and memoized), the columns at ~400 (callgrind). Not
+        # zip(*block), which makes an iterator per entry; an array("d") of the times cost more than
+        # a list (PyArg_Parse converts each item).
+        streams, values, times = bytes(map(_stream, block)), list(map(_value, block)), list(map(_time, block))
         try:
-            return pickle.dumps((bytes(streams), values, times), protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((streams, values, times), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # some value cannot be pickled: that one stays in memory
             kept: list[Any] = []
             for k, value in enumerate(values):
@@ -243,7 +246,7 @@ class SpillJournal:
                 except Exception:
                     self._pinned[first + k] = block[k]
                     kept.append(None)  # read back from _pinned, by position
-            return pickle.dumps((bytes(streams), kept, times), protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((streams, kept, times), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class Spill:
