@@ -225,7 +225,6 @@ class JobPort:
                 value = entry[1]
                 n = ENTRY + (value.__sizeof__() if type(value) in _FLAT else getsizeof(value))
                 spill = journal._spill
-                journal._n += 1
                 journal._bytes += n
                 spill.held += n
                 journal._mem_at[1].append(entry)

@@ -98,7 +98,7 @@ class SpillJournal:
     always sees a base and a list that agree.
     """
 
-    __slots__ = ("_bytes", "_dropped", "_lens", "_mem_at", "_n", "_offs", "_path", "_pinned", "_size",
+    __slots__ = ("_bytes", "_dropped", "_lens", "_mem_at", "_offs", "_path", "_pinned", "_size",
                  "_spill", "_starts", "cursor", "job")
 
     def __init__(self, spill: Spill, job: Job, entries: list[Entry], cursor: int) -> None:
@@ -106,7 +106,6 @@ class SpillJournal:
         self.job = job             # for messages
         self.cursor = cursor
         self._mem_at: tuple[int, list[Entry]] = (0, entries)
-        self._n = len(entries)
         self._bytes = cost(entries)  # the in-memory entries' estimate
         self._starts = array("q")
         self._offs = array("q")
@@ -120,21 +119,20 @@ class SpillJournal:
 
     # --- with the session lock held (no I/O) -------------------------------------------------
     def __len__(self) -> int:
-        return self._n
+        base, mem = self._mem_at  # no count of its own: one addition less on every record
+        return base + len(mem)
 
     def extend(self, entries: list[Entry]) -> None:
         self._mem_at[1].extend(entries)
-        self._n += len(entries)
         n = cost(entries)
         self._bytes += n
         self._spill.held += n
 
     def append(self, entry: Entry) -> None:  # JobPort.record inlines it (a thread job's records)
-        self._mem_at[1].append(entry)
-        self._n += 1
         n = _ENTRY + sys.getsizeof(entry[1])
         self._bytes += n
         self._spill.held += n
+        self._mem_at[1].append(entry)  # last, as JobPort.record does
 
     def close(self) -> None:
         return None  # the records stay (in memory or in the file) until the job is removed
@@ -189,7 +187,7 @@ class SpillJournal:
                 self._dropped = True
                 spill.held -= self._bytes
                 self._bytes = 0
-                self._mem_at = (self._n, [])
+                self._mem_at = (len(self), [])
                 self._pinned = {}
                 spill.journals.pop(self, None)
             if self._path is not None:
