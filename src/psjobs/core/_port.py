@@ -223,7 +223,9 @@ class JobPort:
                 # record is appended last: a stop raised into this thread lands at a call's end, so
                 # it finds the record counted and in place, or neither.
                 value = entry[1]
-                n = ENTRY + (value.__sizeof__() if type(value) in _FLAT else getsizeof(value))
+                size = value.__sizeof__() if type(value) in _FLAT else getsizeof(value)
+                journal._sizes.append(size)  # for the spill pass's blocks
+                n = ENTRY + size
                 spill = journal._spill
                 journal._bytes += n
                 spill.held += n

@@ -95,18 +95,22 @@ class SpillJournal:
     Positions below ``_mem_at[0]`` are in the file's blocks (``_starts``: each block's first
     position; ``_offs``, ``_lens``: where it lies in the file); the others in ``_mem_at[1]``.
     ``_mem_at`` is one attribute, replaced whole by a spill pass, so a reader without the lock
-    always sees a base and a list that agree.
+    always sees a base and a list that agree. ``_sizes`` holds each in-memory entry's value's
+    ``sys.getsizeof`` as the window counted it, so a spill pass cuts its blocks without sizing the
+    entries again (that was ~1,000 instructions a spilled item, callgrind). A list, not an
+    array("q"): an array converts each item it takes with PyArg_Parse, ~230 instructions.
     """
 
     __slots__ = ("_bytes", "_dropped", "_lens", "_mem_at", "_offs", "_path", "_pinned", "_size",
-                 "_spill", "_starts", "cursor", "job")
+                 "_sizes", "_spill", "_starts", "cursor", "job")
 
     def __init__(self, spill: Spill, job: Job, entries: list[Entry], cursor: int) -> None:
         self._spill = spill
         self.job = job             # for messages
         self.cursor = cursor
         self._mem_at: tuple[int, list[Entry]] = (0, entries)
-        self._bytes = cost(entries)  # the in-memory entries' estimate
+        self._sizes = list(_sizes(entries))  # session lock
+        self._bytes = _ENTRY * len(entries) + sum(self._sizes)  # the in-memory entries' estimate (cost())
         self._starts = array("q")
         self._offs = array("q")
         self._lens = array("q")
@@ -123,13 +127,17 @@ class SpillJournal:
         return base + len(mem)
 
     def extend(self, entries: list[Entry]) -> None:
+        sizes = list(_sizes(entries))  # cost(), kept for the pass
+        self._sizes += sizes
         self._mem_at[1].extend(entries)
-        n = cost(entries)
+        n = _ENTRY * len(entries) + sum(sizes)
         self._bytes += n
         self._spill.held += n
 
     def append(self, entry: Entry) -> None:  # JobPort.record inlines it (a thread job's records)
-        n = _ENTRY + sys.getsizeof(entry[1])
+        size = sys.getsizeof(entry[1])
+        self._sizes.append(size)
+        n = _ENTRY + size
         self._bytes += n
         self._spill.held += n
         self._mem_at[1].append(entry)  # last, as JobPort.record does
@@ -188,6 +196,7 @@ class SpillJournal:
                 spill.held -= self._bytes
                 self._bytes = 0
                 self._mem_at = (len(self), [])
+                self._sizes = []
                 self._pinned = {}
                 spill.journals.pop(self, None)
             if self._path is not None:
@@ -195,10 +204,11 @@ class SpillJournal:
                     os.unlink(self._path)
 
     # --- a spill pass (holds Spill.lock) ----------------------------------------------------------
-    def _write(self, directory: str, base: int, entries: list[Entry]) -> list[tuple[int, int, int]]:
-        """Write ``entries`` (positions from ``base``) after what the file holds, a block at a time (so
-        no second copy of them is made); the blocks' (start, offset, length). Written at explicit
-        offsets: after a failed pass, the next one writes over what it left."""
+    def _write(self, directory: str, base: int, entries: list[Entry], sizes: list[int]) -> list[tuple[int, int, int]]:
+        """Write ``entries`` (positions from ``base``; ``sizes``: their values' getsizeof) after what
+        the file holds, a block at a time (so no second copy of them is made); the blocks' (start,
+        offset, length). Written at explicit offsets: after a failed pass, the next one writes over
+        what it left."""
         if self._path is None:
             self._path = os.path.join(directory, f"{id(self):x}.seg")
         blocks: list[tuple[int, int, int]] = []
@@ -208,11 +218,16 @@ class SpillJournal:
         # _BLOCK_BYTES (as cost() counts them). The running sums are made by map/accumulate and the
         # ends found by bisect, in C: a Python loop over the entries took ~30 ms a 100,000 at load ~1 (a
         # process job streaming faster than its reader spills every entry: bench core's streaming).
-        ends = list(accumulate(map(_ENTRY.__add__, _sizes(entries)), initial=0))
+        if len(sizes) != len(entries):  # a stop landed inside a thread job's record (JobPort.record)
+            sizes = list(_sizes(entries))
+        values_end = list(accumulate(sizes, initial=0))  # with _ENTRY an entry, added in the key below
+        ends = range(len(entries) + 1)
         try:
             i = 0
             while i < len(entries):
-                j = min(bisect.bisect_left(ends, ends[i] + _BLOCK_BYTES, i + 1), i + _BLOCK_ENTRIES, len(entries))
+                j = min(bisect.bisect_left(ends, values_end[i] + _ENTRY * i + _BLOCK_BYTES, i + 1,
+                                           key=lambda k: values_end[k] + _ENTRY * k),
+                        i + _BLOCK_ENTRIES, len(entries))
                 data = self._pickle(base + i, entries[i:j])
                 view = memoryview(data)
                 at = offset
@@ -284,7 +299,7 @@ class Spill:
             self._pass()
 
     def _pass(self) -> None:
-        claims: list[tuple[SpillJournal, int, list[Entry], int]] = []
+        claims: list[tuple[SpillJournal, int, list[Entry], list[int], int]] = []
         with self.session_lock:
             if self.closed:
                 return
@@ -295,16 +310,16 @@ class Spill:
                 base, mem = journal._mem_at
                 if not mem:
                     continue
-                claims.append((journal, base, list(mem), journal._bytes))
+                claims.append((journal, base, list(mem), journal._sizes[:], journal._bytes))
                 excess -= journal._bytes
         if not claims:
             return
         directory = self._directory()
-        for journal, base, entries, n_bytes in claims:
+        for journal, base, entries, sizes, n_bytes in claims:
             try:
                 if directory is None:
                     raise OSError("no directory for psjobs' spill files")
-                blocks = journal._write(directory, base, entries)
+                blocks = journal._write(directory, base, entries, sizes)
             except (OSError, pickle.PicklingError) as exc:
                 self._failed_at = time.monotonic()
                 _log.warning("psjobs: could not write %s's records to disk (%s); they stay in memory, "
@@ -321,6 +336,9 @@ class Spill:
                 # old (base, list) still finds its entries there.
                 now_base, mem = journal._mem_at
                 journal._mem_at = (now_base + len(entries), mem[len(entries):])
+                del journal._sizes[:len(entries)]
+                if len(journal._sizes) != len(mem) - len(entries):  # see _write: sized again
+                    journal._sizes = list(_sizes(journal._mem_at[1]))
                 journal._bytes -= n_bytes  # what the claimed entries were counted at
                 self.held -= n_bytes
 
