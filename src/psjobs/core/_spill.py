@@ -71,7 +71,8 @@ _FLAT = frozenset({int, float, str, bytes, bool, type(None)})
 def _sizes(entries: list[Entry]) -> Iterator[int]:
     """The ``sys.getsizeof`` of each entry's value, in C. A batch of one flat type (a stream of
     ints, of lines) takes the type's ``__sizeof__`` method itself: getsizeof parses its arguments,
-    looks the method up by name and binds it, ~840 instructions a call against ~150 (callgrind)."""
+    looks the method up by name and binds it, ~840 instructions a call against ~250 with the type
+    check (callgrind)."""
     # Iterators, no list of the values: a container as long as the batch is one more object the
     # collector walks, and it runs often while records stream (a tuple an entry).
     kinds = set(map(type, map(_value, entries)))
@@ -244,7 +245,7 @@ class SpillJournal:
 
     def _pickle(self, first: int, block: list[Entry]) -> bytes:
         # In columns, as the worker wire sends them: a list of 3-tuples pickled at ~900 instructions
-        # an int item (each tuple saved and memoized), the columns at ~400 (callgrind). Not
+        # an int item (each tuple saved and memoized), the columns at ~320 (callgrind). Not
         # zip(*block), which makes an iterator per entry; an array("d") of the times cost more than
         # a list (PyArg_Parse converts each item).
         streams, values, times = bytes(map(_stream, block)), list(map(_value, block)), list(map(_time, block))
@@ -274,9 +275,6 @@ class Spill:
         self.directory: str | None = None
         self.closed = False
         self._failed_at = 0.0
-
-    #: what JobPort.record tests a journal against to add a record itself (it does not import this module)
-    journal_type = SpillJournal
 
     def adopt(self, job: Job, small: MemoryJournal) -> SpillJournal:
         """The SpillJournal that takes over a grown MemoryJournal (session lock held)."""
