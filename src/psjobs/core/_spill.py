@@ -335,11 +335,14 @@ class Spill:
                 # old (base, list) still finds its entries there.
                 now_base, mem = journal._mem_at
                 journal._mem_at = (now_base + len(entries), mem[len(entries):])
-                del journal._sizes[:len(entries)]
-                if len(journal._sizes) != len(mem) - len(entries):  # see _write: sized again
-                    journal._sizes = list(_sizes(journal._mem_at[1]))
                 journal._bytes -= n_bytes  # what the claimed entries were counted at
                 self.held -= n_bytes
+                # No call between the three lines above (a stop raised into a thread job's thread
+                # lands at a call's end): the count follows the list. The sizes after: one that
+                # lands here leaves them uneven, and the next pass sizes its entries again.
+                del journal._sizes[:len(entries)]
+                if len(journal._sizes) != len(journal._mem_at[1]):  # see _write
+                    journal._sizes = list(_sizes(journal._mem_at[1]))
 
     def _directory(self) -> str | None:
         if self.directory is None:
