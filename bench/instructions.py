@@ -66,6 +66,21 @@ got = sum(1 for entry in s.read_entries(job, wait=True))  # as bench core reads 
 assert got == {n} + 0, got
 s.close()
 """),
+    # the ``bench core`` row "streaming from a process job": the session process only (the worker
+    # runs outside valgrind, ~50x faster than the session under it, so records arrive in full
+    # batches of 1,000 and most of them go through the spill window, as when a reader falls behind)
+    "pstream": ("item streamed from a generator process job, received as it runs (session side)", """
+import psjobs
+def gen(n):
+    for i in range(n):
+        yield i
+s = psjobs.Session()
+job = s.start_job(gen, {n})
+got = sum(1 for entry in s.read_entries(job, wait=True))
+assert got == {n} + 0, got
+s.remove_job(job)
+s.close()
+"""),
     # the ``bench core`` row "get_job() over the finished jobs": 10,000 held, listed N times. They
     # are made one at a time: 10,000 started at once interleave differently from run to run, by
     # more instructions than a few hundred get_job() calls cost.
@@ -113,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2000, help="units of the loop (a multiple of 1,000 for batch)")
     parser.add_argument("--loop", choices=sorted(LOOPS), default="job",
                         help="job: one thread job at a time (default); batch: 1,000 at once; stream: items "
-                             "of a generator job; get_job: get_job() over 10,000 finished jobs")
+                             "of a generator thread job; pstream: of a generator process job (the session's "
+                             "side); get_job: get_job() over 10,000 finished jobs")
     args = parser.parse_args(argv)
     unit, loop = LOOPS[args.loop]
     if shutil.which("valgrind") is None:
