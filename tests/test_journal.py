@@ -402,6 +402,49 @@ def test_a_thread_jobs_streamed_records_are_counted_exactly_and_released_on_remo
     assert session._spill.held == before  # nothing of it counted any more
 
 
+class _BigInt(int):
+    def __sizeof__(self) -> int:
+        return 5000  # an override: only sys.getsizeof sees it
+
+
+def test_the_window_counts_every_batch_as_getsizeof_does() -> None:
+    # cost() sizes a batch of one flat type by that type's __sizeof__ (cheaper than getsizeof): it
+    # must count what getsizeof counts, for every such type and for the batches it leaves to getsizeof.
+    from psjobs.core._spill import _ENTRY, cost
+
+    batches: list[list[Any]] = [[1, 2**70, -5], [2.5, 0.0], ["a", "é" * 50, "€"], [b"", b"x" * 99],
+                                [True, False], [None, None], [_BigInt(3), _BigInt(4)], [1, "a", None],
+                                [[1, 2], (3,)], [int, str], [Record(psjobs.Stream.WARNING, "m", 1.0)]]
+    for values in batches:
+        entries = [(0, v, 1.0) for v in values]
+        assert cost(entries) == sum(_ENTRY + sys.getsizeof(v) for v in values), values
+
+
+def test_a_spill_pass_sizes_again_what_a_stopped_record_left_uneven(session: psjobs.Session) -> None:
+    # A journal keeps each in-memory entry's size for the spill pass; a stop raised into a thread
+    # job between a record's two appends (JobPort.record) leaves one size too many. The pass must
+    # then size the entries itself: blocks in order, nothing lost, the window's count unchanged.
+    from psjobs.core import _spill
+
+    values = [f"v{i}" * (i % 7) for i in range(3000)]
+    job = session.start_thread_job(lambda: [psjobs.write_output(v) for v in values] and None)
+    assert job.wait(timeout=30)
+    journal = job._journal
+    assert isinstance(journal, _spill.SpillJournal)
+    journal._sizes.insert(5, 12345)  # what the stop left: a size without its entry
+    spill = session._spill
+    held, window, counted = spill.held, spill.window, journal._bytes
+    try:
+        spill.window = 0  # the pass writes every in-memory entry
+        with spill.lock:
+            spill._pass()
+    finally:
+        spill.window = window
+    assert journal._starts and journal._mem_at[1] == [] and journal._sizes == []
+    assert journal._bytes == 0 and spill.held == held - counted  # released as it was counted
+    assert job.receive() == values
+
+
 @pytest.mark.timeout(60)
 def test_spilled_blocks_are_bounded_and_read_back_in_order(session: psjobs.Session) -> None:
     """A spill writes blocks of at most 4,096 entries, ending at the latest at the entry that brings

@@ -28,6 +28,7 @@ from sys import getsizeof
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._journal import ENTRY, SMALL, MemoryJournal
+from ._spill import SpillJournal
 from ._state import Event
 
 _SMALL = SMALL + 1  # a MemoryJournal's list holds its cursor too (as in _job)
@@ -213,27 +214,30 @@ class JobPort:
         yields, and each Python call on it cost ~5% of the streaming rate.
         """
         job = self._job
-        spill = job._session._spill
         with self._lock:
             if job._state.is_finished:
                 return  # a finished job absorbs late records
             journal: Any = job._journal
-            if journal is None:
-                job._journal = MemoryJournal([entry])
-            elif type(journal) is spill.journal_type:
+            if type(journal) is SpillJournal:  # the streaming case first: past SMALL records
                 # SpillJournal.append, inlined (a Python call per streamed item, ~10% of one). The
                 # record is appended last: a stop raised into this thread lands at a call's end, so
                 # it finds the record counted and in place, or neither.
                 value = entry[1]
-                n = ENTRY + (value.__sizeof__() if type(value) in _FLAT else getsizeof(value))
-                journal._n += 1
+                size = value.__sizeof__() if type(value) in _FLAT else getsizeof(value)
+                journal._sizes.append(size)  # for the spill pass's blocks
+                n = ENTRY + size
+                spill = journal._spill
                 journal._bytes += n
                 spill.held += n
                 journal._mem_at[1].append(entry)
             else:
-                journal.append(entry)
-                if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
-                    job._journal = spill.adopt(job, journal)  # now within the memory window
+                spill = job._session._spill
+                if journal is None:
+                    job._journal = MemoryJournal([entry])
+                else:
+                    journal.append(entry)
+                    if type(journal) is MemoryJournal and list.__len__(journal) > _SMALL:
+                        job._journal = spill.adopt(job, journal)  # now within the memory window
             if job._watch is not None:
                 job._watch.news(job)
             cond = job._session._cond

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from array import array
+from collections.abc import Iterator
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
@@ -62,14 +63,32 @@ _log = logging.getLogger("psjobs")
 
 
 _ENTRY = ENTRY  # an entry's tuple, time and list slot, beside its value
-_value = operator.itemgetter(1)
+_stream, _value, _time = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
+#: Types whose sys.getsizeof is their own __sizeof__ (no GC header, no override): see _sizes.
+_FLAT = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _sizes(entries: list[Entry]) -> Iterator[int]:
+    """The ``sys.getsizeof`` of each entry's value, in C. A batch of one flat type (a stream of
+    ints, of lines) takes the type's ``__sizeof__`` method itself: getsizeof parses its arguments,
+    looks the method up by name and binds it, ~840 instructions a call against ~250 with the type
+    check (callgrind)."""
+    # The values taken out once: two itemgetter passes cost ~90 instructions an item more than the
+    # list (callgrind, a process job's stream of 100,000 items).
+    values = list(map(_value, entries))
+    kinds = set(map(type, values))
+    if len(kinds) == 1:
+        kind: Any = kinds.pop()
+        if kind in _FLAT:
+            return map(kind.__sizeof__, values)  # the unbound method: kind.__sizeof__(value)
+    return map(sys.getsizeof, values)
 
 
 def cost(entries: list[Entry]) -> int:
     """An estimate of the bytes ``entries`` hold: ~100 each, and their values' ``sys.getsizeof``
     (a record counts its message, see Record.__sizeof__; a container only itself, not its items).
     C-level iteration: it runs under the session lock, for every batch of records."""
-    return _ENTRY * len(entries) + sum(map(sys.getsizeof, map(_value, entries)))
+    return _ENTRY * len(entries) + sum(_sizes(entries))
 
 
 class SpillJournal:
@@ -78,19 +97,22 @@ class SpillJournal:
     Positions below ``_mem_at[0]`` are in the file's blocks (``_starts``: each block's first
     position; ``_offs``, ``_lens``: where it lies in the file); the others in ``_mem_at[1]``.
     ``_mem_at`` is one attribute, replaced whole by a spill pass, so a reader without the lock
-    always sees a base and a list that agree.
+    always sees a base and a list that agree. ``_sizes`` holds each in-memory entry's value's
+    ``sys.getsizeof`` as the window counted it, so a spill pass cuts its blocks without sizing the
+    entries again (that was ~1,000 instructions a spilled item, callgrind). A list, not an
+    array("q"): an array converts each item it takes with PyArg_Parse, ~230 instructions.
     """
 
-    __slots__ = ("_bytes", "_dropped", "_lens", "_mem_at", "_n", "_offs", "_path", "_pinned", "_size",
-                 "_spill", "_starts", "cursor", "job")
+    __slots__ = ("_bytes", "_dropped", "_lens", "_mem_at", "_offs", "_path", "_pinned", "_size",
+                 "_sizes", "_spill", "_starts", "cursor", "job")
 
     def __init__(self, spill: Spill, job: Job, entries: list[Entry], cursor: int) -> None:
         self._spill = spill
         self.job = job             # for messages
         self.cursor = cursor
         self._mem_at: tuple[int, list[Entry]] = (0, entries)
-        self._n = len(entries)
-        self._bytes = cost(entries)  # the in-memory entries' estimate
+        self._sizes = list(_sizes(entries))  # session lock
+        self._bytes = _ENTRY * len(entries) + sum(self._sizes)  # the in-memory entries' estimate (cost())
         self._starts = array("q")
         self._offs = array("q")
         self._lens = array("q")
@@ -103,21 +125,24 @@ class SpillJournal:
 
     # --- with the session lock held (no I/O) -------------------------------------------------
     def __len__(self) -> int:
-        return self._n
+        base, mem = self._mem_at  # no count of its own: one addition less on every record
+        return base + len(mem)
 
     def extend(self, entries: list[Entry]) -> None:
+        sizes = list(_sizes(entries))  # cost(), kept for the pass
+        self._sizes += sizes
         self._mem_at[1].extend(entries)
-        self._n += len(entries)
-        n = cost(entries)
+        n = _ENTRY * len(entries) + sum(sizes)
         self._bytes += n
         self._spill.held += n
 
     def append(self, entry: Entry) -> None:  # JobPort.record inlines it (a thread job's records)
-        self._mem_at[1].append(entry)
-        self._n += 1
-        n = _ENTRY + sys.getsizeof(entry[1])
+        size = sys.getsizeof(entry[1])
+        self._sizes.append(size)
+        n = _ENTRY + size
         self._bytes += n
         self._spill.held += n
+        self._mem_at[1].append(entry)  # last, as JobPort.record does
 
     def close(self) -> None:
         return None  # the records stay (in memory or in the file) until the job is removed
@@ -145,16 +170,21 @@ class SpillJournal:
                                 f"deleted, as its session was closed); keep the session open while you "
                                 f"receive a job's records") from None
         out: list[Entry] = []
+        pinned = self._pinned
         try:
             i = bisect.bisect_right(self._starts, start) - 1
             pos = start
             while pos < stop:
                 first = self._starts[i]
-                block: list[Any] = pickle.loads(os.pread(fd, self._lens[i], self._offs[i]))
-                for k in range(pos - first, min(len(block), stop - first)):
-                    entry = block[k]
-                    out.append(self._pinned[first + k] if entry is None else entry)
-                pos = first + len(block)
+                streams, values, times = pickle.loads(os.pread(fd, self._lens[i], self._offs[i]))
+                a, b = pos - first, min(len(values), stop - first)
+                block = list(zip(streams[a:b], values[a:b], times[a:b]))
+                if pinned:  # entries that could not be pickled: a None in the file
+                    for k in range(a, b):
+                        if first + k in pinned:
+                            block[k - a] = pinned[first + k]
+                out.extend(block)
+                pos = first + len(values)
                 i += 1
         finally:
             os.close(fd)
@@ -167,7 +197,8 @@ class SpillJournal:
                 self._dropped = True
                 spill.held -= self._bytes
                 self._bytes = 0
-                self._mem_at = (self._n, [])
+                self._mem_at = (len(self), [])
+                self._sizes = []
                 self._pinned = {}
                 spill.journals.pop(self, None)
             if self._path is not None:
@@ -175,10 +206,11 @@ class SpillJournal:
                     os.unlink(self._path)
 
     # --- a spill pass (holds Spill.lock) ----------------------------------------------------------
-    def _write(self, directory: str, base: int, entries: list[Entry]) -> list[tuple[int, int, int]]:
-        """Write ``entries`` (positions from ``base``) after what the file holds, a block at a time (so
-        no second copy of them is made); the blocks' (start, offset, length). Written at explicit
-        offsets: after a failed pass, the next one writes over what it left."""
+    def _write(self, directory: str, base: int, entries: list[Entry], sizes: list[int]) -> list[tuple[int, int, int]]:
+        """Write ``entries`` (positions from ``base``; ``sizes``: their values' getsizeof) after what
+        the file holds, a block at a time (so no second copy of them is made); the blocks' (start,
+        offset, length). Written at explicit offsets: after a failed pass, the next one writes over
+        what it left."""
         if self._path is None:
             self._path = os.path.join(directory, f"{id(self):x}.seg")
         blocks: list[tuple[int, int, int]] = []
@@ -188,11 +220,16 @@ class SpillJournal:
         # _BLOCK_BYTES (as cost() counts them). The running sums are made by map/accumulate and the
         # ends found by bisect, in C: a Python loop over the entries took ~30 ms a 100,000 at load ~1 (a
         # process job streaming faster than its reader spills every entry: bench core's streaming).
-        ends = list(accumulate(map(_ENTRY.__add__, map(sys.getsizeof, map(_value, entries))), initial=0))
+        if len(sizes) != len(entries):  # a stop landed inside a thread job's record (JobPort.record)
+            sizes = list(_sizes(entries))
+        values_end = list(accumulate(sizes, initial=0))  # with _ENTRY an entry, added in the key below
+        ends = range(len(entries) + 1)
         try:
             i = 0
             while i < len(entries):
-                j = min(bisect.bisect_left(ends, ends[i] + _BLOCK_BYTES, i + 1), i + _BLOCK_ENTRIES, len(entries))
+                j = min(bisect.bisect_left(ends, values_end[i] + _ENTRY * i + _BLOCK_BYTES, i + 1,
+                                           key=lambda k: values_end[k] + _ENTRY * k),
+                        i + _BLOCK_ENTRIES, len(entries))
                 data = self._pickle(base + i, entries[i:j])
                 view = memoryview(data)
                 at = offset
@@ -208,18 +245,23 @@ class SpillJournal:
         return blocks
 
     def _pickle(self, first: int, block: list[Entry]) -> bytes:
+        # In columns, as the worker wire sends them: a list of 3-tuples pickled at ~900 instructions
+        # an int item (each tuple saved and memoized), the columns at ~320 (callgrind). Not
+        # zip(*block), which makes an iterator per entry; an array("d") of the times cost more than
+        # a list (PyArg_Parse converts each item).
+        streams, values, times = bytes(map(_stream, block)), list(map(_value, block)), list(map(_time, block))
         try:
-            return pickle.dumps(block, protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((streams, values, times), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # some value cannot be pickled: that one stays in memory
-            kept: list[Entry | None] = []
-            for k, entry in enumerate(block):
+            kept: list[Any] = []
+            for k, value in enumerate(values):
                 try:
-                    pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
-                    kept.append(entry)
+                    pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                    kept.append(value)
                 except Exception:
-                    self._pinned[first + k] = entry
-                    kept.append(None)
-            return pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
+                    self._pinned[first + k] = block[k]
+                    kept.append(None)  # read back from _pinned, by position
+            return pickle.dumps((streams, kept, times), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class Spill:
@@ -234,9 +276,6 @@ class Spill:
         self.directory: str | None = None
         self.closed = False
         self._failed_at = 0.0
-
-    #: what JobPort.record tests a journal against to add a record itself (it does not import this module)
-    journal_type = SpillJournal
 
     def adopt(self, job: Job, small: MemoryJournal) -> SpillJournal:
         """The SpillJournal that takes over a grown MemoryJournal (session lock held)."""
@@ -259,7 +298,7 @@ class Spill:
             self._pass()
 
     def _pass(self) -> None:
-        claims: list[tuple[SpillJournal, int, list[Entry], int]] = []
+        claims: list[tuple[SpillJournal, int, list[Entry], list[int], int]] = []
         with self.session_lock:
             if self.closed:
                 return
@@ -270,16 +309,16 @@ class Spill:
                 base, mem = journal._mem_at
                 if not mem:
                     continue
-                claims.append((journal, base, list(mem), journal._bytes))
+                claims.append((journal, base, list(mem), journal._sizes[:], journal._bytes))
                 excess -= journal._bytes
         if not claims:
             return
         directory = self._directory()
-        for journal, base, entries, n_bytes in claims:
+        for journal, base, entries, sizes, n_bytes in claims:
             try:
                 if directory is None:
                     raise OSError("no directory for psjobs' spill files")
-                blocks = journal._write(directory, base, entries)
+                blocks = journal._write(directory, base, entries, sizes)
             except (OSError, pickle.PicklingError) as exc:
                 self._failed_at = time.monotonic()
                 _log.warning("psjobs: could not write %s's records to disk (%s); they stay in memory, "
@@ -298,6 +337,12 @@ class Spill:
                 journal._mem_at = (now_base + len(entries), mem[len(entries):])
                 journal._bytes -= n_bytes  # what the claimed entries were counted at
                 self.held -= n_bytes
+                # No call between the three lines above (a stop raised into a thread job's thread
+                # lands at a call's end): the count follows the list. The sizes after: one that
+                # lands here leaves them uneven, and the next pass sizes its entries again.
+                del journal._sizes[:len(entries)]
+                if len(journal._sizes) != len(journal._mem_at[1]):  # see _write
+                    journal._sizes = list(_sizes(journal._mem_at[1]))
 
     def _directory(self) -> str | None:
         if self.directory is None:
