@@ -435,8 +435,8 @@ class _Pump(threading.Thread):
                     writer.flush()
                 except OSError:
                     return
-                main = threading.main_thread().ident
-                if _Ctx.stop and _Ctx.in_user and not _Ctx.raised and main is not None:
+                main = threading.main_thread().ident if _Ctx.stop else None
+                if main is not None and _Ctx.in_user and not _Ctx.raised:
                     # A SIGTERM that came during this flush only set the flag (no stop is raised
                     # mid-send, nor from this thread): again, so the job's thread acts on it now
                     # (without, 1 stop in 5 waited for the SIGKILL, finally blocks unrun).
