@@ -172,3 +172,24 @@ def test_case5_the_session_end_kills_what_a_finished_job_left(tree_session: tupl
         # Without a cgroup an orphan is nobody's: the documented limit of that mode.
         os.kill(orphan, signal.SIGKILL)
         wait_until(lambda: not _alive(orphan), what=f"the orphan {orphan} to be killed")
+
+
+# --- the fork server's start-up warmer (worker/_tree.Warmer) leaves nothing behind --------------
+
+def test_the_fork_servers_start_up_warmer_leaves_no_thread_cgroup_or_move() -> None:
+    """While it imports, the fork server moves itself between two cgroups so that its first
+    workers' cgroup moves are fast; once it is ready it must be single-threaded again (it forks),
+    back in the cgroup it started in (commands return there after their spawn), and the two
+    cgroups must be gone."""
+    if not _cgroups_here():
+        pytest.skip("cgroup v2 is not writable here")
+    mine = Path("/proc/self/cgroup").read_text()
+    with psjobs.Session() as s:
+        job = s.start_job(os.getpid)
+        assert job.wait(30) and job.state is JobState.COMPLETED
+        server: psutil.Process = psutil.Process(s._backends["process"]._server.proc.pid)
+        assert server.num_threads() == 1, "the warmer thread outlived the fork server's start-up"
+        assert Path(f"/proc/{server.pid}/cgroup").read_text() == mine, "the fork server was left in a warm cgroup"
+        session_cgroup = s._backends["process"]._server.cgroup
+        assert session_cgroup is not None
+        assert not [e for e in os.listdir(session_cgroup) if e.startswith("warm-")], "a warm cgroup was left"

@@ -47,7 +47,15 @@ from typing import Any
 
 from .._compat import set_child_subreaper
 from ._spawn import spawn
-from ._tree import join_cgroup, kill_cgroup, leave_cgroup, make_session_cgroup, own_cgroup, remove_cgroups
+from ._tree import (
+    Warmer,
+    join_cgroup,
+    kill_cgroup,
+    leave_cgroup,
+    make_session_cgroup,
+    own_cgroup,
+    remove_cgroups,
+)
 
 # Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
 # faults of a new process (3-8 us a page here, several ms in all) before its job arrives.
@@ -75,6 +83,9 @@ def main() -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    cgroup = make_session_cgroup()
+    # The cgroup migrations of the first workers, made fast while we import (see _tree.Warmer).
+    warmer = Warmer(cgroup, os.path.dirname(cgroup)) if cgroup is not None else None
 
     # Preload what every job needs, so a forked child starts with it in shared pages.
     import cloudpickle  # noqa: F401
@@ -85,9 +96,10 @@ def main() -> None:
     _worker.restore_pythonpath()  # jobs see the caller's environment, not the one we needed
     _worker.prepare_ahead()  # in the shared pages: a child switches it on instead of building it
 
+    if warmer is not None:
+        warmer.stop()  # this process is single-threaded again before it forks
     gc.collect()
     gc.freeze()
-    cgroup = make_session_cgroup()
     ctl.send(pickle.dumps(("ready", os.getpid(), cgroup)))
     server = _Server(ctl, (wake_r, wake_w, ctl.fileno()), cgroup)
     try:

@@ -3,6 +3,7 @@
 ::
 
     fork server start --make_session_cgroup--> <our cgroup>/psjobs-<server pid>/   (cgroup v2, writable)
+        while it imports --Warmer (a thread)--> moves it between .../warm-a and warm-b, then home
     a worker or command, before it runs anything --join_cgroup--> .../psjobs-<server pid>/<its pid>/
     stop --ProcessTree.signal(TERM)--> every member;  kill --> cgroup.kill (or SIGSTOP, walk, SIGKILL)
     ProcessTree.gone() --> the job is Stopped only then
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import time
 
 from ._procs import proc_stats, stat_fields
 
@@ -88,6 +91,57 @@ def _prune(base: str) -> None:
             pid = entry.name.removeprefix("psjobs-")
             if entry.name.startswith("psjobs-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 remove_cgroups(entry.path)
+
+
+# A cgroup migration takes the kernel's cgroup_threadgroup_rwsem for writing, and the first one
+# after an idle moment waits for an RCU grace period: 3-20 ms here, against ~30 us for one that
+# follows another within a few milliseconds (bench/FINDINGS.md, "The first job and the RCU grace
+# period"). A fork server's first workers join their cgroups right after its start-up, so while
+# it imports, a Warmer keeps migrations coming: the grace period is paid beside the imports, not
+# on the first job's path.
+WARM_EVERY = 0.004   # between moves: under the ~10 ms idle after which the next one waits again
+WARM_AT_MOST = 2.0   # a bound, should the server never stop it
+
+
+class Warmer:
+    """A thread that moves this process between two cgroups under ``cgroup`` until ``stop()``,
+    which leaves the process back in ``home`` and removes the two cgroups."""
+
+    def __init__(self, cgroup: str, home: str) -> None:
+        import threading  # the fork server's children never see it: stop() joins it before any fork
+
+        self._dirs = (os.path.join(cgroup, "warm-a"), os.path.join(cgroup, "warm-b"))
+        self._home = home
+        self._r, self._w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="psjobs-warm", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + WARM_AT_MOST
+        moves = 0
+        try:
+            for path in self._dirs:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(path)
+            while time.monotonic() < deadline:
+                _write(self._dirs[moves & 1], "cgroup.procs", b"0")
+                moves += 1
+                if select.select([self._r], [], [], WARM_EVERY)[0]:
+                    break
+        except OSError:
+            pass  # a cgroup we may not move into (a managed tree): no warming, nothing else changes
+        finally:
+            if moves:
+                with contextlib.suppress(OSError):
+                    _write(self._home, "cgroup.procs", b"0")
+            for path in self._dirs:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+
+    def stop(self) -> None:
+        os.close(self._w)
+        self._thread.join()
+        os.close(self._r)
 
 
 def join_cgroup(path: str) -> None:
