@@ -25,9 +25,9 @@ import struct
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._errors import ProtocolError
-from ._record import field as _field
-from ._record import plain as _plain
-from ._record import record as _record
+from .._recordclass import field as _field
+from .._recordclass import plain as _plain
+from .._recordclass import record as _record
 
 if TYPE_CHECKING:  # at run time the command imports no socket.py (host/_client uses _socket)
     from _socket import socket as Socket

@@ -178,7 +178,7 @@ def boot_sources() -> bytes:
 # What a remote computer without this psjobs receives: worker/ and the bottom layer, under a
 # stand-in psjobs/__init__ (the real one imports the core, the backends and the host, ~500 KB
 # that a worker never runs). Everything a job's own code may call is there.
-BOTTOM = ("_errors", "_records", "_inside", "_compat")
+BOTTOM = ("_errors", "_records", "_recordclass", "_inside", "_compat")
 STAND_IN_INIT = '''"""psjobs as sent to a remote computer: what a job's code and the worker need, nothing else."""
 
 from ._errors import (

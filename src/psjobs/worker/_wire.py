@@ -31,12 +31,14 @@ import pickle
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 try:
     from .._errors import ProtocolError
+    from .._recordclass import record  # dataclasses' exec of generated code cost ~3 ms at import
 except ImportError:  # run from source by the remote bootstrap: no package around it
+    from dataclasses import dataclass as record
+
     class ProtocolError(Exception):  # type: ignore[no-redef]
         """A frame that breaks the protocol (psjobs' own class where psjobs is installed)."""
 
@@ -132,7 +134,7 @@ class _Message:
         return frame(self.kind, self.encode())
 
 
-@dataclass(slots=True)
+@record
 class Hello(_Message):
     """The worker exists: its protocol version, pid and Python (major, minor)."""
 
@@ -151,7 +153,7 @@ class Hello(_Message):
         return cls(_typed(version, int, "its version"), _typed(pid, int, "its pid"), tuple(python))
 
 
-@dataclass(slots=True)
+@record
 class JobMsg(_Message):
     """The job: where to run (None: leave as it is) and the pickled call (pickle_call)."""
 
@@ -191,7 +193,7 @@ def load_call(call: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any], Any, A
     return target, args, kwargs, init, items
 
 
-@dataclass(slots=True)
+@record
 class Done(_Message):
     """The worker's last word: "complete", "fail" or "stopped", the pickled exception and its
     traceback text (_outcome.dump_reason / load_reason), and a sys.exit status."""
@@ -215,7 +217,7 @@ class Done(_Message):
                    _typed(tb, (str, type(None)), "its traceback"), _typed(code, (int, type(None)), "its exit code"))
 
 
-@dataclass(slots=True)
+@record
 class Prompt(_Message):
     """The job waits for input (read_host) with this prompt."""
 
@@ -231,7 +233,7 @@ class Prompt(_Message):
         return cls(str(pickle.loads(payload)))
 
 
-@dataclass(slots=True)
+@record
 class Answer(_Message):
     """The input a job asked for."""
 
@@ -247,7 +249,7 @@ class Answer(_Message):
         return cls(str(pickle.loads(payload)))
 
 
-@dataclass(slots=True)
+@record
 class Info(_Message):
     """What the remote interpreter has (_remote_boot.probe): the session sends what is missing."""
 
@@ -263,7 +265,7 @@ class Info(_Message):
         return cls(dict(json.loads(bytes(payload).decode("utf-8"))))
 
 
-@dataclass(slots=True)
+@record
 class Refuse(_Message):
     """Why the remote refuses to go on (a Python version mismatch), as plain text."""
 
@@ -279,7 +281,7 @@ class Refuse(_Message):
         return cls(bytes(payload).decode("utf-8", "replace"))
 
 
-@dataclass(slots=True)
+@record
 class Exit(_Message):
     """The remote worker process is gone: its wait status (None: unknown)."""
 
@@ -295,7 +297,7 @@ class Exit(_Message):
         return cls(_typed(json.loads(bytes(payload).decode("utf-8")).get("status"), (int, type(None)), "its status"))
 
 
-@dataclass(slots=True)
+@record
 class Stop(_Message):
     """Stop the remote job: SIGTERM to its group, SIGKILL after ``grace`` seconds (None: the
     remote's default)."""
@@ -315,7 +317,7 @@ class Stop(_Message):
             return cls(None)
 
 
-@dataclass(slots=True)
+@record
 class Pause(_Message):
     """Suspend (True) or resume (False) the remote job's process group."""
 
