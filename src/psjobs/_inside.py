@@ -90,7 +90,10 @@ def write_output(obj: Any) -> None:
     if e is None:
         print(obj)
     else:
-        e.emit(Stream.OUTPUT, obj)
+        e.emit(_OUTPUT, obj)
+
+
+_OUTPUT = Stream.OUTPUT  # an enum member through its metaclass costs ~80 ns a lookup on 3.11
 
 
 def write_error(message_or_exception: str | BaseException) -> None:

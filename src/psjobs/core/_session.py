@@ -294,7 +294,7 @@ class Session(SchedulingVerbs):
                     if shown is not None and leaf._state.is_finished and leaf.id not in ended:
                         ended.add(leaf.id)
                         shown.job_done(leaf)
-                    if stream == Stream.PROGRESS:
+                    if stream is _PROGRESS:
                         if shown is not None:
                             shown.update(leaf, payload)
                         continue
@@ -315,10 +315,10 @@ class Session(SchedulingVerbs):
 
     def _receive_one(self, leaf: Job, stream: Stream, payload: Any, t: float, records: bool, action: str,
                      output: list[Any], errors: list[ErrorRecord]) -> None:
-        if stream == Stream.OUTPUT:
+        if stream is _OUTPUT:
             output.append(OutputRecord(payload, t, leaf.computer_name, leaf) if records else payload)
             return
-        if stream == Stream.ERROR:
+        if stream is _ERROR:
             errors.append(payload)
             if action == "silent":
                 return
@@ -591,3 +591,4 @@ class Session(SchedulingVerbs):
 # --- helpers --------------------------------------------------------------------------------
 
 _STREAMS = tuple(Stream)
+_PROGRESS, _OUTPUT, _ERROR = Stream.PROGRESS, Stream.OUTPUT, Stream.ERROR  # per item: ~80 ns a lookup on 3.11

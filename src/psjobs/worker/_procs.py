@@ -218,12 +218,14 @@ def _pump(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any) -> No
     from .._inside import emit_line
     from .._records import Stream
 
+    output, error = Stream.OUTPUT, Stream.ERROR  # looked up once: ~80 ns a time on 3.11
+
     def emit(stream: Stream, lines: list[str]) -> None:
         for line in lines:
-            if stream is Stream.OUTPUT:
-                emitter.emit(Stream.OUTPUT, line)
+            if stream is output:
+                emitter.emit(output, line)
             else:
-                emit_line(emitter, Stream.ERROR, line)
+                emit_line(emitter, error, line)
 
     sel = selectors.DefaultSelector()
     assert proc.stdout is not None and proc.stderr is not None

