@@ -94,12 +94,12 @@ def _prune(base: str) -> None:
 
 
 # A cgroup migration takes the kernel's cgroup_threadgroup_rwsem for writing, and the first one
-# after an idle moment waits for an RCU grace period: 3-20 ms here, against ~30 us for one that
-# follows another within a few milliseconds (bench/FINDINGS.md, "The first job and the RCU grace
+# after an idle moment waits for an RCU grace period: 3-20 ms here, against 25-60 us for one that
+# follows another within 10 ms (bench/FINDINGS.md, "The first job and the RCU grace
 # period"). A fork server's first workers join their cgroups right after its start-up, so while
 # it imports, a Warmer keeps migrations coming: the grace period is paid beside the imports, not
 # on the first job's path.
-WARM_EVERY = 0.004   # between moves: under the ~10 ms idle after which the next one waits again
+WARM_EVERY = 0.004   # between moves: a move 10 ms after the last was still fast here, one 50 ms after was not
 WARM_AT_MOST = 2.0   # a bound, should the server never stop it
 
 
