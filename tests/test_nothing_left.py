@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -256,23 +257,31 @@ def test_a_thread_job_whose_stop_was_lost_ends_at_its_next_write() -> None:
     period is over (or the job was declared Stopped, or its session closed), its next write ends
     it: the thread does not run on, unseen."""
     done = threading.Event()
+    landed: list[float] = []
 
     def swallows_once() -> None:
         try:
             while True:
                 psjobs.write_output(1)
         except BaseException:  # the stop, lost; and while it is being handled, none is raised again
+            landed.append(time.monotonic())
             try:
                 while True:
                     psjobs.write_output(2)  # raises JobStopped once the job is declared Stopped
             finally:
                 done.set()
 
-    # A grace period of 2 s: the job ends half a grace after its handler's first write, and that
-    # first write comes once the stop landed, which on 2 busy cores took over 0.1 s.
-    with psjobs.Session(stop_grace=2.0) as s:
+    # A grace period of 4 s: the job ends half a grace after its handler's first write, and that
+    # first write comes once the stop landed. On 2 busy cores that took over 0.1 s, and once, late
+    # in a full run of the suite, over 1 s: with a grace of 2 s the job then ended just past it.
+    with psjobs.Session(stop_grace=4.0) as s:
         job = s.start_thread_job(swallows_once)
         wait_until(lambda: job.output, what="the first item")
-        s.stop_job(job)  # once the grace is over, its next write raises the stop again, itself
+        asked = time.monotonic()
+        try:
+            s.stop_job(job)  # once the grace is over, its next write raises the stop again, itself
+        except psjobs.StopTimeoutWarning as late:  # warnings are errors here: say when the stop landed
+            when = f"{landed[0] - asked:.2f} s after the request" if landed else "never"
+            raise AssertionError(f"the job outlived its grace period; the stop landed {when}") from late
         assert job.state is psjobs.JobState.STOPPED
         assert done.wait(10), "the thread ran on after its job was Stopped"
