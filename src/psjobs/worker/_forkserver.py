@@ -85,7 +85,7 @@ def main() -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     cgroup = make_session_cgroup()
     # The cgroup migrations of the first workers, made fast while we import (see _tree.Warmer).
-    warmer = Warmer(cgroup, os.path.dirname(cgroup)) if cgroup is not None else None
+    warmer = Warmer(cgroup) if cgroup is not None else None
 
     # Preload what every job needs, so a forked child starts with it in shared pages.
     import cloudpickle  # noqa: F401

@@ -95,7 +95,7 @@ def _prune(base: str) -> None:
 
 # A cgroup migration takes the kernel's cgroup_threadgroup_rwsem for writing, and the first one
 # after an idle moment waits for an RCU grace period: 3-20 ms here, against 25-60 us for one that
-# follows another within 10 ms (bench/FINDINGS.md, "The first job and the RCU grace
+# follows another within 10 ms (load 0.1) (bench/FINDINGS.md, "The first job and the RCU grace
 # period"). A fork server's first workers join their cgroups right after its start-up, so while
 # it imports, a Warmer keeps migrations coming: the grace period is paid beside the imports, not
 # on the first job's path.
@@ -104,14 +104,15 @@ WARM_AT_MOST = 2.0   # a bound, should the server never stop it
 
 
 class Warmer:
-    """A thread that moves this process between two cgroups under ``cgroup`` until ``stop()``,
-    which leaves the process back in ``home`` and removes the two cgroups."""
+    """A thread that moves this process between two cgroups under its session cgroup ``cgroup``
+    until ``stop()``, which leaves the process back in its own (``cgroup``'s parent, where
+    make_session_cgroup made it) and removes the two cgroups."""
 
-    def __init__(self, cgroup: str, home: str) -> None:
+    def __init__(self, cgroup: str) -> None:
         import threading  # the fork server's children never see it: stop() joins it before any fork
 
         self._dirs = (os.path.join(cgroup, "warm-a"), os.path.join(cgroup, "warm-b"))
-        self._home = home
+        self._home = os.path.dirname(cgroup)
         self._r, self._w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="psjobs-warm", daemon=True)
         self._thread.start()
@@ -132,8 +133,7 @@ class Warmer:
             pass  # a cgroup we may not move into (a managed tree): no warming, nothing else changes
         finally:
             if moves:
-                with contextlib.suppress(OSError):
-                    _write(self._home, "cgroup.procs", b"0")
+                leave_cgroup(self._home)
             for path in self._dirs:
                 with contextlib.suppress(OSError):
                     os.rmdir(path)
