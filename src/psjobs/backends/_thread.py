@@ -70,33 +70,39 @@ class _Emitter:
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
         data = self.data
-        if data.stop and (self.port.finished or self.backend.closing or self._overdue(data)):
-            # The stop asked for half a grace period ago has not ended the work: the one raised was
-            # lost (Python drops one raised inside a __del__ or a GC callback whose hook someone
-            # replaced; code may swallow it and loop in its handler), or none was raised, or the
-            # job was declared Stopped, or its session closed: end the work at this write, rather
-            # than let it run on unseen.
-            data.handled_at = time.monotonic()  # the handler this starts gets half a grace period
+        if data.stop and (data.take_lost() or self.port.finished or self.backend.closing or self._overdue(data)):
+            # Python dropped the stop raised (inside a __del__ or a GC callback: worker/_thread_stop
+            # marks it lost), or the one asked for half a grace period ago has not ended the work
+            # (lost unseen: someone replaced the hook, or code swallowed it and loops in its
+            # handler; or none was raised), or the job was declared Stopped, or its session closed:
+            # end the work at this write, rather than let it run on unseen.
+            data.handled_at = time.monotonic()  # the handler this starts: see _overdue
             raise JobStopped()
         self.record((stream, payload, time.time() if t is None else t))
 
     def _overdue(self, data: _Data) -> bool:
-        """Whether a write of this job, asked to stop, is half a grace period too late (issue 13).
+        """Whether a write of this job, asked to stop, comes too late (issue 13).
 
-        Half: the job this write ends must still end within stop_job's wait, which is the grace
-        period alone (API.md 5). Counted from the request, not from the last raise (nudge raises
-        again every 0.25 s, which kept this from ever firing); in code that handles the stop (a
-        finally block, an except that swallowed it), from the first write there: a stop that
-        landed late (the process stalled past the grace period, which stop_job does not count)
-        still lets its cleanup write.
+        Outside a handler: half a grace period after the request. Counted from the request, not
+        from the last raise (nudge raises again every 0.25 s, which kept this from ever firing).
+
+        In code that handles the stop (a finally block, an except that swallowed it): half a
+        grace period from its first write there, but not past three quarters of the grace period
+        from the request, so that the job ends within stop_job's wait (the grace period alone,
+        API.md 5) even when this write's own raise started the handler half a grace period after
+        the request (with half a period from there, such a job ended just past the wait: issue
+        11's CI run). Yet a quarter of a period at least: a stop that landed late (the process
+        stalled, which stop_job does not count) still lets its cleanup write.
         """
         now = time.monotonic()
-        limit = self.backend.session.stop_grace / 2
+        grace = self.backend.session.stop_grace
         if _handling_stop():
             if not data.handled_at:
                 data.handled_at = now
-            return now - data.handled_at > limit
-        return now - data.asked_at > limit
+            first = data.handled_at
+            end = min(first + grace / 2, max(data.asked_at + grace * 0.75, first + grace / 4))
+            return now > end
+        return now - data.asked_at > grace / 2
 
     def stop_requested(self) -> bool:
         return self.data.stop

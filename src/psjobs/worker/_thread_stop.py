@@ -6,8 +6,9 @@
         code: JobStopped raised there at its next bytecode (_compat.set_async_exc)
     the job's thread: enter() before the job's code, leave() after (takes back a pending stop, so
         it never lands in psjobs' or Dask's own code)
-    a stop raised inside a GC callback or __del__ is printed and dropped by Python: the
-        unraisable hook raises it again; nudge() does the same for one lost some other way
+    a stop raised inside a GC callback or __del__ is dropped by Python: the unraisable hook marks
+        it lost; the job's next write raises it (take_lost) and nudge() raises it again at once;
+        nudge() also raises again one lost some other way, NUDGE_AFTER after the last raise
 
 Used by thread jobs and Dask tasks: one copy, with the better of what each had (the thread
 job's re-raise of a lost stop and its nudge; the Dask task's idempotent request and its thread
@@ -31,7 +32,7 @@ NUDGE_AFTER = 0.25  # seconds after a stop before it may be raised again (see nu
 class ThreadStopper:
     """The stop state of one job running in one thread; thread-safe."""
 
-    __slots__ = ("in_user", "injected", "injected_at", "lock", "stop", "thread_id")
+    __slots__ = ("in_user", "injected", "injected_at", "lock", "lost", "stop", "thread_id")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -39,6 +40,7 @@ class ThreadStopper:
         self.in_user = False       # the thread runs the job's own code: a stop may be raised there
         self.injected = False      # a JobStopped is pending or was raised and not taken back
         self.injected_at = 0.0
+        self.lost = False          # Python dropped the stop raised (see _unraisable): raise it again
         self.thread_id: int | None = None
 
     def enter(self) -> None:
@@ -78,11 +80,25 @@ class ThreadStopper:
         ``finally``, even in a nested exception), and not sooner than NUDGE_AFTER after the last."""
         if not self.stop or self.thread_id is None:
             return
-        if time.monotonic() - self.injected_at < NUDGE_AFTER or handling_stop(self.thread_id):
+        # One Python said it dropped is raised again at once; one lost unseen, after NUDGE_AFTER
+        # (before that it may still be pending: raised twice, the second would cut its handler).
+        if (not self.lost and time.monotonic() - self.injected_at < NUDGE_AFTER) or handling_stop(self.thread_id):
             return
         with self.lock:
             if self.in_user:
+                self.lost = False
                 self.inject()
+
+    def take_lost(self) -> bool:
+        """True (once) if Python dropped the stop raised and the job's code runs: the caller, a
+        write of the job's, raises JobStopped itself, where it cannot be dropped."""
+        if not self.lost:
+            return False
+        with self.lock:
+            if not self.lost or not self.in_user:
+                return False
+            self.lost = False
+            return True
 
     def shield(self) -> bool:
         """No stop raised from now until unshield() (a process being started must be noted
@@ -117,13 +133,18 @@ _previous_hook = sys.unraisablehook
 
 def _unraisable(unraisable: Any) -> None:
     """A stop raised while the thread ran a garbage collector callback or a ``__del__`` is
-    printed and dropped by Python: raise it again at once (it is not an error to report)."""
+    dropped by Python, which calls this hook: mark it lost (it is not an error to report).
+
+    Not raised again from here: it would land in this hook, at its next instruction, and be
+    dropped too (seen in a full run of the suite: hypothesis leaves a GC callback installed, a
+    stop landed there, the hook's raise was lost, and the job ran on until nudge raised it again a
+    quarter of a second later). No lock either: this runs inside a collection, which may have
+    started while this thread held the stopper's lock.
+    """
     if isinstance(unraisable.exc_value, JobStopped):
         stopper = _stopping.get(threading.get_ident())
         if stopper is not None:
-            with stopper.lock:
-                if stopper.in_user:
-                    stopper.inject()
+            stopper.lost = True
             return
     _previous_hook(unraisable)
 

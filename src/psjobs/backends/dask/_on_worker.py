@@ -155,6 +155,9 @@ class _TaskEmitter:
         self.line_buffers: dict[int, str] = {}
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
+        stopper = self.task.stopper
+        if stopper.lost and stopper.take_lost():  # Python dropped the stop raised: raise it here
+            raise JobStopped()
         self.shipper.add(self.task, stream, payload, time.time() if t is None else t)
 
     def stop_requested(self) -> bool:
