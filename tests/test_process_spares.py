@@ -50,6 +50,10 @@ def test_a_spare_that_takes_a_job_makes_the_server_fork_no_spare_until_the_job_e
         wait_until(lambda: len(_spare_pids(s)) == 2, 30, "two warm spares")
         server = _server(s)
         spares = _spare_pids(s)
+        # The first job may have run in a worker forked on request (its spares were not ready yet),
+        # which can still be exiting: the server's children are only the spares once it is gone.
+        wait_until(lambda: sorted(c.pid for c in server.children()) == sorted(spares), 30,
+                   "the first job's worker to exit")
         job = s.start_job(_wait_for, flag)
         wait_until(lambda: job.state is psjobs.JobState.RUNNING, 30, "the job to run")
         # The job went to the first spare, and the server did not hear of it: for a while (what
