@@ -9,6 +9,9 @@ from __future__ import annotations
 import gc
 import math
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -359,3 +362,31 @@ def test_a_thread_job_whose_stop_handler_starts_late_still_ends_within_the_grace
         s.stop_job(job)  # warnings are errors here: a StopTimeoutWarning fails the test
         assert job.state is psjobs.JobState.STOPPED
         assert 2 in s.receive_job(job), "the handler never wrote"
+
+
+def test_stopping_a_thread_job_under_a_profiler_does_not_hang_the_session() -> None:
+    """A stop psjobs takes back at a job's end (it was raised, and may not have landed) must not
+    leave CPython's eval loop signalled: with a profiler or a tracer on (cProfile, a debugger), the
+    session's thread then looped forever at the start of its next generator, here in stop_job. A
+    fresh interpreter runs it, so that a hang fails this test rather than wedging the suite."""
+    script = textwrap.dedent("""
+        import sys, time, psjobs
+
+        def busy():
+            psjobs.write_output("go")
+            while True:
+                pass
+
+        sys.setprofile(lambda frame, event, arg: None)
+        with psjobs.Session() as s:
+            for _ in range(3):
+                job = s.start_thread_job(busy)
+                deadline = time.monotonic() + 30
+                while not job.output and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                s.stop_job(job)
+                print(job.state.name, sum(x for x in range(3)), flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=40)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n") == ["STOPPED 3"] * 3 + [""]

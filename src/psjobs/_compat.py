@@ -30,6 +30,33 @@ def set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> bool:
     return int(call(ctypes.c_ulong(thread_id), exc)) == 1
 
 
+class _TakenBack(BaseException):
+    """Raised by take_back_async_exc into its own thread, and caught there at once."""
+
+
+def take_back_async_exc() -> None:
+    """Take back an exception ``set_async_exc`` raised in *this* thread that has not landed yet.
+
+    Not ``set_async_exc(this thread, None)``: CPython (3.11 here) signals its eval loop even for
+    None, and only an exception that lands clears that signal. Left set, every thread handles it
+    at every check, and one with a profiler or tracer on (cProfile, a debugger) loops forever at
+    the start of its next generator (seen: a script that stopped a thread job under
+    ``sys.setprofile`` hung in ``stop_job``). So the pending exception is replaced by one of ours,
+    which lands at once, here, and is caught.
+    """
+    import threading
+
+    try:
+        if set_async_exc(threading.get_ident(), _TakenBack):
+            _landing()  # lands at the latest here, at this call's first instruction
+    except _TakenBack:
+        pass
+
+
+def _landing() -> None:
+    pass
+
+
 def current_exception(thread_id: int) -> BaseException | None:
     """The exception another thread is handling right now (None: none, or it cannot be known).
 

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from .._compat import current_exception, set_async_exc
+from .._compat import current_exception, set_async_exc, take_back_async_exc
 from .._errors import JobStopped
 
 NUDGE_AFTER = 0.25  # seconds after a stop before it may be raised again (see nudge)
@@ -58,7 +58,10 @@ class ThreadStopper:
             # _stopping holds this thread only while a stop is injected (see inject)
             if self.injected and self.thread_id is not None:
                 _stopping.pop(self.thread_id, None)
-                set_async_exc(self.thread_id, None)
+                if self.thread_id == threading.get_ident():  # always, from the runner
+                    take_back_async_exc()
+                else:
+                    set_async_exc(self.thread_id, None)
                 self.injected = False
 
     def stopping(self) -> bool:
