@@ -293,10 +293,12 @@ def test_a_thread_job_whose_stop_was_lost_ends_at_its_next_write() -> None:
         assert done.wait(10), "the thread ran on after its job was Stopped"
 
 
-def test_a_stop_python_drops_in_a_gc_callback_is_raised_by_the_jobs_next_write() -> None:
+@pytest.mark.parametrize("writes", [True, False])
+def test_a_stop_python_drops_in_a_gc_callback_is_raised_again(writes: bool) -> None:
     """Python drops an exception raised inside a garbage-collector callback (or a ``__del__``):
     a stop that lands there is raised again by the job's very next write, not a quarter of a
-    second later, and not from psjobs' own hook (raised there, it is dropped too)."""
+    second later, and not from psjobs' own hook (raised there, it is dropped too); in a job that
+    does not write, by stop_job's wait."""
     entered = threading.Event()
     landed: list[bool] = []
     job_thread: list[int] = []
@@ -318,9 +320,11 @@ def test_a_stop_python_drops_in_a_gc_callback_is_raised_by_the_jobs_next_write()
         psjobs.write_output(0)
         gc.collect()  # runs the callback above in this thread
         i = 1
-        while True:
+        while writes:
             psjobs.write_output(i)  # the first one raises the stop the callback lost
             i += 1
+        while True:
+            i += 1  # no write: stop_job's wait raises it again
 
     gc.callbacks.append(spins_until_stopped)
     try:
