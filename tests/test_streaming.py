@@ -38,6 +38,20 @@ def test_receive_wait_follows_the_stream(session: psjobs.Session) -> None:
     assert job.receive(wait=True, timeout=60) == list(range(N))
 
 
+def test_waiting_readers_of_a_thread_job_get_it_whole_and_leave_no_trace(session: psjobs.Session) -> None:
+    """Readers that wait on a busy thread job (its records hand them the GIL, core/_port): a keeping
+    one and then a consuming one get every item, in order; once they are done, or one is dropped
+    half-way, the session counts no follower."""
+    job = session.start_thread_job(produce, N)
+    kept = [p for _, s, p, _ in session.read_entries(job, keep=True, wait=True, timeout=60)
+            if s is psjobs.Stream.OUTPUT]
+    assert job.receive(wait=True, timeout=60) == list(range(N)) == kept
+    dropped = session.read_entries(session.start_thread_job(produce, N), wait=True, timeout=60)
+    next(dropped)
+    dropped.close()
+    assert session._followed == {}
+
+
 def test_two_jobs_received_together_keep_per_job_order(session: psjobs.Session) -> None:
     a = session.start_job(produce, 5000)
     b = session.start_thread_job(produce, 5000)

@@ -39,6 +39,7 @@ _FLAT = frozenset({int, float, str, bytes, bool, type(None)})
 
 if TYPE_CHECKING:
     from ._job import Entry, Job
+    from ._session import Session
 
 _COMPLETED, _FAILED, _STOPPED = "completed", "failed", "stopped"
 _EVENTS = {_COMPLETED: Event.COMPLETE, _FAILED: Event.FAIL, _STOPPED: Event.STOPPED}
@@ -91,6 +92,21 @@ class _Tree:
         self.parent = parent
         self.follow_where = follow_where  # the parent's location: the sorted places of its leaves
         self.places: set[str] = set()
+
+
+HAND_OFF = 0.001  # seconds: a thread job gives the GIL to a reader it woke at most this often
+
+
+def _hand_off(session: Session) -> None:
+    """Give the GIL to the reader a thread job's record just woke (one that follows the job:
+    read_entries or receive_job with wait). Otherwise it runs only when the job's thread is made
+    to let go, every switch interval (5 ms): a busy job's first item reached its reader after
+    5.3 ms, and 0.17 ms with this. At most once a HAND_OFF: each item woke the reader again, and
+    handing off at every one cut a stream from 1.07 to 0.09 M items/s (measured)."""
+    now = time.monotonic()
+    if now - session._handed_at > HAND_OFF:
+        session._handed_at = now
+        time.sleep(0)  # releases the GIL; the woken reader, waiting for it, takes it
 
 
 class JobPort:
@@ -240,11 +256,16 @@ class JobPort:
                         job._journal = spill.adopt(job, journal)  # now within the memory window
             if job._watch is not None:
                 job._watch.news(job)
-            cond = job._session._cond
+            session = job._session
+            cond = session._cond
+            woke = False
             if cond._waiters:  # type: ignore[attr-defined]  # most records have no reader waiting
                 cond.notify_all()
+                woke = job.id in session._followed
         if spill.held > spill.window:
             spill.relieve()
+        if woke:
+            _hand_off(session)
 
     def _relieve(self) -> None:
         # After the lock: past the session's memory window, this thread writes the oldest

@@ -18,7 +18,8 @@ shown after the first such item are shown again with it: shown twice rather than
 from __future__ import annotations
 
 import _thread
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._errors import JobFailedError
 from .._records import ErrorRecord
@@ -30,6 +31,8 @@ from ._tree import check_timeout
 if TYPE_CHECKING:
     from ._job import Job
     from ._session import Session
+
+T = TypeVar("T")
 
 _OUTPUT = 0  # Stream.OUTPUT: entries hold the stream as an int (IntEnum)
 
@@ -191,3 +194,20 @@ def check_receive(error_action: str, auto_remove: bool, wait: bool,
         raise ValueError("receive_job: auto_remove=True needs wait=True (a job is removed only once "
                          "it is finished)")
     return action, check_timeout("receive_job", timeout)
+
+
+def followed(session: Session, leaves: list[Job], batches: Iterator[T]) -> Iterator[T]:
+    """``batches``, with ``leaves`` counted as followed by a waiting reader meanwhile: a thread
+    job hands the GIL to the reader its record woke (_port._hand_off). No lock: this clean-up may
+    run in a collection inside a thread that holds the session's, and a count that races costs
+    one hand-off more or less."""
+    counts = session._followed
+    for leaf in leaves:
+        counts[leaf.id] = counts.get(leaf.id, 0) + 1
+    try:
+        yield from batches
+    finally:
+        for leaf in leaves:
+            n = counts.pop(leaf.id, 1) - 1
+            if n > 0:
+                counts[leaf.id] = n

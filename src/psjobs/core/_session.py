@@ -42,7 +42,7 @@ from ._job import Job, skip_ids
 from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job
-from ._receive import Taken, after_receive, check_receive, claim, claim_one, take_returned, wait_on
+from ._receive import Taken, after_receive, check_receive, claim, claim_one, followed, take_returned, wait_on
 from ._sched import Scheduler, SchedulingVerbs, When, keep_recipe, make_when
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import CALL, JobSpec, check_directory, make_env, make_spec
@@ -100,6 +100,8 @@ class Session(SchedulingVerbs):
         self._journal_factory = journal_factory
         self._spill = Spill(self._lock)  # the memory window of the jobs' records (core/_spill)
         self._returned: dict[int, list[tuple[int, int]]] = {}  # given back by receives (_receive)
+        self._followed: dict[int, int] = {}  # leaves a waiting reader follows (_receive.followed)
+        self._handed_at = 0.0                # the last time a thread job handed it the GIL (_port)
         self._sched = Scheduler(self)  # groups, after=, delay=, retries=, restart_job (_sched)
 
     # --- backends ------------------------------------------------------------------------
@@ -352,8 +354,12 @@ class Session(SchedulingVerbs):
     def _read_batches(self, leaves: list[Job], keep: bool, wait: bool, timeout: float | None,
                       on_prompt: Callable[[Job, str], bool] | None = None,
                       claims: list[tuple[Job, int, int]] | None = None) -> Iterator[tuple[Job, list[Entry]]]:
-        # Where this call reads from: a consuming read starts at each journal's cursor every time
-        # (so concurrent readers never get a record twice); a keeping read at its own positions.
+        return followed(self, leaves if wait else [], self._follow(leaves, keep, wait, timeout, on_prompt, claims))
+
+    def _follow(self, leaves: list[Job], keep: bool, wait: bool, timeout: float | None,
+                on_prompt: Callable[[Job, str], bool] | None,
+                claims: list[tuple[Job, int, int]] | None) -> Iterator[tuple[Job, list[Entry]]]:
+        # A consuming read starts at the journals' cursors (no record read twice), a keeping one at its own.
         positions = {leaf.id: leaf._journal.cursor if leaf._journal is not None else 0 for leaf in leaves}
         deadline = None if timeout is None else time.monotonic() + timeout
         asked: set[tuple[int, str]] = set()  # prompts offered in this call: each is asked once
