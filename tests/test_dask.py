@@ -163,6 +163,38 @@ def child_process() -> None:
     subprocess.run(["sh", "-c", "sleep 100 | cat"], check=False)
 
 
+def collects_then_yields(flags: str) -> Iterator[int]:
+    """Yields 0, then collects garbage: a callback spins there until the stop lands in it (Python
+    drops it), and says so in ``flags``; then yields on, and the first of those raises the stop."""
+    import gc
+
+    me = threading.get_ident()
+    entered, landed = Path(flags, "entered"), Path(flags, "landed")
+
+    def spins(phase: str, info: dict[str, int]) -> None:
+        if phase != "start" or threading.get_ident() != me or entered.exists():
+            return
+        entered.touch()
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                pass
+        except psjobs.JobStopped:
+            landed.touch()
+            raise
+
+    gc.callbacks.append(spins)
+    try:
+        yield 0
+        gc.collect()
+        i = 1
+        while True:
+            yield i
+            i += 1
+    finally:
+        gc.callbacks.remove(spins)
+
+
 def boom() -> None:
     raise ValueError("bad input 42")
 
@@ -272,6 +304,19 @@ def test_stop_really_stops(session: psjobs.Session, cluster: Any) -> None:
     # The worker thread is free again: a new job on the same cluster runs at once.
     again = session.start_job(square, 3, cluster=cluster)
     assert again.wait(30) and again.receive() == [9]
+
+
+def test_a_stop_python_drops_in_a_task_is_raised_by_its_next_item(
+        session: psjobs.Session, cluster: Any, tmp_path: Path) -> None:
+    """A stop that lands in a garbage-collector callback of the task's thread is dropped by Python;
+    the task's next item raises it (worker/_thread_stop: a task has no nudge, so it ran on)."""
+    job = session.start_job(collects_then_yields, str(tmp_path), cluster=cluster)
+    child = job.child_jobs[0]
+    wait_until(lambda: (tmp_path / "entered").exists() and child.output, 30, "the task's collection")
+    session.stop_job(job)  # warnings are errors here: a task still running after the grace fails
+    assert (tmp_path / "landed").exists(), "the stop did not land in the collector's callback"
+    assert job.state is JobState.STOPPED
+    assert session.receive_job(job) == [0], "the task yielded on after Python dropped its stop"
 
 
 def test_stop_kills_the_processes_the_task_started(session: psjobs.Session, cluster: Any) -> None:
