@@ -13,8 +13,9 @@ from typing import Any
 
 
 def set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> bool:
-    """Raise ``exc_type`` in another thread of this process at its next bytecode (None: take back a
-    pending one); False where the interpreter has no such call.
+    """Raise ``exc_type`` in another thread of this process at its next bytecode; False where the
+    interpreter has no such call. None takes back a pending one but leaves the eval loop signalled:
+    take it back with take_back_async_exc instead.
 
     Needed because Python has no public way to interrupt a thread: a thread job's stop must land
     in user code that never looks at ``stop_requested()``. ``PyThreadState_SetAsyncExc`` is part of

@@ -218,7 +218,7 @@ def _pump(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any) -> No
     from .._inside import emit_line
     from .._records import Stream
 
-    output, error = Stream.OUTPUT, Stream.ERROR  # looked up once: ~80 ns a time on 3.11
+    output, error = Stream.OUTPUT, Stream.ERROR  # looked up once: ~80 ns a time on 3.11 (load 0.8)
 
     def emit(stream: Stream, lines: list[str]) -> None:
         for line in lines:

@@ -52,16 +52,14 @@ class ThreadStopper:
             raise JobStopped()
 
     def leave(self) -> None:
-        """The job's code is over (idempotent): a stop raised at its very end is taken back."""
+        """The job's code is over (idempotent; in the job's thread, as run_guarded calls it): a
+        stop raised at its very end is taken back."""
         with self.lock:
             self.in_user = False
             # _stopping holds this thread only while a stop is injected (see inject)
             if self.injected and self.thread_id is not None:
                 _stopping.pop(self.thread_id, None)
-                if self.thread_id == threading.get_ident():  # always, from the runner
-                    take_back_async_exc()
-                else:
-                    set_async_exc(self.thread_id, None)
+                take_back_async_exc()
                 self.injected = False
 
     def stopping(self) -> bool:
