@@ -45,6 +45,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 import psjobs
 from psjobs import JobState
 
@@ -117,3 +119,20 @@ def test_stop_queued_thread_job(session: psjobs.Session) -> None:
     finally:
         gate.set()
         s.close()
+
+
+def test_a_closed_session_refuses_every_kind_it_has_run() -> None:
+    """close() ends the session for every kind, also those whose backend is already loaded: a
+    start raises JobStateError and leaves no job behind (it used to fail a command job, raise a
+    raw ValueError for a callable, leave a job Running for good, or run a thread job)."""
+    s = psjobs.Session()
+    assert s.start_job("true").wait(30)
+    assert s.start_job(len, "ab").wait(30)
+    assert s.start_thread_job(len, "ab").wait(30)
+    before = [j.id for j in s.get_job()]
+    s.close()
+    for start in (lambda: s.start_job("true"), lambda: s.start_job(len, "ab"),
+                  lambda: s.start_thread_job(len, "ab"), lambda: s.start_job("true", delay=0.1)):
+        with pytest.raises(psjobs.JobStateError, match=r"session is closed; create a new psjobs\.Session"):
+            start()
+    assert [j.id for j in s.get_job()] == before

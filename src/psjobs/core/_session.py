@@ -54,8 +54,10 @@ from ._tree import (
     check_limit,
     check_name,
     check_timeout,
+    closed_error,
     make_tree,
     refuse_waiting_on_itself,
+    register_locked,
     start_leaf,
 )
 
@@ -107,11 +109,11 @@ class Session(SchedulingVerbs):
     # --- backends ------------------------------------------------------------------------
     def _backend(self, kind: str) -> Backend:
         backend = self._backends.get(kind)
-        if backend is not None:
+        if backend is not None and not self._closed:
             return backend
         with self._backend_lock:
             if self._closed:
-                raise JobStateError("this session is closed; create a new psjobs.Session() to start jobs")
+                raise closed_error()
             backend = self._backends.get(kind)
             if backend is None:
                 backend = load_backend(kind, self)
@@ -132,13 +134,7 @@ class Session(SchedulingVerbs):
         return top
 
     def _register_locked(self, jobs: Iterable[Job]) -> None:
-        """Put new jobs (parents first) in the table; the caller holds ``self._cond``."""
-        for job in jobs:
-            if self._journal_factory is not None and job._journal is None:
-                job._journal = self._journal_factory(job)
-            self._all[job.id] = job
-            if job.parent is None:
-                self._jobs[job.id] = job
+        register_locked(self, jobs)  # refused once the session is closed
 
     def restore_jobs(self, jobs: list[Job]) -> None:
         """Put finished jobs made with ``Job.restored`` (parents first) into the table."""

@@ -18,6 +18,7 @@ import functools
 import inspect
 import math
 import types
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError
@@ -49,7 +50,7 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
         top._shape = shape_of(spec)
         port = JobPort(top, kind, None)
         with session._cond:
-            session._register_locked((top,))
+            register_locked(session, (top,))
         return top, [port]
     else:
         ids = _next_ids(1 + len(plan.places))
@@ -65,10 +66,30 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
         tree = _Tree(top, plan.follow_where)
     ports = [JobPort(leaf, kind, tree) for leaf in leaves]
     with session._cond:
-        session._register_locked(jobs)
+        register_locked(session, jobs)
         if not leaves:
             top._apply(Event.COMPLETE)  # an empty fan-out: nothing to run, nothing failed
     return top, ports
+
+
+def register_locked(session: Session, jobs: Iterable[Job]) -> None:
+    """Put new jobs (parents first) in the session's table; the caller holds ``session._cond``.
+
+    Refused once the session is closed: close() sets ``_closed`` before it takes that lock to
+    collect the jobs it stops, so a job is either stopped by close() or never exists.
+    """
+    if session._closed:
+        raise closed_error()
+    for job in jobs:
+        if session._journal_factory is not None and job._journal is None:
+            job._journal = session._journal_factory(job)
+        session._all[job.id] = job
+        if job.parent is None:
+            session._jobs[job.id] = job
+
+
+def closed_error() -> JobStateError:
+    return JobStateError("this session is closed; create a new psjobs.Session() to start jobs")
 
 
 def start_leaf(session: Session, backend: Backend, kind: str, spec: JobSpec, job_type: str, name: str | None) -> Job:
@@ -90,7 +111,9 @@ def start_leaf(session: Session, backend: Backend, kind: str, spec: JobSpec, job
     spec.recipe = recipe
     top._recipe = spec  # for restart_job; dropped by remove_job
     port = JobPort(top, kind, None)
-    with session._cond:  # Session._register_locked, for one top-level job
+    with session._cond:  # register_locked, for one top-level job
+        if session._closed:
+            raise closed_error()
         if session._journal_factory is not None:
             top._journal = session._journal_factory(top)
         session._all[jid] = session._jobs[jid] = top
