@@ -386,3 +386,23 @@ def test_a_host_restart_keeps_every_record(jobs: psjobs.Session, home: Path) -> 
     assert jobs.receive_job(again) == [0, 1, 4, 9, 16]
     code, out, _ = run("receive", str(again.id))
     assert (code, out) == (0, "")
+
+
+def test_without_psjobs_home_the_state_directory_is_xdg_state_home_for_connect_and_the_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/cli.md and connect()'s docstring: $PSJOBS_HOME, else $XDG_STATE_HOME/psjobs, else
+    ~/.local/state/psjobs; connect() and the command find the same host there."""
+    home = tmp_path / "xdg" / "psjobs"
+    monkeypatch.delenv("PSJOBS_HOME", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    try:
+        s = psjobs.connect()
+        try:
+            job = s.start_job("echo from xdg", name="xdg")
+            assert job.wait(30)
+        finally:
+            s.close()
+        assert (home / "jobs.db").is_file()
+        assert ok("receive", "xdg") == "from xdg\n"
+    finally:
+        stop_host(home)

@@ -148,7 +148,8 @@ def connect(home: str | os.PathLike[str] | None = None, *, verbose: bool = False
     """A Session whose jobs live in the per-user session host, the one the ``psjobs`` command uses
     (started now if none runs): they show in ``psjobs get``, outlive this interpreter and keep
     every record through a host restart. ``home``: the host's state directory (default: the
-    command's, ``$PSJOBS_HOME`` or ``~/.local/state/psjobs``). See docs/connect.md.
+    command's: ``$PSJOBS_HOME``, else ``$XDG_STATE_HOME/psjobs``, else ``~/.local/state/psjobs``).
+    See docs/connect.md.
     Example: ``jobs = psjobs.connect(); job = jobs.start_job(build, "all")``.
     """
     from ._connect import HostSession  # lazily: the host's client is not part of `import psjobs`
