@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -136,3 +137,39 @@ def test_a_closed_session_refuses_every_kind_it_has_run() -> None:
         with pytest.raises(psjobs.JobStateError, match=r"session is closed; create a new psjobs\.Session"):
             start()
     assert [j.id for j in s.get_job()] == before
+
+
+def test_a_thread_jobs_callable_gets_its_own_working_directory_keyword(session: psjobs.Session) -> None:
+    """A thread shares the process's directory, so start_thread_job has no working_directory of
+    its own for a callable (API.md 1): the keyword is the target's, as any other; a command still
+    runs in the directory given."""
+    def where(working_directory: str) -> str:
+        return working_directory
+
+    job = session.start_thread_job(where, working_directory="/usr")
+    assert job.wait(30) and job.state is JobState.COMPLETED and job.output == ["/usr"]
+    command = session.start_thread_job("pwd", working_directory="/usr")
+    assert command.wait(30) and command.output == ["/usr"]
+
+
+def test_a_process_job_reads_its_input_at_start_and_a_thread_job_as_it_goes(session: psjobs.Session) -> None:
+    """docs/guide.md: start_job reads `input` whole before it returns (it travels with the job);
+    start_thread_job returns while its producer still waits."""
+    read: list[int] = []
+
+    def produce(gate: threading.Event | None) -> Iterator[int]:
+        for i in range(3):
+            if gate is not None:
+                assert gate.wait(30)
+            read.append(i)
+            yield i
+
+    job = session.start_job("cat", input=produce(None))
+    assert read == [0, 1, 2]
+    assert job.wait(30) and job.output == ["0", "1", "2"]
+    read.clear()
+    gate = threading.Event()
+    thread_job = session.start_thread_job(lambda: list(psjobs.job_input()), input=produce(gate))
+    assert read == [] and not thread_job.wait(0)
+    gate.set()
+    assert thread_job.wait(30) and thread_job.output == [[0, 1, 2]] and read == [0, 1, 2]

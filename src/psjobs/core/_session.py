@@ -194,7 +194,10 @@ class Session(SchedulingVerbs):
 
         ``working_directory`` is where a command runs (default: the current directory), as for
         start_job: the session host runs clients' commands in their directories without a chdir.
+        A callable shares this process's directory, so for it the keyword is the target's own.
         """
+        if working_directory is not None and callable(target):
+            kwargs["working_directory"], working_directory = working_directory, None
         if name is not None:  # a call saved on the thread path
             check_name("start_thread_job", name)
         if throttle_limit is not None:
