@@ -257,6 +257,20 @@ def test_a_callable_runs_on_a_worker(session: psjobs.Session, cluster: Any) -> N
         assert again.wait(30) and again.receive() == [64]
 
 
+def asks() -> str:
+    return psjobs.read_host("Name? ")
+
+
+def test_read_host_in_a_cluster_task_fails_the_job_with_a_job_state_error(session: psjobs.Session,
+                                                                          cluster: Any) -> None:
+    """docs/dask.md: read_host() cannot be answered from a cluster task; it raises JobStateError
+    (the job fails with it and says what to do), it never blocks waiting for an answer."""
+    job = session.start_job(asks, cluster=cluster)
+    assert job.wait(30) and job.state is JobState.FAILED
+    reason = job.child_jobs[0].reason
+    assert isinstance(reason, psjobs.JobStateError) and "pass what it needs as arguments" in str(reason)
+
+
 def test_receive_with_and_without_keep(session: psjobs.Session, cluster: Any) -> None:
     job = session.start_job(numbers, 5, cluster=cluster)
     assert job.wait(30)

@@ -467,6 +467,18 @@ def test_many_jobs_are_summed_up(session: psjobs.Session) -> None:
     assert "8 jobs done" in text and "7 Completed" in text and "1 Failed" in text
 
 
+def test_more_than_five_finished_jobs_are_announced_in_one_line(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/ipython.md: more than five finished jobs at once become one line, `[first-last] N jobs
+    done: ... (%jobs lists them)`, with the extension's own default."""
+    jobs = [run(ip, f"{n} &") for n in range(5)]
+    jobs.append(run(ip, "1 / 0 &"))
+    wait_until(lambda: all(j.state.is_finished for j in jobs), 20, "the jobs to finish")
+    capsys.readouterr()
+    run(ip, "pass")
+    assert capsys.readouterr().out == (f"[{jobs[0].id}-{jobs[-1].id}] 6 jobs done: 5 Completed, 1 Failed "
+                                       f"(%jobs lists them)\n")
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 def test_load_under_both_names_is_one_extension_and_unload_takes_it_out(ip: Any) -> None:

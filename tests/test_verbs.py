@@ -561,6 +561,23 @@ def test_env_reaches_callable_jobs(session: psjobs.Session) -> None:
     assert job.receive() == ["42"]
 
 
+def test_env_none_removes_a_variable_for_a_callable_and_a_command(session: psjobs.Session,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/guide.md: `env=` is added to the caller's environment; `None` removes a variable."""
+    monkeypatch.setenv("PSJOBS_TEST_DROP", "present")
+    call = session.start_job(getenv, "PSJOBS_TEST_DROP", env={"PSJOBS_TEST_DROP": None})
+    command = session.start_job('echo "[${PSJOBS_TEST_DROP-unset}]"', env={"PSJOBS_TEST_DROP": None})
+    kept = session.start_job('echo "[${PSJOBS_TEST_DROP-unset}]"')
+    assert session.wait_job([call, command, kept], timeout=30) == [call, command, kept]
+    assert call.receive() == [] and command.receive() == ["[unset]"] and kept.receive() == ["[present]"]
+
+
+def test_the_default_stop_grace_is_five_seconds() -> None:
+    """docs/guide.md and Session's docstring: stop_grace is 5 s by default."""
+    with psjobs.Session() as s:
+        assert s.stop_grace == 5.0
+
+
 def environment(*names: str) -> dict[str, str | None]:
     return {name: os.environ.get(name) for name in names}
 
