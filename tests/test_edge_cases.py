@@ -173,3 +173,21 @@ def test_a_process_job_reads_its_input_at_start_and_a_thread_job_as_it_goes(sess
     assert read == [] and not thread_job.wait(0)
     gate.set()
     assert thread_job.wait(30) and thread_job.output == [[0, 1, 2]] and read == [0, 1, 2]
+
+
+def test_remove_with_force_of_a_job_stuck_in_a_c_call_warns_in_remove_jobs_words() -> None:
+    """A thread job stuck where Python cannot interrupt it outlasts the grace period; remove_job
+    (force=True) removes it anyway, and its warning says so (not stop_job's "remove it later")."""
+    gate = threading.Event()
+    with psjobs.Session(stop_grace=0.3) as s:
+        job = s.start_thread_job(gate.wait, 60)  # a lock acquire in C: a stop lands when it returns
+        wait_until(lambda: job.state is JobState.RUNNING, what="the job to run")
+        try:
+            with pytest.warns(psjobs.StopTimeoutWarning) as seen:
+                s.remove_job(job, force=True)
+            text = str(seen[0].message)
+            assert text.startswith(f"remove_job: Job {job.id} ") and "It is removed now" in text
+            assert "remove it later" not in text and s.get_job() == []
+        finally:
+            gate.set()
+        wait_until(lambda: job.state is JobState.STOPPED, what="the stop to land when the call returned")

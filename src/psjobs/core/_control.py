@@ -95,8 +95,10 @@ def _stalled(overrun: float) -> float:
     return overrun if overrun > STALL else 0.0
 
 
-def stop_jobs(session: Session, selected: list[Job], grace: float) -> None:
-    """Stop the work of ``selected`` for real and return when it is over (or warn after the grace)."""
+def stop_jobs(session: Session, selected: list[Job], grace: float, removing: bool = False) -> None:
+    """Stop the work of ``selected`` for real and return when it is over (or warn after the grace).
+
+    ``removing``: remove_job(force=True) asks, and drops the jobs whatever this warns about."""
     to_signal: list[tuple[Backend, JobPort]] = []
     with session._cond:
         for job in selected:
@@ -147,6 +149,12 @@ def stop_jobs(session: Session, selected: list[Job], grace: float) -> None:
                     leaf.status_message = (f"stop requested {grace:g}s ago; the work cannot be interrupted "
                                            f"where it is (a long C call?) and ends Stopped when it returns")
     for job in pending:
+        if removing:
+            warnings.warn(f"remove_job: {describe_job(job)} did not stop within {grace:g}s; it cannot be "
+                          f"interrupted where it is (a long C call?). It is removed now, and its work "
+                          f"ends when that call returns; what it writes from now on is dropped",
+                          StopTimeoutWarning, stacklevel=4)
+            continue
         warnings.warn(f"stop_job: {describe_job(job)} did not stop within {grace:g}s; it cannot be "
                       f"interrupted where it is and will be Stopped when that call returns. See "
                       f"job.status_message; remove it later with remove_job({job.id}, force=True)",

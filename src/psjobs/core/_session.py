@@ -523,8 +523,8 @@ class Session(SchedulingVerbs):
         self._stop(selected)
         return JobList(selected if pass_thru else [])
 
-    def _stop(self, selected: list[Job], grace: float | None = None) -> None:
-        stop_jobs(self, selected, self.stop_grace if grace is None else grace)
+    def _stop(self, selected: list[Job], grace: float | None = None, removing: bool = False) -> None:
+        stop_jobs(self, selected, self.stop_grace if grace is None else grace, removing)
 
     # --- removing --------------------------------------------------------------------------
     def remove_job(self, jobs: JobSelector, *, force: bool = False) -> None:
@@ -539,7 +539,7 @@ class Session(SchedulingVerbs):
                                           f"with stop_job({job.id}), or pass force=True")
         running = [j for j in selected if not j._state.is_finished]
         if running:
-            self._stop(running)
+            self._stop(running, removing=True)
         gone: list[JobPort] = []
         journals: list[Journal] = []
         with self._cond:
