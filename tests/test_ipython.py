@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -447,6 +449,47 @@ def test_removed_jobs_are_not_announced(ip: Any, capsys: pytest.CaptureFixture[s
     capsys.readouterr()
     run(ip, "pass")
     assert capsys.readouterr().out == ""
+
+
+def _interrupt_when_waiting_in(magic: str) -> threading.Thread:
+    """SIGINT this process once its main thread waits inside the magic ``magic`` (Ctrl+C)."""
+    main = threading.main_thread().ident
+
+    def waiting() -> bool:
+        frame = sys._current_frames().get(main or 0)
+        while frame is not None:
+            if frame.f_code.co_name == magic and frame.f_code.co_filename.endswith("_magics.py"):
+                return True
+            frame = frame.f_back
+        return False
+
+    def send() -> None:
+        wait_until(waiting, 20, f"%{magic} to wait")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    return sender
+
+
+@pytest.mark.parametrize("line", ["%wait {id}", "%receive {id} --wait"])
+def test_ctrl_c_in_a_waiting_magic_stops_the_waiting_not_the_job(ip: Any, line: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/ipython.md: Ctrl+C in %wait or %receive --wait stops the waiting with one line; the
+    job goes on."""
+    gate = threading.Event()
+    ip.user_ns["gate"] = gate
+    job = run(ip, "%bg --thread gate.wait(60)")
+    try:
+        sender = _interrupt_when_waiting_in(line.split()[0][1:])
+        run(ip, line.format(id=job.id))
+        sender.join(30)
+        err = capsys.readouterr().err
+        assert f"{line.split()[0]}: interrupted; the jobs go on" in err and err.count("\n") == 1
+        assert job.state is psjobs.JobState.RUNNING
+    finally:
+        gate.set()
+    assert job.wait(timeout=20) and job.state is psjobs.JobState.COMPLETED
 
 
 def test_announcements_can_be_turned_off(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
