@@ -173,3 +173,35 @@ def test_the_fork_server_keeps_its_own_signal_handlers() -> None:
         caught = _caught_signals(_server(s).pid)
     assert signal.SIGTERM not in caught and signal.SIGALRM not in caught
     assert signal.SIGINT in caught and signal.SIGCHLD in caught  # its own: Ctrl+C is the session's
+
+
+def _has_colorsys_in_worker() -> bool:
+    import sys
+
+    return "colorsys" in sys.modules
+
+
+@pytest.mark.parametrize("preload", ["1", "0"])
+def test_the_server_preloads_the_modules_of_callables_pickled_by_reference_unless_opted_out(
+        preload: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/guide.md: the modules of callables pickled by reference are imported by the fork
+    server when it is idle, so the next spares have them (PSJOBS_PRELOAD=0 opts out)."""
+    import colorsys
+
+    monkeypatch.setenv("PSJOBS_PRELOAD", preload)
+    with psjobs.Session() as s:
+        first = s.start_job(colorsys.rgb_to_hsv, 0.2, 0.4, 0.4)  # by reference: colorsys is imported in its worker
+        assert first.wait(30) and first.state is psjobs.JobState.COMPLETED
+        seen: list[bool] = []
+
+        def later_worker_has_it() -> bool:
+            job = s.start_job(_has_colorsys_in_worker)
+            assert job.wait(30)
+            seen.append(bool(job.receive()[0]))
+            return seen[-1]
+
+        if preload == "1":
+            wait_until(later_worker_has_it, 30, "a later worker to start with colorsys imported")
+        else:
+            for _ in range(8):  # spares made before and after the first job, and workers forked on request
+                assert not later_worker_has_it()
