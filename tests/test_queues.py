@@ -4,6 +4,7 @@ concurrency is counted from inside the jobs (marker files), never inferred from 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -207,6 +208,10 @@ def test_scheduling_options_are_checked_before_a_job_exists(session: psjobs.Sess
         ({"delay": math.nan}, ValueError, "delay must be finite"),
         ({"delay": -1}, ValueError, "delay must be finite"),
         ({"delay": "soon"}, ValueError, "delay must be finite"),
+        ({"delay": math.inf}, ValueError, "after 9998-12-31.*delay must be finite"),
+        ({"delay": 1e12}, ValueError, "after 9998-12-31"),  # the year 33715: raised by the scheduler
+        ({"delay": 10**400}, ValueError, "after 9998-12-31"),
+        ({"delay": datetime.max}, ValueError, "before the year 9999"),
         ({"after": gone}, ValueError, "not a job of this session"),
         ({"after": 999_999}, psjobs.JobNotFoundError, "999999"),
     ]
@@ -300,3 +305,77 @@ def test_the_scheduler_thread_ends_when_nothing_waits(session: psjobs.Session) -
     done = session.start_thread_job(lambda: 1, retries=1, delay=0.05)
     assert session.wait_job(done, timeout=10)
     wait_until(lambda: not sched_threads(), 10, "the psjobs-sched thread to end")
+
+
+def test_a_far_off_delay_holds_up_no_other_job(session: psjobs.Session) -> None:
+    # A wait past threading.TIMEOUT_MAX (~292 years) killed the scheduler's thread: every later
+    # delayed, grouped or retried job then stayed NotStarted for good.
+    far = [session.start_thread_job(lambda: "far", delay=datetime(2400, 1, 1)),
+           session.start_job("echo far", delay=1e10)]
+    soon = session.start_thread_job(lambda: "soon", delay=0.1)
+    assert session.wait_job(soon, timeout=20) and soon.output == ["soon"]
+    assert [j.state for j in far] == [JobState.NOT_STARTED] * 2
+    assert far[0].status_message == "waiting until 2400-01-01 00:00:00 (delay)"  # a far day is shown
+    session.configure_group("after-far", parallel=1)
+    grouped = session.start_job("echo grouped", group="after-far")
+    assert session.wait_job(grouped, timeout=20) and grouped.output == ["grouped"]
+
+
+def test_a_failed_pass_of_the_scheduler_is_logged_and_it_goes_on(session: psjobs.Session,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from psjobs.core._sched import Scheduler
+
+    scan = Scheduler._scan_locked
+    failures = []
+
+    def bug_once(self: Scheduler, now: float) -> object:  # what a bug in psjobs itself looks like
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug in the scheduler")
+        return scan(self, now)
+
+    monkeypatch.setattr(Scheduler, "_scan_locked", bug_once)
+    with caplog.at_level(logging.ERROR, logger="psjobs"):
+        job = session.start_thread_job(lambda: "ran", delay=0.05)
+        assert session.wait_job(job, timeout=20) and job.output == ["ran"]
+    assert failures
+    [record] = [r for r in caplog.records if "psjobs-sched" in r.getMessage()]
+    assert record.exc_info is not None and str(record.exc_info[1]) == "a bug in the scheduler"
+
+
+def test_a_held_job_the_scheduler_cannot_check_fails_alone(session: psjobs.Session,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from psjobs.core import _sched
+
+    check = _sched._waiting_for
+
+    def bug_for_one(sched: _sched.Scheduler, when: _sched.When, now: float, taken: dict[str, int]) -> str:
+        if when.retries == 7:  # the bad job's mark
+            raise OverflowError("a bug in the scheduler")
+        return check(sched, when, now, taken)
+
+    session.configure_group("g", parallel=1)
+    monkeypatch.setattr(_sched, "_waiting_for", bug_for_one)
+    with caplog.at_level(logging.ERROR, logger="psjobs"):
+        bad = session.start_job("echo never", group="g", retries=7)
+        good = session.start_thread_job(lambda: "ran", group="g")
+        assert session.wait_job([bad, good], timeout=20)
+    assert good.output == ["ran"]
+    assert bad.state is JobState.FAILED and bad.attempts == 0 and bad.output == []
+    assert f"restart_job({bad.id})" in str(bad.reason) and "OverflowError" in str(bad.reason)
+    assert any("could not check" in r.getMessage() for r in caplog.records)
+
+
+def test_a_finish_callback_that_exits_does_not_end_the_scheduler(session: psjobs.Session,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    first = session.start_thread_job(lambda: 1)
+    with caplog.at_level(logging.ERROR, logger="psjobs"):
+        session.on_finished(first, lambda job: sys.exit(3))  # a PSJOBS_CALLBACK may call sys.exit
+        wait_until(lambda: any("finish callback" in r.getMessage() for r in caplog.records), 20,
+                   "the callback's exit to be logged")
+    later = session.start_thread_job(lambda: "later", delay=0.05)
+    assert session.wait_job(later, timeout=20) and later.output == ["later"]
