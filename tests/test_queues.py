@@ -88,8 +88,12 @@ def test_stopping_a_waiting_job_never_runs_it(session: psjobs.Session, tmp_path:
     session.pause_group("p")
     marker = tmp_path / "ran"
     job = session.start_job(f"touch {marker}", group="p")
-    session.stop_job(job)
-    assert job.state is JobState.STOPPED
+    delayed = session.start_thread_job(marker.touch, delay=30)
+    assert "is paused" in job.status_message and delayed.status_message.endswith("(delay)")
+    session.stop_job([job, delayed])
+    assert job.state is JobState.STOPPED and delayed.state is JobState.STOPPED
+    # what it waited for is over: no "waiting: group 'p' is paused" on a Stopped job
+    assert [job.status_message, job.child_jobs[0].status_message, delayed.status_message] == ["", "", ""]
     session.resume_group("p")
     after = session.start_job("echo next", group="p")  # the group goes on past the stopped one
     assert session.wait_job(after, timeout=20)
@@ -113,6 +117,8 @@ def test_a_failed_dependency_fails_its_dependents_without_running_them(session: 
     assert f"runs after Job {first.id}" in str(second.reason)
     assert f"restart_job({second.id})" in str(second.reason)
     assert f"runs after Job {second.id}" in str(third.reason)
+    # it waits no more: no "waiting for Job N 'JobN' (Running) to complete" on a Failed job
+    assert [second.status_message, second.child_jobs[0].status_message, third.status_message] == ["", "", ""]
     assert not marker.exists()
     assert second.attempts == 0
 

@@ -358,6 +358,7 @@ class Scheduler:
             if top._state.is_finished or self.session._all.get(top.id) is not top:
                 for leaf in top._leaves():  # stopped (or removed) while it waited: it never runs
                     self.retries.pop(leaf.id, None)
+                _set_status(top, "")
                 continue
             try:
                 failed = next((d for d in when.after if d._state in (JobState.FAILED, JobState.STOPPED)), None)
@@ -388,6 +389,7 @@ class Scheduler:
     def _fail_locked(self, top: Job, why: str) -> None:
         """A held job ends Failed without running; ``why`` says why and what to do."""
         err = JobStateError(f"{describe_job(top)} did not run: {why}")
+        _set_status(top, "")  # it waits no more: "waiting for Job 1 ... (Running)" stayed on it
         for leaf in top._leaves():
             self.retries.pop(leaf.id, None)
             leaf._apply(Event.FAIL, reason=err)
