@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -200,6 +201,31 @@ def test_restart_makes_a_new_job_with_the_same_target_and_options(session: psjob
         session.restart_job(running)
     with pytest.raises(psjobs.JobStateError, match="is a child job"):
         session.restart_job(first.child_jobs[0])
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_restart_of_an_executor_job_says_why_it_cannot(session: psjobs.Session, kind: str) -> None:
+    with psjobs.Executor(kind, session=session) as ex:
+        future = ex.submit(pow, 2, 3)
+        assert future.result(timeout=20) == 8
+    job = future.job
+    with pytest.raises(psjobs.JobStateError, match=f"Job {job.id} .*ran a call for an Executor.*submit") as info:
+        session.restart_job(job)
+    assert "restored from storage" not in str(info.value)  # it was not: the Executor let go of it
+
+
+def test_restart_of_a_restored_job_says_its_target_was_not_kept(session: psjobs.Session) -> None:
+    from psjobs.core import Job
+    from psjobs.core._journal import MemoryJournal
+
+    # as the session host loads its jobs of an earlier run (host/_journal.restore)
+    old = Job.restored(session, 41, parent=None, name="old", job_type="BackgroundJob", command="echo old",
+                       location="localhost", computer_name=None, state=JobState.COMPLETED, reason=None,
+                       exit_code=0, begin=1.0, end=2.0, instance_id=uuid.uuid4(), pid=None,
+                       journal=MemoryJournal())
+    session.restore_jobs([old])
+    with pytest.raises(psjobs.JobStateError, match=r"Job 41 'old' .*restored from storage.*start_job"):
+        session.restart_job(41)
 
 
 def test_scheduling_options_are_checked_before_a_job_exists(session: psjobs.Session) -> None:

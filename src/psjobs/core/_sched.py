@@ -515,6 +515,10 @@ class SchedulingVerbs:
                                       f"stop it with stop_job({old.id}) first")
         recipe: JobSpec | None = old._recipe
         if recipe is None:
+            if any(leaf._kind is not None for leaf in old._leaves()):  # it ran here: forget_recipe
+                raise JobStateError(f"restart_job: {describe_job(old)} ran a call for an Executor, which lets "
+                                    f"go of a call once it is done (so it can be freed); submit the call to "
+                                    f"an executor again")
             raise JobStateError(f"restart_job: {describe_job(old)} was restored from storage and its target "
                                 f"was not kept; start it again with start_job")
         assert recipe.recipe is not None
