@@ -262,6 +262,20 @@ def test_scheduling_options_are_checked_before_a_job_exists(session: psjobs.Sess
         session.pause_group("missing")
 
 
+def test_after_the_id_or_name_of_a_removed_job_is_not_found(session: psjobs.Session) -> None:
+    gone = session.start_thread_job(lambda: None, name="gone")
+    session.wait_job(gone, timeout=20)
+    session.remove_job(gone)
+    says = rf"cannot find a job (with the id {gone.id}|named 'gone'); .*get_job\(\)"
+    for after in (gone.id, "gone", [gone.id]):
+        with pytest.raises(psjobs.JobNotFoundError, match=says) as info:
+            session.start_job("echo no", after=after)
+        assert isinstance(info.value, LookupError)  # as every verb says of an id that matches no job
+    with pytest.raises(ValueError, match=f"Job {gone.id} 'gone'.*removed"):  # the Job object itself
+        session.start_job("echo no", after=gone)
+    assert session.get_job() == []
+
+
 def test_module_verbs_schedule_on_the_default_session(default_session: psjobs.Session) -> None:
     psjobs.configure_group("mod", parallel=1)
     psjobs.pause_group("mod")
