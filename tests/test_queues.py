@@ -161,6 +161,26 @@ def test_retries_run_a_failing_call_again_and_keep_every_run(session: psjobs.Ses
         "attempt 2 of 6 failed (RuntimeError: flaky 2); running it again"]
 
 
+@pytest.mark.parametrize("given", ["a one-pass iterator", "a list"])
+def test_a_retried_thread_job_reads_all_its_input_again(session: psjobs.Session, given: str) -> None:
+    runs: list[list[int]] = []
+
+    def reader() -> list[int]:
+        got = list(psjobs.job_input())
+        runs.append(got)
+        if len(runs) == 1:
+            raise ValueError("first run fails")
+        return got
+
+    items = iter([1, 2, 3]) if given == "a one-pass iterator" else [1, 2, 3]
+    job = session.start_thread_job(reader, input=items, retries=1)
+    assert session.wait_job(job, timeout=20)
+    assert job.state is JobState.COMPLETED and job.attempts == 2
+    assert job.output == [[1, 2, 3]] and runs == [[1, 2, 3], [1, 2, 3]]  # the retry did not read []
+    again = session.restart_job(job)  # it kept the list: a restart reads it all too
+    assert session.wait_job(again, timeout=20) and again.output == [[1, 2, 3]]
+
+
 def test_retries_of_a_command_end_failed_with_every_run_kept(session: psjobs.Session) -> None:
     job = session.start_job('echo "try"; exit 3', retries=2)
     assert session.wait_job(job, timeout=20)
