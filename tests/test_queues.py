@@ -55,6 +55,24 @@ def test_a_waiting_job_is_not_started_and_says_why(session: psjobs.Session) -> N
     assert second.status_message == ""
 
 
+def test_a_thread_job_held_by_the_thread_throttle_says_so(session: psjobs.Session) -> None:
+    session.configure_group("roomy", parallel=5)
+    gate = threading.Event()
+    why = "waiting for a thread slot (thread_throttle_limit=1)"
+    try:
+        first = session.start_thread_job(gate.wait, 20, throttle_limit=1)
+        queued = session.start_thread_job(lambda: "queued")
+        grouped = session.start_thread_job(lambda: "grouped", group="roomy")  # its group has room
+        assert queued.state is JobState.NOT_STARTED and queued.status_message == why
+        wait_until(lambda: grouped.status_message == why, 10, "the grouped job to wait for a thread slot")
+        assert grouped.state is JobState.NOT_STARTED and first.status_message == ""
+    finally:
+        gate.set()
+    assert session.wait_job([first, queued, grouped], timeout=20)
+    assert queued.output == ["queued"] and grouped.output == ["grouped"]
+    assert [first.status_message, queued.status_message, grouped.status_message] == ["", "", ""]
+
+
 def test_raising_the_limit_starts_waiting_jobs(session: psjobs.Session) -> None:
     session.configure_group("g", parallel=1)
     gate = threading.Event()
