@@ -101,6 +101,18 @@ def test_retries_delay_and_restart(home: Path) -> None:
     assert code == 2 and "retries" in err
 
 
+def test_a_delay_is_finite_seconds_in_range_or_no_job_is_made(home: Path) -> None:
+    before = json.loads(ok("get", "--json"))
+    for delay, says in [("inf", "finite seconds >= 0"), ("nan", "finite seconds >= 0"),  # inf started at once
+                        ("-1", "finite seconds >= 0"), ("soon", "not a number of seconds"),
+                        ("1e12", "after 9998-12-31"), ("1e300", "after 9998-12-31")]:
+        for verb in (["start"], ["invoke", "-c", "web1"]):
+            code, _, err = run(*verb, "--delay", delay, "--", "true")
+            assert code == 2 and "--delay" in err and says in err, (delay, err)
+            assert "timeout" not in err
+    assert json.loads(ok("get", "--json")) == before
+
+
 def test_suspend_and_resume(home: Path) -> None:
     job = start("--", "sleep 30")
     wait_until(lambda: row(job)["state"] == "Running", what="the job to run")

@@ -4,9 +4,11 @@ concurrency is counted from inside the jobs (marker files), never inferred from 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -53,6 +55,24 @@ def test_a_waiting_job_is_not_started_and_says_why(session: psjobs.Session) -> N
     assert second.status_message == ""
 
 
+def test_a_thread_job_held_by_the_thread_throttle_says_so(session: psjobs.Session) -> None:
+    session.configure_group("roomy", parallel=5)
+    gate = threading.Event()
+    why = "waiting for a thread slot (thread_throttle_limit=1)"
+    try:
+        first = session.start_thread_job(gate.wait, 20, throttle_limit=1)
+        queued = session.start_thread_job(lambda: "queued")
+        grouped = session.start_thread_job(lambda: "grouped", group="roomy")  # its group has room
+        assert queued.state is JobState.NOT_STARTED and queued.status_message == why
+        wait_until(lambda: grouped.status_message == why, 10, "the grouped job to wait for a thread slot")
+        assert grouped.state is JobState.NOT_STARTED and first.status_message == ""
+    finally:
+        gate.set()
+    assert session.wait_job([first, queued, grouped], timeout=20)
+    assert queued.output == ["queued"] and grouped.output == ["grouped"]
+    assert [first.status_message, queued.status_message, grouped.status_message] == ["", "", ""]
+
+
 def test_raising_the_limit_starts_waiting_jobs(session: psjobs.Session) -> None:
     session.configure_group("g", parallel=1)
     gate = threading.Event()
@@ -87,8 +107,12 @@ def test_stopping_a_waiting_job_never_runs_it(session: psjobs.Session, tmp_path:
     session.pause_group("p")
     marker = tmp_path / "ran"
     job = session.start_job(f"touch {marker}", group="p")
-    session.stop_job(job)
-    assert job.state is JobState.STOPPED
+    delayed = session.start_thread_job(marker.touch, delay=30)
+    assert "is paused" in job.status_message and delayed.status_message.endswith("(delay)")
+    session.stop_job([job, delayed])
+    assert job.state is JobState.STOPPED and delayed.state is JobState.STOPPED
+    # what it waited for is over: no "waiting: group 'p' is paused" on a Stopped job
+    assert [job.status_message, job.child_jobs[0].status_message, delayed.status_message] == ["", "", ""]
     session.resume_group("p")
     after = session.start_job("echo next", group="p")  # the group goes on past the stopped one
     assert session.wait_job(after, timeout=20)
@@ -112,6 +136,8 @@ def test_a_failed_dependency_fails_its_dependents_without_running_them(session: 
     assert f"runs after Job {first.id}" in str(second.reason)
     assert f"restart_job({second.id})" in str(second.reason)
     assert f"runs after Job {second.id}" in str(third.reason)
+    # it waits no more: no "waiting for Job N 'JobN' (Running) to complete" on a Failed job
+    assert [second.status_message, second.child_jobs[0].status_message, third.status_message] == ["", "", ""]
     assert not marker.exists()
     assert second.attempts == 0
 
@@ -151,6 +177,26 @@ def test_retries_run_a_failing_call_again_and_keep_every_run(session: psjobs.Ses
     assert [str(w) for w in job.warning] == [
         "attempt 1 of 6 failed (RuntimeError: flaky 1); running it again",
         "attempt 2 of 6 failed (RuntimeError: flaky 2); running it again"]
+
+
+@pytest.mark.parametrize("given", ["a one-pass iterator", "a list"])
+def test_a_retried_thread_job_reads_all_its_input_again(session: psjobs.Session, given: str) -> None:
+    runs: list[list[int]] = []
+
+    def reader() -> list[int]:
+        got = list(psjobs.job_input())
+        runs.append(got)
+        if len(runs) == 1:
+            raise ValueError("first run fails")
+        return got
+
+    items = iter([1, 2, 3]) if given == "a one-pass iterator" else [1, 2, 3]
+    job = session.start_thread_job(reader, input=items, retries=1)
+    assert session.wait_job(job, timeout=20)
+    assert job.state is JobState.COMPLETED and job.attempts == 2
+    assert job.output == [[1, 2, 3]] and runs == [[1, 2, 3], [1, 2, 3]]  # the retry did not read []
+    again = session.restart_job(job)  # it kept the list: a restart reads it all too
+    assert session.wait_job(again, timeout=20) and again.output == [[1, 2, 3]]
 
 
 def test_retries_of_a_command_end_failed_with_every_run_kept(session: psjobs.Session) -> None:
@@ -195,6 +241,31 @@ def test_restart_makes_a_new_job_with_the_same_target_and_options(session: psjob
         session.restart_job(first.child_jobs[0])
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_restart_of_an_executor_job_says_why_it_cannot(session: psjobs.Session, kind: str) -> None:
+    with psjobs.Executor(kind, session=session) as ex:
+        future = ex.submit(pow, 2, 3)
+        assert future.result(timeout=20) == 8
+    job = future.job
+    with pytest.raises(psjobs.JobStateError, match=f"Job {job.id} .*ran a call for an Executor.*submit") as info:
+        session.restart_job(job)
+    assert "restored from storage" not in str(info.value)  # it was not: the Executor let go of it
+
+
+def test_restart_of_a_restored_job_says_its_target_was_not_kept(session: psjobs.Session) -> None:
+    from psjobs.core import Job
+    from psjobs.core._journal import MemoryJournal
+
+    # as the session host loads its jobs of an earlier run (host/_journal.restore)
+    old = Job.restored(session, 41, parent=None, name="old", job_type="BackgroundJob", command="echo old",
+                       location="localhost", computer_name=None, state=JobState.COMPLETED, reason=None,
+                       exit_code=0, begin=1.0, end=2.0, instance_id=uuid.uuid4(), pid=None,
+                       journal=MemoryJournal())
+    session.restore_jobs([old])
+    with pytest.raises(psjobs.JobStateError, match=r"Job 41 'old' .*restored from storage.*start_job"):
+        session.restart_job(41)
+
+
 def test_scheduling_options_are_checked_before_a_job_exists(session: psjobs.Session) -> None:
     gone = session.start_thread_job(lambda: None)
     session.wait_job(gone)
@@ -207,6 +278,10 @@ def test_scheduling_options_are_checked_before_a_job_exists(session: psjobs.Sess
         ({"delay": math.nan}, ValueError, "delay must be finite"),
         ({"delay": -1}, ValueError, "delay must be finite"),
         ({"delay": "soon"}, ValueError, "delay must be finite"),
+        ({"delay": math.inf}, ValueError, "after 9998-12-31.*delay must be finite"),
+        ({"delay": 1e12}, ValueError, "after 9998-12-31"),  # the year 33715: raised by the scheduler
+        ({"delay": 10**400}, ValueError, "after 9998-12-31"),
+        ({"delay": datetime.max}, ValueError, "before the year 9999"),
         ({"after": gone}, ValueError, "not a job of this session"),
         ({"after": 999_999}, psjobs.JobNotFoundError, "999999"),
     ]
@@ -223,6 +298,20 @@ def test_scheduling_options_are_checked_before_a_job_exists(session: psjobs.Sess
         session.configure_group("ok", parallel=0)
     with pytest.raises(ValueError, match="no group 'missing'"):
         session.pause_group("missing")
+
+
+def test_after_the_id_or_name_of_a_removed_job_is_not_found(session: psjobs.Session) -> None:
+    gone = session.start_thread_job(lambda: None, name="gone")
+    session.wait_job(gone, timeout=20)
+    session.remove_job(gone)
+    says = rf"cannot find a job (with the id {gone.id}|named 'gone'); .*get_job\(\)"
+    for after in (gone.id, "gone", [gone.id]):
+        with pytest.raises(psjobs.JobNotFoundError, match=says) as info:
+            session.start_job("echo no", after=after)
+        assert isinstance(info.value, LookupError)  # as every verb says of an id that matches no job
+    with pytest.raises(ValueError, match=f"Job {gone.id} 'gone'.*removed"):  # the Job object itself
+        session.start_job("echo no", after=gone)
+    assert session.get_job() == []
 
 
 def test_module_verbs_schedule_on_the_default_session(default_session: psjobs.Session) -> None:
@@ -300,3 +389,77 @@ def test_the_scheduler_thread_ends_when_nothing_waits(session: psjobs.Session) -
     done = session.start_thread_job(lambda: 1, retries=1, delay=0.05)
     assert session.wait_job(done, timeout=10)
     wait_until(lambda: not sched_threads(), 10, "the psjobs-sched thread to end")
+
+
+def test_a_far_off_delay_holds_up_no_other_job(session: psjobs.Session) -> None:
+    # A wait past threading.TIMEOUT_MAX (~292 years) killed the scheduler's thread: every later
+    # delayed, grouped or retried job then stayed NotStarted for good.
+    far = [session.start_thread_job(lambda: "far", delay=datetime(2400, 1, 1)),
+           session.start_job("echo far", delay=1e10)]
+    soon = session.start_thread_job(lambda: "soon", delay=0.1)
+    assert session.wait_job(soon, timeout=20) and soon.output == ["soon"]
+    assert [j.state for j in far] == [JobState.NOT_STARTED] * 2
+    assert far[0].status_message == "waiting until 2400-01-01 00:00:00 (delay)"  # a far day is shown
+    session.configure_group("after-far", parallel=1)
+    grouped = session.start_job("echo grouped", group="after-far")
+    assert session.wait_job(grouped, timeout=20) and grouped.output == ["grouped"]
+
+
+def test_a_failed_pass_of_the_scheduler_is_logged_and_it_goes_on(session: psjobs.Session,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from psjobs.core._sched import Scheduler
+
+    scan = Scheduler._scan_locked
+    failures = []
+
+    def bug_once(self: Scheduler, now: float) -> object:  # what a bug in psjobs itself looks like
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug in the scheduler")
+        return scan(self, now)
+
+    monkeypatch.setattr(Scheduler, "_scan_locked", bug_once)
+    with caplog.at_level(logging.ERROR, logger="psjobs"):
+        job = session.start_thread_job(lambda: "ran", delay=0.05)
+        assert session.wait_job(job, timeout=20) and job.output == ["ran"]
+    assert failures
+    [record] = [r for r in caplog.records if "psjobs-sched" in r.getMessage()]
+    assert record.exc_info is not None and str(record.exc_info[1]) == "a bug in the scheduler"
+
+
+def test_a_held_job_the_scheduler_cannot_check_fails_alone(session: psjobs.Session,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from psjobs.core import _sched
+
+    check = _sched._waiting_for
+
+    def bug_for_one(sched: _sched.Scheduler, when: _sched.When, now: float, taken: dict[str, int]) -> str:
+        if when.retries == 7:  # the bad job's mark
+            raise OverflowError("a bug in the scheduler")
+        return check(sched, when, now, taken)
+
+    session.configure_group("g", parallel=1)
+    monkeypatch.setattr(_sched, "_waiting_for", bug_for_one)
+    with caplog.at_level(logging.ERROR, logger="psjobs"):
+        bad = session.start_job("echo never", group="g", retries=7)
+        good = session.start_thread_job(lambda: "ran", group="g")
+        assert session.wait_job([bad, good], timeout=20)
+    assert good.output == ["ran"]
+    assert bad.state is JobState.FAILED and bad.attempts == 0 and bad.output == []
+    assert f"restart_job({bad.id})" in str(bad.reason) and "OverflowError" in str(bad.reason)
+    assert any("could not check" in r.getMessage() for r in caplog.records)
+
+
+def test_a_finish_callback_that_exits_does_not_end_the_scheduler(session: psjobs.Session,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    first = session.start_thread_job(lambda: 1)
+    with caplog.at_level(logging.ERROR, logger="psjobs"):
+        session.on_finished(first, lambda job: sys.exit(3))  # a PSJOBS_CALLBACK may call sys.exit
+        wait_until(lambda: any("finish callback" in r.getMessage() for r in caplog.records), 20,
+                   "the callback's exit to be logged")
+    later = session.start_thread_job(lambda: "later", delay=0.05)
+    assert session.wait_job(later, timeout=20) and later.output == ["later"]

@@ -466,7 +466,7 @@ def _add_scheduling(p: argparse.ArgumentParser) -> None:
     p.add_argument("-g", "--group", help="run it in this group (see `psjobs group`): it waits for a slot")
     p.add_argument("-a", "--after", action="append", metavar="ID[,ID...]",
                    help="start it once these jobs completed (if one fails or is stopped, it fails unrun)")
-    p.add_argument("--delay", type=_seconds, metavar="S", help="start it S seconds from now")
+    p.add_argument("--delay", type=_delay, metavar="S", help="start it S seconds from now")
     p.add_argument("--retries", type=int, default=0, metavar="N",
                    help="run it again, up to N more times, when it fails (not when it is stopped)")
 
@@ -480,6 +480,25 @@ def _seconds(text: str) -> float | None:
     if math.isnan(value) or value < 0:
         raise argparse.ArgumentTypeError(f"a timeout is >= 0 seconds (or inf: no limit), not {text}")
     return None if math.isinf(value) else value
+
+
+def _delay(text: str) -> float:
+    """A --delay: finite seconds >= 0, in the library's range (not _seconds, a timeout's, where
+    inf means no limit: --delay inf started the job at once)."""
+    from .core._sched import not_before
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"a delay is finite seconds >= 0 from now, not {text}")
+    try:
+        not_before("--delay", value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} seconds would start the job after 9998-12-31; "
+                                         f"give a nearer delay") from None
+    return value
 
 
 def _version() -> str:

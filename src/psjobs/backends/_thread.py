@@ -2,7 +2,7 @@
 
 ::
 
-    start_thread_job --> queue (NotStarted) --throttle slot--> worker thread
+    start_thread_job --> queue (NotStarted, "waiting for a thread slot") --throttle slot--> worker thread
     worker thread: sets the job's emitter, runs init + target, write_*() append to the journal
     worker thread: worker._runner.run_guarded classifies the end, worker._thread_stop is the gate
     stop_job --> stop flag (stop_requested()) + JobStopped raised in the thread
@@ -156,13 +156,23 @@ class ThreadBackend(Backend):
         for port in ports:
             port.data = _Data(spec)
         with self._lock:
+            told = len(self._queue)  # every port queued before this start was told why it waits
             self._queue.extend(ports)
-            self._admit_locked()
+            self._admit_locked(told)
+            if self._queue:  # the last of these ports wait for a slot: say so (what a get_job shows)
+                why = f"waiting for a thread slot (thread_throttle_limit={self.session.thread_throttle_limit})"
+                for port in ports[-len(self._queue):]:
+                    port.waiting(why)
 
-    def _admit_locked(self) -> None:
+    def _admit_locked(self, told: int = 1 << 62) -> None:
+        # ``told``: how many ports at the head of the queue have a status message to take back
+        # (all of them but the ones a start is queueing: a job that never waited costs no store).
         limit = self.session.thread_throttle_limit
         while self._queue and self._running < limit:
             port = self._queue.popleft()
+            if told:
+                told -= 1
+                port.waiting("")
             if port.finished:
                 continue  # stopped (or removed) while it waited
             self._running += 1

@@ -114,6 +114,8 @@ def stop_jobs(session: Session, selected: list[Job], grace: float, removing: boo
                     node._stop_requested = True
                     node = node._parent
                 leaf._apply(Event.STOP)
+                if was is JobState.NOT_STARTED:  # it waits no more (a slot, a dependency, a delay)
+                    leaf.status_message = job.status_message = ""
                 backend, port = _backend_of(session, leaf)
                 # A queued job is Stopped at once; a backend whose queue lives elsewhere (a
                 # cluster's scheduler) still has to hear of it, so the work never starts.

@@ -193,6 +193,12 @@ class JobPort:
         return f"Job {job.id} {job.name!r}"
 
     # --- what a backend reports ---------------------------------------------------------------
+    def waiting(self, why: str) -> None:
+        """The job waits, NotStarted, in the backend's own queue: ``why`` is its status_message
+        ("" once it leaves the queue). Without the session's lock: a backend calls it under its own,
+        and one attribute's store is atomic."""
+        self._job.status_message = why
+
     def started(self, *, pid: int | None = None, where: str | None = None) -> bool:
         """The work runs (in process ``pid``, at ``where``). False if the job ended before (a stop
         while it waited): the backend must then not run it."""

@@ -16,6 +16,8 @@
         backend.start([port], spec) again (or Stopped, if a stop came in between)
     Session.on_finished(job, fn) --> psjobs-sched thread calls fn(job) once it is finished
         (the session host's PSJOBS_CALLBACK)
+    a pass that raises is logged on the psjobs logger and the thread goes on; a held job that
+        cannot be checked fails alone (its reason says why)
 
 A group's ``parallel`` counts its top-level jobs between their release and their end (a fan-out
 over 5 computers is one job, as a pueue task is one). Pausing a group holds its waiting jobs; the
@@ -33,11 +35,12 @@ import dataclasses
 import logging
 import math
 import re
+import reprlib
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .._errors import JobNotFinishedError, JobStateError
@@ -53,6 +56,14 @@ if TYPE_CHECKING:
     from ._spec import JobSpec
 
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+# The latest start a delay may ask for: the status message shows it as a datetime, which ends with
+# the year 9999 (a delay of 1e12 s, the year 33715, raised there, in the scheduler's thread).
+_LAST_START = datetime(9999, 1, 1, tzinfo=timezone.utc).timestamp()
+# The longest the scheduler's thread waits at once: a delay is wall-clock time and a wait is not
+# (a suspend or a clock change moves one and not the other), and Condition.wait raises
+# OverflowError past threading.TIMEOUT_MAX (~292 years), which killed the thread.
+_LONGEST_WAIT = 60.0
+_log = logging.getLogger("psjobs")
 
 
 @dataclass
@@ -153,13 +164,7 @@ def make_when(session: Session, verb: str, group: Any, after: Any, delay: Any, r
     when.retries = retries
     if delay is not None:
         when.delay = delay
-        if isinstance(delay, datetime):
-            when.not_before = (delay if delay.tzinfo is not None else delay.astimezone()).timestamp()
-        elif isinstance(delay, bool) or not isinstance(delay, (int, float)) or not math.isfinite(delay) \
-                or delay < 0:
-            raise ValueError(f"{verb}: delay must be finite seconds >= 0 or a datetime, not {delay!r}")
-        else:
-            when.not_before = time.time() + float(delay)
+        when.not_before = not_before(verb, delay)
     if after is not None:
         if isinstance(after, (str, bytes)) or not isinstance(after, Iterable):
             after = [after]
@@ -176,6 +181,34 @@ def make_when(session: Session, verb: str, group: Any, after: Any, delay: Any, r
                 jobs.extend(session._resolve(item, verb))
         when.after = list({j.id: j for j in jobs}.values())
     return when
+
+
+def not_before(verb: str, delay: Any) -> float:
+    """When a job given ``delay`` may start (time.time()); ValueError for a delay that is no time
+    from now to the end of the year 9998."""
+    what = "delay must be finite seconds >= 0 or a datetime before the year 9999"
+    if isinstance(delay, datetime):
+        try:
+            at = (delay if delay.tzinfo is not None else delay.astimezone()).timestamp()
+        except (OverflowError, ValueError, OSError) as exc:  # the ends of datetime's range
+            raise ValueError(f"{verb}: delay={delay!r} is no time this system can wait for ({exc}); "
+                             f"{what}") from None
+    elif isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise ValueError(f"{verb}: {what}, not {reprlib.repr(delay)}")
+    else:
+        try:
+            seconds = float(delay)
+        except OverflowError:  # an int past float's range
+            seconds = math.inf
+        if math.isnan(seconds) or seconds < 0:
+            raise ValueError(f"{verb}: {what}, not {delay!r}")
+        at = time.time() + seconds
+    if not at < _LAST_START:
+        shown = reprlib.repr(delay) if type(delay) is int else repr(delay)  # not 400 digits
+        raise ValueError(f"{verb}: delay={shown} would start the job after 9998-12-31, the "
+                         f"latest start (about {(_LAST_START - time.time()) / 31_557_600:,.0f} years from now); "
+                         f"{what}")
+    return at
 
 
 class Scheduler:
@@ -220,7 +253,11 @@ class Scheduler:
         if when.group is not None:
             ahead[when.group] = sum(1 for h in self._held[:-1] if h.when.group == when.group
                                     and not h.top._state.is_finished)
-        _set_status(top, _waiting_for(self, when, time.time(), ahead) or "starting")
+        try:
+            why = _waiting_for(self, when, time.time(), ahead)
+        except Exception:  # the job exists: not raised to its start, the scheduler's thread fails it
+            why = ""
+        _set_status(top, why or "starting")
 
     def _ensure_thread(self) -> None:
         with self.session._cond:
@@ -231,57 +268,86 @@ class Scheduler:
 
     def _loop(self) -> None:
         cond = self.session._cond
-        while True:
-            with cond:
-                while True:
-                    release, deadline = self._scan_locked(time.time())
-                    again: list[tuple[JobPort, _Retry]] = []
-                    if self._again and time.time() >= self._again_at:
-                        again, self._again = self._again, []
-                    done = [w for w in self.watch if w[0]._state.is_finished]
-                    if done:
-                        self.watch = [w for w in self.watch if not w[0]._state.is_finished]
-                    if release or again or done:
-                        break
-                    if not self._held and not self.retries and not self.watch and not self._again:
-                        self._thread = None  # checked after the scan, which drops some
-                        return
-                    if self._again:
-                        # A retry waits for its backend to let go of the last run, which it reports
-                        # to nobody: poll, briefly (a process job's exit report comes in ~1 ms).
-                        deadline = min(deadline or math.inf, self._again_at)
-                    cond.wait(None if deadline is None else max(0.0, deadline - time.time()))
-            for held in release:
-                self._start(held.backend, held.ports, held.spec)
-            later = []
-            for port, retry in again:
-                if port.stop_requested:
-                    from ._port import Outcome
-
-                    port.ended(Outcome.stopped())
-                elif not retry.backend.can_rerun(port):  # asked outside the lock, as every backend call
-                    later.append((port, retry))
-                else:
-                    self._start(retry.backend, [port], retry.spec)
-            if later:
-                with cond:
-                    self._again.extend(later)
-                    self._again_at = time.time() + 0.002
-            for job, fn in done:
+        try:
+            while True:
                 try:
-                    fn(job)
-                except Exception:  # a callback's failure is logged, never lost, and never stops the queue
-                    logging.getLogger("psjobs").exception("psjobs: the finish callback of %r failed", job)
+                    if not self._pass():
+                        return
+                except Exception:
+                    # One failed pass must not leave every held job NotStarted for good (a far-off
+                    # delay's OverflowError did, silently): say so and go on, not in a tight loop.
+                    _log.exception("psjobs: the scheduler thread (psjobs-sched) failed; it goes on")
+                    with cond:
+                        cond.wait(0.1)
+        finally:
+            with cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None  # ended by anything else: the next start starts another
+
+    def _pass(self) -> bool:
+        """Wait until something can be done, and do it; False when nothing is left to wait for."""
+        cond = self.session._cond
+        with cond:
+            while True:
+                release, deadline = self._scan_locked(time.time())
+                again: list[tuple[JobPort, _Retry]] = []
+                if self._again and time.time() >= self._again_at:
+                    again, self._again = self._again, []
+                done = [w for w in self.watch if w[0]._state.is_finished]
+                if done:
+                    self.watch = [w for w in self.watch if not w[0]._state.is_finished]
+                if release or again or done:
+                    break
+                if not self._held and not self.retries and not self.watch and not self._again:
+                    self._thread = None  # checked after the scan, which drops some
+                    return False
+                if self._again:
+                    # A retry waits for its backend to let go of the last run, which it reports
+                    # to nobody: poll, briefly (a process job's exit report comes in ~1 ms).
+                    deadline = min(deadline or math.inf, self._again_at)
+                cond.wait(None if deadline is None else min(max(0.0, deadline - time.time()), _LONGEST_WAIT))
+        for held in release:
+            self._start(held.backend, held.ports, held.spec)
+        later = []
+        for port, retry in again:
+            if port.stop_requested:
+                from ._port import Outcome
+
+                port.ended(Outcome.stopped())
+                continue
+            try:
+                ready = retry.backend.can_rerun(port)  # asked outside the lock, as every backend call
+            except Exception as exc:
+                self._start_failed([port], exc)
+                continue
+            if ready:
+                self._start(retry.backend, [port], retry.spec)
+            else:
+                later.append((port, retry))
+        if later:
+            with cond:
+                self._again.extend(later)
+                self._again_at = time.time() + 0.002
+        for job, fn in done:
+            try:
+                fn(job)
+            except BaseException:  # logged, never lost, and never stops the queue (a sys.exit too)
+                _log.exception("psjobs: the finish callback of %r failed", job)
+        return True
 
     @staticmethod
     def _start(backend: Backend, ports: list[JobPort], spec: JobSpec) -> None:
         try:
             backend.start(ports, spec)
         except Exception as exc:  # a job must fail, never hang NotStarted, when its start breaks
-            from ._port import Outcome
+            Scheduler._start_failed(ports, exc)
 
-            for port in ports:
-                port.ended(Outcome.failed(exc))
+    @staticmethod
+    def _start_failed(ports: list[JobPort], exc: Exception) -> None:
+        from ._port import Outcome
+
+        for port in ports:
+            port.ended(Outcome.failed(exc))
 
     def _scan_locked(self, now: float) -> tuple[list[_Held], float | None]:
         release: list[_Held] = []
@@ -292,19 +358,23 @@ class Scheduler:
             if top._state.is_finished or self.session._all.get(top.id) is not top:
                 for leaf in top._leaves():  # stopped (or removed) while it waited: it never runs
                     self.retries.pop(leaf.id, None)
+                _set_status(top, "")
                 continue
-            failed = next((d for d in when.after if d._state in (JobState.FAILED, JobState.STOPPED)), None)
-            if failed is not None:
-                err = JobStateError(f"{describe_job(top)} did not run: it runs after {describe_job(failed)}, "
-                                    f"which did not complete; restart that one, then this one with "
-                                    f"restart_job({top.id}) (`psjobs restart {top.id}`)")
-                for leaf in top._leaves():
-                    self.retries.pop(leaf.id, None)
-                    leaf._apply(Event.FAIL, reason=err)
+            try:
+                failed = next((d for d in when.after if d._state in (JobState.FAILED, JobState.STOPPED)), None)
+                if failed is not None:
+                    self._fail_locked(top, f"it runs after {describe_job(failed)}, which did not complete; "
+                                           f"restart that one, then this one with restart_job({top.id}) "
+                                           f"(`psjobs restart {top.id}`)")
+                    continue
+                if when.not_before is not None and when.not_before > now:
+                    deadline = when.not_before if deadline is None else min(deadline, when.not_before)
+                why = _waiting_for(self, when, now, {})
+            except Exception as exc:  # this job fails, and the others are not held up by it
+                _log.exception("psjobs: the scheduler could not check %r", top)
+                self._fail_locked(top, f"the scheduler could not check when it may run ({reason_text(exc)}); "
+                                       f"start it again with restart_job({top.id})")
                 continue
-            if when.not_before is not None and when.not_before > now:
-                deadline = when.not_before if deadline is None else min(deadline, when.not_before)
-            why = _waiting_for(self, when, now, {})
             if why:
                 _set_status(top, why)
                 keep.append(held)
@@ -315,6 +385,14 @@ class Scheduler:
             release.append(held)
         self._held = keep
         return release, deadline
+
+    def _fail_locked(self, top: Job, why: str) -> None:
+        """A held job ends Failed without running; ``why`` says why and what to do."""
+        err = JobStateError(f"{describe_job(top)} did not run: {why}")
+        _set_status(top, "")  # it waits no more: "waiting for Job 1 ... (Running)" stayed on it
+        for leaf in top._leaves():
+            self.retries.pop(leaf.id, None)
+            leaf._apply(Event.FAIL, reason=err)
 
     # --- retries (JobPort.ended, under the session's lock) -------------------------------------
     def retry_locked(self, job: Job, outcome: Outcome, tail: list[Any]) -> bool:
@@ -359,8 +437,9 @@ def _waiting_for(sched: Scheduler, when: When, now: float, taken: dict[str, int]
         if dep._state is not JobState.COMPLETED:
             return f"waiting for Job {dep.id} {dep.name!r} ({dep.state}) to complete"
     if when.not_before is not None and when.not_before > now:
-        at = datetime.fromtimestamp(when.not_before).strftime("%H:%M:%S")
-        return f"waiting until {at} (delay)"
+        at = datetime.fromtimestamp(when.not_before)
+        day = "" if at.date() == datetime.fromtimestamp(now).date() else f"{at:%Y-%m-%d} "
+        return f"waiting until {day}{at:%H:%M:%S} (delay)"
     if when.group is not None:
         group = sched.groups[when.group]
         if group.paused:
@@ -436,6 +515,10 @@ class SchedulingVerbs:
                                       f"stop it with stop_job({old.id}) first")
         recipe: JobSpec | None = old._recipe
         if recipe is None:
+            if any(leaf._kind is not None for leaf in old._leaves()):  # it ran here: forget_recipe
+                raise JobStateError(f"restart_job: {describe_job(old)} ran a call for an Executor, which lets "
+                                    f"go of a call once it is done (so it can be freed); submit the call to "
+                                    f"an executor again")
             raise JobStateError(f"restart_job: {describe_job(old)} was restored from storage and its target "
                                 f"was not kept; start it again with start_job")
         assert recipe.recipe is not None
@@ -445,8 +528,8 @@ class SchedulingVerbs:
                                    payload=None)
         if when is not None:
             delay = when.delay
-            when = dataclasses.replace(when, after=[], not_before=None if delay is None else (
-                delay.timestamp() if isinstance(delay, datetime) else time.time() + float(delay)))
+            when = dataclasses.replace(when, after=[], not_before=None if delay is None else
+                                       not_before("restart_job", delay))
         top: Job = session._start_tree(kind, spec, job_type=job_type, name=name, parent=parent, when=when)
         return top
 

@@ -28,12 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from .._errors import (
-    JobBlockedError,
-    JobNotFinishedError,
-    JobStateError,
-    StopTimeoutWarning,
-)
+from .._errors import JobBlockedError, JobNotFinishedError, JobStateError, StopTimeoutWarning
 from .._records import ErrorRecord, OutputRecord, Stream
 from ._backend import Backend, load_backend
 from ._control import pause_jobs, send_input, stop_jobs
@@ -204,6 +199,8 @@ class Session(SchedulingVerbs):
             check_limit("start_thread_job", throttle_limit)
         when = make_when(self, "start_thread_job", group, after, delay, retries)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_thread_job")
+        if when is not None and when.retries and spec.input is not None:  # a retry runs on all of it too,
+            spec.input = list(spec.input)  # not on what the failed run left of a one-pass iterator
         if working_directory is not None or spec.kind != CALL:  # a callable runs in this process's directory:
             spec.cwd = check_directory("start_thread_job", working_directory)  # getcwd lets go of the GIL
         if throttle_limit is not None:
