@@ -107,6 +107,22 @@ def test_a_module_in_the_users_directory_is_never_imported_by_the_host(
     assert not marker.exists(), f"the host imported the planted {marker.read_text()}"
 
 
+def test_the_host_runs_the_psjobs_the_command_comes_from(tmp_path: Path) -> None:
+    # A second copy of psjobs (a checkout beside an installed psjobs): its host must run its own code,
+    # not whichever psjobs sys.path finds first (an editable install's .pth comes before it).
+    copy = tmp_path / "checkout"
+    shutil.copytree(Path(psjobs.__file__).parent, copy / "psjobs", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "psjobs" / "_version.py").write_text('__version__ = "0.0.0+copy"\n')
+    boot = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(copy)!r}); "
+                           "from psjobs.host._client import _BOOT; print(_BOOT)"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    with private_home(tmp_path / "h") as h:
+        done = subprocess.run([sys.executable, "-I", "-c", boot, "--home", str(h), "--daemon"], cwd="/",
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(ok("host", "status", "--json"))["version"] == "0.0.0+copy"
+
+
 # --- the client trusts only its own directory and its own host -----------------------------------------
 
 def test_a_socket_planted_by_another_user_receives_nothing(other: pwd.struct_passwd, shared: Path) -> None:

@@ -37,9 +37,17 @@ _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
 # directory nor the script's on sys.path) from "/", so a `selectors.py` where the user stands is
 # never imported into it. What must stay importable is appended, after the standard library: the
 # directory psjobs comes from (a checkout) and the absolute PYTHONPATH entries (backends installed there).
+# psjobs itself is loaded from the directory this command's psjobs comes from: on sys.path, another
+# psjobs (an editable install's .pth in site-packages, before the appended entries) would win, and
+# the command would talk to a host of other code than its own.
 _ROOT = str(Path(__file__).resolve().parents[2])
+_PKG = os.path.join(_ROOT, "psjobs")
 _BOOT = (f"import os, sys; sys.path += [p for p in [{_ROOT!r}, *os.environ.get('PYTHONPATH', '').split(os.pathsep)] "
          "if os.path.isabs(p) and p not in sys.path]; "
+         "import importlib.util as u; "
+         f"s = u.spec_from_file_location('psjobs', {os.path.join(_PKG, '__init__.py')!r}, "
+         f"submodule_search_locations=[{_PKG!r}]); "
+         "m = sys.modules['psjobs'] = u.module_from_spec(s); s.loader.exec_module(m); "
          "from psjobs.host._server import host_main; sys.exit(host_main(sys.argv[1:]))")
 
 
