@@ -48,8 +48,9 @@ from .._errors import HostError, ProtocolError, PsJobsError, RequestError
 from ..core._session import Session
 from ._client import Paths, answers, read_frame
 from ._handlers import HANDLERS, Context, Reply
-from ._journal import Writer, restore
+from ._journal import Writer
 from ._protocol import MAX_REQUEST, decode_request, error_reply, final, pack
+from ._restore import restore
 from ._store import Store, kill_orphans
 
 _IDLE = 60.0                 # seconds a connection may take to send its request
