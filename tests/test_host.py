@@ -284,6 +284,7 @@ class _Opaque:
     (Stream.OUTPUT, _Opaque(), (0, "<opaque thing>")),
     (Stream.OUTPUT, Snapshot("m.T", "T(1)", {}, "cannot pickle"), (0, "<Snapshot of m.T: T(1)>")),
     (Stream.OUTPUT, "bad \udcff byte", (1, "bad \udcff byte")),
+    (Stream.OUTPUT, {"caf\udce9"}, (0, "{'caf\\udce9'}")),  # no JSON: its repr, the byte escaped
     (Stream.WARNING, Record(Stream.WARNING, "careful", 1.0, "web1"), (1, {"message": "careful",
                                                                            "computer_name": "web1"})),
     (Stream.ERROR, ErrorRecord("boom", 1.0, None, ValueError("bad"), "tb"),
