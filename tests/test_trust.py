@@ -201,6 +201,41 @@ def test_a_symlinked_state_directory_is_refused_and_its_target_left_alone(tmp_pa
 
 # --- refusals get their reply -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", ["host.lock", "host.log", "jobs.db", "jobs.db-wal", "jobs.db-shm"])
+def test_a_symbolic_link_planted_in_the_state_directory_is_refused_and_its_target_left_alone(
+        tmp_path: Path, name: str) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    with private_home(tmp_path / "h") as h:
+        h.mkdir(mode=0o777)  # ours, but (for a while) anyone could plant a link in it
+        (h / name).symlink_to(victim)
+        code, out, err = run("start", "-q", "--", "true")
+        assert code == 1 and out == ""
+        assert f"the psjobs file {h / name} is a symbolic link (to {victim}), which psjobs does not follow" in err
+        assert f"`mv {h / name} {h / name}.suspect`" in err, err
+        assert victim.read_text() == "precious\n"  # not truncated, not written, not a database
+        (h / name).unlink()
+        job = ok("start", "-q", "--", "echo fine").strip()  # once it is gone, the host starts
+        assert ok("receive", job, "--wait") == "fine\n"
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_fifo_or_another_users_file_in_the_state_directory_is_refused(tmp_path: Path) -> None:
+    with private_home(tmp_path / "h") as h:
+        h.mkdir(mode=0o700)
+        os.mkfifo(h / "host.log")  # a writer's open would wait for a reader forever
+        code, _, err = run("get")
+        assert code == 1 and f"{h / 'host.log'} is not a regular file" in err, err
+        (h / "host.log").unlink()
+        if os.getuid() == 0:  # only root can give a file away
+            (h / "jobs.db").touch()
+            os.chown(h / "jobs.db", 4242, 4242)
+            code, _, err = run("get")
+            assert code == 1 and f"{h / 'jobs.db'} belongs to uid 4242, not to you" in err, err
+            (h / "jobs.db").unlink()
+        assert ok("get") == ""
+
+
 def test_a_refused_peer_gets_the_error_reply_not_a_reset(other: pwd.struct_passwd, shared: Path) -> None:
     state = shared / "state"
     with private_home(state):

@@ -46,7 +46,7 @@ from typing import Any
 
 from .._errors import HostError, ProtocolError, PsJobsError, RequestError
 from ..core._session import Session
-from ._client import Paths, answers, read_frame
+from ._client import Paths, answers, open_private, read_frame
 from ._handlers import HANDLERS, Context, Reply
 from ._journal import Writer
 from ._protocol import MAX_REQUEST, decode_request, error_reply, final, pack
@@ -243,7 +243,7 @@ def _error(exc: BaseException, sink: list[str] | None = None) -> dict[str, Any]:
 def _take_lock(paths: Paths, wait: float = 15.0) -> int:
     """Hold host.lock for the host's life. If a host answers on the socket, refuse; if the lock is
     held but nobody answers (a host starting or stopping), wait for it."""
-    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_private(paths.lock, os.O_RDWR)  # it is truncated below: never a link's target
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -318,7 +318,7 @@ def _detach(paths: Paths) -> None:
     sys.path[:] = [os.path.abspath(p) for p in sys.path if p]
     os.chdir("/")  # hold no directory of the user's
     null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = open_private(paths.log, os.O_WRONLY | os.O_APPEND)
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)

@@ -30,6 +30,7 @@ from .._errors import HostLostError
 from .._records import ErrorRecord, InformationRecord, ProgressRecord
 from ..core._pshost import reason_text as text_of_reason
 from ..core._state import JobState
+from ._client import check_private, open_private
 
 SCHEMA_VERSION = 1
 
@@ -163,8 +164,11 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the same mode.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the same mode. SQLite
+        # follows symbolic links, so the three files are checked first (a link is refused).
+        os.close(open_private(path, os.O_RDWR))
+        check_private(path + "-wal")
+        check_private(path + "-shm")
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=WRITE_BUSY)
         self._lock = threading.RLock()
         with self._lock:
