@@ -35,6 +35,7 @@ import os
 import selectors
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import threading
@@ -51,7 +52,7 @@ from ._handlers import HANDLERS, Context, Reply
 from ._journal import Writer
 from ._protocol import MAX_REQUEST, decode_request, error_reply, final, pack
 from ._restore import restore
-from ._store import Store, kill_orphans
+from ._store import Store, kill_orphans, unusable
 
 _IDLE = 60.0                 # seconds a connection may take to send its request
 # After a refusal, what the client still sends is dropped for at most this long and this much: enough
@@ -89,15 +90,18 @@ class HostServer:
         self.started = time.time()
         self._lock_fd = _take_lock(paths)
         try:
-            self.store = Store(str(paths.database))
-            kill_orphans(self.store.recover(os.getpid()))
-            self.writer = Writer(self.store)
-            # One job table: the stored jobs come back as finished jobs of the host's Session, and
-            # every new job's records go to the store through its journal.
-            self.session = Session(first_id=self.store.next_id(), journal_factory=self.writer.journal)
-            # Its command jobs outlive it (`psjobs start -- make`): a later host ends them if it dies.
-            self.session.commands_outlive_process = True
-            cwds = restore(self.session, self.writer)
+            try:  # a damaged page may show only when it is read: the whole load is covered
+                self.store = Store(str(paths.database))
+                kill_orphans(self.store.recover(os.getpid()))
+                self.writer = Writer(self.store)
+                # One job table: the stored jobs come back as finished jobs of the host's Session, and
+                # every new job's records go to the store through its journal.
+                self.session = Session(first_id=self.store.next_id(), journal_factory=self.writer.journal)
+                # Its command jobs outlive it (`psjobs start -- make`): a later host ends them if it dies.
+                self.session.commands_outlive_process = True
+                cwds = restore(self.session, self.writer)
+            except sqlite3.DatabaseError as exc:
+                raise unusable(str(paths.database), exc) from None
             with contextlib.suppress(FileNotFoundError):
                 paths.socket.unlink()  # left by a dead host: we hold the lock, so no host uses it
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -300,7 +304,8 @@ def host_main(argv: list[str]) -> int:
     except _AlreadyRunning as exc:
         return _ready(ready_w, "ok already running\n", str(exc), 0 if opts.daemon else 1)
     except Exception as exc:
-        return _ready(ready_w, f"psjobs host: cannot start: {exc}\n", f"cannot start: {exc}", 1)
+        # The command that started the host shows the answer after its own "psjobs: " prefix.
+        return _ready(ready_w, f"the psjobs host cannot start: {exc}\n", f"cannot start: {exc}", 1)
     print(f"psjobs host {os.getpid()} serving {paths.socket}", file=sys.stderr, flush=True)
     warnings.showwarning = _showwarning  # a warning raised for a request goes back to its client
     warnings.simplefilter("always")      # each client is told, not only the first one

@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._errors import HostLostError
+from .._errors import HostError, HostLostError
 from .._records import ErrorRecord, InformationRecord, ProgressRecord
 from ..core._pshost import reason_text as text_of_reason
 from ..core._state import JobState
@@ -152,6 +153,19 @@ def process_start(pid: int) -> int | None:
     if len(fields) < 20 or fields[0] == "Z":
         return None
     return int(fields[19])
+
+
+def unusable(path: str, exc: sqlite3.DatabaseError) -> HostError:
+    """Why the host cannot start on the database at ``path``, and what to do about it."""
+    where, name = os.path.split(path)
+    if isinstance(exc, sqlite3.OperationalError):  # locked, full, an I/O error: the file may be fine
+        return HostError(f"the psjobs database {path} cannot be used now ({exc}); end what holds it or "
+                         f"free space in {where}, then run the command again")
+    # Its -wal and -shm go with it: a WAL left beside a new database would be replayed into it.
+    return HostError(f"the psjobs database {path} is damaged or is not a psjobs database ({exc}); move it "
+                     f"away with its -wal and -shm files (`cd {shlex.quote(where)} && mkdir damaged && mv "
+                     f"{shlex.quote(name)}* damaged/`) and run the command again: the host starts with no "
+                     f"jobs, and the moved files keep what SQLite's `.recover` can still read")
 
 
 # --- the store -----------------------------------------------------------------------------------
