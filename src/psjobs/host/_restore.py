@@ -4,12 +4,14 @@
 
     Store.load (rows, record counts, cursors) --restore--> finished Jobs of the Session, each with a
                                                            SqliteJournal that reads its records
-    a reason as stored or sent (text) --reason_from_text--> an exception of the same name and text
+    a reason as stored and sent ("ValueError: bad value") --reason_from_text--> an exception of that
+                                                          class name whose str() is "bad value"
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 
 from .. import _errors
@@ -43,25 +45,40 @@ def restore(session: Session, writer: Writer) -> dict[int, str | None]:
 
 
 class StoredReason(Exception):
-    """A stored job's reason: its text as it was written (the exception itself is gone)."""
+    """A stored job's reason: named as the original class, with its text (the exception is gone)."""
 
 
 _reason_classes: dict[str, type[StoredReason]] = {}
+_NAME = re.compile(r"[^\W\d]\w*")  # an identifier, at the start of a text
 
 
-def reason_from_text(text: str | None) -> BaseException | None:
-    """An exception that reads as ``text`` did: the psjobs error of that name, else a StoredReason
-    subclass named as the original class, so ``reason_text`` gives ``text`` back unchanged."""
-    if not text:
-        return None
-    name, sep, rest = text.partition(": ")
-    if not name.isidentifier():
-        name, rest = "Exception", text
+def reason_from_parts(name: str, message: str) -> BaseException:
+    """An exception of class name ``name`` whose str() is ``message``: the psjobs error of that name,
+    else a StoredReason subclass of that name."""
     known = getattr(_errors, name, None)
-    if isinstance(known, type) and issubclass(known, _errors.PsJobsError):
-        with contextlib.suppress(TypeError):  # one that takes more than a message: as below
-            return known(rest) if sep else known()
+    if isinstance(known, type) and issubclass(known, _errors.PsJobsError) and known.__name__ == name:
+        with contextlib.suppress(Exception):  # one that takes more than a message, or words it: as below
+            reason: BaseException = known(message) if message else known()
+            if str(reason) == message:
+                return reason
     cls = _reason_classes.get(name)
     if cls is None:
         cls = _reason_classes[name] = type(name, (StoredReason,), {"__module__": __name__})
-    return cls(text if sep else name)
+    return cls(message) if message else cls()
+
+
+def reason_from_text(text: str | None) -> BaseException | None:
+    """An exception that reads as ``text`` (what ``reason_text`` gave, as stored and as sent) did, with
+    the original's own text as its str(): "ValueError: bad value" gives a ValueError whose str() is
+    "bad value", as the exception in the job was. ``reason_text`` gives a message that begins with its
+    class's name alone, so such a text comes back whole, named as the identifier it begins with: either
+    way ``reason_text`` gives ``text`` back unchanged, and a reason reads the same after any number of
+    host restarts."""
+    if not text:
+        return None
+    name, sep, rest = text.partition(": ")
+    if sep and name.isidentifier() and rest and not rest.startswith(name):
+        return reason_from_parts(name, rest)
+    match = _NAME.match(text)
+    name = match.group() if match else "Exception"
+    return reason_from_parts(name, "" if text == name else text)
