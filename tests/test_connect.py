@@ -209,6 +209,34 @@ def test_a_failed_job_reports_its_reason(jobs: psjobs.Session, capsys: pytest.Ca
     assert jobs.receive_job(cmd, error_action="ignore") == ["out"]
 
 
+def test_a_reason_reads_as_in_process_and_the_same_after_a_host_restart(jobs: psjobs.Session, home: Path) -> None:
+    try:
+        int("bad value")
+    except ValueError as exc:
+        in_process = str(exc)  # what str(job.reason) gives in an in-process session
+    cases = [(lambda: int("bad value"), "ValueError", in_process),
+             # a message that begins with its class's name is shown alone, and comes back whole
+             (lambda: exec("raise LookupError('LookupError is in my text')"), "LookupError",
+              "LookupError is in my text"),
+             ("exit 3", "ExitStatusError", "the command exited with status 3")]  # a psjobs error
+    started = [jobs.start_job(target) for target, _, _ in cases]
+    assert jobs.wait_job(started, timeout=60) == started
+    shown = rows()
+    assert [r["reason"] for r in shown] == ["ValueError: " + in_process, "LookupError is in my text",
+                                            "ExitStatusError: the command exited with status 3"]
+
+    def read_as_in_process(session: psjobs.Session) -> None:
+        for job, (_, name, text) in zip(session.get_job([j.id for j in started]), cases):
+            for reason in (job.reason, job.child_jobs[0].reason):
+                assert (type(reason).__name__, str(reason)) == (name, text)
+
+    read_as_in_process(jobs)
+    stop_host(home)
+    with psjobs.connect() as again:  # a new host, with the reasons as they were stored
+        read_as_in_process(again)
+    assert rows() == shown
+
+
 def test_wait_stop_suspend_resume_remove(jobs: psjobs.Session) -> None:
     long = jobs.start_job("sleep 60", name="long")
     assert jobs.wait_job(long, timeout=0.2) == []

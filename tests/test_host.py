@@ -132,6 +132,31 @@ def test_a_second_host_refuses_to_start(home: Path) -> None:
     assert host_pid(home) == pid
 
 
+@pytest.mark.parametrize("damage", ["not a database", "a damaged page"])
+def test_a_damaged_database_is_named_with_what_to_do_and_that_works(home: Path, damage: str) -> None:
+    db = home / "jobs.db"
+    if damage == "not a database":
+        home.mkdir(mode=0o700)
+        db.write_bytes(b"whatever this was, it is no SQLite file\n" * 200)
+        said = "(file is not a database)"
+    else:  # a psjobs database whose records pages were overwritten: found when the host loads it
+        ok("wait", ok("start", "-q", "--", "seq 1 200000").strip())
+        ok("host", "stop")
+        data = bytearray(db.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 64 * 4096] = b"\xff" * (64 * 4096)
+        db.write_bytes(data)
+        said = "(database disk image is malformed)"
+    code, out, err = run("get")
+    assert code == 1 and out == ""
+    assert err.startswith(f"psjobs: the psjobs host cannot start: the psjobs database {db} is damaged "
+                          f"or is not a psjobs database {said}; move it away"), err
+    # What it says to do works: the host starts afresh, and the damaged file is kept.
+    advice = err.split("`")[1]
+    subprocess.run(["sh", "-c", advice], check=True, timeout=30)
+    assert ok("get") == ""
+    assert (home / "damaged" / "jobs.db").stat().st_size > 0
+
+
 def test_the_stale_socket_of_a_dead_host_is_cleaned_up(home: Path) -> None:
     ok("get")
     pid = host_pid(home)
@@ -284,6 +309,7 @@ class _Opaque:
     (Stream.OUTPUT, _Opaque(), (0, "<opaque thing>")),
     (Stream.OUTPUT, Snapshot("m.T", "T(1)", {}, "cannot pickle"), (0, "<Snapshot of m.T: T(1)>")),
     (Stream.OUTPUT, "bad \udcff byte", (1, "bad \udcff byte")),
+    (Stream.OUTPUT, {"caf\udce9"}, (0, "{'caf\\udce9'}")),  # no JSON: its repr, the byte escaped
     (Stream.WARNING, Record(Stream.WARNING, "careful", 1.0, "web1"), (1, {"message": "careful",
                                                                            "computer_name": "web1"})),
     (Stream.ERROR, ErrorRecord("boom", 1.0, None, ValueError("bad"), "tb"),

@@ -5,6 +5,7 @@ Each test has a state directory and a host of its own."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -154,6 +155,88 @@ def test_an_acknowledged_receive_into_a_file_or_a_reader_consumes_everything(hom
     assert out.read_text() == lines(100000)
     assert ok("receive", job) == ""
     assert json.loads(ok("get", job, "--json"))[0]["has_more_data"] is False
+
+
+# --- text that is not UTF-8 ------------------------------------------------------------------------
+
+def test_undecodable_bytes_in_commands_names_and_directories_survive_a_restart(home: Path, tmp_path: Path) -> None:
+    # What a shell passes for `cat $'caf\xe9.txt'`, `-n $'\xff'` and `cd $'d\xff'`: undecodable bytes,
+    # which Python holds as lone surrogates, and which SQLite text refuses.
+    odd = tmp_path / "d\udcff"
+    odd.mkdir()
+    first = ok("start", "-q", "-n", "ok1", "--", "echo before").strip()
+    cat = ok("start", "-q", "--", "cat", "caf\udce9.txt").strip()
+    named = ok("start", "-q", "-n", "\udcff", "--", "echo named").strip()
+    where = ok("start", "-q", "-C", str(odd), "--", "pwd").strip()
+    # A lone surrogate no shell can send, only a raw request's JSON ("\ud800").
+    raw = str(Client(Paths(home)).call("start", command=["echo raw"], name="\ud800", cwd=str(tmp_path),
+                                       env=dict(os.environ))["id"])
+    later = ok("start", "-q", "-n", "ok2", "--", "echo after").strip()
+    assert ok("receive", later, "--wait") == "after\n"  # the jobs before it hold nothing up
+    assert _status()["storage_problem"] is None
+    assert run("wait", first, cat, named, where, raw)[0] == 5  # cat failed: no such file
+    before = json.loads(ok("get", "--json"))
+
+    ok("host", "stop")
+    code, out, err = run("get", "--json")  # a new host, with what the old one stored
+    assert code == 0 and err == ""
+    restored = json.loads(out)
+    keys = ("id", "name", "command", "cwd", "state", "reason")
+    assert [{k: r[k] for k in keys} for r in restored] == [{k: r[k] for k in keys} for r in before]
+    by_id = {str(r["id"]): r for r in restored}
+    assert by_id[cat]["command"] == shlex.join(["cat", "caf\udce9.txt"]) and by_id[cat]["state"] == "Failed"
+    assert by_id[named]["name"] == "\udcff" and by_id[raw]["name"] == "\ud800"
+    assert by_id[where]["cwd"] == str(odd)
+    assert ok("receive", first) == "before\n" and ok("receive", raw) == "raw\n"
+    code, _, err = run("receive", cat)
+    assert code == 5 and "No such file" in err
+    assert ok("receive", later) == ""  # received before the restart, once
+
+
+def test_what_sqlite_refuses_is_given_up_alone_and_loudly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # No request reaches these any more; they stand for a value a later change lets through: SQLite
+    # stores NaN as NULL (a record's time is NOT NULL) and takes no integer over 64 bits.
+    paths = Paths(tmp_path / "inproc")
+    paths.prepare()
+
+    def serving() -> tuple[HostServer, threading.Thread, Client]:
+        server = HostServer(paths)
+        thread = threading.Thread(target=server.serve, name="test-host")
+        thread.start()
+        return server, thread, Client(paths)
+
+    def received(client: Client, job_id: int) -> list[object]:
+        return [v for r in client.stream("receive", ids=[str(job_id)], keep=True, wait=True, timeout=60)
+                if r["more"] for *_, v in r["result"]["records"]]
+
+    server, thread, client = serving()
+    try:
+        job = client.call("start", command=["echo first"], cwd=str(tmp_path), thread=True)["id"]
+        client.call("wait", ids=[str(job)], timeout=60)
+        with server.session._lock:  # as a job's reader adds them
+            server.writer.journals[job].extend([(0, "a", 1.0), (0, "b", math.nan), (0, "c", 2.0)])
+        server.writer.put(("cwd", job, 1 << 70))
+        later = client.call("start", command=["echo later"], cwd=str(tmp_path), thread=True)["id"]
+        assert received(client, later) == ["later"]  # nothing held up behind them
+        stand_in = "<a record psjobs could not store: IntegrityError: NOT NULL constraint failed: records.time>"
+        assert received(client, job) == ["first", "a", stand_in, "c"]  # in its place: no position moved
+        assert client.call("status")["storage_problem"] is None
+        told = capsys.readouterr().err  # the host's log (here: stderr) and the next client's warning
+        assert told.count(f"of job {job} could not be stored (IntegrityError") == 2
+        assert told.count(f"Job {job} 'Job{job}' (Completed) shows no working directory") == 2
+        assert "OverflowError" in told and "Traceback" in told and "please report it" in told
+    finally:
+        client.call("shutdown")
+        thread.join(30)
+        server.close()
+    server, thread, client = serving()  # what was stored, after a restart
+    try:
+        assert received(client, job) == ["first", "a", stand_in, "c"]
+        assert received(client, later) == ["later"]
+    finally:
+        client.call("shutdown")
+        thread.join(30)
+        server.close()
 
 
 # --- storage failures --------------------------------------------------------------------------------

@@ -107,6 +107,22 @@ def test_a_module_in_the_users_directory_is_never_imported_by_the_host(
     assert not marker.exists(), f"the host imported the planted {marker.read_text()}"
 
 
+def test_the_host_runs_the_psjobs_the_command_comes_from(tmp_path: Path) -> None:
+    # A second copy of psjobs (a checkout beside an installed psjobs): its host must run its own code,
+    # not whichever psjobs sys.path finds first (an editable install's .pth comes before it).
+    copy = tmp_path / "checkout"
+    shutil.copytree(Path(psjobs.__file__).parent, copy / "psjobs", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "psjobs" / "_version.py").write_text('__version__ = "0.0.0+copy"\n')
+    boot = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(copy)!r}); "
+                           "from psjobs.host._client import _BOOT; print(_BOOT)"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    with private_home(tmp_path / "h") as h:
+        done = subprocess.run([sys.executable, "-I", "-c", boot, "--home", str(h), "--daemon"], cwd="/",
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(ok("host", "status", "--json"))["version"] == "0.0.0+copy"
+
+
 # --- the client trusts only its own directory and its own host -----------------------------------------
 
 def test_a_socket_planted_by_another_user_receives_nothing(other: pwd.struct_passwd, shared: Path) -> None:
@@ -184,6 +200,41 @@ def test_a_symlinked_state_directory_is_refused_and_its_target_left_alone(tmp_pa
 
 
 # --- refusals get their reply -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["host.lock", "host.log", "jobs.db", "jobs.db-wal", "jobs.db-shm"])
+def test_a_symbolic_link_planted_in_the_state_directory_is_refused_and_its_target_left_alone(
+        tmp_path: Path, name: str) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    with private_home(tmp_path / "h") as h:
+        h.mkdir(mode=0o777)  # ours, but (for a while) anyone could plant a link in it
+        (h / name).symlink_to(victim)
+        code, out, err = run("start", "-q", "--", "true")
+        assert code == 1 and out == ""
+        assert f"the psjobs file {h / name} is a symbolic link (to {victim}), which psjobs does not follow" in err
+        assert f"`mv {h / name} {h / name}.suspect`" in err and err.startswith("psjobs: the psjobs host cannot"), err
+        assert victim.read_text() == "precious\n"  # not truncated, not written, not a database
+        (h / name).unlink()
+        job = ok("start", "-q", "--", "echo fine").strip()  # once it is gone, the host starts
+        assert ok("receive", job, "--wait") == "fine\n"
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_fifo_or_another_users_file_in_the_state_directory_is_refused(tmp_path: Path) -> None:
+    with private_home(tmp_path / "h") as h:
+        h.mkdir(mode=0o700)
+        os.mkfifo(h / "host.log")  # a writer's open would wait for a reader forever
+        code, _, err = run("get")
+        assert code == 1 and f"{h / 'host.log'} is not a regular file" in err, err
+        (h / "host.log").unlink()
+        if os.getuid() == 0:  # only root can give a file away
+            (h / "jobs.db").touch()
+            os.chown(h / "jobs.db", 4242, 4242)
+            code, _, err = run("get")
+            assert code == 1 and f"{h / 'jobs.db'} belongs to uid 4242, not to you" in err, err
+            (h / "jobs.db").unlink()
+        assert ok("get") == ""
+
 
 def test_a_refused_peer_gets_the_error_reply_not_a_reset(other: pwd.struct_passwd, shared: Path) -> None:
     state = shared / "state"

@@ -54,7 +54,6 @@ from .core._spec import CALL, check_directory, make_env, make_spec
 from .core._state import JobState
 from .core._tree import check_as_job, check_name, check_timeout
 from .host._client import Client, Paths
-from .host._journal import reason_from_text
 from .host._protocol import (
     GetRequest,
     InputRequest,
@@ -70,6 +69,7 @@ from .host._protocol import (
     SuspendRequest,
     WaitRequest,
 )
+from .host._restore import reason_from_text
 from .worker._wire import pickle_call
 
 View = dict[str, Any]        # a host/_protocol.JobView as JSON

@@ -19,6 +19,7 @@ import _socket  # the C module: socket.py builds its enums at import, ~5% of a w
 import fcntl
 import json
 import os
+import stat
 import struct
 import sys
 import time
@@ -37,9 +38,17 @@ _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
 # directory nor the script's on sys.path) from "/", so a `selectors.py` where the user stands is
 # never imported into it. What must stay importable is appended, after the standard library: the
 # directory psjobs comes from (a checkout) and the absolute PYTHONPATH entries (backends installed there).
+# psjobs itself is loaded from the directory this command's psjobs comes from: on sys.path, another
+# psjobs (an editable install's .pth in site-packages, before the appended entries) would win, and
+# the command would talk to a host of other code than its own.
 _ROOT = str(Path(__file__).resolve().parents[2])
+_PKG = os.path.join(_ROOT, "psjobs")
 _BOOT = (f"import os, sys; sys.path += [p for p in [{_ROOT!r}, *os.environ.get('PYTHONPATH', '').split(os.pathsep)] "
          "if os.path.isabs(p) and p not in sys.path]; "
+         "import importlib.util as u; "
+         f"s = u.spec_from_file_location('psjobs', {os.path.join(_PKG, '__init__.py')!r}, "
+         f"submodule_search_locations=[{_PKG!r}]); "
+         "m = sys.modules['psjobs'] = u.module_from_spec(s); s.loader.exec_module(m); "
          "from psjobs.host._server import host_main; sys.exit(host_main(sys.argv[1:]))")
 
 
@@ -99,6 +108,52 @@ class Paths:
         finally:
             os.close(fd)
         return True
+
+
+def open_private(path: Path | str, flags: int) -> int:
+    """Open (made 0600 if new) a file of the state directory for the host: never through a symbolic
+    link, and only a regular file of this user's. One planted there (while the directory was open to
+    others, or by another program) would have the host truncate or append to its target: host.lock
+    gets the host's pid, host.log its messages, jobs.db every job's output."""
+    try:
+        # O_NONBLOCK: a planted FIFO fails (ENXIO) instead of holding the host's start forever.
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        check_private(path)  # a symbolic link (ELOOP), a directory, another user's: said so
+        raise HostError(f"the psjobs file {path} cannot be opened ({exc.strerror}); remove it or make it "
+                        f"yours and writable, then run the command again") from None
+    try:
+        _refuse_foreign(path, os.fstat(fd))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_private(path: Path | str) -> None:
+    """Refuse (HostError) a file of the state directory that is not a regular file of this user's,
+    for the files the host does not open itself (SQLite's jobs.db-wal and jobs.db-shm); a missing
+    one is fine."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    _refuse_foreign(path, st)
+
+
+def _refuse_foreign(path: Path | str, st: os.stat_result) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        what = f"is a symbolic link (to {os.readlink(path)}), which psjobs does not follow"
+    elif not stat.S_ISREG(st.st_mode):
+        what = "is not a regular file"
+    elif st.st_uid != os.getuid():
+        what = f"belongs to uid {st.st_uid}, not to you (uid {os.getuid()})"
+    else:
+        return
+    raise HostError(f"the psjobs file {path} {what}, so the psjobs host does not use it; psjobs never "
+                    f"makes such a file: find out who put it there, move it away (`mv {path} {path}.suspect`) "
+                    f"and run the command again")
 
 
 class _Socket(_socket.socket):

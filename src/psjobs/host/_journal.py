@@ -13,7 +13,9 @@
                                                                                    retried as it was
 
 The writer applies items in the order they were put, so a job's final state is written after its
-last record, and a removed job's rows are deleted after anything written for it. Nothing here
+last record, and a removed job's rows are deleted after anything written for it. A pass that fails
+because of what it holds, not of the store (a value SQLite refuses), is never retried as it was:
+it is written op by op, and what SQLite refuses alone is given up loudly (Writer._give_up). Nothing here
 takes the session lock; under it, a producer takes only the writer's small lock, and waits there
 for room only while the store works (see Writer).
 """
@@ -22,23 +24,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import sqlite3
 import sys
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import _errors
 from .._errors import HostError
 from ..core._job import Job
 from ..core._journal import Entry
-from ..core._session import Session
-from ..core._state import JobState
-from ._store import RecordRow, Store, encode, json_str, process_start
+from ..core._pshost import describe_job
+from ._store import RecordRow, Store, encode, json_str, process_start, store_fails
 
 
 class Stored:
@@ -299,21 +299,71 @@ class Writer:
         while True:
             items = self._take()
             done = any(item[0] == "end" for item in items)
-            prepared = self._prepare(items)
+            ops, n = self._prepare(items)
+            pending = [ops]  # the transactions still to commit, in order: the pass, or its ops one by one
             delay = self.RETRY[0]
-            while True:
+            while pending:
                 try:
-                    self._commit(*prepared)
-                    break
+                    self._commit(pending[0])
+                    pending.pop(0)
                 except Exception as exc:  # never let a failure end persistence for every job
+                    if not store_fails(exc):
+                        # SQLite refuses something this pass holds: the same pass would fail forever and
+                        # hold up every job behind it. Its ops go one by one; one that fails alone is
+                        # given up, loudly (or stored in a form SQLite takes).
+                        pending[:1] = [[op] for op in pending[0]] if len(pending[0]) > 1 else \
+                            self._give_up(pending[0][0], exc)
+                        continue
                     self._failed(exc, items)
                     if done and self.attempts >= 3:  # shutting down: give up after a few
                         return
                     time.sleep(delay)  # retrying: nothing to wait for but time
                     delay = min(delay * 2, self.RETRY[1])
+            self._seq = n
             self._recovered(items)
             if done:
                 return
+
+    def _give_up(self, op: tuple[Any, ...], exc: Exception) -> list[list[tuple[Any, ...]]]:
+        """What replaces an op SQLite refuses alone: its records a row at a time, a refused row as a
+        stand-in that says why (positions stay); anything else is dropped. Every loss is logged and
+        told to the next client."""
+        kind, what = op[0], op[1]
+        if kind == "records":
+            return [[("records_each", what, op[2])]]
+        if kind == "records_each":  # not even a row at a time: the readers must not wait for them
+            for journal, k in op[2].items():
+                journal.stored += k
+            with self._cond:
+                self.dropped += len(what)
+            whose = ", ".join(f"job {journal.job_id}" for journal in op[2])
+            self._lost(f"{len(what)} records of {whose} could not be stored ({_why(exc)}) and were dropped", exc)
+            return []
+        target: SqliteJournal | int = what if isinstance(what, SqliteJournal) else what[1]
+        job_id = target.job_id if isinstance(target, SqliteJournal) else target
+        journal = target if isinstance(target, SqliteJournal) else self.journals.get(target)
+        named = f"job {job_id}" if journal is None or journal.job is None else describe_job(journal.job)
+        if kind == "drop" and self.journals.get(job_id) is journal:  # gone from the session all the same
+            self.live.pop(job_id, None)
+            del self.journals[job_id]
+        lost = {"job": "was not recorded: it is gone once the host restarts (receive what you need before)",
+                "close": "keeps the state stored before it ended once the host restarts",
+                "drop": "was removed, but comes back once the host restarts (remove it again then)",
+                "cwd": "shows no working directory in `get --json` once the host restarts",
+                "pid": "may leave its processes running if the host dies",
+                }.get(kind, "may give records it gave already again once the host restarts")  # cursors
+        self._lost(f"{named} {lost}: the psjobs host could not store that ({_why(exc)})", exc)
+        return []
+
+    def _lost(self, what: str, exc: BaseException) -> None:
+        note = (f"{what}; the jobs after it are stored. This is a psjobs bug: please report it with the "
+                f"lines of {os.path.join(os.path.dirname(self.store.path), 'host.log')} about it")
+        _log(f"psjobs host: {note}")
+        with contextlib.suppress(Exception):
+            traceback.print_exception(exc)
+            sys.stderr.flush()
+        with self._cond:
+            self._told.append(note)
 
     def _failed(self, exc: Exception, items: list[tuple[Any, ...]]) -> None:
         with self._cond:
@@ -346,17 +396,19 @@ class Writer:
             if item[0] == "sync":
                 item[1].set()
 
-    def _prepare(self, items: list[tuple[Any, ...]]) -> tuple[list[tuple[str, Any]], dict[SqliteJournal, int], int]:
-        """The pass's operations in order, its records encoded once (a retry writes the same rows)."""
+    def _prepare(self, items: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], int]:
+        """The pass's operations in order, its records encoded once (a retry writes the same rows),
+        with the last seq it gives. A records op carries how many of its rows are each journal's."""
         records: list[RecordRow] = []
         counted: dict[SqliteJournal, int] = {}
         n = self._seq
-        ops: list[tuple[str, Any]] = []  # in order, after the records of the same pass
+        ops: list[tuple[Any, ...]] = []  # in order, after the records of the same pass
 
         def flush_records() -> None:
             if records:
-                ops.append(("records", list(records)))
+                ops.append(("records", list(records), dict(counted)))
                 records.clear()
+                counted.clear()
 
         for item in items:
             kind = item[0]
@@ -376,9 +428,9 @@ class Writer:
                 flush_records()
                 ops.append((kind, item))
         flush_records()
-        return ops, counted, n
+        return ops, n
 
-    def _commit(self, ops: list[tuple[str, Any]], counted: dict[SqliteJournal, int], n: int) -> None:
+    def _commit(self, ops: list[tuple[Any, ...]]) -> None:
         dropped = False
         self._marked: list[SqliteJournal] = []
         try:
@@ -387,10 +439,11 @@ class Writer:
             for journal in self._marked:  # rolled back: their pids are stored by the retry
                 journal.pid_known = False
             raise
-        self._seq = n
-        for journal, k in counted.items():
-            journal.stored += k
-        for kind, what in ops:
+        for op in ops:
+            if op[0] in ("records", "records_each"):
+                for journal, k in op[2].items():
+                    journal.stored += k
+        for kind, what, *_ in ops:
             if kind == "drop":
                 dropped = True
                 gone: SqliteJournal = what[1]
@@ -401,11 +454,13 @@ class Writer:
             with contextlib.suppress(sqlite3.Error):  # space comes back at the next removal otherwise
                 self.store.give_back_space()
 
-    def _write(self, ops: list[tuple[str, Any]]) -> None:
+    def _write(self, ops: list[tuple[Any, ...]]) -> None:
         with self.store.transaction():
-            for kind, what in ops:
+            for kind, what, *_ in ops:
                 if kind == "records":
                     self.store.add_records(what)
+                elif kind == "records_each":
+                    self.store.add_records_each(what, self._stand_in)
                 elif kind == "job":
                     journal = what[1]
                     self.store.add_job(job_row(journal), _final(journal.job))
@@ -425,6 +480,13 @@ class Writer:
                     journal = what if isinstance(what, SqliteJournal) else self.live.get(what[1])
                     if journal is not None:
                         self._store_pid(journal)
+
+    def _stand_in(self, row: RecordRow, exc: Exception) -> RecordRow:
+        seq, job_id, stream, t, _, _ = row
+        self._lost(f"record {seq} of job {job_id} could not be stored ({_why(exc)}); it reads as a text "
+                   f"saying so", exc)
+        t = t if isinstance(t, float) and math.isfinite(t) else time.time()  # SQLite stores NaN as NULL
+        return seq, job_id, stream, t, 0, f"<a record psjobs could not store: {_why(exc)}>"
 
     def _store_pid(self, journal: SqliteJournal) -> None:
         if journal.pid_known or journal.job is None:
@@ -447,6 +509,11 @@ def _log_exception() -> None:
     with contextlib.suppress(Exception):
         traceback.print_exc()
         sys.stderr.flush()
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as text SQLite and host.log take (it may quote the lone surrogate it refused)."""
+    return f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def pid_of(job: Job) -> int | None:
@@ -479,53 +546,3 @@ def job_row(journal: SqliteJournal) -> dict[str, Any]:
             "job_type": job.job_type, "command": job.command, "location": job.location,
             "computer_name": job.computer_name, "instance_id": str(job.instance_id), "cwd": None,
             "pid": None, "pid_start": None, "cursor": 0, "last_seq": 0, "host_pid": os.getpid()}
-
-
-# --- the stored jobs, back in a Session -------------------------------------------------------------
-
-def restore(session: Session, writer: Writer) -> dict[int, str | None]:
-    """Load the stored jobs into ``session`` as finished jobs (``Store.recover`` ran first, so a job a
-    dead host left running is Failed); return where each job's command ran."""
-    jobs: dict[int, Job] = {}
-    cwds: dict[int, str | None] = {}
-    for row, count, received in writer.store.load():
-        state = JobState.parse(row["state"])
-        if not state.is_finished:  # recover() made every stored job finished; a restored job never runs
-            state = JobState.FAILED
-        journal = SqliteJournal(writer, None, row["id"], length=count, cursor=received, new=False)
-        job = Job.restored(session, row["id"], parent=jobs.get(row["parent"]), name=row["name"],
-                           job_type=row["job_type"], command=row["command"], location=row["location"],
-                           computer_name=row["computer_name"], state=state,
-                           reason=reason_from_text(row["reason"]), exit_code=row["exit_code"],
-                           begin=row["begin_time"], end=row["end_time"],
-                           instance_id=uuid.UUID(row["instance_id"]), pid=row["pid"], journal=journal)
-        journal.job = job
-        jobs[job.id] = job
-        cwds[job.id] = row["cwd"]
-    session.restore_jobs(list(jobs.values()))
-    return cwds
-
-
-class StoredReason(Exception):
-    """A stored job's reason: its text as it was written (the exception itself is gone)."""
-
-
-_reason_classes: dict[str, type[StoredReason]] = {}
-
-
-def reason_from_text(text: str | None) -> BaseException | None:
-    """An exception that reads as ``text`` did: the psjobs error of that name, else a StoredReason
-    subclass named as the original class, so ``reason_text`` gives ``text`` back unchanged."""
-    if not text:
-        return None
-    name, sep, rest = text.partition(": ")
-    if not name.isidentifier():
-        name, rest = "Exception", text
-    known = getattr(_errors, name, None)
-    if isinstance(known, type) and issubclass(known, _errors.PsJobsError):
-        with contextlib.suppress(TypeError):  # one that takes more than a message: as below
-            return known(rest) if sep else known()
-    cls = _reason_classes.get(name)
-    if cls is None:
-        cls = _reason_classes[name] = type(name, (StoredReason,), {"__module__": __name__})
-    return cls(text if sep else name)

@@ -35,6 +35,7 @@ import os
 import selectors
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import threading
@@ -46,11 +47,12 @@ from typing import Any
 
 from .._errors import HostError, ProtocolError, PsJobsError, RequestError
 from ..core._session import Session
-from ._client import Paths, answers, read_frame
+from ._client import Paths, answers, open_private, read_frame
 from ._handlers import HANDLERS, Context, Reply
-from ._journal import Writer, restore
+from ._journal import Writer
 from ._protocol import MAX_REQUEST, decode_request, error_reply, final, pack
-from ._store import Store, kill_orphans
+from ._restore import restore
+from ._store import Store, kill_orphans, unusable
 
 _IDLE = 60.0                 # seconds a connection may take to send its request
 # After a refusal, what the client still sends is dropped for at most this long and this much: enough
@@ -88,15 +90,18 @@ class HostServer:
         self.started = time.time()
         self._lock_fd = _take_lock(paths)
         try:
-            self.store = Store(str(paths.database))
-            kill_orphans(self.store.recover(os.getpid()))
-            self.writer = Writer(self.store)
-            # One job table: the stored jobs come back as finished jobs of the host's Session, and
-            # every new job's records go to the store through its journal.
-            self.session = Session(first_id=self.store.next_id(), journal_factory=self.writer.journal)
-            # Its command jobs outlive it (`psjobs start -- make`): a later host ends them if it dies.
-            self.session.commands_outlive_process = True
-            cwds = restore(self.session, self.writer)
+            try:  # a damaged page may show only when it is read: the whole load is covered
+                self.store = Store(str(paths.database))
+                kill_orphans(self.store.recover(os.getpid()))
+                self.writer = Writer(self.store)
+                # One job table: the stored jobs come back as finished jobs of the host's Session, and
+                # every new job's records go to the store through its journal.
+                self.session = Session(first_id=self.store.next_id(), journal_factory=self.writer.journal)
+                # Its command jobs outlive it (`psjobs start -- make`): a later host ends them if it dies.
+                self.session.commands_outlive_process = True
+                cwds = restore(self.session, self.writer)
+            except sqlite3.DatabaseError as exc:
+                raise unusable(str(paths.database), exc) from None
             with contextlib.suppress(FileNotFoundError):
                 paths.socket.unlink()  # left by a dead host: we hold the lock, so no host uses it
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -242,7 +247,7 @@ def _error(exc: BaseException, sink: list[str] | None = None) -> dict[str, Any]:
 def _take_lock(paths: Paths, wait: float = 15.0) -> int:
     """Hold host.lock for the host's life. If a host answers on the socket, refuse; if the lock is
     held but nobody answers (a host starting or stopping), wait for it."""
-    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_private(paths.lock, os.O_RDWR)  # it is truncated below: never a link's target
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -299,7 +304,8 @@ def host_main(argv: list[str]) -> int:
     except _AlreadyRunning as exc:
         return _ready(ready_w, "ok already running\n", str(exc), 0 if opts.daemon else 1)
     except Exception as exc:
-        return _ready(ready_w, f"psjobs host: cannot start: {exc}\n", f"cannot start: {exc}", 1)
+        # The command that started the host shows the answer after its own "psjobs: " prefix.
+        return _ready(ready_w, f"the psjobs host cannot start: {exc}\n", f"cannot start: {exc}", 1)
     print(f"psjobs host {os.getpid()} serving {paths.socket}", file=sys.stderr, flush=True)
     warnings.showwarning = _showwarning  # a warning raised for a request goes back to its client
     warnings.simplefilter("always")      # each client is told, not only the first one
@@ -317,7 +323,7 @@ def _detach(paths: Paths) -> None:
     sys.path[:] = [os.path.abspath(p) for p in sys.path if p]
     os.chdir("/")  # hold no directory of the user's
     null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = open_private(paths.log, os.O_WRONLY | os.O_APPEND)
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)

@@ -20,16 +20,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._errors import HostLostError
+from .._errors import HostError, HostLostError
 from .._records import ErrorRecord, InformationRecord, ProgressRecord
 from ..core._pshost import reason_text as text_of_reason
 from ..core._state import JobState
+from ._client import check_private, open_private
 
 SCHEMA_VERSION = 1
 
@@ -54,6 +56,7 @@ _COLUMNS = ("id", "parent", "name", "job_type", "command", "location", "computer
             "cursor", "last_seq", "host_pid")
 
 _FINISHED = {s.value for s in JobState if s.is_finished}
+_INSERT_RECORD = "INSERT INTO records (seq, job, stream, time, json, data) VALUES (?, ?, ?, ?, ?, ?)"
 json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _TEXT_LIMIT = 1_000_000  # a readable form longer than this is cut: it is a stand-in, not the value
 
@@ -86,7 +89,38 @@ def _readable(value: Any) -> str:
         text = repr(value)
     except Exception as exc:  # a broken __repr__ must not lose the record
         text = f"<{type(value).__qualname__}: repr failed: {exc}>"
-    return text if len(text) <= _TEXT_LIMIT else text[:_TEXT_LIMIT] + "..."
+    text = text if len(text) <= _TEXT_LIMIT else text[:_TEXT_LIMIT] + "..."
+    # repr keeps lone surrogates (a str of undecodable bytes, in a set), which SQLite text refuses:
+    # a readable form escapes them, as the JSON form does.
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def storable(value: Any) -> Any:
+    """A column's value as SQLite takes it. SQLite text must be UTF-8, and a Python str may hold lone
+    surrogates (an undecodable byte of a file name or an argument: ``'caf\\udce9.txt'``; ``"\\ud800"``
+    from a JSON request), so such a str is stored as a BLOB of its surrogatepass bytes instead, which
+    ``loaded`` turns back into the very same str: a job keeps its name, command and directory."""
+    if type(value) is str and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass")
+    return value
+
+
+def loaded(value: Any) -> Any:
+    """A column's value as it was given to ``storable`` (no column holds bytes of its own)."""
+    return value.decode("utf-8", "surrogatepass") if type(value) is bytes else value
+
+
+def store_fails(exc: BaseException) -> bool:
+    """True when ``exc`` says the store cannot write now (locked, full, an I/O error, a damaged
+    file): worth retrying as it was. False when it is what was written that SQLite refuses (a value
+    it cannot take, a row that breaks a constraint): retrying the same would fail forever."""
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                        sqlite3.ProgrammingError, sqlite3.NotSupportedError)):
+        return False
+    return isinstance(exc, (sqlite3.DatabaseError, OSError, MemoryError))
 
 
 def _record_fields(record: Any) -> dict[str, Any]:
@@ -121,6 +155,19 @@ def process_start(pid: int) -> int | None:
     return int(fields[19])
 
 
+def unusable(path: str, exc: sqlite3.DatabaseError) -> HostError:
+    """Why the host cannot start on the database at ``path``, and what to do about it."""
+    where, name = os.path.split(path)
+    if isinstance(exc, sqlite3.OperationalError):  # locked, full, an I/O error: the file may be fine
+        return HostError(f"the psjobs database {path} cannot be used now ({exc}); end what holds it or "
+                         f"free space in {where}, then run the command again")
+    # Its -wal and -shm go with it: a WAL left beside a new database would be replayed into it.
+    return HostError(f"the psjobs database {path} is damaged or is not a psjobs database ({exc}); move it "
+                     f"away with its -wal and -shm files (`cd {shlex.quote(where)} && mkdir damaged && mv "
+                     f"{shlex.quote(name)}* damaged/`) and run the command again: the host starts with no "
+                     f"jobs, and the moved files keep what SQLite's `.recover` can still read")
+
+
 # --- the store -----------------------------------------------------------------------------------
 
 WRITE_BUSY = 1.0   # seconds a write waits for another process's lock before it fails (and is retried)
@@ -131,8 +178,11 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the same mode.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the same mode. SQLite
+        # follows symbolic links, so the three files are checked first (a link is refused).
+        os.close(open_private(path, os.O_RDWR))
+        check_private(path + "-wal")
+        check_private(path + "-shm")
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=WRITE_BUSY)
         self._lock = threading.RLock()
         with self._lock:
@@ -223,14 +273,14 @@ class Store:
     def add_job(self, row: Row, final: dict[str, Any]) -> None:
         row = {**row, "state": "NotStarted", **final}
         self._db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                         tuple(row.values()))
+                         tuple(map(storable, row.values())))
         if row["id"] >= int(self._meta("next_id") or 1):
             self._set_meta("next_id", str(row["id"] + 1))
 
     def update_job(self, job_id: int, fields: dict[str, Any]) -> None:
         if fields:
             sets = ", ".join(f"{k} = ?" for k in fields)
-            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*map(storable, fields.values()), job_id))
 
     def delete(self, ids: list[int]) -> None:
         for job_id in ids:
@@ -258,7 +308,7 @@ class Store:
         """Every stored job by ascending id, with how many records it has and how many of them were
         received (its cursor, stored as the seq of the last received record, as a position)."""
         with self._lock:
-            rows = [dict(zip(_COLUMNS, r)) for r in
+            rows = [dict(zip(_COLUMNS, map(loaded, r))) for r in
                     self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY id").fetchall()]
             counts = dict(self._db.execute("SELECT job, count(*) FROM records GROUP BY job").fetchall())
             read = dict(self._db.execute("SELECT r.job, count(*) FROM records r JOIN jobs j ON r.job = j.id "
@@ -268,8 +318,22 @@ class Store:
 
     # --- records ---------------------------------------------------------------------------
     def add_records(self, records: list[RecordRow]) -> None:
-        self._db.executemany("INSERT INTO records (seq, job, stream, time, json, data) VALUES (?, ?, ?, ?, ?, ?)",
-                             records)
+        self._db.executemany(_INSERT_RECORD, records)
+        self._added(records)
+
+    def add_records_each(self, records: list[RecordRow], stand_in: Callable[[RecordRow, Exception], RecordRow]) -> None:
+        """``add_records`` a row at a time, a row SQLite refuses replaced by ``stand_in(row, why)``, so
+        one value that cannot be stored costs that record, not the others, and no position moves."""
+        for row in records:
+            try:
+                self._db.execute(_INSERT_RECORD, row)
+            except Exception as exc:
+                if store_fails(exc):
+                    raise
+                self._db.execute(_INSERT_RECORD, stand_in(row, exc))
+        self._added(records)
+
+    def _added(self, records: list[RecordRow]) -> None:
         last: dict[int, int] = {}
         for seq, job, *_ in records:
             last[job] = seq
