@@ -204,6 +204,17 @@ def test_an_exception_that_raises_keyboardinterrupt_as_the_session_unpickles_it_
     assert finished(after).state is JobState.COMPLETED
 
 
+def test_an_exception_that_raises_keyboardinterrupt_as_the_worker_checks_it_fails_its_job_with_its_text(
+        session: psjobs.Session) -> None:
+    # The worker unpickles a reason before it sends it (dump_reason): a KeyboardInterrupt there ended
+    # the worker (status 70) and the reason was lost.
+    child = finished(session.start_job(fail_with_interrupting_error, InterruptingError))
+    assert child.state is JobState.FAILED
+    reason = child.job_state_info.reason
+    assert isinstance(reason, psjobs.RemoteError) and reason.type_name.endswith("InterruptingError")
+    assert "its own text" in str(reason)
+
+
 def make(cls: type) -> Any:
     return cls()
 

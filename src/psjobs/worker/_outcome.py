@@ -36,8 +36,12 @@ def dump_reason(reason: BaseException) -> bytes:
         data: bytes = cloudpickle.dumps(reason)
         pickle.loads(data)
         return data
-    except Exception:
-        fallback: bytes = pickle.dumps(RemoteError(str(reason), qualname(reason)))
+    except BaseException:  # its own code raised as it was (un)pickled, even KeyboardInterrupt: the
+        try:               # worker ended with it (status 70) and the job's reason was lost
+            text = str(reason)
+        except BaseException as exc:
+            text = f"(its text could not be read: {type(exc).__name__})"
+        fallback: bytes = pickle.dumps(RemoteError(text, qualname(reason)))
         return fallback
 
 
