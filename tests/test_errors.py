@@ -174,11 +174,15 @@ def test_progress_bars_without_rich(tmp_path: Path) -> None:
 
 # --- internal errors go to the psjobs logger ------------------------------------------------------
 
-def test_an_internal_error_of_the_io_loop_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("kind", [RuntimeError, SystemExit, KeyboardInterrupt])
+def test_an_internal_error_of_the_io_loop_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture,
+                                                                          kind: type[BaseException]) -> None:
+    # SystemExit and KeyboardInterrupt too: either one, out of a handler, ended the thread (SystemExit
+    # silently) and every process job of the session hung.
     from psjobs.backends.process._loop import IOLoop
 
     def bug() -> None:  # a callback with no job to fail: what a bug in psjobs itself looks like
-        raise RuntimeError("a bug in a callback")
+        raise kind("a bug in a callback")
 
     loop = IOLoop()
     alive = threading.Event()

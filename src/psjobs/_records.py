@@ -180,6 +180,9 @@ class Snapshot:
 
     It keeps the type's qualified name, the value's ``repr`` and its public attributes
     (each reduced to a repr when it is not a plain value), so the user sees what was produced.
+    The session makes one too for a value it cannot unpickle: its class cannot be imported
+    there (``repr`` then reads like ``geo.Point(x=1)``, the attributes are its state), or its
+    own code raised as it was rebuilt; ``error`` says which.
     """
 
     __slots__ = ("attributes", "error", "repr", "type_name")

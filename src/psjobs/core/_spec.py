@@ -224,12 +224,41 @@ def _code_source(code: types.CodeType) -> str | None:
     if tree is None:
         return None
     lambdas = [node for node in ast.walk(tree) if isinstance(node, ast.Lambda)]
-    # Several lambdas on a line: take the one whose parameters are this code's.
+    # Several lambdas on a line: take the one whose body is this code's (the text at its columns),
+    # then whose parameters are. Parameters alone named `lambda: "first"` for `lambda: "second"`
+    # on the same line, and get_job(command="*second*") found nothing.
+    body = _body_text(code, lines)
     names = list(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
-    lambdas.sort(key=lambda node: [a.arg for a in (*node.args.args, *node.args.kwonlyargs)] != names)
+    lambdas.sort(key=lambda node: (body is not None and _squeeze(ast.get_source_segment(src, node.body)) != body,
+                                   [a.arg for a in (*node.args.args, *node.args.kwonlyargs)] != names))
     for node in lambdas:
         text = ast.get_source_segment(src, node)
         if text:
             text = " ".join(text.split())
             return text if len(text) <= 200 else text[:197] + "..."
     return None
+
+
+def _body_text(code: types.CodeType, lines: list[str]) -> str | None:
+    """The source text of a lambda's body, from its code's columns (co_positions, Python 3.11+;
+    None before, or when the code has no columns): the span of all its instructions."""
+    positions = getattr(code, "co_positions", None)
+    if positions is None:
+        return None
+    spans = [(line, col, end_line, end_col) for line, end_line, col, end_col in positions()
+             if line is not None and end_line is not None and col is not None and end_col is not None
+             and (end_line, end_col) > (line, col)]  # RESUME and the like: an empty span at column 0
+    if not spans:
+        return None
+    line, col = min((line, col) for line, col, _, _ in spans)
+    end_line, end_col = max((end_line, end_col) for _, _, end_line, end_col in spans)
+    if line < 1 or end_line > len(lines):
+        return None
+    # Columns count UTF-8 bytes.
+    raw = [lines[n - 1].encode() for n in range(line, end_line + 1)]
+    text = raw[0][col:end_col] if len(raw) == 1 else raw[0][col:] + b"".join(raw[1:-1]) + raw[-1][:end_col]
+    return _squeeze(text.decode("utf-8", "replace"))
+
+
+def _squeeze(text: str | None) -> str | None:
+    return " ".join(text.split()) if text is not None else None

@@ -4,7 +4,8 @@
 
     worker: the job's exception --dump_reason (cloudpickle, or a RemoteError stand-in)--> Done.reason
     session: Done.reason + Done.traceback --load_reason--> the exception, the remote traceback as
-             its __cause__ (what a user reads in job.reason)
+             its __cause__ (what a user reads in job.reason); one that does not unpickle here
+             --_salvage.reason--> itself, or a RemoteError with its class name and text
     a wait status / an exit status --status_text / status_error--> the words in WorkerError and
              ExitStatusError messages
 """
@@ -35,8 +36,12 @@ def dump_reason(reason: BaseException) -> bytes:
         data: bytes = cloudpickle.dumps(reason)
         pickle.loads(data)
         return data
-    except Exception:
-        fallback: bytes = pickle.dumps(RemoteError(str(reason), qualname(reason)))
+    except BaseException:  # its own code raised as it was (un)pickled, even KeyboardInterrupt: the
+        try:               # worker ended with it (status 70) and the job's reason was lost
+            text = str(reason)
+        except BaseException as exc:
+            text = f"(its text could not be read: {type(exc).__name__})"
+        fallback: bytes = pickle.dumps(RemoteError(text, qualname(reason)))
         return fallback
 
 
@@ -44,10 +49,13 @@ def load_reason(blob: bytes, tb: str | None) -> BaseException:
     """The exception of dump_reason, its traceback text (from the other process) as __cause__."""
     try:
         reason = pickle.loads(blob)
-        if not isinstance(reason, BaseException):
-            raise TypeError(f"not an exception: {type(reason).__name__}")
-    except Exception as exc:
-        reason = RemoteError(f"(the exception could not be brought back: {exc})", "Exception")
+    except BaseException as exc:  # its class is missing here, or its own code raised (even SystemExit)
+        from ._salvage import reason as salvage  # the session only, and only then
+
+        reason = salvage(blob, exc)
+    if not isinstance(reason, BaseException):
+        reason = RemoteError(f"(the exception could not be brought back: not an exception: "
+                             f"{type(reason).__name__})", "Exception")
     if tb:
         reason.__cause__ = RemoteTraceback(tb)
     return reason  # type: ignore[no-any-return]

@@ -16,7 +16,7 @@ Every kind is in ``Kind``; every message but the record batches is a named class
 frame a worker sends is HELLO with the protocol version and its Python version; a session that
 speaks another version refuses it with a clear error instead of unpickling. A length above
 MAX_FRAME is a protocol error (never an allocation). The channel is a socket of its own: a job's
-stdout is never part of it.
+stdout is never part of it. A batch the session cannot unpickle is read again by _salvage.
 
 Standard library only: the remote bootstrap runs this module from its source, before psjobs
 exists on that computer (see _remote_boot.BOOT0).
@@ -335,18 +335,21 @@ class Pause(_Message):
 
 # --- record batches -------------------------------------------------------------------------------
 
-def decode_entries(kind: int, payload: bytes | bytearray) -> list[tuple[int, Any, float]]:
-    """Journal entries from a RECORDS or RECORDS_OOB payload."""
-    return decode_records(payload) if kind == RECORDS else decode_records_oob(payload)
+def decode_entries(kind: int, payload: bytes | bytearray,
+                   loads: Callable[..., Any] = pickle.loads) -> list[tuple[int, Any, float]]:
+    """Journal entries from a RECORDS or RECORDS_OOB payload (``loads``: the session's
+    _salvage.loads, to read again a batch that pickle.loads could not)."""
+    return decode_records(payload, loads) if kind == RECORDS else decode_records_oob(payload, loads)
 
 
-def decode_records(payload: bytes | bytearray) -> list[tuple[int, Any, float]]:
+def decode_records(payload: bytes | bytearray,
+                   loads: Callable[..., Any] = pickle.loads) -> list[tuple[int, Any, float]]:
     """A RECORDS payload as journal entries ``(stream, value or record, time)``.
 
     On the wire a batch is three columns: pickling them costs ~10 ns an item where a list of
     3-tuples cost ~65 ns (measured), on each side.
     """
-    streams, values, times = pickle.loads(payload)
+    streams, values, times = loads(payload)
     return list(zip(streams, values, times))
 
 
@@ -394,7 +397,8 @@ def encode_records(streams: bytes, values: list[Any], times: list[float],
     return RECORDS_OOB, [_U32.pack(len(head)), head, data, *parts]
 
 
-def decode_records_oob(payload: bytes | bytearray) -> list[tuple[int, Any, float]]:
+def decode_records_oob(payload: bytes | bytearray,
+                       loads: Callable[..., Any] = pickle.loads) -> list[tuple[int, Any, float]]:
     """Journal entries from a RECORDS_OOB payload (see encode_records). Out-of-band buffers are
     views of the payload: a numpy array comes back without a copy."""
     view = memoryview(payload)
@@ -409,7 +413,7 @@ def decode_records_oob(payload: bytes | bytearray) -> list[tuple[int, Any, float
         pos += n
     if pos != len(view):
         raise ProtocolError(f"a RECORDS_OOB frame of {len(view)} bytes announced {pos}")
-    streams, values, times = pickle.loads(data, buffers=parts[:pickled])
+    streams, values, times = loads(data, buffers=parts[:pickled])
     for index, part in zip(slots, parts[pickled:]):
         values[index] = bytes(part)
     return list(zip(streams, values, times))

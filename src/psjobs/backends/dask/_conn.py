@@ -32,9 +32,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import WorkerError
-from ..._records import ErrorRecord, Record, Stream
+from ..._records import Record, Stream
 from ...core import Entry, JobPort, Outcome
+from ...worker import _salvage as salvage
 from ...worker._outcome import load_reason as _load_reason
+from ...worker._wire import RECORDS, decode_records
 
 if TYPE_CHECKING:
     from ._backend import DaskBackend
@@ -213,7 +215,7 @@ class _Conn:
                     forgotten.append(payload)
                 elif kind == "close":
                     closing = True
-            except Exception as exc:  # a bug here must not stop every job of the session
+            except BaseException as exc:  # a bug here (or a value's SystemExit) must not stop every job of the session
                 _internal_error(exc)
         try:
             with self.lock:
@@ -226,7 +228,7 @@ class _Conn:
                 self._finished(done)
             if self.parked:
                 self._expire_parked()
-        except Exception as exc:
+        except BaseException as exc:
             _internal_error(exc)
         return not closing
 
@@ -248,7 +250,7 @@ class _Conn:
             elif not leaf.started:
                 self._start(leaf, where)
             if blob is not None:
-                leaf.port.records(_load_entries(blob, where))
+                leaf.port.records(_load_entries(blob, where, leaf.port))
             leaf.recv += 1
             parked = leaf.parked
             if parked is not None and parked[0][1] == leaf.attempt and leaf.recv >= parked[0][2]:
@@ -305,7 +307,7 @@ class _Conn:
         port = leaf.port
         if not leaf.started:
             self._start(leaf, where)
-        entries: list[Entry] = _load_entries(tail, where) if tail is not None else []
+        entries: list[Entry] = _load_entries(tail, where, port) if tail is not None else []
         if missing:
             now = time.time()
             entries.insert(0, (Stream.WARNING, Record(
@@ -516,16 +518,11 @@ def _lost_error(port: JobPort, where: str, stimulus: str, retries: int) -> Worke
                        f"start_cluster_job to let Dask re-run it")
 
 
-def _load_entries(blob: bytes, where: str) -> list[Entry]:
-    from ...worker._wire import decode_records
-
+def _load_entries(blob: bytes, where: str, port: JobPort) -> list[Entry]:
     try:
         return decode_records(blob)
-    except Exception as exc:
-        now = time.time()
-        return [(Stream.ERROR, ErrorRecord(
-            f"psjobs could not unpickle records from {where} ({type(exc).__name__}: {exc}); they are lost, "
-            f"the job goes on", now, where, exc), now)]
+    except BaseException as exc:  # a value's own code raised, even SystemExit: not out of the dispatcher
+        return salvage.entries(RECORDS, blob, exc, port.describe(), where)
 
 
 def _internal_error(exc: BaseException) -> None:  # pragma: no cover - a bug in psjobs itself

@@ -3,6 +3,7 @@
 ::
 
     worker --RECORDS/RECORDS_OOB/PROMPT/DONE frames--> job socket --> CallHandle.on_frame --> the job
+           (a batch that does not unpickle here --_salvage.entries--> Snapshots in place, or an error record)
     worker fd 1 / fd 2 --> pipes --> information / error records
     CallHandle --JOB frame (the pickled call), ANSWER--> worker
 """
@@ -19,8 +20,9 @@ import time
 from typing import TYPE_CHECKING
 
 from ..._errors import ProtocolError, WorkerError
-from ..._records import ErrorRecord, Stream
+from ..._records import Stream
 from ...core import Outcome
+from ...worker import _salvage as salvage
 from ...worker._outcome import load_reason, status_text
 from ...worker._procs import Lines
 from ...worker._tree import ProcessTree
@@ -152,10 +154,8 @@ class CallHandle(Handle):
         if kind == RECORDS or kind == RECORDS_OOB:
             try:
                 entries = decode_entries(kind, payload)
-            except Exception as exc:
-                entries = [(Stream.ERROR, ErrorRecord(
-                    f"psjobs could not unpickle records from the worker ({type(exc).__name__}: {exc}); "
-                    f"they are lost, the job goes on", time.time(), "localhost", exc), time.time())]
+            except BaseException as exc:  # a value's own code raised, even SystemExit: never out of the loop
+                entries = salvage.entries(kind, payload, exc, self.port.describe(), "localhost")
             # Held until the read's frames are all seen: with DONE they go in the job's last
             # step, one lock and one wake-up of the waiting thread instead of two.
             self.held.extend(entries)

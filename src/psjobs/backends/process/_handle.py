@@ -96,7 +96,9 @@ class Handle:
         self.kill(signal.SIGKILL)
         self.close()
         err = exc if isinstance(exc, WorkerError) else WorkerError(
-            f"psjobs could not read the worker of Job {self.port.job_id}: {type(exc).__name__}: {exc}")
+            f"{self.port.describe()} failed: psjobs could not start or read its worker ({type(exc).__name__}: "
+            f"{exc}); the records that came before are kept. Start it again; if it fails the same way, report it "
+            f"as a psjobs bug with the traceback the psjobs.process logger wrote")
         if err is not exc:
             err.__cause__ = exc
         self.status_known = True

@@ -19,13 +19,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass
-
-
-
+from ..._errors import WorkerError
 
 SOCK_BUF = 1 << 20  # 1 MiB socket buffers: large values cross in few syscalls
 
@@ -101,23 +97,26 @@ class IOLoop:
                 self._dispatch(events)
 
     def _dispatch(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        # BaseException, not Exception: a handler runs code of the jobs' values (unpickling), and a
+        # KeyboardInterrupt or SystemExit that escaped one ended this thread (SystemExit silently),
+        # after which every process job of the session hung. No signal is delivered to this thread.
         for key, mask in events:
             try:
                 key.data(mask)
-            except Exception as exc:  # a handler must never take the loop down
+            except BaseException as exc:  # a handler must never take the loop down
                 loop_error(key.data, exc)
         while self._calls:
             fn = self._calls.popleft()
             try:
                 fn()
-            except Exception as exc:
+            except BaseException as exc:
                 loop_error(fn, exc)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, fn = heapq.heappop(self._timers)
             try:
                 fn()
-            except Exception as exc:
+            except BaseException as exc:
                 loop_error(fn, exc)
 
     def close(self) -> None:
@@ -133,13 +132,23 @@ class IOLoop:
 
 
 def loop_error(where: Any, exc: BaseException) -> None:
+    """A handler raised: fail its job with the reason (when it is a job's), and log it; never raise.
+
+    A WorkerError (a bad frame, another protocol version, a channel cut mid-frame by a stop) is the
+    worker's doing and the job's reason says it: a debug line, not noise on stderr. Anything else is
+    a bug in psjobs: an error with its traceback, said rather than hidden.
+    """
+    log = logging.getLogger("psjobs.process")
     owner = getattr(where, "__self__", None)
     fail = getattr(owner, "broken", None)
-    try:
-        if callable(fail):
+    job = getattr(getattr(owner, "port", None), "job_id", None)
+    if isinstance(exc, WorkerError):
+        log.debug("psjobs: Job %s failed: %s", job, exc)
+    else:
+        what = f"reading Job {job}" if job is not None else "the I/O loop"
+        log.error("psjobs: internal error in %s (the loop goes on): %r", what, exc, exc_info=exc)
+    if callable(fail):
+        try:
             fail(exc)  # fails that one job with the reason
-            return
-    except Exception as again:
-        exc = again
-    # A bug in psjobs itself: say it rather than hide it, and keep the loop (and every other job) alive.
-    logging.getLogger("psjobs.process").error("psjobs: internal error in the I/O loop: %r", exc, exc_info=exc)
+        except BaseException as again:
+            log.error("psjobs: internal error in the I/O loop while failing Job %s: %r", job, again, exc_info=again)

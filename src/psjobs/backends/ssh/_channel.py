@@ -28,6 +28,7 @@ from ..._errors import ProtocolError, RemoteConnectionError, RemoteVersionError,
 from ..._records import ErrorRecord, Record, Stream
 from ...core import Outcome
 from ...worker import _remote_boot as boot
+from ...worker import _salvage as salvage
 from ...worker._outcome import load_reason, status_error, status_text
 from ...worker._procs import Lines, text
 from ...worker._wire import (
@@ -158,7 +159,7 @@ class Channel(asyncssh.SSHClientSession[bytes]):
                 self.on_stderr(data)
             else:
                 self.on_stdout(data)
-        except Exception as exc:  # never let a bad byte take the connection down
+        except BaseException as exc:  # never let a bad byte (or a value's SystemExit) take the connection down
             self.refuse(exc if isinstance(exc, WorkerError) else WorkerError(
                 f"psjobs could not read what {self.child.computer} sent: {type(exc).__name__}: {exc}"))
 
@@ -289,11 +290,8 @@ class CallChannel(Channel):
         if kind == RECORDS or kind == RECORDS_OOB:
             try:
                 entries = decode_entries(kind, payload)
-            except Exception as exc:  # a value whose class cannot be rebuilt here: say so, go on
-                now = time.time()
-                entries = [(Stream.ERROR, ErrorRecord(
-                    f"psjobs could not unpickle records from {child.computer} ({type(exc).__name__}: "
-                    f"{exc}); they are lost, the job goes on", now, child.computer, exc), now)]
+            except BaseException as exc:  # a value's own code raised, even SystemExit: not out of the event loop
+                entries = salvage.entries(kind, payload, exc, child.port.describe(), child.computer)
             for _stream, record, _t in entries:
                 if isinstance(record, Record) and record.computer_name is None:
                     record.computer_name = child.computer
