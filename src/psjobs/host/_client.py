@@ -35,10 +35,14 @@ __all__ = ["HEADER", "MAGIC", "MAX_REQUEST", "VERSION", "Client", "HostError", "
 _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
 # The host runs isolated (`python -I`: no PYTHON* variables, no user site, neither the current
 # directory nor the script's on sys.path) from "/", so a `selectors.py` where the user stands is
-# never imported into it. What must stay importable is appended, after the standard library: the
-# directory psjobs comes from (a checkout) and the absolute PYTHONPATH entries (backends installed there).
+# never imported into it. What must stay importable is added after the standard library: the
+# directory psjobs comes from (a checkout) before the site directories, so the host runs the very
+# psjobs of the command that starts it, not another one installed there (a checkout's command
+# started the installed psjobs' host); then the absolute PYTHONPATH entries (backends installed there).
 _ROOT = str(Path(__file__).resolve().parents[2])
-_BOOT = (f"import os, sys; sys.path += [p for p in [{_ROOT!r}, *os.environ.get('PYTHONPATH', '').split(os.pathsep)] "
+_BOOT = ("import os, site, sys; sys.path.insert(next((i for i, p in enumerate(sys.path) if p in "
+         f"site.getsitepackages()), len(sys.path)), {_ROOT!r}); "
+         "sys.path += [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) "
          "if os.path.isabs(p) and p not in sys.path]; "
          "from psjobs.host._server import host_main; sys.exit(host_main(sys.argv[1:]))")
 
