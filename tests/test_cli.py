@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import stat
 import subprocess
 import sys
 import types
@@ -138,6 +139,27 @@ def test_process_jobs_get_the_clients_environment_and_directory(home: Path, tmp_
     monkeypatch.chdir(tmp_path)
     job = start("--", 'echo "$PSJOBS_TEST_VALUE"; pwd')
     assert ok("receive", str(job), "--wait") == f"from the client\n{tmp_path}\n"
+
+
+def test_a_job_gets_the_umask_of_the_shell_that_started_it(tmp_path: Path) -> None:
+    with private_home(tmp_path / "h") as h:
+        env = subprocess_env(PSJOBS_HOME=str(h))
+
+        def psjobs(*args: str, umask: int) -> str:
+            done = subprocess.run([sys.executable, "-m", "psjobs", *args], capture_output=True, text=True, env=env,
+                                  cwd=tmp_path, umask=umask, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        psjobs("host", "start", umask=0o022)  # the host's own umask lets others read
+        # A private file made by a job started from a private shell stays private, from a thread
+        # job's command too; a lax shell gets its lax mode.
+        psjobs("start", "-q", "--", "touch private", umask=0o077)
+        psjobs("start", "-q", "--thread", "--", "touch", "thread", umask=0o077)
+        psjobs("start", "-q", "--", "touch", "shared", umask=0o002)
+        psjobs("wait", "*", umask=0o077)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
+        assert modes == {"private": 0o600, "thread": 0o600, "shared": 0o664}
 
 
 def test_argv_commands_run_without_a_shell(home: Path) -> None:

@@ -8,6 +8,7 @@ import base64
 import fcntl
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -322,6 +323,27 @@ def test_input_env_directory_and_send_input(jobs: psjobs.Session, tmp_path: Path
         jobs.wait_job(asking, timeout=10)
     jobs.send_input(asking, "world")
     assert jobs.receive_job(asking, wait=True) == ["hello world"]
+
+
+def test_jobs_get_the_umask_of_the_process_that_started_them(home: Path, tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "psjobs", "host", "start"], check=True, env=subprocess_env(),
+                   umask=0o022, timeout=60)  # the host's own umask lets others read
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import psjobs
+
+        def make(path):                   # a callable: it runs in a worker of the host
+            open(path, "w").close()
+
+        jobs = psjobs.connect()
+        for job in (jobs.start_job(make, "from-callable"), jobs.start_job("touch from-command")):
+            assert job.wait(30) and job.state is psjobs.JobState.COMPLETED, job.reason
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=subprocess_env(),
+                          cwd=tmp_path, umask=0o077, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("from-*")} == {
+        "from-callable": 0o600, "from-command": 0o600}
 
 
 def test_a_callable_from_the_callers_own_module_and_environment(jobs: psjobs.Session, tmp_path: Path,

@@ -36,7 +36,7 @@ from ._errors import (
 )
 from ._records import Record, Stream
 from .core._pshost import Host
-from .host._client import Client, host_free
+from .host._client import Client, current_umask, host_free
 from .host._delivered import Delivery
 from .host._protocol import (
     GetRequest,
@@ -75,7 +75,7 @@ def cmd_start(client: Client, a: argparse.Namespace) -> int:
     after = [x.strip() for x in ",".join(a.after or []).split(",") if x.strip()]
     row = client.call(StartRequest(command=a.command, name=a.name, thread=a.thread, cwd=cwd,
                                    env=None if a.thread else dict(os.environ), group=a.group, after=after,
-                                   delay=a.delay, retries=a.retries))
+                                   delay=a.delay, retries=a.retries, umask=current_umask()))
     return _show_new(row, a)
 
 
@@ -343,10 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("start", cmd_start, "Start a command as a background job and print its row.",
             "psjobs start -n backup -- rsync -a src/ /mnt/backup/",
             "One argument after `--` is a shell command line (run by /bin/sh -c); several are an argv,\n"
-            "run without a shell. The job gets this shell's environment and directory.")
+            "run without a shell. The job gets this shell's environment, directory and umask.")
     p.add_argument("-n", "--name", help="the job's name (default JobN)")
     p.add_argument("--thread", action="store_true",
-                   help="run it as a ThreadJob in the host's process (its environment is the host's)")
+                   help="run it as a ThreadJob in the host's process (its environment is the host's; "
+                        "its directory and umask are this shell's)")
     p.add_argument("-C", "--directory", metavar="DIR", help="working directory (default: the current one)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
     _add_scheduling(p)

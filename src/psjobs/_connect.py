@@ -53,7 +53,7 @@ from .core._session import JobSelector, Session
 from .core._spec import CALL, check_directory, make_env, make_spec
 from .core._state import JobState
 from .core._tree import check_as_job, check_name, check_timeout
-from .host._client import Client, Paths
+from .host._client import Client, Paths, current_umask
 from .host._journal import reason_from_text
 from .host._protocol import (
     GetRequest,
@@ -283,11 +283,13 @@ class HostSession(Session):
             view = self._call(StartCallRequest(payload=base64.b64encode(payload).decode("ascii"),
                                                command=spec.command, cwd=cwd, env=environ,
                                                sys_path=[os.path.abspath(p) for p in sys.path], name=name,
-                                               python="{}.{}".format(*sys.version_info[:2])))
+                                               python="{}.{}".format(*sys.version_info[:2]),
+                                               umask=current_umask()))
         else:
             command = [target] if isinstance(target, str) and not args else spec.argv
             view = self._call(StartRequest(command=command, cwd=cwd, name=name, env=environ,
-                                           input=None if items is None else [str(i) for i in items]))
+                                           input=None if items is None else [str(i) for i in items],
+                                           umask=current_umask()))
         return self._new(view)
 
     def start_thread_job(self, target: Any, *args: Any, **kwargs: Any) -> Job:

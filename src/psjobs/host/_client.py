@@ -31,7 +31,7 @@ from . import _protocol
 from ._protocol import HEADER, MAGIC, MAX_REQUEST, MAX_RESPONSE, REQUESTS, VERSION, Request, pack
 
 __all__ = ["HEADER", "MAGIC", "MAX_REQUEST", "VERSION", "Client", "HostError", "HostReplyError", "Paths",
-           "RequestError", "answers", "host_free", "pack", "read_frame", "state_dir"]
+           "RequestError", "answers", "current_umask", "host_free", "pack", "read_frame", "state_dir"]
 _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
 # The host runs isolated (`python -I`: no PYTHON* variables, no user site, neither the current
 # directory nor the script's on sys.path) from "/", so a `selectors.py` where the user stands is
@@ -57,6 +57,21 @@ def state_dir() -> Path:
     xdg = os.environ.get("XDG_STATE_HOME")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
     return base / "psjobs"
+
+
+def current_umask() -> int:
+    """This process's umask, which a start sends so the job gets it. Read from /proc, not with
+    os.umask's set-and-put-back: for that moment a file another thread creates would get mode 0."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # no /proc (or a kernel before 4.7): the dance, with a strict mask meanwhile
+    os.umask(mask)
+    return mask
 
 
 class Paths:

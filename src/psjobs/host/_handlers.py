@@ -42,7 +42,7 @@ from .._errors import (
 from ..core._job import Job
 from ..core._pshost import reason_text
 from ..core._session import Session
-from ..core._shipped import start_shipped
+from ..core._shipped import start_for_client, start_shipped
 from ..core._spec import check_directory
 from ..core._state import JobState
 from ._client import Paths
@@ -199,11 +199,10 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
     session = ctx.session
     when = {"group": req.group, "after": find(ctx, req.after, "start") if req.after else None,
             "delay": req.delay, "retries": req.retries}
-    if req.thread:
-        job = worded("start", session.start_thread_job, target, name=req.name, working_directory=cwd, **when)
-    else:
-        job = worded("start", session.start_job, target, name=req.name, working_directory=cwd, input=req.input,
-                     env=None if req.env is None else _env_delta(req.env), **when)
+    # With the client's umask: a file the job makes gets the mode it would get in the client's shell.
+    job = worded("start", start_for_client, session, target, thread=req.thread, umask=req.umask, name=req.name,
+                 working_directory=cwd, input=req.input, env=None if req.env is None else _env_delta(req.env),
+                 **when)
     return _started(ctx, job, cwd)
 
 
@@ -221,7 +220,7 @@ def start_call(ctx: Context, req: StartCallRequest, reply: Reply) -> JobView:
     except binascii.Error as exc:
         raise ValueError(f"start_call: the payload is not base64 ({exc})") from None
     job = start_shipped(ctx.session, payload, command=req.command, name=req.name, cwd=cwd, env=req.env,
-                        sys_path=req.sys_path or None)
+                        sys_path=req.sys_path or None, umask=req.umask)
     return _started(ctx, job, cwd)
 
 

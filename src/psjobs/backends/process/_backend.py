@@ -141,7 +141,8 @@ class ProcessBackend(Backend):
             return  # stopped by another thread between its registration and now: it never runs
         assert spec.payload is not None  # prepare() pickled it
         path = spec.options.get("sys_path") or sys.path  # a connected client's (core/_shipped), else ours
-        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(path)).frame()
+        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(path),
+                           spec.options.get("umask")).frame()  # a host client's umask (core/_shipped)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
@@ -316,7 +317,7 @@ class ProcessBackend(Backend):
         if server is None:
             proc = subprocess.Popen(spec.argv, stdin=theirs[2] if len(theirs) > 2 else subprocess.DEVNULL,
                                     stdout=theirs[0], stderr=theirs[1], cwd=spec.cwd, env=spec.env,
-                                    start_new_session=True)
+                                    start_new_session=True, umask=spec.options.get("umask", -1))
             handle.on_started(proc.pid, None, proc)
             if not handle.port.started(pid=proc.pid):
                 handle.kill(signal.SIGKILL)  # stopped while Popen ran: the job is over, its process too
@@ -330,7 +331,7 @@ class ProcessBackend(Backend):
             with self.loop.sel.mutex:
                 self.server_commands[token] = handle
                 try:
-                    pid = server.command(token, list(spec.argv), spec.cwd, env, theirs)
+                    pid = server.command(token, list(spec.argv), spec.cwd, env, theirs, spec.options.get("umask"))
                 except ServerGone as exc:
                     self.server_commands.pop(token, None)
                     server.alive = False
