@@ -57,14 +57,32 @@ def test_every_help_ends_with_an_example(command: list[str]) -> None:
     assert last[1].strip().startswith("psjobs "), out
 
 
+POWERSHELL = {"start": "Start-Job", "get": "Get-Job", "receive": "Receive-Job", "wait": "Wait-Job",
+              "stop": "Stop-Job", "remove": "Remove-Job", "suspend": "Suspend-Job", "resume": "Resume-Job",
+              "invoke": "Invoke-Command"}
+
+
+@pytest.mark.parametrize(("verb", "cmdlet"), sorted(POWERSHELL.items()))
+def test_every_powershell_name_is_its_verb_in_any_case(verb: str, cmdlet: str) -> None:
+    assert ALIASES[verb] == cmdlet
+    code, usage, _ = run(verb, "--help")
+    assert code == 0
+    for name in (cmdlet, cmdlet.lower(), cmdlet.upper()):
+        assert run(name, "--help") == (0, usage, ""), f"psjobs {name} is not psjobs {verb}"
+
+
 def test_every_verb_has_its_powershell_alias_in_any_case(home: Path) -> None:
-    assert set(ALIASES.values()) == {"Start-Job", "Get-Job", "Receive-Job", "Wait-Job", "Stop-Job",
-                                     "Remove-Job", "Invoke-Command"}
+    assert ALIASES == POWERSHELL  # every verb PowerShell has a cmdlet for; the others have no alias
     job = int(ok("START-JOB", "-q", "--", "echo", "via alias").strip())
     assert ok("wait-job", str(job), "--json")
     assert ok("Receive-Job", str(job)) == "via alias\n"
     assert "Completed" in ok("get-JOB", str(job))
     ok("Remove-Job", str(job))
+    nap = int(ok("Start-Job", "-q", "-n", "nap", "--", "sleep", "300").strip())
+    assert re.search(r"nap\s+BackgroundJob\s+Suspended", ok("Suspend-Job", "nap"))
+    assert re.search(r"nap\s+BackgroundJob\s+Running", ok("resume-job", "nap"))
+    assert re.search(r"nap\s+BackgroundJob\s+Stopped", ok("STOP-JOB", str(nap)))
+    ok("Remove-Job", "nap")
 
 
 def test_exit_codes_are_distinct_and_documented() -> None:

@@ -64,8 +64,10 @@ EXIT_CODES = {
     WaitTimeoutError.exit_code: "timeout: wait --timeout ran out; the jobs go on",
 }
 
+# Each verb PowerShell has a cmdlet for (restart, group, host, shell and tour have none).
 ALIASES = {"start": "Start-Job", "get": "Get-Job", "receive": "Receive-Job", "wait": "Wait-Job",
-           "stop": "Stop-Job", "remove": "Remove-Job", "invoke": "Invoke-Command"}
+           "stop": "Stop-Job", "remove": "Remove-Job", "suspend": "Suspend-Job", "resume": "Resume-Job",
+           "invoke": "Invoke-Command"}
 
 
 def cmd_start(client: Client, a: argparse.Namespace) -> int:
@@ -492,7 +494,7 @@ def _version() -> str:
 def _normalize(argv: list[str]) -> list[str]:
     """Command names and PowerShell aliases in any case: `psjobs get-job` is `psjobs get`."""
     names = {n.lower(): n for n in ALIASES} | {v.lower(): k for k, v in ALIASES.items()}
-    names |= {n: n for n in ("host", "shell", "tour", "group", "restart", "suspend", "resume")}
+    names |= {n: n for n in ("host", "shell", "tour", "group", "restart")}
     for i, arg in enumerate(argv):
         if not arg.startswith("-"):
             canonical = names.get(arg.lower())
