@@ -274,6 +274,18 @@ def test_exit_code_ok_for_a_wait_with_any(home: Path) -> None:
     ok("remove", "--force", str(slow), str(fast))
 
 
+def test_a_state_directory_under_no_users_home_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSJOBS_HOME", "~psjobs-no-such-user/x")
+    code, out, err = run("get", "--json")
+    error = json.loads(out)["error"]  # an error object for the script, not a traceback
+    assert (code, error["type"], error["exit_code"], err) == (1, "HostError", 1, "")
+    assert "PSJOBS_HOME is '~psjobs-no-such-user/x'" in error["message"]
+    assert "no user 'psjobs-no-such-user'" in error["message"] and "set PSJOBS_HOME" in error["message"]
+    code, out, err = run("get")
+    assert (code, out) == (1, "")
+    assert err == f"psjobs: {error['message']}\n"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("psjobs.backends.ssh._backend") is not None,
                     reason="the SSH backend is here")
 def test_invoke_without_the_ssh_backend_says_what_to_install(home: Path) -> None:

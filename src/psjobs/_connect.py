@@ -38,7 +38,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from . import _errors
@@ -53,7 +52,7 @@ from .core._session import JobSelector, Session
 from .core._spec import CALL, check_directory, make_env, make_spec
 from .core._state import JobState
 from .core._tree import check_as_job, check_name, check_timeout
-from .host._client import Client, Paths, current_umask
+from .host._client import Client, Paths, current_umask, expand_home
 from .host._journal import reason_from_text
 from .host._protocol import (
     GetRequest,
@@ -185,7 +184,8 @@ class HostSession(Session):
     def __init__(self, *, home: str | os.PathLike[str] | None = None, verbose: bool = False,
                  debug: bool = False, host: Host | None = None) -> None:
         super().__init__(verbose=verbose, debug=debug, host=host)
-        self._client = Client(None if home is None else Paths(Path(home).expanduser().absolute()))
+        self._client = Client(None if home is None else Paths(expand_home(
+            os.fspath(home), "connect(home) is", "pass connect() the directory as an absolute path")))
         self.home = self._client.paths.home
         self._call(StatusRequest())  # starts the host now if none runs, as the command does
 

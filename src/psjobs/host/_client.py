@@ -31,7 +31,7 @@ from . import _protocol
 from ._protocol import HEADER, MAGIC, MAX_REQUEST, MAX_RESPONSE, REQUESTS, VERSION, Request, pack
 
 __all__ = ["HEADER", "MAGIC", "MAX_REQUEST", "VERSION", "Client", "HostError", "HostReplyError", "Paths",
-           "RequestError", "answers", "current_umask", "host_free", "pack", "read_frame", "state_dir"]
+           "RequestError", "answers", "current_umask", "expand_home", "host_free", "pack", "read_frame", "state_dir"]
 _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
 # The host runs isolated (`python -I`: no PYTHON* variables, no user site, neither the current
 # directory nor the script's on sys.path) from "/", so a `selectors.py` where the user stands is
@@ -53,10 +53,25 @@ def state_dir() -> Path:
     """$PSJOBS_HOME, else $XDG_STATE_HOME/psjobs, else ~/.local/state/psjobs."""
     home = os.environ.get("PSJOBS_HOME")
     if home:
-        return Path(home).expanduser().absolute()
+        return expand_home(home, "PSJOBS_HOME is", "set PSJOBS_HOME to a directory of your own, as an absolute path")
     xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "psjobs"
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "psjobs"
+    return expand_home("~/.local/state/psjobs", "the state directory is by default",
+                       "set PSJOBS_HOME (or XDG_STATE_HOME) to a directory of your own, as an absolute path")
+
+
+def expand_home(text: str, what: str, fix: str) -> Path:
+    """``text`` with ``~`` or ``~user`` expanded, made absolute. A ``~`` that names nobody raises
+    HostError saying ``what`` ``text`` is and the ``fix`` (pathlib's RuntimeError reached the user
+    as a traceback, even under --json)."""
+    try:
+        return Path(text).expanduser().absolute()
+    except RuntimeError:
+        tilde = text.split("/", 1)[0]
+        why = (f"there is no user {tilde[1:]!r}" if len(tilde) > 1
+               else f"HOME is not set and uid {os.getuid()} has no home directory in the user database")
+        raise HostError(f"{what} {text!r}, and psjobs cannot tell what {tilde!r} stands for: {why}; {fix}") from None
 
 
 def current_umask() -> int:
