@@ -12,6 +12,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from psjobs._cli import ALIASES, EXIT_CODES, build_parser, main
@@ -264,6 +265,38 @@ def test_exit_code_timeout(home: Path) -> None:
     assert code == 6
     assert state(job) == "Running"  # a timeout leaves the job going
     ok("remove", "--force", str(job))
+
+
+def test_receive_wait_timeout_names_the_jobs_still_going_and_what_next(home: Path) -> None:
+    job = start("-n", "slowpoke", "--", "echo early; sleep 300")
+    code, out, err = run("receive", str(job), "--wait", "--timeout", "0.5")
+    assert (code, out) == (6, "early\n")
+    assert err == (f"psjobs: receive: timed out after 0.5s; still going: Job {job} 'slowpoke' (Running); receive "
+                   f"the rest with `psjobs receive {job} --wait`, or stop them with `psjobs stop {job}`\n")
+    # A suspended job goes nowhere until it is resumed: --wait ends there, as Receive-Job -Wait does.
+    ok("suspend", str(job))
+    assert run("receive", str(job), "--wait") == (0, "", "")
+    ok("remove", "--force", str(job))
+
+
+def test_a_stop_that_a_process_outlives_says_why_and_what_next(home: Path) -> None:
+    job = start("-n", "escaper", "--", "setsid sleep 300 & echo $!")  # sleep leaves the job's process group
+    wait_until(lambda: ok("receive", str(job), "--keep"), what="the escaped process's pid")
+    escaped = psutil.Process(int(ok("receive", str(job), "--keep")))
+    assert escaped.name() == "sleep"
+    try:
+        code, out, err = run("stop", str(job))
+        assert code == 0 and re.search(r"escaper\s+BackgroundJob\s+Stopping", out), out
+        assert err.startswith(f"WARNING: stop: Job {job} 'escaper' (Stopping) did not stop within "), err
+        assert "a process it started left its process group" in err
+        assert err.endswith(f"`psjobs get {job} --json` shows its status_message; remove it later with "
+                            f"`psjobs remove --force {job}`\n"), err
+        assert "stop_job" not in err and "remove_job" not in err
+        assert "left its process group" in str(rows(str(job))[0]["status_message"])
+    finally:
+        escaped.kill()
+    wait_until(lambda: state(job) == "Stopped", timeout=30, what="the job to end once its last process did")
+    ok("remove", str(job))
 
 
 def test_exit_code_ok_for_a_wait_with_any(home: Path) -> None:

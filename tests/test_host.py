@@ -349,4 +349,5 @@ def test_host_requests_behave_as_records() -> None:
     failure = hp.Failure(id=1, name="Job1", child_id=2, computer_name=None, reason="boom")
     result = hp.ReceiveResult(failures=[failure], timed_out=False, removed=[])
     assert result.to_json() == {"failures": [{"id": 1, "name": "Job1", "child_id": 2, "computer_name": None,
-                                              "reason": "boom"}], "timed_out": False, "removed": []}
+                                              "reason": "boom"}], "timed_out": False, "removed": [],
+                                 "pending": []}

@@ -53,6 +53,7 @@ from .host._protocol import (
     SuspendRequest,
     WaitRequest,
 )
+from .host._words import in_words
 
 EXIT_CODES = {
     0: "success",
@@ -168,9 +169,25 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     if result.get("failures"):
         return JobFailedError.exit_code
     if result.get("timed_out"):
-        raise WaitTimeoutError(f"receive: the jobs did not finish within {a.timeout:g}s; they go on: "
-                               f"receive again later")
+        ids = _ids(result.get("pending") or [])
+        raise WaitTimeoutError(f"receive: timed out{_after(a.timeout)}; {_still_going(result.get('pending') or [])}; "
+                               f"receive the rest with `psjobs receive {ids} --wait`, or stop them with "
+                               f"`psjobs stop {ids}`")
     return 0
+
+
+def _after(timeout: float | None) -> str:
+    return "" if timeout is None else f" after {timeout:g}s"
+
+
+def _ids(rows: list[dict[str, Any]]) -> str:
+    return " ".join(str(r["id"]) for r in rows)
+
+
+def _still_going(rows: list[dict[str, Any]]) -> str:
+    """The jobs a timeout left going, as the messages name them (the first five)."""
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return "still going: " + ", ".join(f"Job {r['id']} {r['name']!r} ({r['state']})" for r in rows[:5]) + more
 
 
 def _acked(responses: Generator[dict[str, Any], int | None, None],
@@ -190,9 +207,8 @@ def cmd_wait(client: Client, a: argparse.Namespace) -> int:
     result = client.call(WaitRequest(ids=a.ids, any=a.any, timeout=a.timeout, names=a.names))
     done, pending = result["done"], result["pending"]
     if not done and pending:
-        names = ", ".join(f"Job {r['id']} {r['name']!r} ({r['state']})" for r in pending[:5])
-        raise WaitTimeoutError(f"wait: timed out after {a.timeout:g}s; still going: {names}; wait again, "
-                               f"or stop them with `psjobs stop {' '.join(str(r['id']) for r in pending)}`")
+        raise WaitTimeoutError(f"wait: timed out{_after(a.timeout)}; {_still_going(pending)}; wait again, "
+                               f"or stop them with `psjobs stop {_ids(pending)}`")
     _print_jobs(done, a.json)
     failed = [r for r in done if r["state"] == "Failed"]
     for r in failed if not a.json else ():
@@ -529,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(ns, "command", None) and ns.command[0] == "--":
         ns.command = ns.command[1:]
     try:
-        code: int = ns.func(Client(), ns)
+        code: int = ns.func(Client(words=in_words), ns)  # the host's warnings in the command's words
         return code
     except (PsJobsError, FileNotFoundError, NotADirectoryError) as exc:
         sys.stdout.flush()

@@ -22,7 +22,7 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +193,9 @@ def host_free(paths: Paths) -> bool:
 class Client:
     """The command's side: connect (starting the host on first use), send a request, read replies."""
 
-    def __init__(self, paths: Paths | None = None) -> None:
+    def __init__(self, paths: Paths | None = None, words: Callable[[str, str], str] | None = None) -> None:
         self.paths = paths or Paths()
+        self.words = words  # (verb, warning) -> the warning as this face says it; None: as it came
 
     def connect(self, start: bool = True) -> _Socket:
         sock = self._try_connect()
@@ -263,19 +264,19 @@ class Client:
                     sock.sendall(frame)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the host refused the request before reading it all: its reply says why
-                yield from self._responses(sock)
+                yield from self._responses(sock, verb)
             except ConnectionError as exc:  # also a host that died while it had us in its backlog
                 raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "
                                 f"crashed; see {self.paths.log}); run the command again") from exc
 
-    def _responses(self, sock: _socket.socket) -> Generator[dict[str, Any], int | None, None]:
+    def _responses(self, sock: _socket.socket, verb: str) -> Generator[dict[str, Any], int | None, None]:
         while True:
             body = read_frame(sock, MAX_RESPONSE, "the host")
             if body is None:
                 raise ConnectionResetError("end of stream before the last response")
             response = json.loads(body)
             for text in response.get("warnings") or ():
-                print(f"WARNING: {text}", file=sys.stderr)
+                print(f"WARNING: {text if self.words is None else self.words(verb, text)}", file=sys.stderr)
             if not response.get("ok"):
                 err = response.get("error") or {}
                 raise HostReplyError(str(err.get("message", "the host refused the request")),

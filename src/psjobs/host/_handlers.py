@@ -77,6 +77,7 @@ from ._protocol import (
 )
 from ._receive import Claims, Sender, consume
 from ._receive import Reply as Reply  # the server's, from here
+from ._words import in_words
 
 
 @dataclass
@@ -133,24 +134,17 @@ def _selector(text: str) -> int | uuid.UUID | str:
         return text  # a name, wildcards allowed
 
 
-_HINTS = [(re.compile(r"list the session's jobs with get_job\(\)"), "list the jobs with `psjobs get`"),
-          (re.compile(r"\bstop_job\((\d+)\)"), r"`psjobs stop \1`"),
-          (re.compile(r"\bremove_job\((\d+)\)"), r"`psjobs remove \1`"),
-          (re.compile(r"pass force=True"), "pass --force"),
-          (re.compile(r"\brestart_job\((\d+)\)"), r"`psjobs restart \1`")]
+_WORDED = (JobNotFoundError, JobNotFinishedError, JobStateError, ValueError, TypeError)  # said in CLI words
 
 
 def worded(verb: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``call(...)``, its refusals said in the command's words (``psjobs stop 3``, not stop_job(3))."""
     try:
         return call(*args, **kwargs)
-    except (JobNotFoundError, JobNotFinishedError, JobStateError) as exc:
-        if type(exc) not in (JobNotFoundError, JobNotFinishedError, JobStateError):
+    except _WORDED as exc:
+        if type(exc) not in _WORDED:
             raise
-        message = re.sub(r"^\w+: ", f"{verb}: ", str(exc))
-        for pattern, words in _HINTS:
-            message = pattern.sub(words, message)
-        raise type(exc)(message) from None
+        raise type(exc)(in_words(verb, str(exc))) from None
 
 
 def view(ctx: Context, job: Job) -> JobView:
@@ -278,7 +272,11 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     removed: list[int] = []
     if req.auto_remove and done and complete and whole:
         removed = _remove(ctx, [j for j in selected if j.parent is None], force=False)
-    return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
+    # A --wait ends when every job is finished or Suspended (as Receive-Job -Wait): it timed out
+    # only if one still runs, and the command names those.
+    going = [j for j in selected if not j.state.is_persistent] if req.wait else []
+    return ReceiveResult(failures=_failures(leaves), timed_out=bool(going), removed=removed,
+                         pending=[view(ctx, j) for j in going])
 
 
 def _failures(leaves: list[Job]) -> list[Failure]:
@@ -404,11 +402,12 @@ def group(ctx: Context, req: GroupRequest, reply: Reply) -> dict[str, Any]:
         if req.action == "set" and not session.get_group(req.name):
             raise ValueError(f"group set: there is no group {req.name!r}; make it with `psjobs group add {req.name}`")
         assert req.name is not None
-        session.configure_group(req.name, req.parallel if req.parallel is not None else 1)
+        parallel = req.parallel if req.parallel is not None else 1
+        worded(f"group {req.action}", session.configure_group, req.name, parallel)
     elif req.action == "pause":
-        session.pause_group(str(req.name))
+        worded("group pause", session.pause_group, str(req.name))
     elif req.action == "resume":
-        session.resume_group(str(req.name))
+        worded("group resume", session.resume_group, str(req.name))
     return {"groups": session.get_group(None if req.action == "list" else req.name)}
 
 

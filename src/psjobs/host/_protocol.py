@@ -518,6 +518,7 @@ class ReceiveResult(Response):
     failures: list[Failure]
     timed_out: bool
     removed: list[int]
+    pending: list[JobView] = _field(default_factory=list)  # with timed_out: the jobs still going
 
 
 @_record

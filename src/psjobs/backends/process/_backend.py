@@ -62,6 +62,9 @@ class ProcessBackend(Backend):
     # A callable's job is NotStarted until its worker exists, yet its JOB frame is on the way: a
     # stop then must withdraw it (CallHandle.withdraw), or the worker would run it unseen.
     stops_unstarted = True
+    # Its processes are killed at the end of the grace period; what can outlast that holds a pipe.
+    stuck_stop = ("a process it started left its process group (setsid, a daemon) and still holds its output "
+                  "open, or cannot be killed (an uninterruptible wait); it ends Stopped once that process ends")
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
