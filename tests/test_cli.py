@@ -280,6 +280,9 @@ def test_receive_wait_timeout_names_the_jobs_still_going_and_what_next(home: Pat
 
 
 def test_a_stop_that_a_process_outlives_says_why_and_what_next(home: Path) -> None:
+    # Once a thread job has run in the host (it routes warnings of job code), the host's own
+    # warnings still reach the command.
+    assert ok("receive", str(start("--thread", "--", "echo", "threaded")), "--wait") == "threaded\n"
     job = start("-n", "escaper", "--", "setsid sleep 300 & echo $!")  # sleep leaves the job's process group
     wait_until(lambda: ok("receive", str(job), "--keep"), what="the escaped process's pid")
     escaped = psutil.Process(int(ok("receive", str(job), "--keep")))
