@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import psjobs
 from psjobs._cli import ALIASES, EXIT_CODES, build_parser, main
 
 from .clitools import ok, private_home, run, subprocess_env
@@ -179,6 +180,22 @@ def test_a_job_gets_the_umask_of_the_shell_that_started_it(tmp_path: Path) -> No
         psjobs("wait", "*", umask=0o077)
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
         assert modes == {"private": 0o600, "thread": 0o600, "shared": 0o664}
+
+
+def test_receive_writes_what_a_command_printed_byte_for_byte(home: Path) -> None:
+    # Bytes that are not UTF-8 (\377, \376), and UTF-8 that is (é), on both streams.
+    job = start("--", r"printf 'a\377b \303\251\n'; printf 'e\376r\n' >&2")
+    ok("wait", str(job))
+    shown = subprocess.run([sys.executable, "-m", "psjobs", "receive", str(job), "--keep"], capture_output=True,
+                           env=subprocess_env(), timeout=60)
+    assert (shown.returncode, shown.stdout, shown.stderr) == (0, b"a\xffb \xc3\xa9\n", b"e\xfer\n")
+    # --json is Unicode text for JSON readers: what is not UTF-8 there is U+FFFD, as in Python.
+    lines = [json.loads(x) for x in ok("receive", str(job), "--keep", "--json").splitlines()]
+    assert [(x["stream"], x.get("value", x.get("message"))) for x in lines] == [
+        ("Output", "a\ufffdb \u00e9"), ("Error", "e\ufffdr")]
+    with psjobs.connect() as jobs:
+        assert jobs.receive_job(job) == ["a\ufffdb \u00e9"]
+        assert [str(e) for e in jobs.get_job(job)[0].error] == ["e\ufffdr"]
 
 
 def test_argv_commands_run_without_a_shell(home: Path) -> None:

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, NoReturn, cast
 
-from ._cli_output import _iso, _Ordered, _print_jobs, printable
+from ._cli_output import _iso, _Ordered, _print_jobs, json_safe, keep_bytes, printable
 from ._errors import (
     HostError,
     HostReplyError,
@@ -117,6 +117,9 @@ def cmd_get(client: Client, a: argparse.Namespace) -> int:
 
 def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     _selected(a)
+    if not a.json:  # what jobs produce is written as it is, bytes that are not UTF-8 too
+        keep_bytes(sys.stdout)
+        keep_bytes(sys.stderr)
     ordered = _Ordered()
     delivery = Delivery(sys.stdout, track=not a.keep)  # the host consumes what the reader took (_delivered)
     out = ordered.stream(delivery.out)
@@ -137,9 +140,9 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
                     item = {"id": top, "child_id": job, "computer_name": where,
                             "stream": Stream(stream).name.title(), "time": _iso(t)}
                     if stream == Stream.OUTPUT:
-                        item["value"] = value
+                        item["value"] = json_safe(value)
                     else:
-                        item.update(value if is_json else {"message": value})
+                        item.update(json_safe(value if is_json else {"message": value}))
                     out.write(json.dumps(item) + "\n")
                 elif stream == Stream.OUTPUT:
                     prefix = f"[{where}] " if several and where else ""

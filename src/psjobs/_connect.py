@@ -41,6 +41,7 @@ from datetime import datetime
 from typing import Any
 
 from . import _errors
+from ._cli_output import json_safe
 from ._errors import HostReplyError, JobNotFinishedError, JobStateError
 from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
 from .core._format import JobList
@@ -487,10 +488,12 @@ def _keys(jobs: list[Any]) -> list[str] | None:
 
 def _value(stream: int, t: float, flag: int, data: Any) -> Any:
     """An output value, or a record of another stream, from a stored row (see host/_store.encode):
-    JSON values come back as themselves, anything else as the readable text the host stored."""
+    JSON values come back as themselves, anything else as the readable text the host stored.
+    Bytes a command printed that are not UTF-8 come as U+FFFD, as in a session's own jobs (the
+    host keeps them for `psjobs receive`, which writes them as they were)."""
     if stream == Stream.OUTPUT:
-        return data
-    fields: dict[str, Any] = data if flag and isinstance(data, dict) else {"message": str(data)}
+        return json_safe(data)
+    fields: dict[str, Any] = json_safe(data) if flag and isinstance(data, dict) else {"message": json_safe(str(data))}
     message = str(fields.get("message", ""))
     where = fields.get("computer_name")
     if stream == Stream.ERROR:

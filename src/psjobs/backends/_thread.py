@@ -251,7 +251,7 @@ class ThreadBackend(Backend):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=spec.cwd,
                                 start_new_session=True, umask=spec.options.get("umask", -1))
         data.proc = proc
-        status = run_command(proc, feed, emitter, self.session.stop_grace)
+        status = run_command(proc, feed, emitter, self.session.stop_grace, spec.options.get("output_errors", "replace"))
         if status != 0:
             raise status_error("the command", status)
         return status

@@ -16,6 +16,9 @@ started it, not the host's, as it gets that shell's environment and directory. T
 in the command's process or the call's worker; nothing else reads it. A thread job's callable would
 have to share the host's umask (one per process), but a client never starts one: the command has
 no callables and connect() refuses thread jobs.
+
+A client's command also keeps the bytes of its output that are not UTF-8 (``spec.options
+["output_errors"]``, see worker/_procs.text), so `psjobs receive` writes them as they were.
 """
 
 from __future__ import annotations
@@ -67,8 +70,11 @@ def start_for_client(session: Session, target: str | list[str], *, thread: bool,
         spec.env = make_env(verb, env)
     if spec.input is not None:
         spec.input = list(spec.input)
+    # The bytes of its output that are not UTF-8 are kept (as lone surrogates): the command writes
+    # them back as they were, --json and connect() show U+FFFD, as a session's own jobs have it.
+    spec.options = {"output_errors": "surrogateescape"}
     if umask is not None:
-        spec.options = {"umask": umask}
+        spec.options["umask"] = umask
     if thread:
         return session._start_tree("thread", spec, job_type="ThreadJob", name=name, parent=False, when=when)
     return session._start_tree("process", spec, job_type="BackgroundJob", name=name, when=when)

@@ -299,7 +299,7 @@ class ProcessBackend(Backend):
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if feed is not None else (-1, None)
         theirs = [out_w, err_w] + ([in_r] if in_r >= 0 else [])
-        handle = CommandHandle(self, port, out_r, err_r, in_w, feed)
+        handle = CommandHandle(self, port, out_r, err_r, in_w, feed, spec.options.get("output_errors", "replace"))
         try:
             self._run_command(handle, spec, theirs)
         except (OSError, WorkerError) as exc:
