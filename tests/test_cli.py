@@ -5,14 +5,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import stat
 import subprocess
 import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+import psjobs
 from psjobs._cli import ALIASES, EXIT_CODES, build_parser, main
 
 from .clitools import ok, private_home, run, subprocess_env
@@ -56,14 +59,32 @@ def test_every_help_ends_with_an_example(command: list[str]) -> None:
     assert last[1].strip().startswith("psjobs "), out
 
 
+POWERSHELL = {"start": "Start-Job", "get": "Get-Job", "receive": "Receive-Job", "wait": "Wait-Job",
+              "stop": "Stop-Job", "remove": "Remove-Job", "suspend": "Suspend-Job", "resume": "Resume-Job",
+              "invoke": "Invoke-Command"}
+
+
+@pytest.mark.parametrize(("verb", "cmdlet"), sorted(POWERSHELL.items()))
+def test_every_powershell_name_is_its_verb_in_any_case(verb: str, cmdlet: str) -> None:
+    assert ALIASES[verb] == cmdlet
+    code, usage, _ = run(verb, "--help")
+    assert code == 0
+    for name in (cmdlet, cmdlet.lower(), cmdlet.upper()):
+        assert run(name, "--help") == (0, usage, ""), f"psjobs {name} is not psjobs {verb}"
+
+
 def test_every_verb_has_its_powershell_alias_in_any_case(home: Path) -> None:
-    assert set(ALIASES.values()) == {"Start-Job", "Get-Job", "Receive-Job", "Wait-Job", "Stop-Job",
-                                     "Remove-Job", "Invoke-Command"}
+    assert ALIASES == POWERSHELL  # every verb PowerShell has a cmdlet for; the others have no alias
     job = int(ok("START-JOB", "-q", "--", "echo", "via alias").strip())
     assert ok("wait-job", str(job), "--json")
     assert ok("Receive-Job", str(job)) == "via alias\n"
     assert "Completed" in ok("get-JOB", str(job))
     ok("Remove-Job", str(job))
+    nap = int(ok("Start-Job", "-q", "-n", "nap", "--", "sleep", "300").strip())
+    assert re.search(r"nap\s+BackgroundJob\s+Suspended", ok("Suspend-Job", "nap"))
+    assert re.search(r"nap\s+BackgroundJob\s+Running", ok("resume-job", "nap"))
+    assert re.search(r"nap\s+BackgroundJob\s+Stopped", ok("STOP-JOB", str(nap)))
+    ok("Remove-Job", "nap")
 
 
 def test_exit_codes_are_distinct_and_documented() -> None:
@@ -138,6 +159,43 @@ def test_process_jobs_get_the_clients_environment_and_directory(home: Path, tmp_
     monkeypatch.chdir(tmp_path)
     job = start("--", 'echo "$PSJOBS_TEST_VALUE"; pwd')
     assert ok("receive", str(job), "--wait") == f"from the client\n{tmp_path}\n"
+
+
+def test_a_job_gets_the_umask_of_the_shell_that_started_it(tmp_path: Path) -> None:
+    with private_home(tmp_path / "h") as h:
+        env = subprocess_env(PSJOBS_HOME=str(h))
+
+        def psjobs(*args: str, umask: int) -> str:
+            done = subprocess.run([sys.executable, "-m", "psjobs", *args], capture_output=True, text=True, env=env,
+                                  cwd=tmp_path, umask=umask, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        psjobs("host", "start", umask=0o022)  # the host's own umask lets others read
+        # A private file made by a job started from a private shell stays private, from a thread
+        # job's command too; a lax shell gets its lax mode.
+        psjobs("start", "-q", "--", "touch private", umask=0o077)
+        psjobs("start", "-q", "--thread", "--", "touch", "thread", umask=0o077)
+        psjobs("start", "-q", "--", "touch", "shared", umask=0o002)
+        psjobs("wait", "*", umask=0o077)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
+        assert modes == {"private": 0o600, "thread": 0o600, "shared": 0o664}
+
+
+def test_receive_writes_what_a_command_printed_byte_for_byte(home: Path) -> None:
+    # Bytes that are not UTF-8 (\377, \376), and UTF-8 that is (é), on both streams.
+    job = start("--", r"printf 'a\377b \303\251\n'; printf 'e\376r\n' >&2")
+    ok("wait", str(job))
+    shown = subprocess.run([sys.executable, "-m", "psjobs", "receive", str(job), "--keep"], capture_output=True,
+                           env=subprocess_env(), timeout=60)
+    assert (shown.returncode, shown.stdout, shown.stderr) == (0, b"a\xffb \xc3\xa9\n", b"e\xfer\n")
+    # --json is Unicode text for JSON readers: what is not UTF-8 there is U+FFFD, as in Python.
+    lines = [json.loads(x) for x in ok("receive", str(job), "--keep", "--json").splitlines()]
+    assert [(x["stream"], x.get("value", x.get("message"))) for x in lines] == [
+        ("Output", "a\ufffdb \u00e9"), ("Error", "e\ufffdr")]
+    with psjobs.connect() as jobs:
+        assert jobs.receive_job(job) == ["a\ufffdb \u00e9"]
+        assert [str(e) for e in jobs.get_job(job)[0].error] == ["e\ufffdr"]
 
 
 def test_argv_commands_run_without_a_shell(home: Path) -> None:
@@ -226,12 +284,59 @@ def test_exit_code_timeout(home: Path) -> None:
     ok("remove", "--force", str(job))
 
 
+def test_receive_wait_timeout_names_the_jobs_still_going_and_what_next(home: Path) -> None:
+    job = start("-n", "slowpoke", "--", "echo early; sleep 300")
+    code, out, err = run("receive", str(job), "--wait", "--timeout", "0.5")
+    assert (code, out) == (6, "early\n")
+    assert err == (f"psjobs: receive: timed out after 0.5s; still going: Job {job} 'slowpoke' (Running); receive "
+                   f"the rest with `psjobs receive {job} --wait`, or stop them with `psjobs stop {job}`\n")
+    # A suspended job goes nowhere until it is resumed: --wait ends there, as Receive-Job -Wait does.
+    ok("suspend", str(job))
+    assert run("receive", str(job), "--wait") == (0, "", "")
+    ok("remove", "--force", str(job))
+
+
+def test_a_stop_that_a_process_outlives_says_why_and_what_next(home: Path) -> None:
+    # Once a thread job has run in the host (it routes warnings of job code), the host's own
+    # warnings still reach the command.
+    assert ok("receive", str(start("--thread", "--", "echo", "threaded")), "--wait") == "threaded\n"
+    job = start("-n", "escaper", "--", "setsid sleep 300 & echo $!")  # sleep leaves the job's process group
+    wait_until(lambda: ok("receive", str(job), "--keep"), what="the escaped process's pid")
+    escaped = psutil.Process(int(ok("receive", str(job), "--keep")))
+    assert escaped.name() == "sleep"
+    try:
+        code, out, err = run("stop", str(job))
+        assert code == 0 and re.search(r"escaper\s+BackgroundJob\s+Stopping", out), out
+        assert err.startswith(f"WARNING: stop: Job {job} 'escaper' (Stopping) did not stop within "), err
+        assert "a process it started left its process group" in err
+        assert err.endswith(f"`psjobs get {job} --json` shows its status_message; remove it later with "
+                            f"`psjobs remove --force {job}`\n"), err
+        assert "stop_job" not in err and "remove_job" not in err
+        assert "left its process group" in str(rows(str(job))[0]["status_message"])
+    finally:
+        escaped.kill()
+    wait_until(lambda: state(job) == "Stopped", timeout=30, what="the job to end once its last process did")
+    ok("remove", str(job))
+
+
 def test_exit_code_ok_for_a_wait_with_any(home: Path) -> None:
     slow = start("--", "sleep 300")
     fast = start("--", "true")
     done = json.loads(ok("wait", "--any", "--json", str(slow), str(fast)))
     assert [d["id"] for d in done] == [fast]
     ok("remove", "--force", str(slow), str(fast))
+
+
+def test_a_state_directory_under_no_users_home_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSJOBS_HOME", "~psjobs-no-such-user/x")
+    code, out, err = run("get", "--json")
+    error = json.loads(out)["error"]  # an error object for the script, not a traceback
+    assert (code, error["type"], error["exit_code"], err) == (1, "HostError", 1, "")
+    assert "PSJOBS_HOME is '~psjobs-no-such-user/x'" in error["message"]
+    assert "no user 'psjobs-no-such-user'" in error["message"] and "set PSJOBS_HOME" in error["message"]
+    code, out, err = run("get")
+    assert (code, out) == (1, "")
+    assert err == f"psjobs: {error['message']}\n"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("psjobs.backends.ssh._backend") is not None,

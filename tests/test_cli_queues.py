@@ -64,6 +64,26 @@ def test_pause_and_resume_a_group(home: Path) -> None:
     assert code == 2 and "no group 'nope'" in err
 
 
+def test_group_refusals_name_the_group_and_the_command_to_run(home: Path) -> None:
+    before = ok("get", "--json")
+    for args, said in [
+        (("group", "pause", "nosuch"), "group pause: there is no group 'nosuch'; make it first with "
+                                       "`psjobs group add nosuch --parallel N`"),
+        (("group", "resume", "nosuch"), "group resume: there is no group 'nosuch'; make it first with "
+                                        "`psjobs group add nosuch --parallel N`"),
+        (("group", "add", "zero", "--parallel", "0"), "group add: --parallel must be a whole number from 1 to "
+                                                      "1000000, not 0"),
+        (("start", "-g", "undefined", "--", "true"), "start: there is no group 'undefined'; make it first with "
+                                                     "`psjobs group add undefined --parallel N`"),
+        (("start", "--retries", "-1", "--", "true"), "start: --retries must be a whole number"),
+    ]:
+        code, out, err = run(*args)
+        assert (code, out) == (2, ""), err
+        assert err.startswith(f"psjobs: {said}"), err
+        assert "configure_group" not in err and "start_job" not in err and "_group" not in err, err
+    assert ok("get", "--json") == before  # no job was made by any of them
+
+
 def test_after_a_failed_job_its_dependent_fails_without_running(home: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     first = start("--", "sleep 0.3; exit 4")

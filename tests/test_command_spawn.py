@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psjobs
 from psjobs import JobState
+from psjobs.core._shipped import start_for_client
+from psjobs.host._client import current_umask
 
 from .conftest import wait_until
 
@@ -88,3 +90,15 @@ def test_without_input_the_command_reads_an_empty_stdin(session: psjobs.Session)
     job = _run(session, ["cat"])
     assert job.state is JobState.COMPLETED
     assert job.receive() == []
+
+
+def test_each_command_runs_with_its_own_umask(session: psjobs.Session) -> None:
+    # The session host starts a client's command with the client's umask (core/_shipped); through
+    # the fork server, the next command without one still gets the session's own.
+    ours = current_umask()
+    umask = ["grep", "^Umask", "/proc/self/status"]
+    private = start_for_client(session, umask, thread=False, umask=0o077, name=None, working_directory=None,
+                               env=None)
+    assert private.wait(10)
+    plain = _run(session, umask)
+    assert [private.receive(), plain.receive()] == [["Umask:\t0077"], [f"Umask:\t{ours:04o}"]]

@@ -5,14 +5,20 @@ host's, so the command sees them, and they outlive the interpreter and a host re
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+import os
+import stat
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 import psjobs
@@ -97,6 +103,67 @@ def test_jobs_started_from_the_shell_are_visible_and_received_once(jobs: psjobs.
     assert jobs.receive_job("from-shell") == ["one", "two"]
     assert ok("receive", str(shell_id)) == ""  # what Python received, the shell does not get again
     assert job.output == ["one", "two"]         # the stream lists keep everything
+
+
+def _unread(fd: int) -> int:
+    """Bytes in a pipe that its reader has not taken yet."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+def test_python_gets_nothing_the_shell_has_in_flight_to_a_slow_reader(jobs: psjobs.Session) -> None:
+    job = int(ok("start", "-q", "--", "seq 1 100000").strip())
+    ok("wait", str(job))
+    # `psjobs receive` into a pipe nobody reads yet: its records are in flight (written, not yet
+    # taken by the reader, so not consumed) while Python receives.
+    r, w = os.pipe()
+    shell = subprocess.Popen([sys.executable, "-m", "psjobs", "receive", str(job)], stdout=w,
+                             stderr=subprocess.PIPE, env=subprocess_env())
+    os.close(w)
+    try:
+        wait_until(lambda: _unread(r) > 0, timeout=30, what="the command's first records in the pipe")
+        from_python = jobs.receive_job(job)
+        with os.fdopen(r, "rb") as reader:  # the slow reader takes everything now
+            from_shell = reader.read().decode().splitlines()
+        _, err = shell.communicate(timeout=30)
+    finally:
+        shell.kill()
+    assert shell.returncode == 0, err
+    got = sorted(int(x) for x in [*from_python, *from_shell])
+    assert got == list(range(1, 100001))  # each record delivered once, to one of them
+    assert jobs.receive_job(job) == [] and ok("receive", str(job)) == ""
+
+
+def test_shell_and_python_following_one_job_share_its_records_and_both_see_it_end(
+        jobs: psjobs.Session, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    job = int(ok("start", "-q", "--", f"seq 1 50000; until [ -e {go} ]; do sleep 0.01; done; "
+                                      f"seq 50001 100000").strip())
+    outs = [tmp_path / "shell1", tmp_path / "shell2"]
+    shells = []
+    for out in outs:
+        with out.open("w") as f:
+            shells.append(subprocess.Popen([sys.executable, "-m", "psjobs", "receive", str(job), "--wait"], stdout=f,
+                                           stderr=subprocess.PIPE, text=True, env=subprocess_env()))
+    from_python: list[object] = []
+    follower = threading.Thread(target=lambda: from_python.extend(jobs.receive_job(job, wait=True, timeout=60)))
+    follower.start()
+    try:
+        # All three are connected (the follower first) before the job goes on to its end.
+        wait_until(lambda: all(psutil.Process(p.pid).net_connections("unix") for p in shells), timeout=30,
+                   what="the command's receives to reach the host")
+        go.touch()
+        results = [p.communicate(timeout=60) for p in shells]
+        follower.join(60)
+    finally:
+        for p in shells:
+            p.kill()
+    # Two --wait receives of the shell and one of Python: each follows the job to its end (none
+    # gives up early with a timeout), and each record reaches exactly one of them.
+    assert [p.returncode for p in shells] == [0, 0], [err for _, err in results]
+    assert not follower.is_alive()
+    got = sorted(int(x) for x in [*from_python, *(line for out in outs for line in out.read_text().splitlines())])
+    assert got == list(range(1, 100001))
+    assert ok("receive", str(job)) == ""
 
 
 # --- every verb and Job method --------------------------------------------------------------------------
@@ -284,6 +351,27 @@ def test_input_env_directory_and_send_input(jobs: psjobs.Session, tmp_path: Path
         jobs.wait_job(asking, timeout=10)
     jobs.send_input(asking, "world")
     assert jobs.receive_job(asking, wait=True) == ["hello world"]
+
+
+def test_jobs_get_the_umask_of_the_process_that_started_them(home: Path, tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "psjobs", "host", "start"], check=True, env=subprocess_env(),
+                   umask=0o022, timeout=60)  # the host's own umask lets others read
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import psjobs
+
+        def make(path):                   # a callable: it runs in a worker of the host
+            open(path, "w").close()
+
+        jobs = psjobs.connect()
+        for job in (jobs.start_job(make, "from-callable"), jobs.start_job("touch from-command")):
+            assert job.wait(30) and job.state is psjobs.JobState.COMPLETED, job.reason
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=subprocess_env(),
+                          cwd=tmp_path, umask=0o077, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("from-*")} == {
+        "from-callable": 0o600, "from-command": 0o600}
 
 
 def test_a_callable_from_the_callers_own_module_and_environment(jobs: psjobs.Session, tmp_path: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import psjobs
 from psjobs import JobState
 from psjobs._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Snapshot, Stream
 from psjobs.host._client import _BOOT, HEADER, MAGIC, MAX_REQUEST, VERSION, Client, Paths, host_free, pack, read_frame
@@ -155,6 +157,21 @@ def test_a_damaged_database_is_named_with_what_to_do_and_that_works(home: Path, 
     subprocess.run(["sh", "-c", advice], check=True, timeout=30)
     assert ok("get") == ""
     assert (home / "damaged" / "jobs.db").stat().st_size > 0
+
+
+def test_the_host_runs_the_psjobs_of_the_command_that_starts_it(tmp_path: Path) -> None:
+    # A checkout's command (another psjobs may be installed in site-packages) starts a host of
+    # that checkout, not of the installed psjobs: the host and the command are one version.
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(psjobs.__file__).parent, checkout / "psjobs", ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / "psjobs" / "_version.py").write_text('__version__ = "0.0.0+checkout"\n')
+    with private_home(tmp_path / "h") as h:
+        env = {**os.environ, "PSJOBS_HOME": str(h), "PYTHONPATH": str(checkout)}
+        for action in ("start", "status"):
+            done = subprocess.run([sys.executable, "-m", "psjobs", "host", action, "--json"], capture_output=True,
+                                  text=True, env=env, cwd=tmp_path, timeout=60)
+            assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["version"] == "0.0.0+checkout"
 
 
 def test_the_stale_socket_of_a_dead_host_is_cleaned_up(home: Path) -> None:
@@ -358,4 +375,5 @@ def test_host_requests_behave_as_records() -> None:
     failure = hp.Failure(id=1, name="Job1", child_id=2, computer_name=None, reason="boom")
     result = hp.ReceiveResult(failures=[failure], timed_out=False, removed=[])
     assert result.to_json() == {"failures": [{"id": 1, "name": "Job1", "child_id": 2, "computer_name": None,
-                                              "reason": "boom"}], "timed_out": False, "removed": []}
+                                              "reason": "boom"}], "timed_out": False, "removed": [],
+                                 "pending": []}

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, NoReturn, cast
 
-from ._cli_output import _iso, _Ordered, _print_jobs, printable
+from ._cli_output import _iso, _Ordered, _print_jobs, json_safe, keep_bytes, printable
 from ._errors import (
     HostError,
     HostReplyError,
@@ -36,7 +36,7 @@ from ._errors import (
 )
 from ._records import Record, Stream
 from .core._pshost import Host
-from .host._client import Client, host_free
+from .host._client import Client, current_umask, host_free
 from .host._delivered import Delivery
 from .host._protocol import (
     GetRequest,
@@ -53,6 +53,7 @@ from .host._protocol import (
     SuspendRequest,
     WaitRequest,
 )
+from .host._words import in_words
 
 EXIT_CODES = {
     0: "success",
@@ -64,8 +65,10 @@ EXIT_CODES = {
     WaitTimeoutError.exit_code: "timeout: wait --timeout ran out; the jobs go on",
 }
 
+# Each verb PowerShell has a cmdlet for (restart, group, host, shell and tour have none).
 ALIASES = {"start": "Start-Job", "get": "Get-Job", "receive": "Receive-Job", "wait": "Wait-Job",
-           "stop": "Stop-Job", "remove": "Remove-Job", "invoke": "Invoke-Command"}
+           "stop": "Stop-Job", "remove": "Remove-Job", "suspend": "Suspend-Job", "resume": "Resume-Job",
+           "invoke": "Invoke-Command"}
 
 
 def cmd_start(client: Client, a: argparse.Namespace) -> int:
@@ -75,7 +78,7 @@ def cmd_start(client: Client, a: argparse.Namespace) -> int:
     after = [x.strip() for x in ",".join(a.after or []).split(",") if x.strip()]
     row = client.call(StartRequest(command=a.command, name=a.name, thread=a.thread, cwd=cwd,
                                    env=None if a.thread else dict(os.environ), group=a.group, after=after,
-                                   delay=a.delay, retries=a.retries))
+                                   delay=a.delay, retries=a.retries, umask=current_umask()))
     return _show_new(row, a)
 
 
@@ -114,6 +117,9 @@ def cmd_get(client: Client, a: argparse.Namespace) -> int:
 
 def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     _selected(a)
+    if not a.json:  # what jobs produce is written as it is, bytes that are not UTF-8 too
+        keep_bytes(sys.stdout)
+        keep_bytes(sys.stderr)
     ordered = _Ordered()
     delivery = Delivery(sys.stdout, track=not a.keep)  # the host consumes what the reader took (_delivered)
     out = ordered.stream(delivery.out)
@@ -134,9 +140,9 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
                     item = {"id": top, "child_id": job, "computer_name": where,
                             "stream": Stream(stream).name.title(), "time": _iso(t)}
                     if stream == Stream.OUTPUT:
-                        item["value"] = value
+                        item["value"] = json_safe(value)
                     else:
-                        item.update(value if is_json else {"message": value})
+                        item.update(json_safe(value if is_json else {"message": value}))
                     out.write(json.dumps(item) + "\n")
                 elif stream == Stream.OUTPUT:
                     prefix = f"[{where}] " if several and where else ""
@@ -166,9 +172,25 @@ def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     if result.get("failures"):
         return JobFailedError.exit_code
     if result.get("timed_out"):
-        raise WaitTimeoutError(f"receive: the jobs did not finish within {a.timeout:g}s; they go on: "
-                               f"receive again later")
+        ids = _ids(result.get("pending") or [])
+        raise WaitTimeoutError(f"receive: timed out{_after(a.timeout)}; {_still_going(result.get('pending') or [])}; "
+                               f"receive the rest with `psjobs receive {ids} --wait`, or stop them with "
+                               f"`psjobs stop {ids}`")
     return 0
+
+
+def _after(timeout: float | None) -> str:
+    return "" if timeout is None else f" after {timeout:g}s"
+
+
+def _ids(rows: list[dict[str, Any]]) -> str:
+    return " ".join(str(r["id"]) for r in rows)
+
+
+def _still_going(rows: list[dict[str, Any]]) -> str:
+    """The jobs a timeout left going, as the messages name them (the first five)."""
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return "still going: " + ", ".join(f"Job {r['id']} {r['name']!r} ({r['state']})" for r in rows[:5]) + more
 
 
 def _acked(responses: Generator[dict[str, Any], int | None, None],
@@ -188,9 +210,8 @@ def cmd_wait(client: Client, a: argparse.Namespace) -> int:
     result = client.call(WaitRequest(ids=a.ids, any=a.any, timeout=a.timeout, names=a.names))
     done, pending = result["done"], result["pending"]
     if not done and pending:
-        names = ", ".join(f"Job {r['id']} {r['name']!r} ({r['state']})" for r in pending[:5])
-        raise WaitTimeoutError(f"wait: timed out after {a.timeout:g}s; still going: {names}; wait again, "
-                               f"or stop them with `psjobs stop {' '.join(str(r['id']) for r in pending)}`")
+        raise WaitTimeoutError(f"wait: timed out{_after(a.timeout)}; {_still_going(pending)}; wait again, "
+                               f"or stop them with `psjobs stop {_ids(pending)}`")
     _print_jobs(done, a.json)
     failed = [r for r in done if r["state"] == "Failed"]
     for r in failed if not a.json else ():
@@ -343,10 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("start", cmd_start, "Start a command as a background job and print its row.",
             "psjobs start -n backup -- rsync -a src/ /mnt/backup/",
             "One argument after `--` is a shell command line (run by /bin/sh -c); several are an argv,\n"
-            "run without a shell. The job gets this shell's environment and directory.")
+            "run without a shell. The job gets this shell's environment, directory and umask.")
     p.add_argument("-n", "--name", help="the job's name (default JobN)")
     p.add_argument("--thread", action="store_true",
-                   help="run it as a ThreadJob in the host's process (its environment is the host's)")
+                   help="run it as a ThreadJob in the host's process (its environment is the host's; "
+                        "its directory and umask are this shell's)")
     p.add_argument("-C", "--directory", metavar="DIR", help="working directory (default: the current one)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
     _add_scheduling(p)
@@ -510,7 +532,7 @@ def _version() -> str:
 def _normalize(argv: list[str]) -> list[str]:
     """Command names and PowerShell aliases in any case: `psjobs get-job` is `psjobs get`."""
     names = {n.lower(): n for n in ALIASES} | {v.lower(): k for k, v in ALIASES.items()}
-    names |= {n: n for n in ("host", "shell", "tour", "group", "restart", "suspend", "resume")}
+    names |= {n: n for n in ("host", "shell", "tour", "group", "restart")}
     for i, arg in enumerate(argv):
         if not arg.startswith("-"):
             canonical = names.get(arg.lower())
@@ -545,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(ns, "command", None) and ns.command[0] == "--":
         ns.command = ns.command[1:]
     try:
-        code: int = ns.func(Client(), ns)
+        code: int = ns.func(Client(words=in_words), ns)  # the host's warnings in the command's words
         return code
     except (PsJobsError, FileNotFoundError, NotADirectoryError) as exc:
         sys.stdout.flush()

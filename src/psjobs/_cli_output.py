@@ -10,6 +10,7 @@ and any text from a job's name or command made safe for the terminal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from datetime import datetime, timezone
@@ -71,6 +72,32 @@ class _Ordered:
                 target.flush()
 
         return cast(TextIO, _Side())
+
+
+def keep_bytes(stream: TextIO) -> None:
+    """Have ``stream`` write lone surrogates as the bytes they stand for: what a command printed
+    that is not UTF-8 arrives so (worker/_procs.text), and is written as it was."""
+    reconfigure = getattr(stream, "reconfigure", None)  # a TextIOWrapper (not a test's StringIO)
+    if reconfigure is not None:
+        with contextlib.suppress(ValueError, OSError):
+            reconfigure(errors="surrogateescape")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` for --json: lone surrogates (bytes a command printed that are not UTF-8) become
+    U+FFFD, since a JSON reader expects Unicode text; everything else as it is."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
 
 
 def _iso(t: float) -> str:

@@ -38,10 +38,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from . import _errors
+from ._cli_output import json_safe
 from ._errors import HostReplyError, JobNotFinishedError, JobStateError
 from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
 from .core._format import JobList
@@ -53,7 +53,7 @@ from .core._session import JobSelector, Session
 from .core._spec import CALL, check_directory, make_env, make_spec
 from .core._state import JobState
 from .core._tree import check_as_job, check_name, check_timeout
-from .host._client import Client, Paths
+from .host._client import Client, Paths, current_umask, expand_home
 from .host._protocol import (
     GetRequest,
     InputRequest,
@@ -185,7 +185,8 @@ class HostSession(Session):
     def __init__(self, *, home: str | os.PathLike[str] | None = None, verbose: bool = False,
                  debug: bool = False, host: Host | None = None) -> None:
         super().__init__(verbose=verbose, debug=debug, host=host)
-        self._client = Client(None if home is None else Paths(Path(home).expanduser().absolute()))
+        self._client = Client(None if home is None else Paths(expand_home(
+            os.fspath(home), "connect(home) is", "pass connect() the directory as an absolute path")))
         self.home = self._client.paths.home
         self._call(StatusRequest())  # starts the host now if none runs, as the command does
 
@@ -283,11 +284,13 @@ class HostSession(Session):
             view = self._call(StartCallRequest(payload=base64.b64encode(payload).decode("ascii"),
                                                command=spec.command, cwd=cwd, env=environ,
                                                sys_path=[os.path.abspath(p) for p in sys.path], name=name,
-                                               python="{}.{}".format(*sys.version_info[:2])))
+                                               python="{}.{}".format(*sys.version_info[:2]),
+                                               umask=current_umask()))
         else:
             command = [target] if isinstance(target, str) and not args else spec.argv
             view = self._call(StartRequest(command=command, cwd=cwd, name=name, env=environ,
-                                           input=None if items is None else [str(i) for i in items]))
+                                           input=None if items is None else [str(i) for i in items],
+                                           umask=current_umask()))
         return self._new(view)
 
     def start_thread_job(self, target: Any, *args: Any, **kwargs: Any) -> Job:
@@ -485,10 +488,12 @@ def _keys(jobs: list[Any]) -> list[str] | None:
 
 def _value(stream: int, t: float, flag: int, data: Any) -> Any:
     """An output value, or a record of another stream, from a stored row (see host/_store.encode):
-    JSON values come back as themselves, anything else as the readable text the host stored."""
+    JSON values come back as themselves, anything else as the readable text the host stored.
+    Bytes a command printed that are not UTF-8 come as U+FFFD, as in a session's own jobs (the
+    host keeps them for `psjobs receive`, which writes them as they were)."""
     if stream == Stream.OUTPUT:
-        return data
-    fields: dict[str, Any] = data if flag and isinstance(data, dict) else {"message": str(data)}
+        return json_safe(data)
+    fields: dict[str, Any] = json_safe(data) if flag and isinstance(data, dict) else {"message": json_safe(str(data))}
     message = str(fields.get("message", ""))
     where = fields.get("computer_name")
     if stream == Stream.ERROR:

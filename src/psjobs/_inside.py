@@ -287,14 +287,16 @@ class StdinReader(io.TextIOBase):
         return self.readline()
 
 
-_original_showwarning = warnings.showwarning
+# Where a warning outside a job goes: whatever showed warnings when the routers were installed (the
+# session host's collector, which sends it to the client of the request), not the one at import.
+_outside_showwarning = warnings.showwarning
 
 
 def _showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: TextIO | None = None, line: str | None = None) -> None:
     e = current()
     if e is None:
-        _original_showwarning(message, category, filename, lineno, file, line)
+        _outside_showwarning(message, category, filename, lineno, file, line)
         return
     e.emit(Stream.WARNING, Record(Stream.WARNING, str(message), time.time(), e.computer_name))
 
@@ -348,7 +350,9 @@ def install_routers(*, whole_process: bool = False) -> None:
         sys.stdout = StreamRouter(sys.stdout, Stream.INFORMATION)
     if not isinstance(sys.stderr, StreamRouter):
         sys.stderr = StreamRouter(sys.stderr, Stream.ERROR)
+    global _outside_showwarning
     if warnings.showwarning is not _showwarning:
+        _outside_showwarning = warnings.showwarning
         warnings.showwarning = _showwarning
     if builtins.input is not _input:
         builtins.input = _input

@@ -259,9 +259,9 @@ class ThreadBackend(Backend):
         feed = b"".join(f"{item}\n".encode() for item in spec.input) if spec.input is not None else None
         proc = subprocess.Popen(spec.argv, stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=spec.cwd,
-                                start_new_session=True)
+                                start_new_session=True, umask=spec.options.get("umask", -1))
         data.proc = proc
-        status = run_command(proc, feed, emitter, self.session.stop_grace)
+        status = run_command(proc, feed, emitter, self.session.stop_grace, spec.options.get("output_errors", "replace"))
         if status != 0:
             raise status_error("the command", status)
         return status

@@ -52,6 +52,9 @@ class Plan:
 _LOCAL = Plan()
 
 
+STUCK_STOP = "the work cannot be interrupted where it is (a long C call?) and ends Stopped when it returns"
+
+
 class Backend(abc.ABC):
     """What every job kind provides. One instance per session and kind, made on first use."""
 
@@ -64,6 +67,9 @@ class Backend(abc.ABC):
     #: seconds stop_job waits past the grace period for work killed at its end to be reaped and
     #: report (a process's exit, its last records), or a stop raised in a thread to land
     stop_slack: ClassVar[float] = 2.0
+    #: why a job of this kind can still run after stop_job's wait (its status message and the
+    #: StopTimeoutWarning say it)
+    stuck_stop: ClassVar[str] = STUCK_STOP
 
     def __init__(self, session: Session) -> None:
         self.session = session

@@ -24,6 +24,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from .._errors import JobStateError, StopTimeoutWarning
+from ._backend import STUCK_STOP
 from ._port import JobPort
 from ._pshost import describe_job
 from ._state import Event, JobState
@@ -145,19 +146,22 @@ def stop_jobs(session: Session, selected: list[Job], grace: float, removing: boo
             for backend, port in to_signal:
                 if not port.finished:
                     backend.nudge(port)  # a stop raised in a thread can be lost (ThreadBackend.nudge)
+        why: dict[int, str] = {}
         for job in pending:
             for leaf in job._leaves():
-                if not leaf._state.is_finished and not leaf.status_message:
-                    leaf.status_message = (f"stop requested {grace:g}s ago; the work cannot be interrupted "
-                                           f"where it is (a long C call?) and ends Stopped when it returns")
+                if not leaf._state.is_finished:
+                    backend, _ = _backend_of(session, leaf)
+                    why.setdefault(job.id, STUCK_STOP if backend is None else backend.stuck_stop)
+                    if not leaf.status_message:
+                        leaf.status_message = f"stop requested {grace:g}s ago; {why[job.id]}"
+            if job._children and not job.status_message:  # the job the user named says it too
+                job.status_message = f"stop requested {grace:g}s ago; {why.get(job.id, STUCK_STOP)}"
     for job in pending:
         if removing:
-            warnings.warn(f"remove_job: {describe_job(job)} did not stop within {grace:g}s; it cannot be "
-                          f"interrupted where it is (a long C call?). It is removed now, and its work "
-                          f"ends when that call returns; what it writes from now on is dropped",
-                          StopTimeoutWarning, stacklevel=4)
+            warnings.warn(f"remove_job: {describe_job(job)} did not stop within {grace:g}s: "
+                          f"{why.get(job.id, STUCK_STOP)}. It is removed now; what it writes from now on "
+                          f"is dropped", StopTimeoutWarning, stacklevel=4)
             continue
-        warnings.warn(f"stop_job: {describe_job(job)} did not stop within {grace:g}s; it cannot be "
-                      f"interrupted where it is and will be Stopped when that call returns. See "
-                      f"job.status_message; remove it later with remove_job({job.id}, force=True)",
-                      StopTimeoutWarning, stacklevel=4)
+        warnings.warn(f"stop_job: {describe_job(job)} did not stop within {grace:g}s: "
+                      f"{why.get(job.id, STUCK_STOP)}. See job.status_message; remove it later with "
+                      f"remove_job({job.id}, force=True)", StopTimeoutWarning, stacklevel=4)

@@ -23,7 +23,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from . import _protocol
 from ._protocol import HEADER, MAGIC, MAX_REQUEST, MAX_RESPONSE, REQUESTS, VERSION, Request, pack
 
 __all__ = ["HEADER", "MAGIC", "MAX_REQUEST", "VERSION", "Client", "HostError", "HostReplyError", "Paths",
-           "RequestError", "answers", "host_free", "pack", "read_frame", "state_dir"]
+           "RequestError", "answers", "current_umask", "expand_home", "host_free", "pack", "read_frame", "state_dir"]
 _SOCKET_MAX = 107            # sun_path holds 108 bytes with the NUL
 # The host runs isolated (`python -I`: no PYTHON* variables, no user site, neither the current
 # directory nor the script's on sys.path) from "/", so a `selectors.py` where the user stands is
@@ -58,10 +58,40 @@ def state_dir() -> Path:
     """$PSJOBS_HOME, else $XDG_STATE_HOME/psjobs, else ~/.local/state/psjobs."""
     home = os.environ.get("PSJOBS_HOME")
     if home:
-        return Path(home).expanduser().absolute()
+        return expand_home(home, "PSJOBS_HOME is", "set PSJOBS_HOME to a directory of your own, as an absolute path")
     xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "psjobs"
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "psjobs"
+    return expand_home("~/.local/state/psjobs", "the state directory is by default",
+                       "set PSJOBS_HOME (or XDG_STATE_HOME) to a directory of your own, as an absolute path")
+
+
+def expand_home(text: str, what: str, fix: str) -> Path:
+    """``text`` with ``~`` or ``~user`` expanded, made absolute. A ``~`` that names nobody raises
+    HostError saying ``what`` ``text`` is and the ``fix`` (pathlib's RuntimeError reached the user
+    as a traceback, even under --json)."""
+    try:
+        return Path(text).expanduser().absolute()
+    except RuntimeError:
+        tilde = text.split("/", 1)[0]
+        why = (f"there is no user {tilde[1:]!r}" if len(tilde) > 1
+               else f"HOME is not set and uid {os.getuid()} has no home directory in the user database")
+        raise HostError(f"{what} {text!r}, and psjobs cannot tell what {tilde!r} stands for: {why}; {fix}") from None
+
+
+def current_umask() -> int:
+    """This process's umask, which a start sends so the job gets it. Read from /proc, not with
+    os.umask's set-and-put-back: for that moment a file another thread creates would get mode 0."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # no /proc (or a kernel before 4.7): the dance, with a strict mask meanwhile
+    os.umask(mask)
+    return mask
 
 
 class Paths:
@@ -214,8 +244,9 @@ def host_free(paths: Paths) -> bool:
 class Client:
     """The command's side: connect (starting the host on first use), send a request, read replies."""
 
-    def __init__(self, paths: Paths | None = None) -> None:
+    def __init__(self, paths: Paths | None = None, words: Callable[[str, str], str] | None = None) -> None:
         self.paths = paths or Paths()
+        self.words = words  # (verb, warning) -> the warning as this face says it; None: as it came
 
     def connect(self, start: bool = True) -> _Socket:
         sock = self._try_connect()
@@ -284,19 +315,19 @@ class Client:
                     sock.sendall(frame)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the host refused the request before reading it all: its reply says why
-                yield from self._responses(sock)
+                yield from self._responses(sock, verb)
             except ConnectionError as exc:  # also a host that died while it had us in its backlog
                 raise HostError(f"the psjobs host closed the connection during `{verb}` (it stopped or "
                                 f"crashed; see {self.paths.log}); run the command again") from exc
 
-    def _responses(self, sock: _socket.socket) -> Generator[dict[str, Any], int | None, None]:
+    def _responses(self, sock: _socket.socket, verb: str) -> Generator[dict[str, Any], int | None, None]:
         while True:
             body = read_frame(sock, MAX_RESPONSE, "the host")
             if body is None:
                 raise ConnectionResetError("end of stream before the last response")
             response = json.loads(body)
             for text in response.get("warnings") or ():
-                print(f"WARNING: {text}", file=sys.stderr)
+                print(f"WARNING: {text if self.words is None else self.words(verb, text)}", file=sys.stderr)
             if not response.get("ok"):
                 err = response.get("error") or {}
                 raise HostReplyError(str(err.get("message", "the host refused the request")),

@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -38,21 +37,17 @@ from .._errors import (
     JobNotFoundError,
     JobStateError,
     MissingDependencyError,
-    RequestError,
     missing_dependency,
 )
 from ..core._job import Job
 from ..core._pshost import reason_text
 from ..core._session import Session
-from ..core._shipped import start_shipped
+from ..core._shipped import start_for_client, start_shipped
 from ..core._spec import check_directory
 from ..core._state import JobState
-from ._client import Paths, read_frame
+from ._client import Paths
 from ._journal import Writer, pid_of
 from ._protocol import (
-    HEADER,
-    MAGIC,
-    MAX_REQUEST,
     VERSION,
     Failure,
     GetRequest,
@@ -62,7 +57,6 @@ from ._protocol import (
     JobView,
     ReceiveRequest,
     ReceiveResult,
-    RecordRow,
     RecordsRequest,
     RecordsResult,
     RemoveRequest,
@@ -80,32 +74,10 @@ from ._protocol import (
     SuspendRequest,
     WaitRequest,
     WaitResult,
-    read_ack,
-    records_part,
 )
-
-PAGE_BYTES = 4 << 20         # a receive sends records in parts of about this size
-
-
-class Reply:
-    """What a handler uses to send parts of a streamed result before its end."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self._conn = conn
-
-    def part(self, frame_json: str) -> None:
-        body = frame_json.encode()
-        self._conn.sendall(HEADER.pack(MAGIC, VERSION, len(body)))  # apart: a part is megabytes,
-        self._conn.sendall(body)                                    # not copied once more
-
-    def ack(self, sent: int) -> int:
-        """Wait for the client's ack of the part just sent: how many of its ``sent`` records it
-        delivered (0 if it went away)."""
-        try:
-            body = read_frame(self._conn, MAX_REQUEST, "the client")
-        except (OSError, RequestError):
-            return 0
-        return read_ack(body, sent)
+from ._receive import Claims, Sender, consume
+from ._receive import Reply as Reply  # the server's, from here
+from ._words import in_words
 
 
 @dataclass
@@ -118,8 +90,7 @@ class Context:
     started: float
     shutdown: Callable[[], list[int]]   # stops the host; returns the running jobs it stopped
     cwds: dict[int, str | None] = field(default_factory=dict)  # where each job's command runs
-    receiving: set[int] = field(default_factory=set)  # leaves an acknowledged receive is reading
-    receiving_lock: threading.Lock = field(default_factory=threading.Lock)
+    claims: Claims = field(default_factory=Claims)  # the leaves a consuming receive reads now
     callback: str | None = None  # PSJOBS_CALLBACK: a shell command run as each job finishes
 
 
@@ -163,24 +134,17 @@ def _selector(text: str) -> int | uuid.UUID | str:
         return text  # a name, wildcards allowed
 
 
-_HINTS = [(re.compile(r"list the session's jobs with get_job\(\)"), "list the jobs with `psjobs get`"),
-          (re.compile(r"\bstop_job\((\d+)\)"), r"`psjobs stop \1`"),
-          (re.compile(r"\bremove_job\((\d+)\)"), r"`psjobs remove \1`"),
-          (re.compile(r"pass force=True"), "pass --force"),
-          (re.compile(r"\brestart_job\((\d+)\)"), r"`psjobs restart \1`")]
+_WORDED = (JobNotFoundError, JobNotFinishedError, JobStateError, ValueError, TypeError)  # said in CLI words
 
 
 def worded(verb: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``call(...)``, its refusals said in the command's words (``psjobs stop 3``, not stop_job(3))."""
     try:
         return call(*args, **kwargs)
-    except (JobNotFoundError, JobNotFinishedError, JobStateError) as exc:
-        if type(exc) not in (JobNotFoundError, JobNotFinishedError, JobStateError):
+    except _WORDED as exc:
+        if type(exc) not in _WORDED:
             raise
-        message = re.sub(r"^\w+: ", f"{verb}: ", str(exc))
-        for pattern, words in _HINTS:
-            message = pattern.sub(words, message)
-        raise type(exc)(message) from None
+        raise type(exc)(in_words(verb, str(exc))) from None
 
 
 def view(ctx: Context, job: Job) -> JobView:
@@ -229,11 +193,10 @@ def start(ctx: Context, req: StartRequest, reply: Reply) -> JobView:
     session = ctx.session
     when = {"group": req.group, "after": find(ctx, req.after, "start") if req.after else None,
             "delay": req.delay, "retries": req.retries}
-    if req.thread:
-        job = worded("start", session.start_thread_job, target, name=req.name, working_directory=cwd, **when)
-    else:
-        job = worded("start", session.start_job, target, name=req.name, working_directory=cwd, input=req.input,
-                     env=None if req.env is None else _env_delta(req.env), **when)
+    # With the client's umask: a file the job makes gets the mode it would get in the client's shell.
+    job = worded("start", start_for_client, session, target, thread=req.thread, umask=req.umask, name=req.name,
+                 working_directory=cwd, input=req.input, env=None if req.env is None else _env_delta(req.env),
+                 **when)
     return _started(ctx, job, cwd)
 
 
@@ -251,7 +214,7 @@ def start_call(ctx: Context, req: StartCallRequest, reply: Reply) -> JobView:
     except binascii.Error as exc:
         raise ValueError(f"start_call: the payload is not base64 ({exc})") from None
     job = start_shipped(ctx.session, payload, command=req.command, name=req.name, cwd=cwd, env=req.env,
-                        sys_path=req.sys_path or None)
+                        sys_path=req.sys_path or None, umask=req.umask)
     return _started(ctx, job, cwd)
 
 
@@ -286,94 +249,34 @@ def receive(ctx: Context, req: ReceiveRequest, reply: Reply) -> ReceiveResult:
     if req.auto_remove and not req.wait:
         raise ValueError("receive: --auto-remove needs --wait (a job is removed once it is finished)")
     selected = find(ctx, req.ids, "receive", req.names)
-    # First, which top-level job and computer each leaf's records belong to (the --json lines'
-    # ids and the [web1] prefixes); a client that does not know "jobs" reads no records from it.
-    tops = {leaf.id: [job.id, leaf.computer_name] for job in selected for leaf in _tree(job) if not leaf.child_jobs}
-    if req.ack and not req.keep:  # the map rides on the first part, which the client acknowledges
-        return _receive_acked(ctx, req, reply, selected, tops)
-    reply.part(json.dumps({"ok": True, "more": True, "result": {"records": [], "jobs": tops}}))
-    rows: list[RecordRow] = []
-    size = 0
-    # A part per batch (at most about PAGE_BYTES): what arrived goes out before the read waits again.
-    for leaf, entries in ctx.session.read_batches(selected, keep=req.keep, wait=req.wait, timeout=req.timeout):
-        for stream, stored, t in entries:
-            rows.append((stored.seq, leaf.id, stream, t, stored.flag, stored.data))
-            size += len(stored.data) + 40
-            if size >= PAGE_BYTES:
-                reply.part(records_part(rows))
-                rows, size = [], 0
-        if rows:
-            reply.part(records_part(rows))
-            rows, size = [], 0
-    ctx.writer.sync()  # the moved cursors are stored before the answer
-    leaves = [leaf for job in selected for leaf in _tree(job) if not leaf.child_jobs]
-    done = all(leaf.state.is_finished for leaf in leaves)
-    removed: list[int] = []
-    if req.auto_remove and done:
-        removed = _remove(ctx, [j for j in selected if j.parent is None], force=False)
-    return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
+    # Each once (`receive 1 2` of a job and its child): a leaf is claimed, and its failure told, once.
+    leaves = list({leaf.id: leaf for job in selected for leaf in _tree(job) if not leaf.child_jobs}.values())
+    # Which top-level job and computer each leaf's records belong to (the --json ids and the
+    # [web1] prefixes); a client that does not know "jobs" reads no records from it.
+    sender = Sender(ctx.session, ctx.writer, reply, {leaf.id: [job.id, leaf.computer_name]
+                                                     for job in selected for leaf in _tree(job) if not leaf.child_jobs})
+    acked = req.ack and not req.keep  # psjobs receive: only what its reader took is consumed
+    if not acked:
+        sender.opening()
+    if req.keep:  # consumes nothing: no need to keep out of another receive's way
+        complete = whole = sender.plain(leaves, keep=True, wait=req.wait, timeout=req.timeout)
+    else:  # each leaf read by one consuming receive at a time, whichever kind (_receive)
+        def send(mine: list[Job], timeout: float | None) -> bool:
+            if acked:
+                return sender.acked(mine, wait=req.wait, timeout=timeout)
+            return sender.plain(mine, keep=False, wait=req.wait, timeout=timeout)
 
-
-def _receive_acked(ctx: Context, req: ReceiveRequest, reply: Reply, selected: list[Job],
-                   tops: dict[int, list[Any]]) -> ReceiveResult:
-    """A receive that consumes only what its client says it delivered: the records are read
-    without moving the cursors, and each part's ack moves them past the delivered records only.
-    A leaf another acknowledged receive is reading is left to it (each record goes to one)."""
-    leaves = [leaf for job in selected for leaf in _tree(job) if not leaf.child_jobs]
-    with ctx.receiving_lock:
-        mine = [leaf for leaf in leaves if leaf.id not in ctx.receiving]
-        ctx.receiving.update(leaf.id for leaf in mine)
-    complete = True
-    try:
-        if mine:
-            complete = _send_acked(ctx, req, reply, mine, tops)
-    finally:
-        with ctx.receiving_lock:
-            ctx.receiving.difference_update(leaf.id for leaf in mine)
+        complete, whole = consume(ctx.claims, leaves, wait=req.wait, timeout=req.timeout, reply=reply, send=send)
     ctx.writer.sync()  # the moved cursors are stored before the answer
     done = all(leaf.state.is_finished for leaf in leaves)
     removed: list[int] = []
-    if req.auto_remove and done and complete:
+    if req.auto_remove and done and complete and whole:
         removed = _remove(ctx, [j for j in selected if j.parent is None], force=False)
-    return ReceiveResult(failures=_failures(leaves), timed_out=req.wait and not done, removed=removed)
-
-
-def _send_acked(ctx: Context, req: ReceiveRequest, reply: Reply, leaves: list[Job],
-                tops: dict[int, list[Any]] | None = None) -> bool:
-    """Send the leaves' unread records in parts; False if the client delivered only some."""
-    journals = {leaf.id: ctx.writer.journals.get(leaf.id) for leaf in leaves}
-    position = {i: 0 if j is None else j.cursor for i, j in journals.items()}  # next unsent record
-    rows: list[RecordRow] = []
-    at: list[int] = []  # per row: the position after it (its job's cursor once it is delivered)
-    size = 0
-
-    def flush() -> bool:
-        nonlocal rows, at, size, tops
-        reply.part(records_part(rows, tops))
-        tops = None  # once, on the first part
-        delivered = reply.ack(len(rows))
-        moved: dict[int, tuple[int, int]] = {}
-        for row, end in zip(rows[:delivered], at):
-            moved[row[1]] = (end, row[0])
-        for job_id, (end, seq) in moved.items():
-            journal = journals[job_id]
-            if journal is not None and end > journal.cursor:
-                journal.receive_to(end, seq)
-        complete = delivered == len(rows)
-        rows, at, size = [], [], 0
-        return complete
-
-    for leaf, entries in ctx.session.read_batches(leaves, keep=True, wait=req.wait, timeout=req.timeout):
-        for stream, stored, t in entries:
-            rows.append((stored.seq, leaf.id, stream, t, stored.flag, stored.data))
-            position[leaf.id] += 1
-            at.append(position[leaf.id])
-            size += len(stored.data) + 40
-            if size >= PAGE_BYTES and not flush():
-                return False
-        if rows and req.wait and not flush():  # what arrived goes out before the read waits again
-            return False
-    return not rows or flush()  # without --wait, many jobs' records share parts
+    # A --wait ends when every job is finished or Suspended (as Receive-Job -Wait): it timed out
+    # only if one still runs, and the command names those.
+    going = [j for j in selected if not j.state.is_persistent] if req.wait else []
+    return ReceiveResult(failures=_failures(leaves), timed_out=bool(going), removed=removed,
+                         pending=[view(ctx, j) for j in going])
 
 
 def _failures(leaves: list[Job]) -> list[Failure]:
@@ -499,11 +402,12 @@ def group(ctx: Context, req: GroupRequest, reply: Reply) -> dict[str, Any]:
         if req.action == "set" and not session.get_group(req.name):
             raise ValueError(f"group set: there is no group {req.name!r}; make it with `psjobs group add {req.name}`")
         assert req.name is not None
-        session.configure_group(req.name, req.parallel if req.parallel is not None else 1)
+        parallel = req.parallel if req.parallel is not None else 1
+        worded(f"group {req.action}", session.configure_group, req.name, parallel)
     elif req.action == "pause":
-        session.pause_group(str(req.name))
+        worded("group pause", session.pause_group, str(req.name))
     elif req.action == "resume":
-        session.resume_group(str(req.name))
+        worded("group resume", session.resume_group, str(req.name))
     return {"groups": session.get_group(None if req.action == "list" else req.name)}
 
 

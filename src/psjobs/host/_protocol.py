@@ -154,6 +154,7 @@ class StartRequest(Request):
     after: list[str] = _field(default_factory=list)
     delay: float | None = None
     retries: int = 0
+    umask: int | None = None              # the client's: the job's process gets it (None: the host's)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StartRequest:
@@ -165,7 +166,15 @@ class StartRequest(Request):
                    name=_arg(args, v, "name", str, None), thread=_arg(args, v, "thread", bool, False), env=env,
                    input=None if args.get("input") is None else _strs(args, v, "input"),
                    group=_arg(args, v, "group", str, None), after=_strs(args, v, "after", []),
-                   delay=_arg(args, v, "delay", (int, float), None), retries=_arg(args, v, "retries", int, 0))
+                   delay=_arg(args, v, "delay", (int, float), None), retries=_arg(args, v, "retries", int, 0),
+                   umask=_umask(args, v))
+
+
+def _umask(args: dict[str, Any], verb: str) -> int | None:
+    value = _arg(args, verb, "umask", int, None)
+    if value is not None and not 0 <= value <= 0o777:
+        raise ProtocolError(f"{verb}: a umask is 0 to 0o777, not {value:#o}")
+    return value  # type: ignore[no-any-return]
 
 
 @_record
@@ -330,6 +339,7 @@ class StartCallRequest(Request):
     sys_path: list[str] = _field(default_factory=list)
     name: str | None = None
     python: str = ""         # the client's "major.minor": pickled code runs only on the same one
+    umask: int | None = None  # the client's: the worker sets it before the call (None: the host's)
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StartCallRequest:
@@ -339,7 +349,8 @@ class StartCallRequest(Request):
             raise ProtocolError("start_call: env must map names to strings")
         return cls(payload=_arg(args, v, "payload", str), command=_arg(args, v, "command", str),
                    cwd=_arg(args, v, "cwd", str), env=env, sys_path=_strs(args, v, "sys_path", []),
-                   name=_arg(args, v, "name", str, None), python=_arg(args, v, "python", str, ""))
+                   name=_arg(args, v, "name", str, None), python=_arg(args, v, "python", str, ""),
+                   umask=_umask(args, v))
 
 
 @_record
@@ -507,6 +518,7 @@ class ReceiveResult(Response):
     failures: list[Failure]
     timed_out: bool
     removed: list[int]
+    pending: list[JobView] = _field(default_factory=list)  # with timed_out: the jobs still going
 
 
 @_record

@@ -9,7 +9,7 @@
         counts it a spare until it exits (the session knows the job by the pid)
     no spare left: session --ctl: ("fork", token) + the same descriptors--> server --fork--> worker
     server --ctl: ("forked", token, pid) / ("exited", token or None, pid, wait status)--> session
-    command job: session --ctl: ("command", token, argv, cwd, env) + reply pipe, fd 0/1/2--> server
+    command job: session --ctl: ("command", token, argv, cwd, env, umask) + reply pipe, fd 0/1/2--> server
         --posix_spawn (_spawn), own session and cgroup--> the command;  server --reply pipe: pid or error--> session
     session closes ctl (or dies) --> server kills every job's processes (cgroup.kill on its directory,
         and every worker group it still has), then exits
@@ -298,16 +298,21 @@ class _Server:
         the job's cgroup for the spawn, and the command is born there (cgroup v2 has no other way
         before exec short of clone3's CLONE_INTO_CGROUP: glibc >= 2.41's posix_spawn, not here).
         """
-        token, argv, cwd, env = request
+        token, argv, cwd, env, umask = request
         reply, stdio = fds[0], fds[1:]
         cgroup = None if self.cgroup is None else os.path.join(self.cgroup, f"cmd-{token}")
         answer: tuple[Any, ...]
         try:
             if cgroup is not None:
                 join_cgroup(cgroup)
+            # The command inherits the umask at the spawn; set and put back around it, as the
+            # directory is (this server has one thread).
+            mask = os.umask(umask) if umask is not None else None
             try:
                 pid, proc = spawn(argv, stdio[2] if len(stdio) > 2 else self.devnull(), stdio[0], stdio[1], cwd, env)
             finally:
+                if mask is not None:
+                    os.umask(mask)
                 if cgroup is not None:
                     leave_cgroup(self.home)
         except Exception as exc:

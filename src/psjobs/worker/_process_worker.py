@@ -289,7 +289,9 @@ def _flush_last() -> None:
 
 
 def _settle(job: JobMsg) -> None:
-    """Put the worker where the caller was: directory, environment, import path."""
+    """Put the worker where the caller was: directory, environment, import path, umask."""
+    if job.umask is not None:
+        os.umask(job.umask)
     if job.cwd:
         os.chdir(job.cwd)
     env = job.env

@@ -22,9 +22,11 @@ import subprocess
 from typing import Any
 
 
-def text(raw: bytes) -> str:
-    """One line of a program's output as text: UTF-8 (bad bytes replaced), without a final CR."""
-    line = raw.decode("utf-8", "replace")
+def text(raw: bytes, errors: str = "replace") -> str:
+    """One line of a program's output as text: UTF-8 (bad bytes replaced by U+FFFD, or with
+    ``errors="surrogateescape"`` kept as lone surrogates a face can write back as the very bytes),
+    without a final CR."""
+    line = raw.decode("utf-8", errors)
     return line[:-1] if line.endswith("\r") else line
 
 
@@ -44,11 +46,12 @@ class Lines:
     64 KiB chunks and splitting them measured ~16 M lines/s, iterating a text pipe ~10 M/s.
     """
 
-    __slots__ = ("parts", "size")
+    __slots__ = ("errors", "parts", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, errors: str = "replace") -> None:
         self.parts: list[bytes] = []  # the line not ended yet, as it came (joined once, when used)
         self.size = 0
+        self.errors = errors          # what becomes of bytes that are not UTF-8 (see text)
 
     def feed(self, data: bytes) -> list[str]:
         *whole, last = data.split(b"\n")
@@ -60,13 +63,13 @@ class Lines:
                 self.parts, self.size = [], 0
             for raw in whole:
                 if len(raw) > MAX_LINE:
-                    raw = _split_long(raw, out)
-                out.append(text(raw))
+                    raw = _split_long(raw, out, self.errors)
+                out.append(text(raw, self.errors))
         if last:
             self.parts.append(last)
             self.size += len(last)
             if self.size > MAX_LINE:  # a long line still open: give its full records now
-                rest = _split_long(b"".join(self.parts), out)
+                rest = _split_long(b"".join(self.parts), out, self.errors)
                 self.parts, self.size = [rest], len(rest)
         return out
 
@@ -76,11 +79,11 @@ class Lines:
         if not raw:
             return []
         out: list[str] = []
-        out.append(text(_split_long(raw, out)))
+        out.append(text(_split_long(raw, out, self.errors), self.errors))
         return out
 
 
-def _split_long(raw: bytes, out: list[str]) -> bytes:
+def _split_long(raw: bytes, out: list[str], errors: str = "replace") -> bytes:
     """Append to ``out`` the records of ``raw`` but its last, and return that last one (at most
     MAX_LINE bytes, never empty). Cuts fall between UTF-8 characters (a continuation byte is
     0b10xxxxxx), so no character is broken in two; a piece's ``\\r`` is kept, as it is no line end."""
@@ -91,7 +94,7 @@ def _split_long(raw: bytes, out: list[str]) -> bytes:
         while back > end - 3 and raw[back] & 0xC0 == 0x80:
             back -= 1
         end = back if raw[back] & 0xC0 != 0x80 else end
-        out.append(raw[start:end].decode("utf-8", "replace"))
+        out.append(raw[start:end].decode("utf-8", errors))
         start = end
     return raw[start:] if start else raw
 
@@ -197,12 +200,14 @@ def kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 # --- a command run in the calling thread (thread jobs, Dask tasks) ------------------------------
 
-def run_command(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any, grace: float) -> int:
-    """Run a started command in this thread: its lines to the job, its group killed on a stop."""
+def run_command(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any, grace: float,
+                errors: str = "replace") -> int:
+    """Run a started command in this thread: its lines to the job (``errors``: see text), its
+    group killed on a stop."""
     from .._errors import JobStopped
 
     try:
-        _pump(proc, feed, emitter)
+        _pump(proc, feed, emitter, errors)
         return proc.wait()
     except JobStopped:
         kill_group(proc, grace)
@@ -213,7 +218,7 @@ def run_command(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any,
                 pipe.close()
 
 
-def _pump(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any) -> None:
+def _pump(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any, errors: str) -> None:
     """Stream a command's stdout lines to output and stderr lines to errors, feeding its stdin."""
     from .._inside import emit_line
     from .._records import Stream
@@ -229,7 +234,8 @@ def _pump(proc: subprocess.Popen[bytes], feed: bytes | None, emitter: Any) -> No
 
     sel = selectors.DefaultSelector()
     assert proc.stdout is not None and proc.stderr is not None
-    readers = {proc.stdout.fileno(): (Stream.OUTPUT, Lines()), proc.stderr.fileno(): (Stream.ERROR, Lines())}
+    readers = {proc.stdout.fileno(): (Stream.OUTPUT, Lines(errors)),
+               proc.stderr.fileno(): (Stream.ERROR, Lines(errors))}
     for fd in readers:
         sel.register(fd, selectors.EVENT_READ)
     view = memoryview(feed) if feed else None

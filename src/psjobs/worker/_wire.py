@@ -162,10 +162,11 @@ class JobMsg(_Message):
     cwd: str | None = None
     env: dict[str, str] | None = None
     sys_path: list[str] | None = None
+    umask: int | None = None   # the starting client's (the session host's jobs), else leave as it is
 
     def encode(self) -> bytes:
-        return pickle.dumps({"cwd": self.cwd, "env": self.env, "sys_path": self.sys_path, "call": self.call},
-                            protocol=5)
+        return pickle.dumps({"cwd": self.cwd, "env": self.env, "sys_path": self.sys_path, "call": self.call,
+                             "umask": self.umask}, protocol=5)
 
     @classmethod
     @_checked
@@ -173,7 +174,8 @@ class JobMsg(_Message):
         meta: dict[str, Any] = pickle.loads(payload)
         return cls(_typed(meta["call"], bytes, "its call"), _typed(meta.get("cwd"), (str, type(None)), "its cwd"),
                    _typed(meta.get("env"), (dict, type(None)), "its env"),
-                   _typed(meta.get("sys_path"), (list, type(None)), "its sys_path"))
+                   _typed(meta.get("sys_path"), (list, type(None)), "its sys_path"),
+                   _typed(meta.get("umask"), (int, type(None)), "its umask"))
 
 
 def pickle_call(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], init: Any, items: Any) -> bytes:

@@ -62,6 +62,9 @@ class ProcessBackend(Backend):
     # A callable's job is NotStarted until its worker exists, yet its JOB frame is on the way: a
     # stop then must withdraw it (CallHandle.withdraw), or the worker would run it unseen.
     stops_unstarted = True
+    # Its processes are killed at the end of the grace period; what can outlast that holds a pipe.
+    stuck_stop = ("a process it started left its process group (setsid, a daemon) and still holds its output "
+                  "open, or cannot be killed (an uninterruptible wait); it ends Stopped once that process ends")
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
@@ -141,7 +144,8 @@ class ProcessBackend(Backend):
             return  # stopped by another thread between its registration and now: it never runs
         assert spec.payload is not None  # prepare() pickled it
         path = spec.options.get("sys_path") or sys.path  # a connected client's (core/_shipped), else ours
-        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(path)).frame()
+        job_frame = JobMsg(spec.payload, spec.cwd, self._job_environ(spec), list(path),
+                           spec.options.get("umask")).frame()  # a host client's umask (core/_shipped)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
@@ -295,7 +299,7 @@ class ProcessBackend(Backend):
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if feed is not None else (-1, None)
         theirs = [out_w, err_w] + ([in_r] if in_r >= 0 else [])
-        handle = CommandHandle(self, port, out_r, err_r, in_w, feed)
+        handle = CommandHandle(self, port, out_r, err_r, in_w, feed, spec.options.get("output_errors", "replace"))
         try:
             self._run_command(handle, spec, theirs)
         except (OSError, WorkerError) as exc:
@@ -316,7 +320,7 @@ class ProcessBackend(Backend):
         if server is None:
             proc = subprocess.Popen(spec.argv, stdin=theirs[2] if len(theirs) > 2 else subprocess.DEVNULL,
                                     stdout=theirs[0], stderr=theirs[1], cwd=spec.cwd, env=spec.env,
-                                    start_new_session=True)
+                                    start_new_session=True, umask=spec.options.get("umask", -1))
             handle.on_started(proc.pid, None, proc)
             if not handle.port.started(pid=proc.pid):
                 handle.kill(signal.SIGKILL)  # stopped while Popen ran: the job is over, its process too
@@ -330,7 +334,7 @@ class ProcessBackend(Backend):
             with self.loop.sel.mutex:
                 self.server_commands[token] = handle
                 try:
-                    pid = server.command(token, list(spec.argv), spec.cwd, env, theirs)
+                    pid = server.command(token, list(spec.argv), spec.cwd, env, theirs, spec.options.get("umask"))
                 except ServerGone as exc:
                     self.server_commands.pop(token, None)
                     server.alive = False

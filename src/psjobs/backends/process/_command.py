@@ -39,10 +39,10 @@ class CommandHandle(Handle):
     """A command line or argv run in a session (and, where it can, a cgroup) of its own."""
 
     def __init__(self, backend: ProcessBackend, port: JobPort, out_r: int, err_r: int, stdin_w: int | None,
-                 feed: bytes | None) -> None:
+                 feed: bytes | None, errors: str = "replace") -> None:
         super().__init__(backend, port)
         self.fds = {out_r: Stream.OUTPUT, err_r: Stream.ERROR}
-        self.lines = {fd: Lines() for fd in self.fds}
+        self.lines = {fd: Lines(errors) for fd in self.fds}  # errors: see worker/_procs.text
         self.stdin = stdin_w if stdin_w is not None else -1
         self.feed = memoryview(feed) if feed else None
         self.proc: subprocess.Popen[bytes] | None = None  # started straight from the session

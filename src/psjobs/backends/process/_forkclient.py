@@ -144,15 +144,16 @@ class ForkClient:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
 
     def command(self, token: int, argv: list[str], cwd: str | None, env: dict[str, str] | None,
-                stdio: list[int]) -> int:
-        """Have the server start a command (fd 1, fd 2 and maybe fd 0 in ``stdio``); its pid.
+                stdio: list[int], umask: int | None = None) -> int:
+        """Have the server start a command (fd 1, fd 2 and maybe fd 0 in ``stdio``; ``umask``:
+        None for the server's); its pid.
 
         Raises what exec raised (FileNotFoundError...), or ServerGone.
         """
         reply_r, reply_w = os.pipe()
         try:
             try:
-                socket.send_fds(self.sock, [pickle.dumps(("command", token, argv, cwd, env))], [reply_w, *stdio])
+                socket.send_fds(self.sock, [pickle.dumps(("command", token, argv, cwd, env, umask))], [reply_w, *stdio])
             except OSError as exc:
                 raise ServerGone(f"the fork server is gone: {exc}") from exc
             finally:
