@@ -198,6 +198,19 @@ def test_receive_writes_what_a_command_printed_byte_for_byte(home: Path) -> None
         assert [str(e) for e in jobs.get_job(job)[0].error] == ["e\ufffdr"]
 
 
+def test_names_that_are_not_utf8_are_listed_not_a_traceback(home: Path) -> None:
+    # A name from a shell argument that is not UTF-8 ("\udcff": the byte \377) is written as that
+    # byte; one no byte stands for ("\ud800", only connect() can give it) as its escape.
+    with psjobs.connect() as jobs:
+        for name in ("\udcff", "\ud800"):
+            assert jobs.start_job("true", name=name).wait(30)
+    for verb in (["get"], ["wait", "*"]):
+        shown = subprocess.run([sys.executable, "-m", "psjobs", *verb], capture_output=True,
+                               env=subprocess_env(), timeout=60)
+        assert shown.returncode == 0 and shown.stderr == b"", shown.stderr
+        assert b" \xff " in shown.stdout and b" \\ud800 " in shown.stdout
+
+
 def test_argv_commands_run_without_a_shell(home: Path) -> None:
     job = start("--", "echo", "$HOME", "a;b")
     assert ok("receive", str(job), "--wait") == "$HOME a;b\n"

@@ -117,9 +117,6 @@ def cmd_get(client: Client, a: argparse.Namespace) -> int:
 
 def cmd_receive(client: Client, a: argparse.Namespace) -> int:
     _selected(a)
-    if not a.json:  # what jobs produce is written as it is, bytes that are not UTF-8 too
-        keep_bytes(sys.stdout)
-        keep_bytes(sys.stderr)
     ordered = _Ordered()
     delivery = Delivery(sys.stdout, track=not a.keep)  # the host consumes what the reader took (_delivered)
     out = ordered.stream(delivery.out)
@@ -566,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return UsageError.exit_code
     if getattr(ns, "command", None) and ns.command[0] == "--":
         ns.command = ns.command[1:]
+    keep_bytes(sys.stdout)  # a job's name, command or output that is not UTF-8: written as it came
+    keep_bytes(sys.stderr)
     try:
         code: int = ns.func(Client(words=in_words), ns)  # the host's warnings in the command's words
         return code

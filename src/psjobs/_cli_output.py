@@ -10,6 +10,7 @@ and any text from a job's name or command made safe for the terminal.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import re
@@ -76,11 +77,28 @@ class _Ordered:
 
 def keep_bytes(stream: TextIO) -> None:
     """Have ``stream`` write lone surrogates as the bytes they stand for: what a command printed
-    that is not UTF-8 arrives so (worker/_procs.text), and is written as it was."""
+    that is not UTF-8 arrives so (worker/_procs.text), and is written as it was; one that stands
+    for no byte (a name given as "\\ud800" through connect()) as its escape, never a traceback."""
     reconfigure = getattr(stream, "reconfigure", None)  # a TextIOWrapper (not a test's StringIO)
     if reconfigure is not None:
         with contextlib.suppress(ValueError, OSError):
-            reconfigure(errors="surrogateescape")
+            reconfigure(errors=_AS_BYTES)
+
+
+def _as_bytes(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """An encoding error handler: surrogateescape's U+DC80-U+DCFF as the byte each stands for,
+    any other lone surrogate as backslashreplace writes it."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    out = bytearray()
+    for char in exc.object[exc.start:exc.end]:
+        code = ord(char)
+        out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}".encode()
+    return bytes(out), exc.end
+
+
+_AS_BYTES = "psjobs.as_bytes"
+codecs.register_error(_AS_BYTES, _as_bytes)
 
 
 def json_safe(value: Any) -> Any:
