@@ -257,6 +257,30 @@ def test_a_callable_runs_on_a_worker(session: psjobs.Session, cluster: Any) -> N
         assert again.wait(30) and again.receive() == [64]
 
 
+def test_scheduling_options_hold_a_cluster_job_as_any_other(session: psjobs.Session, cluster: Any) -> None:
+    """docs/guide.md: every kind takes group=, after= and delay= (start_job(cluster=) dropped them,
+    so a cluster job ran at once, even after a dependency that failed)."""
+    gate = threading.Event()
+    first = session.start_thread_job(gate.wait, 30)
+    after_it = session.start_job(square, 3, cluster=cluster, after=first)
+    later = session.start_cluster_job(square, for_each=[4], cluster=cluster, delay=0.3)
+    assert after_it.state is JobState.NOT_STARTED and later.state is JobState.NOT_STARTED
+    assert "waiting for" in after_it.status_message and not after_it.wait(0.2)
+    gate.set()
+    assert session.wait_job([after_it, later], timeout=60) == [after_it, later]
+    assert after_it.receive() == [9] and later.receive() == [16]
+    assert after_it.child_jobs[0].begin_time >= first.end_time  # type: ignore[operator]
+    failed = session.start_thread_job(boom)
+    assert failed.wait(30)
+    never = session.start_job(square, 5, cluster=cluster, after=failed)
+    assert never.wait(30) and never.state is JobState.FAILED and never.receive() == []
+    assert all("did not run: it runs after" in str(c.reason) for c in never.child_jobs)
+    with pytest.raises(ValueError, match="group"):
+        session.start_job(square, 1, cluster=cluster, group="no-such-group")
+    with pytest.raises(ValueError, match="delay"):
+        session.start_cluster_job(square, for_each=[1], cluster=cluster, delay=float("nan"))
+
+
 def asks() -> str:
     return psjobs.read_host("Name? ")
 

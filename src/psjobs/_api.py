@@ -50,7 +50,8 @@ def start_job(target: Any, *args: Any, name: str | None = None, input: Iterable[
     ``$1, $2...``) or an argv list. Example: ``job = psjobs.start_job("ls -l /tmp")``.
     With ``cluster=`` (a dask Client, cluster or scheduler address) it runs on a Dask cluster
     as a ClusterJob (see start_cluster_job). ``group``, ``after``, ``delay``, ``retries``: when it
-    runs, and how often it is run again after a failure (see configure_group and docs/guide.md).
+    runs, and how often it is run again after a failure (see configure_group and docs/guide.md; a
+    ClusterJob's ``retries`` are Dask's, after a lost worker: docs/dask.md).
     """
     return default_session().start_job(target, *args, name=name, input=input, init=init,
                                        working_directory=working_directory, env=env, cluster=cluster,
@@ -62,7 +63,8 @@ def start_cluster_job(target: Any, *args: Any, cluster: Any, for_each: Iterable[
                       init: Callable[[], Any] | None = None,
                       working_directory: str | os.PathLike[str] | None = None,
                       env: Mapping[str, str | None] | None = None, retries: int = 0,
-                      resources: Mapping[str, float] | None = None, **kwargs: Any) -> Job:
+                      resources: Mapping[str, float] | None = None, group: str | None = None,
+                      after: Any = None, delay: Any = None, **kwargs: Any) -> Job:
     """Run ``target`` as Dask tasks on ``cluster`` and return its ClusterJob at once.
 
     ``for_each=items`` makes one child job per item, each running ``target(item, *args, **kwargs)``
@@ -71,7 +73,8 @@ def start_cluster_job(target: Any, *args: Any, cluster: Any, for_each: Iterable[
     """
     return default_session().start_cluster_job(target, *args, cluster=cluster, for_each=for_each, name=name,
                                                input=input, init=init, working_directory=working_directory,
-                                               env=env, retries=retries, resources=resources, **kwargs)
+                                               env=env, retries=retries, resources=resources, group=group,
+                                               after=after, delay=delay, **kwargs)
 
 
 def start_thread_job(target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,

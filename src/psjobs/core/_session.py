@@ -149,7 +149,8 @@ class Session(SchedulingVerbs):
         """
         if cluster is not None:
             return self.start_cluster_job(target, *args, cluster=cluster, name=name, input=input, init=init,
-                                          working_directory=working_directory, env=env, retries=retries, **kwargs)
+                                          working_directory=working_directory, env=env, retries=retries,
+                                          group=group, after=after, delay=delay, **kwargs)
         check_name("start_job", name)
         when = make_when(self, "start_job", group, after, delay, retries)
         spec = make_spec(target, args, kwargs, init=init, input=input, verb="start_job")
@@ -164,21 +165,24 @@ class Session(SchedulingVerbs):
                           init: Callable[[], Any] | None = None,
                           working_directory: str | os.PathLike[str] | None = None,
                           env: Mapping[str, str | None] | None = None, retries: int = 0,
-                          resources: Mapping[str, float] | None = None, **kwargs: Any) -> Job:
+                          resources: Mapping[str, float] | None = None, group: str | None = None,
+                          after: Any = None, delay: Any = None, **kwargs: Any) -> Job:
         """Run ``target`` as Dask tasks on ``cluster``; return its ClusterJob at once (docs/dask.md).
 
         One child job runs the call; with ``for_each=items``, one child per item runs
-        ``target(item, *args, **kwargs)``.
+        ``target(item, *args, **kwargs)``. ``group``, ``after``, ``delay`` as for every kind;
+        ``retries``: Dask runs a task again after a lost worker (a failure is not retried).
         """
         verb = "start_cluster_job"
         check_name(verb, name)
+        when = make_when(self, verb, group, after, delay, 0)  # retries are Dask's: after a lost worker
         # The arguments travel beside the target (a command's are checked by the backend, against
         # the workers' conventions), so the job's command text is the target's alone.
         spec = make_spec(target, (), kwargs, init=init, input=input, verb=verb)
         spec.options = {"verb": verb, "args": args, "cluster": cluster, "for_each": for_each, "input": input,
                         "working_directory": working_directory, "env": env, "retries": retries,
                         "resources": resources}
-        return self._start_tree("dask", spec, job_type="ClusterJob", name=name)
+        return self._start_tree("dask", spec, job_type="ClusterJob", name=name, when=when)
 
     def start_thread_job(self, target: Any, *args: Any, name: str | None = None,
                          input: Iterable[Any] | None = None, init: Callable[[], Any] | None = None,
