@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import threading
+import unicodedata
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -150,8 +151,9 @@ def _paths(what: str, value: Any) -> tuple[str, ...] | None:
 # --- the verb --------------------------------------------------------------------------------
 
 # user@host, host:port, [v6]:port; an alias from ~/.ssh/config. No spaces, no leading '-', and no
-# "user:password@": a secret in a computer name would show in every record and message.
-_COMPUTER = re.compile(r"^(?:[^@\s:]+@)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^@\s:\[\]]+)(?::\d{1,5})?$")
+# "user:password@": a secret in a computer name would show in every record and message. The port
+# is ASCII digits ([0-9], not \d: ssh -p reads no other digits), its range checked apart.
+_COMPUTER = re.compile(r"^(?:[^@\s:]+@)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^@\s:\[\]]+)(?::(?P<port>[0-9]{1,5}))?$")
 
 
 def check_computers(value: Any) -> list[str]:
@@ -169,9 +171,19 @@ def check_computers(value: Any) -> list[str]:
         if not isinstance(name, str):
             raise TypeError(f"invoke_command: computer names must be str, "
                             f"not {type(name).__name__} ({name!r})")
-        if not name or name.startswith("-") or not _COMPUTER.match(name):
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            # A NUL reached the child before (ssh -G: "embedded null byte"); a newline would split
+            # a config line or a record: a control character names no computer.
+            raise ValueError(f"invoke_command: {name!r} holds a control character; a computer name is "
+                             f"printable text: host, user@host or host:port")
+        match = _COMPUTER.match(name)
+        if not name or name.startswith("-") or match is None:
             raise ValueError(f"invoke_command: {name!r} is not a computer name; use host, user@host or "
                              f"host:port (an alias of ~/.ssh/config works too)")
+        port = match.group("port")
+        if port is not None and not 0 < int(port) < 65536:
+            raise ValueError(f"invoke_command: {name!r} names port {int(port)}, which does not exist; a port "
+                             f"is a number from 1 to 65535 (or leave it out: the config's Port, else 22)")
     return names
 
 
