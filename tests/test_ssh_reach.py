@@ -6,7 +6,9 @@ psjobs where the point is to behave as OpenSSH does."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -54,3 +56,13 @@ def test_names_at_the_edges_are_accepted(name: str) -> None:
     from psjobs.backends.ssh._backend import check_computers
 
     assert check_computers([name]) == [name]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 0, -1])
+def test_connect_timeout_must_be_finite_seconds(session: psjobs.Session, value: Any) -> None:
+    before = psjobs.configure_ssh(session)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        psjobs.configure_ssh(session, connect_timeout=value)
+    assert psjobs.configure_ssh(session) == before  # nothing changed
+    assert psjobs.configure_ssh(session, connect_timeout=2.5).connect_timeout == 2.5
+    assert psjobs.configure_ssh(session, connect_timeout=None).connect_timeout is None

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shlex
@@ -86,7 +87,7 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
     of paths (``config=[]``: no OpenSSH config file at all). ``accept_new_host_keys=True``
     accepts, and records in the known_hosts file, the key of a computer that has no entry yet
     (OpenSSH's ``StrictHostKeyChecking accept-new``) unless the config is stricter for that computer;
-    a key that differs from its entry is refused. ``connect_timeout``: seconds (``None``: the
+    a key that differs from its entry is refused. ``connect_timeout``: seconds, finite and > 0 (``None``: the
     config's ``ConnectTimeout``, else 15). ``python``: the remote interpreter for callables, a command line such as
     ``"/opt/py/bin/python3 -S"``. Example::
 
@@ -123,10 +124,14 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
             raise ValueError(f"configure_ssh: python={python!r} is not a command line: {exc}") from None
         changes["python"] = python
     if connect_timeout is not _UNSET:
-        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \
-                or connect_timeout <= 0:
-            raise ValueError(f"configure_ssh: connect_timeout must be seconds > 0, not {connect_timeout!r}")
-        changes["connect_timeout"] = float(connect_timeout)
+        # nan passed "<= 0" and every job then failed "did not answer within nans"; inf would make
+        # a frozen computer's child wait forever (None already means the config's ConnectTimeout).
+        if connect_timeout is not None and (isinstance(connect_timeout, bool)
+                                            or not isinstance(connect_timeout, (int, float))
+                                            or not math.isfinite(connect_timeout) or connect_timeout <= 0):
+            raise ValueError(f"configure_ssh: connect_timeout must be a finite number of seconds > 0 "
+                             f"(or None: the config's ConnectTimeout, else 15), not {connect_timeout!r}")
+        changes["connect_timeout"] = None if connect_timeout is None else float(connect_timeout)
     options = dataclasses.replace(ssh_options(session), **changes)
     _options[session] = options
     return options
