@@ -29,6 +29,7 @@ from ..._errors import HostKeyError, RemoteConnectionError
 from ._backend import SSHOptions, ssh_options
 from ._config import Resolved, proxy_argv, resolve
 from ._known_hosts import HostKeyCheck, Verdict, record
+from ._login import parse_computer, ssh_command
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -38,27 +39,6 @@ if TYPE_CHECKING:
 ENV: dict[bytes | str, bytes | str] = {"SHLVL": "1"}
 _CONNECT_TIMEOUT = 15.0  # seconds, when neither configure_ssh nor the config's ConnectTimeout says
 _KEEPALIVE = 15.0  # seconds; 3 unanswered keepalives (asyncssh's default count) drop the connection
-
-
-# --- what a computer name means ----------------------------------------------------------------
-
-def parse_computer(name: str) -> tuple[str | None, str, int | None]:
-    """'user@host:port' -> (user, host, port); a bare name may be an alias of ~/.ssh/config."""
-    user = None
-    rest = name
-    if "@" in rest:
-        user, rest = rest.rsplit("@", 1)
-    port = None
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        if tail.startswith(":"):
-            port = int(tail[1:])
-    elif rest.count(":") == 1:
-        host, _, p = rest.partition(":")
-        port = int(p)
-    else:
-        host = rest
-    return user, host, port
 
 
 # --- host keys -----------------------------------------------------------------------------------
@@ -240,7 +220,7 @@ class Pool:
                 why = os.strerror(exc.errno)
             raise RemoteConnectionError(
                 f"cannot connect to {what} ({at}): {why}; check that the computer is up and that sshd "
-                f"listens there (ssh {self.name} true)", self.name) from exc
+                f"listens there ({ssh_command(self.name, options)})", self.name) from exc
         except asyncssh.Error as exc:
             await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(f"the SSH connection to {what} failed: {exc.reason}",
@@ -429,7 +409,7 @@ def _login_hint(what: str, options: SSHOptions, r: Resolved) -> str:
             return (f"the key {files} is encrypted and was skipped: it needs a passphrase and no ssh-agent "
                     f"is running. Load it into an agent (eval $(ssh-agent); ssh-add {locked[0]}) before "
                     f"starting psjobs, or give psjobs.configure_ssh(passphrase=...)")
-    return f"check the user name and that your key is in its authorized_keys (ssh {what} true)"
+    return f"check the user name and that your key is in its authorized_keys ({ssh_command(what, options)})"
 
 
 def _host_key_error(what: str, computer: str, client: HostKeyClient, check: HostKeyCheck,
