@@ -608,6 +608,17 @@ def test_client_keys_skip_a_missing_file_as_ssh_i_does(server: sshd_helper.Loopb
     assert "psjobs.configure_ssh(client_keys=[...])" in reason and f"-i {missing}" in reason
 
 
+def test_a_missing_certificate_file_is_passed_over_as_by_ssh(server: sshd_helper.LoopbackSSHD, tmp_path: Path,
+                                                              other_key: str, quiet_env: None) -> None:
+    case = Case("certificate", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
+    config = _write_case(case, server, tmp_path, other_key)
+    config.write_text(config.read_text() + f"  CertificateFile {tmp_path / 'missing-cert.pub'}\n")
+    ssh_ok, err = ssh_verdict(config, "127.0.0.2")
+    child = _login(config, "127.0.0.2")
+    assert ssh_ok, err
+    assert child.state is JobState.COMPLETED, child.job_state_info.reason
+
+
 @pytest.mark.parametrize("identities_only", [False, True])
 def test_with_no_key_file_left_the_agent_is_used_as_ssh_uses_it(
         identities_only: bool, server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str,

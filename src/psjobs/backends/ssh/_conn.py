@@ -304,6 +304,8 @@ def _connect_kwargs(r: Resolved, options: SSHOptions, timeout: float, keys: Keys
                               "config": _asyncssh_configs(options)}
     if r.identity_agent:
         kwargs["agent_path"] = keys.agent
+    if r.certificate_files:  # ssh passes over a missing CertificateFile without a word; asyncssh fails
+        kwargs["client_certs"] = [f for f in r.certificate_files if os.path.isfile(f)]
     if options.client_keys is not None or r.identity_files:
         kwargs["client_keys"] = keys.client_keys()
         if keys.agent_identities:
