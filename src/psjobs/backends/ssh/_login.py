@@ -29,7 +29,7 @@ from ._config import Resolved, home
 _DEFAULT_KEYS = ("id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk", "id_xmss", "id_dsa")
 
 
-class _AgentOnly(list):  # type: ignore[type-arg]
+class _AgentOnly(list[Any]):
     """No key file, but the agent still: asyncssh reads an empty client_keys as "its own default
     files" and None as "no agent either"; a true empty list is neither (asyncssh 2.24)."""
 
