@@ -294,6 +294,65 @@ def test_remove_force_stops_a_running_remote_job(rs: psjobs.Session,
     assert rs.get_job() == []
 
 
+# --- what a completed job leaves running (docs/remote.md, "A job that completes") -----------------------
+
+def start_in_group(argv: list[str]) -> int:
+    """A process in the job's own process group, left running when the callable returns."""
+    import subprocess
+
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
+
+
+def start_in_own_session(argv: list[str]) -> int:
+    import subprocess
+
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True).pid
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_completed_callable_ends_what_it_left_in_its_group(rs: psjobs.Session) -> None:
+    job = rs.invoke_command(start_in_group, ["sleep", "301"], computer_name="127.0.0.1")
+    assert job.wait(60) and job.state is JobState.COMPLETED, job.reason
+    pid = job.receive()[0]
+    try:
+        # as a local job's: its process group ends with the worker, before the job is Completed
+        wait_until(lambda: not _running(pid), 10, "the leftover sleep to end")
+    finally:
+        if _running(pid):
+            psutil.Process(pid).kill()
+
+
+@pytest.mark.parametrize("how", ["command in the background", "callable, own session"])
+def test_what_a_completed_job_started_outside_its_group_outlives_the_session(
+        how: str, server: sshd_helper.LoopbackSSHD) -> None:
+    """Documented, not wanted: a remote job's watchdog lives as long as its channel, so nothing of
+    psjobs is left on the computer to end a command's background process (or a callable's child
+    that left its group) once the job completed; locally the session's end ends it."""
+    s = psjobs.Session(stop_grace=1.0)
+    psjobs.configure_ssh(s, config=str(server.ssh_config), python=f"{sys.executable} -S")
+    pid = None
+    try:
+        if how.startswith("command"):
+            job = s.invoke_command("nohup sleep 302 >/dev/null 2>&1 & echo $!", computer_name="127.0.0.2")
+        else:
+            job = s.invoke_command(start_in_own_session, ["sleep", "303"], computer_name="127.0.0.2")
+        assert job.wait(60) and job.state is JobState.COMPLETED, job.reason
+        pid = int(job.receive()[0])
+        s.close()
+        assert _running(pid)  # after the job, and after the session
+    finally:
+        s.close()
+        if pid is not None and _running(pid):
+            psutil.Process(pid).kill()
+
+
 # --- the verbs on the parent and on each child ---------------------------------------------------------
 
 def test_receive_wait_stop_remove_on_parent_and_children(rs: psjobs.Session, tmp_path: Path) -> None:

@@ -539,3 +539,124 @@ def test_identity_file_home(path: str, server: sshd_helper.LoopbackSSHD, tmp_pat
     config.write_text(config.read_text().replace(str(server.client_key), path))
     ok, why = psjobs_verdict(config, "127.0.0.2")
     assert ok, why
+
+
+# --- key files that cannot be used: skipped, as OpenSSH skips them -------------------------------------
+
+def _identities(config: Path, client: Path, files: list[str]) -> None:
+    """The case's IdentityFile lines instead of the common block's one."""
+    lines = "".join(f"  IdentityFile {f}\n" for f in files)
+    config.write_text(config.read_text().replace(f"  IdentityFile {client}\n", lines))
+
+
+def _login(config: Path, computer: str, **options: object) -> psjobs.Job:
+    with psjobs.Session() as s:
+        psjobs.configure_ssh(s, config=str(config), **options)
+        job = s.invoke_command("true", computer_name=computer)
+        assert job.wait(60)
+        return job.child_jobs[0]
+
+
+@pytest.mark.parametrize(("which", "connects"), [
+    ("missing-then-good", True), ("junk-then-good", True), ("missing-only", False), ("junk-only", False),
+])
+def test_an_unusable_identity_file_is_skipped_as_ssh_skips_it(
+        which: str, connects: bool, server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str,
+        quiet_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a default key that would get in: ssh does not try it when the config names files, nor psjobs
+    (tmp_path / "home" / ".ssh").mkdir(parents=True)
+    shutil.copy(server.client_key, tmp_path / "home" / ".ssh" / "id_ed25519")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    bad = tmp_path / ("missing_key" if which.startswith("missing") else "junk_key")
+    if which.startswith("junk"):
+        bad.write_text("not a key\n")
+    case = Case(which, "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", connects)
+    config = _write_case(case, server, tmp_path, other_key)
+    _identities(config, server.client_key, [str(bad)] + ([str(server.client_key)] if connects else []))
+    config.write_text(config.read_text().replace("  IdentitiesOnly yes\n", ""))  # no limit but the files
+    ssh_ok, ssh_err = ssh_verdict(config, "127.0.0.2")
+    assert ssh_ok is connects and str(bad) in ssh_err, ssh_err  # ssh names the file, and goes on
+    child = _login(config, "127.0.0.2")
+    reason = child.job_state_info.reason
+    if connects:
+        assert child.state is JobState.COMPLETED, reason
+        warnings = [str(w) for w in child.warning]
+        assert len(warnings) == 1 and str(bad) in warnings[0] and "IdentityFile" in warnings[0], warnings
+        assert all(w.computer_name == "127.0.0.2" for w in child.warning)
+    else:  # refused as ssh is, with the file named and what to do; never "is the computer up?"
+        assert isinstance(reason, psjobs.RemoteConnectionError) and "refused the login" in str(reason)
+        assert f"no key file could be used: {bad}" in str(reason) and "IdentityFile" in str(reason)
+        assert "sshd listens" not in str(reason)
+
+
+def test_client_keys_skip_a_missing_file_as_ssh_i_does(server: sshd_helper.LoopbackSSHD, tmp_path: Path,
+                                                      other_key: str, quiet_env: None) -> None:
+    missing = tmp_path / "nonexistent_key"
+    case = Case("client-keys", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
+    config = _write_case(case, server, tmp_path, other_key)
+    _identities(config, server.client_key, [])
+    ssh_ok, ssh_err = ssh_verdict(config, "127.0.0.2", ("-i", str(missing), "-i", str(server.client_key)))
+    assert ssh_ok, ssh_err
+    child = _login(config, "127.0.0.2", client_keys=[str(missing), str(server.client_key)])
+    assert child.state is JobState.COMPLETED, child.job_state_info.reason
+    assert [str(missing) in str(w) and "client_keys" in str(w) for w in child.warning] == [True]
+    # only the missing one: refused as ssh is, naming the file and how to name another
+    assert ssh_verdict(config, "127.0.0.2", ("-i", str(missing)))[0] is False
+    child = _login(config, "127.0.0.2", client_keys=[str(missing)])
+    reason = str(child.job_state_info.reason)
+    assert child.state is JobState.FAILED and f"no key file could be used: {missing} (No such file" in reason
+    assert "psjobs.configure_ssh(client_keys=[...])" in reason and f"-i {missing}" in reason
+
+
+def test_a_missing_certificate_file_is_passed_over_as_by_ssh(server: sshd_helper.LoopbackSSHD, tmp_path: Path,
+                                                              other_key: str, quiet_env: None) -> None:
+    case = Case("certificate", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
+    config = _write_case(case, server, tmp_path, other_key)
+    config.write_text(config.read_text() + f"  CertificateFile {tmp_path / 'missing-cert.pub'}\n")
+    ssh_ok, err = ssh_verdict(config, "127.0.0.2")
+    child = _login(config, "127.0.0.2")
+    assert ssh_ok, err
+    assert child.state is JobState.COMPLETED, child.job_state_info.reason
+
+
+@pytest.mark.parametrize("identities_only", [False, True])
+def test_with_no_key_file_left_the_agent_is_used_as_ssh_uses_it(
+        identities_only: bool, server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str,
+        quiet_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IdentityFile names a missing file only: ssh still offers the agent's keys, unless
+    IdentitiesOnly limits them to the (missing) files; psjobs neither falls back to
+    ~/.ssh/id_* nor gives up the agent."""
+    import asyncio
+
+    if shutil.which("ssh-agent") is None:
+        pytest.skip("no ssh-agent")
+    case = Case("agent-only", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", not identities_only)
+    config = _write_case(case, server, tmp_path, other_key)
+    _identities(config, server.client_key, [str(tmp_path / "missing_key")])
+    if not identities_only:
+        config.write_text(config.read_text().replace("  IdentitiesOnly yes\n", ""))
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        from .conftest import wait_until
+
+        def listening() -> bool:
+            with socket.socket(socket.AF_UNIX) as probe:
+                return probe.connect_ex(str(sock)) == 0
+
+        wait_until(listening, 10, "the agent to listen")
+
+        async def add() -> None:
+            async with asyncssh.connect_agent(str(sock)) as client:
+                await client.add_keys([asyncssh.read_private_key(str(server.client_key))])
+
+        asyncio.run(add())
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        ssh_ok, err = ssh_verdict(config, "127.0.0.2")
+        child = _login(config, "127.0.0.2")
+        assert ssh_ok is case.connects, err
+        assert (child.state is JobState.COMPLETED) is case.connects, child.job_state_info.reason
+    finally:
+        agent.terminate()
+        agent.wait(10)

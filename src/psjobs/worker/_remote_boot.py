@@ -28,7 +28,8 @@ Python callables::
              fork: child = setsid + psjobs.worker._process_worker.serve(pipe from the watchdog, the channel's stdout)
              watchdog (parent, the job's subreaper) relays JOB/ANSWER frames to the child; R_STOP or
              the end of stdin -> TERM to the child's group and every process below the watchdog,
-             KILL after the grace period; when the child is gone -> R_EXIT (json status)
+             KILL after the grace period; the child ends by itself -> KILL to what is left of its
+             group; when the child is gone -> R_EXIT (json status)
 
 The channel's stdout carries frames only after MARK (what a login shell's start-up files print
 before is ignored) and the job's own stdout never reaches it: the worker turns fd 1 and fd 2 into
@@ -420,12 +421,30 @@ class _Watchdog:
             self.relay(kind, payload)
 
     def reap(self) -> None:
+        if self.kill_at is None:
+            self.end_leftovers()
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             pid, status = self.pid, 0
         if pid == self.pid:
             self.status = status
+
+    def end_leftovers(self) -> None:
+        """The worker ended by itself: what it started in its process group and left running ends
+        with it (SIGKILL), as a local job's does (the process backend's _kill_leftovers), so that it
+        does not run on after the job, and the session, on this computer. Sent before the worker is
+        reaped: until then its pid, the group's id, cannot be reused. What left the group (setsid)
+        is not ended (see docs/remote.md)."""
+        try:
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return  # still running
+        except (AttributeError, OSError):
+            return  # no waitid here: the group is left as it is
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass  # nothing of the group is left
 
     def escalate(self) -> None:
         if self.kill_at is not None and not self.killed and time.monotonic() >= self.kill_at:

@@ -17,10 +17,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shlex
 import threading
+import unicodedata
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -85,7 +87,7 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
     of paths (``config=[]``: no OpenSSH config file at all). ``accept_new_host_keys=True``
     accepts, and records in the known_hosts file, the key of a computer that has no entry yet
     (OpenSSH's ``StrictHostKeyChecking accept-new``) unless the config is stricter for that computer;
-    a key that differs from its entry is refused. ``connect_timeout``: seconds (``None``: the
+    a key that differs from its entry is refused. ``connect_timeout``: seconds, finite and > 0 (``None``: the
     config's ``ConnectTimeout``, else 15). ``python``: the remote interpreter for callables, a command line such as
     ``"/opt/py/bin/python3 -S"``. Example::
 
@@ -122,10 +124,14 @@ def configure_ssh(session: Session | None = None, *, config: Any = _UNSET, known
             raise ValueError(f"configure_ssh: python={python!r} is not a command line: {exc}") from None
         changes["python"] = python
     if connect_timeout is not _UNSET:
-        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \
-                or connect_timeout <= 0:
-            raise ValueError(f"configure_ssh: connect_timeout must be seconds > 0, not {connect_timeout!r}")
-        changes["connect_timeout"] = float(connect_timeout)
+        # nan passed "<= 0" and every job then failed "did not answer within nans"; inf would make
+        # a frozen computer's child wait forever (None already means the config's ConnectTimeout).
+        if connect_timeout is not None and (isinstance(connect_timeout, bool)
+                                            or not isinstance(connect_timeout, (int, float))
+                                            or not math.isfinite(connect_timeout) or connect_timeout <= 0):
+            raise ValueError(f"configure_ssh: connect_timeout must be a finite number of seconds > 0 "
+                             f"(or None: the config's ConnectTimeout, else 15), not {connect_timeout!r}")
+        changes["connect_timeout"] = None if connect_timeout is None else float(connect_timeout)
     options = dataclasses.replace(ssh_options(session), **changes)
     _options[session] = options
     return options
@@ -150,8 +156,9 @@ def _paths(what: str, value: Any) -> tuple[str, ...] | None:
 # --- the verb --------------------------------------------------------------------------------
 
 # user@host, host:port, [v6]:port; an alias from ~/.ssh/config. No spaces, no leading '-', and no
-# "user:password@": a secret in a computer name would show in every record and message.
-_COMPUTER = re.compile(r"^(?:[^@\s:]+@)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^@\s:\[\]]+)(?::\d{1,5})?$")
+# "user:password@": a secret in a computer name would show in every record and message. The port
+# is ASCII digits ([0-9], not \d: ssh -p reads no other digits), its range checked apart.
+_COMPUTER = re.compile(r"^(?:[^@\s:]+@)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^@\s:\[\]]+)(?::(?P<port>[0-9]{1,5}))?$")
 
 
 def check_computers(value: Any) -> list[str]:
@@ -169,9 +176,19 @@ def check_computers(value: Any) -> list[str]:
         if not isinstance(name, str):
             raise TypeError(f"invoke_command: computer names must be str, "
                             f"not {type(name).__name__} ({name!r})")
-        if not name or name.startswith("-") or not _COMPUTER.match(name):
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            # A NUL reached the child before (ssh -G: "embedded null byte"); a newline would split
+            # a config line or a record: a control character names no computer.
+            raise ValueError(f"invoke_command: {name!r} holds a control character; a computer name is "
+                             f"printable text: host, user@host or host:port")
+        match = _COMPUTER.match(name)
+        if not name or name.startswith("-") or match is None:
             raise ValueError(f"invoke_command: {name!r} is not a computer name; use host, user@host or "
                              f"host:port (an alias of ~/.ssh/config works too)")
+        port = match.group("port")
+        if port is not None and not 0 < int(port) < 65536:
+            raise ValueError(f"invoke_command: {name!r} names port {int(port)}, which does not exist; a port "
+                             f"is a number from 1 to 65535 (or leave it out: the config's Port, else 22)")
     return names
 
 

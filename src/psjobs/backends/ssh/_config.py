@@ -48,6 +48,7 @@ class Resolved:
     port: int
     user: str
     identity_files: tuple[str, ...] = ()
+    certificate_files: tuple[str, ...] = ()
     identities_only: bool = False
     identity_agent: str | None = None
     user_known_hosts: tuple[str, ...] = ()
@@ -139,6 +140,7 @@ def _from_ssh_g(name: str, text: str) -> Resolved:
     return dataclasses.replace(
         base,
         identity_files=tuple(expand(f, t) for f in multi.get("identityfile", [])),
+        certificate_files=tuple(expand(f, t) for f in multi.get("certificatefile", [])),
         identities_only=single.get("identitiesonly") in ("yes", "true"),
         identity_agent=None if agent in (None, "none") else expand(agent or "", t),
         user_known_hosts=_files(single.get("userknownhostsfile")),
@@ -221,6 +223,7 @@ async def _by_asyncssh(name: str, user: str | None, port: int | None, options: S
         base, user_known_hosts=_files(" ".join(expand(str(f), t) for f in files)),
         global_known_hosts=_files(" ".join(expand(str(f), t) for f in system)),
         identity_files=tuple(expand(str(f), t) for f in o.config.get("IdentityFile", ())),
+        certificate_files=tuple(expand(str(f), t) for f in o.config.get("CertificateFile", ())),
         identities_only=bool(o.config.get("IdentitiesOnly")),
         host_key_alias=o.config.get("HostKeyAlias"),
         connect_timeout=float(timeout) if timeout else None,

@@ -29,6 +29,7 @@ from ..._errors import HostKeyError, RemoteConnectionError
 from ._backend import SSHOptions, ssh_options
 from ._config import Resolved, proxy_argv, resolve
 from ._known_hosts import HostKeyCheck, Verdict, record
+from ._login import Keys, load_keys, login_hint, parse_computer, ssh_command
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -38,27 +39,6 @@ if TYPE_CHECKING:
 ENV: dict[bytes | str, bytes | str] = {"SHLVL": "1"}
 _CONNECT_TIMEOUT = 15.0  # seconds, when neither configure_ssh nor the config's ConnectTimeout says
 _KEEPALIVE = 15.0  # seconds; 3 unanswered keepalives (asyncssh's default count) drop the connection
-
-
-# --- what a computer name means ----------------------------------------------------------------
-
-def parse_computer(name: str) -> tuple[str | None, str, int | None]:
-    """'user@host:port' -> (user, host, port); a bare name may be an alias of ~/.ssh/config."""
-    user = None
-    rest = name
-    if "@" in rest:
-        user, rest = rest.rsplit("@", 1)
-    port = None
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        if tail.startswith(":"):
-            port = int(tail[1:])
-    elif rest.count(":") == 1:
-        host, _, p = rest.partition(":")
-        port = int(p)
-    else:
-        host = rest
-    return user, host, port
 
 
 # --- host keys -----------------------------------------------------------------------------------
@@ -94,11 +74,11 @@ class HostKeyClient(asyncssh.SSHClient):
 # --- connections -------------------------------------------------------------------------------
 
 class Connection:
-    __slots__ = ("alive", "channels", "client", "conn", "hops", "limit", "proxy")
+    __slots__ = ("alive", "channels", "client", "conn", "hops", "limit", "notes", "proxy")
 
     def __init__(self, conn: asyncssh.SSHClientConnection, client: HostKeyClient,
                  hops: list[Connection] | None = None,
-                 proxy: asyncio.subprocess.Process | None = None) -> None:
+                 proxy: asyncio.subprocess.Process | None = None, notes: list[str] | None = None) -> None:
         self.conn = conn
         self.client = client
         self.hops = hops or []  # the jump host connection it runs through (ProxyJump), closed with it
@@ -106,6 +86,8 @@ class Connection:
         self.channels = 0
         self.limit: int | None = None  # learned when sshd refuses a channel (MaxSessions)
         self.alive = True
+        # Warnings of the login (a key file skipped), for the jobs that waited for this connection
+        self.notes = notes or []
 
 
 class Pool:
@@ -117,7 +99,9 @@ class Pool:
         self.conns: list[Connection] = []
         self.connecting: asyncio.Task[Connection] | None = None
 
-    async def connection(self) -> Connection:
+    async def connection(self, notes: list[str] | None = None) -> Connection:
+        """A connection with room for a channel; ``notes`` gets the login's warnings when this
+        caller waited for a new connection (as ssh, once a connection, not once a job)."""
         while True:
             for c in self.conns:
                 if c.alive and (c.limit is None or c.channels < c.limit):
@@ -128,6 +112,8 @@ class Pool:
             task = self.connecting
             # Shielded: one child giving up (a stop) must not cancel the others' connection.
             conn = await asyncio.shield(task)
+            if notes is not None:
+                notes += conn.notes
             if conn.alive:
                 return conn
 
@@ -186,7 +172,11 @@ class Pool:
                              r.check_host_ip, r.hash_known_hosts, r.host_key_alias,
                              proxied=proxy is not None or tunnel is not None)
         client = HostKeyClient(self, check, options.password is not None)
-        kwargs = _connect_kwargs(r, options, timeout)
+        # Read here, not by asyncssh: it fails the whole login on one missing file, where ssh skips it
+        keys = await asyncio.get_running_loop().run_in_executor(None, load_keys, r, options)
+        # a hop and the computer often read the same IdentityFile lines: each warning once
+        notes = list(dict.fromkeys([n for hop in hops for n in hop.notes] + keys.warnings(self.name)))
+        kwargs = _connect_kwargs(r, options, timeout, keys)
         kwargs["server_host_key_algs"] = algs = check.algorithms(r.host_key_algorithms)
         # asyncssh is given an empty trust list so that every key comes to HostKeyClient; with a
         # certificate possible, also the @revoked keys (the CA callback never shows the host's key)
@@ -226,7 +216,7 @@ class Pool:
             await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(
                 f"{what} refused the login ({exc.reason}); "
-                f"{_login_hint(self.name, options, r)}", self.name) from exc
+                f"{login_hint(self.name, options, keys)}", self.name) from exc
         except (asyncio.TimeoutError, TimeoutError) as exc:
             await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(
@@ -234,13 +224,18 @@ class Pool:
                 f"reachable, or raise connect_timeout with psjobs.configure_ssh", self.name) from exc
         except OSError as exc:
             await _abandon(hops, proxy_proc)
+            if exc.filename is not None:  # a file asyncssh reads (a certificate), not the network
+                raise RemoteConnectionError(
+                    f"cannot connect to {what}: cannot read {exc.filename} ({exc.strerror or exc}); "
+                    f"correct the ssh config line that names it, or the path given to "
+                    f"psjobs.configure_ssh", self.name) from exc
             if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
                 why = exc.strerror or str(exc)  # a name that does not resolve, or several causes
             else:
                 why = os.strerror(exc.errno)
             raise RemoteConnectionError(
                 f"cannot connect to {what} ({at}): {why}; check that the computer is up and that sshd "
-                f"listens there (ssh {self.name} true)", self.name) from exc
+                f"listens there ({ssh_command(self.name, options)})", self.name) from exc
         except asyncssh.Error as exc:
             await _abandon(hops, proxy_proc)
             raise RemoteConnectionError(f"the SSH connection to {what} failed: {exc.reason}",
@@ -254,7 +249,7 @@ class Pool:
         if client.verdict is not None and client.verdict.lines and user_files:
             with contextlib.suppress(OSError):  # OpenSSH too connects when it cannot record the key
                 record(user_files[0], client.verdict.lines)
-        return Connection(conn, client, hops, proxy_proc)
+        return Connection(conn, client, hops, proxy_proc, notes)
 
     def lost(self, client: HostKeyClient, exc: Exception | None) -> None:
         for c in self.conns:
@@ -301,25 +296,21 @@ class Pool:
         await _reaped(conns)
 
 
-def _connect_kwargs(r: Resolved, options: SSHOptions, timeout: float) -> dict[str, Any]:
+def _connect_kwargs(r: Resolved, options: SSHOptions, timeout: float, keys: Keys) -> dict[str, Any]:
     """asyncssh.connect's options for the computer ssh -G resolved to ``r``."""
     # asyncssh still reads the config for what ssh -G's answer does not carry over (algorithms,
     # auth methods, ...); what it did resolve is given explicitly and wins.
     kwargs: dict[str, Any] = {"port": r.port, "username": r.user, "connect_timeout": timeout,
                               "config": _asyncssh_configs(options)}
-    if options.client_keys is not None:
-        kwargs["client_keys"] = list(options.client_keys)
-    else:
-        keys = [f for f in r.identity_files if os.path.isfile(f)]
-        if keys:
-            kwargs["client_keys"] = keys
-            kwargs["ignore_encrypted"] = True  # as OpenSSH: a key it cannot open is skipped
-        if r.identities_only:  # of the agent's keys, only those named by IdentityFile
-            kwargs["agent_identities"] = [f + ".pub" if os.path.isfile(f + ".pub") else f for f in keys]
     if r.identity_agent:
-        agent = r.identity_agent
-        kwargs["agent_path"] = os.environ.get(agent.lstrip("$"), "") if agent == "SSH_AUTH_SOCK" \
-            or agent.startswith("$") else agent
+        kwargs["agent_path"] = keys.agent
+    if r.certificate_files:  # ssh passes over a missing CertificateFile without a word; asyncssh fails
+        kwargs["client_certs"] = [f for f in r.certificate_files if os.path.isfile(f)]
+    if options.client_keys is not None or r.identity_files:
+        kwargs["client_keys"] = keys.client_keys()
+        if keys.agent_identities:
+            kwargs["agent_identities"] = keys.agent_identities
+    # else: asyncssh's reader found no IdentityFile (no ssh command): its default files, as ssh's
     if options.passphrase is not None:
         kwargs["passphrase"] = options.passphrase
     if options.password is not None:
@@ -410,26 +401,6 @@ async def _reaped(conns: list[Connection]) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(c.proxy.wait(), 5)
         await _reaped(c.hops)
-
-
-def _login_hint(what: str, options: SSHOptions, r: Resolved) -> str:
-    """What to do after a refused login; names the encrypted keys that were skipped, and why."""
-    if options.client_keys is None and options.passphrase is None:
-        locked = []
-        for f in r.identity_files:
-            try:
-                asyncssh.read_private_key(f)
-            except asyncssh.KeyImportError as exc:  # asyncssh has no class of its own for "encrypted"
-                if "passphrase" in str(exc).lower():
-                    locked.append(f)
-            except (OSError, ValueError):
-                continue
-        if locked and not os.environ.get("SSH_AUTH_SOCK"):
-            files = ", ".join(locked)
-            return (f"the key {files} is encrypted and was skipped: it needs a passphrase and no ssh-agent "
-                    f"is running. Load it into an agent (eval $(ssh-agent); ssh-add {locked[0]}) before "
-                    f"starting psjobs, or give psjobs.configure_ssh(passphrase=...)")
-    return f"check the user name and that your key is in its authorized_keys (ssh {what} true)"
 
 
 def _host_key_error(what: str, computer: str, client: HostKeyClient, check: HostKeyCheck,

@@ -31,6 +31,7 @@ import shlex
 import sys
 import sysconfig
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from ..._errors import RemoteConnectionError, WorkerError
+from ..._records import Record, Stream
 from ...core import CALL, SHELL, JobPort, Outcome
 from ...worker import _remote_boot as boot
 from ...worker._wire import VERSION, pickle_call
@@ -187,7 +189,12 @@ class Engine:
         if pool is None:
             pool = self.pools[child.computer] = Pool(self, child.computer)
         child.phase = "connecting"
-        await pool.connection()
+        notes: list[str] = []
+        await pool.connection(notes)
+        if notes:  # the login's warnings (a key file skipped), as ssh prints them
+            now = time.time()
+            child.port.records([(Stream.WARNING, Record(Stream.WARNING, n, now, child.computer), now)
+                                for n in notes])
         child.phase = "opening"
         options = ssh_options(self.session)
         grace = self.session.stop_grace
