@@ -379,6 +379,18 @@ def test_rich_table(session: psjobs.Session) -> None:
     assert "\x1b[" in render_rich([job], width=120, color=True)
 
 
+def test_rich_table_shows_commands_and_names_as_typed(ip: Any) -> None:
+    # Brackets in a command or a name are the user's text, not rich markup: "[/]" closed no tag
+    # (an error on every later %jobs) and "[bold]hello[/bold]" was drawn as "hello".
+    pytest.importorskip("rich")
+    run(ip, "j = !sed 's/[/]//' /dev/null &\nk = '[bold]hello[/bold]' &\n%bg --thread --name [red]x 1")
+    jobs = psjobs.get_job()
+    wait_until(lambda: all(j.state.is_finished for j in jobs), 20, "the jobs to finish")
+    for color in (False, True):
+        shown = render_rich(jobs, width=150, color=color)
+        assert "sed 's/[/]//' /dev/null" in shown and "'[bold]hello[/bold]'" in shown and "[red]x" in shown
+
+
 # --- announcements -------------------------------------------------------------------------
 
 def test_done_is_announced_once(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -163,3 +163,15 @@ def test_fed_from_a_real_job(session: psjobs.Session) -> None:
     assert [list(b.values()) for b in seen[:3]] == [[f"{label}: {p}%"] for p in (25, 50, 75)]
     assert seen[-1] == {}  # the completed record took the bar away
     assert job.receive() == ["done"]
+
+
+
+def test_the_jobs_text_is_shown_as_written(session: psjobs.Session) -> None:
+    # A name and a status are the job's own text: brackets in them are not style tags, nor an
+    # error (a path such as "[/data/file0]" would close a tag that is not open).
+    job = session.start_thread_job(lambda: None, name="[bold]mine[/bold]")
+    assert job.wait(timeout=10)
+    console, out = terminal()
+    with ProgressDisplay(console, min_interval=0) as shown:
+        shown.update(job, record("copying", 0, "[/data/file0]"))
+        assert f"[{job.id}] [bold]mine[/bold] copying: [/data/file0]" in last_frame(out)

@@ -95,7 +95,9 @@ class ProgressDisplay:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            # markup=False: the text is the job's (its name, its status such as "[/data/file0]"),
+            # shown as written; rich would read brackets as style tags, or fail on them.
+            TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
             console=self._console, auto_refresh=False, transient=True)
         self._progress.start()
         if self.total is not None:
