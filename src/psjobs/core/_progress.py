@@ -32,7 +32,13 @@ if TYPE_CHECKING:
 
 
 def _job_label(job: Job) -> str:
-    return f"[{job.id}] {job.name}"
+    """``[9] build``: the top-level job the user knows (``%jobs`` and Get-Job never list a process
+    job's hidden child), with the computer of a fan-out's child: ``[9] deploy on web1``."""
+    top = job
+    while top.parent is not None:
+        top = top.parent
+    where = job.computer_name if top is not job and len(top.child_jobs) > 1 else None
+    return f"[{top.id}] {top.name}" + (f" on {where}" if where and where != "localhost" else "")
 
 
 def _describe(record: ProgressRecord) -> str:
