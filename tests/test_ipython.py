@@ -430,6 +430,16 @@ def test_jobs_the_user_waited_for_are_not_announced(ip: Any, capsys: pytest.Capt
     assert "Completed" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("start", ["%bg --name nn 1 + 1", "%%bg --name nn\nx = 1\nx + 1"])
+def test_jobs_received_by_name_are_not_announced(ip: Any, start: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    job = run(ip, start)
+    capsys.readouterr()
+    assert run(ip, "%receive nn --wait") == [2]
+    run(ip, "pass")
+    assert f"[{job.id}] Completed" not in capsys.readouterr().out  # neither after %receive nor later
+
+
 def test_jobs_started_by_code_and_left_running_are_announced(ip: Any, session: psjobs.Session,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     run(ip, "import psjobs, time")

@@ -226,7 +226,8 @@ class JobMagics(Magics):
             return None  # type: ignore[return-value]
         if not self.ext.in_kernel:  # a kernel's front end shows the traceback with the failure
             self._show_tracebacks(jobs)
-        self.ext.seen(jobs)
+        # The jobs themselves, not the words: a job received by its name is seen as well.
+        self.ext.seen(psjobs.get_job(jobs) if jobs else [])
         return out
 
     @line_magic  # type: ignore[untyped-decorator]
