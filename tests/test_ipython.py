@@ -342,6 +342,23 @@ def test_magics_report_unknown_jobs_in_one_line(ip: Any, capsys: pytest.CaptureF
     assert ip.run_cell("%wait 1 --bogus").error_in_exec is not None
 
 
+@pytest.mark.parametrize("line", ["%wait *", "%wait nomatch*", "%wait nomatch* --timeout 2", "%receive [xyz]*",
+                                  "%remove nomatch*"])
+def test_a_wildcard_that_matches_no_job_is_one_line(ip: Any, line: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from IPython.core.error import UsageError
+
+    run(ip, "%bg --name other 1")  # a job that the wildcards do not match ("*" aside)
+    if line == "%wait *":
+        run(ip, "%remove * --force")
+    capsys.readouterr()
+    result = ip.run_cell(line)
+    assert isinstance(result.error_in_exec, UsageError)
+    err = capsys.readouterr().err
+    asked = line.split()[1]
+    assert err == f"UsageError: {line.split()[0]}: no job has a name that matches {asked!r}; %jobs lists them\n"
+
+
 def test_wildcards_select_top_level_jobs(ip: Any) -> None:
     run(ip, "%bg --name w1 1\n%bg --name w2 2")
     wait_until(lambda: all(j.state.is_finished for j in psjobs.get_job()), 20, "the jobs to finish")

@@ -196,7 +196,7 @@ class JobMagics(Magics):
         self._no_other_options(words, "%jobs", "--state STATE, --children")
         with _as_usage("%jobs"):
             if words:
-                jobs = psjobs.get_job(self._select(words, local_ns), state=state,
+                jobs = psjobs.get_job(self._select(words, local_ns, "%jobs"), state=state,
                                       include_child_jobs=children)
             else:
                 jobs = psjobs.get_job(state=state, include_child_jobs=children)
@@ -216,7 +216,7 @@ class JobMagics(Magics):
         wait = _take_flag(words, "--wait")
         timeout = _take_seconds(words, "%receive")
         self._no_other_options(words, "%receive", "--keep, --wait, --timeout S")
-        jobs = self._select(self._need(words, "%receive"), local_ns)
+        jobs = self._select(self._need(words, "%receive"), local_ns, "%receive")
         try:
             with _as_usage("%receive"):
                 out = psjobs.receive_job(jobs, keep=keep, wait=wait or timeout is not None, timeout=timeout)
@@ -241,14 +241,14 @@ class JobMagics(Magics):
         any_ = _take_flag(words, "--any")
         timeout = _take_seconds(words, "%wait")
         self._no_other_options(words, "%wait", "--any, --timeout S")
-        jobs = self._select(self._need(words, "%wait"), local_ns)
+        jobs = self._select(self._need(words, "%wait"), local_ns, "%wait")
         try:
             with _as_usage("%wait"):
                 done = psjobs.wait_job(jobs, any=any_, timeout=timeout, show_progress=self.ext.in_kernel)
         except KeyboardInterrupt:
             print("%wait: interrupted; the jobs go on (see %jobs)", file=sys.stderr)
             return None
-        if not done:
+        if not done and timeout is not None:
             print(f"%wait: timed out after {timeout:g}s; the jobs go on (see %jobs)", file=sys.stderr)
             return None
         self._show_tracebacks(done)
@@ -261,7 +261,7 @@ class JobMagics(Magics):
         """Stop jobs for real (Stop-Job). Usage: ``%stop ID...``. Example: ``%stop 3``"""
         words = _split(line)
         self._no_other_options(words, "%stop", "none")
-        jobs = self._select(self._need(words, "%stop"), local_ns)
+        jobs = self._select(self._need(words, "%stop"), local_ns, "%stop")
         with _as_usage("%stop"):
             stopped = psjobs.stop_job(jobs, pass_thru=True)
         self.ext.seen(stopped)  # the user stopped them: no notice that they stopped
@@ -275,7 +275,7 @@ class JobMagics(Magics):
         """
         words = _split(line)
         self._no_other_options(words, "%suspend", "none")
-        jobs = self._select(self._need(words, "%suspend"), local_ns)
+        jobs = self._select(self._need(words, "%suspend"), local_ns, "%suspend")
         with _as_usage("%suspend"):
             return psjobs.suspend_job(jobs)
 
@@ -285,7 +285,7 @@ class JobMagics(Magics):
         """Let suspended jobs run on (SIGCONT). Usage: ``%resume ID...``. Example: ``%resume 3``"""
         words = _split(line)
         self._no_other_options(words, "%resume", "none")
-        jobs = self._select(self._need(words, "%resume"), local_ns)
+        jobs = self._select(self._need(words, "%resume"), local_ns, "%resume")
         with _as_usage("%resume"):
             return psjobs.resume_job(jobs)
 
@@ -299,7 +299,7 @@ class JobMagics(Magics):
         words = _split(line)
         force = _take_flag(words, "--force")
         self._no_other_options(words, "%remove", "--force")
-        jobs = self._select(self._need(words, "%remove"), local_ns)
+        jobs = self._select(self._need(words, "%remove"), local_ns, "%remove")
         with _as_usage("%remove"):
             psjobs.remove_job(jobs, force=force)
         self.ext.forget(jobs)
@@ -385,8 +385,9 @@ class JobMagics(Magics):
             if word.startswith("--"):
                 raise UsageError(f"{magic}: unknown option {word}; options: {known}")
 
-    def _select(self, words: list[str], local_ns: dict[str, Any] | None) -> list[Any]:
-        """Ids, job names (wildcards over top-level jobs) and variables holding jobs."""
+    def _select(self, words: list[str], local_ns: dict[str, Any] | None, magic: str) -> list[Any]:
+        """Ids, job names (wildcards over top-level jobs) and variables holding jobs; a wildcard that
+        matches no job is a usage error, as an id or a name that matches none is."""
         namespace = dict(self.shell.user_ns) if self.shell is not None else {}
         if local_ns:
             namespace.update(local_ns)
@@ -402,7 +403,10 @@ class JobMagics(Magics):
                 out.extend(value)
             elif any(c in word for c in "*?["):
                 # Top-level jobs only: "%remove *" must not try to remove child jobs on their own.
-                out.extend(j for j in psjobs.get_job() if fnmatch.fnmatchcase(j.name.lower(), word.lower()))
+                matched = [j for j in psjobs.get_job() if fnmatch.fnmatchcase(j.name.lower(), word.lower())]
+                if not matched:
+                    raise UsageError(f"{magic}: no job has a name that matches {word!r}; %jobs lists them")
+                out.extend(matched)
             else:
                 out.append(word)
         return out
