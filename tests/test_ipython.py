@@ -195,6 +195,15 @@ def test_a_name_that_cannot_be_pickled_is_named_and_no_job_starts(ip: Any,
     assert psjobs.get_job() == []
 
 
+def test_a_bg_cell_gets_copies_of_names_that_start_with_an_underscore(ip: Any) -> None:
+    # The user's own _names travel as any other; IPython's history (_, _i1, _1...) does not.
+    run(ip, "_scale = 3")
+    run(ip, "41")  # an Out: _ and _2 hold it now
+    job = run(ip, "%%bg\ntry:\n    seen = _\nexcept NameError:\n    seen = None\n_scale * 2, seen")
+    assert job.wait(timeout=20)
+    assert job.receive() == [(6, None)]
+
+
 def test_a_generator_streams_its_items(ip: Any) -> None:
     job = run(ip, "(i * i for i in range(4)) &")
     assert job.wait(timeout=20)

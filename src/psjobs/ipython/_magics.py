@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 import shlex
 import sys
 import types
@@ -41,6 +42,12 @@ def _code_names(code: types.CodeType) -> list[str]:
         if isinstance(const, types.CodeType):
             names.extend(_code_names(const))
     return list(dict.fromkeys(names))
+
+
+#: IPython's own names in the user namespace (_, __, ___, _i, _ii, _i3, _3, _ih, _oh, _dh) and
+#: dunders: the shell's history and the module's, not the user's data. A %%bg cell does not get
+#: copies of them; a user name that starts with "_" (_scale) is copied as any other.
+_IPYTHON_OWN = re.compile(r"_+|_i{1,3}|_i?\d+|_[iod]h|__\w+__")
 
 
 def _unpicklable(fn: types.FunctionType) -> list[tuple[str, Any, BaseException]]:
@@ -359,7 +366,7 @@ class JobMagics(Magics):
         captured: dict[str, Any] = {}
         bad: list[str] = []
         for name in sorted(used):
-            if name in user and not name.startswith("_"):
+            if name in user and not _IPYTHON_OWN.fullmatch(name):
                 try:
                     cloudpickle.dumps(user[name])
                 except Exception as exc:
