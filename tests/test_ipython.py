@@ -263,6 +263,38 @@ def test_bg_magic_options(ip: Any) -> None:
     assert result.error_in_exec is not None
 
 
+@pytest.mark.parametrize(("line", "name"), [("%bg --name 'q' 1 + 1", "q"),
+                                            ('%bg --name "my job" 1 + 1', "my job"),
+                                            ("%bg --thread --name 'a b'   1 + 1", "a b")])
+def test_bg_reads_a_quoted_name_as_the_other_magics_do(ip: Any, line: str, name: str) -> None:
+    job = run(ip, line)
+    assert (job.name, job.command) == (name, "1 + 1")
+    assert run(ip, f"%receive '{name}' --wait") == [2]
+
+
+def test_bg_keeps_the_expression_as_typed_after_the_options(ip: Any) -> None:
+    job = run(ip, "%bg --name n 'x  \"y\"'")
+    assert job.command == "'x  \"y\"'"
+    assert job.wait(timeout=20) and job.receive() == ['x  "y"']
+
+
+def test_bg_refuses_an_unknown_option_in_one_line(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from IPython.core.error import UsageError
+
+    result = ip.run_cell("%bg --bogus f()")
+    assert isinstance(result.error_in_exec, UsageError)
+    err = capsys.readouterr().err
+    assert err.startswith("UsageError: %bg: unknown option --bogus; options: --thread, --process, --name NAME")
+    assert err.count("\n") == 1
+    assert psjobs.get_job() == []
+
+
+def test_an_expression_that_starts_with_two_minus_signs_is_still_a_job(ip: Any) -> None:
+    run(ip, "x = 5")
+    assert run(ip, "j = --x &\n%receive j --wait") == [5]  # minus minus x, not an option of %bg
+    assert run(ip, "%bg -- --x").receive(wait=True) == [5]  # "--" ends %bg's options
+
+
 def test_bad_config_value_is_refused(ip: Any, caplog: pytest.LogCaptureFixture) -> None:
     run(ip, "%config PsJobs.kind = 'fiber'")
     assert "expected any of ['process', 'thread']" in caplog.text  # %config logs what it refused

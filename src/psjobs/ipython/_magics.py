@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import fnmatch
+import io
 import re
 import shlex
 import sys
@@ -87,26 +88,45 @@ def _expand(shell: Any, command: str, namespace: dict[str, Any]) -> str:
 
 # --- the magics ----------------------------------------------------------------------------
 
-_OPTIONS_HELP = "options: --thread, --process, --name NAME"
+_OPTIONS_HELP = "options: --thread, --process, --name NAME, and -- to end them"
 
 
 def _parse_bg(line: str) -> tuple[str | None, str | None, str]:
-    """``[--thread|--process] [--name NAME] rest``: (kind, name, rest)."""
+    """``[--thread|--process] [--name NAME] [--] rest``: (kind, name, rest).
+
+    The options are read as the other magics read theirs (shell words: ``--name "my job"``); the
+    rest is the expression or !command exactly as typed, quotes and all.
+    """
     kind: str | None = None
     name: str | None = None
     rest = line.strip()
     while rest.startswith("--"):
-        word, _, after = rest.partition(" ")
+        word, after = [*rest.split(None, 1), ""][:2]
+        if word == "--":
+            return kind, name, after.strip()  # what follows is the expression, even "--x"
         if word in ("--thread", "--process"):
             kind = word[2:]
         elif word == "--name":
-            name, _, after = after.strip().partition(" ")
+            name, after = _first_word(after)
             if not name:
                 raise UsageError(f"%bg: --name needs a job name ({_OPTIONS_HELP})")
         else:
-            break
+            raise UsageError(f"%bg: unknown option {word}; {_OPTIONS_HELP}")
         rest = after.strip()
     return kind, name, rest
+
+
+def _first_word(text: str) -> tuple[str | None, str]:
+    """The first shell word of ``text`` (quotes taken off) and the text after it, untouched."""
+    stream = io.StringIO(text)
+    lexer = shlex.shlex(stream, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""  # '#' in a name is part of it; the expression after it is not ours
+    try:
+        word = lexer.get_token()
+    except ValueError as exc:
+        raise UsageError(f"%bg: cannot read the job name in {text.strip()!r}: {exc}") from None
+    return word, stream.read()  # the lexer stops right after the word (and one blank)
 
 
 @magics_class
@@ -124,7 +144,8 @@ class JobMagics(Magics):
     def bg(self, line: str, local_ns: dict[str, Any] | None = None) -> Job:
         """Start EXPR (or !COMMAND) as a job and return the job.
 
-        Usage: ``%bg [--thread | --process] [--name NAME] EXPR`` or ``%bg [--name NAME] !COMMAND``.
+        Usage: ``%bg [--thread | --process] [--name NAME] [--] EXPR`` or ``%bg [--name NAME] !COMMAND``
+        (``--`` ends the options, for an expression that starts with ``--``).
         A line ending in `` &`` runs ``%bg`` with the kind set by ``%config PsJobs.kind``.
         A process job gets copies of the names EXPR uses (each must be picklable); a thread job
         shares the namespace. Example: ``%bg --thread sum(range(10**7))``

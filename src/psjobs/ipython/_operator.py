@@ -39,6 +39,8 @@ def _text_between(lines: list[str], start: tuple[int, int], end: tuple[int, int]
 
 
 def _background_call(payload: str) -> str:
+    if payload.startswith("--"):
+        payload = "-- " + payload  # "--x &" is an expression (minus minus x), not an option of %bg
     return f"get_ipython().run_line_magic('bg', {payload!r})"
 
 
