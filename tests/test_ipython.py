@@ -204,6 +204,27 @@ def test_a_bg_cell_gets_copies_of_names_that_start_with_an_underscore(ip: Any) -
     assert job.receive() == [(6, None)]
 
 
+@pytest.mark.parametrize("cell", ["x = f.readline() &", "%%bg\nf.readline()"])
+def test_an_open_file_is_not_copied_into_a_process_job(ip: Any, cell: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # docs/ipython.md: an open file cannot be copied, so the line stops before any job exists
+    # (cloudpickle would snapshot a text file open for reading, and the job would read the copy).
+    from IPython.core.error import UsageError
+
+    (tmp_path / "h.py").write_text("first\nsecond\n")
+    ip.user_ns["path"] = str(tmp_path / "h.py")
+    run(ip, "f = open(path)")
+    try:
+        result = ip.run_cell(cell)
+        assert isinstance(result.error_in_exec, UsageError)
+        err = capsys.readouterr().err
+        assert err.startswith("UsageError: ") and err.count("\n") == 1 and "'f'" in err and "open file" in err
+        assert psjobs.get_job() == [] and "x" not in ip.user_ns
+        assert run(ip, "f.readline()") == "first\n"  # the user's file is untouched
+    finally:
+        run(ip, "f.close()")
+
+
 def test_a_generator_streams_its_items(ip: Any) -> None:
     job = run(ip, "(i * i for i in range(4)) &")
     assert job.wait(timeout=20)

@@ -51,20 +51,39 @@ def _code_names(code: types.CodeType) -> list[str]:
 _IPYTHON_OWN = re.compile(r"_+|_i{1,3}|_i?\d+|_[iod]h|__\w+__")
 
 
-def _unpicklable(fn: types.FunctionType) -> list[tuple[str, Any, BaseException]]:
+def _used_globals(fn: types.FunctionType) -> list[tuple[str, Any]]:
+    """The names the expression uses that its namespace holds, with their values."""
+    # (others are builtins, attribute names, or names the job will look up itself)
+    return [(name, fn.__globals__[name]) for name in _code_names(fn.__code__) if name in fn.__globals__]
+
+
+def _unpicklable(fn: types.FunctionType) -> list[tuple[str, Any, BaseException | str]]:
     """The names the expression uses whose values cannot be sent to another process."""
     import cloudpickle
 
-    bad: list[tuple[str, Any, BaseException]] = []
-    for name in _code_names(fn.__code__):
-        if name not in fn.__globals__:
-            continue  # a builtin, an attribute name, or a name the job will look up itself
-        value = fn.__globals__[name]
+    bad: list[tuple[str, Any, BaseException | str]] = []
+    for name, value in _used_globals(fn):
         try:
             cloudpickle.dumps(value)
         except Exception as exc:
             bad.append((name, value, exc))
     return bad
+
+
+_OPEN_FILE = "an open file, which another process cannot share"
+
+
+def _is_open_file(value: Any) -> bool:
+    return isinstance(value, io.IOBase) and not value.closed
+
+
+def _cannot_copy(text: str, bad: list[tuple[str, Any, BaseException | str]], fix: str) -> str:
+    """The one line that says which names a process job cannot get copies of, and what to do."""
+    what = ", ".join(f"{n!r} (a {type(v).__module__}.{type(v).__qualname__}: {e})" for n, v, e in bad)
+    names = " and ".join(repr(n) for n, _, _ in bad)
+    return (f"{text} &: cannot copy {what} into the job's process, so no job was started. A process "
+            f"job gets a copy of every name it uses; {fix.format(names=names)}, or run it as a thread "
+            f"job, which shares the namespace: %bg --thread {text}  (or %config PsJobs.kind = 'thread')")
 
 
 def _compile_expression(text: str, namespace: dict[str, Any]) -> types.FunctionType:
@@ -195,20 +214,21 @@ class JobMagics(Magics):
     @staticmethod
     def _start_process(fn: types.FunctionType, text: str, name: str | None) -> Job:
         __tracebackhide__ = True
+        files: list[tuple[str, Any, BaseException | str]] = [
+            (n, v, _OPEN_FILE) for n, v in _used_globals(fn) if _is_open_file(v)]
+        if files:
+            # cloudpickle would copy a text file opened for reading (a snapshot of it): refused, as
+            # an open file is everywhere else, rather than a job reading a copy of the user's file
+            raise UsageError(_cannot_copy(text, files, "open the file in the job instead")) from None
         try:
             return psjobs.start_job(fn, name=name)
         except TypeError as exc:
             bad = _unpicklable(fn)
             if not bad:
                 raise
-            what = ", ".join(f"{n!r} (a {type(v).__module__}.{type(v).__qualname__}: {e})" for n, v, e in bad)
-            names = " and ".join(repr(n) for n, _, _ in bad)
             # One line, as IPython's own usage errors (%tb shows the pickling error behind it).
-            raise UsageError(
-                f"{text} &: cannot copy {what} into the job's process, so no job was started. A process "
-                f"job gets a copy of every name it uses; make {names} picklable, or run it as a thread "
-                f"job, which shares the namespace: %bg --thread {text}  (or %config PsJobs.kind = 'thread')"
-            ) from (exc.__cause__ or exc)  # the pickling error itself, not start_job's wording of it
+            raise UsageError(_cannot_copy(text, bad, "make {names} picklable")
+                             ) from (exc.__cause__ or exc)  # the pickling error itself, not start_job's wording of it
 
     @line_magic  # type: ignore[untyped-decorator]
     @needs_local_scope  # type: ignore[untyped-decorator]
@@ -388,6 +408,9 @@ class JobMagics(Magics):
         bad: list[str] = []
         for name in sorted(used):
             if name in user and not _IPYTHON_OWN.fullmatch(name):
+                if _is_open_file(user[name]):  # cloudpickle would copy a file open for reading
+                    bad.append(f"{name!r} (a {type(user[name]).__qualname__}: {_OPEN_FILE})")
+                    continue
                 try:
                     cloudpickle.dumps(user[name])
                 except Exception as exc:
@@ -396,8 +419,8 @@ class JobMagics(Magics):
                 captured[name] = user[name]
         if bad:
             raise UsageError(f"{magic}: cannot copy {', '.join(bad)} into the job's process, so no job "
-                             f"was started; make them picklable, or use %%bg --thread, which shares the "
-                             f"namespace")
+                             f"was started; make them picklable (a file: open it in the job), or use "
+                             f"%%bg --thread, which shares the namespace")
         return captured
 
     @staticmethod
