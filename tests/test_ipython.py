@@ -68,13 +68,28 @@ def transform(ip: Any, cell: str) -> str:
     ("bad = (1 / 0) &", "bad = get_ipython().run_line_magic('bg', '(1 / 0)')\n"),
     ("(a, b) &\nprint(1)", "get_ipython().run_line_magic('bg', '(a, b)')\nprint(1)\n"),
     ("a = 1; b = f(a) &", "a = 1; b = get_ipython().run_line_magic('bg', 'f(a)')\n"),
-    ("x = f(1,\n      2) &", "x = get_ipython().run_line_magic('bg', 'f(1,\\n      2)')\n"),
+    ("x = f(1,\n      2) &", "x = get_ipython().run_line_magic('bg', 'f(1,\\n      2)')\n\n"),
+    ("!make \\\n  all &\ny = 1", "get_ipython().run_line_magic('bg', '!make    all')\n\ny = 1\n"),
+    ("for i in r:\n    y = g(i,\n          2) &\n    z = 1", "for i in r:\n    y = get_ipython().run_line_magic("
+     "'bg', 'g(i,\\n          2)')\n\n    z = 1\n"),
     ("for i in r:\n    y = g(i) &\n", "for i in r:\n    y = get_ipython().run_line_magic('bg', 'g(i)')\n"),
 ])
 def test_a_line_ending_in_ampersand_becomes_a_job(ip: Any, cell: str, expected: str) -> None:
     assert transform(ip, cell) == expected
     # The terminal asks check_complete before running: the line must not wait for more input.
     assert ip.input_transformer_manager.check_complete(cell + "\n")[0] == "complete"
+
+
+def test_lines_after_a_statement_over_several_lines_keep_their_numbers(ip: Any) -> None:
+    # An error further down the cell names the line the user sees (the job's statement spans two).
+    result = ip.run_cell("def f(a, b): return a + b\nx = f(1,\n      2) &\nyy = 1\n1/0")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    tb = result.error_in_exec.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    assert tb is not None and tb.tb_lineno == 5
+    job = ip.user_ns["x"]
+    assert job.wait(timeout=20) and job.receive() == [3]
 
 
 @pytest.mark.parametrize("cell", [

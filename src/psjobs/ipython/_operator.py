@@ -158,7 +158,10 @@ class BackgroundOperator(TokenTransformBase):
     def transform(self, lines: list[str]) -> list[str]:
         row, col = self.start_line, self.start_col
         head = lines[row][:col]
-        return [*lines[:row], head + self.new_line + "\n", *lines[self.end_row:]]
+        # A blank line in place of each other row of the statement: the lines after it keep their
+        # numbers, so an error further down the cell names the line the user sees.
+        padding = ["\n"] * (self.end_row - row - 1)
+        return [*lines[:row], head + self.new_line + "\n", *padding, *lines[self.end_row:]]
 
 
 def _source_lines(line: list[tokenize.TokenInfo]) -> list[str]:
