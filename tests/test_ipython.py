@@ -457,6 +457,25 @@ def test_jobs_render_as_text_and_html(ip: Any) -> None:
     assert data["text/html"].count("<tr>") == 2  # header + one job
 
 
+def test_a_connected_sessions_job_shows_as_the_table(ip: Any, tmp_path: Path) -> None:
+    # psjobs.connect()'s jobs are a Job subclass with a __repr__ of its own: shown as the Get-Job
+    # table all the same, not as <Job 1 'digest' Completed localhost>.
+    from .clitools import private_home
+
+    with private_home(tmp_path / "home"):
+        jobs = psjobs.connect()
+        try:
+            job = jobs.start_job("echo digested", name="digest")
+            assert jobs.wait_job([job], timeout=30)
+            data, _ = ip.display_formatter.format(job)
+            assert data["text/plain"] == psjobs.format_table([job])
+            assert "digest" in data["text/plain"] and "<table" in data["text/html"]
+            data, _ = ip.display_formatter.format(jobs.get_job())
+            assert data["text/plain"] == psjobs.format_table([job])
+        finally:
+            jobs.close()
+
+
 def test_html_escapes_commands(session: psjobs.Session) -> None:
     job = session.start_thread_job(lambda: None, name="<b>")
     job.wait(timeout=10)
