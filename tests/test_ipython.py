@@ -648,8 +648,10 @@ def test_many_jobs_are_summed_up(session: psjobs.Session) -> None:
 def test_more_than_five_finished_jobs_are_announced_in_one_line(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """docs/ipython.md: more than five finished jobs at once become one line, `[first-last] N jobs
     done: ... (%jobs lists them)`, with the extension's own default."""
-    jobs = [run(ip, f"{n} &") for n in range(5)]
-    jobs.append(run(ip, "1 / 0 &"))
+    # One cell starts them all: a job started by an earlier cell of the test, and done by the time
+    # a later one ended, would be announced then, on its own, before the summary this test reads.
+    run(ip, "\n".join([f"j{n} = {n} &" for n in range(5)] + ["j5 = 1 / 0 &"]))
+    jobs = [ip.user_ns[f"j{n}"] for n in range(6)]
     wait_until(lambda: all(j.state.is_finished for j in jobs), 20, "the jobs to finish")
     capsys.readouterr()
     run(ip, "pass")
