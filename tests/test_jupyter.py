@@ -248,6 +248,16 @@ def test_6_a_cell_failure_shows_the_cell_line(kernel: Kernel) -> None:
     assert "raise KeyError('missing')" in r.stderr, r.stderr
 
 
+def test_6_a_cell_failure_leaves_the_runner_out(kernel: Kernel) -> None:
+    # docs/ipython.md: the traceback is the user's, psjobs' frames left out; the runner that
+    # executes a %%bg cell is psjobs' too, though it is compiled from a string, not a file.
+    no_error(kernel.run("%%bg --name cellfail2\ny = 2\nraise KeyError('absent')"))
+    no_error(kernel.run("psjobs.wait_job('cellfail2', timeout=20)"))
+    r = no_error(kernel.run("%receive cellfail2"))
+    assert "raise KeyError('absent')" in r.stderr, r.stderr
+    assert "runner" not in r.stderr and "run_cell" not in r.stderr, r.stderr
+
+
 # 7. quiet errors --------------------------------------------------------------------------------
 
 def test_7_unpicklable_name_is_one_line(kernel: Kernel) -> None:

@@ -163,3 +163,38 @@ def test_fed_from_a_real_job(session: psjobs.Session) -> None:
     assert [list(b.values()) for b in seen[:3]] == [[f"{label}: {p}%"] for p in (25, 50, 75)]
     assert seen[-1] == {}  # the completed record took the bar away
     assert job.receive() == ["done"]
+
+
+
+def test_the_jobs_text_is_shown_as_written(session: psjobs.Session) -> None:
+    # A name and a status are the job's own text: brackets in them are not style tags, nor an
+    # error (a path such as "[/data/file0]" would close a tag that is not open).
+    job = session.start_thread_job(lambda: None, name="[bold]mine[/bold]")
+    assert job.wait(timeout=10)
+    console, out = terminal()
+    with ProgressDisplay(console, min_interval=0) as shown:
+        shown.update(job, record("copying", 0, "[/data/file0]"))
+        assert f"[{job.id}] [bold]mine[/bold] copying: [/data/file0]" in last_frame(out)
+
+
+def _report_a_file() -> str:
+    psjobs.write_progress("copying", status="file 0", percent_complete=0)
+    return "copied"
+
+
+def test_a_process_jobs_bar_names_the_job_the_user_knows(session: psjobs.Session) -> None:
+    # The records come from the process job's hidden child, which %jobs never lists: the bar
+    # names the parent, as the notebook's progress lines do.
+    job = session.start_job(_report_a_file, name="mine")
+    console, out = terminal()
+    frame = ""
+    with ProgressDisplay(console, min_interval=0) as shown:
+        for leaf, stream, payload, _ in session.read_entries(job, keep=True, wait=True, timeout=30):
+            if stream is Stream.PROGRESS:
+                assert leaf is not job  # read from the child ...
+                shown.update(leaf, payload)
+                frame = last_frame(out)
+        expected = f"[{job.id}] mine copying: file 0"  # ... labelled as the parent
+        assert list(shown.bars.values()) == [expected]
+        assert expected in frame
+    assert job.receive() == ["copied"]

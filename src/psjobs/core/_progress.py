@@ -32,7 +32,13 @@ if TYPE_CHECKING:
 
 
 def _job_label(job: Job) -> str:
-    return f"[{job.id}] {job.name}"
+    """``[9] build``: the top-level job the user knows (``%jobs`` and Get-Job never list a process
+    job's hidden child), with the computer of a fan-out's child: ``[9] deploy on web1``."""
+    top = job
+    while top.parent is not None:
+        top = top.parent
+    where = job.computer_name if top is not job and len(top.child_jobs) > 1 else None
+    return f"[{top.id}] {top.name}" + (f" on {where}" if where and where != "localhost" else "")
 
 
 def _describe(record: ProgressRecord) -> str:
@@ -95,7 +101,9 @@ class ProgressDisplay:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            # markup=False: the text is the job's (its name, its status such as "[/data/file0]"),
+            # shown as written; rich would read brackets as style tags, or fail on them.
+            TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
             console=self._console, auto_refresh=False, transient=True)
         self._progress.start()
         if self.total is not None:

@@ -97,7 +97,7 @@ class _Extension:
         self._watched: dict[int, Job] = {}
         self._told_blocked: set[int] = set()
         self._last_id = 0
-        self._printers: list[tuple[str, type]] = []
+        self._printers: list[tuple[str, type | str]] = []
         #: in a Jupyter kernel: status lines in the starting cell instead of notices in later ones
         self.in_kernel = in_kernel(shell)
         self.status = StatusWatcher() if self.in_kernel else None
@@ -111,7 +111,10 @@ class _Extension:
         shell.register_magics(self.magics)
         plain = shell.display_formatter.formatters["text/plain"]
         rich_html = shell.display_formatter.formatters["text/html"]
-        for cls in (Job, JobList):
+        # A connected session's HostJob defines its own __repr__, which IPython's plain-text
+        # printer prefers to a printer registered for a base class: it is named too (by name, so
+        # that loading the extension does not import the host's client).
+        for cls in (Job, JobList, "psjobs._connect.HostJob"):
             plain.for_type(cls, self._pretty)
             rich_html.for_type(cls, self._html)
             self._printers += [("text/plain", cls), ("text/html", cls)]

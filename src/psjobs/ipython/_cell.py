@@ -37,8 +37,10 @@ def run_cell(source, filename, namespace):
         return eval(compile(last, filename, "eval"), namespace)
     return None
 '''
+#: the runner's file name in tracebacks: psjobs' frame, which a user's traceback leaves out
+RUNNER_FILENAME = "<psjobs %%bg runner>"
 _runner_ns: dict[str, Any] = {"__name__": "psjobs-cell-runner"}
-exec(compile(_RUNNER_SOURCE, "<psjobs %%bg runner>", "exec"), _runner_ns)
+exec(compile(_RUNNER_SOURCE, RUNNER_FILENAME, "exec"), _runner_ns)
 run_cell: types.FunctionType = _runner_ns["run_cell"]
 
 

@@ -32,6 +32,7 @@ import psjobs
 from psjobs.core._job import Job
 from psjobs.core._pshost import shown_name
 
+from ._cell import RUNNER_FILENAME
 from ._render import short_command
 
 _PSJOBS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(psjobs.__file__)))
@@ -154,9 +155,9 @@ def user_traceback(reason: BaseException) -> str:
             j += 1
         body = lines[i + 1:j]
         path = m.group("file")
-        if os.path.abspath(path).startswith(_PSJOBS_DIR + os.sep):
+        if path == RUNNER_FILENAME or os.path.abspath(path).startswith(_PSJOBS_DIR + os.sep):
             i = j
-            continue  # psjobs' own frames: the runner, the worker
+            continue  # psjobs' own frames: the worker, the runner of %%bg (compiled, not a file)
         out.append(line)
         if body:
             out.extend(body)

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import fnmatch
+import io
+import re
 import shlex
 import sys
 import types
@@ -43,20 +45,45 @@ def _code_names(code: types.CodeType) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _unpicklable(fn: types.FunctionType) -> list[tuple[str, Any, BaseException]]:
+#: IPython's own names in the user namespace (_, __, ___, _i, _ii, _i3, _3, _ih, _oh, _dh) and
+#: dunders: the shell's history and the module's, not the user's data. A %%bg cell does not get
+#: copies of them; a user name that starts with "_" (_scale) is copied as any other.
+_IPYTHON_OWN = re.compile(r"_+|_i{1,3}|_i?\d+|_[iod]h|__\w+__")
+
+
+def _used_globals(fn: types.FunctionType) -> list[tuple[str, Any]]:
+    """The names the expression uses that its namespace holds, with their values."""
+    # (others are builtins, attribute names, or names the job will look up itself)
+    return [(name, fn.__globals__[name]) for name in _code_names(fn.__code__) if name in fn.__globals__]
+
+
+def _unpicklable(fn: types.FunctionType) -> list[tuple[str, Any, BaseException | str]]:
     """The names the expression uses whose values cannot be sent to another process."""
     import cloudpickle
 
-    bad: list[tuple[str, Any, BaseException]] = []
-    for name in _code_names(fn.__code__):
-        if name not in fn.__globals__:
-            continue  # a builtin, an attribute name, or a name the job will look up itself
-        value = fn.__globals__[name]
+    bad: list[tuple[str, Any, BaseException | str]] = []
+    for name, value in _used_globals(fn):
         try:
             cloudpickle.dumps(value)
         except Exception as exc:
             bad.append((name, value, exc))
     return bad
+
+
+_OPEN_FILE = "an open file, which another process cannot share"
+
+
+def _is_open_file(value: Any) -> bool:
+    return isinstance(value, io.IOBase) and not value.closed
+
+
+def _cannot_copy(text: str, bad: list[tuple[str, Any, BaseException | str]], fix: str) -> str:
+    """The one line that says which names a process job cannot get copies of, and what to do."""
+    what = ", ".join(f"{n!r} (a {type(v).__module__}.{type(v).__qualname__}: {e})" for n, v, e in bad)
+    names = " and ".join(repr(n) for n, _, _ in bad)
+    return (f"{text} &: cannot copy {what} into the job's process, so no job was started. A process "
+            f"job gets a copy of every name it uses; {fix.format(names=names)}, or run it as a thread "
+            f"job, which shares the namespace: %bg --thread {text}  (or %config PsJobs.kind = 'thread')")
 
 
 def _compile_expression(text: str, namespace: dict[str, Any]) -> types.FunctionType:
@@ -80,26 +107,45 @@ def _expand(shell: Any, command: str, namespace: dict[str, Any]) -> str:
 
 # --- the magics ----------------------------------------------------------------------------
 
-_OPTIONS_HELP = "options: --thread, --process, --name NAME"
+_OPTIONS_HELP = "options: --thread, --process, --name NAME, and -- to end them"
 
 
 def _parse_bg(line: str) -> tuple[str | None, str | None, str]:
-    """``[--thread|--process] [--name NAME] rest``: (kind, name, rest)."""
+    """``[--thread|--process] [--name NAME] [--] rest``: (kind, name, rest).
+
+    The options are read as the other magics read theirs (shell words: ``--name "my job"``); the
+    rest is the expression or !command exactly as typed, quotes and all.
+    """
     kind: str | None = None
     name: str | None = None
     rest = line.strip()
     while rest.startswith("--"):
-        word, _, after = rest.partition(" ")
+        word, after = [*rest.split(None, 1), ""][:2]
+        if word == "--":
+            return kind, name, after.strip()  # what follows is the expression, even "--x"
         if word in ("--thread", "--process"):
             kind = word[2:]
         elif word == "--name":
-            name, _, after = after.strip().partition(" ")
+            name, after = _first_word(after)
             if not name:
                 raise UsageError(f"%bg: --name needs a job name ({_OPTIONS_HELP})")
         else:
-            break
+            raise UsageError(f"%bg: unknown option {word}; {_OPTIONS_HELP}")
         rest = after.strip()
     return kind, name, rest
+
+
+def _first_word(text: str) -> tuple[str | None, str]:
+    """The first shell word of ``text`` (quotes taken off) and the text after it, untouched."""
+    stream = io.StringIO(text)
+    lexer = shlex.shlex(stream, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""  # '#' in a name is part of it; the expression after it is not ours
+    try:
+        word = lexer.get_token()
+    except ValueError as exc:
+        raise UsageError(f"%bg: cannot read the job name in {text.strip()!r}: {exc}") from None
+    return word, stream.read()  # the lexer stops right after the word (and one blank)
 
 
 @magics_class
@@ -117,7 +163,8 @@ class JobMagics(Magics):
     def bg(self, line: str, local_ns: dict[str, Any] | None = None) -> Job:
         """Start EXPR (or !COMMAND) as a job and return the job.
 
-        Usage: ``%bg [--thread | --process] [--name NAME] EXPR`` or ``%bg [--name NAME] !COMMAND``.
+        Usage: ``%bg [--thread | --process] [--name NAME] [--] EXPR`` or ``%bg [--name NAME] !COMMAND``
+        (``--`` ends the options, for an expression that starts with ``--``).
         A line ending in `` &`` runs ``%bg`` with the kind set by ``%config PsJobs.kind``.
         A process job gets copies of the names EXPR uses (each must be picklable); a thread job
         shares the namespace. Example: ``%bg --thread sum(range(10**7))``
@@ -167,20 +214,21 @@ class JobMagics(Magics):
     @staticmethod
     def _start_process(fn: types.FunctionType, text: str, name: str | None) -> Job:
         __tracebackhide__ = True
+        files: list[tuple[str, Any, BaseException | str]] = [
+            (n, v, _OPEN_FILE) for n, v in _used_globals(fn) if _is_open_file(v)]
+        if files:
+            # cloudpickle would copy a text file opened for reading (a snapshot of it): refused, as
+            # an open file is everywhere else, rather than a job reading a copy of the user's file
+            raise UsageError(_cannot_copy(text, files, "open the file in the job instead")) from None
         try:
             return psjobs.start_job(fn, name=name)
         except TypeError as exc:
             bad = _unpicklable(fn)
             if not bad:
                 raise
-            what = ", ".join(f"{n!r} (a {type(v).__module__}.{type(v).__qualname__}: {e})" for n, v, e in bad)
-            names = " and ".join(repr(n) for n, _, _ in bad)
             # One line, as IPython's own usage errors (%tb shows the pickling error behind it).
-            raise UsageError(
-                f"{text} &: cannot copy {what} into the job's process, so no job was started. A process "
-                f"job gets a copy of every name it uses; make {names} picklable, or run it as a thread "
-                f"job, which shares the namespace: %bg --thread {text}  (or %config PsJobs.kind = 'thread')"
-            ) from (exc.__cause__ or exc)  # the pickling error itself, not start_job's wording of it
+            raise UsageError(_cannot_copy(text, bad, "make {names} picklable")
+                             ) from (exc.__cause__ or exc)  # the pickling error itself, not start_job's wording of it
 
     @line_magic  # type: ignore[untyped-decorator]
     @needs_local_scope  # type: ignore[untyped-decorator]
@@ -196,7 +244,7 @@ class JobMagics(Magics):
         self._no_other_options(words, "%jobs", "--state STATE, --children")
         with _as_usage("%jobs"):
             if words:
-                jobs = psjobs.get_job(self._select(words, local_ns), state=state,
+                jobs = psjobs.get_job(self._select(words, local_ns, "%jobs"), state=state,
                                       include_child_jobs=children)
             else:
                 jobs = psjobs.get_job(state=state, include_child_jobs=children)
@@ -216,7 +264,7 @@ class JobMagics(Magics):
         wait = _take_flag(words, "--wait")
         timeout = _take_seconds(words, "%receive")
         self._no_other_options(words, "%receive", "--keep, --wait, --timeout S")
-        jobs = self._select(self._need(words, "%receive"), local_ns)
+        jobs = self._select(self._need(words, "%receive"), local_ns, "%receive")
         try:
             with _as_usage("%receive"):
                 out = psjobs.receive_job(jobs, keep=keep, wait=wait or timeout is not None, timeout=timeout)
@@ -226,7 +274,8 @@ class JobMagics(Magics):
             return None  # type: ignore[return-value]
         if not self.ext.in_kernel:  # a kernel's front end shows the traceback with the failure
             self._show_tracebacks(jobs)
-        self.ext.seen(jobs)
+        # The jobs themselves, not the words: a job received by its name is seen as well.
+        self.ext.seen(psjobs.get_job(jobs) if jobs else [])
         return out
 
     @line_magic  # type: ignore[untyped-decorator]
@@ -240,14 +289,14 @@ class JobMagics(Magics):
         any_ = _take_flag(words, "--any")
         timeout = _take_seconds(words, "%wait")
         self._no_other_options(words, "%wait", "--any, --timeout S")
-        jobs = self._select(self._need(words, "%wait"), local_ns)
+        jobs = self._select(self._need(words, "%wait"), local_ns, "%wait")
         try:
             with _as_usage("%wait"):
                 done = psjobs.wait_job(jobs, any=any_, timeout=timeout, show_progress=self.ext.in_kernel)
         except KeyboardInterrupt:
             print("%wait: interrupted; the jobs go on (see %jobs)", file=sys.stderr)
             return None
-        if not done:
+        if not done and timeout is not None:
             print(f"%wait: timed out after {timeout:g}s; the jobs go on (see %jobs)", file=sys.stderr)
             return None
         self._show_tracebacks(done)
@@ -260,7 +309,7 @@ class JobMagics(Magics):
         """Stop jobs for real (Stop-Job). Usage: ``%stop ID...``. Example: ``%stop 3``"""
         words = _split(line)
         self._no_other_options(words, "%stop", "none")
-        jobs = self._select(self._need(words, "%stop"), local_ns)
+        jobs = self._select(self._need(words, "%stop"), local_ns, "%stop")
         with _as_usage("%stop"):
             stopped = psjobs.stop_job(jobs, pass_thru=True)
         self.ext.seen(stopped)  # the user stopped them: no notice that they stopped
@@ -274,7 +323,7 @@ class JobMagics(Magics):
         """
         words = _split(line)
         self._no_other_options(words, "%suspend", "none")
-        jobs = self._select(self._need(words, "%suspend"), local_ns)
+        jobs = self._select(self._need(words, "%suspend"), local_ns, "%suspend")
         with _as_usage("%suspend"):
             return psjobs.suspend_job(jobs)
 
@@ -284,7 +333,7 @@ class JobMagics(Magics):
         """Let suspended jobs run on (SIGCONT). Usage: ``%resume ID...``. Example: ``%resume 3``"""
         words = _split(line)
         self._no_other_options(words, "%resume", "none")
-        jobs = self._select(self._need(words, "%resume"), local_ns)
+        jobs = self._select(self._need(words, "%resume"), local_ns, "%resume")
         with _as_usage("%resume"):
             return psjobs.resume_job(jobs)
 
@@ -298,7 +347,7 @@ class JobMagics(Magics):
         words = _split(line)
         force = _take_flag(words, "--force")
         self._no_other_options(words, "%remove", "--force")
-        jobs = self._select(self._need(words, "%remove"), local_ns)
+        jobs = self._select(self._need(words, "%remove"), local_ns, "%remove")
         with _as_usage("%remove"):
             psjobs.remove_job(jobs, force=force)
         self.ext.forget(jobs)
@@ -358,7 +407,10 @@ class JobMagics(Magics):
         captured: dict[str, Any] = {}
         bad: list[str] = []
         for name in sorted(used):
-            if name in user and not name.startswith("_"):
+            if name in user and not _IPYTHON_OWN.fullmatch(name):
+                if _is_open_file(user[name]):  # cloudpickle would copy a file open for reading
+                    bad.append(f"{name!r} (a {type(user[name]).__qualname__}: {_OPEN_FILE})")
+                    continue
                 try:
                     cloudpickle.dumps(user[name])
                 except Exception as exc:
@@ -367,8 +419,8 @@ class JobMagics(Magics):
                 captured[name] = user[name]
         if bad:
             raise UsageError(f"{magic}: cannot copy {', '.join(bad)} into the job's process, so no job "
-                             f"was started; make them picklable, or use %%bg --thread, which shares the "
-                             f"namespace")
+                             f"was started; make them picklable (a file: open it in the job), or use "
+                             f"%%bg --thread, which shares the namespace")
         return captured
 
     @staticmethod
@@ -384,8 +436,9 @@ class JobMagics(Magics):
             if word.startswith("--"):
                 raise UsageError(f"{magic}: unknown option {word}; options: {known}")
 
-    def _select(self, words: list[str], local_ns: dict[str, Any] | None) -> list[Any]:
-        """Ids, job names (wildcards over top-level jobs) and variables holding jobs."""
+    def _select(self, words: list[str], local_ns: dict[str, Any] | None, magic: str) -> list[Any]:
+        """Ids, job names (wildcards over top-level jobs) and variables holding jobs; a wildcard that
+        matches no job is a usage error, as an id or a name that matches none is."""
         namespace = dict(self.shell.user_ns) if self.shell is not None else {}
         if local_ns:
             namespace.update(local_ns)
@@ -401,7 +454,10 @@ class JobMagics(Magics):
                 out.extend(value)
             elif any(c in word for c in "*?["):
                 # Top-level jobs only: "%remove *" must not try to remove child jobs on their own.
-                out.extend(j for j in psjobs.get_job() if fnmatch.fnmatchcase(j.name.lower(), word.lower()))
+                matched = [j for j in psjobs.get_job() if fnmatch.fnmatchcase(j.name.lower(), word.lower())]
+                if not matched:
+                    raise UsageError(f"{magic}: no job has a name that matches {word!r}; %jobs lists them")
+                out.extend(matched)
             else:
                 out.append(word)
         return out

@@ -39,6 +39,8 @@ def _text_between(lines: list[str], start: tuple[int, int], end: tuple[int, int]
 
 
 def _background_call(payload: str) -> str:
+    if payload.startswith("--"):
+        payload = "-- " + payload  # "--x &" is an expression (minus minus x), not an option of %bg
     return f"get_ipython().run_line_magic('bg', {payload!r})"
 
 
@@ -156,7 +158,10 @@ class BackgroundOperator(TokenTransformBase):
     def transform(self, lines: list[str]) -> list[str]:
         row, col = self.start_line, self.start_col
         head = lines[row][:col]
-        return [*lines[:row], head + self.new_line + "\n", *lines[self.end_row:]]
+        # A blank line in place of each other row of the statement: the lines after it keep their
+        # numbers, so an error further down the cell names the line the user sees.
+        padding = ["\n"] * (self.end_row - row - 1)
+        return [*lines[:row], head + self.new_line + "\n", *padding, *lines[self.end_row:]]
 
 
 def _source_lines(line: list[tokenize.TokenInfo]) -> list[str]:

@@ -28,6 +28,7 @@ def render_rich(jobs: Iterable[Job], *, width: int = 100, color: bool = True) ->
     """The Get-Job table drawn by rich (ANSI colours when ``color``), as text."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in COLUMNS:
@@ -36,12 +37,15 @@ def render_rich(jobs: Iterable[Job], *, width: int = 100, color: bool = True) ->
     for job in jobs:
         row = list(job_row(job))
         row[6] = " ".join(row[6].split())
-        state = row[3]
-        table.add_row(*row[:3], f"[{_STATE_STYLE.get(state, '')}]{state}[/]" if color else state,
-                      *row[4:])
+        # Text, not markup: a command or a name is the user's text ("sed 's/[/]//'", "[bold]x"),
+        # drawn as typed; rich would read brackets in a str as style tags, or fail on them.
+        cells = [Text(cell) for cell in row]
+        if color:
+            cells[3].stylize(_STATE_STYLE.get(row[3], ""))
+        table.add_row(*cells)
     out = io.StringIO()
     console = Console(file=out, width=width, force_terminal=color, color_system="standard" if color else None,
-                      highlight=False, emoji=False, markup=True)
+                      highlight=False, emoji=False, markup=False)
     console.print(table)
     return out.getvalue().rstrip("\n")
 
