@@ -297,6 +297,41 @@ print(other._spill.directory, flush=True)
     assert error.startswith("JobStateError") and "deleted" in error and "keep the session open" in error
 
 
+def test_the_spill_files_of_a_killed_session_are_deleted_by_the_next_one(tmp_path: Any) -> None:
+    """A session killed with SIGKILL runs no exit hook: its spilled records stay in the temporary
+    directory until the next session of this user spills, which deletes them (and never a live
+    session's)."""
+    import subprocess
+
+    code = f"""
+import os, sys, psjobs
+session = psjobs.Session()
+job = session.start_job([sys.executable, "-c", {_MAKE_LINES!r}, "100000"])
+job.wait(60)
+print(session._spill.directory, flush=True)
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), 9)
+sys.stdin.read()  # the live one waits until the test is done with it
+"""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.run([sys.executable, "-c", code, "kill"], capture_output=True, text=True, timeout=120, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    dead = killed.stdout.strip()
+    assert os.listdir(dead)  # the records it spilled are still there
+    live = subprocess.Popen([sys.executable, "-c", code, "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert live.stdout is not None
+        mine = live.stdout.readline().strip()  # this session spilled, after it looked for dead ones
+        assert mine and os.path.isdir(mine) and not os.path.exists(dead)
+        killed_again = subprocess.run([sys.executable, "-c", code, "kill"], capture_output=True, text=True,
+                                      timeout=120, env=env)
+        assert os.path.isdir(mine) and not os.path.exists(dead)  # a live session's stays
+        assert os.path.isdir(killed_again.stdout.strip())  # (a third session would delete this one)
+    finally:
+        live.communicate("", timeout=60)
+
+
 def test_the_memory_bench_runs() -> None:
     import subprocess
     from pathlib import Path

@@ -11,6 +11,7 @@
     Session._read (no lock) --> SpillJournal.read(start, stop): blocks read back from the file
                                 (pread), then the entries still in memory, in order
     remove_job --> drop(): the file deleted;  Session.close, interpreter exit --> the directory
+    a session killed before its exit hook ran --> the next session's first spill deletes its directory
 
 Why the spilling runs in the thread that reported the records, and not in a writer thread of
 its own: that thread is what produces (a process job's ``psjobs-io`` reader, a thread job's own
@@ -346,8 +347,9 @@ class Spill:
 
     def _directory(self) -> str | None:
         if self.directory is None:
-            try:
-                self.directory = tempfile.mkdtemp(prefix="psjobs-spill-")  # mode 0700
+            _prune_dead()
+            try:  # mode 0700; the pid in its name lets a later session delete it if this one is killed
+                self.directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
             except OSError:
                 return None
             atexit.register(_remove, self.directory, os.getpid())
@@ -359,6 +361,35 @@ class Spill:
             self.closed = True
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_PREFIX = "psjobs-spill-"
+
+
+def _prune_dead() -> None:
+    """Delete the spill directories of this user's sessions whose process is gone (SIGKILL, a
+    crash: no exit hook ran), so their records do not stay on disk: a directory is this user's,
+    named psjobs-spill-<pid>-*, and no process has that pid (one that reuses it keeps it, for now)."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            parts = entry.name[len(_PREFIX):].split("-", 1)
+            if not entry.name.startswith(_PREFIX) or len(parts) != 2 or not parts[0].isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid() \
+                        and not _alive(int(parts[0])):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: not ours to judge
+    return True
 
 
 def _remove(directory: str, pid: int) -> None:
