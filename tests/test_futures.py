@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +371,55 @@ def test_cancelling_the_future_of_a_queued_job_stops_the_job(session: psjobs.Ses
     assert future.cancelled() and queued.state is JobState.STOPPED
     Path(gate).touch()
     assert busy.result(timeout=30) == gate
+
+
+# --- callbacks that block, map's clean-up, a cancel racing a start, removed jobs ----------------------
+
+def test_a_done_callback_waiting_for_another_future_holds_up_no_future(session: psjobs.Session,
+                                                                       tmp_path: Path) -> None:
+    # ThreadPoolExecutor allows a callback that waits for another future's result; psjobs settles
+    # futures, awaits and its Executor on a thread of its own, never behind such a callback.
+    gate = str(tmp_path / "gate")
+    entered: list[Future] = []
+    got: list[Any] = []
+    with psjobs.Executor("thread", max_workers=2, session=session) as ex:
+        a = ex.submit(pow, 2, 2)
+        b = ex.submit(wait_for_file, gate)
+
+        def waits_for_b(f: Future) -> None:
+            entered.append(f)
+            got.append(b.result(timeout=60))
+
+        a.add_done_callback(waits_for_b)
+        wait_until(lambda: entered == [a], 30, "a's callback to wait for b")
+        assert ex.submit(pow, 2, 3).result(timeout=30) == 8  # settled and pumped meanwhile
+        job = session.start_thread_job(slow_value, 0.05)
+
+        async def awaits() -> Any:
+            return await asyncio.wait_for(job, 30)
+
+        assert asyncio.run(awaits()) == 42  # an unrelated await
+        assert list(psjobs.as_completed([session.start_thread_job(slow_value, 0.01)], timeout=30))
+        Path(gate).touch()
+        assert b.result(timeout=30) == gate
+        wait_until(lambda: got == [gate], 30, "a's callback to get b's value")
+        ran_in: list[threading.Thread] = []
+        b.add_done_callback(lambda f: ran_in.append(threading.current_thread()))
+        assert ran_in == [threading.current_thread()]  # on a done future: at once, here, as any Future
+
+
+def test_a_user_callback_that_blocks_does_not_hold_up_the_others(session: psjobs.Session,
+                                                                 no_stray_threads: None) -> None:
+    release = threading.Event()
+    later: list[Job] = []
+    first = session.start_thread_job(slow_value, 0.01)
+    first.add_done_callback(lambda j: release.wait(60))
+    first.wait(30)
+    second = session.start_thread_job(slow_value, 0.01)
+    second.add_done_callback(later.append)
+    try:
+        # In order, but one that blocks hands the queue on after 0.2 s (docs/futures.md).
+        wait_until(lambda: later == [second], 30, "the callback after the blocked one")
+    finally:
+        release.set()  # and then no psjobs thread is left (no_stray_threads)
+

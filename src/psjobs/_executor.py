@@ -8,6 +8,7 @@
                the next computer, cluster: start_job(cluster=...)), future.job = the job
     job finished --psjobs-callbacks thread--> future settled from the job (result, exception,
                or cancelled if it was stopped) --> _pump starts the next queued call
+               (the future's own callbacks run on psjobs-user-callbacks: never in the way)
     future.cancel() on a running call --> stop_job: the call is stopped for real
 
 A drop-in for ProcessPoolExecutor and ThreadPoolExecutor (the same submit, map, shutdown and
@@ -30,6 +31,7 @@ from typing import Any
 
 from ._api import default_session
 from ._compat import register_before_exit
+from .core import _future
 from .core._future import FollowingFuture
 from .core._job import Job
 from .core._sched import forget_recipe
@@ -196,7 +198,7 @@ class Executor(concurrent.futures.Executor):
                 self._finished()
                 continue
             future.job = job
-            job.add_done_callback(functools.partial(self._settle, future))
+            _future.add_done_callback(job, functools.partial(self._settle, future), own=True)
 
     def _start(self, call: Callable[[], Any]) -> Job:
         session = self.session

@@ -5,32 +5,35 @@
     backend --port--> Job._set_state / _extend  (session lock held)
                           |  a watched job only: Watch.changed / Watch.news queue a call
                           v
-                   dispatcher queue --psjobs-callbacks thread--> fn(job, old, new), fn(job)
-                          (outside the session lock, in order)        |
-                                                                      +--> Future.set_result ...
-                                                                      +--> loop.call_soon_threadsafe
-                                                                           (await job, astream)
+              psjobs' own (core/_dispatch.own) --psjobs-callbacks thread--> FollowingFuture.settle
+                 (never a user's code)                                      (Future state, waiters),
+                                                                            Executor, as_completed,
+                                                                            loop.call_soon_threadsafe
+                                                                            (await job, astream)
+              users' (core/_dispatch.user) --psjobs-user-callbacks thread--> fn(job, old, new), fn(job),
+                                                                            a FollowingFuture's callbacks
     result(): waits on the session's condition, then reads the journal from 0 (the receive
               cursor does not move) and shapes the value by what ran (``SHAPES``)
 
-Callbacks run on one thread per process (``psjobs-callbacks``, started on the first one and
-ended after a second without work), never with the session lock held: a callback may call any
-verb. An asyncio waiter costs no thread: its callback only schedules a wake-up in its loop.
+Callbacks never run with the session lock held: a callback may call any verb. psjobs' own
+callbacks and the users' run on separate threads, so that a user's callback that blocks (waits
+for another future) never holds up a future's state, an await or an Executor (see _dispatch).
+An asyncio waiter costs no thread: its callback only schedules a wake-up in its loop.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
-import os
 import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._compat import cancel_running_future
 from .._records import Stream
+from . import _dispatch
 from ._state import JobState
 
 if TYPE_CHECKING:
@@ -47,83 +50,40 @@ StateCallback = Callable[["Job", JobState, JobState], Any]
 DoneCallback = Callable[["Job"], Any]
 
 
-# --- the dispatcher: one thread runs every callback, outside the session lock ---------------------
-
-class _Dispatcher:
-    """A queue of calls and the one thread that runs them, in order; it ends when idle."""
-
-    IDLE = 1.0  # seconds without work before the thread ends (tests check no psjobs thread lingers)
-
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
-        self.lock = threading.Lock()  # a leaf lock: may be taken under the session lock
-        self.thread: threading.Thread | None = None
-
-    def put(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.queue.put((fn, args))
-        with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="psjobs-callbacks", daemon=True)
-                self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                fn, args = self.queue.get(timeout=self.IDLE)
-            except queue.Empty:
-                with self.lock:
-                    if self.queue.empty():  # a put after this sees thread None and starts another
-                        self.thread = None
-                        return
-                continue
-            try:
-                fn(*args)
-            except BaseException:
-                log.exception("psjobs: a job callback %r raised; the other callbacks run on", fn)
-
-
-_dispatcher = _Dispatcher()
-
-
-def _after_fork() -> None:
-    global _dispatcher
-    _dispatcher = _Dispatcher()  # the parent's thread does not exist in the child
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def dispatch(fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(*args)`` on the callbacks thread (its exception is logged on ``psjobs``)."""
-    _dispatcher.put(fn, *args)
-
-
 class Watch:
-    """Who listens to one job: state callbacks, done callbacks, news (record) callbacks."""
+    """Who listens to one job: the users' state and done callbacks, psjobs' own (``own_*``: a
+    FollowingFuture, an Executor, as_completed, an asyncio waiter) and news (record) callbacks."""
 
-    __slots__ = ("done", "news_fns", "pending", "states")
+    __slots__ = ("done", "news_fns", "own_done", "own_states", "pending", "states")
 
     def __init__(self) -> None:
         self.states: list[StateCallback] = []
         self.done: list[DoneCallback] = []
-        self.news_fns: list[DoneCallback] = []
+        self.own_states: list[StateCallback] = []
+        self.own_done: list[DoneCallback] = []
+        self.news_fns: list[DoneCallback] = []  # psjobs' own (astream)
         self.pending = False  # a news call is queued: records coming meanwhile need no other
 
     # Called with the session lock held: they only queue.
     def changed(self, job: Job, old: JobState, new: JobState) -> None:
+        for fn in self.own_states:
+            _dispatch.own(_call_state, fn, job, old, new)
         for fn in self.states:
-            dispatch(_call_state, fn, job, old, new)
+            _dispatch.user(_call_state, fn, job, old, new)
         if new.is_finished:
+            own_done, self.own_done = self.own_done, []
+            for dfn in own_done:
+                _dispatch.own(_call_done, dfn, job)
             done, self.done = self.done, []
             for dfn in done:
-                dispatch(_call_done, dfn, job)
+                _dispatch.user(_call_done, dfn, job)
         if self.news_fns:
             self.news(job)
 
     def news(self, job: Job) -> None:
         if self.news_fns and not self.pending:
             self.pending = True
-            dispatch(self._fire_news, job)
+            _dispatch.own(self._fire_news, job)
 
     def _fire_news(self, job: Job) -> None:
         self.pending = False  # before the calls: a record after this queues another call
@@ -175,24 +135,28 @@ def exception(job: Job, timeout: float | None) -> BaseException | None:
     return job.reason if job._state is JobState.FAILED else None
 
 
-def add_done_callback(job: Job, fn: DoneCallback) -> None:
+def add_done_callback(job: Job, fn: DoneCallback, *, own: bool = False) -> None:
+    """``fn(job)`` once the job is finished, at once here if it is; ``own``: psjobs' own callback,
+    which never blocks (it runs on psjobs' own thread, never behind a user's callback)."""
     with job._session._cond:
         if not job._state.is_finished:
-            _watch(job).done.append(fn)
+            w = _watch(job)
+            (w.own_done if own else w.done).append(fn)
             return
     _call_done(fn, job)
 
 
-def add_state_callback(job: Job, fn: StateCallback) -> None:
+def add_state_callback(job: Job, fn: StateCallback, *, own: bool = False) -> None:
     with job._session._cond:
-        _watch(job).states.append(fn)
+        w = _watch(job)
+        (w.own_states if own else w.states).append(fn)
 
 
 def remove_callback(job: Job, fn: Callable[..., Any]) -> None:
     with job._session._cond:
         w = job._watch
         if w is not None:
-            for fns in (w.states, w.done, w.news_fns):
+            for fns in (w.states, w.done, w.own_states, w.own_done, w.news_fns):
                 while fn in fns:
                     fns.remove(fn)
 
@@ -201,7 +165,7 @@ def as_future(job: Job) -> FollowingFuture:
     future = FollowingFuture(job)
     if job._state is not JobState.NOT_STARTED:
         future.set_running_or_notify_cancel()
-    add_done_callback(job, future.settle)
+    add_done_callback(job, future.settle, own=True)
     return future
 
 
@@ -235,6 +199,12 @@ class FollowingFuture(concurrent.futures.Future[Any]):
         self.settle(job)
         return self.cancelled()
 
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
+        """As any Future's; but where psjobs settles the future on its own callbacks thread, ``fn``
+        runs on the user callbacks thread instead: one that blocks (waits for another future) holds
+        up no future's settling. What it raises is logged on ``concurrent.futures``, as the stdlib does."""
+        super().add_done_callback(functools.partial(_future_callback, fn))
+
     def settle(self, job: Job) -> None:
         """Take the finished job's outcome (idempotent)."""
         if self.done() or not job.done():
@@ -254,6 +224,25 @@ class FollowingFuture(concurrent.futures.Future[Any]):
             self.set_result(value)
         except concurrent.futures.InvalidStateError:
             pass  # settled meanwhile by another thread (a cancel racing the callback)
+
+
+_futures_log = logging.getLogger("concurrent.futures")  # where the stdlib logs a callback's exception
+
+
+def _future_callback(fn: Callable[[concurrent.futures.Future[Any]], object],
+                     future: concurrent.futures.Future[Any]) -> None:
+    if _dispatch.on_own_thread():
+        _dispatch.user(_call_future_callback, fn, future)
+    else:
+        fn(future)  # where the stdlib calls it: at once, or in the thread that settled the future
+
+
+def _call_future_callback(fn: Callable[[concurrent.futures.Future[Any]], object],
+                          future: concurrent.futures.Future[Any]) -> None:
+    try:
+        fn(future)
+    except Exception:
+        _futures_log.exception("exception calling callback for %r", future)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -339,7 +328,7 @@ def as_completed(session: Session, jobs: Any, timeout: float | None = None) -> I
     finished: queue.SimpleQueue[Job] = queue.SimpleQueue()
     pending = {job.id: job for job in selected}
     for job in selected:
-        add_done_callback(job, finished.put)
+        add_done_callback(job, finished.put, own=True)
     try:
         while pending:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -384,7 +373,7 @@ async def wait_async(session: Session, jobs: Any, *, any: bool = False, timeout:
             pass  # the loop is closed: nobody waits any more
 
     for job in selected:
-        add_state_callback(job, poke)
+        add_state_callback(job, poke, own=True)
     deadline = None if timeout is None else loop.time() + timeout
     try:
         while True:
@@ -433,7 +422,7 @@ async def _next_change(job: Job) -> None:
         except RuntimeError:
             pass
 
-    add_state_callback(job, poke)
+    add_state_callback(job, poke, own=True)
     try:
         if not job._state.is_finished:
             await woken.wait()
