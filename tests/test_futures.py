@@ -423,3 +423,18 @@ def test_a_user_callback_that_blocks_does_not_hold_up_the_others(session: psjobs
     finally:
         release.set()  # and then no psjobs thread is left (no_stray_threads)
 
+
+def test_the_future_of_a_job_not_started_runs_when_the_job_starts(session: psjobs.Session,
+                                                                   tmp_path: Path) -> None:
+    session.thread_throttle_limit = 1
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    busy = session.start_thread_job(wait_for_file, first)
+    queued = session.start_thread_job(wait_for_file, second)
+    future = queued.as_future()
+    assert queued.state is JobState.NOT_STARTED and not future.running()
+    Path(first).touch()
+    assert busy.result(timeout=30) == first
+    wait_until(future.running, 30, "the future running once its job runs")
+    assert queued.running() and not future.done()
+    Path(second).touch()
+    assert future.result(timeout=30) == second

@@ -163,7 +163,11 @@ def remove_callback(job: Job, fn: Callable[..., Any]) -> None:
 
 def as_future(job: Job) -> FollowingFuture:
     future = FollowingFuture(job)
-    if job._state is not JobState.NOT_STARTED:
+    with job._session._cond:  # the job cannot leave NotStarted between the test and the callback
+        waits = job._state is JobState.NOT_STARTED
+        if waits:
+            _watch(job).own_states.append(future.started)
+    if not waits:
         future.set_running_or_notify_cancel()
     add_done_callback(job, future.settle, own=True)
     return future
@@ -204,6 +208,17 @@ class FollowingFuture(concurrent.futures.Future[Any]):
         runs on the user callbacks thread instead: one that blocks (waits for another future) holds
         up no future's settling. What it raises is logged on ``concurrent.futures``, as the stdlib does."""
         super().add_done_callback(functools.partial(_future_callback, fn))
+
+    def started(self, job: Job, old: JobState, new: JobState) -> None:
+        """A state callback of a job that was NotStarted: once it starts, the future is running,
+        as an executor's future once its call starts (on psjobs' own callbacks thread)."""
+        remove_callback(job, self.started)
+        if new.is_finished or self.done() or self.running():
+            return  # settle() takes a finished job's outcome
+        try:
+            self.set_running_or_notify_cancel()
+        except RuntimeError:
+            pass  # settled meanwhile in another thread (a cancel())
 
     def settle(self, job: Job) -> None:
         """Take the finished job's outcome (idempotent)."""
