@@ -424,6 +424,54 @@ def test_a_user_callback_that_blocks_does_not_hold_up_the_others(session: psjobs
         release.set()  # and then no psjobs thread is left (no_stray_threads)
 
 
+class _Cancels:
+    """An argument that cancels its own future while it is pickled, which happens while its job is
+    being started: as a signal handler that cancels every future might, in the starting thread."""
+
+    def __init__(self) -> None:
+        self.future: Future | None = None
+
+    def __reduce__(self) -> Any:
+        assert self.future is not None
+        self.future.cancel()
+        return (int, ())
+
+
+def forever_with(_: Any) -> None:
+    while True:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind_name", ["process", "thread"])
+def test_a_future_that_just_reported_running_can_be_cancelled(session: psjobs.Session, kind_name: str) -> None:
+    # Its Executor marks a call running, then starts its job: cancel() in between must still stop
+    # the call. Each loop submits while the previous call's slot is not free yet, so the call is
+    # started on psjobs' thread while this one watches it: the window is hit within a few loops.
+    with psjobs.Executor(kind_name, max_workers=1, session=session) as ex:
+        for _ in range(20):
+            future = ex.submit(forever_with, None)
+            deadline = time.monotonic() + 30
+            while not future.running():  # no sleep: the window is short
+                assert time.monotonic() < deadline, "the call never started"
+            assert future.cancel() is True
+            assert future.cancelled() and future.job is not None and future.job.state is JobState.STOPPED
+
+
+def test_a_cancel_from_within_its_own_start_does_not_hang(session: psjobs.Session, tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    with psjobs.Executor("process", max_workers=1, session=session) as ex:
+        busy = ex.submit(wait_for_file, gate)
+        arg = _Cancels()
+        future = ex.submit(forever_with, arg)  # queued: started (and pickled) once busy is done
+        arg.future = future
+        Path(gate).touch()
+        assert busy.result(timeout=30) == gate
+        wait_until(future.done, 30, "the future cancelled")
+        assert future.cancelled()
+        wait_until(lambda: future.job is not None and future.job.state is JobState.STOPPED, 30,
+                   "its job stopped")
+
+
 def test_the_future_of_a_job_not_started_runs_when_the_job_starts(session: psjobs.Session,
                                                                    tmp_path: Path) -> None:
     session.thread_throttle_limit = 1

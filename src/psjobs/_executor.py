@@ -5,7 +5,7 @@
     submit(fn, *args) --> a Future (PENDING) on the executor's queue
         _pump: while fewer than max_workers run --> future RUNNING, a job started for it
                (process: start_job, thread: start_thread_job, computer_name: invoke_command on
-               the next computer, cluster: start_job(cluster=...)), future.job = the job
+               the next computer, cluster: start_job(cluster=...)), future.attach(the job)
     job finished --psjobs-callbacks thread--> future settled from the job (result, exception,
                or cancelled if it was stopped) --> _pump starts the next queued call
                (the future's own callbacks run on psjobs-user-callbacks: never in the way)
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import os
@@ -187,17 +188,19 @@ class Executor(concurrent.futures.Executor):
                 if self._running >= self._max_workers or not self._queue:
                     return
                 future, call = self._queue.popleft()
-                if not future.set_running_or_notify_cancel():
+                if not future.start_running():
                     self._idle.notify_all()
                     continue  # cancelled while it waited
                 self._running += 1
             try:
                 job = self._start(call)
             except BaseException as exc:  # refused before a job existed (an unpicklable call...)
-                future.set_exception(exc)
+                with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+                    future.set_exception(exc)
+                future.attach(None)
                 self._finished()
                 continue
-            future.job = job
+            future.attach(job)  # a cancel() waiting since start_running goes on: it stops the job
             _future.add_done_callback(job, functools.partial(self._settle, future), own=True)
 
     def _start(self, call: Callable[[], Any]) -> Job:

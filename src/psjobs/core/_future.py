@@ -27,6 +27,7 @@ import concurrent.futures
 import functools
 import logging
 import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -190,11 +191,43 @@ class FollowingFuture(concurrent.futures.Future[Any]):
     def __init__(self, job: Job | None = None) -> None:
         super().__init__()
         self.job = job
+        # Set once ``job`` is known, or known never to come (its Executor could not start the
+        # call): cancel() waits for it on a future its Executor has marked running.
+        self._attached = threading.Event()
+        if job is not None:
+            self._attached.set()
+        self._starter: int | None = None  # the thread that starts the call's job (start_running)
+        self._stop_on_attach = False
+
+    def start_running(self) -> bool:
+        """``set_running_or_notify_cancel()``, by an Executor that starts the call's job next, in
+        this thread, and then calls ``attach``."""
+        self._starter = threading.get_ident()
+        return self.set_running_or_notify_cancel()
+
+    def attach(self, job: Job | None) -> None:
+        """The job started for this future, or None: no job will be (the future has failed)."""
+        self.job = job
+        self._attached.set()
+        if job is not None and self._stop_on_attach:
+            job.cancel()  # asked for while the job was being started, in this very thread
 
     def cancel(self) -> bool:
         """Stop the job behind this future for real (even a running one, which a plain Future
-        cannot cancel); True once the future is cancelled. Without a job yet (a call still queued
+        cannot cancel); True once the future is cancelled. Without a job (a call still queued
         in its Executor) or once done, what any Future does."""
+        if self.job is None and self.running():
+            # Its Executor marks a call running, then starts its job (Executor._pump_queue): in
+            # between, Future.cancel() would say False and the call would run on. Wait for the job
+            # (a moment: one start) and stop it as any running call's.
+            if self._starter == threading.get_ident():
+                # Asked from within that start, in the thread that starts it (a signal handler
+                # that cancels every future, say): waiting would never end. The job is stopped as
+                # soon as it exists, in this thread (attach).
+                self._stop_on_attach = True
+                cancel_running_future(self)
+                return True
+            self._attached.wait()
         job = self.job
         if job is None or self.done():
             return super().cancel()
