@@ -443,6 +443,39 @@ def forever_with(_: Any) -> None:
 
 
 @pytest.mark.parametrize("kind_name", ["process", "thread"])
+def test_executor_map_clean_up_withdraws_only_the_calls_not_started(session: psjobs.Session,
+                                                                   kind_name: str) -> None:
+    # As the standard executors' map: on a timeout TimeoutError comes on time, the running calls
+    # go on (a thread call in a long time.sleep could not even be stopped before it returns), and
+    # the queued one never runs.
+    with psjobs.Executor(kind_name, max_workers=2, session=session) as ex:
+        start = time.monotonic()
+        with pytest.raises(cf.TimeoutError):
+            list(ex.map(time.sleep, [1.5, 1.5, 1.5], timeout=0.2))
+        assert time.monotonic() - start < 1.2, "map's TimeoutError waited for a running call"
+        jobs = session.get_job()
+        assert len(jobs) == 2 and not any(j.state is JobState.STOPPED for j in jobs)
+    assert [j.state for j in session.get_job()] == [JobState.COMPLETED] * 2
+
+
+@pytest.mark.parametrize("kind_name", ["process", "thread"])
+def test_dropping_a_map_iterator_leaves_the_running_call_running(session: psjobs.Session, kind_name: str,
+                                                                 tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    with psjobs.Executor(kind_name, max_workers=1, session=session) as ex:
+        results = ex.map(wait_for_file, [str(tmp_path), gate, gate])
+        assert next(results) == str(tmp_path)
+        wait_until(lambda: len(session.get_job()) == 2 and session.get_job()[1].running(), 30,
+                   "the second call running")
+        del results  # its clean-up withdraws the third call, and does not stop the second
+        running = session.get_job()[1]
+        assert running.running()
+        Path(gate).touch()
+        assert running.result(timeout=30) == gate
+    assert len(session.get_job()) == 2  # the third never ran
+
+
+@pytest.mark.parametrize("kind_name", ["process", "thread"])
 def test_a_future_that_just_reported_running_can_be_cancelled(session: psjobs.Session, kind_name: str) -> None:
     # Its Executor marks a call running, then starts its job: cancel() in between must still stop
     # the call. Each loop submits while the previous call's slot is not free yet, so the call is

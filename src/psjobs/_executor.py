@@ -10,6 +10,8 @@
                or cancelled if it was stopped) --> _pump starts the next queued call
                (the future's own callbacks run on psjobs-user-callbacks: never in the way)
     future.cancel() on a running call --> stop_job: the call is stopped for real
+    map()'s clean-up (timeout, iterator dropped) --> Future.cancel: only the calls not started,
+               at once, as the standard executors' map (running calls go on)
 
 A drop-in for ProcessPoolExecutor and ThreadPoolExecutor (the same submit, map, shutdown and
 context manager), with the psjobs job behind each future on ``future.job``: its streams, its
@@ -26,6 +28,7 @@ import functools
 import itertools
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -60,6 +63,19 @@ def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[tuple[t
         if not chunk:
             return
         yield chunk
+
+
+def _result_or_withdraw(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
+    """``future.result(timeout)``, then the call withdrawn if it has not started (CPython's
+    ``_base._result_or_cancel``, but with ``Future.cancel``: a FollowingFuture's would stop a
+    running call, and wait until it is stopped)."""
+    try:
+        try:
+            return future.result(timeout)
+        finally:
+            concurrent.futures.Future.cancel(future)
+    finally:
+        del future  # no reference cycle through the exception's traceback
 
 
 def _flatten(results: Iterator[list[Any]]) -> Iterator[Any]:
@@ -149,10 +165,27 @@ class Executor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if self._kind == "thread" or chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        results = super().map(functools.partial(_process_chunk, fn), _chunks(iterables, chunksize),
-                              timeout=timeout)
-        return _flatten(results)
+            return self._map(fn, zip(*iterables), timeout)
+        calls = ((chunk,) for chunk in _chunks(iterables, chunksize))
+        return _flatten(self._map(functools.partial(_process_chunk, fn), calls, timeout))
+
+    def _map(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]], timeout: float | None) -> Iterator[Any]:
+        # concurrent.futures.Executor.map, but for its clean-up: on a timeout, an exception, or the
+        # iterator dropped, it withdraws only the calls not started, and at once, as there; the
+        # calls already running go on (cancel them one by one to stop them: future.cancel()).
+        end = None if timeout is None else time.monotonic() + timeout
+        fs = [self.submit(fn, *args) for args in calls]
+
+        def results() -> Iterator[Any]:  # a generator of its own: the calls are submitted before the first next()
+            try:
+                fs.reverse()  # pop from the end: a consumer that stops early leaves nothing held
+                while fs:
+                    yield _result_or_withdraw(fs.pop(), None if end is None else end - time.monotonic())
+            finally:
+                for future in fs:
+                    concurrent.futures.Future.cancel(future)
+
+        return results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more calls; ``cancel_futures`` cancels the calls not started yet (running ones
