@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -503,6 +504,35 @@ def test_a_cancel_from_within_its_own_start_does_not_hang(session: psjobs.Sessio
         assert future.cancelled()
         wait_until(lambda: future.job is not None and future.job.state is JobState.STOPPED, 30,
                    "its job stopped")
+
+
+def test_the_value_of_a_removed_job_is_an_error_not_none(session: psjobs.Session) -> None:
+    job = session.start_thread_job(lambda: 42)
+    kept = job.as_future()
+    assert kept.result(timeout=30) == 42
+    assert session.receive_job(job, wait=True, timeout=30, auto_remove=True) == [42]
+    gone = rf"Job {job.id} '.*' is Completed but was removed .* job\.result\(\) before removing"
+    with pytest.raises(psjobs.JobStateError, match="^result: " + gone):
+        job.result()
+    with pytest.raises(psjobs.JobStateError, match="^exception: " + gone):
+        job.exception()  # not None: that would promise a value
+    with pytest.raises(psjobs.JobStateError, match="^await job: " + gone):
+        asyncio.run(_await(job))
+    assert isinstance(job.as_future().exception(timeout=30), psjobs.JobStateError)
+    assert kept.result() == 42  # a future keeps the value it took before the removal
+    items = session.start_thread_job(countdown, 2)
+    items.wait(30)
+    session.remove_job(items)
+    with pytest.raises(psjobs.JobStateError, match="removed"):
+        items.result()
+
+
+async def _await(job: Job) -> Any:
+    return await job
+
+
+def countdown(n: int) -> Iterator[int]:
+    yield from range(n, 0, -1)
 
 
 def test_the_future_of_a_job_not_started_runs_when_the_job_starts(session: psjobs.Session,

@@ -123,17 +123,22 @@ def cancel(job: Job) -> bool:
     return True
 
 
-def result(job: Job, timeout: float | None) -> Any:
-    _wait_finished(job, timeout, "result")
+def result(job: Job, timeout: float | None, verb: str = "result") -> Any:
+    _wait_finished(job, timeout, verb)
     _raise_unless_completed(job)
-    return value_of(job)
+    return value_of(job, verb)
 
 
 def exception(job: Job, timeout: float | None) -> BaseException | None:
     _wait_finished(job, timeout, "exception")
     if job._state is JobState.STOPPED:
         raise concurrent.futures.CancelledError(f"{_describe(job)} was stopped")
-    return job.reason if job._state is JobState.FAILED else None
+    if job._state is JobState.FAILED:
+        return job.reason
+    if _removed(job):
+        # None would promise that result() returns the value; it raises this instead.
+        raise _removed_error(job, "exception")
+    return None
 
 
 def add_done_callback(job: Job, fn: DoneCallback, *, own: bool = False) -> None:
@@ -332,19 +337,42 @@ def _raise_unless_completed(job: Job) -> None:
         raise job.reason or _failed_without_reason(job)
 
 
-def value_of(job: Job) -> Any:
+def value_of(job: Job, verb: str = "result") -> Any:
     """A finished job's value (see ``result``), read without moving the receive cursor."""
-    children = job._children
-    if children is not None and job._journal is None:
-        values = [value_of(child) for child in children]
-        return values[0] if len(values) == 1 else values
-    with job._session._cond:
+    cond = job._session._cond
+    with cond:
+        removed = _removed(job)
         journal = job._journal
         end = len(journal) if journal is not None else 0
+    if removed:
+        raise _removed_error(job, verb)
+    children = job._children
+    if children is not None and journal is None:
+        values = [value_of(child, verb) for child in children]
+        return values[0] if len(values) == 1 else values
     items = [p for s, p, _ in journal.read(0, end) if s == Stream.OUTPUT] if journal is not None else []
+    with cond:
+        removed = _removed(job)
+    if removed:  # meanwhile: the read may have met the journal dropped (it then reads nothing)
+        raise _removed_error(job, verb)
     if job._shape == VALUE:
         return items[-1] if items else None
     return items
+
+
+def _removed(job: Job) -> bool:
+    """True once ``remove_job`` has dropped the job, and its records with it (remove_job takes it
+    out of the table, children too, before it drops their journals)."""
+    return job._session._all.get(job.id) is not job
+
+
+def _removed_error(job: Job, verb: str) -> BaseException:
+    from .._errors import JobStateError
+
+    return JobStateError(
+        f"{verb}: {_describe(job)} is {job._state} but was removed (remove_job, or receive_job with "
+        f"auto_remove=True), and its output with it: its value is gone. Ask for job.result() before "
+        f"removing the job, or receive with receive_job(job, keep=True) and remove it after")
 
 
 def _report_failures(job: Job) -> None:
@@ -455,7 +483,7 @@ async def await_result(job: Job) -> Any:
         await wait_async(job._session, job)  # returns on Suspended too: wait again until finished
         if not job._state.is_finished:
             await _next_change(job)
-    return result(job, 0)
+    return result(job, 0, "await job")
 
 
 async def _next_change(job: Job) -> None:
