@@ -380,11 +380,11 @@ def test_a_done_callback_waiting_for_another_future_holds_up_no_future(session: 
                                                                        tmp_path: Path) -> None:
     # ThreadPoolExecutor allows a callback that waits for another future's result; psjobs settles
     # futures, awaits and its Executor on a thread of its own, never behind such a callback.
-    gate = str(tmp_path / "gate")
+    gate, a_gate = str(tmp_path / "gate"), str(tmp_path / "a_gate")
     entered: list[Future] = []
     got: list[Any] = []
     with psjobs.Executor("thread", max_workers=2, session=session) as ex:
-        a = ex.submit(pow, 2, 2)
+        a = ex.submit(wait_for_file, a_gate)  # not done before its callback is added: else it runs here
         b = ex.submit(wait_for_file, gate)
 
         def waits_for_b(f: Future) -> None:
@@ -392,6 +392,7 @@ def test_a_done_callback_waiting_for_another_future_holds_up_no_future(session: 
             got.append(b.result(timeout=60))
 
         a.add_done_callback(waits_for_b)
+        Path(a_gate).touch()
         wait_until(lambda: entered == [a], 30, "a's callback to wait for b")
         assert ex.submit(pow, 2, 3).result(timeout=30) == 8  # settled and pumped meanwhile
         job = session.start_thread_job(slow_value, 0.05)
@@ -409,12 +410,14 @@ def test_a_done_callback_waiting_for_another_future_holds_up_no_future(session: 
         assert ran_in == [threading.current_thread()]  # on a done future: at once, here, as any Future
 
 
-def test_a_user_callback_that_blocks_does_not_hold_up_the_others(session: psjobs.Session,
+def test_a_user_callback_that_blocks_does_not_hold_up_the_others(session: psjobs.Session, tmp_path: Path,
                                                                  no_stray_threads: None) -> None:
     release = threading.Event()
     later: list[Job] = []
-    first = session.start_thread_job(slow_value, 0.01)
-    first.add_done_callback(lambda j: release.wait(60))
+    gate = str(tmp_path / "gate")
+    first = session.start_thread_job(wait_for_file, gate)
+    first.add_done_callback(lambda j: release.wait(60))  # before it finishes: else it runs here
+    Path(gate).touch()
     first.wait(30)
     second = session.start_thread_job(slow_value, 0.01)
     second.add_done_callback(later.append)
