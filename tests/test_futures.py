@@ -17,6 +17,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +372,183 @@ def test_cancelling_the_future_of_a_queued_job_stops_the_job(session: psjobs.Ses
     assert future.cancelled() and queued.state is JobState.STOPPED
     Path(gate).touch()
     assert busy.result(timeout=30) == gate
+
+
+# --- callbacks that block, map's clean-up, a cancel racing a start, removed jobs ----------------------
+
+def test_a_done_callback_waiting_for_another_future_holds_up_no_future(session: psjobs.Session,
+                                                                       tmp_path: Path) -> None:
+    # ThreadPoolExecutor allows a callback that waits for another future's result; psjobs settles
+    # futures, awaits and its Executor on a thread of its own, never behind such a callback.
+    gate, a_gate = str(tmp_path / "gate"), str(tmp_path / "a_gate")
+    entered: list[Future] = []
+    got: list[Any] = []
+    with psjobs.Executor("thread", max_workers=2, session=session) as ex:
+        a = ex.submit(wait_for_file, a_gate)  # not done before its callback is added: else it runs here
+        b = ex.submit(wait_for_file, gate)
+
+        def waits_for_b(f: Future) -> None:
+            entered.append(f)
+            got.append(b.result(timeout=60))
+
+        a.add_done_callback(waits_for_b)
+        Path(a_gate).touch()
+        wait_until(lambda: entered == [a], 30, "a's callback to wait for b")
+        assert ex.submit(pow, 2, 3).result(timeout=30) == 8  # settled and pumped meanwhile
+        job = session.start_thread_job(slow_value, 0.05)
+
+        async def awaits() -> Any:
+            return await asyncio.wait_for(job, 30)
+
+        assert asyncio.run(awaits()) == 42  # an unrelated await
+        assert list(psjobs.as_completed([session.start_thread_job(slow_value, 0.01)], timeout=30))
+        Path(gate).touch()
+        assert b.result(timeout=30) == gate
+        wait_until(lambda: got == [gate], 30, "a's callback to get b's value")
+        ran_in: list[threading.Thread] = []
+        b.add_done_callback(lambda f: ran_in.append(threading.current_thread()))
+        assert ran_in == [threading.current_thread()]  # on a done future: at once, here, as any Future
+
+
+def test_a_user_callback_that_blocks_does_not_hold_up_the_others(session: psjobs.Session, tmp_path: Path,
+                                                                 no_stray_threads: None) -> None:
+    release = threading.Event()
+    later: list[Job] = []
+    gate = str(tmp_path / "gate")
+    first = session.start_thread_job(wait_for_file, gate)
+    first.add_done_callback(lambda j: release.wait(60))  # before it finishes: else it runs here
+    Path(gate).touch()
+    first.wait(30)
+    second = session.start_thread_job(slow_value, 0.01)
+    second.add_done_callback(later.append)
+    try:
+        # In order, but one that blocks hands the queue on after 0.2 s (docs/futures.md).
+        wait_until(lambda: later == [second], 30, "the callback after the blocked one")
+    finally:
+        release.set()  # and then no psjobs thread is left (no_stray_threads)
+
+
+class _Cancels:
+    """An argument that cancels its own future while it is pickled, which happens while its job is
+    being started: as a signal handler that cancels every future might, in the starting thread."""
+
+    def __init__(self) -> None:
+        self.future: Future | None = None
+
+    def __reduce__(self) -> Any:
+        assert self.future is not None
+        self.future.cancel()
+        return (int, ())
+
+
+def forever_with(_: Any) -> None:
+    while True:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind_name", ["process", "thread"])
+def test_executor_map_clean_up_withdraws_only_the_calls_not_started(session: psjobs.Session,
+                                                                   kind_name: str) -> None:
+    # As the standard executors' map: on a timeout TimeoutError comes on time, the running calls
+    # go on (a thread call in a long time.sleep could not even be stopped before it returns), and
+    # the queued one never runs.
+    with psjobs.Executor(kind_name, max_workers=2, session=session) as ex:
+        start = time.monotonic()
+        with pytest.raises(cf.TimeoutError):
+            list(ex.map(time.sleep, [1.5, 1.5, 1.5], timeout=0.2))
+        assert time.monotonic() - start < 1.2, "map's TimeoutError waited for a running call"
+        jobs = session.get_job()
+        assert len(jobs) == 2 and not any(j.state is JobState.STOPPED for j in jobs)
+    assert [j.state for j in session.get_job()] == [JobState.COMPLETED] * 2
+
+
+@pytest.mark.parametrize("kind_name", ["process", "thread"])
+def test_dropping_a_map_iterator_leaves_the_running_call_running(session: psjobs.Session, kind_name: str,
+                                                                 tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    with psjobs.Executor(kind_name, max_workers=1, session=session) as ex:
+        results = ex.map(wait_for_file, [str(tmp_path), gate, gate])
+        assert next(results) == str(tmp_path)
+        wait_until(lambda: len(session.get_job()) == 2 and session.get_job()[1].running(), 30,
+                   "the second call running")
+        del results  # its clean-up withdraws the third call, and does not stop the second
+        running = session.get_job()[1]
+        assert running.running()
+        Path(gate).touch()
+        assert running.result(timeout=30) == gate
+    assert len(session.get_job()) == 2  # the third never ran
+
+
+@pytest.mark.parametrize("kind_name", ["process", "thread"])
+def test_a_future_that_just_reported_running_can_be_cancelled(session: psjobs.Session, kind_name: str) -> None:
+    # Its Executor marks a call running, then starts its job: cancel() in between must still stop
+    # the call. Each loop submits while the previous call's slot is not free yet, so the call is
+    # started on psjobs' thread while this one watches it: the window is hit within a few loops.
+    with psjobs.Executor(kind_name, max_workers=1, session=session) as ex:
+        for _ in range(20):
+            future = ex.submit(forever_with, None)
+            deadline = time.monotonic() + 30
+            while not future.running():  # no sleep: the window is short
+                assert time.monotonic() < deadline, "the call never started"
+            assert future.cancel() is True
+            assert future.cancelled() and future.job is not None and future.job.state is JobState.STOPPED
+
+
+def test_a_cancel_from_within_its_own_start_does_not_hang(session: psjobs.Session, tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    with psjobs.Executor("process", max_workers=1, session=session) as ex:
+        busy = ex.submit(wait_for_file, gate)
+        arg = _Cancels()
+        future = ex.submit(forever_with, arg)  # queued: started (and pickled) once busy is done
+        arg.future = future
+        Path(gate).touch()
+        assert busy.result(timeout=30) == gate
+        wait_until(future.done, 30, "the future cancelled")
+        assert future.cancelled()
+        wait_until(lambda: future.job is not None and future.job.state is JobState.STOPPED, 30,
+                   "its job stopped")
+
+
+def test_the_value_of_a_removed_job_is_an_error_not_none(session: psjobs.Session) -> None:
+    job = session.start_thread_job(lambda: 42)
+    kept = job.as_future()
+    assert kept.result(timeout=30) == 42
+    assert session.receive_job(job, wait=True, timeout=30, auto_remove=True) == [42]
+    gone = rf"Job {job.id} '.*' is Completed but was removed .* job\.result\(\) before removing"
+    with pytest.raises(psjobs.JobStateError, match="^result: " + gone):
+        job.result()
+    with pytest.raises(psjobs.JobStateError, match="^exception: " + gone):
+        job.exception()  # not None: that would promise a value
+    with pytest.raises(psjobs.JobStateError, match="^await job: " + gone):
+        asyncio.run(_await(job))
+    assert isinstance(job.as_future().exception(timeout=30), psjobs.JobStateError)
+    assert kept.result() == 42  # a future keeps the value it took before the removal
+    items = session.start_thread_job(countdown, 2)
+    items.wait(30)
+    session.remove_job(items)
+    with pytest.raises(psjobs.JobStateError, match="removed"):
+        items.result()
+
+
+async def _await(job: Job) -> Any:
+    return await job
+
+
+def countdown(n: int) -> Iterator[int]:
+    yield from range(n, 0, -1)
+
+
+def test_the_future_of_a_job_not_started_runs_when_the_job_starts(session: psjobs.Session,
+                                                                   tmp_path: Path) -> None:
+    session.thread_throttle_limit = 1
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    busy = session.start_thread_job(wait_for_file, first)
+    queued = session.start_thread_job(wait_for_file, second)
+    future = queued.as_future()
+    assert queued.state is JobState.NOT_STARTED and not future.running()
+    Path(first).touch()
+    assert busy.result(timeout=30) == first
+    wait_until(future.running, 30, "the future running once its job runs")
+    assert queued.running() and not future.done()
+    Path(second).touch()
+    assert future.result(timeout=30) == second

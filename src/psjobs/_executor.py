@@ -5,10 +5,13 @@
     submit(fn, *args) --> a Future (PENDING) on the executor's queue
         _pump: while fewer than max_workers run --> future RUNNING, a job started for it
                (process: start_job, thread: start_thread_job, computer_name: invoke_command on
-               the next computer, cluster: start_job(cluster=...)), future.job = the job
+               the next computer, cluster: start_job(cluster=...)), future.attach(the job)
     job finished --psjobs-callbacks thread--> future settled from the job (result, exception,
                or cancelled if it was stopped) --> _pump starts the next queued call
+               (the future's own callbacks run on psjobs-user-callbacks: never in the way)
     future.cancel() on a running call --> stop_job: the call is stopped for real
+    map()'s clean-up (timeout, iterator dropped) --> Future.cancel: only the calls not started,
+               at once, as the standard executors' map (running calls go on)
 
 A drop-in for ProcessPoolExecutor and ThreadPoolExecutor (the same submit, map, shutdown and
 context manager), with the psjobs job behind each future on ``future.job``: its streams, its
@@ -20,16 +23,19 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._api import default_session
 from ._compat import register_before_exit
+from .core import _future
 from .core._future import FollowingFuture
 from .core._job import Job
 from .core._sched import forget_recipe
@@ -57,6 +63,19 @@ def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[tuple[t
         if not chunk:
             return
         yield chunk
+
+
+def _result_or_withdraw(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
+    """``future.result(timeout)``, then the call withdrawn if it has not started (CPython's
+    ``_base._result_or_cancel``, but with ``Future.cancel``: a FollowingFuture's would stop a
+    running call, and wait until it is stopped)."""
+    try:
+        try:
+            return future.result(timeout)
+        finally:
+            concurrent.futures.Future.cancel(future)
+    finally:
+        del future  # no reference cycle through the exception's traceback
 
 
 def _flatten(results: Iterator[list[Any]]) -> Iterator[Any]:
@@ -146,10 +165,27 @@ class Executor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if self._kind == "thread" or chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        results = super().map(functools.partial(_process_chunk, fn), _chunks(iterables, chunksize),
-                              timeout=timeout)
-        return _flatten(results)
+            return self._map(fn, zip(*iterables), timeout)
+        calls = ((chunk,) for chunk in _chunks(iterables, chunksize))
+        return _flatten(self._map(functools.partial(_process_chunk, fn), calls, timeout))
+
+    def _map(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]], timeout: float | None) -> Iterator[Any]:
+        # concurrent.futures.Executor.map, but for its clean-up: on a timeout, an exception, or the
+        # iterator dropped, it withdraws only the calls not started, and at once, as there; the
+        # calls already running go on (cancel them one by one to stop them: future.cancel()).
+        end = None if timeout is None else time.monotonic() + timeout
+        fs = [self.submit(fn, *args) for args in calls]
+
+        def results() -> Iterator[Any]:  # a generator of its own: the calls are submitted before the first next()
+            try:
+                fs.reverse()  # pop from the end: a consumer that stops early leaves nothing held
+                while fs:
+                    yield _result_or_withdraw(fs.pop(), None if end is None else end - time.monotonic())
+            finally:
+                for future in fs:
+                    concurrent.futures.Future.cancel(future)
+
+        return results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more calls; ``cancel_futures`` cancels the calls not started yet (running ones
@@ -185,18 +221,20 @@ class Executor(concurrent.futures.Executor):
                 if self._running >= self._max_workers or not self._queue:
                     return
                 future, call = self._queue.popleft()
-                if not future.set_running_or_notify_cancel():
+                if not future.start_running():
                     self._idle.notify_all()
                     continue  # cancelled while it waited
                 self._running += 1
             try:
                 job = self._start(call)
             except BaseException as exc:  # refused before a job existed (an unpicklable call...)
-                future.set_exception(exc)
+                with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+                    future.set_exception(exc)
+                future.attach(None)
                 self._finished()
                 continue
-            future.job = job
-            job.add_done_callback(functools.partial(self._settle, future))
+            future.attach(job)  # a cancel() waiting since start_running goes on: it stops the job
+            _future.add_done_callback(job, functools.partial(self._settle, future), own=True)
 
     def _start(self, call: Callable[[], Any]) -> Job:
         session = self.session

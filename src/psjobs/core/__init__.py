@@ -20,9 +20,14 @@ Threads psjobs starts, in the session's process
 - ``psjobs-dask-N`` (backends/dask/_conn): one dispatcher per cluster connection, the only thread
   that reports for cluster jobs; ``psjobs-dask-stop`` helpers broadcast a stop to the workers.
   (distributed's Client runs its own event-loop thread; psjobs only puts things in an inbox there.)
-- ``psjobs-callbacks`` (core/_future): one per process, started by the first job callback that is
-  due (done and state callbacks, ``as_future``, the asyncio waiters' wake-ups) and ended after
-  a second without work; runs every callback in order, outside every psjobs lock.
+- ``psjobs-callbacks`` (core/_dispatch): one per process, started by the first of psjobs' own
+  callbacks that is due (a future's settling, the Executor's queue, as_completed, the asyncio
+  waiters' wake-ups) and ended after a second without work; runs them in order, outside every
+  psjobs lock, and never a user's code.
+- ``psjobs-user-callbacks`` (core/_dispatch): the users' callbacks (a job's done and state
+  callbacks, a future's), in order, outside every psjobs lock; one per process, one more while a
+  callback runs and others are due (to take over should it run 0.2 s), and one per callback
+  that ran that long (it ends when that callback returns). Each ends after a second without work.
 - ``psjobs-host-writer`` (host/_journal: writes every journal's records, cursors and states to
   SQLite, one transaction per pass) and ``psjobs-host-conn`` (one per client connection, host/_server):
   the session host's.
@@ -50,7 +55,7 @@ Locks, and the order in which they may be taken (outer first)
    only count and queue). It is the innermost lock: nothing else is taken while it is held, no
    backend is called under it, and nothing slow runs under it.
 4. Leaves: the registry's lock (core/_backend), the id counter's (core/_job), the default session's
-   (psjobs/_api), the callbacks dispatcher's ``_Dispatcher.lock`` (core/_future: taken under the
+   (psjobs/_api), each callbacks dispatcher's ``Dispatcher.cond`` (core/_dispatch: taken under the
    session lock to queue a callback), ``Executor._lock`` (psjobs/_executor: its queue and count;
    no job is started or settled under it), the host store's ``Store._lock`` (SQLite, taken by the
    writer thread and by reads outside the session lock); nothing is taken under them.

@@ -5,24 +5,27 @@
     backend --port--> Job._set_state / _extend  (session lock held)
                           |  a watched job only: Watch.changed / Watch.news queue a call
                           v
-                   dispatcher queue --psjobs-callbacks thread--> fn(job, old, new), fn(job)
-                          (outside the session lock, in order)        |
-                                                                      +--> Future.set_result ...
-                                                                      +--> loop.call_soon_threadsafe
-                                                                           (await job, astream)
+              psjobs' own (core/_dispatch.own) --psjobs-callbacks thread--> FollowingFuture.settle
+                 (never a user's code)                                      (Future state, waiters),
+                                                                            Executor, as_completed,
+                                                                            loop.call_soon_threadsafe
+                                                                            (await job, astream)
+              users' (core/_dispatch.user) --psjobs-user-callbacks thread--> fn(job, old, new), fn(job),
+                                                                            a FollowingFuture's callbacks
     result(): waits on the session's condition, then reads the journal from 0 (the receive
               cursor does not move) and shapes the value by what ran (``SHAPES``)
 
-Callbacks run on one thread per process (``psjobs-callbacks``, started on the first one and
-ended after a second without work), never with the session lock held: a callback may call any
-verb. An asyncio waiter costs no thread: its callback only schedules a wake-up in its loop.
+Callbacks never run with the session lock held: a callback may call any verb. psjobs' own
+callbacks and the users' run on separate threads, so that a user's callback that blocks (waits
+for another future) never holds up a future's state, an await or an Executor (see _dispatch).
+An asyncio waiter costs no thread: its callback only schedules a wake-up in its loop.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._compat import cancel_running_future
 from .._records import Stream
+from . import _dispatch
 from ._state import JobState
 
 if TYPE_CHECKING:
@@ -47,83 +51,40 @@ StateCallback = Callable[["Job", JobState, JobState], Any]
 DoneCallback = Callable[["Job"], Any]
 
 
-# --- the dispatcher: one thread runs every callback, outside the session lock ---------------------
-
-class _Dispatcher:
-    """A queue of calls and the one thread that runs them, in order; it ends when idle."""
-
-    IDLE = 1.0  # seconds without work before the thread ends (tests check no psjobs thread lingers)
-
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
-        self.lock = threading.Lock()  # a leaf lock: may be taken under the session lock
-        self.thread: threading.Thread | None = None
-
-    def put(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.queue.put((fn, args))
-        with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="psjobs-callbacks", daemon=True)
-                self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                fn, args = self.queue.get(timeout=self.IDLE)
-            except queue.Empty:
-                with self.lock:
-                    if self.queue.empty():  # a put after this sees thread None and starts another
-                        self.thread = None
-                        return
-                continue
-            try:
-                fn(*args)
-            except BaseException:
-                log.exception("psjobs: a job callback %r raised; the other callbacks run on", fn)
-
-
-_dispatcher = _Dispatcher()
-
-
-def _after_fork() -> None:
-    global _dispatcher
-    _dispatcher = _Dispatcher()  # the parent's thread does not exist in the child
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def dispatch(fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(*args)`` on the callbacks thread (its exception is logged on ``psjobs``)."""
-    _dispatcher.put(fn, *args)
-
-
 class Watch:
-    """Who listens to one job: state callbacks, done callbacks, news (record) callbacks."""
+    """Who listens to one job: the users' state and done callbacks, psjobs' own (``own_*``: a
+    FollowingFuture, an Executor, as_completed, an asyncio waiter) and news (record) callbacks."""
 
-    __slots__ = ("done", "news_fns", "pending", "states")
+    __slots__ = ("done", "news_fns", "own_done", "own_states", "pending", "states")
 
     def __init__(self) -> None:
         self.states: list[StateCallback] = []
         self.done: list[DoneCallback] = []
-        self.news_fns: list[DoneCallback] = []
+        self.own_states: list[StateCallback] = []
+        self.own_done: list[DoneCallback] = []
+        self.news_fns: list[DoneCallback] = []  # psjobs' own (astream)
         self.pending = False  # a news call is queued: records coming meanwhile need no other
 
     # Called with the session lock held: they only queue.
     def changed(self, job: Job, old: JobState, new: JobState) -> None:
+        for fn in self.own_states:
+            _dispatch.own(_call_state, fn, job, old, new)
         for fn in self.states:
-            dispatch(_call_state, fn, job, old, new)
+            _dispatch.user(_call_state, fn, job, old, new)
         if new.is_finished:
+            own_done, self.own_done = self.own_done, []
+            for dfn in own_done:
+                _dispatch.own(_call_done, dfn, job)
             done, self.done = self.done, []
             for dfn in done:
-                dispatch(_call_done, dfn, job)
+                _dispatch.user(_call_done, dfn, job)
         if self.news_fns:
             self.news(job)
 
     def news(self, job: Job) -> None:
         if self.news_fns and not self.pending:
             self.pending = True
-            dispatch(self._fire_news, job)
+            _dispatch.own(self._fire_news, job)
 
     def _fire_news(self, job: Job) -> None:
         self.pending = False  # before the calls: a record after this queues another call
@@ -162,46 +123,59 @@ def cancel(job: Job) -> bool:
     return True
 
 
-def result(job: Job, timeout: float | None) -> Any:
-    _wait_finished(job, timeout, "result")
+def result(job: Job, timeout: float | None, verb: str = "result") -> Any:
+    _wait_finished(job, timeout, verb)
     _raise_unless_completed(job)
-    return value_of(job)
+    return value_of(job, verb)
 
 
 def exception(job: Job, timeout: float | None) -> BaseException | None:
     _wait_finished(job, timeout, "exception")
     if job._state is JobState.STOPPED:
         raise concurrent.futures.CancelledError(f"{_describe(job)} was stopped")
-    return job.reason if job._state is JobState.FAILED else None
+    if job._state is JobState.FAILED:
+        return job.reason
+    if _removed(job):
+        # None would promise that result() returns the value; it raises this instead.
+        raise _removed_error(job, "exception")
+    return None
 
 
-def add_done_callback(job: Job, fn: DoneCallback) -> None:
+def add_done_callback(job: Job, fn: DoneCallback, *, own: bool = False) -> None:
+    """``fn(job)`` once the job is finished, at once here if it is; ``own``: psjobs' own callback,
+    which never blocks (it runs on psjobs' own thread, never behind a user's callback)."""
     with job._session._cond:
         if not job._state.is_finished:
-            _watch(job).done.append(fn)
+            w = _watch(job)
+            (w.own_done if own else w.done).append(fn)
             return
     _call_done(fn, job)
 
 
-def add_state_callback(job: Job, fn: StateCallback) -> None:
+def add_state_callback(job: Job, fn: StateCallback, *, own: bool = False) -> None:
     with job._session._cond:
-        _watch(job).states.append(fn)
+        w = _watch(job)
+        (w.own_states if own else w.states).append(fn)
 
 
 def remove_callback(job: Job, fn: Callable[..., Any]) -> None:
     with job._session._cond:
         w = job._watch
         if w is not None:
-            for fns in (w.states, w.done, w.news_fns):
+            for fns in (w.states, w.done, w.own_states, w.own_done, w.news_fns):
                 while fn in fns:
                     fns.remove(fn)
 
 
 def as_future(job: Job) -> FollowingFuture:
     future = FollowingFuture(job)
-    if job._state is not JobState.NOT_STARTED:
+    with job._session._cond:  # the job cannot leave NotStarted between the test and the callback
+        waits = job._state is JobState.NOT_STARTED
+        if waits:
+            _watch(job).own_states.append(future.started)
+    if not waits:
         future.set_running_or_notify_cancel()
-    add_done_callback(job, future.settle)
+    add_done_callback(job, future.settle, own=True)
     return future
 
 
@@ -222,11 +196,43 @@ class FollowingFuture(concurrent.futures.Future[Any]):
     def __init__(self, job: Job | None = None) -> None:
         super().__init__()
         self.job = job
+        # Set once ``job`` is known, or known never to come (its Executor could not start the
+        # call): cancel() waits for it on a future its Executor has marked running.
+        self._attached = threading.Event()
+        if job is not None:
+            self._attached.set()
+        self._starter: int | None = None  # the thread that starts the call's job (start_running)
+        self._stop_on_attach = False
+
+    def start_running(self) -> bool:
+        """``set_running_or_notify_cancel()``, by an Executor that starts the call's job next, in
+        this thread, and then calls ``attach``."""
+        self._starter = threading.get_ident()
+        return self.set_running_or_notify_cancel()
+
+    def attach(self, job: Job | None) -> None:
+        """The job started for this future, or None: no job will be (the future has failed)."""
+        self.job = job
+        self._attached.set()
+        if job is not None and self._stop_on_attach:
+            job.cancel()  # asked for while the job was being started, in this very thread
 
     def cancel(self) -> bool:
         """Stop the job behind this future for real (even a running one, which a plain Future
-        cannot cancel); True once the future is cancelled. Without a job yet (a call still queued
+        cannot cancel); True once the future is cancelled. Without a job (a call still queued
         in its Executor) or once done, what any Future does."""
+        if self.job is None and self.running():
+            # Its Executor marks a call running, then starts its job (Executor._pump_queue): in
+            # between, Future.cancel() would say False and the call would run on. Wait for the job
+            # (a moment: one start) and stop it as any running call's.
+            if self._starter == threading.get_ident():
+                # Asked from within that start, in the thread that starts it (a signal handler
+                # that cancels every future, say): waiting would never end. The job is stopped as
+                # soon as it exists, in this thread (attach).
+                self._stop_on_attach = True
+                cancel_running_future(self)
+                return True
+            self._attached.wait()
         job = self.job
         if job is None or self.done():
             return super().cancel()
@@ -234,6 +240,23 @@ class FollowingFuture(concurrent.futures.Future[Any]):
             job.cancel()  # returns once the job is Stopped (or a thread job outlived the grace)
         self.settle(job)
         return self.cancelled()
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
+        """As any Future's; but where psjobs settles the future on its own callbacks thread, ``fn``
+        runs on the user callbacks thread instead: one that blocks (waits for another future) holds
+        up no future's settling. What it raises is logged on ``concurrent.futures``, as the stdlib does."""
+        super().add_done_callback(functools.partial(_future_callback, fn))
+
+    def started(self, job: Job, old: JobState, new: JobState) -> None:
+        """A state callback of a job that was NotStarted: once it starts, the future is running,
+        as an executor's future once its call starts (on psjobs' own callbacks thread)."""
+        remove_callback(job, self.started)
+        if new.is_finished or self.done() or self.running():
+            return  # settle() takes a finished job's outcome
+        try:
+            self.set_running_or_notify_cancel()
+        except RuntimeError:
+            pass  # settled meanwhile in another thread (a cancel())
 
     def settle(self, job: Job) -> None:
         """Take the finished job's outcome (idempotent)."""
@@ -254,6 +277,25 @@ class FollowingFuture(concurrent.futures.Future[Any]):
             self.set_result(value)
         except concurrent.futures.InvalidStateError:
             pass  # settled meanwhile by another thread (a cancel racing the callback)
+
+
+_futures_log = logging.getLogger("concurrent.futures")  # where the stdlib logs a callback's exception
+
+
+def _future_callback(fn: Callable[[concurrent.futures.Future[Any]], object],
+                     future: concurrent.futures.Future[Any]) -> None:
+    if _dispatch.on_own_thread():
+        _dispatch.user(_call_future_callback, fn, future)
+    else:
+        fn(future)  # where the stdlib calls it: at once, or in the thread that settled the future
+
+
+def _call_future_callback(fn: Callable[[concurrent.futures.Future[Any]], object],
+                          future: concurrent.futures.Future[Any]) -> None:
+    try:
+        fn(future)
+    except Exception:
+        _futures_log.exception("exception calling callback for %r", future)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -295,19 +337,42 @@ def _raise_unless_completed(job: Job) -> None:
         raise job.reason or _failed_without_reason(job)
 
 
-def value_of(job: Job) -> Any:
+def value_of(job: Job, verb: str = "result") -> Any:
     """A finished job's value (see ``result``), read without moving the receive cursor."""
-    children = job._children
-    if children is not None and job._journal is None:
-        values = [value_of(child) for child in children]
-        return values[0] if len(values) == 1 else values
-    with job._session._cond:
+    cond = job._session._cond
+    with cond:
+        removed = _removed(job)
         journal = job._journal
         end = len(journal) if journal is not None else 0
+    if removed:
+        raise _removed_error(job, verb)
+    children = job._children
+    if children is not None and journal is None:
+        values = [value_of(child, verb) for child in children]
+        return values[0] if len(values) == 1 else values
     items = [p for s, p, _ in journal.read(0, end) if s == Stream.OUTPUT] if journal is not None else []
+    with cond:
+        removed = _removed(job)
+    if removed:  # meanwhile: the read may have met the journal dropped (it then reads nothing)
+        raise _removed_error(job, verb)
     if job._shape == VALUE:
         return items[-1] if items else None
     return items
+
+
+def _removed(job: Job) -> bool:
+    """True once ``remove_job`` has dropped the job, and its records with it (remove_job takes it
+    out of the table, children too, before it drops their journals)."""
+    return job._session._all.get(job.id) is not job
+
+
+def _removed_error(job: Job, verb: str) -> BaseException:
+    from .._errors import JobStateError
+
+    return JobStateError(
+        f"{verb}: {_describe(job)} is {job._state} but was removed (remove_job, or receive_job with "
+        f"auto_remove=True), and its output with it: its value is gone. Ask for job.result() before "
+        f"removing the job, or receive with receive_job(job, keep=True) and remove it after")
 
 
 def _report_failures(job: Job) -> None:
@@ -339,7 +404,7 @@ def as_completed(session: Session, jobs: Any, timeout: float | None = None) -> I
     finished: queue.SimpleQueue[Job] = queue.SimpleQueue()
     pending = {job.id: job for job in selected}
     for job in selected:
-        add_done_callback(job, finished.put)
+        add_done_callback(job, finished.put, own=True)
     try:
         while pending:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -384,7 +449,7 @@ async def wait_async(session: Session, jobs: Any, *, any: bool = False, timeout:
             pass  # the loop is closed: nobody waits any more
 
     for job in selected:
-        add_state_callback(job, poke)
+        add_state_callback(job, poke, own=True)
     deadline = None if timeout is None else loop.time() + timeout
     try:
         while True:
@@ -418,7 +483,7 @@ async def await_result(job: Job) -> Any:
         await wait_async(job._session, job)  # returns on Suspended too: wait again until finished
         if not job._state.is_finished:
             await _next_change(job)
-    return result(job, 0)
+    return result(job, 0, "await job")
 
 
 async def _next_change(job: Job) -> None:
@@ -433,7 +498,7 @@ async def _next_change(job: Job) -> None:
         except RuntimeError:
             pass
 
-    add_state_callback(job, poke)
+    add_state_callback(job, poke, own=True)
     try:
         if not job._state.is_finished:
             await woken.wait()

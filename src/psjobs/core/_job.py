@@ -352,13 +352,13 @@ class Job:
 
     def add_done_callback(self, fn: Callable[[Job], Any]) -> None:
         """``fn(job)`` once the job is finished: at once in this thread if it already is, else from
-        psjobs' callbacks thread. An exception in ``fn`` is logged on the ``psjobs`` logger."""
+        psjobs' user callbacks thread. An exception in ``fn`` is logged on the ``psjobs`` logger."""
         from . import _future
         _future.add_done_callback(self, fn)
 
     def add_state_callback(self, fn: Callable[[Job, JobState, JobState], Any]) -> None:
         """``fn(job, old_state, new_state)`` on every state change from now on (PowerShell's
-        StateChanged event), in order, from psjobs' callbacks thread, never under a psjobs lock."""
+        StateChanged event), in order, from psjobs' user callbacks thread, never under a psjobs lock."""
         from . import _future
         _future.add_state_callback(self, fn)
 
