@@ -191,3 +191,23 @@ def test_remove_with_force_of_a_job_stuck_in_a_c_call_warns_in_remove_jobs_words
         finally:
             gate.set()
         wait_until(lambda: job.state is JobState.STOPPED, what="the stop to land when the call returned")
+
+
+def test_a_warning_hook_that_chains_to_psjobs_one_shows_warnings_outside_jobs() -> None:
+    """A warnings.showwarning hook set after a thread job ran wraps psjobs' router and calls it
+    back (the usual chaining idiom); once the next job installs the router again, a warning
+    outside any job is shown once, not a RecursionError."""
+    import subprocess
+    import sys
+
+    code = """
+import warnings, psjobs
+psjobs.start_thread_job(lambda: 1).wait(30)
+prev = warnings.showwarning
+warnings.showwarning = lambda *a: (print("chained hook", flush=True), prev(*a))
+psjobs.start_thread_job(lambda: 1).wait(30)
+warnings.warn("outside any job")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "chained hook\n" and done.stderr.count("UserWarning: outside any job") == 1

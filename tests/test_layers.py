@@ -156,3 +156,18 @@ def test_no_module_is_over_600_lines() -> None:
     long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 600}
     assert not long, long
+
+
+def test_the_library_faces_import_no_interactive_face() -> None:
+    """The library's own faces (the module verbs, connect(), the Executor) never import the
+    command, the IPython extension or the tour: `import psjobs` and psjobs.connect() must not pull
+    in (or register) what only those faces need."""
+    interactive = {"_cli", "_cli_output", "ipython", "tour", "_tour", "__main__"}
+    broken = []
+    for parts, path in _modules().items():
+        if parts not in {("_api",), ("_api_ssh",), ("_connect",), ("_executor",), ("__init__",)}:
+            continue
+        for name, line in _imports(parts, path):
+            if _psjobs_part(name) in interactive:
+                broken.append(f"{path.relative_to(PKG.parent)}:{line} imports {name}")
+    assert not broken, "\n".join(broken)

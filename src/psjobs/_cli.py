@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, NoReturn, cast
 
-from ._cli_output import _iso, _Ordered, _print_jobs, json_safe, keep_bytes, printable
+from ._cli_output import _iso, _Ordered, _print_jobs, keep_bytes, printable
 from ._errors import (
     HostError,
     HostReplyError,
@@ -53,6 +53,7 @@ from .host._protocol import (
     SuspendRequest,
     WaitRequest,
 )
+from .host._text import json_safe
 from .host._words import in_words
 
 EXIT_CODES = {

@@ -101,23 +101,6 @@ _AS_BYTES = "psjobs.as_bytes"
 codecs.register_error(_AS_BYTES, _as_bytes)
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` for --json: lone surrogates (bytes a command printed that are not UTF-8) become
-    U+FFFD, since a JSON reader expects Unicode text; everything else as it is."""
-    if isinstance(value, str):
-        if value.isascii():
-            return value
-        try:
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        except UnicodeEncodeError:  # a surrogate that stands for no byte
-            return value.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    return value
-
-
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).astimezone().isoformat()
 

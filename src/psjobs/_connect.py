@@ -41,7 +41,6 @@ from datetime import datetime
 from typing import Any
 
 from . import _errors
-from ._cli_output import json_safe
 from ._errors import HostReplyError, JobNotFinishedError, JobStateError
 from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
 from .core._format import JobList
@@ -70,6 +69,7 @@ from .host._protocol import (
     WaitRequest,
 )
 from .host._restore import reason_from_text
+from .host._text import json_safe
 from .worker._wire import pickle_call
 
 View = dict[str, Any]        # a host/_protocol.JobView as JSON

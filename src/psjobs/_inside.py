@@ -18,6 +18,7 @@ import contextvars
 import io
 import logging
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -290,13 +291,24 @@ class StdinReader(io.TextIOBase):
 # Where a warning outside a job goes: whatever showed warnings when the routers were installed (the
 # session host's collector, which sends it to the client of the request), not the one at import.
 _outside_showwarning = warnings.showwarning
+_PYTHONS_SHOWWARNING = warnings.showwarning  # what a hook that chains back to ours falls back to
+_outside = threading.local()
 
 
 def _showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: TextIO | None = None, line: str | None = None) -> None:
     e = current()
     if e is None:
-        _outside_showwarning(message, category, filename, lineno, file, line)
+        if getattr(_outside, "showing", False):
+            # The hook we pass it to wrapped ours and calls it back (the usual chaining idiom, set
+            # after a first job installed ours): Python's own shows it, instead of a RecursionError.
+            _PYTHONS_SHOWWARNING(message, category, filename, lineno, file, line)
+            return
+        _outside.showing = True
+        try:
+            _outside_showwarning(message, category, filename, lineno, file, line)
+        finally:
+            _outside.showing = False
         return
     e.emit(Stream.WARNING, Record(Stream.WARNING, str(message), time.time(), e.computer_name))
 

@@ -162,7 +162,8 @@ class ThreadBackend(Backend):
             if self._queue:  # the last of these ports wait for a slot: say so (what a get_job shows)
                 why = f"waiting for a thread slot (thread_throttle_limit={self.session.thread_throttle_limit})"
                 for port in ports[-len(self._queue):]:
-                    port.waiting(why)
+                    if not port.finished:  # stopped by another thread since its registration: no wait
+                        port.waiting(why)
 
     def _admit_locked(self, told: int = 1 << 62) -> None:
         # ``told``: how many ports at the head of the queue have a status message to take back

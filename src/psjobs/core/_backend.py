@@ -11,9 +11,10 @@
     Session.close --------------> backend.close()
 
 A backend never sets a job's state: it reports through its :class:`~._port.JobPort`. Optional
-abilities are class flags (``can_pause``, ``can_send_input``, ``stops_unstarted``, ``stop_slack``),
-not methods probed with getattr. Backends are found by name in a registry of ``"module:Class"`` strings and
-imported only when first used, so ``import psjobs`` stays light and the core imports no backend.
+abilities are class flags (``can_pause``, ``can_send_input``, ``stops_unstarted``, ``stop_slack``,
+and ``stuck_stop``, what a stop that outlasts its grace period says), not methods probed with
+getattr. Backends are found by name in a registry of ``"module:Class"`` strings and imported only
+when first used, so ``import psjobs`` stays light and the core imports no backend.
 """
 
 from __future__ import annotations

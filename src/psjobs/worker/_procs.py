@@ -61,10 +61,12 @@ class Lines:
                 self.parts.append(whole[0])
                 whole[0] = b"".join(self.parts)
                 self.parts, self.size = [], 0
+            errors = self.errors  # once, not per line: this loop runs for every line a command prints
             for raw in whole:
                 if len(raw) > MAX_LINE:
-                    raw = _split_long(raw, out, self.errors)
-                out.append(text(raw, self.errors))
+                    raw = _split_long(raw, out, errors)
+                line = raw.decode("utf-8", errors)  # text(), inlined
+                out.append(line[:-1] if line.endswith("\r") else line)
         if last:
             self.parts.append(last)
             self.size += len(last)

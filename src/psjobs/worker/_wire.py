@@ -165,8 +165,10 @@ class JobMsg(_Message):
     umask: int | None = None   # the starting client's (the session host's jobs), else leave as it is
 
     def encode(self) -> bytes:
-        return pickle.dumps({"cwd": self.cwd, "env": self.env, "sys_path": self.sys_path, "call": self.call,
-                             "umask": self.umask}, protocol=5)
+        meta: dict[str, Any] = {"cwd": self.cwd, "env": self.env, "sys_path": self.sys_path, "call": self.call}
+        if self.umask is not None:  # only the session host's jobs carry one
+            meta["umask"] = self.umask
+        return pickle.dumps(meta, protocol=5)
 
     @classmethod
     @_checked

@@ -207,6 +207,10 @@ class SSHBackend(Backend):
 
     can_pause = True       # through the remote watchdog
     can_send_input = True  # an ANSWER frame to the remote worker
+    # The remote watchdog kills at the end of the grace period; what outlasts that is the far side.
+    stuck_stop = ("the remote computer has not confirmed that its processes ended (a stalled connection, or a "
+                  "process it cannot kill there); it ends Stopped when it does, or Failed once the connection "
+                  "is found dead (keepalive)")
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
