@@ -76,10 +76,10 @@ def test_spill_files_are_private_and_deleted_with_the_job_and_the_session(sessio
         assert stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode) == 0o600
     assert session.receive_job(job, keep=True) == _expected(n)
     session.remove_job(job)
-    assert os.listdir(directory) == []
+    assert os.listdir(directory) == [".lock"]  # held while the session lives: see the killed-session test
     other = session.start_job([sys.executable, "-c", _MAKE_LINES, str(n)])
     assert other.wait(60)
-    assert os.listdir(directory)
+    assert set(os.listdir(directory)) - {".lock"}
     session.close()
     assert not os.path.exists(directory)
 
@@ -322,11 +322,12 @@ sys.stdin.read()  # the live one waits until the test is done with it
                             text=True, env=env)
     try:
         assert live.stdout is not None
-        mine = live.stdout.readline().strip()  # this session spilled, after it looked for dead ones
-        assert mine and os.path.isdir(mine) and not os.path.exists(dead)
+        mine = live.stdout.readline().strip()  # this session spilled, and so looks for dead ones
+        assert mine and os.path.isdir(mine)
+        wait_until(lambda: not os.path.exists(dead), 30, "the killed session's spill files to go")
         killed_again = subprocess.run([sys.executable, "-c", code, "kill"], capture_output=True, text=True,
                                       timeout=120, env=env)
-        assert os.path.isdir(mine) and not os.path.exists(dead)  # a live session's stays
+        assert os.path.isdir(mine)  # a live session's stays: it holds its lock
         assert os.path.isdir(killed_again.stdout.strip())  # (a third session would delete this one)
     finally:
         live.communicate("", timeout=60)
@@ -502,3 +503,27 @@ def test_spilled_blocks_are_bounded_and_read_back_in_order(session: psjobs.Sessi
             assert sum(sizes[:-1]) < _spill._BLOCK_BYTES, (start, count)
         assert length > 0
     assert job.receive() == values
+
+
+def test_a_spill_directory_whose_lock_is_held_is_kept_whatever_its_pid(tmp_path: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session in another pid namespace (a container sharing /tmp) can have a pid that is dead
+    here: its lock, not its pid, says it lives."""
+    import subprocess
+    import tempfile
+
+    from psjobs.core import _spill
+
+    gone = subprocess.Popen(["true"])  # its pid: no process has it once it is reaped
+    gone.wait()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    directory = tmp_path / f"psjobs-spill-{gone.pid}-abc"
+    directory.mkdir(mode=0o700)
+    fd = _spill._hold(str(directory))
+    try:
+        _spill._prune_dead()
+        assert directory.is_dir()
+    finally:
+        os.close(fd)  # the session ends
+    _spill._prune_dead()
+    assert not directory.exists()

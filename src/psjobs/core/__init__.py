@@ -33,6 +33,8 @@ Threads psjobs starts, in the session's process
   the session host's.
 - No thread writes spilled records (core/_spill): the thread that reports a job's records past
   the session's memory window writes the oldest to disk itself, after the session lock.
+  ``psjobs-spill-prune`` (core/_spill): once per process, at the first spill, deletes the spill
+  directories of this user's sessions that were killed, then ends.
 - Outside the session's process: ``psjobs-pump`` in a process worker (worker/_process_worker: fd 1
   and 2 to records), ``psjobs-dask-shipper`` on a Dask worker (backends/dask/_on_worker: a task's
   records to the session).

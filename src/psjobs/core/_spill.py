@@ -12,6 +12,7 @@
                                 (pread), then the entries still in memory, in order
     remove_job --> drop(): the file deleted;  Session.close, interpreter exit --> the directory
     a session killed before its exit hook ran --> the next session's first spill deletes its directory
+                                (unlocked: a live session holds a flock on it)
 
 Why the spilling runs in the thread that reported the records, and not in a writer thread of
 its own: that thread is what produces (a process job's ``psjobs-io`` reader, a thread job's own
@@ -32,6 +33,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
+import fcntl
 import logging
 import operator
 import os
@@ -275,6 +277,7 @@ class Spill:
         self.journals: dict[SpillJournal, None] = {}  # every SpillJournal not dropped
         self.lock = threading.Lock()  # one pass at a time; taken outside the session lock
         self.directory: str | None = None
+        self._lock_fd = -1         # held (flock) while the directory is this live session's
         self.closed = False
         self._failed_at = 0.0
 
@@ -347,12 +350,14 @@ class Spill:
 
     def _directory(self) -> str | None:
         if self.directory is None:
-            _prune_dead()
-            try:  # mode 0700; the pid in its name lets a later session delete it if this one is killed
-                self.directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+            _prune_dead_soon()
+            try:  # mode 0700; its lock (and the pid in its name) tell a later session if this one was killed
+                directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+                self._lock_fd = _hold(directory)
             except OSError:
                 return None
-            atexit.register(_remove, self.directory, os.getpid())
+            self.directory = directory
+            atexit.register(_remove, directory, os.getpid())
         return self.directory
 
     def close(self) -> None:
@@ -361,15 +366,40 @@ class Spill:
             self.closed = True
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
 
 
 _PREFIX = "psjobs-spill-"
 
 
+_LOCK = ".lock"
+_pruned = False
+
+
+def _hold(directory: str) -> int:
+    """Lock ``directory`` for this process's life (the descriptor is kept; the kernel lets go of
+    the lock when the process ends, however it ends)."""
+    fd = os.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _prune_dead_soon() -> None:
+    """Once per process, in a thread of its own (a dead session may have left gigabytes, and the
+    first spill runs in a thread that reads a job's output): _prune_dead."""
+    global _pruned
+    if not _pruned:
+        _pruned = True
+        threading.Thread(target=_prune_dead, name="psjobs-spill-prune", daemon=True).start()
+
+
 def _prune_dead() -> None:
-    """Delete the spill directories of this user's sessions whose process is gone (SIGKILL, a
-    crash: no exit hook ran), so their records do not stay on disk: a directory is this user's,
-    named psjobs-spill-<pid>-*, and no process has that pid (one that reuses it keeps it, for now)."""
+    """Delete the spill directories of this user's sessions that are gone (SIGKILL, a crash: no
+    exit hook ran), so their records do not stay on disk. A directory psjobs-spill-<pid>-* of this
+    user's is a dead session's when its lock can be taken (a live session holds it, whatever pid
+    namespace it runs in), or, with no lock in it yet, when no process has that pid."""
     root = tempfile.gettempdir()
     with contextlib.suppress(OSError):
         for entry in os.scandir(root):
@@ -378,8 +408,22 @@ def _prune_dead() -> None:
                 continue
             with contextlib.suppress(OSError):
                 if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid() \
-                        and not _alive(int(parts[0])):
+                        and _dead(entry.path, int(parts[0])):
                     shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _dead(directory: str, pid: int) -> bool:
+    try:
+        fd = os.open(os.path.join(directory, _LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return not _alive(pid)  # made, not locked yet (or by an older psjobs): judge by its pid
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _alive(pid: int) -> bool:
