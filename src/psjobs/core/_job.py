@@ -482,3 +482,10 @@ class Job:
 
         p.text(format_table([self]))
 
+
+def result_shape(job: Job) -> str:
+    """What ``job.result()`` makes of the job's output, set when the job was made (core/_tree.shape_of):
+    ``"value"`` (a callable's return value: its last output item), ``"items"`` (a generator's items,
+    as a list) or ``"lines"`` (a command's output lines): core/_future's VALUE, ITEMS, LINES. The
+    session host stores it and sends it with each job, so a connected session's result() is the same."""
+    return job._shape
