@@ -10,7 +10,8 @@
         v
     HostJob (a Job): a mirror of one host job, updated from every view that comes back; its live
                      attributes (state, reason, has_more_data, times, repr) ask the host first,
-                     its streams (output, error...) are read from the host's store
+                     its streams (output, error...) are read from the host's store, and
+                     result() makes of its output what the host says (the view's shape)
 
 The host owns the jobs: this side keeps no records and no cursor, and a job's state as read here
 is at most _FRESH_FOR old (or what the verb that just ran was told), so what the shell does
@@ -44,6 +45,7 @@ from . import _errors
 from ._errors import HostReplyError, JobNotFinishedError, JobStateError
 from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
 from .core._format import JobList
+from .core._future import VALUE
 from .core._job import Job, JobStateInfo
 from .core._pshost import Host, describe_job
 from .core._receive import after_receive, check_receive
@@ -51,9 +53,10 @@ from .core._select import leaves_of
 from .core._session import JobSelector, Session
 from .core._spec import CALL, check_directory, make_env, make_spec
 from .core._state import JobState
-from .core._tree import check_as_job, check_name, check_timeout
+from .core._tree import check_as_job, check_name, check_timeout, shape_of
 from .host._client import Client, Paths, current_umask, expand_home
 from .host._protocol import (
+    SHAPES,
     GetRequest,
     InputRequest,
     InvokeRequest,
@@ -115,6 +118,8 @@ class HostJob(Job):
         self._begin, self._end = _ts(v["begin_time"]), _ts(v["end_time"])
         self.exit_code, self.pid, self._more = v["exit_code"], v["pid"], bool(v["has_more_data"])
         self.prompt, self.status_message = v.get("prompt"), v.get("status_message") or ""
+        shape = v.get("shape")  # what result() makes of the output; an older host sends none
+        self._shape = shape if shape in SHAPES else VALUE
         self._iid = uuid.UUID(v["instance_id"])
         self._seen = time.monotonic()
 
@@ -285,7 +290,7 @@ class HostSession(Session):
                                                command=spec.command, cwd=cwd, env=environ,
                                                sys_path=[os.path.abspath(p) for p in sys.path], name=name,
                                                python="{}.{}".format(*sys.version_info[:2]),
-                                               umask=current_umask()))
+                                               umask=current_umask(), shape=shape_of(spec)))
         else:
             command = [target] if isinstance(target, str) and not args else spec.argv
             view = self._call(StartRequest(command=command, cwd=cwd, name=name, env=environ,

@@ -72,7 +72,7 @@ import typing
 
 if typing.TYPE_CHECKING:  # what type checkers read; what runs is __getattr__, below
     from ._backend import Backend, Place, Plan, backend_class, register_backend, unregister_backend
-    from ._job import Entry, Job
+    from ._job import Entry, Job, result_shape
     from ._port import JobPort, Outcome
     from ._session import Session
     from ._spec import ARGV, CALL, SHELL, JobSpec, command_arg, make_spec
@@ -99,6 +99,7 @@ _EXPORTS = {
     "command_arg": "._spec",
     "make_spec": "._spec",
     "register_backend": "._backend",
+    "result_shape": "._job",
     "unregister_backend": "._backend",
 }
 
@@ -130,5 +131,6 @@ __all__ = [
     "command_arg",
     "make_spec",
     "register_backend",
+    "result_shape",
     "unregister_backend",
 ]

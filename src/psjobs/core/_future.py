@@ -13,7 +13,8 @@
               users' (core/_dispatch.user) --psjobs-user-callbacks thread--> fn(job, old, new), fn(job),
                                                                             a FollowingFuture's callbacks
     result(): waits on the session's condition, then reads the journal from 0 (the receive
-              cursor does not move) and shapes the value by what ran (``SHAPES``)
+              cursor does not move), or the job's own output stream when it keeps none here (a
+              connected session's job: the host's), and shapes the value by what ran (VALUE...)
 
 Callbacks never run with the session lock held: a callback may call any verb. psjobs' own
 callbacks and the users' run on separate threads, so that a user's callback that blocks (waits
@@ -350,7 +351,17 @@ def value_of(job: Job, verb: str = "result") -> Any:
     if children is not None and journal is None:
         values = [value_of(child, verb) for child in children]
         return values[0] if len(values) == 1 else values
-    items = [p for s, p, _ in journal.read(0, end) if s == Stream.OUTPUT] if journal is not None else []
+    if journal is not None:
+        items = [p for s, p, _ in journal.read(0, end) if s == Stream.OUTPUT]
+    else:
+        # No journal here: a job without records yet, or one whose records are elsewhere (a
+        # connected session's HostJob reads them from the host: its _stream).
+        from .._errors import JobNotFoundError
+
+        try:
+            items = job._stream(Stream.OUTPUT)
+        except JobNotFoundError:  # removed where the records are (`psjobs remove` in a shell)
+            raise _removed_error(job, verb) from None
     with cond:
         removed = _removed(job)
     if removed:  # meanwhile: the read may have met the journal dropped (it then reads nothing)

@@ -458,8 +458,10 @@ class Job:
     def restored(cls, session: Session, job_id: int, *, parent: Job | None, name: str, job_type: str,
                  command: str, location: str, computer_name: str | None, state: JobState,
                  reason: BaseException | None, exit_code: int | None, begin: float | None,
-                 end: float | None, instance_id: uuid.UUID, pid: int | None, journal: Journal) -> Job:
-        """A finished job as it was stored (the session host's jobs of earlier runs), with its journal.
+                 end: float | None, instance_id: uuid.UUID, pid: int | None, journal: Journal,
+                 shape: str = "value") -> Job:
+        """A finished job as it was stored (the session host's jobs of earlier runs), with its journal
+        and what its ``result()`` makes of its output (``shape``: see ``result_shape``).
 
         Register it with ``Session.restore_jobs``; it never runs again, so no event reaches it.
         """
@@ -469,6 +471,7 @@ class Job:
                   state=state, parent=parent, computer_name=computer_name)
         job._reason, job.exit_code, job._begin, job._end = reason, exit_code, begin, end
         job._iid, job.pid, job._journal = instance_id, pid, journal
+        job._shape = shape
         return job
 
     # --- display ---------------------------------------------------------------------------
@@ -482,3 +485,10 @@ class Job:
 
         p.text(format_table([self]))
 
+
+def result_shape(job: Job) -> str:
+    """What ``job.result()`` makes of the job's output, set when the job was made (core/_tree.shape_of):
+    ``"value"`` (a callable's return value: its last output item), ``"items"`` (a generator's items,
+    as a list) or ``"lines"`` (a command's output lines): core/_future's VALUE, ITEMS, LINES. The
+    session host stores it and sends it with each job, so a connected session's result() is the same."""
+    return job._shape

@@ -36,11 +36,14 @@ if TYPE_CHECKING:
 
 
 def start_shipped(session: Session, payload: bytes, *, command: str, name: str | None, cwd: str,
-                  env: dict[str, str] | None, sys_path: list[str] | None, umask: int | None = None) -> Job:
+                  env: dict[str, str] | None, sys_path: list[str] | None, umask: int | None = None,
+                  shape: str | None = None) -> Job:
     """Start a BackgroundJob from ``pickle_call`` bytes made by another process.
 
     ``command`` is the job's readable text (made where the callable was); ``sys_path`` is the
-    caller's ``sys.path``, so a callable pickled by reference imports in the worker as it did there.
+    caller's ``sys.path``, so a callable pickled by reference imports in the worker as it did there;
+    ``shape`` is what its result() makes of the output, as the caller saw the callable (shape_of):
+    a generator's items, else its value.
     """
     spec = JobSpec(CALL, None, command=command, payload=payload, cwd=cwd, env=env)
     options: dict[str, Any] = {}
@@ -48,6 +51,8 @@ def start_shipped(session: Session, payload: bytes, *, command: str, name: str |
         options["sys_path"] = list(sys_path)
     if umask is not None:
         options["umask"] = umask
+    if shape is not None:
+        options["shape"] = shape  # read by shape_of (this job's and a restart's), before a journal is made
     if options:
         spec.options = options
     return session._start_tree("process", spec, job_type="BackgroundJob", name=name)

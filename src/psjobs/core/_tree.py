@@ -59,7 +59,7 @@ def make_tree(session: Session, plan: Plan, kind: str, spec: JobSpec, *, job_typ
         leaves = [Job(session, cid, job_type="", name=None, command=spec.command, parent=top,
                       location=place.location, computer_name=place.computer_name)
                   for cid, place in zip(ids[1:], plan.places)]
-        shape = shape_of(spec)
+        shape = top._shape = shape_of(spec)  # a parent's result() is its children's: shown the same
         for leaf in leaves:
             leaf._shape = shape
         jobs = [top, *leaves]
@@ -126,10 +126,14 @@ _PLAIN: dict[tuple[str, str], tuple[str, str, bool, str | None, Any]] = {}  # (k
 
 def shape_of(spec: JobSpec) -> str:
     """What ``result()`` makes of a job's output (core/_future): a command's lines, a generator's
-    items, or a callable's return value (its last output item)."""
+    items, or a callable's return value (its last output item). A call that came pickled (the
+    session host's, from a connected session) is never opened here: its sender said which."""
     if spec.kind != CALL:
         return LINES
     target = spec.target
+    if target is None:  # a call pickled elsewhere (core/_shipped): the shape its sender saw
+        shape = spec.options.get("shape", VALUE)
+        return shape if shape in (VALUE, ITEMS, LINES) else VALUE
     if type(target) is types.FunctionType:  # the common case, as inspect decides it, in one test
         return ITEMS if target.__code__.co_flags & _GENERATORS else VALUE
     while isinstance(target, functools.partial):

@@ -39,6 +39,7 @@ from .._errors import (
     MissingDependencyError,
     missing_dependency,
 )
+from ..core import result_shape
 from ..core._job import Job
 from ..core._pshost import reason_text
 from ..core._session import Session
@@ -158,7 +159,7 @@ def view(ctx: Context, job: Job) -> JobView:
                    reason=None if reason is None else reason_text(reason), begin_time=_iso(job.begin_time),
                    end_time=_iso(job.end_time), instance_id=str(job.instance_id), pid=pid_of(job),
                    cwd=ctx.cwds.get(job.id), prompt=job.prompt, status_message=job.status_message,
-                   attempts=job.attempts)
+                   attempts=job.attempts, shape=result_shape(job))
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -214,7 +215,7 @@ def start_call(ctx: Context, req: StartCallRequest, reply: Reply) -> JobView:
     except binascii.Error as exc:
         raise ValueError(f"start_call: the payload is not base64 ({exc})") from None
     job = start_shipped(ctx.session, payload, command=req.command, name=req.name, cwd=cwd, env=req.env,
-                        sys_path=req.sys_path or None, umask=req.umask)
+                        sys_path=req.sys_path or None, umask=req.umask, shape=req.shape)
     return _started(ctx, job, cwd)
 
 

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._errors import HostError
+from ..core import result_shape
 from ..core._job import Job
 from ..core._journal import Entry
 from ..core._pshost import describe_job
@@ -545,4 +546,5 @@ def job_row(journal: SqliteJournal) -> dict[str, Any]:
     return {"id": job.id, "parent": None if parent is None else parent.id, "name": job.name,
             "job_type": job.job_type, "command": job.command, "location": job.location,
             "computer_name": job.computer_name, "instance_id": str(job.instance_id), "cwd": None,
-            "pid": None, "pid_start": None, "cursor": 0, "last_seq": 0, "host_pid": os.getpid()}
+            "pid": None, "pid_start": None, "cursor": 0, "last_seq": 0, "host_pid": os.getpid(),
+            "shape": result_shape(job)}

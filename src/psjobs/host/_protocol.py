@@ -340,6 +340,9 @@ class StartCallRequest(Request):
     name: str | None = None
     python: str = ""         # the client's "major.minor": pickled code runs only on the same one
     umask: int | None = None  # the client's: the worker sets it before the call (None: the host's)
+    # What result() makes of the output (core/_tree.shape_of, which the host cannot run on bytes it
+    # never unpickles); None: a callable's value (an older client sends none)
+    shape: str | None = None
 
     @classmethod
     def from_json(cls, args: dict[str, Any]) -> StartCallRequest:
@@ -350,7 +353,17 @@ class StartCallRequest(Request):
         return cls(payload=_arg(args, v, "payload", str), command=_arg(args, v, "command", str),
                    cwd=_arg(args, v, "cwd", str), env=env, sys_path=_strs(args, v, "sys_path", []),
                    name=_arg(args, v, "name", str, None), python=_arg(args, v, "python", str, ""),
-                   umask=_umask(args, v))
+                   umask=_umask(args, v), shape=_shape(args, v))
+
+
+SHAPES = ("value", "items", "lines")  # what result() makes of a job's output: core/_future's VALUE...
+
+
+def _shape(args: dict[str, Any], verb: str) -> str | None:
+    value = _arg(args, verb, "shape", str, None)
+    if value is not None and value not in SHAPES:
+        raise ProtocolError(f"{verb}: a shape is one of {', '.join(SHAPES)}, not {value[:40]!r}")
+    return value  # type: ignore[no-any-return]
 
 
 @_record
@@ -500,6 +513,7 @@ class JobView(Response):
     prompt: str | None = None      # what a Blocked job asks (psjobs.connect() shows it as job.prompt)
     status_message: str = ""       # what a NotStarted job waits for (a group slot, a dependency, a delay)
     attempts: int = 0              # runs started (retries)
+    shape: str = "value"           # what result() makes of the output (core.result_shape); an older host sends none
 
 
 @_record

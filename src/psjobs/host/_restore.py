@@ -19,6 +19,7 @@ from ..core._job import Job
 from ..core._session import Session
 from ..core._state import JobState
 from ._journal import SqliteJournal, Writer
+from ._protocol import SHAPES
 
 
 def restore(session: Session, writer: Writer) -> dict[int, str | None]:
@@ -36,7 +37,8 @@ def restore(session: Session, writer: Writer) -> dict[int, str | None]:
                            computer_name=row["computer_name"], state=state,
                            reason=reason_from_text(row["reason"]), exit_code=row["exit_code"],
                            begin=row["begin_time"], end=row["end_time"],
-                           instance_id=uuid.UUID(row["instance_id"]), pid=row["pid"], journal=journal)
+                           instance_id=uuid.UUID(row["instance_id"]), pid=row["pid"], journal=journal,
+                           shape=row["shape"] if row["shape"] in SHAPES else "value")
         journal.job = job
         jobs[job.id] = job
         cwds[job.id] = row["cwd"]

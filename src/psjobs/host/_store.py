@@ -3,7 +3,8 @@
 ::
 
     host journals (see _journal) --Writer thread, one transaction a pass--> SQLite (WAL):
-        jobs (one row each: what get shows, the cursor, the pid to end after a crash)
+        jobs (one row each: what get shows, the cursor, the pid to end after a crash, the shape
+              of its result())
         records (seq, job, stream, time, JSON or readable text)
     SqliteJournal.read --Store.windows--> a job's records by position (its k-th record by seq)
     host start --recover (unfinished jobs of a dead host: Failed), load--> the Session's jobs
@@ -42,7 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     command TEXT NOT NULL, location TEXT NOT NULL, computer_name TEXT, state TEXT NOT NULL,
     reason TEXT, exit_code INTEGER, begin_time REAL, end_time REAL, instance_id TEXT NOT NULL,
     cwd TEXT, pid INTEGER, pid_start INTEGER, cursor INTEGER NOT NULL DEFAULT 0,
-    last_seq INTEGER NOT NULL DEFAULT 0, host_pid INTEGER
+    last_seq INTEGER NOT NULL DEFAULT 0, host_pid INTEGER, shape TEXT NOT NULL DEFAULT 'value'
 );
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY, job INTEGER NOT NULL, stream INTEGER NOT NULL, time REAL NOT NULL,
@@ -53,7 +54,13 @@ CREATE INDEX IF NOT EXISTS records_by_job ON records (job, seq);
 
 _COLUMNS = ("id", "parent", "name", "job_type", "command", "location", "computer_name", "state",
             "reason", "exit_code", "begin_time", "end_time", "instance_id", "cwd", "pid", "pid_start",
-            "cursor", "last_seq", "host_pid")
+            "cursor", "last_seq", "host_pid", "shape")
+# Columns added after the first release, with their definitions: a database made before gets them
+# when the host opens it (ALTER TABLE: its rows take the default). A column with a default is read
+# and written by both versions (each names its columns), so schema_version stays 1: a downgraded
+# host still opens the file. shape: what result() makes of a job's output (core.result_shape);
+# a job stored before it gives a callable's value, as result() did then.
+_ADDED_COLUMNS = {"shape": "TEXT NOT NULL DEFAULT 'value'"}
 
 _FINISHED = {s.value for s in JobState if s.is_finished}
 _INSERT_RECORD = "INSERT INTO records (seq, job, stream, time, json, data) VALUES (?, ?, ?, ?, ?, ?)"
@@ -204,6 +211,7 @@ class Store:
             elif int(found) != SCHEMA_VERSION:
                 raise RuntimeError(f"the psjobs database {path} has schema version {found}, this psjobs "
                                    f"reads version {SCHEMA_VERSION}; move the file away to start afresh")
+            self._add_columns()
             self.max_seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
@@ -228,6 +236,13 @@ class Store:
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 raise
+
+    def _add_columns(self) -> None:
+        """Give a jobs table made by an earlier psjobs the columns added since (see _ADDED_COLUMNS)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
