@@ -4,9 +4,9 @@
 
     scheduler --compute-task run_task(key, item, spec)--> a worker thread
         run_task: refuses a re-run after a lost worker (the guard plugin's annotation) and a
-                  stopped key or group, then makes this thread's psjobs emitter a _TaskEmitter
-                  and runs init + target (or the command, its lines streamed) through
-                  worker._runner, with worker._thread_stop as its gate
+                  stopped key or group (its mark: _stop_marks.py), then makes this thread's
+                  psjobs emitter a _TaskEmitter and runs init + target (or the command, its
+                  lines streamed) through worker._runner, with worker._thread_stop as its gate
     write_*() / print / warnings / logging --> _TaskEmitter --> _Shipper (one per worker process)
     _Shipper thread --every 2 ms, or 1,000 records--> worker.log_event("psjobs-<token>", chunk)
         --> scheduler --> the session's Client (subscribe_topic), in the order they were made
@@ -43,13 +43,13 @@ from ...worker._process_worker import dumps_batch
 from ...worker._procs import run_command, signal_procs
 from ...worker._runner import call, run_guarded
 from ...worker._thread_stop import ThreadStopper
+from ._stop_marks import Marks
 
 FLUSH_SECONDS = 0.002   # a trickle reaches the session within a few ms (plus the scheduler hop)...
 FLUSH_ITEMS = 1000      # ...and a flood goes in batches: every chunk is one scheduler message
 START_DELAY = 0.01      # a task still running after 10 ms says where it runs (short ones never need to)
 MAX_PENDING = 20_000    # records a task may have waiting before write_* waits for the shipper
 MAX_BACKLOG = 64        # messages the worker may hold for the scheduler before the shipper waits
-STOP_MEMORY = 3600.0    # seconds a worker remembers a stopped key, in case it is dispatched late
 LOST = "psjobs_lost"    # annotation the guard plugin sets: times the task's worker was lost
 
 Columns = tuple[bytes, list[Any], list[float]]  # streams (a byte each), values, times
@@ -333,8 +333,7 @@ class _Runtime:
         self.lock = threading.Lock()
         self.ended = threading.Condition(self.lock)  # a task left self.tasks
         self.tasks: dict[str, _Task] = {}
-        self.stopped_keys: dict[str, float] = {}
-        self.stopped_groups: dict[str, float] = {}
+        self.marks = Marks()  # the keys and groups stopped (_stop_marks), guarded by self.lock
         self.specs: OrderedDict[str, _Spec] = OrderedDict()
         self.shipper = _Shipper(self)
 
@@ -369,17 +368,8 @@ class _Runtime:
                 self.ended.wait(left)
 
     def stop(self, keys: list[str], groups: list[str], grace: float) -> int:
-        until = time.time() + STOP_MEMORY
         with self.lock:
-            for key in keys:
-                self.stopped_keys[key] = until
-            for group in groups:
-                self.stopped_groups[group] = until
-            for marks in (self.stopped_keys, self.stopped_groups):
-                if len(marks) > 50_000:
-                    now = time.time()
-                    for name in [n for n, t in marks.items() if t < now]:
-                        del marks[name]
+            self.marks.mark(keys, groups)
             wanted_keys, wanted_groups = set(keys), set(groups)
             victims = [t for t in self.tasks.values() if t.key in wanted_keys or t.group in wanted_groups]
         for task in victims:
@@ -433,7 +423,7 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
         return ("refused", lost, 0, begin, rt.address, None, None, None, None)
     task = _Task(key, group, topic, lost, s.input)
     with rt.lock:  # checked and registered at once: a stop_tasks meanwhile sees one or the other
-        if key in rt.stopped_keys or group in rt.stopped_groups:
+        if rt.marks.stopped(key, group):
             return ("stopped", lost, 0, begin, rt.address, None, None, None, None)
         rt.tasks[key] = task
     rt.shipper.started(task)
