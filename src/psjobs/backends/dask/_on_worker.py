@@ -12,7 +12,8 @@
         --> scheduler --> the session's Client (subscribe_topic), in the order they were made
     run_task returns (outcome, last records, how many chunks it shipped) --> fetched by the session
     session --client.run(stop_tasks)--> every worker: stop_requested() turns True, JobStopped is
-        raised in the task's thread, SIGTERM to the processes the task started, SIGKILL after grace
+        raised in the task's thread, SIGTERM to the processes the task started, SIGKILL after grace;
+        the answer: which of the keys ran here (running, or ended lately: _stop_marks.py)
 
 A worker process serves many tasks at once, one per thread, so nothing here is process-wide
 except what is shared on purpose: the shipper, the registry of running tasks, and the stop marks.
@@ -331,7 +332,6 @@ class _Runtime:
         self.address: str = worker.address
         self.pid = os.getpid()  # a child the task forks has no worker to ship through
         self.lock = threading.Lock()
-        self.ended = threading.Condition(self.lock)  # a task left self.tasks
         self.tasks: dict[str, _Task] = {}
         self.marks = Marks()  # the keys and groups stopped (_stop_marks), guarded by self.lock
         self.specs: OrderedDict[str, _Spec] = OrderedDict()
@@ -357,27 +357,19 @@ class _Runtime:
                 self.specs.popitem(last=False)
         return spec
 
-    def wait_ended(self, keys: set[str], groups: set[str], seconds: float) -> None:
-        """Until no task of ``keys`` or ``groups`` runs here, for at most ``seconds``."""
-        deadline = time.monotonic() + seconds
-        with self.ended:
-            while any(t.key in keys or t.group in groups for t in self.tasks.values()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self.ended.wait(left)
-
-    def stop(self, keys: list[str], groups: list[str], grace: float) -> int:
-        with self.lock:
+    def stop(self, keys: list[str], groups: list[str], grace: float) -> list[str]:
+        """Stop these keys and groups here, now and when they come; the keys of them that ran here."""
+        with self.lock:  # one hold: a task is running, or ended (remembered), or refuses to start
             self.marks.mark(keys, groups)
             wanted_keys, wanted_groups = set(keys), set(groups)
             victims = [t for t in self.tasks.values() if t.key in wanted_keys or t.group in wanted_groups]
+            ran = [t.key for t in victims] + self.marks.ran(wanted_keys, wanted_groups)
         for task in victims:
             task.request_stop(grace)
         if victims:
             with self.shipper.cond:
                 self.shipper.cond.notify_all()  # a task waiting for room must see its stop
-        return len(victims)
+        return ran
 
 
 _runtimes: weakref.WeakKeyDictionary[Any, _Runtime] = weakref.WeakKeyDictionary()
@@ -483,30 +475,23 @@ def _end(rt: _Runtime, task: _Task) -> None:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=2)  # reap it: a worker must not collect zombies
     task.procs.clear()
-    with rt.ended:  # last: a stop_tasks that waits for it (wait > 0) knows nothing of it is left
+    with rt.lock:  # last, in one hold: a stop_tasks finds it running or remembered as ended here
         rt.tasks.pop(task.key, None)
-        rt.ended.notify_all()
+        rt.marks.ended(task.key, task.group)
 
 
-async def stop_tasks(keys: list[str], groups: list[str], grace: float, wait: float = 0.0,
-                     dask_worker: Any = None) -> int:
+def stop_tasks(keys: list[str], groups: list[str], grace: float, dask_worker: Any = None) -> list[str]:
     """Run by ``client.run`` on every worker: stop these keys and groups, now and when they come.
 
-    With ``wait`` > 0, answer only once the tasks of them running here have ended (or after
-    ``wait`` seconds): the session then knows none of them runs any more. A coroutine, so that
-    Dask runs it on the worker's event loop without blocking it while it waits.
+    Answers the keys of them that ran here (running now, or ended within ENDED_MEMORY): the
+    session keeps those tasks until their results bring their last records, and cancels the
+    others, which never ran and, marked, never will. Quick: it runs on the worker's event loop.
     """
     if dask_worker is None:
         from distributed import get_worker
 
         dask_worker = get_worker()
-    rt = _get_runtime(dask_worker)
-    stopped = rt.stop(keys, groups, grace)
-    if stopped and wait > 0:
-        import asyncio
-
-        await asyncio.get_running_loop().run_in_executor(None, rt.wait_ended, set(keys), set(groups), wait)
-    return stopped
+    return _get_runtime(dask_worker).stop(keys, groups, grace)
 
 
 # --- a task that ends its worker process -----------------------------------------------------------
