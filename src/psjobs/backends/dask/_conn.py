@@ -10,7 +10,8 @@
         chunk -> port.started(where=the worker) the first time, port.records(records)
         done  -> client.gather in batches -> port.ended(outcome, last records), once every chunk
                  the task shipped has arrived (chunks go through the scheduler, results come direct)
-        lost  -> port.ended(failed: WorkerError naming the worker), cancel the task
+        lost  -> port.ended(failed: WorkerError naming the worker), cancel the task (the reasons'
+                 words, for this and for a Future that ended without a result: _reasons.py)
         stop  -> client.run(stop_tasks) on every worker (a helper thread): it stops them, marks
                  them so they never start later, and answers which of them ran there
         answer -> for the tasks the session has not seen start (their jobs Stopped at once):
@@ -40,6 +41,7 @@ from ...core import Entry, JobPort, Outcome
 from ...worker import _salvage as salvage
 from ...worker._outcome import load_reason as _load_reason
 from ...worker._wire import RECORDS, decode_records
+from ._reasons import broken_reason, lost_error
 
 if TYPE_CHECKING:
     from ._backend import DaskBackend
@@ -343,7 +345,7 @@ class _Conn:
             return
         reason = _load_reason(blob, tb) if blob is not None else None
         if status == "refused":
-            reason = _lost_error(port, where, "", leaf.retries)
+            reason = lost_error(port, where, "", leaf.retries)
         self._drop(leaf)  # first: a retry (core/_sched) submits the same key again
         if not port.ended(Outcome.named(status, reason, code), entries):
             port.kept_records(entries)  # a stop_job made it Stopped since the check above
@@ -358,33 +360,12 @@ class _Conn:
 
     def _broken(self, leaf: _Leaf, future: Any) -> None:
         port = leaf.port
-        status = future.status
-        if status == "cancelled":
-            if port.stop_requested:
-                self._drop(leaf)
-                port.ended(Outcome.stopped())
-                return
-            if not self.connected():
-                why = (f"the connection to the Dask scheduler at {self.address} was lost, and its task with "
-                       f"it (the scheduler died, or the network failed)")
-            else:
-                why = "the cluster cancelled its task (the cluster restarted, or another client cancelled it)"
-            cause = None
-        elif status == "lost":
-            why = "the worker that held its result was lost before psjobs fetched it"
-            cause = None
-        else:
-            try:
-                cause = future.exception(timeout=5)
-            except Exception as exc:
-                cause = exc
-            if type(cause).__name__ == "KilledWorker":
-                why = f"Dask gave up on its task after the workers running it died ({cause})"
-            else:
-                why = (f"the cluster could not run its task ({type(cause).__name__}: {cause}); the scheduler "
-                       f"and the workers need psjobs installed (pip install 'psjobs[dask]') and the modules "
-                       f"the job uses")
-        self.fail(leaf, WorkerError(f"{port.describe()} failed: {why}. Start it again"), cause)
+        if future.status == "cancelled" and port.stop_requested:
+            self._drop(leaf)
+            port.ended(Outcome.stopped())
+            return
+        reason, cause = broken_reason(port, future, self.address, self.connected())
+        self.fail(leaf, reason, cause)
 
     def fail(self, leaf: _Leaf, reason: WorkerError, cause: BaseException | None) -> None:
         """End ``leaf``'s job Failed for ``reason`` (caused by ``cause``) and forget its task."""
@@ -416,7 +397,7 @@ class _Conn:
                 f"(the worker was lost; psjobs does not run it again). Start it again once the code no "
                 f"longer ends its process"), last[1]))
         else:
-            port.ended(Outcome.failed(_lost_error(port, where, stimulus, leaf.retries)))
+            port.ended(Outcome.failed(lost_error(port, where, stimulus, leaf.retries)))
         if future is not None:
             try:
                 self.client.cancel([future], reason="psjobs: its worker was lost")
@@ -554,18 +535,6 @@ def _stop_targets(leaves: list[_Leaf]) -> tuple[list[str], list[str]]:
         else:
             keys.extend(leaf.key for leaf in members)
     return keys, groups
-
-
-def _lost_error(port: JobPort, where: str, stimulus: str, retries: int) -> WorkerError:
-    if not stimulus or "worker" in stimulus:
-        what = (f"the Dask worker {where or 'running it'} was lost (it died or left the cluster) while the "
-                f"task ran or was about to run there")
-    else:
-        what = f"the Dask scheduler took the task back from {where or 'its worker'} ({stimulus})"
-    tried = f" (it was already retried {retries} time(s))" if retries else ""
-    return WorkerError(f"{port.describe()} failed: {what}{tried}; psjobs does not run it again "
-                       f"elsewhere, since that could run your code twice. Start it again, or pass retries=N to "
-                       f"start_cluster_job to let Dask re-run it")
 
 
 def _load_entries(blob: bytes, where: str, port: JobPort) -> list[Entry]:
