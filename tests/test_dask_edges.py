@@ -190,3 +190,39 @@ def test_workers_answer_which_stopped_tasks_ran_there_even_ended_ones(
     assert sorted(key for keys in answers.values() for key in keys) == [leaf.key]
     answers = local_client.run(stop_tasks, [], [leaf.group.id], 1.0)  # a fan-out's stop names its group
     assert sorted(key for keys in answers.values() for key in keys) == [leaf.key]
+
+
+# --- the caller's Client closed under its jobs -------------------------------------------------------
+
+def runs_until_stopped(done: str) -> None:
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and not psjobs.stop_requested():
+            time.sleep(0.01)
+    finally:
+        Path(done).write_text("stopped" if psjobs.stop_requested() else "ran to its end")
+
+
+def test_closing_the_client_passed_fails_its_job_saying_so_and_stops_its_task(
+        session: psjobs.Session, cluster: Any, tmp_path: Path) -> None:
+    """Bug: closing one's own Client failed its running job at once with "the connection to the Dask
+    scheduler was lost (the scheduler died...)" while everything was up, and the task ran on."""
+    address = cluster.scheduler.address if isinstance(cluster, distributed.Client) else cluster
+    done = tmp_path / "done"
+    own = distributed.Client(address, set_as_default=False)
+    try:
+        job = session.start_job(runs_until_stopped, str(done), cluster=own)
+        wait_until(lambda: job.child_jobs[0].state is JobState.RUNNING, 30, "the task to run")
+    finally:
+        own.close()
+    assert job.wait(30) and job.state is JobState.FAILED
+    reason = job.child_jobs[0].reason
+    assert isinstance(reason, psjobs.WorkerError)
+    text = str(reason)
+    assert f"Job {job.child_jobs[0].id}" in text and "the dask Client passed as cluster= was closed" in text
+    assert "Keep that Client open" in text and f"cluster={address!r}" in text
+    assert "connection to the Dask scheduler" not in text and "the scheduler died" not in text
+    wait_until(done.exists, 20, "the task to end on its worker")
+    assert done.read_text() == "stopped", "the task ran on after its Client was closed"
+    with pytest.raises(psjobs.WorkerError, match="is closed"):
+        session.start_job(square, 1, cluster=own)

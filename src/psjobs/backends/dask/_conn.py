@@ -9,7 +9,9 @@
     dispatcher thread takes the inbox in order:
         chunk -> port.started(where=the worker) the first time, port.records(records)
         done  -> client.gather in batches -> port.ended(outcome, last records), once every chunk
-                 the task shipped has arrived (chunks go through the scheduler, results come direct)
+                 the task shipped has arrived (chunks go through the scheduler, results come direct);
+                 cancelled as the caller closed the Client they passed: Failed, saying so, and
+                 a short-lived Client of psjobs' own stops the task on the workers (_stop_orphans)
         lost  -> port.ended(failed: WorkerError naming the worker), cancel the task (the reasons'
                  words, for this and for a Future that ended without a result: _reasons.py)
         stop  -> client.run(stop_tasks) on every worker (a helper thread): it stops them, marks
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 PARK_SECONDS = 10.0   # a result waits this long for chunks still on their way through the scheduler
 GATHER_BATCH = 1000   # results fetched in one client.gather
 STOP_SLACK = 5.0      # seconds past the grace a stop of an unseen task waits for the workers and results
+CONNECT_SECONDS = 10  # to reach the scheduler again when the caller's Client was closed under its jobs
 
 
 class _StopWait:
@@ -113,6 +116,7 @@ class _Conn:
         self.stops: list[tuple[_Leaf, float]] = []
         self.parked: set[_Leaf] = set()
         self.helpers: set[threading.Thread] = set()
+        self.orphans: list[str] = []  # keys whose Client (the caller's) was closed under them
         self.watchers: set[Any] = set()  # asyncio tasks on the Client's loop, one per pending future
         self.closed = False
         try:
@@ -252,6 +256,9 @@ class _Conn:
                 self._answered(unseen, ran)
             if done:
                 self._finished(done)
+            if self.orphans:
+                self._helper(self._stop_orphans, self.orphans, self.backend.session.stop_grace)
+                self.orphans = []
             if self.parked:
                 self._expire_parked()
         except BaseException as exc:
@@ -364,7 +371,11 @@ class _Conn:
             self._drop(leaf)
             port.ended(Outcome.stopped())
             return
-        reason, cause = broken_reason(port, future, self.address, self.connected())
+        # The caller's own Client, closed by them (a lost scheduler leaves it "connecting" first).
+        closed = not self.owned and self.client.status in ("closing", "closed")
+        if closed and future.status == "cancelled":
+            self.orphans.append(leaf.key)  # its task may still run on a worker: stopped in _stop_orphans
+        reason, cause = broken_reason(port, future, self.address, self.connected(), closed)
         self.fail(leaf, reason, cause)
 
     def fail(self, leaf: _Leaf, reason: WorkerError, cause: BaseException | None) -> None:
@@ -430,8 +441,11 @@ class _Conn:
         if not leaves:
             return
         keys, groups = _stop_targets(leaves)
-        helper = threading.Thread(target=self._broadcast, args=(keys, groups, grace, unseen),
-                                  name="psjobs-dask-stop", daemon=True)
+        self._helper(self._broadcast, keys, groups, grace, unseen)
+
+    def _helper(self, target: Any, *args: Any) -> None:
+        """Run ``target`` on a helper thread: a round trip to the cluster never holds the dispatcher."""
+        helper = threading.Thread(target=target, args=args, name="psjobs-dask-stop", daemon=True)
         with self.lock:
             self.helpers.add(helper)
         helper.start()
@@ -478,6 +492,25 @@ class _Conn:
         for wait in {id(leaf.wait): leaf.wait for leaf in unseen if leaf.wait is not None}.values():
             if not wait.pending:
                 wait.done.set()
+
+    def _stop_orphans(self, keys: list[str], grace: float) -> None:
+        """Stop tasks whose Client, the caller's, was closed while they ran: Dask forgets them, but
+        a running one would run to its end. A closed Client reaches no worker, so a short-lived
+        Client of psjobs' own does it (a fraction of a second, on this helper thread)."""
+        from distributed import Client
+
+        from ._on_worker import stop_tasks
+
+        try:
+            if not self.closed:
+                with Client(self.address, set_as_default=False,  # type: ignore[no-untyped-call]
+                            timeout=CONNECT_SECONDS) as client:
+                    client.run(stop_tasks, keys, [], grace, on_error="return", callback_timeout=30)
+        except Exception:
+            pass  # the scheduler is gone as well: its workers dropped their tasks (or go with it)
+        finally:
+            with self.lock:
+                self.helpers.discard(threading.current_thread())
 
     def forget(self, leaf: _Leaf) -> None:
         # Through the dispatcher, as a stop is: dropped here at once, the key was gone before the

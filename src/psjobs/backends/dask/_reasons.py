@@ -16,11 +16,23 @@ from ..._errors import WorkerError
 from ...core import JobPort
 
 
-def broken_reason(port: JobPort, future: Any, address: str,
-                  connected: bool) -> tuple[WorkerError, BaseException | None]:
-    """The reason (and its cause) of a job whose task's Future ended without a result."""
+def broken_reason(port: JobPort, future: Any, address: str, connected: bool,
+                  client_closed: bool = False) -> tuple[WorkerError, BaseException | None]:
+    """The reason (and its cause) of a job whose task's Future ended without a result.
+
+    ``client_closed``: the Client the caller passed as ``cluster=`` was closed (by its owner:
+    psjobs never closes one it did not open), which cancels its Futures while the scheduler and
+    the workers stay up. That is no lost connection: the reason says what happened and what to do.
+    """
     status = future.status
     cause: BaseException | None = None
+    if status == "cancelled" and client_closed:
+        return WorkerError(
+            f"{port.describe()} failed: the dask Client passed as cluster= was closed while the job ran, and "
+            f"psjobs lost its task with it (Dask drops a closed Client's tasks, but one already running on a "
+            f"worker would run to its end: psjobs asked the workers at {address} to stop it). Keep that Client "
+            f"open until its jobs end, or pass the scheduler's address (cluster={address!r}) to let psjobs "
+            f"own its Client; then start the job again"), None
     if status == "cancelled":
         if not connected:
             why = (f"the connection to the Dask scheduler at {address} was lost, and its task with "
