@@ -7,7 +7,8 @@
     guard plugin (scheduler): a task given back by a lost worker --> {"psjobs": "lost"} --> inbox
     Future done --a watcher on the Client's event loop--> inbox
     dispatcher thread takes the inbox in order:
-        chunk -> port.started(where=the worker) the first time, port.records(records)
+        chunk -> port.started(where=the worker) the first time, port.kept_records(records)
+                 (records, kept too by a job Stopped before it was seen to start: see answer)
         done  -> client.gather in batches -> port.ended(outcome, last records), once every chunk
                  the task shipped has arrived (chunks go through the scheduler, results come direct);
                  cancelled as the caller closed the Client they passed: Failed, saying so, and
@@ -63,6 +64,7 @@ class _StopWait:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.pending = 0  # leaves that ran, their results still to come (after the answer)
+
 
 class _Group:
     """The children of one start call: they share a spec, and a stop may name them all at once."""
