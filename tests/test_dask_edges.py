@@ -4,6 +4,7 @@ the start (the task may already run), a Client closed under its jobs, an address
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
@@ -29,7 +30,27 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the command-line 
 pytestmark = pytest.mark.dask
 
 # test_dask's fixtures (module-scoped: this module gets clusters of its own, closed at its end)
-local_client, cli_address, cluster, session = base.local_client, base.cli_address, base.cluster, base.session
+local_client, cli_address, session = base.local_client, base.cli_address, base.session
+
+
+@pytest.fixture(scope="module")
+def threads_client() -> Iterator[Any]:
+    """A LocalCluster of two in-process workers (threads), on 127.0.0.1 over TCP."""
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=False, protocol="tcp",
+                                       host="127.0.0.1", dashboard_address="127.0.0.1:0")
+    client = distributed.Client(cluster, set_as_default=False)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="module", params=["local", "threads", "cli"])
+def cluster(request: pytest.FixtureRequest) -> Any:
+    """test_dask's two cluster kinds, and workers that are threads of this process."""
+    return request.getfixturevalue({"local": "local_client", "threads": "threads_client",
+                                    "cli": "cli_address"}[request.param])
 
 
 def test_a_malformed_address_is_a_value_error_before_any_job(session: psjobs.Session) -> None:
@@ -226,3 +247,22 @@ def test_closing_the_client_passed_fails_its_job_saying_so_and_stops_its_task(
     assert done.read_text() == "stopped", "the task ran on after its Client was closed"
     with pytest.raises(psjobs.WorkerError, match="is closed"):
         session.start_job(square, 1, cluster=own)
+
+
+# --- workers in this very process ---------------------------------------------------------------------
+
+def says(k: int) -> None:
+    print("info", k)
+
+
+def test_print_reaches_the_job_after_sys_stdout_is_swapped(
+        session: psjobs.Session, threads_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-process worker shares sys.stdout with the session's code: once that code swapped it
+    (pytest's capture does, test by test), print in a task went to the new stream, not the job."""
+    first = session.start_job(says, 1, cluster=threads_client)
+    assert first.wait(30) and [str(r) for r in first.information] == ["info 1"]
+    swapped = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", swapped)
+    second = session.start_job(says, 2, cluster=threads_client)
+    assert second.wait(30) and [str(r) for r in second.information] == ["info 2"]
+    assert swapped.getvalue() == ""

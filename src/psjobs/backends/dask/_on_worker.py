@@ -419,6 +419,10 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
             return ("stopped", lost, 0, begin, rt.address, None, None, None, None)
         rt.tasks[key] = task
     rt.shipper.started(task)
+    # Again for every task, as a thread job does: a worker of this very process (processes=False)
+    # shares sys.stdout with code that may swap it after the first task (pytest's capture does),
+    # and print then went there, not to the job.
+    _inside.install_routers()
     emitter = _TaskEmitter(task, rt)
     token = _inside.bind(emitter)
     try:
