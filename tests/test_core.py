@@ -301,6 +301,35 @@ def test_late_events_after_the_end_are_absorbed(s: Session) -> None:
     assert leaf.prompt is None and job.receive() == [1] and port.finished
 
 
+def test_records_of_work_that_ran_unseen_before_its_stop_are_kept(s: Session) -> None:
+    """A queued job is Stopped at once, yet its work may have begun unseen (a cluster task):
+    kept_records keeps what it wrote, and only for such a job; the state and history stay."""
+    job, (port,) = start(s, kind="queued", run=False)
+    s.stop_job(job)
+    leaf = job.child_jobs[0]
+    before = (leaf.state, leaf.end_time, list(leaf.history))
+    port.kept_records([out(1)])
+    assert not port.started(where="elsewhere")  # still never seen to run
+    assert not port.ended(Outcome.stopped(), [out(2)])  # the state rule absorbs the end and its tail
+    port.kept_records([out(2)])
+    assert (leaf.state, leaf.end_time, list(leaf.history)) == before
+    assert job.receive() == [1, 2] and job.state is JobState.STOPPED
+
+    running, (rport,) = start(s)  # unfinished: appended as records() appends
+    rport.kept_records([out(3)])
+    s.stop_job(running)  # ran and was stopped: its end is final for records too
+    rport.kept_records([out(4)])
+    done, (dport,) = start(s)
+    assert dport.ended(Outcome.completed(0))
+    dport.kept_records([out(5)])
+    assert running.receive() == [3] and done.receive() == []
+
+    gone, (gport,) = start(s, kind="queued", run=False)
+    s.remove_job(gone, force=True)
+    gport.kept_records([out(6)])  # a removed job gets no journal again
+    assert gone.child_jobs[0]._journal is None
+
+
 def test_the_port_is_thread_safe(s: Session) -> None:
     job, (port,) = start(s)
     threads, per = 8, 2000

@@ -18,7 +18,8 @@ Threads psjobs starts, in the session's process
 - ``psjobs-ssh`` (backends/ssh/_engine): the asyncio loop of asyncssh, one per session with
   remote jobs.
 - ``psjobs-dask-N`` (backends/dask/_conn): one dispatcher per cluster connection, the only thread
-  that reports for cluster jobs; ``psjobs-dask-stop`` helpers broadcast a stop to the workers.
+  that reports for cluster jobs; ``psjobs-dask-stop`` helpers broadcast a stop to the workers
+  (and put their answer in the inbox), or stop the tasks of a Client closed under its jobs.
   (distributed's Client runs its own event-loop thread; psjobs only puts things in an inbox there.)
 - ``psjobs-callbacks`` (core/_dispatch): one per process, started by the first of psjobs' own
   callbacks that is due (a future's settling, the Executor's queue, as_completed, the asyncio

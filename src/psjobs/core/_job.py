@@ -440,9 +440,9 @@ class Job:
             self.exit_code = nonzero[0] if nonzero else (0 if any(c == 0 for c in codes) else None)
         self._set_state(new, now)
 
-    def _extend(self, entries: list[Entry]) -> None:
-        if self._state.is_finished or not entries:
-            return  # a finished job absorbs late records
+    def _extend(self, entries: list[Entry], late: bool = False) -> None:
+        if (self._state.is_finished and not late) or not entries:
+            return  # a finished job absorbs late records (late: JobPort.kept_records let them in)
         journal = self._journal
         if journal is None:
             self._journal = journal = MemoryJournal(entries)

@@ -7,7 +7,8 @@
     Session._read:  under the lock: end = len(journal), claim [start, end)  |
                                     (journal.cursor = end unless keep)      v
                     outside it:     journal.read(start, end) ------> the claimed entries
-    job finished -----------------> journal.close()   (nothing is appended after it)
+    job finished -----------------> journal.close()   (nothing is appended after it, but what
+                                      JobPort.kept_records lets in: work that ran unseen)
     remove_job   -----------------> journal.drop()    (outside the lock: frees, or deletes)
 
 Positions count the entries appended since the job began (0 is the first entry), so a reader
@@ -66,7 +67,8 @@ class Journal(Protocol):
         ...
 
     def close(self) -> None:
-        """The job is finished: nothing more is appended (called with the session's lock held)."""
+        """The job is finished: nothing more is appended (called with the session's lock held),
+        except the records of work that ran before its stop took effect (JobPort.kept_records)."""
         ...
 
     def drop(self) -> None:

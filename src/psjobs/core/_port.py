@@ -4,14 +4,17 @@
 
     backend thread --port.started(pid, where)--+
                    --port.records(entries)-----+--> with session lock: Job._apply / Job._extend
-                   --port.blocked(prompt)------+        (state only through _state.next_state)
+                   --port.kept_records(...)----+        (state only through _state.next_state)
+                   --port.blocked(prompt)------+
                    --port.ended(outcome, tail)-+                     |
                                                                      v
                                           notify_all --> wait_job / receive_job(wait=True)
 
 Like concurrent.futures' ``Future.set_result``: the port takes the session's lock, enforces the
 state machine, and absorbs whatever comes after the end (an idempotent ``ended``, records a
-dying worker still sent). A backend never sees the lock nor a Job's private members.
+dying worker still sent), but the records of work that ran unseen before a stop made its job
+Stopped from NotStarted (``kept_records``: nothing the job's code wrote is lost). A backend never
+sees the lock nor a Job's private members.
 
 The lock is taken as the raw ``threading.Lock`` under the session's Condition, never through
 ``Condition.__enter__``: a thread job's stop is raised asynchronously in its thread
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._journal import ENTRY, SMALL, MemoryJournal
 from ._spill import SpillJournal
-from ._state import Event
+from ._state import Event, JobState
 
 _SMALL = SMALL + 1  # a MemoryJournal's list holds its cursor too (as in _job)
 #: Types whose sys.getsizeof is their own __sizeof__() (no GC header, no subclass's override), as
@@ -228,6 +231,29 @@ class JobPort:
             with self._lock:
                 self._job._extend(entries)
             self._relieve()
+
+    def kept_records(self, entries: list[Entry]) -> None:
+        """Records of work that ran before its stop took effect: kept even if the job is Stopped.
+
+        A backend may learn only after the fact that its work had started (a cluster task says so
+        10 ms in, or with its first records); a stop_job in between made the job Stopped at once, as
+        every job stopped NotStarted is, while the work ran. What the work wrote is kept: appended
+        as ``records`` appends while the job is unfinished, and to a job Stopped from NotStarted.
+        Any other finished job absorbs them, as does a removed job. The state is not touched (the
+        transition table stays the only rule for it), and the job still reads as never started.
+        """
+        if not entries:
+            return
+        job = self._job
+        with self._lock:
+            if job._state.is_finished:
+                # Its one change of state was to Stopped: NotStarted -> Stopped (stop_job on a queued job).
+                history = job._history
+                unseen = job._state is JobState.STOPPED and history is not None and len(history) == 2
+                if not unseen or job._session._all.get(job.id) is not job:
+                    return  # it ended as the port saw it run; or it was removed (its journal dropped)
+            job._extend(entries, late=True)
+        self._relieve()
 
     def record(self, entry: Entry) -> None:
         """One record (a thread job's write: the job runs in this process, nothing to batch).

@@ -7,7 +7,7 @@
     --> DaskBackend.plan: one leaf per item --> the Session makes the ClusterJob, its children, ports
     --> DaskBackend.start(ports): _Conn.submit --> scheduler --> workers (run_task, _on_worker.py)
     records, results, lost workers and stops then flow through the _Conn's dispatcher thread
-    (_dask_conn.py); the scheduler plugin is _dask_guard.py.
+    (_conn.py); the scheduler plugin is _on_scheduler.py.
 
 Nothing here imports ``distributed`` until a cluster is used, so ``import psjobs`` works without it.
 """
@@ -30,6 +30,26 @@ if TYPE_CHECKING:
     from ...core import JobSpec, Session
 
 CONNECT_TIMEOUT = 10  # seconds to reach a scheduler given by address
+
+
+def _check_address(verb: str, address: str) -> str:
+    """``address`` if Dask can read it as a scheduler's, else ValueError: a bad argument, not a
+    scheduler that cannot be reached (it raises before any job exists, as every bad argument)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme)  # ValueError for a scheme Dask has no transport for (http://...)
+        if scheme != "inproc":  # an in-process cluster's address has no port
+            _host, port = parse_host_port(location)
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} is out of range")
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{verb}: cluster={address!r} is not a Dask scheduler address ({exc}); give "
+                         f"scheme://host:port, such as 'tcp://10.0.0.5:8786' (what `dask scheduler` prints as "
+                         f"'Scheduler at:'), or a Client or cluster object") from exc
+    return address
 
 
 def _probe(address: str) -> None:
@@ -73,7 +93,7 @@ class DaskBackend(Backend):
         elif isinstance(cluster, str):
             if not cluster.strip():
                 raise ValueError(f"{verb}: cluster is an empty address; give one such as 'tcp://127.0.0.1:8786'")
-            key = address = cluster.strip()
+            key = address = _check_address(verb, cluster.strip())
         elif isinstance(getattr(cluster, "scheduler_address", None), str):
             key = address = cluster.scheduler_address
         else:

@@ -7,13 +7,20 @@
     guard plugin (scheduler): a task given back by a lost worker --> {"psjobs": "lost"} --> inbox
     Future done --a watcher on the Client's event loop--> inbox
     dispatcher thread takes the inbox in order:
-        chunk -> port.started(where=the worker) the first time, port.records(records)
+        chunk -> port.started(where=the worker) the first time, port.kept_records(records)
+                 (records, kept too by a job Stopped before it was seen to start: see answer)
         done  -> client.gather in batches -> port.ended(outcome, last records), once every chunk
-                 the task shipped has arrived (chunks go through the scheduler, results come direct)
-        lost  -> port.ended(failed: WorkerError naming the worker), cancel the task
-        stop  -> client.cancel(tasks not started) + client.run(stop_tasks) on every worker; for a
-                 task the session has not seen start, stop_job waits for the workers' answer
-                 (stop_tasks marked it and ended it if it ran): Stopped then means it never runs
+                 the task shipped has arrived (chunks go through the scheduler, results come direct);
+                 cancelled as the caller closed the Client they passed: Failed, saying so, and
+                 a short-lived Client of psjobs' own stops the task on the workers (_stop_orphans)
+        lost  -> port.ended(failed: WorkerError naming the worker), cancel the task (the reasons'
+                 words, for this and for a Future that ended without a result: _reasons.py)
+        stop  -> client.run(stop_tasks) on every worker (a helper thread): it stops them, marks
+                 them so they never start later, and answers which of them ran there
+        answer -> for the tasks the session has not seen start (their jobs Stopped at once):
+                 client.cancel those that no worker ran; the others stay until their results,
+                 and what they wrote goes to their Stopped jobs (port.kept_records). stop_job
+                 waits for that (stop_unseen, bounded): nothing lost, and nothing of it runs on
         forget -> the key dropped, after the stops of the same batch (a removal right after a
                  stop must not make the stop find nothing)
 
@@ -37,13 +44,27 @@ from ...core import Entry, JobPort, Outcome
 from ...worker import _salvage as salvage
 from ...worker._outcome import load_reason as _load_reason
 from ...worker._wire import RECORDS, decode_records
+from ._reasons import broken_reason, lost_error
 
 if TYPE_CHECKING:
     from ._backend import DaskBackend
 
 PARK_SECONDS = 10.0   # a result waits this long for chunks still on their way through the scheduler
 GATHER_BATCH = 1000   # results fetched in one client.gather
-STOP_SLACK = 5.0      # seconds past the grace a stop of an unseen task waits for the workers' answer
+STOP_SLACK = 5.0      # seconds past the grace a stop of an unseen task waits for the workers and results
+CONNECT_SECONDS = 10  # to reach the scheduler again when the caller's Client was closed under its jobs
+
+
+class _StopWait:
+    """What stop_unseen waits for: the workers' answer about its leaves, then the results (and
+    last records) of those that ran. Touched by the dispatcher thread only; ``done`` is the signal."""
+
+    __slots__ = ("done", "pending")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.pending = 0  # leaves that ran, their results still to come (after the answer)
+
 
 class _Group:
     """The children of one start call: they share a spec, and a stop may name them all at once."""
@@ -58,8 +79,8 @@ class _Group:
 class _Leaf:
     """What the dask backend keeps per child job (its ``backend_data``)."""
 
-    __slots__ = ("attempt", "confirm", "conn", "future", "group", "key", "last_words", "losses", "parked", "port",
-                 "recv", "retries", "started")
+    __slots__ = ("attempt", "awaited", "conn", "future", "group", "key", "last_words", "losses", "parked", "port",
+                 "recv", "retries", "started", "wait")
 
     def __init__(self, conn: _Conn, group: _Group, port: JobPort, retries: int) -> None:
         self.conn = conn
@@ -73,7 +94,8 @@ class _Leaf:
         self.recv = 0         # chunks received from that run
         self.losses = 0
         self.parked: tuple[Any, float] | None = None  # (outcome, deadline) waiting for chunks
-        self.confirm: threading.Event | None = None  # set once every worker has its stop (see stop_unseen)
+        self.wait: _StopWait | None = None  # its stop came while the session saw it NotStarted (stop_unseen)
+        self.awaited = False  # it ran all the same: its wait counts it until its result is in
         self.last_words: tuple[str, int | None] | None = None  # ("os._exit(3)", 3): why its worker went
 
 
@@ -93,9 +115,10 @@ class _Conn:
         self.keys: dict[str, _Leaf] = {}
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.lock = threading.Lock()
-        self.stops: list[tuple[_Leaf, float, threading.Event | None]] = []
+        self.stops: list[tuple[_Leaf, float]] = []
         self.parked: set[_Leaf] = set()
         self.helpers: set[threading.Thread] = set()
+        self.orphans: list[str] = []  # keys whose Client (the caller's) was closed under them
         self.watchers: set[Any] = set()  # asyncio tasks on the Client's loop, one per pending future
         self.closed = False
         try:
@@ -115,32 +138,36 @@ class _Conn:
     def _on_done(self, future: Any) -> None:
         self.inbox.put(("done", future))
 
-    def request_stop(self, leaf: _Leaf, grace: float, confirm: threading.Event | None = None) -> None:
+    def request_stop(self, leaf: _Leaf, grace: float) -> None:
         with self.lock:
-            self.stops.append((leaf, grace, confirm))
+            self.stops.append((leaf, grace))
         self.inbox.put(("stop", None))
 
     def stop_unseen(self, leaf: _Leaf, grace: float) -> None:
-        """Stop a task the session has not seen start, and return once every worker has the stop.
+        """Stop a task the session has not seen start; return once nothing of it runs, and what it
+        wrote, if it ran, is in its job.
 
         The session shows such a job Stopped at once, yet its task may already run on a worker
-        (it says so only after START_DELAY) or reach one before an asynchronous stop mark does:
-        it then ran after stop_job returned (issue 13, case 2). So wait for client.run's answer;
-        stop_tasks ends such a task before it answers. Every unseen leaf of the group whose stop
-        is requested goes in one broadcast: a fan-out's stop costs one round trip, not one each.
+        (it says so only after START_DELAY), have ended there, or reach one before an asynchronous
+        stop mark does: it then ran after stop_job returned (issue 13, case 2), or its records
+        were dropped with its cancelled task. So the workers answer which of them ran (stop_tasks
+        stops them first); those stay until their results bring their last records, and only the
+        others are cancelled (see _answered). Every unseen leaf of the group whose stop is
+        requested goes in one broadcast: a fan-out's stop costs one round trip, not one each.
         """
-        confirm = leaf.confirm
-        if confirm is None:
-            confirm = threading.Event()
+        wait = leaf.wait
+        if wait is None:
+            wait = _StopWait()
             with self.lock:
                 todo = [other for other in leaf.group.leaves if other is leaf or (
-                    other.confirm is None and other.port.stop_requested and other.port.finished)]
+                    other.wait is None and other.port.stop_requested and other.port.finished)]
                 for other in todo:
-                    other.confirm = confirm
-                self.stops.extend((other, grace, confirm) for other in todo)
+                    other.wait = wait
+                self.stops.extend((other, grace) for other in todo)
             self.inbox.put(("stop", None))
-        # Bounded: a scheduler that does not answer leaves the job Stopped, as before.
-        confirm.wait(grace + STOP_SLACK)
+        # Bounded: a scheduler that does not answer, or a task stuck where a stop cannot reach it,
+        # leaves the job Stopped, its records still kept whenever its result comes.
+        wait.done.wait(grace + STOP_SLACK)
 
     # --- submitting ----------------------------------------------------------------------------
     def submit(self, group: _Group, spec_id: str, spec: bytes, items: list[Any] | None,
@@ -204,6 +231,7 @@ class _Conn:
         """Take one batch from the inbox; False once the connection closes."""
         done: list[Any] = []
         forgotten: list[_Leaf] = []
+        answers: list[tuple[list[_Leaf], set[str] | None]] = []
         closing = False
         for kind, payload in batch:
             try:
@@ -213,6 +241,8 @@ class _Conn:
                     done.append(payload)
                 elif kind == "forget":
                     forgotten.append(payload)
+                elif kind == "answer":
+                    answers.append(payload)
                 elif kind == "close":
                     closing = True
             except BaseException as exc:  # a bug here (or a value's SystemExit) must not stop every job of the session
@@ -224,8 +254,13 @@ class _Conn:
                 self._stop(stops)
             for leaf in forgotten:  # after the stops: a removal never loses the stop before it
                 self._drop(leaf)
+            for unseen, ran in answers:  # before the results: one of this batch is kept, not cancelled
+                self._answered(unseen, ran)
             if done:
                 self._finished(done)
+            if self.orphans:
+                self._helper(self._stop_orphans, self.orphans, self.backend.session.stop_grace)
+                self.orphans = []
             if self.parked:
                 self._expire_parked()
         except BaseException as exc:
@@ -249,8 +284,8 @@ class _Conn:
                 self._start(leaf, where)
             elif not leaf.started:
                 self._start(leaf, where)
-            if blob is not None:
-                leaf.port.records(_load_entries(blob, where, leaf.port))
+            if blob is not None:  # kept_records: its job may be Stopped unseen (stop_unseen)
+                leaf.port.kept_records(_load_entries(blob, where, leaf.port))
             leaf.recv += 1
             parked = leaf.parked
             if parked is not None and parked[0][1] == leaf.attempt and leaf.recv >= parked[0][2]:
@@ -313,11 +348,16 @@ class _Conn:
             entries.insert(0, (Stream.WARNING, Record(
                 Stream.WARNING, f"{missing} batch(es) of this job's records did not arrive from {where} within "
                 f"{PARK_SECONDS:g}s; they are lost", now, where), now))
+        if port.finished:  # Stopped before it was seen to start, yet it ran: what it wrote is kept
+            port.kept_records(entries)
+            self._drop(leaf)  # after: its stop_unseen returns once the records are in
+            return
         reason = _load_reason(blob, tb) if blob is not None else None
         if status == "refused":
-            reason = _lost_error(port, where, "", leaf.retries)
-        self._drop(leaf)
-        port.ended(Outcome.named(status, reason, code), entries)
+            reason = lost_error(port, where, "", leaf.retries)
+        self._drop(leaf)  # first: a retry (core/_sched) submits the same key again
+        if not port.ended(Outcome.named(status, reason, code), entries):
+            port.kept_records(entries)  # a stop_job made it Stopped since the check above
 
     def _expire_parked(self) -> None:
         now = time.monotonic()
@@ -329,33 +369,16 @@ class _Conn:
 
     def _broken(self, leaf: _Leaf, future: Any) -> None:
         port = leaf.port
-        status = future.status
-        if status == "cancelled":
-            if port.stop_requested:
-                self._drop(leaf)
-                port.ended(Outcome.stopped())
-                return
-            if not self.connected():
-                why = (f"the connection to the Dask scheduler at {self.address} was lost, and its task with "
-                       f"it (the scheduler died, or the network failed)")
-            else:
-                why = "the cluster cancelled its task (the cluster restarted, or another client cancelled it)"
-            cause = None
-        elif status == "lost":
-            why = "the worker that held its result was lost before psjobs fetched it"
-            cause = None
-        else:
-            try:
-                cause = future.exception(timeout=5)
-            except Exception as exc:
-                cause = exc
-            if type(cause).__name__ == "KilledWorker":
-                why = f"Dask gave up on its task after the workers running it died ({cause})"
-            else:
-                why = (f"the cluster could not run its task ({type(cause).__name__}: {cause}); the scheduler "
-                       f"and the workers need psjobs installed (pip install 'psjobs[dask]') and the modules "
-                       f"the job uses")
-        self.fail(leaf, WorkerError(f"{port.describe()} failed: {why}. Start it again"), cause)
+        if future.status == "cancelled" and port.stop_requested:
+            self._drop(leaf)
+            port.ended(Outcome.stopped())
+            return
+        # The caller's own Client, closed by them (a lost scheduler leaves it "connecting" first).
+        closed = not self.owned and self.client.status in ("closing", "closed")
+        if closed and future.status == "cancelled":
+            self.orphans.append(leaf.key)  # its task may still run on a worker: stopped in _stop_orphans
+        reason, cause = broken_reason(port, future, self.address, self.connected(), closed)
+        self.fail(leaf, reason, cause)
 
     def fail(self, leaf: _Leaf, reason: WorkerError, cause: BaseException | None) -> None:
         """End ``leaf``'s job Failed for ``reason`` (caused by ``cause``) and forget its task."""
@@ -387,7 +410,7 @@ class _Conn:
                 f"(the worker was lost; psjobs does not run it again). Start it again once the code no "
                 f"longer ends its process"), last[1]))
         else:
-            port.ended(Outcome.failed(_lost_error(port, where, stimulus, leaf.retries)))
+            port.ended(Outcome.failed(lost_error(port, where, stimulus, leaf.retries)))
         if future is not None:
             try:
                 self.client.cancel([future], reason="psjobs: its worker was lost")
@@ -401,50 +424,93 @@ class _Conn:
         if leaf.parked is not None:
             leaf.parked = None
             self.parked.discard(leaf)
+        if leaf.awaited and leaf.wait is not None:  # it ran unseen: its result is in, or never comes
+            leaf.awaited = False
+            leaf.wait.pending -= 1
+            if not leaf.wait.pending:
+                leaf.wait.done.set()
 
     # --- stopping ------------------------------------------------------------------------------
-    def _stop(self, stops: list[tuple[_Leaf, float, threading.Event | None]]) -> None:
-        grace = max(g for _, g, _ in stops)
-        confirms = {id(c): c for _, _, c in stops if c is not None}
-        leaves = [leaf for leaf, _, _ in stops if self.keys.get(leaf.key) is leaf]
+    def _stop(self, stops: list[tuple[_Leaf, float]]) -> None:
+        grace = max(g for _, g in stops)
+        leaves = [leaf for leaf, _ in stops if self.keys.get(leaf.key) is leaf]
+        # Unseen: their jobs were Stopped while NotStarted. Not cancelled yet: the answer says
+        # which of them ran (a cancelled task's result, and its last records, never come).
+        unseen = [leaf for leaf in leaves if leaf.wait is not None and not leaf.awaited]
+        for wait in {id(leaf.wait): leaf.wait for leaf, _ in stops if leaf.wait is not None}.values():
+            if not any(leaf.wait is wait for leaf in unseen):
+                wait.done.set()  # all ended or removed already: nothing of them runs, nothing to keep
         if not leaves:
-            for confirm in confirms.values():
-                confirm.set()  # all ended or removed already: nothing of them can run
             return
-        queued = [leaf for leaf in leaves if not leaf.started]
-        if queued:
-            # Already Stopped in the table (they never started): the scheduler must drop them.
-            futures = [leaf.future for leaf in queued if leaf.future is not None]
-            for leaf in queued:
-                self._drop(leaf)
-            try:
-                self.client.cancel(futures, reason="psjobs: stop_job")
-            except Exception:
-                pass  # the stop marks below still keep them from running
         keys, groups = _stop_targets(leaves)
-        helper = threading.Thread(target=self._broadcast, args=(keys, groups, grace, list(confirms.values())),
-                                  name="psjobs-dask-stop", daemon=True)
+        self._helper(self._broadcast, keys, groups, grace, unseen)
+
+    def _helper(self, target: Any, *args: Any) -> None:
+        """Run ``target`` on a helper thread: a round trip to the cluster never holds the dispatcher."""
+        helper = threading.Thread(target=target, args=args, name="psjobs-dask-stop", daemon=True)
         with self.lock:
             self.helpers.add(helper)
         helper.start()
 
-    def _broadcast(self, keys: list[str], groups: list[str], grace: float, confirms: list[threading.Event]) -> None:
-        """Tell every worker: stop these tasks now, and never start them later.
-
-        When someone waits for the answer (``confirms``), each worker answers only once the tasks
-        it ran of these have ended (within the grace period), so nothing of them runs afterwards.
-        """
+    def _broadcast(self, keys: list[str], groups: list[str], grace: float, unseen: list[_Leaf]) -> None:
+        """Tell every worker: stop these tasks now, and never start them later; for the ``unseen``
+        leaves, put the workers' answer (the keys that ran, None if there is none) in the inbox."""
         from ._on_worker import stop_tasks
 
+        ran: set[str] | None = None
         try:
             if self.connected() and not self.closed:
-                self.client.run(stop_tasks, keys, groups, grace, grace + 1.0 if confirms else 0.0,
-                                on_error="return", callback_timeout=30)
+                answers = self.client.run(stop_tasks, keys, groups, grace, on_error="return", callback_timeout=30)
+                ran = {key for answer in answers.values() if isinstance(answer, list) for key in answer}
         except Exception:
             pass  # a stopping job then stays Stopping, and stop_job says so after the grace period
         finally:
-            for confirm in confirms:
-                confirm.set()
+            if unseen:
+                self.inbox.put(("answer", (unseen, ran)))
+            with self.lock:
+                self.helpers.discard(threading.current_thread())
+
+    def _answered(self, unseen: list[_Leaf], ran: set[str] | None) -> None:
+        """Keep the unseen leaves whose task ran (its result brings its last records); cancel the
+        others, which never ran: the stop marks keep them from starting later. No answer (None):
+        only what surely ran is kept, the rest cancelled, as a stop must never let them run."""
+        cancel: list[Any] = []
+        for leaf in unseen:
+            if self.keys.get(leaf.key) is not leaf or leaf.wait is None or leaf.awaited:
+                continue  # ended (its records kept) or removed meanwhile
+            future = leaf.future
+            if leaf.started or (ran is not None and leaf.key in ran) or getattr(future, "status", "") == "finished":
+                leaf.awaited = True
+                leaf.wait.pending += 1
+            else:
+                if future is not None:
+                    cancel.append(future)
+                self._drop(leaf)
+        if cancel:
+            try:
+                self.client.cancel(cancel, reason="psjobs: stop_job")
+            except Exception:
+                pass  # the stop marks still keep them from running
+        for wait in {id(leaf.wait): leaf.wait for leaf in unseen if leaf.wait is not None}.values():
+            if not wait.pending:
+                wait.done.set()
+
+    def _stop_orphans(self, keys: list[str], grace: float) -> None:
+        """Stop tasks whose Client, the caller's, was closed while they ran: Dask forgets them, but
+        a running one would run to its end. A closed Client reaches no worker, so a short-lived
+        Client of psjobs' own does it (a fraction of a second, on this helper thread)."""
+        from distributed import Client
+
+        from ._on_worker import stop_tasks
+
+        try:
+            if not self.closed:
+                with Client(self.address, set_as_default=False,  # type: ignore[no-untyped-call]
+                            timeout=CONNECT_SECONDS) as client:
+                    client.run(stop_tasks, keys, [], grace, on_error="return", callback_timeout=30)
+        except Exception:
+            pass  # the scheduler is gone as well: its workers dropped their tasks (or go with it)
+        finally:
             with self.lock:
                 self.helpers.discard(threading.current_thread())
 
@@ -504,18 +570,6 @@ def _stop_targets(leaves: list[_Leaf]) -> tuple[list[str], list[str]]:
         else:
             keys.extend(leaf.key for leaf in members)
     return keys, groups
-
-
-def _lost_error(port: JobPort, where: str, stimulus: str, retries: int) -> WorkerError:
-    if not stimulus or "worker" in stimulus:
-        what = (f"the Dask worker {where or 'running it'} was lost (it died or left the cluster) while the "
-                f"task ran or was about to run there")
-    else:
-        what = f"the Dask scheduler took the task back from {where or 'its worker'} ({stimulus})"
-    tried = f" (it was already retried {retries} time(s))" if retries else ""
-    return WorkerError(f"{port.describe()} failed: {what}{tried}; psjobs does not run it again "
-                       f"elsewhere, since that could run your code twice. Start it again, or pass retries=N to "
-                       f"start_cluster_job to let Dask re-run it")
 
 
 def _load_entries(blob: bytes, where: str, port: JobPort) -> list[Entry]:

@@ -4,15 +4,16 @@
 
     scheduler --compute-task run_task(key, item, spec)--> a worker thread
         run_task: refuses a re-run after a lost worker (the guard plugin's annotation) and a
-                  stopped key or group, then makes this thread's psjobs emitter a _TaskEmitter
-                  and runs init + target (or the command, its lines streamed) through
-                  worker._runner, with worker._thread_stop as its gate
+                  stopped key or group (its mark: _stop_marks.py), then makes this thread's
+                  psjobs emitter a _TaskEmitter and runs init + target (or the command, its
+                  lines streamed) through worker._runner, with worker._thread_stop as its gate
     write_*() / print / warnings / logging --> _TaskEmitter --> _Shipper (one per worker process)
     _Shipper thread --every 2 ms, or 1,000 records--> worker.log_event("psjobs-<token>", chunk)
         --> scheduler --> the session's Client (subscribe_topic), in the order they were made
     run_task returns (outcome, last records, how many chunks it shipped) --> fetched by the session
     session --client.run(stop_tasks)--> every worker: stop_requested() turns True, JobStopped is
-        raised in the task's thread, SIGTERM to the processes the task started, SIGKILL after grace
+        raised in the task's thread, SIGTERM to the processes the task started, SIGKILL after grace;
+        the answer: which of the keys ran here (running, or ended lately: _stop_marks.py)
 
 A worker process serves many tasks at once, one per thread, so nothing here is process-wide
 except what is shared on purpose: the shipper, the registry of running tasks, and the stop marks.
@@ -43,13 +44,13 @@ from ...worker._process_worker import dumps_batch
 from ...worker._procs import run_command, signal_procs
 from ...worker._runner import call, run_guarded
 from ...worker._thread_stop import ThreadStopper
+from ._stop_marks import Marks
 
 FLUSH_SECONDS = 0.002   # a trickle reaches the session within a few ms (plus the scheduler hop)...
 FLUSH_ITEMS = 1000      # ...and a flood goes in batches: every chunk is one scheduler message
 START_DELAY = 0.01      # a task still running after 10 ms says where it runs (short ones never need to)
 MAX_PENDING = 20_000    # records a task may have waiting before write_* waits for the shipper
 MAX_BACKLOG = 64        # messages the worker may hold for the scheduler before the shipper waits
-STOP_MEMORY = 3600.0    # seconds a worker remembers a stopped key, in case it is dispatched late
 LOST = "psjobs_lost"    # annotation the guard plugin sets: times the task's worker was lost
 
 Columns = tuple[bytes, list[Any], list[float]]  # streams (a byte each), values, times
@@ -331,10 +332,8 @@ class _Runtime:
         self.address: str = worker.address
         self.pid = os.getpid()  # a child the task forks has no worker to ship through
         self.lock = threading.Lock()
-        self.ended = threading.Condition(self.lock)  # a task left self.tasks
         self.tasks: dict[str, _Task] = {}
-        self.stopped_keys: dict[str, float] = {}
-        self.stopped_groups: dict[str, float] = {}
+        self.marks = Marks()  # the keys and groups stopped (_stop_marks), guarded by self.lock
         self.specs: OrderedDict[str, _Spec] = OrderedDict()
         self.shipper = _Shipper(self)
 
@@ -358,36 +357,19 @@ class _Runtime:
                 self.specs.popitem(last=False)
         return spec
 
-    def wait_ended(self, keys: set[str], groups: set[str], seconds: float) -> None:
-        """Until no task of ``keys`` or ``groups`` runs here, for at most ``seconds``."""
-        deadline = time.monotonic() + seconds
-        with self.ended:
-            while any(t.key in keys or t.group in groups for t in self.tasks.values()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self.ended.wait(left)
-
-    def stop(self, keys: list[str], groups: list[str], grace: float) -> int:
-        until = time.time() + STOP_MEMORY
-        with self.lock:
-            for key in keys:
-                self.stopped_keys[key] = until
-            for group in groups:
-                self.stopped_groups[group] = until
-            for marks in (self.stopped_keys, self.stopped_groups):
-                if len(marks) > 50_000:
-                    now = time.time()
-                    for name in [n for n, t in marks.items() if t < now]:
-                        del marks[name]
+    def stop(self, keys: list[str], groups: list[str], grace: float) -> list[str]:
+        """Stop these keys and groups here, now and when they come; the keys of them that ran here."""
+        with self.lock:  # one hold: a task is running, or ended (remembered), or refuses to start
+            self.marks.mark(keys, groups)
             wanted_keys, wanted_groups = set(keys), set(groups)
             victims = [t for t in self.tasks.values() if t.key in wanted_keys or t.group in wanted_groups]
+            ran = [t.key for t in victims] + self.marks.ran(wanted_keys, wanted_groups)
         for task in victims:
             task.request_stop(grace)
         if victims:
             with self.shipper.cond:
                 self.shipper.cond.notify_all()  # a task waiting for room must see its stop
-        return len(victims)
+        return ran
 
 
 _runtimes: weakref.WeakKeyDictionary[Any, _Runtime] = weakref.WeakKeyDictionary()
@@ -433,10 +415,14 @@ def run_task(key: str, item: bytes | str | None, *, spec_id: str, spec: bytes, t
         return ("refused", lost, 0, begin, rt.address, None, None, None, None)
     task = _Task(key, group, topic, lost, s.input)
     with rt.lock:  # checked and registered at once: a stop_tasks meanwhile sees one or the other
-        if key in rt.stopped_keys or group in rt.stopped_groups:
+        if rt.marks.stopped(key, group):
             return ("stopped", lost, 0, begin, rt.address, None, None, None, None)
         rt.tasks[key] = task
     rt.shipper.started(task)
+    # Again for every task, as a thread job does: a worker of this very process (processes=False)
+    # shares sys.stdout with code that may swap it after the first task (pytest's capture does),
+    # and print then went there, not to the job.
+    _inside.install_routers()
     emitter = _TaskEmitter(task, rt)
     token = _inside.bind(emitter)
     try:
@@ -493,30 +479,23 @@ def _end(rt: _Runtime, task: _Task) -> None:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=2)  # reap it: a worker must not collect zombies
     task.procs.clear()
-    with rt.ended:  # last: a stop_tasks that waits for it (wait > 0) knows nothing of it is left
+    with rt.lock:  # last, in one hold: a stop_tasks finds it running or remembered as ended here
         rt.tasks.pop(task.key, None)
-        rt.ended.notify_all()
+        rt.marks.ended(task.key, task.group)
 
 
-async def stop_tasks(keys: list[str], groups: list[str], grace: float, wait: float = 0.0,
-                     dask_worker: Any = None) -> int:
+def stop_tasks(keys: list[str], groups: list[str], grace: float, dask_worker: Any = None) -> list[str]:
     """Run by ``client.run`` on every worker: stop these keys and groups, now and when they come.
 
-    With ``wait`` > 0, answer only once the tasks of them running here have ended (or after
-    ``wait`` seconds): the session then knows none of them runs any more. A coroutine, so that
-    Dask runs it on the worker's event loop without blocking it while it waits.
+    Answers the keys of them that ran here (running now, or ended within ENDED_MEMORY): the
+    session keeps those tasks until their results bring their last records, and cancels the
+    others, which never ran and, marked, never will. Quick: it runs on the worker's event loop.
     """
     if dask_worker is None:
         from distributed import get_worker
 
         dask_worker = get_worker()
-    rt = _get_runtime(dask_worker)
-    stopped = rt.stop(keys, groups, grace)
-    if stopped and wait > 0:
-        import asyncio
-
-        await asyncio.get_running_loop().run_in_executor(None, rt.wait_ended, set(keys), set(groups), wait)
-    return stopped
+    return _get_runtime(dask_worker).stop(keys, groups, grace)
 
 
 # --- a task that ends its worker process -----------------------------------------------------------
