@@ -69,6 +69,9 @@ class DaskBackend(Backend):
     """The session's way to Dask clusters: one connection per cluster given to start_cluster_job."""
 
     stops_unstarted = True  # a queued child is Stopped at once, but its task must still be cancelled
+    # A task's thread cannot be killed on a worker: a stop raised into it lands when Python runs again.
+    stuck_stop = ("its task runs where Python cannot interrupt it on the worker (a long C call?), or the worker "
+                  "does not answer; it ends Stopped when the task returns, or Failed if the worker is lost")
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
