@@ -47,6 +47,7 @@ from .._errors import JobNotFinishedError, JobStateError
 from .._records import Record, Stream
 from ._job import Job
 from ._pshost import describe_job, reason_text
+from ._spec import CALL
 from ._state import Event, JobState
 
 if TYPE_CHECKING:
@@ -523,9 +524,13 @@ class SchedulingVerbs:
                                 f"was not kept; start it again with start_job")
         assert recipe.recipe is not None
         kind, job_type, parent, name, when = recipe.recipe
+        # A call a connected client pickled (core/_shipped: no target here) is its payload, which
+        # this session never unpickles: the restart runs those bytes again. Any other call is
+        # pickled afresh by its backend (its arguments may have changed since).
+        shipped = recipe.kind == CALL and recipe.target is None
         spec = dataclasses.replace(recipe, kwargs=dict(recipe.kwargs) if recipe.kwargs else recipe.kwargs,
                                    options=dict(recipe.options) if recipe.options else recipe.options,
-                                   payload=None)
+                                   payload=recipe.payload if shipped else None)
         if when is not None:
             delay = when.delay
             when = dataclasses.replace(when, after=[], not_before=None if delay is None else
