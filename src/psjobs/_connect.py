@@ -16,8 +16,9 @@
 The host owns the jobs: this side keeps no records and no cursor, and a job's state as read here
 is at most _FRESH_FOR old (or what the verb that just ran was told), so what the shell does
 (``psjobs receive``, ``psjobs stop``) is what this session sees next, and the jobs outlive this
-process. No thread and no lock of its own: a verb runs in the caller's thread, one connection per
-request, and the mirrors change under the Session's lock.
+process. A verb runs in the caller's thread, one connection per request, and the mirrors change
+under the Session's lock. While something waits on an unfinished job (result(), a future, ``await``,
+as_completed, a callback), one thread asks the host about it: psjobs/_connect_watch.
 
 The read-only parts of the verbs are the core Session's own code run over the mirrors (selection,
 wildcards, not-found messages, error_action, auto_remove); everything that changes a job is a
@@ -42,6 +43,7 @@ from datetime import datetime
 from typing import Any
 
 from . import _errors
+from ._connect_watch import Watcher
 from ._errors import HostReplyError, JobNotFinishedError, JobStateError
 from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
 from .core._format import JobList
@@ -108,8 +110,10 @@ class HostJob(Job):
         self._reason_text: str | None = None
         self.update_from(v)
 
-    def update_from(self, v: View) -> None:
-        """Take the host's view of this job (the session calls it with its lock held)."""
+    def update_from(self, v: View) -> bool:
+        """Take the host's view of this job (the session calls it with its lock held). A new state
+        fires the job's callbacks (they only queue), as Job._set_state does; True if it changed."""
+        old = self._state
         self._state = JobState.parse(v["state"])
         text = v["reason"]
         if text != self._reason_text:  # the same exception object while the text is the same
@@ -122,6 +126,11 @@ class HostJob(Job):
         self._shape = shape if shape in SHAPES else VALUE
         self._iid = uuid.UUID(v["instance_id"])
         self._seen = time.monotonic()
+        if old is self._state:
+            return False
+        if self._watch is not None:
+            self._watch.changed(self, old, self._state)
+        return True
 
     @property
     def seen_at(self) -> float:
@@ -131,6 +140,19 @@ class HostJob(Job):
     def stale(self) -> None:
         """The next read of a live attribute asks the host (a verb changed what it would say)."""
         self._seen = -math.inf
+
+    def _watched(self, waiters: int = 0) -> None:
+        if waiters >= 0 and self._state.is_finished:
+            return
+        self._host().watch(self, waiters)  # the host is asked until it ends or nobody waits
+
+    def followed(self, waiting: bool) -> bool:
+        """Whether the session's watcher asks the host about this job (session lock held): it is
+        unfinished, still the session's, and a thread waits on it or it has a callback."""
+        if self._state.is_finished or not self._host().holds(self):
+            return False
+        w = self._watch
+        return waiting or (w is not None and bool(w.states or w.done or w.own_states or w.own_done or w.news_fns))
 
     def _host(self) -> HostSession:
         session = self._session
@@ -190,6 +212,7 @@ class HostSession(Session):
     def __init__(self, *, home: str | os.PathLike[str] | None = None, verbose: bool = False,
                  debug: bool = False, host: Host | None = None) -> None:
         super().__init__(verbose=verbose, debug=debug, host=host)
+        self._watcher = Watcher(self._cond, self.watch_round)
         self._client = Client(None if home is None else Paths(expand_home(
             os.fspath(home), "connect(home) is", "pass connect() the directory as an absolute path")))
         self.home = self._client.paths.home
@@ -213,15 +236,18 @@ class HostSession(Session):
             result = response.get("result")
         return result
 
-    def _adopt(self, views: list[View], *, complete_since: float | None = None) -> None:
+    def _adopt(self, views: list[View], *, complete_since: float | None = None) -> bool:
         """Mirror the host's jobs in these views (parents come before their children). With
         ``complete_since`` (when the listing was asked for), they are all the host had: drop the
-        mirrors of jobs removed meanwhile, but not those another thread heard of since."""
+        mirrors of jobs removed meanwhile, but not those another thread heard of since. A mirror
+        whose state changed fires its callbacks and wakes the waiters, as Job._set_state does;
+        True if one did."""
+        changed = False
         with self._cond:
             for v in sorted(views, key=lambda v: int(v["id"])):
                 job = self._all.get(v["id"])
                 if isinstance(job, HostJob):
-                    job.update_from(v)
+                    changed = job.update_from(v) or changed
                     continue
                 parent = self._all.get(v["parent_id"]) if v["parent_id"] is not None else None
                 self._register_locked([HostJob(self, v, parent)])
@@ -231,21 +257,46 @@ class HostSession(Session):
                     if jid not in seen and isinstance(job, HostJob) and job.seen_at < complete_since:
                         self._all.pop(jid)
                         self._jobs.pop(jid, None)
+            if changed:
+                self._cond.notify_all()
+        return changed
 
     def _sync(self) -> None:
         asked = time.monotonic()
         self._adopt(self._call(GetRequest(children=True)), complete_since=asked)
 
-    def refresh(self, job: Job) -> None:
-        """Ask the host for ``job``'s tree as it is now (a removed job keeps its last known state)."""
+    def refresh(self, job: Job) -> bool:
+        """Ask the host for ``job``'s tree as it is now (a removed job keeps its last known state);
+        True if a state changed."""
         top = job
         while top.parent is not None:
             top = top.parent
         try:
             views = self._call(GetRequest(ids=[str(top.id)], children=True))
         except _errors.JobNotFoundError:
-            return
-        self._adopt(views)
+            return False
+        return self._adopt(views)
+
+    def holds(self, job: Job) -> bool:
+        """Whether ``job`` is still this session's (not removed)."""
+        return self._all.get(job.id) is job
+
+    def watch(self, job: HostJob, waiters: int = 0) -> None:
+        """Something waits on ``job`` (HostJob._watched): the watcher asks the host about it."""
+        self._watcher.watch(job, waiters)
+
+    def watch_round(self, jobs: list[HostJob], timeout: float) -> bool:
+        """One round of the watcher (psjobs/_connect_watch): the host waits up to ``timeout`` s for
+        one of ``jobs`` to end, and the mirrors take what it says; True if a state changed."""
+        try:
+            result = self._call(WaitRequest(ids=self._ids(list(jobs)), any=True, timeout=timeout))
+            return self._adopt(result["done"] + result["pending"])
+        except (_errors.PsJobsError, OSError):  # a job removed in the host, the host gone...
+            changed = False
+            for job in jobs:  # each on its own: a removed job keeps nobody from the others' news
+                with contextlib.suppress(_errors.PsJobsError, OSError):
+                    changed = self.refresh(job) or changed
+            return changed
 
     def records_of(self, job: Job, stream: Stream) -> list[Any]:
         """Every record of one stream of ``job``, received or not (``job.output`` and the others)."""
@@ -471,6 +522,7 @@ class HostSession(Session):
         """Stop talking to the host; its jobs go on (they outlive this process by design)."""
         with self._backend_lock:
             self._closed = True
+        self._watcher.close(max(grace, 0.0))  # psjobs-connect-watch ends within a round
 
     def __repr__(self) -> str:
         return f"<psjobs.Session connected to the psjobs host of {self.home}>"

@@ -29,6 +29,10 @@ Threads psjobs starts, in the session's process
   callbacks, a future's), in order, outside every psjobs lock; one per process, one more while a
   callback runs and others are due (to take over should it run 0.2 s), and one per callback
   that ran that long (it ends when that callback returns). Each ends after a second without work.
+- ``psjobs-connect-watch`` (psjobs/_connect_watch): one per connected session (``psjobs.connect()``)
+  while something waits on one of its unfinished jobs (result(), a future, ``await``, as_completed,
+  a callback): asks the host to wait for them (a round of at most 1 s) and updates the mirrors, so
+  their callbacks fire and waiters wake; ends when nothing unfinished is watched, or at ``close()``.
 - ``psjobs-host-writer`` (host/_journal: writes every journal's records, cursors and states to
   SQLite, one transaction per pass) and ``psjobs-host-conn`` (one per client connection, host/_server):
   the session host's.
@@ -53,6 +57,8 @@ Locks, and the order in which they may be taken (outer first)
 2b. ``Spill.lock`` (core/_spill): one spill pass of a session at a time, and a journal's drop.
    Taken after any backend lock (a reporting thread holds its own), never under the session
    lock; the session lock is taken under it, briefly, to claim and then index what is written.
+2c. ``Watcher.lock`` (psjobs/_connect_watch): a connected session's watched jobs and its watcher
+   thread; the session lock is taken under it, briefly, and it is never taken under the session lock.
 3. The session lock, ``Session._lock`` under ``Session._cond``: every job of the session. Only the
    core takes it (JobPort, Session, Job, and a Journal's ``extend``/``append``/``close``, which
    only count and queue). It is the innermost lock: nothing else is taken while it is held, no

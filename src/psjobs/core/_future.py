@@ -146,10 +146,13 @@ def add_done_callback(job: Job, fn: DoneCallback, *, own: bool = False) -> None:
     """``fn(job)`` once the job is finished, at once here if it is; ``own``: psjobs' own callback,
     which never blocks (it runs on psjobs' own thread, never behind a user's callback)."""
     with job._session._cond:
-        if not job._state.is_finished:
+        waits = not job._state.is_finished
+        if waits:
             w = _watch(job)
             (w.own_done if own else w.done).append(fn)
-            return
+    if waits:
+        job._watched()
+        return
     _call_done(fn, job)
 
 
@@ -157,6 +160,9 @@ def add_state_callback(job: Job, fn: StateCallback, *, own: bool = False) -> Non
     with job._session._cond:
         w = _watch(job)
         (w.own_states if own else w.states).append(fn)
+        waits = not job._state.is_finished
+    if waits:
+        job._watched()
 
 
 def remove_callback(job: Job, fn: Callable[..., Any]) -> None:
@@ -321,14 +327,18 @@ def _wait_finished(job: Job, timeout: float | None, verb: str) -> None:
     refuse_waiting_on_itself(verb, [job], every=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     cond = job._session._cond
-    with cond:
-        while not job._state.is_finished:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise concurrent.futures.TimeoutError(
-                    f"{verb}: {_describe(job)} is still {job._state} after {timeout} s; it goes on: "
-                    f"wait again, or stop it with job.cancel()")
-            cond.wait(remaining)
+    job._watched(1)
+    try:
+        with cond:
+            while not job._state.is_finished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise concurrent.futures.TimeoutError(
+                        f"{verb}: {_describe(job)} is still {job._state} after {timeout} s; it goes on: "
+                        f"wait again, or stop it with job.cancel()")
+                cond.wait(remaining)
+    finally:
+        job._watched(-1)
 
 
 def _raise_unless_completed(job: Job) -> None:
@@ -537,6 +547,8 @@ async def astream(job: Job, timeout: float | None) -> AsyncIterator[Any]:
     with session._cond:
         for leaf in leaves:
             _watch(leaf).news_fns.append(poke)
+    for leaf in leaves:
+        leaf._watched()
     deadline = None if timeout is None else loop.time() + timeout
     try:
         while True:

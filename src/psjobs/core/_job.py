@@ -243,6 +243,12 @@ class Job:
         journal = self._journal
         return journal is not None and journal.cursor < len(journal)
 
+    def _watched(self, waiters: int = 0) -> None:
+        """Someone has started waiting on this unfinished job (core/_future: ``waiters`` 1 as a
+        thread begins to wait in result(), -1 as it stops; 0: a callback was added), outside the
+        session lock. Nothing to do here: a backend reports each change. A connected session's
+        job changes only when the host is asked (psjobs/_connect_watch: its override asks)."""
+
     def _leaves(self) -> list[Job]:
         if not self._children:
             return [self]
