@@ -70,7 +70,7 @@ class DaskBackend(Backend):
 
     stops_unstarted = True  # a queued child is Stopped at once, but its task must still be cancelled
     # A task's thread cannot be killed on a worker: a stop raised into it lands when Python runs again.
-    stuck_stop = ("its task runs where Python cannot interrupt it on the worker (a long C call?), or the worker "
+    stuck_stop = ("its task cannot be interrupted where it runs on the worker (a long C call?), or the worker "
                   "does not answer; it ends Stopped when the task returns, or Failed if the worker is lost")
 
     def __init__(self, session: Session) -> None:
