@@ -381,8 +381,16 @@ _pruned = False
 def _hold(directory: str) -> int:
     """Lock ``directory`` for this process's life (the descriptor is kept; the kernel lets go of
     the lock when the process ends, however it ends)."""
-    fd = os.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # Locked under another name, then renamed: a .lock that exists is always held (a pruner that
+    # found it unlocked between its creation and the flock deleted the live directory).
+    fresh = os.path.join(directory, _LOCK + "-new")
+    fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(fresh, os.path.join(directory, _LOCK))
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -407,8 +415,9 @@ def _prune_dead() -> None:
             if not entry.name.startswith(_PREFIX) or len(parts) != 2 or not parts[0].isdigit():
                 continue
             with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid() \
-                        and _dead(entry.path, int(parts[0])):
+                pid = int(parts[0])
+                if pid != os.getpid() and entry.is_dir(follow_symlinks=False) \
+                        and entry.stat(follow_symlinks=False).st_uid == os.getuid() and _dead(entry.path, pid):
                     shutil.rmtree(entry.path, ignore_errors=True)
 
 
