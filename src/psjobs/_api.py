@@ -40,6 +40,16 @@ def _close_default() -> None:
         _default.close()
 
 
+def _after_fork_in_child() -> None:
+    # The parent's default session is the parent's (core/_fork closes the child's copy in place):
+    # the module's verbs make one of the child's own on first use.
+    global _default, _lock
+    _default, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def start_job(target: Any, *args: Any, name: str | None = None, input: Iterable[Any] | None = None,
               init: Callable[[], Any] | None = None, working_directory: str | os.PathLike[str] | None = None,
               env: Mapping[str, str | None] | None = None, cluster: Any = None, group: str | None = None,

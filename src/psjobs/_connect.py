@@ -46,6 +46,7 @@ from . import _errors
 from ._connect_watch import Watcher
 from ._errors import HostReplyError, JobNotFinishedError, JobStateError
 from ._records import ErrorRecord, InformationRecord, ProgressRecord, Record, Stream
+from .core._fork import parent_of, track
 from .core._format import JobList
 from .core._future import VALUE
 from .core._job import Job, JobStateInfo
@@ -217,6 +218,7 @@ class HostSession(Session):
             os.fspath(home), "connect(home) is", "pass connect() the directory as an absolute path")))
         self.home = self._client.paths.home
         self._call(StatusRequest())  # starts the host now if none runs, as the command does
+        track(self)  # a forked child's copy is closed in place (core/_fork)
 
     # --- talking to the host -----------------------------------------------------------------------
     def _call(self, request: Request) -> Any:
@@ -520,6 +522,8 @@ class HostSession(Session):
     # --- lifetime ----------------------------------------------------------------------------------
     def close(self, grace: float = 1.0) -> None:
         """Stop talking to the host; its jobs go on (they outlive this process by design)."""
+        if parent_of(self) is not None:
+            return  # a forked child's copy: the parent's watcher and connection are not its own
         with self._backend_lock:
             self._closed = True
         self._watcher.close(max(grace, 0.0))  # psjobs-connect-watch ends within a round

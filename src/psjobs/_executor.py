@@ -50,9 +50,9 @@ def _process_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -
     return [fn(*args) for args in chunk]
 
 
-def _finish_at_exit(ref: weakref.ref[Executor]) -> None:
+def _finish_at_exit(ref: weakref.ref[Executor], pid: int) -> None:
     executor = ref()
-    if executor is not None:
+    if executor is not None and os.getpid() == pid:  # a forked child's copy has no calls to wait for
         executor.shutdown(wait=True)
 
 
@@ -131,7 +131,7 @@ class Executor(concurrent.futures.Executor):
         # At exit, wait for the calls as the standard executors do (their atexit join), before
         # the default session closes and stops what still runs. A weak reference: a forgotten
         # executor is not kept alive by the hook.
-        register_before_exit(functools.partial(_finish_at_exit, weakref.ref(self)))
+        register_before_exit(functools.partial(_finish_at_exit, weakref.ref(self), os.getpid()))
 
     @property
     def session(self) -> Session:

@@ -4,6 +4,9 @@ This is the facade backends import (``from ...core import JobPort, Outcome, Back
 is not here is the core's own business. Stdlib only; the core imports no backend (they are found
 by name in :mod:`._backend`'s registry and imported on first use).
 
+After ``os.fork()`` the child's copies of the parent's sessions are closed in place (core/_fork);
+the module's verbs make the child a default session of its own.
+
 Threads psjobs starts, in the session's process
 -----------------------------------------------
 - ``psjobs-thread-N`` (backends/_thread): run thread jobs, at most ``thread_throttle_limit`` at

@@ -158,4 +158,7 @@ def backend_class(kind: str) -> type[Backend]:
 
 
 def load_backend(kind: str, session: Session) -> Backend:
+    from ._fork import track
+
+    track(session)  # a session with a backend has something a forked child must not touch
     return backend_class(kind)(session)

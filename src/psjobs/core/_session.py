@@ -108,7 +108,7 @@ class Session(SchedulingVerbs):
             return backend
         with self._backend_lock:
             if self._closed:
-                raise closed_error()
+                raise closed_error(self)
             backend = self._backends.get(kind)
             if backend is None:
                 backend = load_backend(kind, self)

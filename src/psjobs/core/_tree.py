@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import JobStateError
 from .._inside import current_job_id
 from ._backend import Backend
+from ._fork import parent_of
 from ._future import ITEMS, LINES, VALUE
 from ._job import Job, _next_id, _next_ids
 from ._port import JobPort, _Tree
@@ -79,7 +80,7 @@ def register_locked(session: Session, jobs: Iterable[Job]) -> None:
     collect the jobs it stops, so a job is either stopped by close() or never exists.
     """
     if session._closed:
-        raise closed_error()
+        raise closed_error(session)
     for job in jobs:
         if session._journal_factory is not None and job._journal is None:
             job._journal = session._journal_factory(job)
@@ -88,7 +89,11 @@ def register_locked(session: Session, jobs: Iterable[Job]) -> None:
             session._jobs[job.id] = job
 
 
-def closed_error() -> JobStateError:
+def closed_error(session: Session) -> JobStateError:
+    parent = parent_of(session)
+    if parent is not None:
+        return JobStateError(f"this session belongs to process {parent}, which this one was forked from; "
+                             f"create a new psjobs.Session() here to start jobs (the module's verbs make one)")
     return JobStateError("this session is closed; create a new psjobs.Session() to start jobs")
 
 
@@ -113,7 +118,7 @@ def start_leaf(session: Session, backend: Backend, kind: str, spec: JobSpec, job
     port = JobPort(top, kind, None)
     with session._cond:  # register_locked, for one top-level job
         if session._closed:
-            raise closed_error()
+            raise closed_error(session)
         if session._journal_factory is not None:
             top._journal = session._journal_factory(top)
         session._all[jid] = session._jobs[jid] = top
