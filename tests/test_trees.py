@@ -83,6 +83,25 @@ def test_case4_a_command_job_dies_with_its_session(tmp_path: Path, ending: str) 
                what=f"the command (sh and sleep {pids}) to end after its session's process ended ({ending})")
 
 
+@pytest.mark.parametrize("mode", ["cgroup", "process-tree"])
+@pytest.mark.parametrize("ending", ["sigkill", "os_exit"])
+def test_case4_what_left_its_group_dies_with_the_session_too(tmp_path: Path, ending: str, mode: str) -> None:
+    """A setsid'd descendant of a command (its own session and process group) dies with its
+    session's process, with cgroups or, without them, found by the fork server's walk."""
+    if mode == "cgroup" and not _cgroups_here():
+        pytest.skip("cgroup v2 is not writable here")
+    pidfile = str(tmp_path / "pids")
+    code = OWNER.format(outlive=False, pidfile=pidfile, ending=ENDINGS[ending]).replace(
+        "sleep 1000 & echo", "setsid sleep 1000 & echo")
+    env = {**os.environ, "PSJOBS_CGROUPS": "1" if mode == "cgroup" else "0"}
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], timeout=60, check=False,
+                   stdout=subprocess.DEVNULL, env=env)
+    pids = [int(p) for p in Path(pidfile).read_text().split()]
+    assert len(pids) == 2 and os.getsid(pids[1]) == pids[1]  # the sleep left its group and session
+    wait_until(lambda: not any(_alive(p) for p in pids), timeout=10,
+               what=f"sh and its setsid'd sleep {pids} to end with their session ({ending}, {mode})")
+
+
 def test_case4_the_session_hosts_commands_outlive_it(tmp_path: Path) -> None:
     pids = _run_owner(tmp_path, "sigkill", outlive=True)
     try:

@@ -51,6 +51,7 @@ from ._tree import (
     Warmer,
     join_cgroup,
     kill_cgroup,
+    kill_descendants,
     leave_cgroup,
     make_session_cgroup,
     own_cgroup,
@@ -374,6 +375,8 @@ class _Server:
             sock.close()
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)  # every job's processes, those that left their group too
+        else:
+            kill_descendants(os.getpid())  # the same, found by a walk (setsid'd ones, orphans)
         for pid in pids:
             try:
                 os.killpg(pid, signal.SIGKILL)

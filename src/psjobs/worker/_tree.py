@@ -309,6 +309,40 @@ class ProcessTree:
         return [pid for pid, start in self.seen.items() if starts.get(pid) == start]
 
 
+def kill_descendants(root: int) -> None:
+    """SIGKILL every descendant of ``root`` (not ``root``): the fork server's end without cgroups.
+
+    The server is a child subreaper, so what its jobs orphaned (a double fork, a setsid'd process
+    whose parent died) is its child by now, and a walk from it finds every process of its jobs,
+    those that left their process group too. Frozen first, walk after walk, so that none forks
+    between the walk that finds it and the kill.
+    """
+    seen: set[int] = set()
+    for _ in range(_MAX_WALKS):
+        stats = proc_stats() or []
+        children: dict[int, list[int]] = {}
+        for pid, fields in stats:
+            if len(fields) > 1 and fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(pid)
+        found: set[int] = set()
+        todo = [root]
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+        new = found - seen
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        seen |= new
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _start(fields: list[str]) -> str:
     return fields[19] if len(fields) > 19 else ""  # starttime: field 22 of /proc/PID/stat
 
