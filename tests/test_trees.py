@@ -212,3 +212,44 @@ def test_the_fork_servers_start_up_warmer_leaves_no_thread_cgroup_or_move() -> N
         session_cgroup = s._backends["process"]._server.cgroup
         assert session_cgroup is not None
         assert not [e for e in os.listdir(session_cgroup) if e.startswith("warm-")], "a warm cgroup was left"
+
+
+LOST_SERVER = """
+import os, signal, sys, time
+import psjobs
+
+def work(pidfile):
+    import os, subprocess, time
+    child = subprocess.Popen(["setsid", "sleep", "1000"])
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(f"{{os.getpid()}} {{child.pid}}")
+    os.rename(pidfile + ".tmp", pidfile)
+    time.sleep(1000)
+
+s = psjobs.Session()
+job = s.start_job(work, {pidfile!r})
+deadline = time.monotonic() + 30
+while not os.path.exists({pidfile!r}) and time.monotonic() < deadline:
+    time.sleep(0.01)  # polling a file another process writes
+backend = s._backends["process"]
+os.kill(backend._server.proc.pid, signal.SIGKILL)  # the server is lost; its job's worker runs on
+while backend._server.alive and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert s.start_job(abs, -1).wait(30)  # a new server, told of the lost one's cgroup
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_jobs_of_a_lost_fork_server_die_with_the_session_too(tmp_path: Path) -> None:
+    """A fork server killed (or replaced as unresponsive) leaves its running jobs to no server;
+    the next one is told of its cgroup and ends them with the session, however the session ends."""
+    if not _cgroups_here():
+        pytest.skip("cgroup v2 is not writable here")
+    pidfile = str(tmp_path / "pids")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(LOST_SERVER.format(pidfile=pidfile))],
+                          timeout=90, check=False, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pids = [int(p) for p in Path(pidfile).read_text().split()]
+    assert len(pids) == 2
+    wait_until(lambda: not any(_alive(p) for p in pids), timeout=10,
+               what=f"the lost server's worker and its setsid'd sleep {pids} to end with the session")

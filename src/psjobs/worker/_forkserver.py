@@ -13,6 +13,8 @@
         --posix_spawn (_spawn), own session and cgroup--> the command;  server --reply pipe: pid or error--> session
     session closes ctl (or dies) --> server kills every job's processes (cgroup.kill on its directory,
         and every worker group it still has), then exits
+    a server lost (killed as unresponsive) --> session --ctl: ("adopt", [its cgroup...])--> the new
+        server, which also kills those at the session's end: the lost one's jobs still run
 
 Commands are started here, not from the session, so that they die with it: the server notices the
 session's end (the socket closes, even on SIGKILL) and ends them; if the server alone dies, the
@@ -126,6 +128,7 @@ class _Server:
         self.by_fd: dict[int, int] = {}                  # that end's fd -> pid
         self.poller = select.poll()
         self.held: list[int] = []                        # descriptors of requests read, not handled yet
+        self.adopted: list[str] = []                     # cgroups of this session's lost servers: see adopt
 
     def tell(self, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
         try:
@@ -206,6 +209,8 @@ class _Server:
                 else:
                     if request[0] == "preload" and PRELOAD:
                         preload.append(request[1])
+                    elif request[0] == "adopt":
+                        self.adopt(request[1])
                     for extra in fds:
                         os.close(extra)
         finally:
@@ -336,6 +341,18 @@ class _Server:
         finally:
             os.close(reply)
 
+    def adopt(self, paths: list[str]) -> None:
+        """Also end, at the session's end, the jobs of the session's servers that were lost (killed
+        as unresponsive): theirs still run, and no server watches them. Only a psjobs server's
+        directory beside ours is taken."""
+        if self.cgroup is None:
+            return
+        parent = os.path.dirname(self.cgroup)
+        for path in paths:
+            if isinstance(path, str) and os.path.dirname(path) == parent \
+                    and os.path.basename(path).startswith("psjobs-") and path != self.cgroup:
+                self.adopted.append(path)
+
     def devnull(self) -> int:
         if self.null < 0:
             self.null = os.open(os.devnull, os.O_RDWR)  # close-on-exec, as every descriptor here
@@ -375,6 +392,8 @@ class _Server:
             sock.close()
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)  # every job's processes, those that left their group too
+            for path in self.adopted:
+                kill_cgroup(path)  # and those of the servers this one replaced
         else:
             kill_descendants(os.getpid())  # the same, found by a walk (setsid'd ones, orphans)
         for pid in pids:
@@ -388,7 +407,8 @@ class _Server:
             except ChildProcessError:
                 pass
         if self.cgroup is not None:
-            remove_cgroups(self.cgroup)  # populated ones stay: their members are dying (SIGKILL)
+            for path in [self.cgroup, *self.adopted]:
+                remove_cgroups(path)  # populated ones stay: their members are dying (SIGKILL)
 
 
 def _spare(theirs: socket.socket) -> int:

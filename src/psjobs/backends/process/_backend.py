@@ -75,6 +75,9 @@ class ProcessBackend(Backend):
         self.handles: set[Handle] = set()                # every handle whose descriptors are open
         self.server_commands: dict[int, CommandHandle] = {}  # token -> a command the fork server started
         self._server: ForkClient | None = None
+        # The cgroups of servers that were lost while their jobs ran: each new server is told, so
+        # that it ends those jobs with the session (no server watches them any more).
+        self.lost_cgroups: list[str] = []
         self._server_lock = threading.Lock()
         self._preloaded: set[tuple[int, str]] = set()  # (server pid, module) asked for
         self._closed = False
@@ -179,6 +182,8 @@ class ProcessBackend(Backend):
             if server is None or not server.alive:
                 try:
                     server = self._server = ForkClient(self)
+                    if self.lost_cgroups:
+                        server.adopt(list(self.lost_cgroups))
                 except (OSError, WorkerError) as exc:
                     # Forking cannot serve here: a fresh interpreter per job still works.
                     print(f"psjobs: no fork server ({exc}); starting process jobs as fresh "
@@ -268,6 +273,11 @@ class ProcessBackend(Backend):
 
     def server_lost(self, server: ForkClient) -> None:
         """The fork server died: jobs it had not forked yet go to a new one; the others finish."""
+        if server.cgroup is not None and server.cgroup not in self.lost_cgroups:
+            self.lost_cgroups.append(server.cgroup)  # the next server ends what still runs there
+            current = self._server
+            if current is not None and current is not server and current.alive:
+                current.adopt([server.cgroup])  # it started before this report: told now
         for handle in list(self.pending_calls.values()):
             if handle.server is not server:
                 continue  # already sent to the new server

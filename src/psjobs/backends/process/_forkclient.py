@@ -196,6 +196,11 @@ class ForkClient:
     def preload(self, module: str) -> None:
         self.sock.send(pickle.dumps(("preload", module)))
 
+    def adopt(self, cgroups: list[str]) -> None:
+        """This server is to end, at the session's end, the jobs of lost servers (their cgroups)."""
+        with contextlib.suppress(OSError):
+            self.sock.send(pickle.dumps(("adopt", cgroups)))
+
     def on_message(self, mask: int) -> None:
         while True:
             try:
