@@ -153,3 +153,25 @@ def test_restart_of_a_connected_sessions_callable_runs_the_same_call(jobs: psjob
     (restarted,) = jobs.get_job(again["id"])
     assert restarted.result(timeout=30) == 7
     assert restarted.state is JobState.COMPLETED and not restarted.error
+
+
+def test_an_older_answer_adopted_late_leaves_a_finished_job_finished(jobs: psjobs.Session, tmp_path: Path) -> None:
+    """Two answers from the host may be adopted in the other order than they were given (a verb's
+    refresh read while the job ran, adopted after the watcher saw its end): a finished job stays
+    finished, and no callback sees it go back to Running."""
+    import copy
+
+    from psjobs.host._protocol import GetRequest
+
+    gate = tmp_path / "go"
+    job = jobs.start_job(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.01; done; echo hi"])
+    stale = copy.deepcopy(jobs._call(GetRequest(ids=[str(job.id)], children=True)))  # type: ignore[attr-defined]
+    assert stale[0]["state"] in ("NotStarted", "Running")
+    seen: list[tuple[str, str]] = []
+    job.add_state_callback(lambda _job, old, new: seen.append((str(old), str(new))))
+    gate.touch()
+    assert job.result(timeout=30) == ["hi"]
+    jobs._adopt(stale)  # type: ignore[attr-defined]
+    assert job._state is JobState.COMPLETED
+    wait_until(lambda: ("Running", "Completed") in seen, 30, "the end's callback")
+    assert ("Completed", "Running") not in seen

@@ -115,7 +115,10 @@ class HostJob(Job):
         """Take the host's view of this job (the session calls it with its lock held). A new state
         fires the job's callbacks (they only queue), as Job._set_state does; True if it changed."""
         old = self._state
-        self._state = JobState.parse(v["state"])
+        new = JobState.parse(v["state"])
+        if old.is_finished and not new.is_finished and str(self._iid) == v["instance_id"]:
+            return False  # an older answer adopted after a newer one: a finished job stays finished
+        self._state = new
         text = v["reason"]
         if text != self._reason_text:  # the same exception object while the text is the same
             self._reason_text = text

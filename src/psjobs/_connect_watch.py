@@ -22,6 +22,7 @@ briefly, and it is never taken under the session lock.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -91,10 +92,20 @@ class Watcher:
             return wanted
 
     def _run(self) -> None:
-        while True:
-            wanted = self._wanted()
-            if not wanted:
-                return
-            began = time.monotonic()
-            if not self.ask(wanted, ROUND):  # e.g. a Suspended job: the host's wait returns at once
-                self.wake.wait(max(0.0, ROUND - (time.monotonic() - began)))
+        try:
+            while True:
+                wanted = self._wanted()
+                if not wanted:
+                    return
+                began = time.monotonic()
+                try:
+                    asked = self.ask(wanted, ROUND)
+                except Exception:  # a bug must not leave every waiter of the session waiting for ever
+                    logging.getLogger("psjobs").exception("psjobs: a round of psjobs-connect-watch failed; it goes on")
+                    asked = False
+                if not asked:  # e.g. a Suspended job: the host's wait returns at once
+                    self.wake.wait(max(0.0, ROUND - (time.monotonic() - began)))
+        finally:
+            with self.lock:
+                if self.thread is threading.current_thread():
+                    self.thread = None  # ended by anything else: the next watch starts another

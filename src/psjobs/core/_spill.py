@@ -351,10 +351,20 @@ class Spill:
     def _directory(self) -> str | None:
         if self.directory is None:
             _prune_dead_soon()
-            try:  # mode 0700; its lock (and the pid in its name) tell a later session if this one was killed
-                directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
-                self._lock_fd = _hold(directory)
+            # Mode 0700. Made under a name no pruner looks at, locked, then renamed: a directory
+            # named psjobs-spill-* always holds its lock while its session lives.
+            made = None
+            try:
+                made = tempfile.mkdtemp(prefix=f"{_MAKING}{os.getpid()}-")
+                self._lock_fd = _hold(made)
+                directory = os.path.join(os.path.dirname(made), _PREFIX + os.path.basename(made)[len(_MAKING):])
+                os.rename(made, directory)
             except OSError:
+                if made is not None:
+                    shutil.rmtree(made, ignore_errors=True)
+                if self._lock_fd >= 0:
+                    os.close(self._lock_fd)
+                    self._lock_fd = -1
                 return None
             self.directory = directory
             atexit.register(_remove, directory, os.getpid())
@@ -372,6 +382,7 @@ class Spill:
 
 
 _PREFIX = "psjobs-spill-"
+_MAKING = "psjobs-spillnew-"  # a directory being made: not yet locked, so no pruner looks at it
 
 
 _LOCK = ".lock"

@@ -317,13 +317,15 @@ def kill_descendants(root: int) -> None:
     those that left their process group too. Frozen first, walk after walk, so that none forks
     between the walk that finds it and the kill.
     """
-    seen: set[int] = set()
+    seen: dict[int, str] = {}  # pid -> its start time: a pid reused meanwhile is not signalled
     for _ in range(_MAX_WALKS):
         stats = proc_stats() or []
         children: dict[int, list[int]] = {}
+        starts: dict[int, str] = {}
         for pid, fields in stats:
-            if len(fields) > 1 and fields[0] != "Z":
+            if len(fields) > 19 and fields[0] != "Z":
                 children.setdefault(int(fields[1]), []).append(pid)
+                starts[pid] = _start(fields)
         found: set[int] = set()
         todo = [root]
         while todo:
@@ -331,16 +333,24 @@ def kill_descendants(root: int) -> None:
                 if child not in found:
                     found.add(child)
                     todo.append(child)
-        new = found - seen
+        new = found - set(seen)
         if not new:
             break
         for pid in new:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGSTOP)
-        seen |= new
-    for pid in seen:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+            seen[pid] = starts[pid]
+            _signal_if_same(pid, starts[pid], signal.SIGSTOP)
+    for pid, start in seen.items():
+        _signal_if_same(pid, start, signal.SIGKILL)
+
+
+def _signal_if_same(pid: int, start: str, sig: int) -> None:
+    """``sig`` to ``pid`` if it is still the process that started at ``start`` (its parent may have
+    reaped it since the walk, and the pid been given to another process)."""
+    fields = stat_fields(pid)
+    if fields is None or _start(fields) != start:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
 
 
 def _start(fields: list[str]) -> str:
