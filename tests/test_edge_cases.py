@@ -45,6 +45,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -211,3 +212,33 @@ warnings.warn("outside any job")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "chained hook\n" and done.stderr.count("UserWarning: outside any job") == 1
+
+
+def _wait_for_file(path: str, data: bytes) -> int:
+    import os
+    import time
+
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return len(data)
+
+
+def test_a_running_process_job_holds_its_pickled_arguments_once(session: psjobs.Session, tmp_path: Path) -> None:
+    """The job frame sent to the worker is let go once sent: an empty slice of it kept the whole
+    frame (a large argument's pickled copy, on top of the one kept for restart_job) for as long
+    as the job ran."""
+    import tracemalloc
+
+    gate = str(tmp_path / "go")
+    data = b"x" * (40 << 20)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        job = session.start_job(_wait_for_file, gate, data)
+        wait_until(lambda: job.state is JobState.RUNNING, what="the job to run")
+        wait_until(lambda: tracemalloc.get_traced_memory()[0] - before < 60 << 20, 10,
+                   "the sent job frame to be let go (one pickled copy of 40 MB stays, for restart_job)")
+    finally:
+        tracemalloc.stop()
+        open(gate, "w").close()
+    assert job.wait(30) and job.output == [40 << 20]

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import ProtocolError, WorkerError
@@ -215,7 +216,7 @@ class ProcessBackend(Backend):
                 if pid is None:
                     server.submit(token, fds)
                     self.loop.call_later(ANSWER_TIMEOUT, functools.partial(
-                        self._check_forked, handle, server, time.monotonic()))
+                        self._check_forked, weakref.ref(handle), server, time.monotonic()))
                 self._ask_preload(server, handle.module)
                 return
             except OSError:
@@ -224,14 +225,16 @@ class ProcessBackend(Backend):
                 self.loop.call_soon(server.lost)
         raise WorkerError("the fork server keeps dying; process jobs cannot start")
 
-    def _check_forked(self, handle: CallHandle, server: ForkClient, began: float) -> None:
-        """On the loop: the server has not said it forked the job's worker; a frozen one goes."""
-        if handle.pid is not None or handle.server is not server or handle.port.finished:
+    def _check_forked(self, ref: weakref.ref[CallHandle], server: ForkClient, began: float) -> None:
+        """On the loop: the server has not said it forked the job's worker; a frozen one goes.
+        (A weak reference: a job removed meanwhile is not kept, nor its arguments, for the wait.)"""
+        handle = ref()
+        if handle is None or handle.pid is not None or handle.server is not server or handle.port.finished:
             return
         why = server.unresponsive(time.monotonic() - began)
         if why is None:
             if server.alive:
-                self.loop.call_later(ANSWER_TIMEOUT, functools.partial(self._check_forked, handle, server, began))
+                self.loop.call_later(ANSWER_TIMEOUT, functools.partial(self._check_forked, ref, server, began))
             return
         server.replace(why)
 

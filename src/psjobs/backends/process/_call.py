@@ -134,6 +134,9 @@ class CallHandle(Handle):
                 n, self.out = 0, memoryview(b"")
             self.out = self.out[n:]
             if not self.out:
+                # Not the empty slice: a slice keeps the whole job frame (the call's pickled
+                # arguments, maybe large) alive for as long as the job runs.
+                self.out = memoryview(b"")
                 self.backend.loop.sel.modify(self.sock, selectors.EVENT_READ, self.on_event)
         if mask & selectors.EVENT_READ:
             frames: list[tuple[int, bytes | bytearray]] = []
