@@ -36,6 +36,7 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 
 from ._procs import proc_stats, stat_fields
 
@@ -288,22 +289,10 @@ class ProcessTree:
             members = cgroup_members(self.cgroup) or []
             self.contained = self.contained or self.pid in members
             return members
-        stats = proc_stats() or []
-        children: dict[int, list[int]] = {}
-        starts: dict[int, str] = {}
-        for pid, fields in stats:
-            if len(fields) > 19 and fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(pid)
-                starts[pid] = _start(fields)
         # Who is still the job's: the descendants of its first process and of any process seen
         # before (an orphan of a descendant seen earlier is found again through that one).
-        todo = [self.pid, *(pid for pid, start in self.seen.items() if starts.get(pid) == start)]
-        found: set[int] = set()
-        while todo:
-            for child in children.get(todo.pop(), ()):
-                if child not in found:
-                    found.add(child)
-                    todo.append(child)
+        found, starts = _descendants(lambda starts: [
+            self.pid, *(pid for pid, start in self.seen.items() if starts.get(pid) == start)])
         for pid in found:
             self.seen.setdefault(pid, starts[pid])
         return [pid for pid, start in self.seen.items() if starts.get(pid) == start]
@@ -319,20 +308,7 @@ def kill_descendants(root: int) -> None:
     """
     seen: dict[int, str] = {}  # pid -> its start time: a pid reused meanwhile is not signalled
     for _ in range(_MAX_WALKS):
-        stats = proc_stats() or []
-        children: dict[int, list[int]] = {}
-        starts: dict[int, str] = {}
-        for pid, fields in stats:
-            if len(fields) > 19 and fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(pid)
-                starts[pid] = _start(fields)
-        found: set[int] = set()
-        todo = [root]
-        while todo:
-            for child in children.get(todo.pop(), ()):
-                if child not in found:
-                    found.add(child)
-                    todo.append(child)
+        found, starts = _descendants(lambda _starts: [root])
         new = found - set(seen)
         if not new:
             break
@@ -341,6 +317,25 @@ def kill_descendants(root: int) -> None:
             _signal_if_same(pid, starts[pid], signal.SIGSTOP)
     for pid, start in seen.items():
         _signal_if_same(pid, start, signal.SIGKILL)
+
+
+def _descendants(roots: Callable[[dict[int, str]], list[int]]) -> tuple[set[int], dict[int, str]]:
+    """One walk of /proc: the live descendants of ``roots(starts)`` (chosen once every process's
+    start time is known), and the start time of every live process."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for pid, fields in proc_stats() or []:
+        if len(fields) > 19 and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(pid)
+            starts[pid] = _start(fields)
+    found: set[int] = set()
+    todo = roots(starts)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found, starts
 
 
 def _signal_if_same(pid: int, start: str, sig: int) -> None:
