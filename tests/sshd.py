@@ -26,7 +26,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 DOWN = "127.0.0.4"  # nothing listens there
@@ -53,6 +55,21 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+@contextlib.contextmanager
+def module_server(tmp_path_factory: Any) -> Iterator[LoopbackSSHD]:
+    """A test module's server: skipped where asyncssh or sshd is missing, stopped at the end."""
+    import pytest
+
+    pytest.importorskip("asyncssh")
+    if find_sshd() is None:
+        pytest.skip("no sshd (apt-get install openssh-server)")
+    server = LoopbackSSHD(tmp_path_factory.mktemp("sshd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class LoopbackSSHD:

@@ -189,16 +189,10 @@ def test_the_completion_hook_runs_with_the_jobs_facts(tmp_path: Path, monkeypatc
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    pytest.importorskip("asyncssh")
     from . import sshd as sshd_helper
 
-    if sshd_helper.find_sshd() is None:
-        pytest.skip("no sshd (apt-get install openssh-server)")
-    srv = sshd_helper.LoopbackSSHD(tmp_path_factory.mktemp("sshd")).start()
-    try:
+    with sshd_helper.module_server(tmp_path_factory) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.ssh

@@ -158,20 +158,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    pytest.importorskip("asyncssh")
     from . import sshd as sshd_helper
 
-    if sshd_helper.find_sshd() is None:
-        pytest.skip("no sshd (apt-get install openssh-server)")
-    server = sshd_helper.LoopbackSSHD(tmp_path_factory.mktemp("sshd")).start()
-    # Keepalives every second, two unanswered drop the connection: the frozen-peer cells then end
-    # in ~3 s, not the 45 s of psjobs' default (docs/remote.md).
-    fast = server.ssh_config.with_name("ssh_config_fast")
-    fast.write_text("Host *\n  ServerAliveInterval 1\n  ServerAliveCountMax 2\n" + server.ssh_config.read_text())
-    try:
+    with sshd_helper.module_server(tmp_path_factory) as server:
+        # Keepalives every second, two unanswered drop the connection: the frozen-peer cells then
+        # end in ~3 s, not the 45 s of psjobs' default (docs/remote.md).
+        fast = server.ssh_config.with_name("ssh_config_fast")
+        fast.write_text("Host *\n  ServerAliveInterval 1\n  ServerAliveCountMax 2\n" + server.ssh_config.read_text())
         yield server, fast
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -177,16 +177,10 @@ def for_commands(name: str, session: psjobs.Session, start: Callable[..., Job]) 
 @pytest.fixture(scope="module")
 def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One loopback OpenSSH server for both ssh kinds (tests/sshd.py)."""
-    pytest.importorskip("asyncssh")
     from . import sshd as sshd_helper
 
-    if sshd_helper.find_sshd() is None:
-        pytest.skip("no sshd (apt-get install openssh-server)")
-    server = sshd_helper.LoopbackSSHD(tmp_path_factory.mktemp("sshd")).start()
-    try:
+    with sshd_helper.module_server(tmp_path_factory) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,8 @@ THREE = list(sshd_helper.ADDRESSES)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd_helper.LoopbackSSHD]:
-    if sshd_helper.find_sshd() is None:
-        pytest.skip("no sshd (apt-get install openssh-server)")
-    srv = sshd_helper.LoopbackSSHD(tmp_path_factory.mktemp("sshd")).start()
-    try:
+    with sshd_helper.module_server(tmp_path_factory) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
