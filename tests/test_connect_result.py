@@ -32,11 +32,8 @@ def home(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 def jobs(home: Path) -> Iterator[psjobs.Session]:
-    s = psjobs.connect()
-    try:
+    with psjobs.connect() as s:
         yield s
-    finally:
-        s.close()
 
 
 def answer() -> int:
