@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 from ._call import CallHandle
 from ._command import CommandHandle
-from ._forkclient import ANSWER_TIMEOUT, ForkClient, ServerGone, environ_now, find_psjobs
+from ._forkclient import ANSWER_LIMIT, ANSWER_TIMEOUT, ForkClient, ServerGone, environ_now, find_psjobs
 from ._handle import Handle
 from ._loop import SOCK_BUF, IOLoop
 
@@ -291,7 +291,7 @@ class ProcessBackend(Backend):
                 self.spare_tokens.pop(handle.pid, None)
                 handle.on_server_lost()
         for command in list(self.server_commands.values()):
-            if command.server is server:
+            if command.server is server and command.reply < 0:  # unanswered ones: see unanswered
                 self.server_commands.pop(command.port.job_id, None)
                 command.on_server_lost()
 
@@ -311,44 +311,58 @@ class ProcessBackend(Backend):
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if feed is not None else (-1, None)
-        theirs = [out_w, err_w] + ([in_r] if in_r >= 0 else [])
         handle = CommandHandle(self, port, out_r, err_r, in_w, feed, spec.options.get("output_errors", "replace"))
+        handle.theirs = [out_w, err_w] + ([in_r] if in_r >= 0 else [])  # closed with the handle
         try:
-            self._run_command(handle, spec, theirs)
+            server = None
+            if not self.session.commands_outlive_process and self.start_method != "spawn":
+                server = self._live_server()
+            if server is None:
+                self._popen_command(handle, spec)
+                port.data = handle
+                self.handles.add(handle)
+                return
+            env = spec.env if spec.env is not None else self._job_environ(spec)
+            handle.request = (list(spec.argv), spec.cwd, env, spec.options.get("umask"))
+            port.data = handle  # before the request: a stop meanwhile waits for the answer
+            self.handles.add(handle)
+            self._send_command(handle, server)
         except (OSError, WorkerError) as exc:
-            handle.close()
-            port.ended(Outcome.failed(exc))
-            return
-        finally:
-            for fd in theirs:
-                os.close(fd)
-        port.data = handle
-        self.handles.add(handle)
+            handle.failed_start(exc)
 
-    def _run_command(self, handle: CommandHandle, spec: JobSpec, theirs: list[int]) -> None:
-        """Start the command through the fork server (or straight from here), then watch it."""
-        server = None
-        if not self.session.commands_outlive_process and self.start_method != "spawn":
-            server = self._live_server()
-        if server is None:
+    def _popen_command(self, handle: CommandHandle, spec: JobSpec) -> None:
+        """Start the command straight from here (the session host's, or with no fork server)."""
+        theirs = handle.theirs
+        try:
             proc = subprocess.Popen(spec.argv, stdin=theirs[2] if len(theirs) > 2 else subprocess.DEVNULL,
                                     stdout=theirs[0], stderr=theirs[1], cwd=spec.cwd, env=spec.env,
                                     start_new_session=True, umask=spec.options.get("umask", -1))
-            handle.on_started(proc.pid, None, proc)
-            if not handle.port.started(pid=proc.pid):
-                handle.kill(signal.SIGKILL)  # stopped while Popen ran: the job is over, its process too
-            handle.register()  # reaps it and closes its pipes either way
-            return
+        finally:
+            handle.close_theirs()
+        handle.on_started(proc.pid, None, proc)
+        if not handle.port.started(pid=proc.pid):
+            handle.kill(signal.SIGKILL)  # stopped while Popen ran: the job is over, its process too
+        handle.register()  # reaps it and closes its pipes either way
+        handle.answered.set()
+
+    def _send_command(self, handle: CommandHandle, server: ForkClient | None) -> None:
+        """Ask the fork server to start the command, and return: its answer comes to the I/O loop
+        (handle.on_reply), so commands started back to back are spawned while the next is asked for."""
         token = handle.port.job_id
-        env = spec.env if spec.env is not None else self._job_environ(spec)
+        assert handle.request is not None
+        on_loop = threading.current_thread() is self.loop.thread  # it reads the answers: no wait
         for _attempt in range(3):
-            # Under the loop's mutex: the server's "exited" report cannot be handled before the
-            # job has started and its pipes are registered.
+            if server is None:
+                raise WorkerError("the fork server died, and no other can start; the command was not started")
+            server.take_room(wait=not on_loop)
+            # Under the loop's mutex: neither the answer nor the exit report is handled before
+            # the handle knows its server and its reply pipe.
             with self.loop.sel.mutex:
                 self.server_commands[token] = handle
                 try:
-                    pid = server.command(token, list(spec.argv), spec.cwd, env, theirs, spec.options.get("umask"))
+                    reply = server.send_command(token, *handle.request[:3], handle.theirs, handle.request[3])
                 except ServerGone as exc:
+                    server.give_room()
                     self.server_commands.pop(token, None)
                     server.alive = False
                     self.loop.call_soon(server.lost)
@@ -356,22 +370,58 @@ class ProcessBackend(Backend):
                         raise WorkerError(f"the fork server (pid {server.proc.pid}) died while it started "
                                           f"Job {token}'s command ({exc}); psjobs ended what it may have "
                                           f"begun and did not start it twice. Start the job again") from None
-                    pid = None
-                except BaseException:
-                    self.server_commands.pop(token, None)
-                    raise
-                if pid is not None:
-                    handle.on_started(pid, server, None)
-                    if not handle.port.started(pid=pid):
-                        handle.kill(signal.SIGKILL)  # stopped while it was being started: it goes at once
-                    handle.register()
+                else:
+                    handle.server, handle.reply = server, reply
+                    self.loop.sel.register(reply, selectors.EVENT_READ, handle.on_reply)
+                    self.loop.call_later(ANSWER_TIMEOUT, functools.partial(
+                        self._check_answer, weakref.ref(handle), server, time.monotonic()))
                     return
             # A new server outside the loop's mutex: starting one registers it with the loop, and
             # another thread may be doing so under _server_lock (the soak deadlocked here).
             server = self._live_server()
-            if server is None:
-                raise WorkerError("the fork server died, and no other can start; the command was not started")
         raise WorkerError("the fork server keeps dying; command jobs cannot start")
+
+    def _check_answer(self, ref: weakref.ref[CommandHandle], server: ForkClient, began: float) -> None:
+        """On the loop: the server has not answered for a command yet; a frozen one goes (its
+        end then ends the wait: unanswered)."""
+        handle = ref()
+        if handle is None or handle.reply < 0 or handle.server is not server:
+            return
+        why = server.unresponsive(time.monotonic() - began)
+        if why is None:
+            if server.alive:
+                self.loop.call_later(ANSWER_TIMEOUT, functools.partial(self._check_answer, ref, server, began))
+            return
+        server.replace(why)
+
+    def unanswered(self, handle: CommandHandle, server: ForkClient) -> None:
+        """On the loop: the fork server died before it answered for a command. It starts on a new
+        server if it surely never ran; else its job fails (a command runs at most once)."""
+        self.server_commands.pop(handle.port.job_id, None)
+        server.alive = False
+        self.loop.call_soon(server.lost)
+        threading.Thread(target=self._restart_command, args=(handle, server), name="psjobs-command-again",
+                         daemon=True).start()
+
+    def _restart_command(self, handle: CommandHandle, server: ForkClient) -> None:
+        token = handle.port.job_id
+        try:
+            if server.may_have_started(token):
+                raise WorkerError(f"the fork server (pid {server.proc.pid}) died while it started Job {token}'s "
+                                  f"command; psjobs ended what it may have begun and did not start it twice. "
+                                  f"Start the job again")
+            if handle.port.finished:
+                raise WorkerError(f"Job {token} was stopped before its command started")
+            self._send_command(handle, self._live_server())
+        except Exception as exc:
+            err = exc  # the name of an except clause does not outlive it
+            self.loop.call_soon(lambda: handle.failed_start(err))
+
+    def _until_answered(self, handle: Handle) -> None:
+        """A command the fork server has not answered for yet: until it has (a stop or a suspend
+        then reaches the process, or finds that it never started)."""
+        if isinstance(handle, CommandHandle) and threading.current_thread() is not self.loop.thread:
+            handle.answered.wait(ANSWER_LIMIT + ANSWER_TIMEOUT)
 
     # --- stopping and the rest -----------------------------------------------------------------
     def stop(self, port: JobPort, grace: float) -> None:
@@ -382,6 +432,7 @@ class ProcessBackend(Backend):
             # is killed as soon as it is known (CallHandle._started).
             handle.withdraw()
         elif isinstance(handle, Handle):
+            self._until_answered(handle)
             self.loop.call_soon(lambda: handle.stop(grace))
 
     def can_rerun(self, port: JobPort) -> bool:
@@ -400,12 +451,14 @@ class ProcessBackend(Backend):
         """SIGSTOP to the whole process group: nothing of the job runs until resume."""
         handle = port.data
         if isinstance(handle, Handle):
+            self._until_answered(handle)
             handle.kill(signal.SIGSTOP)
         port.suspended()
 
     def resume(self, port: JobPort) -> None:
         handle = port.data
         if isinstance(handle, Handle):
+            self._until_answered(handle)
             handle.kill(signal.SIGCONT)
         port.resumed()
 

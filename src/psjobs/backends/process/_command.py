@@ -4,6 +4,7 @@ from the session (the session host's, or with no fork server) in a session of it
 ::
 
     session --("command", argv) + pipes--> fork server --posix_spawn, setsid, own cgroup--> the command
+    fork server --reply pipe: pid or exec's error--> on_reply (the I/O loop): Running, or Failed
     the command --stdout--> lines --> output;  --stderr--> lines --> errors;  input items --stdin-->
     fork server --("exited", token, pid, status)--> its exit status (straight from the session: pidfd)
 """
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import selectors
+import signal
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -48,6 +52,77 @@ class CommandHandle(Handle):
         self.proc: subprocess.Popen[bytes] | None = None  # started straight from the session
         self.server: ForkClient | None = None             # or by this fork server
         self.pidfd = -1
+        # Until the fork server answers (start_job does not wait for it): the pipe it answers on,
+        # and the command's ends of its pipes, kept for a new server if this one dies first.
+        self.reply = -1
+        self.answer = b""
+        self.theirs: list[int] = []
+        self.request: tuple[list[str], str | None, dict[str, str] | None, int | None] | None = None
+        self.answered = threading.Event()  # set once the answer is handled (or never will be)
+
+    def on_reply(self, mask: int) -> None:
+        """On the I/O loop: the fork server's answer, the command's pid (it runs) or what exec
+        raised (the job fails with it); nothing when the server died first (see
+        ProcessBackend.unanswered)."""
+        try:
+            chunk = os.read(self.reply, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self.answer += chunk
+            return  # its end follows: the server closes the pipe once it has answered
+        server = self.server
+        answer, self.answer = self.answer, b""
+        self._close_reply()
+        if not answer:
+            assert server is not None
+            self.backend.unanswered(self, server)
+            return
+        self.close_theirs()
+        try:
+            what, value = pickle.loads(answer)
+        except Exception as exc:
+            what, value = "error", WorkerError(f"the fork server's answer for Job {self.port.job_id}'s command "
+                                               f"could not be read ({type(exc).__name__}: {exc}); start it again")
+        if what != "ok":
+            self.backend.server_commands.pop(self.port.job_id, None)
+            self.failed_start(value if isinstance(value, BaseException) else WorkerError(repr(value)))
+            return
+        self.on_started(int(value), server, None)
+        if not self.port.started(pid=int(value)):
+            self.kill(signal.SIGKILL)  # stopped while it was being started: it goes at once
+        self.register()
+        self.answered.set()
+        if server is not None and server.gone:
+            # It died after it answered, and its loss was handled before this answer: no exit
+            # report will come, so the command ends now (as ProcessBackend.server_lost does).
+            self.backend.server_commands.pop(self.port.job_id, None)
+            self.on_server_lost()
+            return
+        self.maybe_end()
+
+    def failed_start(self, exc: BaseException) -> None:
+        """The command could not start: the job fails with the reason, and nothing of it stays open."""
+        self.close()
+        self.status_known = self.finished = True
+        self.answered.set()
+        self.port.ended(Outcome.failed(exc))
+
+    def _close_reply(self) -> None:
+        if self.reply >= 0:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.backend.loop.sel.unregister(self.reply)
+            os.close(self.reply)
+            self.reply = -1
+            if self.server is not None:
+                self.server.give_room()
+
+    def close_theirs(self) -> None:
+        theirs, self.theirs = self.theirs, []
+        for fd in theirs:
+            os.close(fd)
 
     def on_started(self, pid: int, server: ForkClient | None, proc: subprocess.Popen[bytes] | None) -> None:
         self.pid = pid
@@ -135,8 +210,8 @@ class CommandHandle(Handle):
         self.on_exited(None)
 
     def maybe_end(self) -> None:
-        if self.finished or self.fds or not self.status_known:
-            return
+        if self.finished or self.fds or not self.status_known or self.pid is None:
+            return  # (no pid: the server's answer is not in yet, though the exit report may be)
         code = None if self.status is None else os.waitstatus_to_exitcode(self.status)
         if self.port.stop_requested:
             outcome = Outcome.stopped(code)
@@ -171,3 +246,5 @@ class CommandHandle(Handle):
         self.fds.clear()
         self._close_pidfd()
         self._close_stdin()
+        self._close_reply()
+        self.close_theirs()

@@ -3,7 +3,9 @@
 ::
 
     ForkClient --("fork", token) + job fds--> fork server --fork--> worker
+    ForkClient --("command", token, argv...) + reply pipe + stdio--> fork server --posix_spawn--> command
     fork server --("spare" + socket) / ("forked", pid) / ("exited", status)--> ForkClient.on_message
+    fork server --reply pipe: ("ok", pid) / ("error", exc), then its end--> CommandHandle.on_reply
 
 A server that does not answer a request within ANSWER_TIMEOUT is looked at: stopped (SIGSTOP, a
 debugger) or silent for ANSWER_LIMIT, it is killed, and what it had not started goes to a new one
@@ -16,13 +18,12 @@ import array
 import contextlib
 import os
 import pickle
-import select
 import selectors
 import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 # it is starting right then.
 ANSWER_TIMEOUT = 5.0
 ANSWER_LIMIT = 60.0
+# Commands asked for and not answered yet, per server, before a start waits: each holds its reply
+# pipe and its stdio until then. Enough to keep the server busy while the session goes on.
+IN_FLIGHT = 32
 
 
 def _stopped(pid: int) -> bool:
@@ -91,6 +95,8 @@ class ForkClient:
         self.cgroup: str | None = ready[2]
         self.alive = True
         self.gone = False  # lost() or close() ran
+        self.in_flight = 0  # commands asked for and not answered (see take_room)
+        self.room = threading.Condition()
         # Warm spares the server handed over (pid, our end of its socket): a job goes straight
         # to one. Threads starting jobs pop them; the loop thread appends.
         self.spares: deque[tuple[int, socket.socket]] = deque()
@@ -131,46 +137,41 @@ class ForkClient:
         with contextlib.suppress(OSError):
             self.proc.send_signal(signal.SIGKILL)
 
-    def await_answer(self, fd: int) -> None:
-        """Until ``fd`` is readable; ServerGone if the server is to be replaced meanwhile."""
-        began = time.monotonic()
-        while not select.select([fd], [], [], ANSWER_TIMEOUT)[0]:
-            why = self.unresponsive(time.monotonic() - began)
-            if why is not None:
-                self.replace(why)
-                raise ServerGone(why)
-
     def submit(self, token: int, fds: list[int]) -> None:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
 
-    def command(self, token: int, argv: list[str], cwd: str | None, env: dict[str, str] | None,
-                stdio: list[int], umask: int | None = None) -> int:
-        """Have the server start a command (fd 1, fd 2 and maybe fd 0 in ``stdio``; ``umask``:
-        None for the server's); its pid.
+    def send_command(self, token: int, argv: list[str], cwd: str | None, env: dict[str, str] | None,
+                     stdio: list[int], umask: int | None = None) -> int:
+        """Ask the server to start a command (fd 1, fd 2 and maybe fd 0 in ``stdio``; ``umask``:
+        None for the server's), without waiting: the read end of the pipe its answer comes on
+        (the pid, or what exec raised), at its end once the server has answered or died.
 
-        Raises what exec raised (FileNotFoundError...), or ServerGone.
+        Raises ServerGone when the request cannot be sent. Call take_room() first.
         """
         reply_r, reply_w = os.pipe()
         try:
-            try:
-                socket.send_fds(self.sock, [pickle.dumps(("command", token, argv, cwd, env, umask))], [reply_w, *stdio])
-            except OSError as exc:
-                raise ServerGone(f"the fork server is gone: {exc}") from exc
-            finally:
-                os.close(reply_w)
-            self.await_answer(reply_r)
-            answer = b""
-            while chunk := os.read(reply_r, 65536):  # to its end: the server closes it once it has answered
-                answer += chunk
+            socket.send_fds(self.sock, [pickle.dumps(("command", token, argv, cwd, env, umask))], [reply_w, *stdio])
+        except OSError as exc:
+            os.close(reply_r)
+            raise ServerGone(f"the fork server is gone: {exc}") from exc
         finally:
-            if reply_r >= 0:
-                os.close(reply_r)
-        if not answer:
-            raise ServerGone("the fork server ended before it started the command")
-        what, value = pickle.loads(answer)
-        if what == "error":
-            raise value
-        return int(value)
+            os.close(reply_w)
+        os.set_blocking(reply_r, False)
+        return reply_r
+
+    def take_room(self, wait: bool) -> None:
+        """Count one more command the server has not answered; with ``wait``, first until fewer
+        than IN_FLIGHT are (so a burst of starts holds a bounded number of descriptors)."""
+        with self.room:
+            while wait and self.in_flight >= IN_FLIGHT and self.alive:
+                self.room.wait(0.05)
+            self.in_flight += 1
+
+    def give_room(self) -> None:
+        """A command's answer came (or will never come)."""
+        with self.room:
+            self.in_flight -= 1
+            self.room.notify()
 
     def may_have_started(self, token: int) -> bool:
         """After this server died during ``command`` (``token``'s): False only when the command
