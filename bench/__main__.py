@@ -41,6 +41,18 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _commands_start() -> str:
+    """How this psjobs starts a command (an older one, or one built without a C compiler: through
+    its fork server), so a figure says which path it measured."""
+    try:
+        from psjobs.backends.process import _direct
+    except ImportError:
+        return "by the fork server"
+    if not _direct.available():
+        return "by the fork server (no _cspawn)"
+    return "from the session where cgroup v2 is writable (_cspawn)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["soak"]:  # not an area: a run under faults that accounts for every record (bench/soak.py)
@@ -83,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
         "psjobs": getattr(psjobs, "__version__", "?"), "commit": _commit(), "quick": args.quick,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "areas": {},
-        "loadavg_start": list(os.getloadavg()), "renice": args.renice,
+        "loadavg_start": list(os.getloadavg()), "renice": args.renice, "commands": _commands_start(),
     }
     print(f"psjobs bench: Python {meta['python']}, {meta['cpus']} CPUs, commit {meta['commit']}, "
           f"{'quick' if args.quick else 'full'} sizes; medians over interleaved runs; "
-          f"load average {meta['loadavg_start'][0]:.1f}{'; reniced' if args.renice else ''}")
+          f"load average {meta['loadavg_start'][0]:.1f}{'; reniced' if args.renice else ''}; "
+          f"commands started {meta['commands']}")
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     for area in chosen:

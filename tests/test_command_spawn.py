@@ -1,24 +1,55 @@
-"""How the fork server starts a command (worker/_spawn): posix_spawn where it can, Popen where not.
+"""How a command starts: straight from the session into a cgroup of its own (backends/process/_direct,
+the _cspawn extension), or through the fork server (worker/_spawn: posix_spawn where it can, Popen
+where not) where the extension was not built or there is no cgroup.
 
-Each test starts real commands through a session's fork server and checks what the command sees,
-or the error the caller gets, so the cheaper start keeps Popen's behaviour: the program found along
-the job's own PATH or relative to its working directory, Popen's error for a program that is not
-there, SIGPIPE not ignored, no descriptor but 0, 1 and 2, and each command in its own directory.
+Each test runs on both paths (PSJOBS_DIRECT_COMMANDS) with real commands, and checks what the
+command sees, or the error the caller gets, so the cheaper starts keep Popen's behaviour: the
+program found along the job's own PATH or relative to its working directory, Popen's error for a
+program that is not there, SIGPIPE not ignored, no descriptor but 0, 1 and 2, and each command in
+its own directory.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
 
 import psjobs
 from psjobs import JobState
+from psjobs.backends.process import _direct
 from psjobs.core._shipped import start_for_client
 from psjobs.host._client import current_umask
 
 from .conftest import wait_until
+
+BUILT = _direct._cspawn is not None
+
+
+@pytest.fixture(autouse=True, params=["direct", "fork server"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which way the test's commands start (read at each start)."""
+    if request.param == "direct" and not BUILT:
+        pytest.skip("the _cspawn extension was not built (no C compiler at install): commands start "
+                    "through the fork server")
+    monkeypatch.setenv("PSJOBS_DIRECT_COMMANDS", "1" if request.param == "direct" else "0")
+    return str(request.param)
+
+
+def _server(session: psjobs.Session) -> Any:
+    session.start_job(["true"]).wait(10)  # the fork server exists from the first command on
+    return session._backends["process"]._server  # type: ignore[attr-defined]
+
+
+def _cgroup_line(pid: int) -> str:
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return next(line[3:] for line in lines if line.startswith("0::"))
 
 
 def _tool(directory: Path, name: str, line: str) -> Path:
@@ -102,3 +133,91 @@ def test_each_command_runs_with_its_own_umask(session: psjobs.Session) -> None:
     assert private.wait(10)
     plain = _run(session, umask)
     assert [private.receive(), plain.receive()] == [["Umask:\t0077"], [f"Umask:\t{ours:04o}"]]
+
+
+def test_a_command_started_from_the_session_is_its_child_in_a_cgroup_of_its_own(
+        session: psjobs.Session, path: str) -> None:
+    server = _server(session)
+    if path != "direct" or server.cgroup is None:
+        pytest.skip("only commands started straight from the session, where cgroup v2 is writable")
+    job = session.start_job(["sleep", "30"])
+    child = job.child_jobs[0]
+    assert child.state is JobState.RUNNING and child.pid is not None  # started before start_job returned
+    assert psutil.Process(child.pid).ppid() == os.getpid()
+    assert os.path.dirname(_cgroup_line(child.pid)).endswith("/" + os.path.basename(server.cgroup)), \
+        "the command is not in a cgroup under the fork server's"
+    session.stop_job(job)
+    assert job.state is JobState.STOPPED
+
+
+def test_a_finished_commands_cgroup_goes_to_the_next_unless_something_of_it_is_left(
+        session: psjobs.Session, path: str, tmp_path: Path) -> None:
+    server = _server(session)
+    if path != "direct" or server.cgroup is None:
+        pytest.skip("only commands started straight from the session, where cgroup v2 is writable")
+    where = ["sh", "-c", "cat /proc/self/cgroup | grep ^0::"]
+    first = _run(session, where).receive()
+    assert _run(session, where).receive() == first, "an empty cgroup was not used again"
+    pidfile = tmp_path / "escaped"
+    # It ends Completed while a daemon it started (its own session, no stdio) stays in its cgroup.
+    escaping = _run(session, ["sh", "-c", f"setsid sleep 60 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}; "
+                                          "cat /proc/self/cgroup | grep ^0::"])
+    assert escaping.state is JobState.COMPLETED and escaping.receive() == first
+    escaped = int(pidfile.read_text())
+    assert psutil.pid_exists(escaped)
+    assert _run(session, where).receive() != first, "a cgroup that still holds a process went to another job"
+    session.close()  # the session's end ends the daemon with the cgroup that held it
+    wait_until(lambda: not psutil.pid_exists(escaped) or psutil.Process(escaped).status() == psutil.STATUS_ZOMBIE,
+               what="the escaped daemon to die with the session")
+
+
+def test_start_job_does_not_wait_for_the_fork_server_to_start_a_command(session: psjobs.Session, path: str) -> None:
+    if path != "fork server":
+        pytest.skip("a command started from the session is running when start_job returns")
+    server = _server(session)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        job = session.start_job(["echo", "hi"])  # returns: the server's answer comes to the I/O loop
+        assert job.child_jobs[0].state is JobState.NOT_STARTED
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert job.wait(10) and job.state is JobState.COMPLETED
+    assert job.receive() == ["hi"]
+
+
+def test_a_command_stopped_as_it_starts_leaves_no_process(session: psjobs.Session) -> None:
+    argv = ["sleep", f"29.{os.getpid()}"]  # a duration no other process here sleeps
+    jobs = []
+    for _ in range(10):
+        job = session.start_job(argv)
+        session.stop_job(job)  # at once: the server may not have answered yet
+        assert job.state is JobState.STOPPED
+        jobs.append(job)
+
+    def none_left() -> bool:
+        for p in psutil.process_iter(["cmdline", "status"]):
+            if p.info["cmdline"] == argv and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return False
+        return True
+
+    wait_until(none_left, what="no command of a stopped job to be left")
+
+
+def test_without_the_extension_the_fork_server_starts_commands(tmp_path: Path) -> None:
+    """A psjobs installed where no C compiler was found has no _cspawn: commands still run, started
+    by the fork server (its children, not the session's)."""
+    code = """
+import os, sys
+sys.modules["psjobs.backends.process._cspawn"] = None  # as if it had not been built
+import psjobs, psutil
+from psjobs.backends.process import _direct
+assert not _direct.available()
+with psjobs.Session() as s:
+    job = s.start_job(["sh", "-c", "echo $PPID"])
+    assert job.wait(30) and job.state is psjobs.JobState.COMPLETED, job.child_jobs[0].job_state_info.reason
+    server = s._backends["process"]._server
+    print(job.receive() == [str(server.proc.pid)])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PSJOBS_DIRECT_COMMANDS": "1"})
+    assert done.stdout.strip() == "True", done.stderr

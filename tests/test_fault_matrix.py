@@ -35,9 +35,10 @@ Cells that cannot apply, and why (CELLS lists every other one):
 - dask with freeze: a frozen Dask worker is noticed by the scheduler only after its worker-ttl
   (5 minutes by default), and psjobs follows the scheduler's word; that is Dask's timeout.
 
-What kill_server and freeze hit: process and command, the fork server (a command dies with the
-server that started it, saying so; a worker outlives it and a stop still ends it; a frozen server
-is replaced and the new job runs); ssh and ssh-callable, sshd's session process (the connection
+What kill_server and freeze hit: process and command, the fork server (a command the server
+started dies with it, saying so; a worker, and a command the session started itself into a cgroup
+under the server's, outlive it and a stop still ends them; a frozen server is replaced and the new
+job runs); ssh and ssh-callable, sshd's session process (the connection
 drops, or its keepalives go unanswered); dask, the scheduler, run as a `dask scheduler` process
 of the test's own (a LocalCluster's scheduler lives in this test process).
 
@@ -65,6 +66,7 @@ import pytest
 
 import psjobs
 from psjobs import JobState
+from psjobs.backends.process import _direct
 
 from .conftest import wait_until
 
@@ -344,12 +346,12 @@ def kill_server(cell: Cell, request: pytest.FixtureRequest) -> None:
         job = _running(cell)
         server = cell.session._backends["process"]._server  # type: ignore[attr-defined]
         os.kill(server.proc.pid, signal.SIGKILL)
-        if cell.kind == "command":
+        if cell.kind == "command" and not _from_session(server):
             # The command dies with the server that started it (nothing would end it with the session).
             failed_saying(cell, job, "fork server")
         else:
-            # A worker outlives its fork server (the server is only its parent): the job goes on, and
-            # a stop still ends it.
+            # A worker outlives its fork server (the server is only its parent), and so does a command
+            # started straight from the session (its child): the job goes on, and a stop still ends it.
             assert not job.wait(0.5)
             cell.session.stop_job(job)
             assert job.state is JobState.STOPPED and job.output == cell.counted
@@ -364,6 +366,11 @@ def kill_server(cell: Cell, request: pytest.FixtureRequest) -> None:
         assert isinstance(reason, psjobs.RemoteConnectionError), repr(reason)
     else:
         dask_scheduler_killed(cell, request)
+
+
+def _from_session(server: Any) -> bool:
+    """Whether this session starts commands itself, into cgroups under ``server``'s (_direct)."""
+    return server.cgroup is not None and _direct.available()
 
 
 def freeze(cell: Cell, request: pytest.FixtureRequest) -> None:
@@ -383,7 +390,8 @@ def freeze(cell: Cell, request: pytest.FixtureRequest) -> None:
                 assert job.wait(DEADLINE), f"{job!r} waits on a frozen fork server"
                 assert job.output == cell.counted and job.child_jobs[0].state is JobState.FAILED
                 assert time.monotonic() - began < 30
-                wait_until(lambda: server.proc.poll() is not None, 10, "the frozen server to be killed")
+                if not (cell.is_command and _from_session(server)):  # that one never asked the server
+                    wait_until(lambda: server.proc.poll() is not None, 10, "the frozen server to be killed")
             finally:
                 with contextlib.suppress(OSError):
                     os.kill(server.proc.pid, signal.SIGCONT)

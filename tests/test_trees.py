@@ -65,22 +65,26 @@ while not os.path.exists(pidfile) and time.monotonic() < deadline:
 """
 
 
-def _run_owner(tmp_path: Path, ending: str, outlive: bool = False) -> list[int]:
-    """Run a child interpreter whose session starts `sh` + `sleep 1000`, then ends; their pids."""
+def _run_owner(tmp_path: Path, ending: str, outlive: bool = False, direct: str = "1") -> list[int]:
+    """Run a child interpreter whose session starts `sh` + `sleep 1000`, then ends; their pids.
+    ``direct``: PSJOBS_DIRECT_COMMANDS, "0" for commands started by the fork server."""
     pidfile = str(tmp_path / "pids")
     code = OWNER.format(outlive=outlive, pidfile=pidfile, ending=ENDINGS[ending])
     subprocess.run([sys.executable, "-c", textwrap.dedent(code)], timeout=60, check=False,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env={**os.environ, "PSJOBS_DIRECT_COMMANDS": direct})
     pids = [int(p) for p in Path(pidfile).read_text().split()]
     assert len(pids) == 2
     return pids
 
 
+@pytest.mark.parametrize("path", ["direct", "fork server"])
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
-def test_case4_a_command_job_dies_with_its_session(tmp_path: Path, ending: str) -> None:
-    pids = _run_owner(tmp_path, ending)
+def test_case4_a_command_job_dies_with_its_session(tmp_path: Path, ending: str, path: str) -> None:
+    """Started straight from the session into a cgroup under the fork server's (_direct), or by
+    the fork server itself: either way the fork server ends it when the session's process ends."""
+    pids = _run_owner(tmp_path, ending, direct="1" if path == "direct" else "0")
     wait_until(lambda: not any(_alive(p) for p in pids), timeout=10,
-               what=f"the command (sh and sleep {pids}) to end after its session's process ended ({ending})")
+               what=f"the command (sh and sleep {pids}) to end after its session's process ended ({ending}, {path})")
 
 
 @pytest.mark.parametrize("mode", ["cgroup", "process-tree"])

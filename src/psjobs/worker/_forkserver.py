@@ -9,8 +9,9 @@
         counts it a spare until it exits (the session knows the job by the pid)
     no spare left: session --ctl: ("fork", token) + the same descriptors--> server --fork--> worker
     server --ctl: ("forked", token, pid) / ("exited", token or None, pid, wait status)--> session
-    command job: session --ctl: ("command", token, argv, cwd, env, umask) + reply pipe, fd 0/1/2--> server
-        --posix_spawn (_spawn), own session and cgroup--> the command;  server --reply pipe: pid or error--> session
+    command job: session --ctl: ("command", token, argv, cwd, env, umask) + fd 0/1/2--> server
+        --posix_spawn (_spawn), own session and cgroup--> the command;
+        server --ctl: ("started", token, pid) or ("refused", token, exec's error)--> session
     session closes ctl (or dies) --> server kills every job's processes (cgroup.kill on its directory,
         and every worker group it still has), then exits
     a server lost (killed as unresponsive) --> session --ctl: ("adopt", [its cgroup...])--> the new
@@ -295,8 +296,9 @@ class _Server:
         return pid
 
     def command(self, request: tuple[Any, ...], fds: list[int]) -> None:
-        """Start a command job: fds are the reply pipe, then the command's fd 1, fd 2 and (with
-        input) fd 0. The session waits on the reply pipe for the pid, or the error exec raised.
+        """Start a command job: fds are the command's fd 1, fd 2 and (with input) fd 0. The session
+        hears ("started", token, pid) or ("refused", token, the error exec raised) on the control
+        socket, before this command's ("exited", ...).
 
         posix_spawn or Popen (vfork, then exec in C: see _spawn) costs ~0.65 ms here; a
         Python-level fork of this server cost ~6 ms (the child's copy-on-write faults). Neither
@@ -305,7 +307,7 @@ class _Server:
         before exec short of clone3's CLONE_INTO_CGROUP: glibc >= 2.41's posix_spawn, not here).
         """
         token, argv, cwd, env, umask = request
-        reply, stdio = fds[0], fds[1:]
+        stdio = fds
         cgroup = None if self.cgroup is None else os.path.join(self.cgroup, f"cmd-{token}")
         answer: tuple[Any, ...]
         try:
@@ -322,7 +324,7 @@ class _Server:
                 if cgroup is not None:
                     leave_cgroup(self.home)
         except Exception as exc:
-            answer = ("error", exc)
+            answer = ("refused", token, exc)
             if cgroup is not None:
                 with contextlib.suppress(OSError):
                     os.rmdir(cgroup)
@@ -331,15 +333,13 @@ class _Server:
             # subprocess's own clean-up, which would take its exit status from reap().
             self.commands[pid] = (proc, cgroup)
             self.workers[pid] = token
-            answer = ("ok", pid)
+            answer = ("started", token, pid)
         for source in stdio:
             os.close(source)
         try:
-            os.write(reply, pickle.dumps(answer))
-        except OSError:
-            pass  # the session is gone: the shutdown that follows ends the command
-        finally:
-            os.close(reply)
+            self.tell(answer)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            self.tell(("refused", token, OSError(repr(answer[2]))))  # an error that cannot be sent as it is
 
     def adopt(self, paths: list[str]) -> None:
         """Also end, at the session's end, the jobs of the session's servers that were lost (killed
@@ -408,6 +408,9 @@ class _Server:
                 pass
         if self.cgroup is not None:
             for path in [self.cgroup, *self.adopted]:
+                # Again: a command the session was starting as it died (_direct) joins its cgroup
+                # from a child of the session, which may come after the first kill.
+                kill_cgroup(path)
                 remove_cgroups(path)  # populated ones stay: their members are dying (SIGKILL)
 
 

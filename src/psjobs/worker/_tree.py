@@ -5,22 +5,24 @@
     fork server start --make_session_cgroup--> <our cgroup>/psjobs-<server pid>/   (cgroup v2, writable)
         while it imports --Warmer (a thread)--> moves it between .../warm-a and warm-b, then home
     a worker or command, before it runs anything --join_cgroup--> .../psjobs-<server pid>/<its pid>/
+        (a command the session starts itself: .../c<n>/, joined by its vfork child: _direct)
     stop --ProcessTree.signal(TERM)--> every member;  kill --> cgroup.kill (or SIGSTOP, walk, SIGKILL)
     ProcessTree.gone() --> the job is Stopped only then
     the session ends --fork server: cgroup.kill on its whole directory--> nothing of any job is left
 
 Two modes, chosen per fork server by whether it could make its cgroup directory:
 
-- **cgroup v2** (the unified hierarchy is mounted and our cgroup is writable, e.g. as root or
-  under a systemd delegation): each process job and each command the fork server starts has a
-  cgroup of its own, and every process it ever forks stays in it whatever it does (``setsid``,
-  double fork, a new process group). A stop signals every member and ends with ``cgroup.kill``;
-  the job is over when the cgroup is empty (read from ``cgroup.procs``, which lists no zombie:
-  no walk of /proc). This is what ``systemd-run`` does. A process that moves itself to another
-  cgroup (it takes write access to the cgroup tree) is no longer the job's; a job whose first
-  process could not join its cgroup is looked for by its process group.
-- **process group and descendants** (elsewhere, and for commands started straight from the
-  session: the session host's, or where there is no fork server): the job's process group plus
+- **cgroup v2** (the unified hierarchy is mounted and our cgroup is writable, e.g. as root or under
+  a systemd delegation): each process job and each command (started by the fork server, or by the
+  session into a cgroup under the server's) has a cgroup of its own, and every process it ever
+  forks stays in it whatever it does (``setsid``, double fork, a new process group). A stop signals
+  every member and ends with ``cgroup.kill``; the job is over when the cgroup is empty (read from
+  ``cgroup.procs``, which lists no zombie: no walk of /proc). This is what ``systemd-run`` does. A
+  process that moves itself to another cgroup (it takes write access to the cgroup tree) is no
+  longer the job's; a job whose first process could not join its cgroup is looked for by its
+  process group.
+- **process group and descendants** (elsewhere, and for commands started by Popen: the session
+  host's, or where there is no fork server): the job's process group plus
   every descendant found in /proc when the stop begins, frozen with SIGSTOP and walked again until
   no new one appears, then killed. A descendant whose parent had already exited before the stop
   (an orphan, reparented to the fork server, a subreaper, or to init) is no longer known to be the

@@ -7,9 +7,10 @@
           +-- job socket + fd 1/2 pipes --> a warm spare the fork server handed over
           +-- (no spare left) ("fork", token) + the same --> fork server --fork--+
                                            fork server --("spare"/"forked"/"exited")--> I/O loop
-    start_job("cmd" | [argv]) --("command") + pipes--> fork server --fork, setsid, cgroup, exec--> command
-        (the session host's: Popen, own session)   stdout lines -> output, stderr lines -> errors,
-                                                      exit status <- fork server ("exited") or pidfd
+    start_job("cmd" | [argv]) --_direct: vfork, into a cgroup under the fork server's, setsid, exec--> command
+        (no cgroup or no _cspawn: ("command") + pipes --> fork server --posix_spawn--> command;
+         the session host's: Popen, own session)  stdout lines -> output, stderr lines -> errors,
+                                                      exit status <- pidfd, or fork server ("exited")
     one I/O loop thread (selectors) reads every job's socket, pipe and pidfd of the session;
     the thread that starts a job registers its descriptors itself (see _SharedSelector)
 
@@ -20,10 +21,12 @@ process tree, then SIGKILL after the grace period, and the job is Stopped only w
 it is left (worker/_tree: the job's cgroup where cgroup v2 is writable, else its process group and
 its descendants).
 
-Commands start through the fork server, which ends them when the session's process ends, however
-it ends (SIGKILL, ``os._exit``, a Session never closed). The session host's commands are started
-straight from it (``Session.commands_outlive_process``): they outlive the host, whose next start
-ends them (host/_store.kill_orphans), as callable jobs never could.
+The fork server ends commands when the session's process ends, however it ends (SIGKILL,
+``os._exit``, a Session never closed): those the session started itself into cgroups under the
+server's (_direct, where cgroup v2 is writable and the _cspawn extension was built) with the
+server's cgroup, the others because the server started them. The session host's commands are
+started straight from it (``Session.commands_outlive_process``): they outlive the host, whose next
+start ends them (host/_store.kill_orphans), as callable jobs never could.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ from ...worker._wire import JobMsg, pickle_call
 if TYPE_CHECKING:
     from ...core import JobSpec, Session
 
+from . import _direct
 from ._call import CallHandle
 from ._command import CommandHandle
-from ._forkclient import ANSWER_LIMIT, ANSWER_TIMEOUT, ForkClient, ServerGone, environ_now, find_psjobs
+from ._forkclient import ANSWER_TIMEOUT, ForkClient, ServerGone, environ_now, find_psjobs
 from ._handle import Handle
 from ._loop import SOCK_BUF, IOLoop
 
@@ -291,7 +295,10 @@ class ProcessBackend(Backend):
                 self.spare_tokens.pop(handle.pid, None)
                 handle.on_server_lost()
         for command in list(self.server_commands.values()):
-            if command.server is server and command.reply < 0:  # unanswered ones: see unanswered
+            if command.server is server:
+                if command.pid is None:
+                    self.unanswered(command, server)
+                    continue
                 self.server_commands.pop(command.port.job_id, None)
                 command.on_server_lost()
 
@@ -322,13 +329,33 @@ class ProcessBackend(Backend):
                 port.data = handle
                 self.handles.add(handle)
                 return
+            port.data = handle  # before the start: a stop meanwhile waits for it (answered)
+            self.handles.add(handle)
+            if server.cgroup is not None and _direct.available():
+                self._spawn_command(handle, spec, server)
+                return
             env = spec.env if spec.env is not None else self._job_environ(spec)
             handle.request = (list(spec.argv), spec.cwd, env, spec.options.get("umask"))
-            port.data = handle  # before the request: a stop meanwhile waits for the answer
-            self.handles.add(handle)
             self._send_command(handle, server)
-        except (OSError, WorkerError) as exc:
+        except (OSError, ValueError, WorkerError) as exc:
             handle.failed_start(exc)
+
+    def _spawn_command(self, handle: CommandHandle, spec: JobSpec, server: ForkClient) -> None:
+        """Start the command from here, into a cgroup of its own under the fork server's (_direct):
+        our child, so its exit comes on a pidfd; the server still ends it with the session."""
+        cgroup = server.take_cgroup()
+        try:
+            pid = _direct.spawn(spec.argv, spec.env, handle.theirs, spec.cwd, spec.options.get("umask"), cgroup)
+        except BaseException:
+            server.give_cgroup(cgroup)
+            raise
+        finally:
+            handle.close_theirs()
+        handle.on_started(pid, server, None, cgroup=cgroup)
+        if not handle.port.started(pid=pid):
+            handle.kill(signal.SIGKILL)  # stopped while it was being started: it goes at once
+        handle.register()
+        handle.answered.set()
 
     def _popen_command(self, handle: CommandHandle, spec: JobSpec) -> None:
         """Start the command straight from here (the session host's, or with no fork server)."""
@@ -347,7 +374,7 @@ class ProcessBackend(Backend):
 
     def _send_command(self, handle: CommandHandle, server: ForkClient | None) -> None:
         """Ask the fork server to start the command, and return: its answer comes to the I/O loop
-        (handle.on_reply), so commands started back to back are spawned while the next is asked for."""
+        (handle.on_answer), so commands started back to back are spawned while the next is asked for."""
         token = handle.port.job_id
         assert handle.request is not None
         on_loop = threading.current_thread() is self.loop.thread  # it reads the answers: no wait
@@ -355,12 +382,12 @@ class ProcessBackend(Backend):
             if server is None:
                 raise WorkerError("the fork server died, and no other can start; the command was not started")
             server.take_room(wait=not on_loop)
-            # Under the loop's mutex: neither the answer nor the exit report is handled before
-            # the handle knows its server and its reply pipe.
+            # Under the loop's mutex: the answer is not handled before the handle knows its server.
             with self.loop.sel.mutex:
                 self.server_commands[token] = handle
+                handle.server = server
                 try:
-                    reply = server.send_command(token, *handle.request[:3], handle.theirs, handle.request[3])
+                    server.send_command(token, *handle.request[:3], handle.theirs, handle.request[3])
                 except ServerGone as exc:
                     server.give_room()
                     self.server_commands.pop(token, None)
@@ -371,8 +398,6 @@ class ProcessBackend(Backend):
                                           f"Job {token}'s command ({exc}); psjobs ended what it may have "
                                           f"begun and did not start it twice. Start the job again") from None
                 else:
-                    handle.server, handle.reply = server, reply
-                    self.loop.sel.register(reply, selectors.EVENT_READ, handle.on_reply)
                     self.loop.call_later(ANSWER_TIMEOUT, functools.partial(
                         self._check_answer, weakref.ref(handle), server, time.monotonic()))
                     return
@@ -383,9 +408,9 @@ class ProcessBackend(Backend):
 
     def _check_answer(self, ref: weakref.ref[CommandHandle], server: ForkClient, began: float) -> None:
         """On the loop: the server has not answered for a command yet; a frozen one goes (its
-        end then ends the wait: unanswered)."""
+        loss then ends the wait: unanswered)."""
         handle = ref()
-        if handle is None or handle.reply < 0 or handle.server is not server:
+        if handle is None or handle.answered.is_set() or handle.server is not server:
             return
         why = server.unresponsive(time.monotonic() - began)
         if why is None:
@@ -398,8 +423,6 @@ class ProcessBackend(Backend):
         """On the loop: the fork server died before it answered for a command. It starts on a new
         server if it surely never ran; else its job fails (a command runs at most once)."""
         self.server_commands.pop(handle.port.job_id, None)
-        server.alive = False
-        self.loop.call_soon(server.lost)
         threading.Thread(target=self._restart_command, args=(handle, server), name="psjobs-command-again",
                          daemon=True).start()
 
@@ -417,11 +440,12 @@ class ProcessBackend(Backend):
             err = exc  # the name of an except clause does not outlive it
             self.loop.call_soon(lambda: handle.failed_start(err))
 
-    def _until_answered(self, handle: Handle) -> None:
-        """A command the fork server has not answered for yet: until it has (a stop or a suspend
-        then reaches the process, or finds that it never started)."""
+    def _until_answered(self, handle: Handle, most: float = ANSWER_TIMEOUT) -> None:
+        """A command the fork server has not answered for yet: until it has, for ``most`` seconds
+        at most (a stop or a suspend then reaches the process; one that starts later is killed
+        as it starts, CommandHandle.on_answer)."""
         if isinstance(handle, CommandHandle) and threading.current_thread() is not self.loop.thread:
-            handle.answered.wait(ANSWER_LIMIT + ANSWER_TIMEOUT)
+            handle.answered.wait(most)
 
     # --- stopping and the rest -----------------------------------------------------------------
     def stop(self, port: JobPort, grace: float) -> None:
@@ -432,7 +456,7 @@ class ProcessBackend(Backend):
             # is killed as soon as it is known (CallHandle._started).
             handle.withdraw()
         elif isinstance(handle, Handle):
-            self._until_answered(handle)
+            self._until_answered(handle, grace)
             self.loop.call_soon(lambda: handle.stop(grace))
 
     def can_rerun(self, port: JobPort) -> bool:

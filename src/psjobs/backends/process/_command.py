@@ -1,10 +1,12 @@
-"""A command's process job: started by the fork server (so it dies with the session), or straight
-from the session (the session host's, or with no fork server) in a session of its own.
+"""A command's process job, in a session of its own: started from the session into a cgroup under
+the fork server's (_direct), or by the fork server (no cgroup, or no _cspawn), so that it dies with
+the session either way; or, the session host's (or with no fork server), by Popen.
 
 ::
 
+    session --_direct.spawn--> the command, our child, in a cgroup of the server's --pidfd--> its exit
     session --("command", argv) + pipes--> fork server --posix_spawn, setsid, own cgroup--> the command
-    fork server --reply pipe: pid or exec's error--> on_reply (the I/O loop): Running, or Failed
+    fork server --("started", pid) or ("refused", exec's error)--> on_answer (the I/O loop): Running, or Failed
     the command --stdout--> lines --> output;  --stderr--> lines --> errors;  input items --stdin-->
     fork server --("exited", token, pid, status)--> its exit status (straight from the session: pidfd)
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import selectors
 import signal
 import threading
@@ -52,55 +53,28 @@ class CommandHandle(Handle):
         self.proc: subprocess.Popen[bytes] | None = None  # started straight from the session
         self.server: ForkClient | None = None             # or by this fork server
         self.pidfd = -1
-        # Until the fork server answers (start_job does not wait for it): the pipe it answers on,
-        # and the command's ends of its pipes, kept for a new server if this one dies first.
-        self.reply = -1
-        self.answer = b""
+        self.child = False  # ours (Popen, or straight into its cgroup): reaped here, not by the server
+        self.pool_cgroup: str | None = None
+        # Until the fork server answers (start_job does not wait for it): the command's ends of
+        # its pipes, kept for a new server if this one dies first.
         self.theirs: list[int] = []
         self.request: tuple[list[str], str | None, dict[str, str] | None, int | None] | None = None
         self.answered = threading.Event()  # set once the answer is handled (or never will be)
 
-    def on_reply(self, mask: int) -> None:
+    def on_answer(self, what: str, value: object) -> None:
         """On the I/O loop: the fork server's answer, the command's pid (it runs) or what exec
-        raised (the job fails with it); nothing when the server died first (see
-        ProcessBackend.unanswered)."""
-        try:
-            chunk = os.read(self.reply, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if chunk:
-            self.answer += chunk
-            return  # its end follows: the server closes the pipe once it has answered
-        server = self.server
-        answer, self.answer = self.answer, b""
-        self._close_reply()
-        if not answer:
-            assert server is not None
-            self.backend.unanswered(self, server)
-            return
-        self.close_theirs()
-        try:
-            what, value = pickle.loads(answer)
-        except Exception as exc:
-            what, value = "error", WorkerError(f"the fork server's answer for Job {self.port.job_id}'s command "
-                                               f"could not be read ({type(exc).__name__}: {exc}); start it again")
-        if what != "ok":
+        raised (the job fails with it). A server that dies first: ProcessBackend.unanswered."""
+        if what != "started":
             self.backend.server_commands.pop(self.port.job_id, None)
             self.failed_start(value if isinstance(value, BaseException) else WorkerError(repr(value)))
             return
-        self.on_started(int(value), server, None)
-        if not self.port.started(pid=int(value)):
+        self.close_theirs()
+        pid = int(value)  # type: ignore[call-overload]
+        self.on_started(pid, self.server, None)
+        if not self.port.started(pid=pid):
             self.kill(signal.SIGKILL)  # stopped while it was being started: it goes at once
         self.register()
         self.answered.set()
-        if server is not None and server.gone:
-            # It died after it answered, and its loss was handled before this answer: no exit
-            # report will come, so the command ends now (as ProcessBackend.server_lost does).
-            self.backend.server_commands.pop(self.port.job_id, None)
-            self.on_server_lost()
-            return
         self.maybe_end()
 
     def failed_start(self, exc: BaseException) -> None:
@@ -110,25 +84,23 @@ class CommandHandle(Handle):
         self.answered.set()
         self.port.ended(Outcome.failed(exc))
 
-    def _close_reply(self) -> None:
-        if self.reply >= 0:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self.backend.loop.sel.unregister(self.reply)
-            os.close(self.reply)
-            self.reply = -1
-            if self.server is not None:
-                self.server.give_room()
-
     def close_theirs(self) -> None:
         theirs, self.theirs = self.theirs, []
         for fd in theirs:
             os.close(fd)
 
-    def on_started(self, pid: int, server: ForkClient | None, proc: subprocess.Popen[bytes] | None) -> None:
+    def on_started(self, pid: int, server: ForkClient | None, proc: subprocess.Popen[bytes] | None,
+                   cgroup: str | None = None) -> None:
+        """It runs as ``pid``: the fork server's child, or ours (started by Popen, ``proc``, or
+        straight into ``cgroup``, one of the server's, by _direct)."""
         self.pid = pid
         self.server, self.proc = server, proc
-        self.tree = ProcessTree(pid, server.cgroup_of(f"cmd-{self.port.job_id}") if server is not None else None)
-        if proc is not None:
+        self.pool_cgroup = cgroup  # given back to the server's pool at the end
+        if cgroup is None and server is not None:
+            cgroup = server.cgroup_of(f"cmd-{self.port.job_id}")  # the server started it there
+        self.tree = ProcessTree(pid, cgroup)
+        self.child = proc is not None or self.pool_cgroup is not None
+        if self.child:
             self.pidfd = os.pidfd_open(pid)  # our child: its exit is ours to wait for
 
     def register(self) -> None:
@@ -188,11 +160,15 @@ class CommandHandle(Handle):
                 self.port.records(entries)
 
     def on_exit(self, mask: int) -> None:
-        assert self.proc is not None
-        pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
+        assert self.pid is not None
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else (an os.wait() of the caller's): status lost
+            pid, status = self.pid, 255 << 8
         if pid == 0:
             return
-        self.proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it, not Popen
+        if self.proc is not None:
+            self.proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it, not Popen
         self._close_pidfd()
         self.on_exited(status)
 
@@ -229,6 +205,11 @@ class CommandHandle(Handle):
         self.backend.server_commands.pop(self.port.job_id, None)
         self.end([], outcome)
 
+    def released(self) -> None:
+        cgroup, self.pool_cgroup = self.pool_cgroup, None
+        if cgroup is not None and self.server is not None:
+            self.server.give_cgroup(cgroup)  # to the next command, if nothing is left in it
+
     def _close_stdin(self) -> None:
         if self.stdin >= 0:
             with contextlib.suppress(KeyError, ValueError, OSError):
@@ -246,5 +227,4 @@ class CommandHandle(Handle):
         self.fds.clear()
         self._close_pidfd()
         self._close_stdin()
-        self._close_reply()
         self.close_theirs()

@@ -3,9 +3,9 @@
 ::
 
     ForkClient --("fork", token) + job fds--> fork server --fork--> worker
-    ForkClient --("command", token, argv...) + reply pipe + stdio--> fork server --posix_spawn--> command
-    fork server --("spare" + socket) / ("forked", pid) / ("exited", status)--> ForkClient.on_message
-    fork server --reply pipe: ("ok", pid) / ("error", exc), then its end--> CommandHandle.on_reply
+    ForkClient --("command", token, argv...) + stdio--> fork server --posix_spawn--> command
+    fork server --("spare" + socket) / ("forked", pid) / ("started" | "refused") / ("exited", status)
+        --> ForkClient.on_message
 
 A server that does not answer a request within ANSWER_TIMEOUT is looked at: stopped (SIGSTOP, a
 debugger) or silent for ANSWER_LIMIT, it is killed, and what it had not started goes to a new one
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import itertools
 import os
 import pickle
 import selectors
@@ -45,9 +46,11 @@ if TYPE_CHECKING:
 # it is starting right then.
 ANSWER_TIMEOUT = 5.0
 ANSWER_LIMIT = 60.0
-# Commands asked for and not answered yet, per server, before a start waits: each holds its reply
-# pipe and its stdio until then. Enough to keep the server busy while the session goes on.
+# Commands asked for and not answered yet, per server, before a start waits: each holds its pipes
+# ends until then. Enough to keep the server busy while the session goes on.
 IN_FLIGHT = 32
+# Empty cgroups kept for the next commands started from the session (take_cgroup).
+FREE_CGROUPS = 64
 
 
 def _stopped(pid: int) -> bool:
@@ -96,6 +99,8 @@ class ForkClient:
         self.alive = True
         self.gone = False  # lost() or close() ran
         self.in_flight = 0  # commands asked for and not answered (see take_room)
+        self.free_cgroups: list[str] = []  # see take_cgroup
+        self.cgroup_names = itertools.count()
         self.room = threading.Condition()
         # Warm spares the server handed over (pid, our end of its socket): a job goes straight
         # to one. Threads starting jobs pop them; the loop thread appends.
@@ -141,23 +146,17 @@ class ForkClient:
         socket.send_fds(self.sock, [pickle.dumps(("fork", token))], fds)
 
     def send_command(self, token: int, argv: list[str], cwd: str | None, env: dict[str, str] | None,
-                     stdio: list[int], umask: int | None = None) -> int:
+                     stdio: list[int], umask: int | None = None) -> None:
         """Ask the server to start a command (fd 1, fd 2 and maybe fd 0 in ``stdio``; ``umask``:
-        None for the server's), without waiting: the read end of the pipe its answer comes on
-        (the pid, or what exec raised), at its end once the server has answered or died.
+        None for the server's), without waiting: its answer, ("started", token, pid) or
+        ("refused", token, what exec raised), comes to on_message. Call take_room() first.
 
-        Raises ServerGone when the request cannot be sent. Call take_room() first.
+        Raises ServerGone when the request cannot be sent.
         """
-        reply_r, reply_w = os.pipe()
         try:
-            socket.send_fds(self.sock, [pickle.dumps(("command", token, argv, cwd, env, umask))], [reply_w, *stdio])
+            socket.send_fds(self.sock, [pickle.dumps(("command", token, argv, cwd, env, umask))], stdio)
         except OSError as exc:
-            os.close(reply_r)
             raise ServerGone(f"the fork server is gone: {exc}") from exc
-        finally:
-            os.close(reply_w)
-        os.set_blocking(reply_r, False)
-        return reply_r
 
     def take_room(self, wait: bool) -> None:
         """Count one more command the server has not answered; with ``wait``, first until fewer
@@ -188,6 +187,32 @@ class ForkClient:
             return False
         kill_cgroup(path)
         return True
+
+    def take_cgroup(self) -> str:
+        """An empty cgroup directory under this server's, for a command started from the session
+        (_direct): one a finished command left empty, else a new one. Reused, not made and removed
+        each time: a made and removed cgroup cost 1,000 `true` at once a fifth of their rate."""
+        assert self.cgroup is not None
+        with contextlib.suppress(IndexError):
+            return self.free_cgroups.pop()
+        while True:
+            path = os.path.join(self.cgroup, f"c{next(self.cgroup_names)}")
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                continue  # left by a server of ours with the same pid: another name
+
+    def give_cgroup(self, path: str) -> None:
+        """A command's cgroup once it ended: kept for the next command when nothing is left in it
+        (an escapee of the command keeps it, until the session's end kills it)."""
+        if cgroup_members(path) != []:
+            return
+        if self.alive and len(self.free_cgroups) < FREE_CGROUPS:
+            self.free_cgroups.append(path)
+            return
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
     def cgroup_of(self, name: int | str) -> str | None:
         """The cgroup directory of one of this server's jobs: a worker's is named by its pid, a
@@ -221,6 +246,12 @@ class ForkClient:
             for fd in fds:
                 os.close(fd)
             if what == "spare":
+                continue
+            if what in ("started", "refused"):
+                self.give_room()
+                command = self.backend.server_commands.get(token)
+                if command is not None:
+                    command.on_answer(what, rest[0])
                 continue
             if what == "exited":
                 # A job handed to a spare comes with no token: the spare never tells the server.

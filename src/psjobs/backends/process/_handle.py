@@ -80,6 +80,7 @@ class Handle:
             self._after_stop(entries, outcome, time.monotonic() + 5.0)
             return
         self.finished = True
+        self.released()  # before the end is told: whoever waits for it may start the next job
         self.port.ended(outcome, entries)
 
     def _after_stop(self, entries: list[Entry], outcome: Outcome, deadline: float) -> None:
@@ -87,9 +88,13 @@ class Handle:
         self.tree.kill()
         if self.tree.gone() or time.monotonic() > deadline:
             self.finished = True
+            self.released()
             self.port.ended(outcome, entries)
             return
         self.backend.loop.call_later(0.002, lambda: self._after_stop(entries, outcome, deadline))
+
+    def released(self) -> None:
+        """The job is over and nothing acts on its processes any more (a stop's last kill is done)."""
 
     def broken(self, exc: BaseException) -> None:
         """Something went wrong reading this job: fail it (never hang it)."""

@@ -1,0 +1,206 @@
+/* Start a command straight into a cgroup of its own, from the session's process.
+ *
+ *     spawn(paths, argv, envp, stdin, stdout, stderr, cwd, umask, cgroup_procs) -> (pid, 0, 0)
+ *
+ *     session --vfork--> child (shares our memory until it execs; every signal blocked):
+ *         write "0" to the job cgroup's cgroup.procs (the child moves itself: born in the
+ *         session's cgroup, it is in the job's before the command runs a single instruction),
+ *         setsid, stdio onto fd 0/1/2, every other descriptor closed, cwd, umask,
+ *         handlers back to default, our signal mask back, execve of each path in turn
+ *     a failed step: its errno and which step in `failure` (shared memory), _exit(127)
+ *         -> (-1, errno, step): the caller raises it in Popen's words (_direct.py)
+ *
+ * Why not posix_spawn or subprocess: neither can put the child in a cgroup before it runs
+ * (glibc 2.41's posix_spawn can, with clone3's CLONE_INTO_CGROUP; not here), so commands went
+ * through the fork server, which stepped into each job's cgroup around its spawn: one more process
+ * hop each way (bench/FINDINGS.md, "A command's start, split in two").
+ *
+ * Only async-signal-safe calls run in the child: it shares the parent's memory (vfork), so it
+ * writes nothing but `failure` and its own frame (child(), below the parent's), and never returns.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+
+static char **
+to_strings(PyObject *seq, const char *what)
+{
+    /* A NULL-terminated array of the bytes objects in seq (borrowed buffers); NULL and an error. */
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    char **out = PyMem_Calloc((size_t)n + 1, sizeof(char *));
+    if (out == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        if (!PyBytes_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "%s: bytes expected", what);
+            PyMem_Free(out);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        out[i] = PyBytes_AS_STRING(item);
+    }
+    Py_DECREF(fast);  /* the items stay alive: the caller holds seq */
+    return out;
+}
+
+static int
+above_stdio(int fd)
+{
+    /* fd, or a copy of it at 3 or above when it is 0, 1 or 2 (so no dup2 below clobbers it). */
+    return fd < 3 ? fcntl(fd, F_DUPFD_CLOEXEC, 3) : fd;
+}
+
+enum { STEP_CGROUP = 1, STEP_STDIO, STEP_CWD, STEP_EXEC };
+
+struct child_args {
+    const char *cwd;
+    char **paths, **argv, **envp;  /* paths: the files to try in turn, as Popen's child does */
+    int in_fd, out_fd, err_fd, mask, cgroup_fd;
+    const sigset_t *old;
+    volatile int *failure;  /* [errno, step]: the parent reads it once the child has exec'd or exited */
+};
+
+/* The child's whole life, in a frame of its own below the parent's (the parent's frame, suspended
+ * in vfork, is left as it was): it never returns. */
+static void __attribute__((noinline, noreturn))
+child(const struct child_args *a)
+{
+    int step = STEP_CGROUP;
+    if (a->cgroup_fd >= 0 && write(a->cgroup_fd, "0", 1) != 1)
+        goto fail;
+    step = STEP_STDIO;
+    int fd0 = above_stdio(a->in_fd), fd1 = above_stdio(a->out_fd), fd2 = above_stdio(a->err_fd);
+    if (fd0 < 0 || fd1 < 0 || fd2 < 0 || setsid() < 0)
+        goto fail;
+    if (dup2(fd0, 0) < 0 || dup2(fd1, 1) < 0 || dup2(fd2, 2) < 0)
+        goto fail;
+    if (syscall(SYS_close_range, 3U, ~0U, 0U) < 0) {
+        long top = sysconf(_SC_OPEN_MAX);  /* Linux < 5.9 */
+        for (long fd = 3; fd < top; fd++)
+            close((int)fd);
+    }
+    step = STEP_CWD;
+    if (a->cwd != NULL && chdir(a->cwd) < 0)
+        goto fail;
+    if (a->mask >= 0)
+        umask((mode_t)a->mask);
+    /* A handler of ours must not run in the child once signals are unblocked; an ignored signal
+     * stays ignored across exec, except those Popen(restore_signals=True) restores. */
+    for (int sig = 1; sig < NSIG; sig++) {
+        struct sigaction sa;
+        if (sigaction(sig, NULL, &sa) < 0)
+            continue;
+        if (sa.sa_handler != SIG_DFL && (sa.sa_handler != SIG_IGN || sig == SIGPIPE || sig == SIGXFSZ)) {
+            sa.sa_handler = SIG_DFL;
+            sa.sa_flags = 0;
+            sigemptyset(&sa.sa_mask);
+            sigaction(sig, &sa, NULL);
+        }
+    }
+    sigprocmask(SIG_SETMASK, a->old, NULL);
+    step = STEP_EXEC;
+    int saved = 0;
+    for (char **path = a->paths; *path != NULL; path++) {
+        execve(*path, a->argv, a->envp);
+        if (errno != ENOENT && errno != ENOTDIR && saved == 0)
+            saved = errno;  /* as Popen: the first error that is not "not there" is the one said */
+    }
+    if (saved != 0)
+        errno = saved;
+fail:
+    a->failure[0] = errno ? errno : EINVAL;
+    a->failure[1] = step;
+    _exit(127);
+}
+
+static PyObject *
+cspawn_spawn(PyObject *self, PyObject *args)
+{
+    struct child_args a;
+    PyObject *paths_obj, *argv_obj, *envp_obj;
+    if (!PyArg_ParseTuple(args, "OOOiiizii", &paths_obj, &argv_obj, &envp_obj, &a.in_fd, &a.out_fd, &a.err_fd,
+                          &a.cwd, &a.mask, &a.cgroup_fd))
+        return NULL;
+    a.paths = to_strings(paths_obj, "paths");
+    if (a.paths == NULL)
+        return NULL;
+    a.argv = to_strings(argv_obj, "argv");
+    a.envp = a.argv == NULL ? NULL : to_strings(envp_obj, "env");
+    if (a.envp == NULL) {
+        PyMem_Free(a.paths);
+        PyMem_Free(a.argv);  /* NULL is fine */
+        return NULL;
+    }
+    volatile int failure[2] = {0, 0};
+    a.failure = failure;
+    sigset_t all, old;
+    sigfillset(&all);
+    a.old = &old;
+    pid_t pid;
+    int vfork_errno = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid = vfork();
+    if (pid == 0)
+        child(&a);
+    if (pid < 0)
+        vfork_errno = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (pid > 0 && failure[0] != 0) {
+        int status;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(a.paths);
+    PyMem_Free(a.argv);
+    PyMem_Free(a.envp);
+    if (pid < 0) {
+        errno = vfork_errno;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (failure[0] != 0)
+        return Py_BuildValue("(iii)", -1, failure[0], failure[1]);
+    return Py_BuildValue("(iii)", (int)pid, 0, 0);
+}
+
+static PyMethodDef methods[] = {
+    {"spawn", cspawn_spawn, METH_VARARGS,
+     "spawn(paths, argv, envp, stdin, stdout, stderr, cwd, umask, cgroup_procs) -> (pid, 0, 0)\n\n"
+     "Start the first of paths that execs, in a session of its own, moved into a cgroup first (cgroup_procs: an open\n"
+     "cgroup.procs, or -1), with these descriptors as fd 0, 1, 2 and no other; cwd None: ours;\n"
+     "umask -1: ours. (-1, errno, step) when a step failed (1 cgroup, 2 stdio, 3 cwd, 4 exec)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "psjobs.backends.process._cspawn",
+    "A command started straight into its own cgroup (see _cspawn.c).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__cspawn(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,3 @@
+# The C extension's one function (_cspawn.c); optional: _direct.py falls back when it is missing.
+def spawn(paths: list[bytes], argv: list[bytes], envp: list[bytes], stdin: int, stdout: int, stderr: int,
+          cwd: str | None, umask: int, cgroup_procs: int, /) -> tuple[int, int, int]: ...

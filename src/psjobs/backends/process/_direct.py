@@ -1,0 +1,85 @@
+"""A command started straight from the session, born in its job's cgroup under the fork server's.
+
+::
+
+    start_job("cmd" | [argv]) --an empty cgroup under the fork server's (ForkClient.take_cgroup: made,
+        or one a finished command left empty), its cgroup.procs opened-->
+        _cspawn.spawn (vfork: the child moves itself into that cgroup, setsid, fd 0/1/2, exec)
+        --> the command, our child: its exit status on a pidfd (the I/O loop), as Popen's would be
+    the command's end, its cgroup empty --> ForkClient.give_cgroup: the next command's
+    the session ends, however (SIGKILL too) --> the fork server kills its cgroup, this one's with it
+
+So a command costs what a Popen costs (bench/FINDINGS.md, "Commands straight into their cgroup"),
+and still never outlives the session: the fork server, not its parent, is what ends it. Where the
+extension was not built (no C compiler at install) or the fork server has no cgroup, the fork
+server starts commands itself (CommandHandle, ProcessBackend._send_command); PSJOBS_DIRECT_COMMANDS=0
+asks for that path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+try:
+    from . import _cspawn
+except ImportError:  # built without a C compiler: the fork server starts commands
+    _cspawn = None  # type: ignore[assignment]
+
+_STEPS = {1: "cgroup", 2: "stdio", 3: "cwd", 4: "exec"}
+
+
+def available() -> bool:
+    """Whether commands may start straight into their cgroup from this process."""
+    return _cspawn is not None and os.environ.get("PSJOBS_DIRECT_COMMANDS") != "0"
+
+
+def spawn(argv: Sequence[str], env: Mapping[str, str] | None, stdio: Sequence[int], cwd: str | None,
+          umask: int | None, cgroup: str) -> int:
+    """Start ``argv`` (stdio: fd 1, fd 2, maybe fd 0) in a session of its own, in the empty cgroup
+    directory ``cgroup``; its pid. Raises OSError in Popen's words when it cannot run (the
+    program not found along the job's PATH, a cwd it cannot enter...)."""
+    assert _cspawn is not None
+    envp = _environment(env)
+    program = argv[0]
+    if os.path.dirname(program):
+        paths = [os.fsencode(program)]  # relative to the job's cwd: the child execs it after its chdir
+    else:  # each entry of the job's PATH in turn, in the child, as Popen's does
+        paths = [os.fsencode(os.path.join(d, program)) for d in os.get_exec_path(env)] or [b""]
+    if any("\0" in a for a in argv) or any(b"\0" in e for e in envp):
+        raise ValueError("embedded null byte")  # as Popen says it (a C string would end there)
+    stdin = stdio[2] if len(stdio) > 2 else _devnull()
+    procs = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        pid, err, step = _cspawn.spawn(paths, [os.fsencode(a) for a in argv], envp, stdin, stdio[0], stdio[1],
+                                       cwd, -1 if umask is None else umask, procs)
+    finally:
+        os.close(procs)
+    if pid < 0:
+        # As Popen says it: the directory it could not enter, else the program as it was given.
+        raise OSError(err, os.strerror(err), cwd if _STEPS.get(step) == "cwd" else program)
+    return int(pid)
+
+
+_cached: tuple[dict[bytes, bytes], list[bytes]] = ({}, [])  # os.environb as last encoded, and its lines
+_null = -1
+
+
+def _environment(env: Mapping[str, str] | None) -> list[bytes]:
+    """The child's environment as "NAME=value" lines: ``env``, or ours as it is now (encoded
+    again only when it changed: ~30 us for 40 variables)."""
+    global _cached
+    if env is not None:
+        return [os.fsencode(f"{k}={v}") for k, v in env.items()]
+    now = os.environb
+    if now != _cached[0]:
+        _cached = (dict(now), [k + b"=" + v for k, v in now.items()])
+    return _cached[1]
+
+
+def _devnull() -> int:
+    """fd 0 of a command given no input (kept open, close-on-exec: the child gets its own copy)."""
+    global _null
+    if _null < 0:
+        _null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _null
