@@ -221,3 +221,25 @@ with psjobs.Session() as s:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PSJOBS_DIRECT_COMMANDS": "1"})
     assert done.stdout.strip() == "True", done.stderr
+
+
+def test_the_commands_parent_is_the_session_or_the_fork_server(session: psjobs.Session, path: str) -> None:
+    server = _server(session)
+    direct = path == "direct" and server.cgroup is not None  # without a cgroup the server starts it
+    job = _run(session, ["sh", "-c", "echo $PPID"])
+    assert job.receive() == [str(os.getpid() if direct else server.proc.pid)]
+
+
+def test_a_closed_session_leaves_no_zombie_of_its_commands(path: str) -> None:
+    session = psjobs.Session(stop_grace=2.0)
+    job = session.start_job(["sleep", "30"])
+    wait_until(lambda: job.child_jobs[0].pid is not None, what="the command's pid")
+    pid = job.child_jobs[0].pid
+    assert pid is not None
+    session.close()
+    assert job.state is JobState.STOPPED
+    try:
+        os.waitpid(pid, os.WNOHANG)  # our child when the session started it: psjobs reaped it already
+    except ChildProcessError:
+        return
+    raise AssertionError(f"the command {pid} was left for this process to reap")

@@ -500,7 +500,10 @@ class ProcessBackend(Backend):
         if server is not None:
             server.close()
         self.loop.close()
+        until = time.monotonic() + 2.0  # the server's end killed what is left of them (cgroup.kill)
         for handle in list(self.handles):
+            if isinstance(handle, CommandHandle):
+                handle.reap(until)
             handle.close()
         # Spawned workers a job was done with may still be exiting; the rest go, as with a fork
         # server (the session stopped its jobs before it came here).

@@ -217,6 +217,23 @@ class CommandHandle(Handle):
             os.close(self.stdin)
             self.stdin = -1
 
+    def reap(self, until: float) -> None:
+        """Our child (a command started from the session) that has not been waited for: wait for
+        it until ``until`` (time.monotonic), so no zombie of it is left in the session's process."""
+        if not self.child or self.status_known or self.pid is None:
+            return
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid != 0:
+                self.status, self.status_known = status, True
+                return
+            if time.monotonic() >= until:
+                return
+            time.sleep(0.005)  # a SIGKILLed process's exit, polled (no loop thread any more)
+
     def close(self) -> None:
         self.backend.handles.discard(self)
         sel = self.backend.loop.sel

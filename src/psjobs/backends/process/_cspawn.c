@@ -138,10 +138,18 @@ static PyObject *
 cspawn_spawn(PyObject *self, PyObject *args)
 {
     struct child_args a;
-    PyObject *paths_obj, *argv_obj, *envp_obj;
-    if (!PyArg_ParseTuple(args, "OOOiiizii", &paths_obj, &argv_obj, &envp_obj, &a.in_fd, &a.out_fd, &a.err_fd,
-                          &a.cwd, &a.mask, &a.cgroup_fd))
+    PyObject *paths_obj, *argv_obj, *envp_obj, *cwd_obj;
+    if (!PyArg_ParseTuple(args, "OOOiiiOii", &paths_obj, &argv_obj, &envp_obj, &a.in_fd, &a.out_fd, &a.err_fd,
+                          &cwd_obj, &a.mask, &a.cgroup_fd))
         return NULL;
+    if (cwd_obj == Py_None) {
+        a.cwd = NULL;
+    } else if (PyBytes_Check(cwd_obj)) {
+        a.cwd = PyBytes_AS_STRING(cwd_obj);
+    } else {
+        PyErr_SetString(PyExc_TypeError, "cwd: bytes or None expected");
+        return NULL;
+    }
     a.paths = to_strings(paths_obj, "paths");
     if (a.paths == NULL)
         return NULL;
@@ -189,7 +197,7 @@ static PyMethodDef methods[] = {
     {"spawn", cspawn_spawn, METH_VARARGS,
      "spawn(paths, argv, envp, stdin, stdout, stderr, cwd, umask, cgroup_procs) -> (pid, 0, 0)\n\n"
      "Start the first of paths that execs, in a session of its own, moved into a cgroup first (cgroup_procs: an open\n"
-     "cgroup.procs, or -1), with these descriptors as fd 0, 1, 2 and no other; cwd None: ours;\n"
+     "cgroup.procs, or -1), with these descriptors as fd 0, 1, 2 and no other; cwd (bytes) None: ours;\n"
      "umask -1: ours. (-1, errno, step) when a step failed (1 cgroup, 2 stdio, 3 cwd, 4 exec)."},
     {NULL, NULL, 0, NULL},
 };
