@@ -231,7 +231,7 @@ def work(pidfile):
     time.sleep(1000)
 
 s = psjobs.Session()
-job = s.start_job(work, {pidfile!r})
+job = {start}
 deadline = time.monotonic() + 30
 while not os.path.exists({pidfile!r}) and time.monotonic() < deadline:
     time.sleep(0.01)  # polling a file another process writes
@@ -244,13 +244,18 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_the_jobs_of_a_lost_fork_server_die_with_the_session_too(tmp_path: Path) -> None:
-    """A fork server killed (or replaced as unresponsive) leaves its running jobs to no server;
-    the next one is told of its cgroup and ends them with the session, however the session ends."""
+@pytest.mark.parametrize("kind", ["callable", "command"])
+def test_the_jobs_of_a_lost_fork_server_die_with_the_session_too(tmp_path: Path, kind: str) -> None:
+    """A fork server killed (or replaced as unresponsive) leaves its running jobs to no server (a
+    callable's worker, a command the session started into a cgroup under the server's); the next
+    one is told of its cgroup and ends them with the session, however the session ends."""
     if not _cgroups_here():
         pytest.skip("cgroup v2 is not writable here")
     pidfile = str(tmp_path / "pids")
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(LOST_SERVER.format(pidfile=pidfile))],
+    start = f"s.start_job(work, {pidfile!r})" if kind == "callable" else (
+        f"s.start_job(['sh', '-c', 'setsid sleep 1000 & echo $$ $! > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; "
+        f"wait'])")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(LOST_SERVER.format(pidfile=pidfile, start=start))],
                           timeout=90, check=False, capture_output=True, text=True)
     assert done.returncode == -signal.SIGKILL, done.stderr
     pids = [int(p) for p in Path(pidfile).read_text().split()]
