@@ -154,3 +154,24 @@ def test_without_a_cgroup_a_descendant_that_left_the_group_holds_the_job() -> No
                 os.kill(pid, signal.SIGKILL)
         proc.kill()
         proc.wait()
+
+
+def test_stops_of_process_trees_leave_no_descriptor_open_in_the_session(session: psjobs.Session) -> None:
+    """A stop watches each process it waits for through a pidfd: every one is closed again."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def stopped_tree() -> None:
+        job = session.start_job("sleep 100 | cat")
+        leaf = job.child_jobs[0]
+        wait_until(lambda: leaf.pid is not None and len(psutil.Process(leaf.pid).children()) >= 2,
+                   what="sh's two children")
+        session.stop_job(job)
+        assert job.state is JobState.STOPPED
+        session.remove_job(job)
+
+    stopped_tree()  # the session's own descriptors (the fork server, the I/O loop) exist from now on
+    before = open_fds()
+    for _ in range(20):
+        stopped_tree()
+    assert open_fds() == before

@@ -286,6 +286,10 @@ class ProcessTree:
         group = str(self.pid)
         return not any(len(fields) > 2 and fields[0] != "Z" and fields[2] == group for _, fields in stats)
 
+    def left(self) -> list[int]:
+        """The live processes of the job now (no zombie): what a wait for its end waits for."""
+        return [pid for pid in self._members() if _alive([pid])]
+
     def _members(self) -> list[int]:
         if self.cgroup is not None:
             members = cgroup_members(self.cgroup) or []

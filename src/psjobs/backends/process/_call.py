@@ -316,6 +316,7 @@ class CallHandle(Handle):
 
     def close(self) -> None:
         self.backend.handles.discard(self)
+        self._unwatch()
         if self.registered:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.backend.loop.sel.unregister(self.sock)

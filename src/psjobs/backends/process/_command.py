@@ -236,6 +236,7 @@ class CommandHandle(Handle):
 
     def close(self) -> None:
         self.backend.handles.discard(self)
+        self._unwatch()
         sel = self.backend.loop.sel
         for fd in list(self.fds):
             with contextlib.suppress(KeyError, ValueError, OSError):
