@@ -337,8 +337,8 @@ class ProcessBackend(Backend):
             env = spec.env if spec.env is not None else self._job_environ(spec)
             handle.request = (list(spec.argv), spec.cwd, env, spec.options.get("umask"))
             self._send_command(handle, server)
-        except (OSError, ValueError, WorkerError) as exc:
-            handle.failed_start(exc)
+        except Exception as exc:  # EMFILE, Popen's or exec's error, a dead server...: the job fails
+            handle.failed_start(exc)  # with it, and nothing of the handle stays open
 
     def _spawn_command(self, handle: CommandHandle, spec: JobSpec, server: ForkClient) -> None:
         """Start the command from here, into a cgroup of its own under the fork server's (_direct):

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # it is starting right then.
 ANSWER_TIMEOUT = 5.0
 ANSWER_LIMIT = 60.0
-# Commands asked for and not answered yet, per server, before a start waits: each holds its pipes
+# Commands asked for and not answered yet, per server, before a start waits: each holds its pipes'
 # ends until then. Enough to keep the server busy while the session goes on.
 IN_FLIGHT = 32
 # Empty cgroups kept for the next commands started from the session (take_cgroup).
