@@ -9,11 +9,11 @@
     the command's end, its cgroup empty --> ForkClient.give_cgroup: the next command's
     the session ends, however (SIGKILL too) --> the fork server kills its cgroup, this one's with it
 
-So a command costs what a Popen costs (bench/FINDINGS.md, "Commands straight into their cgroup"),
-and still never outlives the session: the fork server, not its parent, is what ends it. Where the
-extension was not built (no C compiler at install) or the fork server has no cgroup, the fork
-server starts commands itself (CommandHandle, ProcessBackend._send_command); PSJOBS_DIRECT_COMMANDS=0
-asks for that path.
+So a command costs about what a Popen with its output captured costs (bench/FINDINGS.md, "Commands
+straight into their cgroup"), and still never outlives the session: the fork server, not its
+parent, is what ends it. Where the extension was not built (no C compiler at install) or the fork
+server has no cgroup, the fork server starts commands itself (CommandHandle,
+ProcessBackend._send_command); PSJOBS_DIRECT_COMMANDS=0 asks for that path.
 """
 
 from __future__ import annotations
