@@ -243,7 +243,9 @@ def test_closing_the_client_passed_fails_its_job_saying_so_and_stops_its_task(
     assert f"Job {job.child_jobs[0].id}" in text and "the dask Client passed as cluster= was closed" in text
     assert "Keep that Client open" in text and f"cluster={address!r}" in text
     assert "connection to the Dask scheduler" not in text and "the scheduler died" not in text
-    wait_until(done.exists, 20, "the task to end on its worker")
+    # Its content, not only its existence: write_text creates the file, then writes it (CI read it
+    # empty between the two).
+    wait_until(lambda: done.exists() and done.read_text(), 20, "the task to end on its worker")
     assert done.read_text() == "stopped", "the task ran on after its Client was closed"
     with pytest.raises(psjobs.WorkerError, match="is closed"):
         session.start_job(square, 1, cluster=own)
