@@ -377,7 +377,11 @@ def freeze(cell: Cell, request: pytest.FixtureRequest) -> None:
     if cell.kind in ("process", "command"):
         # The fork server frozen: a new job is not left NotStarted; psjobs replaces the server
         # (after ANSWER_TIMEOUT) and the job runs on the new one.
-        request.getfixturevalue("monkeypatch").setenv("PSJOBS_SPARES", "0")
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setenv("PSJOBS_SPARES", "0")
+        # A command through the server (not started from the session, which never asks it): its
+        # start must not wait on a frozen server either.
+        monkeypatch.setenv("PSJOBS_DIRECT_COMMANDS", "0")
         with psjobs.Session(stop_grace=1.0) as s:
             first = s.start_job("echo 0") if cell.is_command else s.start_job(then_fault, "raise", str(cell.pidfile))
             assert first.wait(DEADLINE)
@@ -390,8 +394,7 @@ def freeze(cell: Cell, request: pytest.FixtureRequest) -> None:
                 assert job.wait(DEADLINE), f"{job!r} waits on a frozen fork server"
                 assert job.output == cell.counted and job.child_jobs[0].state is JobState.FAILED
                 assert time.monotonic() - began < 30
-                if not (cell.is_command and _from_session(server)):  # that one never asked the server
-                    wait_until(lambda: server.proc.poll() is not None, 10, "the frozen server to be killed")
+                wait_until(lambda: server.proc.poll() is not None, 10, "the frozen server to be killed")
             finally:
                 with contextlib.suppress(OSError):
                     os.kill(server.proc.pid, signal.SIGCONT)

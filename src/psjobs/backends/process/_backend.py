@@ -220,7 +220,7 @@ class ProcessBackend(Backend):
                 if pid is None:
                     server.submit(token, fds)
                     self.loop.call_later(ANSWER_TIMEOUT, functools.partial(
-                        self._check_forked, weakref.ref(handle), server, time.monotonic()))
+                        self._check_server, weakref.ref(handle), server, time.monotonic()))
                 self._ask_preload(server, handle.module)
                 return
             except OSError:
@@ -229,16 +229,17 @@ class ProcessBackend(Backend):
                 self.loop.call_soon(server.lost)
         raise WorkerError("the fork server keeps dying; process jobs cannot start")
 
-    def _check_forked(self, ref: weakref.ref[CallHandle], server: ForkClient, began: float) -> None:
-        """On the loop: the server has not said it forked the job's worker; a frozen one goes.
-        (A weak reference: a job removed meanwhile is not kept, nor its arguments, for the wait.)"""
+    def _check_server(self, ref: weakref.ref[Handle], server: ForkClient, began: float) -> None:
+        """On the loop: the server has not answered for a job yet (forked its worker, or started
+        its command); a frozen one goes, and the job goes to a new one. (A weak reference: a job
+        removed meanwhile is not kept, nor its arguments, for the wait.)"""
         handle = ref()
-        if handle is None or handle.pid is not None or handle.server is not server or handle.port.finished:
+        if handle is None or handle.server is not server or not handle.awaits_server():
             return
         why = server.unresponsive(time.monotonic() - began)
         if why is None:
             if server.alive:
-                self.loop.call_later(ANSWER_TIMEOUT, functools.partial(self._check_forked, ref, server, began))
+                self.loop.call_later(ANSWER_TIMEOUT, functools.partial(self._check_server, ref, server, began))
             return
         server.replace(why)
 
@@ -399,25 +400,12 @@ class ProcessBackend(Backend):
                                           f"begun and did not start it twice. Start the job again") from None
                 else:
                     self.loop.call_later(ANSWER_TIMEOUT, functools.partial(
-                        self._check_answer, weakref.ref(handle), server, time.monotonic()))
+                        self._check_server, weakref.ref(handle), server, time.monotonic()))
                     return
             # A new server outside the loop's mutex: starting one registers it with the loop, and
             # another thread may be doing so under _server_lock (the soak deadlocked here).
             server = self._live_server()
         raise WorkerError("the fork server keeps dying; command jobs cannot start")
-
-    def _check_answer(self, ref: weakref.ref[CommandHandle], server: ForkClient, began: float) -> None:
-        """On the loop: the server has not answered for a command yet; a frozen one goes (its
-        loss then ends the wait: unanswered)."""
-        handle = ref()
-        if handle is None or handle.answered.is_set() or handle.server is not server:
-            return
-        why = server.unresponsive(time.monotonic() - began)
-        if why is None:
-            if server.alive:
-                self.loop.call_later(ANSWER_TIMEOUT, functools.partial(self._check_answer, ref, server, began))
-            return
-        server.replace(why)
 
     def unanswered(self, handle: CommandHandle, server: ForkClient) -> None:
         """On the loop: the fork server died before it answered for a command. It starts on a new

@@ -40,7 +40,6 @@ from ...worker._wire import (
     Prompt,
     decode_entries,
 )
-from ._forkclient import ForkClient
 from ._handle import Handle, line_entries
 
 if TYPE_CHECKING:
@@ -63,7 +62,7 @@ class CallHandle(Handle):
         self.server_lost = False
         self.registered = False
         self.prompt: str | None = None
-        self.server: ForkClient | None = None  # where it was submitted (a new one after a death)
+        self.server = None  # where it was submitted (a new one after a death)
         self.pidfd = -1        # the worker's pidfd, from its HELLO: its exit, without the server
         self.module: str | None = None  # the target's module, for the fork server to preload
         self.exited = False
@@ -202,6 +201,9 @@ class CallHandle(Handle):
             self.kill(signal.SIGKILL)
         elif self.port.stop_requested:  # asked to stop while it was being handed over
             self.stop(self.backend.session.stop_grace)
+
+    def awaits_server(self) -> bool:
+        return self.pid is None and not self.port.finished  # its worker not forked yet
 
     def withdraw(self) -> None:
         """The job ended before its worker was known: shut our sending side, which the worker checks

@@ -51,7 +51,7 @@ class CommandHandle(Handle):
         self.stdin = stdin_w if stdin_w is not None else -1
         self.feed = memoryview(feed) if feed else None
         self.proc: subprocess.Popen[bytes] | None = None  # started straight from the session
-        self.server: ForkClient | None = None             # or by this fork server
+        self.server = None                                # or by this fork server
         self.pidfd = -1
         self.child = False  # ours (Popen, or straight into its cgroup): reaped here, not by the server
         self.pool_cgroup: str | None = None
@@ -76,6 +76,9 @@ class CommandHandle(Handle):
         self.register()
         self.answered.set()
         self.maybe_end()
+
+    def awaits_server(self) -> bool:
+        return not self.answered.is_set()
 
     def failed_start(self, exc: BaseException) -> None:
         """The command could not start: the job fails with the reason, and nothing of it stays open."""

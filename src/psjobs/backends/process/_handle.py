@@ -24,6 +24,7 @@ from ...worker._tree import ProcessTree
 if TYPE_CHECKING:
     from ...core import Entry, JobPort
     from ._backend import ProcessBackend
+    from ._forkclient import ForkClient
 
 
 
@@ -44,6 +45,7 @@ class Handle:
         self.tree: ProcessTree | None = None  # every process of the job, once its first one exists
         self.pidfd = -1  # the first process's pidfd, once it exists: its exit, without polling
         self.watched: dict[int, int] = {}  # pid -> pidfd of what a stop waits to see exit
+        self.server: ForkClient | None = None  # the fork server that started it, or is to
 
     def _hand_over(self) -> list[Entry]:
         held, self.held = self.held, []
@@ -130,6 +132,10 @@ class Handle:
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     self.backend.loop.sel.unregister(fd)
                 os.close(fd)
+
+    def awaits_server(self) -> bool:
+        """Whether the job still waits for its fork server's answer (see ProcessBackend._check_server)."""
+        return False
 
     def released(self) -> None:
         """The job is over and nothing acts on its processes any more (a stop's last kill is done)."""
