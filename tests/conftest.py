@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -26,6 +27,22 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)  # polling interval, not synchronisation
         delay = min(delay * 2, 0.05)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A private PSJOBS_HOME of the test's own (its session host stopped at the end)."""
+    from .clitools import private_home  # here: clitools imports this module
+
+    with private_home(tmp_path / "h") as h:
+        yield h
+
+
+@pytest.fixture
+def jobs(home: Path) -> Iterator[psjobs.Session]:
+    """psjobs.connect() to that home's session host: a Session whose jobs are the host's."""
+    with psjobs.connect() as s:
+        yield s
 
 
 @pytest.fixture

@@ -27,20 +27,8 @@ from psjobs._errors import HostReplyError
 from psjobs.host._client import Client, Paths
 from psjobs.host._protocol import StartCallRequest
 
-from .clitools import ok, private_home, run, stop_host, subprocess_env
+from .clitools import ok, run, stop_host, subprocess_env
 from .conftest import wait_until
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    with private_home(tmp_path / "h") as h:
-        yield h
-
-
-@pytest.fixture
-def jobs(home: Path) -> Iterator[psjobs.Session]:
-    with psjobs.connect() as s:
-        yield s
 
 
 def squares(n: int) -> Iterator[int]:

@@ -24,18 +24,6 @@ from .clitools import ok, private_home, stop_host
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    with private_home(tmp_path / "h") as h:
-        yield h
-
-
-@pytest.fixture
-def jobs(home: Path) -> Iterator[psjobs.Session]:
-    with psjobs.connect() as s:
-        yield s
-
-
 def answer() -> int:
     return 42
 

@@ -9,7 +9,7 @@ import asyncio
 import concurrent.futures
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +18,10 @@ import pytest
 import psjobs
 from psjobs import JobState
 
-from .clitools import ok, private_home
+from .clitools import ok
 from .conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    with private_home(tmp_path / "h") as h:
-        yield h
-
-
-@pytest.fixture
-def jobs(home: Path) -> Iterator[psjobs.Session]:
-    with psjobs.connect() as s:
-        yield s
 
 
 def watchers() -> list[threading.Thread]:

@@ -26,6 +26,7 @@ import pytest
 import psjobs
 from psjobs import JobState
 
+from .clusters import local_client as make_client
 from .conftest import wait_until
 
 distributed = pytest.importorskip("distributed")
@@ -44,14 +45,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 @pytest.fixture(scope="module")
 def local_client() -> Iterator[Any]:
     """A LocalCluster of two worker processes, everything bound to 127.0.0.1 (its HTTP port too)."""
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
-                                       dashboard_address="127.0.0.1:0")
-    client = distributed.Client(cluster, set_as_default=False)
-    try:
+    with make_client(n_workers=2, threads_per_worker=2) as client:
         yield client
-    finally:
-        client.close()
-        cluster.close()
 
 
 @contextlib.contextmanager

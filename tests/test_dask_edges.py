@@ -19,6 +19,7 @@ import psjobs
 from psjobs import JobState
 
 from . import test_dask as base
+from .clusters import local_client as make_client
 from .conftest import wait_until
 from .test_dask import square
 
@@ -36,14 +37,8 @@ local_client, cli_address, session = base.local_client, base.cli_address, base.s
 @pytest.fixture(scope="module")
 def threads_client() -> Iterator[Any]:
     """A LocalCluster of two in-process workers (threads), on 127.0.0.1 over TCP."""
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=False, protocol="tcp",
-                                       host="127.0.0.1", dashboard_address="127.0.0.1:0")
-    client = distributed.Client(cluster, set_as_default=False)
-    try:
+    with make_client(n_workers=2, threads_per_worker=2, processes=False, protocol="tcp") as client:
         yield client
-    finally:
-        client.close()
-        cluster.close()
 
 
 @pytest.fixture(scope="module", params=["local", "threads", "cli"])

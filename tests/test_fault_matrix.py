@@ -68,6 +68,7 @@ import psjobs
 from psjobs import JobState
 from psjobs.backends.process import _direct
 
+from .clusters import local_client as make_client
 from .conftest import wait_until
 
 DEADLINE = 60.0
@@ -172,18 +173,8 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def dask_client() -> Iterator[Any]:
-    distributed = pytest.importorskip("distributed")
-    cloudpickle = pytest.importorskip("cloudpickle")
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
-                                       dashboard_address="127.0.0.1:0")
-    client = distributed.Client(cluster, set_as_default=False)
-    try:
+    with make_client(n_workers=1, threads_per_worker=2, by_value=__name__) as client:
         yield client
-    finally:
-        client.close()
-        cluster.close()
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")

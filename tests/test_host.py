@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,6 @@ from psjobs.host._store import encode
 
 from .clitools import gone, host_pid, ok, private_home, run, subprocess_env
 from .conftest import wait_until
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    with private_home(tmp_path / "h") as h:
-        yield h
 
 
 def lines(n: int, start: int = 1) -> str:

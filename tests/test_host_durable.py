@@ -29,12 +29,6 @@ from .conftest import wait_until
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    with private_home(tmp_path / "h") as h:
-        yield h
-
-
 def child_pid(job: int) -> int:
     rows = json.loads(ok("get", str(job), "--children", "--json"))
     pid = rows[1]["pid"]

@@ -33,6 +33,7 @@ import pytest
 import psjobs
 from psjobs import Job, JobState
 
+from .clusters import local_client as make_client
 from .conftest import wait_until
 
 # --- job bodies: module level, so that every kind can ship them ---------------------------------
@@ -186,19 +187,9 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def dask_client() -> Iterator[Any]:
     """A LocalCluster of one worker process, everything bound to 127.0.0.1."""
-    distributed = pytest.importorskip("distributed")
-    cloudpickle = pytest.importorskip("cloudpickle")
     # The bodies travel by value, so that the worker never needs to import this test module.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=4, processes=True, host="127.0.0.1",
-                                       dashboard_address="127.0.0.1:0")
-    client = distributed.Client(cluster, set_as_default=False)
-    try:
+    with make_client(n_workers=1, threads_per_worker=4, by_value=__name__) as client:
         yield client
-    finally:
-        client.close()
-        cluster.close()
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module", params=[

@@ -36,12 +36,6 @@ from .clitools import host_pid, ok, private_home, run, subprocess_env
 OTHER = "psjobs-probe"
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    with private_home(tmp_path / "h") as h:
-        yield h
-
-
 @pytest.fixture(scope="module")
 def other() -> pwd.struct_passwd:
     """A second local user (created once if missing; creating and becoming a user needs root)."""

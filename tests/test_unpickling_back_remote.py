@@ -18,6 +18,8 @@ import pytest
 import psjobs
 from psjobs import JobState
 
+from .clusters import local_client as make_client
+
 cloudpickle = pytest.importorskip("cloudpickle")
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # neither side's workers import this module
 
@@ -91,15 +93,8 @@ def test_a_remote_value_of_a_class_the_session_cannot_import_is_a_snapshot_in_pl
 
 @pytest.fixture(scope="module")
 def local_client() -> Iterator[Any]:
-    distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                       dashboard_address="127.0.0.1:0")
-    client = distributed.Client(cluster, set_as_default=False)
-    try:
+    with make_client(n_workers=1, threads_per_worker=1) as client:
         yield client
-    finally:
-        client.close()
-        cluster.close()
 
 
 @pytest.mark.dask
