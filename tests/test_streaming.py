@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +36,32 @@ def test_repeated_receive_while_streaming_is_exact(session: psjobs.Session, kind
     assert calls > 1  # it really was received in parts
     assert job.receive() == []
     assert len(job.output) == N  # and the stream list still holds everything
+
+
+def hundred_then_wait(flag: str) -> Iterator[Any]:
+    # SIGALRM blocked: the worker's 1 ms timer cannot send a batch, only the count of items can.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    yield from range(100)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+    yield "after"
+
+
+def test_a_process_jobs_first_hundred_items_leave_at_once(session: psjobs.Session, tmp_path: Path) -> None:
+    """A flood's first batch is small (worker/_batching.FIRST_ITEMS): the reader sees the stream
+    begin without waiting for a thousand items or the batch timer."""
+    flag = tmp_path / "seen"
+    job = session.start_job(hundred_then_wait, str(flag))
+    got: list[Any] = []
+    deadline = time.monotonic() + 20
+    while len(got) < 100 and time.monotonic() < deadline:
+        got.extend(job.receive(wait=True, timeout=0.05))
+    assert got == list(range(100)), f"{len(got)} items seen while the job waited for them; {job!r}"
+    flag.touch()
+    assert job.receive(wait=True, timeout=60) == ["after"]
+    assert job.state is psjobs.JobState.COMPLETED
 
 
 def test_receive_wait_follows_the_stream(session: psjobs.Session) -> None:
