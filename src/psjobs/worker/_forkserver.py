@@ -127,6 +127,8 @@ class _Server:
         self.workers: dict[int, Any] = {}                # pid -> token of its job (None: unknown)
         self.spares: dict[int, socket.socket] = {}       # pid -> our end of its socket
         self.by_fd: dict[int, int] = {}                  # that end's fd -> pid
+        self.unready: set[int] = set()                   # spares forked that have not said "ready"
+        self.backoff = 0                                 # ms before the next spare: spares that die unready
         self.poller = select.poll()
         self.held: list[int] = []                        # descriptors of requests read, not handled yet
         self.adopted: list[str] = []                     # cgroups of this session's lost servers: see adopt
@@ -147,10 +149,17 @@ class _Server:
         poller.register(wake_r, select.POLLIN)
         self.top_up()
         while True:
-            # Spares are made when the server is idle: forking one while a job runs competes with
-            # that job for the CPU (measured: a sporadic job 0.8 ms with a 2 ms idle wait, 1.3 ms
-            # when a new spare was forked at once).
-            idle_ms = -1 if len(self.spares) >= SPARES and not preload else 2
+            # A spare is replaced once the worker it became has exited: its job is over, so the
+            # fork competes with no job of its own (forking when a spare was taken, as the job
+            # started, made a sporadic job 1.3 ms instead of 0.8). At once, not after 2 ms of quiet
+            # as before: a spare is ready ~4 ms after its fork here (the fork 1.2 ms, its rehearsal
+            # 2 ms), and two jobs in a row then a third 3 ms later found none half the time (the
+            # third job then took 2.3-4.2 ms instead of ~1). One fork per pass: a request that
+            # came meanwhile is served first. Spares that die before they are ready (no memory?)
+            # are forked again after a wait that doubles each time, never in a tight loop.
+            # Modules to preload wait for 2 ms of quiet, unless a spare is due: it should have them.
+            short = len(self.spares) < SPARES
+            idle_ms = self.backoff if short else 2 if preload else -1
             try:
                 events = poller.poll(idle_ms)
             except InterruptedError:
@@ -158,7 +167,8 @@ class _Server:
             if not events:
                 if preload:
                     _preload(preload)  # the spares made from now on have the module
-                self.top_up()
+                if short:
+                    self.top_up(1)
                 continue
             for fd, _mask in events:
                 if fd == wake_r:
@@ -230,6 +240,8 @@ class _Server:
         except OSError:
             msg = b""
         if msg == b"ready":
+            self.unready.discard(pid)
+            self.backoff = 0
             self.tell(("spare", pid), [sock.fileno()])  # the session now holds an end too
             return
         self.drop_spare(pid)
@@ -243,8 +255,9 @@ class _Server:
         self.poller.unregister(sock.fileno())
         sock.close()
 
-    def top_up(self) -> None:
-        while len(self.spares) < SPARES:
+    def top_up(self, most: int = SPARES) -> None:
+        """Fork spares until there are SPARES (at most ``most`` now)."""
+        for _ in range(min(most, SPARES - len(self.spares))):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
             if pid == 0:
@@ -263,6 +276,7 @@ class _Server:
             except OSError:
                 pass
             self.spares[pid] = ours
+            self.unready.add(pid)
             self.by_fd[ours.fileno()] = pid
             self.poller.register(ours.fileno(), select.POLLIN)
 
@@ -367,6 +381,9 @@ class _Server:
                 return
             if pid == 0:
                 return
+            if pid in self.unready:  # a spare that died getting ready: wait before the next one
+                self.unready.discard(pid)
+                self.backoff = min(1000, max(2, 2 * self.backoff))
             if pid in self.spares:  # a spare, or the worker of a job a spare took (see _spare)
                 self.drop_spare(pid)
                 self.workers[pid] = None
