@@ -67,6 +67,7 @@ SPARES = max(0, int(os.environ.get("PSJOBS_SPARES", "2")))
 # Modules of callables pickled by reference are imported here once (when idle), so the next spares
 # have them: a worker importing the caller's module itself cost 2.8 ms a job (measured).
 PRELOAD = os.environ.get("PSJOBS_PRELOAD", "1") != "0"
+FIRST_REQUEST_MS = 5  # how long a new server waits for its first request before it forks spares
 
 
 # signal.signal's C function (see _process_worker.set_handler): a child sets handlers with it.
@@ -147,7 +148,9 @@ class _Server:
         poller = self.poller
         poller.register(self.ctl.fileno(), select.POLLIN)
         poller.register(wake_r, select.POLLIN)
-        self.top_up()
+        # The session starts us for a job, whose request comes ~0.3 ms after our "ready": it is
+        # served before the spares are forked (1.2 ms each here), not after them.
+        first_wait = FIRST_REQUEST_MS
         while True:
             # A spare is replaced once the worker it became has exited: its job is over, so the
             # fork competes with no job of its own (forking when a spare was taken, as the job
@@ -159,11 +162,12 @@ class _Server:
             # are forked again after a wait that doubles each time, never in a tight loop.
             # Modules to preload wait for 2 ms of quiet, unless a spare is due: it should have them.
             short = len(self.spares) < SPARES
-            idle_ms = self.backoff if short else 2 if preload else -1
+            idle_ms = max(self.backoff, first_wait) if short else 2 if preload else -1
             try:
                 events = poller.poll(idle_ms)
             except InterruptedError:
                 events = []
+            first_wait = 0
             if not events:
                 if preload:
                     _preload(preload)  # the spares made from now on have the module
