@@ -39,7 +39,6 @@ import array
 import contextlib
 import gc
 import importlib
-import math
 import os
 import pickle
 import select
@@ -47,7 +46,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 from .._compat import set_child_subreaper
@@ -70,7 +68,7 @@ SPARES = max(0, int(os.environ.get("PSJOBS_SPARES", "2")))
 # have them: a worker importing the caller's module itself cost 2.8 ms a job (measured).
 PRELOAD = os.environ.get("PSJOBS_PRELOAD", "1") != "0"
 FIRST_REQUEST_MS = 5  # how long a new server waits for its first request before it forks spares
-BURST_QUIET_MS = 2    # no spare is forked until this long after the session's last fork request
+QUIET_MS = 2          # spares are forked after this long without a request or an exit
 
 
 # signal.signal's C function (see _process_worker.set_handler): a child sets handlers with it.
@@ -133,7 +131,6 @@ class _Server:
         self.by_fd: dict[int, int] = {}                  # that end's fd -> pid
         self.unready: set[int] = set()                   # spares forked that have not said "ready"
         self.backoff = 0                                 # ms before the next spare: spares that die unready
-        self.forked_at = 0.0                             # when the session last asked for a fork
         self.poller = select.poll()
         self.held: list[int] = []                        # descriptors of requests read, not handled yet
         self.adopted: list[str] = []                     # cgroups of this session's lost servers: see adopt
@@ -155,30 +152,26 @@ class _Server:
         # The session starts us for a job, whose request comes ~0.3 ms after our "ready": it is
         # served before the spares are forked (1.2 ms each here), not after them.
         first_wait = FIRST_REQUEST_MS
+        quiet = False  # the last poll found nothing to do
         while True:
-            # A spare is replaced once the worker it became has exited: its job is over, so the
-            # fork competes with no job of its own (forking when a spare was taken, as the job
-            # started, made a sporadic job 1.3 ms instead of 0.8). At once, not after 2 ms of quiet
-            # as before: a spare is ready ~4 ms after its fork here (the fork 1.2 ms, its rehearsal
-            # 2 ms), and two jobs in a row then a third 3 ms later found none half the time (the
-            # third job then took 2.3-4.2 ms instead of ~1). But not while the session asks for
-            # forks (it has no spare: a burst of jobs), until BURST_QUIET_MS after the last one: a
-            # spare then costs its rehearsal on top of the fork it saves (1,000 jobs at once,
-            # 512-559 jobs/s against 591-617). One fork per pass: a request that came meanwhile is
-            # served first. Spares that die before they are ready (no memory?) are forked again
-            # after a wait that doubles each time, never in a tight loop. Modules to preload wait
-            # for 2 ms of quiet, unless a spare is due: it should have them.
+            # Spares are made when the server is idle, QUIET_MS without a request or an exit:
+            # forking one as a job started competed with that job (a sporadic job 1.3 ms instead of
+            # 0.8), and forking one as soon as a worker exited slowed what the session did next
+            # (a mp fork Process right after a job: 4.3-5.3 ms instead of 3.8-4.9). Then one fork
+            # per pass, so a request that comes meanwhile is served first (a fork takes 1.2 ms here).
+            # Spares that die before they are ready (no memory?) are forked again after a wait that
+            # doubles each time, never in a tight loop.
             short = len(self.spares) < SPARES
             if short:
-                burst = BURST_QUIET_MS - (time.monotonic() - self.forked_at) * 1000
-                idle_ms = max(self.backoff, first_wait, math.ceil(burst))
+                idle_ms = max(self.backoff, first_wait, 0 if quiet else QUIET_MS)
             else:
-                idle_ms = 2 if preload else -1
+                idle_ms = QUIET_MS if preload else -1
             try:
                 events = poller.poll(idle_ms)
             except InterruptedError:
                 events = []
             first_wait = 0
+            quiet = not events
             if not events:
                 if preload:
                     _preload(preload)  # the spares made from now on have the module
@@ -229,7 +222,6 @@ class _Server:
             for request, fds in requests:
                 del self.held[:len(fds)]
                 if request[0] == "fork":
-                    self.forked_at = time.monotonic()
                     forked.append((request[1], self.fork(request[1], fds)))
                 elif request[0] == "command":
                     self.command(request[1:], fds)
