@@ -14,6 +14,7 @@ got recorded and whether hashed) fails.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -370,25 +371,17 @@ def test_the_default_files_are_openssh_defaults(tmp_path: Path, monkeypatch: pyt
     assert r.strict == "ask" and not r.check_host_ip and not r.hash_known_hosts
 
 
-def test_an_encrypted_key_in_an_agent_logs_in_as_with_ssh(server: sshd_helper.LoopbackSSHD, tmp_path: Path,
-                                                          other_key: str, quiet_env: None,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def _agent_holding(key: asyncssh.SSHKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A real ssh-agent listening in ``tmp_path``, holding ``key``, as this process's SSH_AUTH_SOCK."""
     import asyncio
 
-    if shutil.which("ssh-agent") is None:
-        pytest.skip("no ssh-agent")
-    locked = tmp_path / "locked_ed25519"
-    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret",
-                                                                        rounds=50)
-    case = Case("agent", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
-    config = _write_case(case, server, tmp_path, other_key)
-    config.write_text(config.read_text().replace(str(server.client_key), str(locked)))
+    from .conftest import wait_until
+
     sock = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        from .conftest import wait_until
-
         def listening() -> bool:
             with socket.socket(socket.AF_UNIX) as probe:
                 return probe.connect_ex(str(sock)) == 0
@@ -397,17 +390,32 @@ def test_an_encrypted_key_in_an_agent_logs_in_as_with_ssh(server: sshd_helper.Lo
 
         async def add() -> None:
             async with asyncssh.connect_agent(str(sock)) as client:
-                await client.add_keys([asyncssh.read_private_key(str(locked), "s3cret")])
+                await client.add_keys([key])
 
         asyncio.run(add())
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        yield
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
+def test_an_encrypted_key_in_an_agent_logs_in_as_with_ssh(server: sshd_helper.LoopbackSSHD, tmp_path: Path,
+                                                          other_key: str, quiet_env: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("ssh-agent") is None:
+        pytest.skip("no ssh-agent")
+    locked = tmp_path / "locked_ed25519"
+    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret",
+                                                                        rounds=50)
+    case = Case("agent", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
+    config = _write_case(case, server, tmp_path, other_key)
+    config.write_text(config.read_text().replace(str(server.client_key), str(locked)))
+    with _agent_holding(asyncssh.read_private_key(str(locked), "s3cret"), tmp_path, monkeypatch):
         ssh_ok, err = ssh_verdict(config, "127.0.0.2")
         ours_ok, why = psjobs_verdict(config, "127.0.0.2")
         assert ssh_ok, err
         assert ours_ok, why
-    finally:
-        agent.terminate()
-        agent.wait(10)
 
 
 def test_known_hosts_option_is_the_user_file_and_the_global_files_still_count(
@@ -621,8 +629,6 @@ def test_with_no_key_file_left_the_agent_is_used_as_ssh_uses_it(
     """IdentityFile names a missing file only: ssh still offers the agent's keys, unless
     IdentitiesOnly limits them to the (missing) files; psjobs neither falls back to
     ~/.ssh/id_* nor gives up the agent."""
-    import asyncio
-
     if shutil.which("ssh-agent") is None:
         pytest.skip("no ssh-agent")
     case = Case("agent-only", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", not identities_only)
@@ -630,28 +636,8 @@ def test_with_no_key_file_left_the_agent_is_used_as_ssh_uses_it(
     _identities(config, server.client_key, [str(tmp_path / "missing_key")])
     if not identities_only:
         config.write_text(config.read_text().replace("  IdentitiesOnly yes\n", ""))
-    sock = tmp_path / "agent.sock"
-    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        from .conftest import wait_until
-
-        def listening() -> bool:
-            with socket.socket(socket.AF_UNIX) as probe:
-                return probe.connect_ex(str(sock)) == 0
-
-        wait_until(listening, 10, "the agent to listen")
-
-        async def add() -> None:
-            async with asyncssh.connect_agent(str(sock)) as client:
-                await client.add_keys([asyncssh.read_private_key(str(server.client_key))])
-
-        asyncio.run(add())
-        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+    with _agent_holding(asyncssh.read_private_key(str(server.client_key)), tmp_path, monkeypatch):
         ssh_ok, err = ssh_verdict(config, "127.0.0.2")
         child = _login(config, "127.0.0.2")
         assert ssh_ok is case.connects, err
         assert (child.state is JobState.COMPLETED) is case.connects, child.job_state_info.reason
-    finally:
-        agent.terminate()
-        agent.wait(10)
