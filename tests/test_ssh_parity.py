@@ -339,16 +339,23 @@ def test_identity_file_tokens(server: sshd_helper.LoopbackSSHD, tmp_path: Path, 
         assert psjobs_verdict(config, host)[0] is False
 
 
-def test_an_encrypted_key_is_skipped_with_the_reason_and_works_with_its_passphrase(
-        server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str, quiet_env: None) -> None:
-    pytest.importorskip("bcrypt")  # OpenSSH-format encrypted keys (the ssh extra installs it)
+def _locked_case(case: Case, server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str) -> tuple[Path, Path]:
+    """The case's config, logging in with the client key encrypted (passphrase "s3cret"): the
+    encrypted key's path and the config's."""
     locked = tmp_path / "locked_ed25519"
     # rounds=50: fewer makes bcrypt warn, its default (128) costs seconds at every opening
     asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret",
                                                                         rounds=50)
-    case = Case("locked", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", False)
     config = _write_case(case, server, tmp_path, other_key)
     config.write_text(config.read_text().replace(str(server.client_key), str(locked)))
+    return locked, config
+
+
+def test_an_encrypted_key_is_skipped_with_the_reason_and_works_with_its_passphrase(
+        server: sshd_helper.LoopbackSSHD, tmp_path: Path, other_key: str, quiet_env: None) -> None:
+    pytest.importorskip("bcrypt")  # OpenSSH-format encrypted keys (the ssh extra installs it)
+    locked, config = _locked_case(Case("locked", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", False),
+                                  server, tmp_path, other_key)
     assert ssh_verdict(config, "127.0.0.2")[0] is False  # BatchMode: no passphrase prompt
     ok, why = psjobs_verdict(config, "127.0.0.2")
     assert not ok and str(locked) in why and "encrypted" in why and "passphrase" in why
@@ -405,12 +412,8 @@ def test_an_encrypted_key_in_an_agent_logs_in_as_with_ssh(server: sshd_helper.Lo
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     if shutil.which("ssh-agent") is None:
         pytest.skip("no ssh-agent")
-    locked = tmp_path / "locked_ed25519"
-    asyncssh.read_private_key(str(server.client_key)).write_private_key(str(locked), passphrase="s3cret",
-                                                                        rounds=50)
-    case = Case("agent", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True)
-    config = _write_case(case, server, tmp_path, other_key)
-    config.write_text(config.read_text().replace(str(server.client_key), str(locked)))
+    locked, config = _locked_case(Case("agent", "", {"kh": f"{P} {{key}}\n"}, "127.0.0.2", True),
+                                  server, tmp_path, other_key)
     with _agent_holding(asyncssh.read_private_key(str(locked), "s3cret"), tmp_path, monkeypatch):
         ssh_ok, err = ssh_verdict(config, "127.0.0.2")
         ours_ok, why = psjobs_verdict(config, "127.0.0.2")
