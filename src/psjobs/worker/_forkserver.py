@@ -176,7 +176,7 @@ class _Server:
                 if preload:
                     _preload(preload)  # the spares made from now on have the module
                 if short:
-                    self.top_up(1)
+                    self.fork_spare()
                 continue
             for fd, _mask in events:
                 if fd == wake_r:
@@ -263,30 +263,29 @@ class _Server:
         self.poller.unregister(sock.fileno())
         sock.close()
 
-    def top_up(self, most: int = SPARES) -> None:
-        """Fork spares until there are SPARES (at most ``most`` now)."""
-        for _ in range(min(most, SPARES - len(self.spares))):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
-            if pid == 0:
-                status = 70
-                try:
-                    _become_worker(self.own, self.spares, self.cgroup)
-                    ours.close()
-                    status = _spare(theirs)
-                except BaseException:
-                    status = 70
-                finally:
-                    os._exit(status)
-            theirs.close()
+    def fork_spare(self) -> None:
+        """Fork one spare (it says "ready" on its socket when it is)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            status = 70
             try:
-                os.setpgid(pid, pid)
-            except OSError:
-                pass
-            self.spares[pid] = ours
-            self.unready.add(pid)
-            self.by_fd[ours.fileno()] = pid
-            self.poller.register(ours.fileno(), select.POLLIN)
+                _become_worker(self.own, self.spares, self.cgroup)
+                ours.close()
+                status = _spare(theirs)
+            except BaseException:
+                status = 70
+            finally:
+                os._exit(status)
+        theirs.close()
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        self.spares[pid] = ours
+        self.unready.add(pid)
+        self.by_fd[ours.fileno()] = pid
+        self.poller.register(ours.fileno(), select.POLLIN)
 
     def fork(self, token: Any, fds: list[int]) -> int:
         """Fork the worker of a job the session could not give a spare; its pid (to be told)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import selectors
 import signal
 import threading
@@ -233,9 +234,13 @@ class CommandHandle(Handle):
             if pid != 0:
                 self.status, self.status_known = status, True
                 return
-            if time.monotonic() >= until:
+            left = until - time.monotonic()
+            if left <= 0:
                 return
-            time.sleep(0.005)  # a SIGKILLed process's exit, polled (no loop thread any more)
+            if self.pidfd >= 0:
+                select.select([self.pidfd], [], [], left)  # readable once it exits (no loop thread now)
+            else:
+                time.sleep(min(left, 0.005))
 
     def close(self) -> None:
         self.backend.handles.discard(self)
