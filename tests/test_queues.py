@@ -128,7 +128,11 @@ def test_a_failed_dependency_fails_its_dependents_without_running_them(session: 
     third = session.start_thread_job(marker.touch, after=second)  # a chain: fails too
     wait_until(lambda: first.state is JobState.RUNNING, what="the dependency to run")
     assert second.state is JobState.NOT_STARTED
-    assert second.status_message == f"waiting for Job {first.id} {first.name!r} (Running) to complete"
+    # The scheduler's thread rewrites the message when it wakes on the dependency's change, a moment
+    # after it: "(NotStarted)" may still be there when first has just started.
+    wait_until(lambda: second.status_message
+               == f"waiting for Job {first.id} {first.name!r} (Running) to complete",
+               what="the dependent's message to name the dependency Running")
     gate.set()
     assert session.wait_job([first, second, third], timeout=20)
     assert first.state is JobState.FAILED
