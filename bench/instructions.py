@@ -81,6 +81,21 @@ assert got == {n} + 0, got
 s.remove_job(job)
 s.close()
 """),
+    # the ``bench core`` row "process job, trivial callable: start -> result", the session's side
+    # (the fork server and its workers run outside valgrind). The callable is __main__'s, pickled
+    # by value, as the row's lambda is.
+    "process": ("process job start -> result -> remove (session side)", """
+import psjobs
+def trivial():
+    return 1
+s = psjobs.Session()
+for _ in range({n}):
+    job = s.start_job(trivial)
+    s.wait_job(job)
+    assert job.receive() == [1]
+    s.remove_job(job)
+s.close()
+"""),
     # the ``bench core`` row "get_job() over the finished jobs": 10,000 held, listed N times. They
     # are made one at a time: 10,000 started at once interleave differently from run to run, by
     # more instructions than a few hundred get_job() calls cost.
@@ -129,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop", choices=sorted(LOOPS), default="job",
                         help="job: one thread job at a time (default); batch: 1,000 at once; stream: items "
                              "of a generator thread job; pstream: of a generator process job (the session's "
-                             "side); get_job: get_job() over 10,000 finished jobs")
+                             "side); process: a trivial process job (the session's side); get_job: get_job() "
+                             "over 10,000 finished jobs")
     args = parser.parse_args(argv)
     unit, loop = LOOPS[args.loop]
     if shutil.which("valgrind") is None:
