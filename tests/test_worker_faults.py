@@ -5,6 +5,7 @@ Real workers and real child processes; deadlines, never sleeps, as synchronisati
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -173,6 +174,33 @@ def test_case3_a_dead_worker_ends_its_job_though_its_child_holds_its_descriptors
         assert session.receive_job(job) == [7]
     grandchild = int(pidfile.read_text())
     wait_until(lambda: gone(grandchild), what="the worker's child to be killed with the job's group")
+
+
+def test_case3_the_session_closes_the_pipes_a_finished_job_s_child_still_held(session: psjobs.Session,
+                                                                               tmp_path: Any) -> None:
+    """The job ends at its DONE, while its child still holds fd 1 and 2 open: the session takes
+    what they hold, tells the end, then closes its read ends (not left open for each such job)."""
+    def pipes() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        return count
+
+    def one(n: int) -> None:
+        pidfile = tmp_path / f"child{n}"
+        job = session.start_job(forks_then, "returns", str(pidfile))
+        assert job.wait(10) and job.state is JobState.COMPLETED
+        assert session.receive_job(job) == [7]
+        session.remove_job(job)
+        grandchild = int(pidfile.read_text())
+        wait_until(lambda: gone(grandchild), what="the worker's child to be killed with the job's group")
+
+    one(0)
+    before = pipes()
+    for n in range(1, 6):
+        one(n)
+    assert pipes() == before
 
 
 # --- case 6: concurrent receives get each item exactly once -----------------------------------

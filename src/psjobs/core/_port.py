@@ -334,12 +334,15 @@ class JobPort:
         with self._lock:
             self._job._apply(Event.RESUME)
 
-    def ended(self, outcome: Outcome, tail: Iterable[Entry] = ()) -> bool:
+    def ended(self, outcome: Outcome, tail: Iterable[Entry] = (), *, hand_off: bool = False) -> bool:
         """The last records and the end, in one step, so no reader sees the end before the tail.
 
         Idempotent: True the first time, False (and nothing changes) once the job is finished.
+        ``hand_off``: a thread this end wakes (wait_job, a reader) gets the GIL at once (see
+        _hand_off), for a backend that reports from a thread of its own that goes on working.
         """
         job = self._job
+        woke = False
         with self._lock:
             if job.state.is_finished:
                 return False
@@ -347,10 +350,13 @@ class JobPort:
                 tail = tail if isinstance(tail, list) else list(tail)
                 if job._session._sched.retry_locked(job, outcome, tail):
                     return True  # it runs again
+            woke = hand_off and bool(job._session._cond._waiters)  # type: ignore[attr-defined]  # before a notify
             if tail:
                 job._extend(tail if isinstance(tail, list) else list(tail))
             job._apply(outcome.event, reason=outcome.reason, exit_code=outcome.exit_code)
         self._relieve()
+        if woke:
+            _hand_off(job._session)
         return True
 
     def __repr__(self) -> str:

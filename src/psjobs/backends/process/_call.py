@@ -66,6 +66,7 @@ class CallHandle(Handle):
         self.pidfd = -1        # the worker's pidfd, from its HELLO: its exit, without the server
         self.module: str | None = None  # the target's module, for the fork server to preload
         self.exited = False
+        self.hello_pid: int | None = None
         # fd 1 and 2 of the worker (C code, child processes): their lines become records.
         r_out, self.w_out = os.pipe2(os.O_CLOEXEC)
         r_err, self.w_err = os.pipe2(os.O_CLOEXEC)
@@ -99,9 +100,11 @@ class CallHandle(Handle):
             try:
                 chunk = os.read(fd, 65536)
             except BlockingIOError:
-                if not final:
-                    break
-                chunk = b""
+                if final:
+                    # Nothing more now: its last partial line is taken, and maybe_end closes the
+                    # pipe after the job's end is told (two system calls fewer before it).
+                    line_entries(entries, stream, self.lines[fd].rest(), now, info=True)
+                break
             if not chunk:
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     self.backend.loop.sel.unregister(fd)
@@ -145,6 +148,10 @@ class CallHandle(Handle):
                 alive = False
             for kind, payload in frames:
                 self.on_frame(kind, payload)
+            if self.hello_pid is not None:
+                pid, self.hello_pid = self.hello_pid, None
+                if not self.exited:  # a DONE in the same read (a short job) needs no pidfd
+                    self._watch_exit(pid)
             if self.held and not self.finished:
                 self.port.records(self._hand_over())
             if not alive:
@@ -176,7 +183,7 @@ class CallHandle(Handle):
                 raise ProtocolError(f"the worker speaks protocol {hello.version}, this session {VERSION}; "
                                     f"install the same psjobs on both sides")
             self._started(hello.pid)
-            self._watch_exit(hello.pid)
+            self.hello_pid = hello.pid  # its exit watched once this read's frames are seen
         elif kind == PROMPT:
             if self.held:
                 self.port.records(self._hand_over())  # what it wrote before it asked comes first
@@ -299,6 +306,7 @@ class CallHandle(Handle):
                 f"reported the end of the job ({why}); the records it wrote before are kept. Run the code "
                 f"in a thread job or under a debugger to see where"), code)
         self.end(entries, outcome)
+        self._close_pipes()  # what the worker wrote to them is in the job now
 
     def send_input(self, text: str) -> None:
         data = Answer(text).frame()
@@ -325,10 +333,13 @@ class CallHandle(Handle):
             self.registered = False
         self.sock.close()
         self._close_pidfd()
+        self._close_pipes()
+        self._close_worker_ends()
+
+    def _close_pipes(self) -> None:
         for fd in list(self.pipes):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.backend.loop.sel.unregister(fd)
             os.close(fd)
         self.pipes.clear()
-        self._close_worker_ends()
 

@@ -87,7 +87,10 @@ class Handle:
             return
         self.finished = True
         self.released()  # before the end is told: whoever waits for it may start the next job
-        self.port.ended(outcome, entries)
+        # The I/O thread goes on (closing the job's descriptors): the thread this end wakes took
+        # the GIL only at its next system call, 24 us later in a trivial job's ~1 ms (half of that
+        # with the hand-off; bench/FINDINGS.md, ninth session).
+        self.port.ended(outcome, entries, hand_off=True)
 
     def _after_stop(self, entries: list[Entry], outcome: Outcome, deadline: float) -> None:
         assert self.tree is not None
