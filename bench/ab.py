@@ -6,7 +6,8 @@
                                        +--> rounds: BASE's bench, then this tree's (the order flips
     this checkout ---------------------+    each round) --> bench/results-ab-*.json --> one table:
                                             per psjobs case, each side's median over the rounds,
-                                            the ratio this/BASE, and a mark where this is > 10% worse
+                                            the ratio this/BASE, a mark where this is > 10% worse,
+                                            and each side's range over its rounds
 
 Each side runs its own ``python -m bench AREA`` in a fresh interpreter with its own ``src`` first on
 PYTHONPATH, so each measures its own psjobs with its own benchmark code, and the rounds alternate
@@ -74,19 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k for k in sides["this"][0] if all(k in r for r in sides["base"] + sides["this"])]
     print(f"A/B {args.base} -> this checkout, areas {' '.join(args.areas)}, {args.rounds} rounds each, "
           f"medians of the rounds' medians; load average {min(loads):.1f}-{max(loads):.1f}")
-    print(f"{'case':<58} {'impl':<26} {'base':>11} {'this':>11} {'this/base':>9}")
+    print(f"{'case':<58} {'impl':<26} {'base':>11} {'this':>11} {'this/base':>9}   rounds: base | this")
     worse = 0
     for key in keys:
-        b = statistics.median(r[key]["value"] for r in sides["base"])
-        t = statistics.median(r[key]["value"] for r in sides["this"])
+        bs = [r[key]["value"] for r in sides["base"]]
+        ts = [r[key]["value"] for r in sides["this"]]
+        b, t = statistics.median(bs), statistics.median(ts)
         row = sides["this"][0][key]
         lower = row.get("better", "lower") == "lower"
         ratio = t / b if b else float("nan")
         bad = ratio > WORSE if lower else ratio < 1 / WORSE
         worse += bad
         unit = row.get("unit", "")
+        # Each round's figure too: a row whose rounds overlap from side to side moved with the
+        # machine (the modes of a process, see bench/FINDINGS.md) more than with the change.
+        spread = f"{min(bs):.4g}-{max(bs):.4g} | {min(ts):.4g}-{max(ts):.4g}"
         print(f"{key[0][:58]:<58} {key[1][:26]:<26} {b:>8.4g} {unit[:2]:<2} {t:>8.4g} {unit[:2]:<2} "
-              f"{ratio:>8.2f}{'  WORSE' if bad else ''}")
+              f"{ratio:>8.2f}{'  WORSE' if bad else '       '}  {spread}")
     print(f"{worse} case(s) more than {WORSE - 1:.0%} worse than {args.base}")
     return 1 if worse else 0
 
