@@ -87,9 +87,9 @@ class Handle:
             return
         self.finished = True
         self.released()  # before the end is told: whoever waits for it may start the next job
-        # The I/O thread goes on (closing the job's descriptors): the thread this end wakes took
-        # the GIL only at its next system call, 24 us later in a trivial job's ~1 ms (half of that
-        # with the hand-off; bench/FINDINGS.md, ninth session).
+        # The I/O thread goes on (closing the job's descriptors), and the thread this end wakes
+        # waited for the GIL until its next system call: 47-50 us from the end to wait_job's
+        # return in a trivial job, 23-26 us with the hand-off (bench/FINDINGS.md, ninth session).
         self.port.ended(outcome, entries, hand_off=True)
 
     def _after_stop(self, entries: list[Entry], outcome: Outcome, deadline: float) -> None:
