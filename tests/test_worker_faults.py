@@ -203,6 +203,24 @@ def test_case3_the_session_closes_the_pipes_a_finished_job_s_child_still_held(se
     assert pipes() == before
 
 
+def writes_then_dies() -> None:
+    os.write(1, b"last words\n")
+    os.write(2, b"and an error without its newline")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_case3_what_a_killed_worker_wrote_to_fd_1_and_2_is_kept(session: psjobs.Session) -> None:
+    """Its end of stream, its exit and its pipes' last bytes come together: the lines are in the
+    job whichever the session reads first."""
+    for _ in range(20):
+        job = session.start_job(writes_then_dies)
+        assert session.wait_job(job, timeout=DEADLINE) == [job]
+        assert job.state is JobState.FAILED and "killed by SIGKILL" in str(job.child_jobs[0].reason)
+        assert [str(r) for r in job.information] == ["last words"]
+        assert [str(r) for r in job.error] == ["and an error without its newline"]
+        session.remove_job(job)
+
+
 # --- case 6: concurrent receives get each item exactly once -----------------------------------
 
 def numbers(n: int) -> Iterator[int]:

@@ -155,6 +155,13 @@ class CallHandle(Handle):
             if self.held and not self.finished:
                 self.port.records(self._hand_over())
             if not alive:
+                # What the worker wrote to fd 1 and 2 before its end of stream is taken now, before
+                # close() closes the pipes: not only when their events happen to come first.
+                last: list[Entry] = []
+                for fd in list(self.pipes):
+                    self._read_pipe(fd, last, final=True)
+                if last:
+                    self.port.records(last)
                 self.eof = True
                 self.close()
                 self.maybe_end()
