@@ -93,6 +93,11 @@ class CallHandle(Handle):
             if entries:
                 self.port.records(entries)
 
+    def _read_last(self, entries: list[Entry]) -> None:
+        """What fd 1 and 2 hold now, their last partial lines included (the worker is done)."""
+        for fd in list(self.pipes):
+            self._read_pipe(fd, entries, final=True)
+
     def _read_pipe(self, fd: int, entries: list[Entry], final: bool) -> None:
         stream = self.pipes[fd]
         now = time.time()
@@ -158,8 +163,7 @@ class CallHandle(Handle):
                 # What the worker wrote to fd 1 and 2 before its end of stream is taken now, before
                 # close() closes the pipes: not only when their events happen to come first.
                 last: list[Entry] = []
-                for fd in list(self.pipes):
-                    self._read_pipe(fd, last, final=True)
+                self._read_last(last)
                 if last:
                     self.port.records(last)
                 self.eof = True
@@ -291,8 +295,7 @@ class CallHandle(Handle):
         # What the worker printed at fd level is in the pipes now; a grandchild that keeps
         # them open does not hold the job (we take what is there and close).
         entries = self._hand_over()
-        for fd in list(self.pipes):
-            self._read_pipe(fd, entries, final=True)
+        self._read_last(entries)
         if self.done is not None:
             done = self.done
             code = done.exit_code
