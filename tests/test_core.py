@@ -206,6 +206,72 @@ def test_wait_times_out_then_sees_the_end(s: Session) -> None:
     assert s.wait_job(job, timeout=10) == [job]
 
 
+def _waiting(s: Session, jobs: list[psjobs.Job], timeout: float = 10) -> tuple[threading.Thread, list[Any]]:
+    """wait_job(jobs) in a thread of its own; what it returned, or raised, lands in the list."""
+    got: list[Any] = []
+
+    def wait() -> None:
+        try:
+            got.append(s.wait_job(jobs, timeout=timeout))
+        except Exception as exc:  # the test looks at it
+            got.append(exc)
+    thread = threading.Thread(target=wait)
+    thread.start()
+    return thread, got
+
+
+def _settle(s: Session, waiters: int) -> None:
+    """Until ``waiters`` wait_job calls are waiting (polled, with a deadline)."""
+    deadline = time.monotonic() + 10
+    while sum(map(len, s._targets.values())) < waiters:
+        assert time.monotonic() < deadline, "wait_job never started waiting"
+        time.sleep(0.001)
+
+
+def test_wait_for_many_returns_when_the_last_ends_whatever_the_order(s: Session) -> None:
+    jobs, ports = zip(*(start(s) for _ in range(300)))
+    thread, got = _waiting(s, list(jobs))
+    _settle(s, 1)
+    for i, (port,) in enumerate(ports[::-1]):  # the last first: the one waited for ends last
+        port.records([out(i)])
+        port.ended(Outcome.completed())
+        assert not got or i == len(ports) - 1, f"wait_job returned with {len(ports) - 1 - i} jobs running"
+    thread.join(10)
+    assert got == [list(jobs)]
+
+
+def test_a_suspended_job_counts_as_done_for_a_wait_until_it_runs_again(s: Session) -> None:
+    (a, (pa,)), (b, (pb,)) = start(s), start(s)
+    s.suspend_job(a)
+    thread, got = _waiting(s, [a, b])
+    _settle(s, 1)
+    s.resume_job(a)  # runs again after wait_job went past it
+    pb.ended(Outcome.completed())
+    thread.join(0.2)
+    assert got == [] and thread.is_alive(), "wait_job returned while a resumed job ran"
+    pa.ended(Outcome.completed())
+    thread.join(10)
+    assert got == [[a, b]]
+
+
+def test_a_wait_ends_when_any_of_its_jobs_asks_for_input_not_only_the_first(s: Session) -> None:
+    (a, _), (b, (pb,)) = start(s), start(s)
+    thread, got = _waiting(s, [a, b])
+    _settle(s, 1)
+    pb.blocked("your name?")  # a runs on: wait_job must not wait for it to see b's prompt
+    thread.join(10)
+    assert len(got) == 1 and isinstance(got[0], psjobs.JobBlockedError), got
+    assert f"receive_job({b.id})" in str(got[0])
+
+
+def test_a_wait_that_times_out_leaves_nothing_behind(s: Session) -> None:
+    job, (port,) = start(s)
+    assert s.wait_job(job, timeout=0.01) == []
+    assert s._targets == {}
+    port.ended(Outcome.completed())
+    assert s.wait_job(job, timeout=10) == [job]
+
+
 def test_a_blocked_job_is_answered_through_its_backend(s: Session) -> None:
     job, (port,) = start(s)
     port.blocked("your name?")

@@ -65,7 +65,8 @@ Locks, and the order in which they may be taken (outer first)
 3. The session lock, ``Session._lock`` under ``Session._cond``: every job of the session. Only the
    core takes it (JobPort, Session, Job, and a Journal's ``extend``/``append``/``close``, which
    only count and queue). It is the innermost lock: nothing else is taken while it is held, no
-   backend is called under it, and nothing slow runs under it.
+   backend is called under it, and nothing slow runs under it. The waiter locks of wait_job
+   (``Session._targets``, core/_receive) are released under it, as the Condition's own are.
 4. Leaves: the registry's lock (core/_backend), the id counter's (core/_job), the default session's
    (psjobs/_api), each callbacks dispatcher's ``Dispatcher.cond`` (core/_dispatch: taken under the
    session lock to queue a callback), ``Executor._lock`` (psjobs/_executor: its queue and count;

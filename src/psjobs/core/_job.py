@@ -433,7 +433,17 @@ class Job:
         if new is not JobState.RUNNING:
             # Nobody waits for a job to run (waits are for data, a prompt or the end), and each
             # wake-up of a waiting thread costs a GIL hand-off with the I/O thread on the job's path.
-            self._session._cond.notify_all()
+            session = self._session
+            session._cond.notify_all()
+            targets = session._targets
+            if targets:  # wait_job's waiters: this job's, or all of them when a job asks for input
+                for waiter in (targets.pop(self.id, ()) if new is not JobState.BLOCKED
+                               else [w for ws in targets.values() for w in ws]):
+                    waiter.release()
+                if new is JobState.BLOCKED:
+                    targets.clear()
+            if new is JobState.BLOCKED:
+                session._blocks += 1
 
     def _rederive(self, now: float) -> None:
         assert self._children is not None and self._counts is not None

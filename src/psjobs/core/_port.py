@@ -350,13 +350,15 @@ class JobPort:
                 tail = tail if isinstance(tail, list) else list(tail)
                 if job._session._sched.retry_locked(job, outcome, tail):
                     return True  # it runs again
-            woke = hand_off and bool(job._session._cond._waiters)  # type: ignore[attr-defined]  # before a notify
+            session = job._session
+            # before a notify; any wait_job counts (its target may be this job's parent)
+            woke = hand_off and bool(session._cond._waiters or session._targets)  # type: ignore[attr-defined]
             if tail:
                 job._extend(tail if isinstance(tail, list) else list(tail))
             job._apply(outcome.event, reason=outcome.reason, exit_code=outcome.exit_code)
         self._relieve()
         if woke:
-            _hand_off(job._session)
+            _hand_off(session)
         return True
 
     def __repr__(self) -> str:

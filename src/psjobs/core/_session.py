@@ -5,10 +5,12 @@
     start_*  --> make_spec (checks) --> backend.prepare(spec), backend.plan(spec)
              --> job tree + one JobPort per leaf in the table (_tree.make_tree) --> backend.start(ports, spec)
     backend  --> port.started / records / blocked / ended(outcome)  (the port holds self._lock)
-             --> Job._apply / Job._extend --> notify_all
+             --> Job._apply / Job._extend --> notify_all; a state change also releases the
+                 wait_job calls that wait for that job (self._targets)
     receive  --> claims leaves' journal ranges (under the lock) --> reads them (outside it) -->
                  output returned, other records to the Host
-    wait     --> self._cond.wait until the jobs are done
+    wait     --> waits for the first job not done, then the next (_receive.wait_locked); any=True
+                 and the progress display wait on self._cond
     stop     --> Event.STOP on the leaves, backend.stop(port, grace), wait (grace), warn if stuck
                  (_control.stop_jobs; suspend, resume and send_input are there too)
     remove   --> drop from the table, backend.forget(port), journal.drop() (outside the lock)
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from .._errors import JobBlockedError, JobNotFinishedError, JobStateError, StopTimeoutWarning
+from .._errors import JobNotFinishedError, JobStateError, StopTimeoutWarning
 from .._records import ErrorRecord, OutputRecord, Stream
 from ._backend import Backend, load_backend
 from ._control import pause_jobs, send_input, stop_jobs
@@ -37,7 +39,17 @@ from ._job import Job, skip_ids
 from ._journal import Entry, Journal, JournalFactory
 from ._port import JobPort
 from ._pshost import Host, describe_job
-from ._receive import Taken, after_receive, check_receive, claim, claim_one, followed, take_returned, wait_on
+from ._receive import (
+    Taken,
+    after_receive,
+    check_receive,
+    claim,
+    claim_one,
+    followed,
+    take_returned,
+    wait_locked,
+    wait_on,
+)
 from ._sched import Scheduler, SchedulingVerbs, When, keep_recipe, make_when
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import CALL, JobSpec, check_directory, make_env, make_spec
@@ -98,6 +110,10 @@ class Session(SchedulingVerbs):
         self._spill = Spill(self._lock)  # the memory window of the jobs' records (core/_spill)
         self._returned: dict[int, list[tuple[int, int]]] = {}  # given back by receives (_receive)
         self._followed: dict[int, int] = {}  # leaves a waiting reader follows (_receive.followed)
+        # wait_job's waiters, by the id of the job each waits for (_receive.wait_on_job): released
+        # by that job's state changes only, where _cond's are released by every change and record.
+        self._targets: dict[int, list[Any]] = {}
+        self._blocks = 0  # how many times a job of the session asked for input (wait_job looks then)
         self._handed_at = 0.0                # the last time a thread job handed it the GIL (_port)
         self._sched = Scheduler(self)  # groups, after=, delay=, retries=, restart_job (_sched)
 
@@ -464,9 +480,9 @@ class Session(SchedulingVerbs):
             finally:
                 shown.close()
         with self._cond:
-            result = self._wait_locked(selected, any, deadline)
+            result = wait_locked(self, selected, any, deadline)
         assert result is not None
-        return result
+        return JobList(result)
 
     def _wait_showing(self, selected: list[Job], any: bool, deadline: float | None, shown: Any) -> list[Job]:
         seen: dict[int, int] = {}
@@ -481,7 +497,7 @@ class Session(SchedulingVerbs):
                             ranges.append((job, journal, seen.get(leaf.id, 0), len(journal)))
                             seen[leaf.id] = len(journal)
                 finished = [j for j in selected if j._state.is_persistent and j.id not in counted]
-                result = self._wait_locked(selected, any, deadline, once=True)
+                result = wait_locked(self, selected, any, deadline, once=True)
             updates = [(job, payload) for job, journal, start, end in ranges  # one bar per job waited for
                        for stream, payload, _ in journal.read(start, end) if stream == Stream.PROGRESS]
             for leaf, record in updates:
@@ -490,32 +506,10 @@ class Session(SchedulingVerbs):
                 counted.add(job.id)
                 shown.job_done(job)
             if result is not None:
-                return result
+                return JobList(result)
             with self._cond:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 self._cond.wait(0.1 if remaining is None else max(0.0, min(0.1, remaining)))
-
-    def _wait_locked(self, selected: list[Job], any: bool, deadline: float | None,
-                 once: bool = False) -> JobList | None:
-        """Wait with the lock held; with ``once``, None instead of waiting when not done yet."""
-        while True:
-            done = [j for j in selected if j._state.is_persistent]
-            if any and done:
-                return JobList([done[0]])
-            if not any and len(done) == len(selected):
-                return JobList(selected)
-            blocked = [j for j in selected if j._state is JobState.BLOCKED]
-            if blocked and (not any or len(blocked) + len(done) == len(selected)):
-                job = blocked[0]
-                raise JobBlockedError(
-                    f"wait_job: {describe_job(job)} waits for input, so waiting would never end; "
-                    f"answer it with receive_job({job.id}) or job.send_input(text), then wait again")
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return JobList()
-            if once:
-                return None
-            wait_on(self, remaining)
 
     # --- stopping --------------------------------------------------------------------------
     def stop_job(self, jobs: JobSelector, *, pass_thru: bool = False) -> list[Job]:
