@@ -18,7 +18,7 @@ import pytest
 import psjobs
 from psjobs._records import Record
 from psjobs.core._pshost import Host
-from psjobs.core._receive import wait_on
+from psjobs.core._receive import _wait_in
 from psjobs.core._spill import WINDOW
 from psjobs.worker._procs import MAX_LINE
 
@@ -380,13 +380,13 @@ def test_ctrl_c_while_another_thread_holds_the_lock_leaves_the_session_working(s
     assert main is not None
     errors: list[BaseException] = []
 
-    lines, first = inspect.getsourcelines(wait_on)
+    lines, first = inspect.getsourcelines(_wait_in)
     waiting = first + next(i for i, line in enumerate(lines) if "waiter.acquire(True" in line)
     retaking = first + next(i for i, line in enumerate(lines) if "lock.acquire()" in line)
 
     def at(line: int) -> bool:
         frame = sys._current_frames().get(main)
-        return frame is not None and frame.f_code is wait_on.__code__ and frame.f_lineno == line
+        return frame is not None and frame.f_code is _wait_in.__code__ and frame.f_lineno == line
 
     def holder() -> None:
         try:

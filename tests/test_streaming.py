@@ -49,6 +49,24 @@ def hundred_then_wait(flag: str) -> Iterator[Any]:
     yield "after"
 
 
+def print_then_return() -> int:
+    print("line")
+    print("partial", end="")  # no newline: flushed when the job ends
+    return 42
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_printed_lines_and_the_returned_value_come_in_the_same_order_from_every_kind(
+        session: psjobs.Session, kind: str) -> None:
+    start = session.start_thread_job if kind == "thread" else session.start_job
+    job = start(print_then_return)
+    assert session.wait_job(job, timeout=30) == [job]
+    got = [(int(stream), str(payload) if stream != psjobs.Stream.OUTPUT else payload)
+           for _leaf, stream, payload, _t in session.read_entries(job)]
+    info = int(psjobs.Stream.INFORMATION)
+    assert got == [(info, "line"), (int(psjobs.Stream.OUTPUT), 42), (info, "partial")]
+
+
 def test_a_process_jobs_first_hundred_items_leave_at_once(session: psjobs.Session, tmp_path: Path) -> None:
     """A flood's first batch is small (worker/_batching.FIRST_ITEMS): the reader sees the stream
     begin without waiting for a thousand items or the batch timer."""

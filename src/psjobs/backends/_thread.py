@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import JobStateError, JobStopped
 from .._inside import bind, bind_job_id, flush_lines, install_routers, unbind, unbind_job_id
-from ..core import CALL, Backend, JobPort, JobSpec, Outcome
+from .._records import Stream
+from ..core import CALL, Backend, Entry, JobPort, JobSpec, Outcome
 from ..worker._outcome import status_error
 from ..worker._procs import run_command
 from ..worker._runner import STOPPED, Ended, call, run_guarded
@@ -36,6 +37,7 @@ from ..worker._thread_stop import ThreadStopper
 if TYPE_CHECKING:
     from ..core import Session
 
+_OUTPUT = Stream.OUTPUT
 _LINGER = 2.0  # seconds an idle worker thread waits for another job before it ends
 
 
@@ -70,7 +72,20 @@ class _Emitter:
 
     def emit(self, stream: int, payload: Any, t: float | None = None) -> None:
         data = self.data
-        if data.stop and (data.take_lost() or self.port.finished or self.backend.closing or self._overdue(data)):
+        if data.stop:
+            self._stop_here(data)
+        self.record((stream, payload, time.time() if t is None else t))
+
+    def last(self, value: Any) -> list[Entry]:
+        """The value the call returned, as the output record that goes with the job's end (one
+        trip through the session lock, not two); a write like any other for a stop."""
+        data = self.data
+        if data.stop:
+            self._stop_here(data)
+        return [] if value is None else [(_OUTPUT, value, time.time())]
+
+    def _stop_here(self, data: _Data) -> None:
+        if data.take_lost() or self.port.finished or self.backend.closing or self._overdue(data):
             # Python dropped the stop raised (inside a __del__ or a GC callback: worker/_thread_stop
             # marks it lost), or the one asked for half a grace period ago has not ended the work
             # (lost unseen: someone replaced the hook, or code swallowed it and loops in its
@@ -78,7 +93,6 @@ class _Emitter:
             # end the work at this write, rather than let it run on unseen.
             data.handled_at = time.monotonic()  # the handler this starts: see _overdue
             raise JobStopped()
-        self.record((stream, payload, time.time() if t is None else t))
 
     def _overdue(self, data: _Data) -> bool:
         """Whether a write of this job, asked to stop, comes too late (issue 13).
@@ -204,13 +218,31 @@ class ThreadBackend(Backend):
                     if port is None:
                         return  # close
                     self._pending -= 1
-                try:
-                    self._run(port)
-                finally:
+                while port is not None:
+                    try:
+                        self._run(port)
+                    except BaseException:
+                        with lock:
+                            self._running -= 1
+                            self._idle += 1
+                            self._admit_locked()
+                        raise
+                    # The next admitted job, taken in the same trip through the lock that counts
+                    # this one's end: one trip a job, not two (see _run's keep_value). None, put
+                    # by close, is never there while _closing is False.
                     with lock:
                         self._running -= 1
                         self._idle += 1
                         self._admit_locked()
+                        port = None
+                        if self._pending and not self._closing:
+                            try:
+                                port = ready.get_nowait()
+                            except queue.Empty:
+                                pass  # an idle worker woken by the put took it
+                            else:
+                                self._idle -= 1
+                                self._pending -= 1
         finally:
             with lock:
                 self._threads.discard(me)
@@ -228,6 +260,7 @@ class ThreadBackend(Backend):
         emitter = _Emitter(port, data, self)
         token = bind(emitter)
         job_token = bind_job_id(port.job_id)
+        tail: list[Entry] = []
         try:
             try:
                 if not port.started():
@@ -235,8 +268,16 @@ class ThreadBackend(Backend):
                 install_routers()
                 spec = data.spec
                 if spec.kind == CALL:
-                    ended = run_guarded(lambda: call(spec.target, spec.args, spec.kwargs, spec.init, emitter),
-                                        data)
+                    # The value comes back (keep_value) and goes with the end: each trip through
+                    # the session lock is a chance for the GIL and that lock to be handed from
+                    # thread to thread in turn (bench/FINDINGS.md, the convoy).
+                    ended = run_guarded(lambda: call(spec.target, spec.args, spec.kwargs, spec.init, emitter,
+                                                     keep_value=True), data)
+                    if ended.value is not None and any(emitter.line_buffers.values()):
+                        # a line printed without its newline comes after the value, as from a
+                        # process job (flush_lines, below)
+                        emitter.emit(_OUTPUT, ended.value)
+                        ended.value = None
                 else:
                     ended = run_guarded(lambda: self._command(data, emitter), data, status=True)
             finally:
@@ -245,13 +286,15 @@ class ThreadBackend(Backend):
                 finally:
                     unbind_job_id(job_token)
                     unbind(token)
+            if ended.value is not None:
+                tail = emitter.last(ended.value)
         except JobStopped:
             # A stop that came out of the runner itself (raised in its own epilogue, or by the last
             # line's write): the job did stop. Before this, such a stop killed this thread and the
             # job stayed Stopping for good (issue 13: a tight write loop stopped 100 times, full runs).
             data.leave()
-            ended = Ended(STOPPED)
-        port.ended(Outcome.named(ended.event, ended.reason, ended.code))
+            ended, tail = Ended(STOPPED), []
+        port.ended(Outcome.named(ended.event, ended.reason, ended.code), tail)
         if port.data is data:  # not a retry's new run (retries=N starts the job again at once)
             port.data = None  # the spec (target, arguments, input) is not needed any more
 

@@ -196,10 +196,12 @@ def wait_all_locked(session: Session, selected: list[Job], deadline: float | Non
 def wait_on_job(session: Session, job: Job, timeout: float | None) -> None:
     """``wait_on``, woken only by a change of ``job``'s state (and by any job's BLOCKED), not by
     every record and every change of every job of the session (see Session._targets)."""
-    _wait_in(session, session._targets.setdefault(job.id, []), timeout)
-    waiting = session._targets.get(job.id)
-    if waiting is not None and not waiting:
-        del session._targets[job.id]
+    try:
+        _wait_in(session, session._targets.setdefault(job.id, []), timeout)
+    finally:  # timed out or interrupted (Ctrl+C): an empty list left behind would be looked at
+        waiting = session._targets.get(job.id)
+        if waiting is not None and not waiting:
+            del session._targets[job.id]
 
 
 def _wait_in(session: Session, waiters: Any, timeout: float | None) -> None:
