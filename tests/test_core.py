@@ -272,6 +272,22 @@ def test_a_wait_that_times_out_leaves_nothing_behind(s: Session) -> None:
     assert s.wait_job(job, timeout=10) == [job]
 
 
+def test_wait_free_returns_once_the_lock_is_free_and_never_holds_it() -> None:
+    from psjobs.core import wait_free
+    lock = threading.Lock()
+    wait_free(lock)  # free: returns at once, and leaves it free
+    assert not lock.locked()
+    lock.acquire()
+    released = threading.Timer(0.01, lock.release)
+    released.start()
+    deadline = time.monotonic() + 10
+    while lock.locked():  # gives up after its hand-offs, leaving the blocking to the caller's with
+        wait_free(lock)
+        assert time.monotonic() < deadline, "the lock was never seen free"
+    released.join()
+    assert not lock.locked()
+
+
 def test_a_blocked_job_is_answered_through_its_backend(s: Session) -> None:
     job, (port,) = start(s)
     port.blocked("your name?")

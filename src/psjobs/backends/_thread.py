@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import JobStateError, JobStopped
 from .._inside import bind, bind_job_id, flush_lines, install_routers, unbind, unbind_job_id
 from .._records import Stream
-from ..core import CALL, Backend, Entry, JobPort, JobSpec, Outcome
+from ..core import CALL, Backend, Entry, JobPort, JobSpec, Outcome, wait_free
 from ..worker._outcome import status_error
 from ..worker._procs import run_command
 from ..worker._runner import STOPPED, Ended, call, run_guarded
@@ -229,7 +229,8 @@ class ThreadBackend(Backend):
                         raise
                     # The next admitted job, taken in the same trip through the lock that counts
                     # this one's end: one trip a job, not two (see _run's keep_value). None, put
-                    # by close, is never there while _closing is False.
+                    # by close, is never there while _closing is False. wait_free: the convoy.
+                    wait_free(lock)
                     with lock:
                         self._running -= 1
                         self._idle += 1
@@ -263,7 +264,7 @@ class ThreadBackend(Backend):
         tail: list[Entry] = []
         try:
             try:
-                if not port.started():
+                if not port.started(own_thread=True):  # outside the gate: no stop raised here
                     return  # stopped between admission and now
                 install_routers()
                 spec = data.spec
@@ -294,7 +295,7 @@ class ThreadBackend(Backend):
             # job stayed Stopping for good (issue 13: a tight write loop stopped 100 times, full runs).
             data.leave()
             ended, tail = Ended(STOPPED), []
-        port.ended(Outcome.named(ended.event, ended.reason, ended.code), tail)
+        port.ended(Outcome.named(ended.event, ended.reason, ended.code), tail, own_thread=True)  # gate left
         if port.data is data:  # not a retry's new run (retries=N starts the job again at once)
             port.data = None  # the spec (target, arguments, input) is not needed any more
 

@@ -84,7 +84,7 @@ import typing
 if typing.TYPE_CHECKING:  # what type checkers read; what runs is __getattr__, below
     from ._backend import Backend, Place, Plan, backend_class, register_backend, unregister_backend
     from ._job import Entry, Job, result_shape
-    from ._port import JobPort, Outcome
+    from ._port import JobPort, Outcome, wait_free
     from ._session import Session
     from ._spec import ARGV, CALL, SHELL, JobSpec, command_arg, make_spec
     from ._state import JobState
@@ -112,6 +112,7 @@ _EXPORTS = {
     "register_backend": "._backend",
     "result_shape": "._job",
     "unregister_backend": "._backend",
+    "wait_free": "._port",
 }
 
 
@@ -144,4 +145,5 @@ __all__ = [
     "register_backend",
     "result_shape",
     "unregister_backend",
+    "wait_free",
 ]
