@@ -149,10 +149,7 @@ def wait_locked(session: Session, selected: list[Job], any: bool, deadline: floa
             return selected
         blocked = [j for j in selected if j._state is JobState.BLOCKED]
         if blocked and (not any or len(blocked) + len(done) == len(selected)):
-            job = blocked[0]
-            raise JobBlockedError(
-                f"wait_job: {describe_job(job)} waits for input, so waiting would never end; "
-                f"answer it with receive_job({job.id}) or job.send_input(text), then wait again")
+            raise _blocked(blocked[0])
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             return []
@@ -165,12 +162,12 @@ def wait_all_locked(session: Session, selected: list[Job], deadline: float | Non
     """Wait for every job: for the first one not done, then from there on.
 
     Waiting on the session's Condition woke this thread at every record and every change of
-    every job, and each wake looked at all the jobs again: 1,000 thread jobs woke it ~3,000
-    times and made ~3 million checks, and each wake took the GIL from the jobs' threads (the
-    slow rounds of issue 11's A/B, 12-20k jobs/s against 40-55k). Now it waits for one job at
-    a time (``wait_on_job``) and moves past the jobs done, each once; the whole list is looked
-    at again at the end (a Suspended job counts as done, and may have been resumed since), and
-    for a job asking for input only when one did (``_blocks``).
+    every job (~3 a job), each wake took the GIL from the threads reporting them, and each looked
+    at all the jobs again: O(n) a wake. Now it waits for one job at a time (``wait_on_job``) and
+    moves past the jobs done, each once; the whole list is looked at again at the end (a
+    Suspended job counts as done, and may have been resumed since), and for a job asking for
+    input only when one did (``_blocks``). Session CPU a process job, 5,000 started at once:
+    272-275 us against 285-332 (bench/FINDINGS.md, tenth session).
     """
     i, n, blocks = 0, len(selected), -1
     while True:
@@ -184,13 +181,16 @@ def wait_all_locked(session: Session, selected: list[Job], deadline: float | Non
             blocks = session._blocks
             job = next((j for j in selected if j._state is JobState.BLOCKED), None)
             if job is not None:
-                raise JobBlockedError(
-                    f"wait_job: {describe_job(job)} waits for input, so waiting would never end; "
-                    f"answer it with receive_job({job.id}) or job.send_input(text), then wait again")
+                raise _blocked(job)
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             return []
         wait_on_job(session, selected[i], remaining)
+
+
+def _blocked(job: Job) -> JobBlockedError:
+    return JobBlockedError(f"wait_job: {describe_job(job)} waits for input, so waiting would never end; "
+                           f"answer it with receive_job({job.id}) or job.send_input(text), then wait again")
 
 
 def wait_on_job(session: Session, job: Job, timeout: float | None) -> None:
