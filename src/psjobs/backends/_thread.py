@@ -82,7 +82,7 @@ class _Emitter:
         data = self.data
         if data.stop:
             self._stop_here(data)
-        return [] if value is None else [(_OUTPUT, value, time.time())]
+        return [(_OUTPUT, value, time.time())]
 
     def _stop_here(self, data: _Data) -> None:
         if data.take_lost() or self.port.finished or self.backend.closing or self._overdue(data):
@@ -219,31 +219,28 @@ class ThreadBackend(Backend):
                         return  # close
                     self._pending -= 1
                 while port is not None:
+                    ran = False
                     try:
                         self._run(port)
-                    except BaseException:
+                        ran = True
+                    finally:
+                        # The next admitted job, taken in the same trip through the lock that
+                        # counts this one's end: one trip a job, not two (see _run's keep_value).
+                        # None, put by close, is never there while _closing is False.
+                        wait_free(lock)  # the convoy (core/_port); this thread is outside the job's code
                         with lock:
                             self._running -= 1
                             self._idle += 1
                             self._admit_locked()
-                        raise
-                    # The next admitted job, taken in the same trip through the lock that counts
-                    # this one's end: one trip a job, not two (see _run's keep_value). None, put
-                    # by close, is never there while _closing is False. wait_free: the convoy.
-                    wait_free(lock)
-                    with lock:
-                        self._running -= 1
-                        self._idle += 1
-                        self._admit_locked()
-                        port = None
-                        if self._pending and not self._closing:
-                            try:
-                                port = ready.get_nowait()
-                            except queue.Empty:
-                                pass  # an idle worker woken by the put took it
-                            else:
-                                self._idle -= 1
-                                self._pending -= 1
+                            port = None
+                            if ran and self._pending and not self._closing:
+                                try:
+                                    port = ready.get_nowait()
+                                except queue.Empty:
+                                    pass  # an idle worker woken by the put took it
+                                else:
+                                    self._idle -= 1
+                                    self._pending -= 1
         finally:
             with lock:
                 self._threads.discard(me)

@@ -167,7 +167,7 @@ def wait_all_locked(session: Session, selected: list[Job], deadline: float | Non
     moves past the jobs done, each once; the whole list is looked at again at the end (a
     Suspended job counts as done, and may have been resumed since), and for a job asking for
     input only when one did (``_blocks``). Session CPU a process job, 5,000 started at once:
-    272-275 us against 285-332 (bench/FINDINGS.md, tenth session).
+    272-275 us against 285-332 at load 3.8-6.6 (bench/FINDINGS.md, tenth session).
     """
     i, n, blocks = 0, len(selected), -1
     while True:
