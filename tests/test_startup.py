@@ -132,6 +132,10 @@ def test_the_fork_server_imports_only_the_worker_runtime() -> None:
     assert {"psjobs.worker._process_worker", "cloudpickle"} <= in_worker  # the server runs as __main__
     library = {m for m in in_worker if m.startswith(("psjobs.core", "psjobs.backends", "psjobs._api", "psjobs.host"))}
     assert not library, sorted(library)
+    # Nor what only a command's Popen fallback (subprocess) or a remote's messages (json) use:
+    # with their modules, ~0.2 MiB of the fork server and its two spares (bench/FINDINGS.md).
+    unused = {"subprocess", "json", "locale"} & in_worker
+    assert not unused, sorted(unused)
 
 
 def test_the_core_facade_lists_agree() -> None:

@@ -44,9 +44,8 @@ import pickle
 import select
 import signal
 import socket
-import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._compat import set_child_subreaper
 from ._spawn import spawn
@@ -60,6 +59,9 @@ from ._tree import (
     own_cgroup,
     remove_cgroups,
 )
+
+if TYPE_CHECKING:  # only _spawn's Popen fallback loads it (with json: 0.2 MiB less here and in spares)
+    import subprocess
 
 # Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
 # faults of a new process (3-8 us a page here, several ms in all) before its job arrives.

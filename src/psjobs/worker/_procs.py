@@ -18,8 +18,10 @@ import contextlib
 import os
 import selectors
 import signal
-import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # at run time only kill_group needs it: a worker that runs no command never loads it
+    import subprocess
 
 
 def text(raw: bytes, errors: str = "replace") -> str:
@@ -184,6 +186,8 @@ def signal_procs(procs: list[subprocess.Popen[Any]], sig: int) -> None:
 
 def kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     """SIGTERM to the command's group, SIGKILL if it is still there after ``grace`` seconds."""
+    import subprocess
+
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)

@@ -25,8 +25,11 @@ from __future__ import annotations
 import os
 import signal
 import stat
-import subprocess
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported by the fallback only, so the fork server and its children go without it
+    import subprocess
 
 # What Popen(restore_signals=True) puts back to default: Python ignores them, and an ignored
 # signal stays ignored across exec.
@@ -54,6 +57,8 @@ def spawn(argv: Sequence[str], stdin: int, stdout: int, stderr: int, cwd: str | 
             pass  # nothing ran (exec failed, or a bad environment): Popen raises it as it always has
         finally:
             _enter(None)
+    import subprocess
+
     proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
                             start_new_session=True)
     return proc.pid, proc

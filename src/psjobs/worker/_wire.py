@@ -25,7 +25,6 @@ exists on that computer (see _remote_boot.BOOT0).
 from __future__ import annotations
 
 import enum
-import json
 import os
 import pickle
 import socket
@@ -253,6 +252,20 @@ class Answer(_Message):
         return cls(str(pickle.loads(payload)))
 
 
+def _json_dump(value: Any) -> bytes:
+    # json only here, for the remote's messages: a local process job never loads it (with its
+    # four modules, ~100 KiB in the fork server and in each of its children).
+    import json
+
+    return json.dumps(value).encode()
+
+
+def _json_load(payload: bytes | bytearray) -> Any:
+    import json
+
+    return json.loads(bytes(payload).decode("utf-8"))
+
+
 @record
 class Info(_Message):
     """What the remote interpreter has (_remote_boot.probe): the session sends what is missing."""
@@ -261,12 +274,12 @@ class Info(_Message):
     info: dict[str, Any]
 
     def encode(self) -> bytes:
-        return json.dumps(self.info).encode()
+        return _json_dump(self.info)
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Info:
-        return cls(dict(json.loads(bytes(payload).decode("utf-8"))))
+        return cls(dict(_json_load(payload)))
 
 
 @record
@@ -293,12 +306,12 @@ class Exit(_Message):
     status: int | None
 
     def encode(self) -> bytes:
-        return json.dumps({"status": self.status}).encode()
+        return _json_dump({"status": self.status})
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Exit:
-        return cls(_typed(json.loads(bytes(payload).decode("utf-8")).get("status"), (int, type(None)), "its status"))
+        return cls(_typed(_json_load(payload).get("status"), (int, type(None)), "its status"))
 
 
 @record
@@ -310,13 +323,13 @@ class Stop(_Message):
     grace: float | None
 
     def encode(self) -> bytes:
-        return json.dumps({"grace": self.grace}).encode()
+        return _json_dump({"grace": self.grace})
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Stop:
         try:
-            return cls(float(json.loads(bytes(payload).decode())["grace"]))
+            return cls(float(_json_load(payload)["grace"]))
         except Exception:
             return cls(None)
 
