@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,43 @@ def hundred_then_wait(flag: str) -> Iterator[Any]:
         time.sleep(0.005)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
     yield "after"
+
+
+def write_then_block(how: str) -> None:
+    """Write one record, then block in a system call until the job is stopped."""
+    r, _w = os.pipe()  # nobody writes to it: os.read blocks
+    if how == "first timer signal lost":
+        # The batch timer's first signal taken before any handler runs, as when it lands right
+        # before the job enters a blocking call: only a later one can send the batch.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        psjobs.write_output("x")
+        signal.sigwait({signal.SIGALRM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+    else:
+        psjobs.write_output("x")
+    if how == "subprocess.run":
+        subprocess.run(["sleep", "60"], check=False)  # waits in waitpid
+    else:
+        os.read(r, 1)
+
+
+@pytest.mark.parametrize("how", ["os.read", "subprocess.run", "first timer signal lost"])
+def test_a_record_written_before_a_blocking_call_arrives_while_the_call_runs(
+        session: psjobs.Session, how: str) -> None:
+    # The worker's batch timer must reach the job inside the call: a record written right before
+    # a minute in subprocess.run() or a read reached the session a minute later (the kernel
+    # restarted the interrupted call without telling Python), or never when the timer's one
+    # signal came just before the call began.
+    job = session.start_job(write_then_block, how)
+    got: list[Any] = []
+    deadline = time.monotonic() + 20
+    while not got and time.monotonic() < deadline and not job.state.is_finished:
+        got.extend(job.receive(wait=True, timeout=0.1))
+    try:
+        assert got == ["x"], f"nothing received while the job blocked ({how}); {job!r}"
+        assert not job.state.is_finished
+    finally:
+        session.stop_job(job)
 
 
 def print_then_return() -> int:

@@ -42,13 +42,19 @@ from ._wire import (
 
 Payload = bytes | list[Any]  # one buffer, or buffers written one after the other (no join)
 
-FLUSH_SECONDS = 0.001  # a trickle arrives within about a millisecond...
+FLUSH_SECONDS = 0.001  # a trickle arrives within about a millisecond (in a blocking call too: the
+# timer interrupts it; not inside C code that retries its own interrupted calls, os.system)...
 FLUSH_ITEMS = 1000     # ...and a flood goes in batches that amortize pickling and syscalls
 # ...except its first batch, which leaves at this many: a reader sees a flood begin as soon as
 # a trickle's first item (a process job's first of 100,000 items came 0.45 ms later when it
 # waited for a thousand, and the session sized a thousand records before it woke the reader).
 # A job that writes fewer within the millisecond still sends them with its end, in one write.
 FIRST_ITEMS = 100
+# The timer fires again at this interval until the batch is sent. Its first signal can come just
+# before the job blocks in a system call (after Python's last look at its signals, before the
+# call began): the handler then waited for that call to end. Seen: 1 job in ~2,000 whose first
+# record, written right before time.sleep(60), was held for the whole minute (load ~2).
+RETRY_SECONDS = 0.01
 
 
 class Channel:
@@ -321,7 +327,7 @@ class Writer:
             except BlockingIOError:
                 pass
         elif self._alarm and signal.getsignal(signal.SIGALRM) is _on_alarm:
-            signal.setitimer(signal.ITIMER_REAL, FLUSH_SECONDS)
+            signal.setitimer(signal.ITIMER_REAL, FLUSH_SECONDS, RETRY_SECONDS)
         elif self._alarm:
             self._alarm = False
             _Pump(self, {}).start()
@@ -329,19 +335,21 @@ class Writer:
     def on_alarm(self) -> None:
         # In a signal handler: the main thread may be inside emit() or a send; never block on it.
         if not self._lock.acquire(blocking=False):
-            signal.setitimer(signal.ITIMER_REAL, FLUSH_SECONDS / 2)
+            signal.setitimer(signal.ITIMER_REAL, FLUSH_SECONDS / 2, RETRY_SECONDS)
             return
         try:
             if self.finished or (not self._buf and not self._side):
+                signal.setitimer(signal.ITIMER_REAL, 0)  # nothing waits: the next batch arms it
                 return
             if self.busy or self.channel.busy or not self.channel.lock.acquire(blocking=False):
-                signal.setitimer(signal.ITIMER_REAL, FLUSH_SECONDS / 2)  # this thread is mid-update
+                signal.setitimer(signal.ITIMER_REAL, FLUSH_SECONDS / 2, RETRY_SECONDS)  # this thread is mid-update
                 return
             self.channel.lock.release()
             self.busy = True
             try:
                 self._take_side()
                 self._flush_locked()
+                signal.setitimer(signal.ITIMER_REAL, 0)  # sent (what a finalizer wrote meanwhile arms it again)
             finally:
                 self._leave()
         finally:

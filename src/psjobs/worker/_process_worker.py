@@ -142,8 +142,12 @@ def _take_signals(writer: Writer, capture_fds: bool) -> None:
         _Prepared.pump.start()
     else:
         # Locally the session reads fd 1 and 2 through pipes of its own; batches leave on a timer.
+        # Without SA_RESTART, as any handler Python installs: a blocking call the timer interrupts
+        # returns to Python, which runs the handler (the batch goes) and makes the call again
+        # (PEP 475). With SA_RESTART, the kernel went back into the call without telling Python: a
+        # record written right before subprocess.run(), os.read() or a socket's recv() of a
+        # minute reached the session a minute later.
         set_handler(signal.SIGALRM, _on_alarm)
-        signal.siginterrupt(signal.SIGALRM, False)  # restart system calls the timer interrupts
     set_handler(signal.SIGTERM, _on_term)
     set_handler(signal.SIGINT, SIG_IGN)
 
