@@ -18,8 +18,7 @@ speaks another version refuses it with a clear error instead of unpickling. A le
 MAX_FRAME is a protocol error (never an allocation). The channel is a socket of its own: a job's
 stdout is never part of it. A batch the session cannot unpickle is read again by _salvage.
 
-Standard library only: the remote bootstrap runs this module from its source, before psjobs
-exists on that computer (see _remote_boot.BOOT0).
+Standard library only: the remote bootstrap runs it from source before psjobs exists there (BOOT0).
 """
 
 from __future__ import annotations
@@ -252,18 +251,9 @@ class Answer(_Message):
         return cls(str(pickle.loads(payload)))
 
 
-def _json_dump(value: Any) -> bytes:
-    # json only here, for the remote's messages: a local process job never loads it (with its
-    # four modules, ~100 KiB in the fork server and in each of its children).
-    import json
-
-    return json.dumps(value).encode()
-
-
-def _json_load(payload: bytes | bytearray) -> Any:
-    import json
-
-    return json.loads(bytes(payload).decode("utf-8"))
+def _json() -> Any:
+    import json  # the remote's messages only: a local worker never loads it (see tests/test_startup.py)
+    return json
 
 
 @record
@@ -274,12 +264,12 @@ class Info(_Message):
     info: dict[str, Any]
 
     def encode(self) -> bytes:
-        return _json_dump(self.info)
+        return bytes(_json().dumps(self.info), "utf-8")
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Info:
-        return cls(dict(_json_load(payload)))
+        return cls(dict(_json().loads(bytes(payload).decode("utf-8"))))
 
 
 @record
@@ -306,12 +296,12 @@ class Exit(_Message):
     status: int | None
 
     def encode(self) -> bytes:
-        return _json_dump({"status": self.status})
+        return bytes(_json().dumps({"status": self.status}), "utf-8")
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Exit:
-        return cls(_typed(_json_load(payload).get("status"), (int, type(None)), "its status"))
+        return cls(_typed(_json().loads(bytes(payload).decode("utf-8")).get("status"), (int, type(None)), "its status"))
 
 
 @record
@@ -323,13 +313,13 @@ class Stop(_Message):
     grace: float | None
 
     def encode(self) -> bytes:
-        return _json_dump({"grace": self.grace})
+        return bytes(_json().dumps({"grace": self.grace}), "utf-8")
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Stop:
         try:
-            return cls(float(_json_load(payload)["grace"]))
+            return cls(float(_json().loads(bytes(payload).decode())["grace"]))
         except Exception:
             return cls(None)
 
@@ -361,11 +351,8 @@ def decode_entries(kind: int, payload: bytes | bytearray,
 
 def decode_records(payload: bytes | bytearray,
                    loads: Callable[..., Any] = pickle.loads) -> list[tuple[int, Any, float]]:
-    """A RECORDS payload as journal entries ``(stream, value or record, time)``.
-
-    On the wire a batch is three columns: pickling them costs ~10 ns an item where a list of
-    3-tuples cost ~65 ns (measured), on each side.
-    """
+    """A RECORDS payload as journal entries ``(stream, value or record, time)``. On the wire a batch
+    is three columns: ~10 ns an item to pickle, where a list of 3-tuples cost ~65 ns (measured)."""
     streams, values, times = loads(payload)
     return list(zip(streams, values, times))
 
