@@ -378,7 +378,7 @@ class ProcessBackend(Backend):
         (handle.on_answer), so commands started back to back are spawned while the next is asked for."""
         token = handle.port.job_id
         assert handle.request is not None
-        on_loop = threading.current_thread() is self.loop.thread  # it reads the answers: no wait
+        on_loop = self.loop.on_loop()  # it reads the answers: no wait
         for _attempt in range(3):
             if server is None:
                 raise WorkerError("the fork server died, and no other can start; the command was not started")
@@ -432,7 +432,7 @@ class ProcessBackend(Backend):
         """A command the fork server has not answered for yet: until it has, for ``most`` seconds
         at most (a stop or a suspend then reaches the process; one that starts later is killed
         as it starts, CommandHandle.on_answer)."""
-        if isinstance(handle, CommandHandle) and threading.current_thread() is not self.loop.thread:
+        if isinstance(handle, CommandHandle) and not self.loop.on_loop():
             handle.answered.wait(most)
 
     # --- stopping and the rest -----------------------------------------------------------------

@@ -16,7 +16,6 @@ import select
 import selectors
 import signal
 import socket
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -214,7 +213,7 @@ class CallHandle(Handle):
             return
         self.pid = pid
         self.tree = ProcessTree(pid, self.server.cgroup_of(pid) if self.server is not None else None)
-        if not self.port.started(pid=pid, own_thread=threading.current_thread() is self.backend.loop.thread):
+        if not self.port.started(pid=pid, own_thread=self.backend.loop.on_loop()):
             # Stopped (or removed) before its worker existed: the job is over for the user, so a
             # worker that began it before it saw the withdrawal (withdraw) goes at once.
             self.kill(signal.SIGKILL)

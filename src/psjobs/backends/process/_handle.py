@@ -12,7 +12,6 @@ import functools
 import os
 import selectors
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -91,9 +90,7 @@ class Handle:
         # The I/O thread goes on (closing the job's descriptors), and the thread this end wakes
         # waited for the GIL until its next system call: 47-50 us from the end to wait_job's
         # return in a trivial job, 23-26 us with the hand-off (bench/FINDINGS.md, ninth session).
-        # own_thread: from the I/O thread, where nothing is raised asynchronously (core wait_free)
-        in_loop = threading.current_thread() is self.backend.loop.thread
-        self.port.ended(outcome, entries, hand_off=True, own_thread=in_loop)
+        self.port.ended(outcome, entries, hand_off=True, own_thread=self.backend.loop.on_loop())
 
     def _after_stop(self, entries: list[Entry], outcome: Outcome, deadline: float) -> None:
         assert self.tree is not None

@@ -76,6 +76,11 @@ class IOLoop:
         self.thread = threading.Thread(target=self._run, name="psjobs-io", daemon=True)
         self.thread.start()
 
+    def on_loop(self) -> bool:
+        """Whether the caller is this loop's thread (which reads the answers, and where nothing is
+        raised asynchronously: core wait_free)."""
+        return threading.current_thread() is self.thread
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         self._calls.append(fn)
         with contextlib.suppress(BlockingIOError, OSError):
@@ -142,7 +147,7 @@ class IOLoop:
     def close(self) -> None:
         self._closing = True
         self.call_soon(lambda: None)
-        if threading.current_thread() is not self.thread:
+        if not self.on_loop():
             self.thread.join(5)
         with contextlib.suppress(OSError):
             self.sel.close()
