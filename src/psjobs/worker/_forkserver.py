@@ -60,7 +60,7 @@ from ._tree import (
     remove_cgroups,
 )
 
-if TYPE_CHECKING:  # only _spawn's Popen fallback loads it (with json: 0.2 MiB less here and in spares)
+if TYPE_CHECKING:  # only _spawn's Popen fallback loads it (with json: 0.2 MiB here and in spares, bench/FINDINGS.md)
     import subprocess
 
 # Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
