@@ -360,6 +360,8 @@ def test_host_requests_behave_as_records() -> None:
         hp.GetRequest(nope=1)
     with pytest.raises(TypeError, match="missing required argument: 'command'"):
         hp.StartRequest(cwd="/")
+    with pytest.raises(TypeError, match="missing required argument: 'command'"):
+        hp.StartRequest()  # by position (the fast path of the wire's messages) as by name
     with pytest.raises(TypeError, match="multiple values"):
         hp.RemoveResult([1], removed=[2])
     with pytest.raises(TypeError):

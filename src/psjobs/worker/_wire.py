@@ -582,9 +582,9 @@ def cloudpickle_dumps(obj: Any, protocol: int = 5) -> bytes:
             import types
 
             def keep_name(code: types.CodeType) -> Any:
-                rebuild, args = reduce(code)
-                return rebuild, tuple(code.co_filename if type(a) is str and a == "<dynamic-code>" else a
-                                      for a in args)
+                rebuild, args = reduce(code)  # the file name comes before the function's names
+                i = args.index("<dynamic-code>") if "<dynamic-code>" in args else -1
+                return rebuild, args if i < 0 else (*args[:i], code.co_filename, *args[i + 1:])
 
             base: Any = table
 

@@ -217,7 +217,7 @@ class ForkClient:
     def cgroup_of(self, name: int | str) -> str | None:
         """The cgroup directory of one of this server's jobs: a worker's is named by its pid, a
         command's ``cmd-<token>`` (it is made before the command's pid exists)."""
-        return None if self.cgroup is None else os.path.join(self.cgroup, str(name))
+        return None if self.cgroup is None else f"{self.cgroup}/{name}"  # on every job's start: no join
 
     def preload(self, module: str) -> None:
         self.sock.send(pickle.dumps(("preload", module)))
@@ -283,8 +283,7 @@ class ForkClient:
             return
         self.gone = True
         self.alive = False
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self.backend.loop.sel.unregister(self.sock)
+        self.backend.loop.sel.discard(self.sock)
         self.sock.close()
         self.drop_spares()
         with contextlib.suppress(Exception):
