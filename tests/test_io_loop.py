@@ -3,6 +3,8 @@ woken for each one (backends/process/_loop.IOLoop.call_later)."""
 
 from __future__ import annotations
 
+import selectors
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -77,3 +79,38 @@ def test_timers_set_on_the_loop_thread_and_from_many_threads_all_run(loop: IOLoo
         t.join()
     _wait(done, f"all {2 * n} timers")
     assert sorted(ran) == list(range(2 * n))
+
+
+def test_the_loop_calls_a_descriptors_handler_when_it_is_ready_and_not_after_it_is_unregistered(loop: IOLoop) -> None:
+    """The loop's own epoll selector (not selectors'): a handler runs with the ready mask; a hang-up
+    reads as readable; a registered descriptor cannot be registered twice; unregister forgets it,
+    even once its socket is closed (found by the object, as selectors does)."""
+    a, b = socket.socketpair()
+    seen: list[int] = []
+    ready = threading.Event()
+
+    def handler(mask: int) -> None:
+        seen.append(mask)
+        a.recv(100)
+        ready.set()
+
+    try:
+        loop.sel.register(a, selectors.EVENT_READ, handler)
+        with pytest.raises(KeyError):
+            loop.sel.register(a.fileno(), selectors.EVENT_READ, handler)
+        b.send(b"x")
+        _wait(ready, "the handler of a readable socket")
+        assert seen[0] == selectors.EVENT_READ
+        ready.clear()
+        b.close()  # a hang-up: readable (recv gives b""), and only what was asked for is reported
+        _wait(ready, "the handler of a socket whose peer closed")
+        assert seen[-1] == selectors.EVENT_READ
+        with loop.sel.mutex:  # no handler runs meanwhile
+            a.close()
+            loop.sel.unregister(a)  # closed: fileno() is -1, found by the object
+            with pytest.raises(KeyError):
+                loop.sel.unregister(a)
+            loop.sel.discard(a)  # discard forgets quietly
+    finally:
+        a.close()
+        b.close()

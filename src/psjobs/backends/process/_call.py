@@ -111,8 +111,7 @@ class CallHandle(Handle):
                     line_entries(entries, stream, self.lines[fd].rest(), now, info=True)
                 break
             if not chunk:
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    self.backend.loop.sel.unregister(fd)
+                self.backend.loop.sel.discard(fd)
                 del self.pipes[fd]
                 line_entries(entries, stream, self.lines.pop(fd).rest(), now, info=True)
                 os.close(fd)
@@ -338,8 +337,7 @@ class CallHandle(Handle):
         self.backend.handles.discard(self)
         self._unwatch()
         if self.registered:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self.backend.loop.sel.unregister(self.sock)
+            self.backend.loop.sel.discard(self.sock)
             self.registered = False
         self.sock.close()
         self._close_pidfd()
@@ -348,8 +346,7 @@ class CallHandle(Handle):
 
     def _close_pipes(self) -> None:
         for fd in list(self.pipes):
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self.backend.loop.sel.unregister(fd)
+            self.backend.loop.sel.discard(fd)
             os.close(fd)
         self.pipes.clear()
 

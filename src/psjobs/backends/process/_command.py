@@ -13,7 +13,6 @@ the session either way; or, the session host's (or with no fork server), by Pope
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import selectors
@@ -216,8 +215,7 @@ class CommandHandle(Handle):
 
     def _close_stdin(self) -> None:
         if self.stdin >= 0:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self.backend.loop.sel.unregister(self.stdin)
+            self.backend.loop.sel.discard(self.stdin)
             os.close(self.stdin)
             self.stdin = -1
 
@@ -247,8 +245,7 @@ class CommandHandle(Handle):
         self._unwatch()
         sel = self.backend.loop.sel
         for fd in list(self.fds):
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                sel.unregister(fd)
+            sel.discard(fd)
             os.close(fd)
         self.fds.clear()
         self._close_pidfd()

@@ -7,7 +7,6 @@ when nothing of it is left, escaped descendants included.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import selectors
@@ -54,8 +53,7 @@ class Handle:
     def _close_pidfd(self) -> None:
         """Stop watching the process's pidfd (a worker's or a command's) and close it."""
         if self.pidfd >= 0:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self.backend.loop.sel.unregister(self.pidfd)
+            self.backend.loop.sel.discard(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
 
@@ -132,8 +130,7 @@ class Handle:
         for pid in [only] if only is not None else list(self.watched):
             fd = self.watched.pop(pid, None)
             if fd is not None:
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    self.backend.loop.sel.unregister(fd)
+                self.backend.loop.sel.discard(fd)
                 os.close(fd)
 
     def awaits_server(self) -> bool:

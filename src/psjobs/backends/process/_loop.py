@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import selectors
 import threading
 import time
@@ -28,8 +29,8 @@ from ..._errors import WorkerError
 SOCK_BUF = 1 << 20  # 1 MiB socket buffers: large values cross in few syscalls
 
 
-class _SharedSelector(selectors.DefaultSelector):
-    """The loop's selector, which a thread starting a job may register with directly.
+class _SharedSelector:
+    """The loop's epoll, which a thread starting a job may register with directly.
 
     Registering from the loop thread (call_soon) woke it on every job start, and that wake-up
     and the GIL hand-off that follows cost ~0.5 ms a job (measured: 2.1 -> 1.4 ms start to
@@ -37,23 +38,83 @@ class _SharedSelector(selectors.DefaultSelector):
     holds it while it runs handlers, so a job's descriptors are registered all at once as far as
     its handlers can tell (a handler reads every pipe of its job). Lock order: mutex, then the
     session's condition.
+
+    selectors.EpollSelector's interface (register, modify, unregister, select), without its
+    generic layers: a process job registers three descriptors and unregisters them, and each
+    call went through ~20 lines of selectors' key map and file-object lookups, on every job's
+    start and end (bench/FINDINGS.md, twelfth session). ``select`` returns (handler, mask) pairs.
     """
 
     def __init__(self) -> None:
-        super().__init__()
         self.mutex = threading.RLock()
+        self._epoll = select.epoll()
+        self._keys: dict[int, tuple[Any, Any, int]] = {}  # fd -> (file object, handler, events)
 
-    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        with self.mutex:
-            return super().register(fileobj, events, data)
+    def _fd(self, fileobj: Any) -> int:
+        fd = fileobj if type(fileobj) is int else fileobj.fileno()
+        if fd < 0:  # a closed socket: found by the object, as selectors does
+            for key, (obj, _, _) in self._keys.items():
+                if obj is fileobj:
+                    return key
+            raise KeyError(f"{fileobj!r} is not registered")
+        return fd
 
-    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+    def register(self, fileobj: Any, events: int, data: Any = None) -> None:
+        fd = fileobj if type(fileobj) is int else fileobj.fileno()
+        if fd < 0:
+            raise ValueError(f"Invalid file descriptor: {fd}")
         with self.mutex:
-            return super().unregister(fileobj)
+            if fd in self._keys:
+                raise KeyError(f"{fileobj!r} (FD {fd}) is already registered")
+            self._epoll.register(fd, _POLL[events])
+            self._keys[fd] = (fileobj, data, events)
 
-    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> None:
         with self.mutex:
-            return super().modify(fileobj, events, data)
+            fd = self._fd(fileobj)
+            obj, _, old = self._keys[fd]
+            if events != old:
+                self._epoll.modify(fd, _POLL[events])
+            self._keys[fd] = (obj, data, events)
+
+    def unregister(self, fileobj: Any) -> None:
+        with self.mutex:
+            fd = self._fd(fileobj)
+            del self._keys[fd]  # KeyError when it is not registered, as selectors'
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def discard(self, fileobj: Any) -> None:
+        """unregister, if registered: every descriptor a job closes goes through here, at its end."""
+        try:
+            self.unregister(fileobj)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def select(self, timeout: float | None) -> list[tuple[Any, int]]:
+        """The (handler, mask) of each ready descriptor; ``timeout`` in seconds, None for ever."""
+        wait = -1.0 if timeout is None else math.ceil(timeout * 1e3) * 1e-3 if timeout > 0 else 0.0
+        try:
+            ready = self._epoll.poll(wait, max(len(self._keys), 1))
+        except InterruptedError:
+            return []
+        keys = self._keys
+        out = []
+        for fd, event in ready:
+            key = keys.get(fd)
+            if key is not None:
+                # selectors' reading: an error or a hang-up is both readable and writable.
+                mask = (_WRITE if event & ~select.EPOLLIN else 0) | (_READ if event & ~select.EPOLLOUT else 0)
+                out.append((key[1], mask & key[2]))
+        return out
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._keys.clear()
+
+
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_POLL = {_READ: select.EPOLLIN, _WRITE: select.EPOLLOUT, _READ | _WRITE: select.EPOLLIN | select.EPOLLOUT}
 
 
 class IOLoop:
@@ -118,15 +179,15 @@ class IOLoop:
             with self.sel.mutex:
                 self._dispatch(events)
 
-    def _dispatch(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+    def _dispatch(self, events: list[tuple[Any, int]]) -> None:
         # BaseException, not Exception: a handler runs code of the jobs' values (unpickling), and a
         # KeyboardInterrupt or SystemExit that escaped one ended this thread (SystemExit silently),
         # after which every process job of the session hung. No signal is delivered to this thread.
-        for key, mask in events:
+        for handler, mask in events:
             try:
-                key.data(mask)
+                handler(mask)
             except BaseException as exc:  # a handler must never take the loop down
-                loop_error(key.data, exc)
+                loop_error(handler, exc)
         while self._calls:
             fn = self._calls.popleft()
             try:
