@@ -203,10 +203,18 @@ def cgroup_members(path: str) -> list[int] | None:
 def _read_members(path: str) -> list[int] | None:
     """As cgroup_members, but an error other than a missing cgroup is raised."""
     try:
-        with open(os.path.join(path, "cgroup.procs"), "rb") as f:
-            return [int(pid) for pid in f.read().split()]
+        fd = os.open(f"{path}/cgroup.procs", os.O_RDONLY)
     except FileNotFoundError:
         return None
+    # os.read, not open(): no buffered file object for a file read on every stop (three times);
+    # the kernel gives the whole list in one read while it fits the buffer.
+    try:
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    finally:
+        os.close(fd)
+    return [int(pid) for pid in data.split()]
 
 
 class ProcessTree:
@@ -232,11 +240,16 @@ class ProcessTree:
 
     def _send(self, members: list[int], sigs: tuple[int, ...]) -> None:
         for sig in sigs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
             for pid in members:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
+                if pid != self.pid:  # the group's leader has it from killpg
+                    try:
+                        os.kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
 
     def kill(self) -> None:
         """SIGKILL every process of the job, including those that left its group."""

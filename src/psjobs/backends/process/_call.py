@@ -288,8 +288,15 @@ class CallHandle(Handle):
     def maybe_end(self) -> None:
         if self.finished or not self.eof:
             return
-        # With DONE, the worker's exit is enough; without it, wait for its status: it says why.
-        if not (self.status_known or self.server_lost or (self.done is not None and self.exited)):
+        # With DONE, the worker's exit is enough; without it, wait for its status: it says why. A
+        # stopped DONE at the end of its stream needs neither where the job has a cgroup: end()
+        # waits for its members to be gone (_after_stop, by their pidfds), and the server's word on
+        # the exit came ~0.2-0.3 ms later (bench/FINDINGS.md, twelfth session). Without a cgroup,
+        # that wait would walk /proc (~1 ms) while the worker still exits: the word is sooner.
+        done = self.done
+        if not (self.status_known or self.server_lost
+                or (done is not None and (self.exited or (done.event == "stopped" and self.tree is not None
+                                                          and self.tree.cgroup is not None)))):
             return
         # What the worker printed at fd level is in the pipes now; a grandchild that keeps
         # them open does not hold the job (we take what is there and close).
