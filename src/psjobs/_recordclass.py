@@ -44,7 +44,7 @@ else:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             if not kwargs and len(args) <= len(names):
                 # Positional only: every message on a process job's path (JobMsg, Done, Ended...)
-                # costs one pass over its arguments, not one over every field (~20 lines each).
+                # costs one pass over its arguments, not one over every field (~28 lines each).
                 for name, value in zip(names, args):
                     setattr(self, name, value)
                 for i, name, default in special:

@@ -179,18 +179,14 @@ class JobMsg(_Message):
 
 
 def pickle_call(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], init: Any, items: Any) -> bytes:
-    """A call as ``JobMsg.call`` carries it, for process and remote jobs; ``load_call`` reads it.
-
-    cloudpickle is imported here, not at the top: a remote bootstrap runs this module's source
-    before cloudpickle may exist there, and only the session pickles calls.
-    """
+    """A call as ``JobMsg.call`` carries it (``load_call`` reads it). cloudpickle is imported where
+    it is used: a remote bootstrap runs this module's source before cloudpickle may exist there."""
     return cloudpickle_dumps((target, args, kwargs, init, items), protocol=5)  # file names kept
 
 
 def load_call(call: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any], Any, Any]:
     """(target, args, kwargs, init, input items) from ``pickle_call``'s bytes, in the worker."""
     import cloudpickle
-
     target, args, kwargs, init, items = cloudpickle.loads(call)
     return target, args, kwargs, init, items
 
@@ -251,9 +247,14 @@ class Answer(_Message):
         return cls(str(pickle.loads(payload)))
 
 
-def _json() -> Any:
+def _json_dump(value: Any) -> bytes:
     import json  # the remote's messages only: a local worker never loads it (see tests/test_startup.py)
-    return json
+    return json.dumps(value).encode()
+
+
+def _json_load(payload: bytes | bytearray) -> Any:
+    import json
+    return json.loads(bytes(payload).decode("utf-8"))
 
 
 @record
@@ -264,12 +265,12 @@ class Info(_Message):
     info: dict[str, Any]
 
     def encode(self) -> bytes:
-        return bytes(_json().dumps(self.info), "utf-8")
+        return _json_dump(self.info)
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Info:
-        return cls(dict(_json().loads(bytes(payload).decode("utf-8"))))
+        return cls(dict(_json_load(payload)))
 
 
 @record
@@ -296,12 +297,12 @@ class Exit(_Message):
     status: int | None
 
     def encode(self) -> bytes:
-        return bytes(_json().dumps({"status": self.status}), "utf-8")
+        return _json_dump({"status": self.status})
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Exit:
-        return cls(_typed(_json().loads(bytes(payload).decode("utf-8")).get("status"), (int, type(None)), "its status"))
+        return cls(_typed(_json_load(payload).get("status"), (int, type(None)), "its status"))
 
 
 @record
@@ -313,13 +314,13 @@ class Stop(_Message):
     grace: float | None
 
     def encode(self) -> bytes:
-        return bytes(_json().dumps({"grace": self.grace}), "utf-8")
+        return _json_dump({"grace": self.grace})
 
     @classmethod
     @_checked
     def decode(cls, payload: bytes | bytearray) -> Stop:
         try:
-            return cls(float(_json().loads(bytes(payload).decode())["grace"]))
+            return cls(float(_json_load(payload)["grace"]))
         except Exception:
             return cls(None)
 
@@ -532,8 +533,7 @@ def recv_frame(fd: int) -> tuple[int, bytes] | None:
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """Exactly ``n`` bytes from a blocking socket; None at a clean end of stream, ProtocolError
-    at an end in the middle."""
+    """Exactly ``n`` bytes from a blocking socket; None at a clean end, ProtocolError mid-frame."""
     return _read_exact(sock.recv, n)
 
 

@@ -294,9 +294,9 @@ class CallHandle(Handle):
         # the exit came ~0.2-0.3 ms later (bench/FINDINGS.md, twelfth session). Without a cgroup,
         # that wait would walk /proc (~1 ms) while the worker still exits: the word is sooner.
         done = self.done
-        if not (self.status_known or self.server_lost
-                or (done is not None and (self.exited or (done.event == "stopped" and self.tree is not None
-                                                          and self.tree.cgroup is not None)))):
+        contained = self.tree is not None and self.tree.cgroup is not None
+        over = done is not None and (self.exited or (done.event == "stopped" and contained))
+        if not (self.status_known or self.server_lost or over):
             return
         # What the worker printed at fd level is in the pipes now; a grandchild that keeps
         # them open does not hold the job (we take what is there and close).
