@@ -439,6 +439,33 @@ def test_the_port_is_thread_safe(s: Session) -> None:
     assert len(output) <= threads * per * 3 // 2  # records after the end were absorbed
 
 
+def test_a_job_keeps_the_one_instance_id_that_threads_asking_first_at_once_were_given(s: Session) -> None:
+    # The key is made on first use; the host's journal writer and a request may be first together.
+    # A CI run once stored one key and showed another (test_connect's host restart).
+    jobs = [start(s)[0] for _ in range(200)]
+    threads = 4
+    seen: list[list[Any]] = [[] for _ in range(threads)]
+    go = threading.Barrier(threads)
+
+    def ask(t: int) -> None:
+        go.wait()
+        seen[t] = [job.instance_id for job in jobs]
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows, to meet the race
+    try:
+        workers = [threading.Thread(target=ask, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=30)
+    finally:
+        sys.setswitchinterval(old)
+    kept = [job.instance_id for job in jobs]
+    assert all(ids == kept for ids in seen)
+    assert len(set(kept)) == len(jobs)
+
+
 # --- the registry and the layers ---------------------------------------------------------------------
 
 def test_the_registry_loads_backends_by_name_when_first_used() -> None:

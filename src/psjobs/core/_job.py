@@ -167,9 +167,16 @@ class Job:
     @property
     def instance_id(self) -> uuid.UUID:
         """The job's unique key (made on first use: most jobs are never asked for it)."""
-        if self._iid is None:
-            self._iid = uuid.uuid4()
-        return self._iid
+        iid = self._iid
+        if iid is None:
+            # Two threads may ask first at once (the host's journal writer and a request):
+            # both must get the key the job keeps, so it is set under the lock, once.
+            made = uuid.uuid4()
+            with _ids_lock:
+                if self._iid is None:
+                    self._iid = made
+                return self._iid
+        return iid
 
     @property
     def name(self) -> str:
