@@ -362,6 +362,10 @@ def test_host_requests_behave_as_records() -> None:
         hp.StartRequest(cwd="/")
     with pytest.raises(TypeError, match="missing required argument: 'command'"):
         hp.StartRequest()  # by position (the fast path of the wire's messages) as by name
+    from psjobs.worker import _wire as wire
+
+    assert wire.Done("fail", None, "tb", 3) == wire.Done(event="fail", traceback="tb", exit_code=3)
+    assert (wire.Done("complete").reason, wire.Done("complete").exit_code) == (None, None)
     with pytest.raises(TypeError, match="multiple values"):
         hp.RemoveResult([1], removed=[2])
     with pytest.raises(TypeError):

@@ -370,17 +370,15 @@ class JobPort:
         with self._lock:
             self._job._apply(Event.RESUME)
 
-    def ended(self, outcome: Outcome, tail: Iterable[Entry] = (), *, hand_off: bool = False,
-              own_thread: bool = False) -> bool:
+    def ended(self, outcome: Outcome, tail: Iterable[Entry] = (), *, own_thread: bool = False) -> bool:
         """The last records and the end, in one step, so no reader sees the end before the tail.
 
         Idempotent: True the first time, False (and nothing changes) once the job is finished.
-        ``hand_off``: a thread this end wakes (wait_job, a reader) gets the GIL at once (see
-        _hand_off), for a backend that reports from a thread of its own that goes on working.
-        ``own_thread``: as for ``started``.
+        ``own_thread``: as for ``started``. No GIL hand-off here, unlike ``records``: a backend's
+        thread tells the end as its last work for the job, so the thread it wakes meets none of
+        that work later (bench/FINDINGS.md, thirteenth session).
         """
         job = self._job
-        woke = False
         lock = self._lock
         if own_thread:
             wait_free(lock)
@@ -391,15 +389,10 @@ class JobPort:
                 tail = tail if isinstance(tail, list) else list(tail)
                 if job._session._sched.retry_locked(job, outcome, tail):
                     return True  # it runs again
-            session = job._session
-            # before a notify; any wait_job counts (its target may be this job's parent)
-            woke = hand_off and bool(session._cond._waiters or session._targets)  # type: ignore[attr-defined]
             if tail:
                 job._extend(tail if isinstance(tail, list) else list(tail))
             job._apply(outcome.event, reason=outcome.reason, exit_code=outcome.exit_code)
         self._relieve()
-        if woke:
-            _hand_off(session)
         return True
 
     def __repr__(self) -> str:

@@ -185,8 +185,9 @@ class CallHandle(Handle):
                 # over now. Waiting for its exit too cost ~0.5 ms a job (the kernel tears down
                 # the worker's memory before it closes the socket); the fork server reaps it.
                 self.eof = self.exited = True
-                self.maybe_end()  # reads what fd 1 and 2 hold, then finishes the job
-                self.close()
+                self.maybe_end()  # reads what fd 1 and 2 hold, closes them, then finishes the job
+                if not self.finished:
+                    self.close()  # a stop came meanwhile: it finishes once nothing of the job is left
         elif kind == HELLO:
             hello = Hello.decode(payload)
             if hello.version != VERSION:
@@ -321,7 +322,7 @@ class CallHandle(Handle):
                 f"the worker process {self.pid} of Job {self.port.job_id} {status_text(status)} before it "
                 f"reported the end of the job ({why}); the records it wrote before are kept. Run the code "
                 f"in a thread job or under a debugger to see where"), code)
-        self.end(entries, outcome)
+        self.end(entries, outcome)  # closes every descriptor of the job, unless a stop still waits
         self._close_pipes()  # what the worker wrote to them is in the job now
 
     def send_input(self, text: str) -> None:

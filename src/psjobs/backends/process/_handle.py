@@ -85,10 +85,12 @@ class Handle:
             return
         self.finished = True
         self.released()  # before the end is told: whoever waits for it may start the next job
-        # The I/O thread goes on (closing the job's descriptors), and the thread this end wakes
-        # waited for the GIL until its next system call: 47-50 us from the end to wait_job's
-        # return in a trivial job, 23-26 us with the hand-off (bench/FINDINGS.md, ninth session).
-        self.port.ended(outcome, entries, hand_off=True, own_thread=self.backend.loop.on_loop())
+        # Its descriptors are closed before the end is told, and the end is this thread's last
+        # work for the job. Closed after it, with the GIL handed to the woken thread, the close
+        # met that thread's next start_job: 30-40 us of the I/O thread inside it, ~60 us on the
+        # clock (a lambda job right after another: bench/FINDINGS.md, thirteenth session).
+        self.close()
+        self.port.ended(outcome, entries, own_thread=self.backend.loop.on_loop())
 
     def _after_stop(self, entries: list[Entry], outcome: Outcome, deadline: float) -> None:
         assert self.tree is not None
@@ -102,7 +104,7 @@ class Handle:
             gone = self.tree.gone()
         if gone or time.monotonic() > deadline:
             self.finished = True
-            self._unwatch()
+            self.close()  # the pidfds this stop watched too
             self.released()
             self.port.ended(outcome, entries)
             return
