@@ -152,11 +152,22 @@ def join_cgroup(path: str) -> None:
 
     Called before the job's code runs (or its command is spawned), so that whatever it starts is
     born inside. A failure leaves it where it is: its process group still covers what stays in it.
+    System calls and no more: in a worker just forked, each page of the server's objects that
+    Python writes (a reference count) is copied. With contextlib.suppress and os.path.join this
+    copied ~40 pages a worker, against ~8 (bench/FINDINGS.md, thirteenth session).
     """
-    with contextlib.suppress(OSError):
-        with contextlib.suppress(FileExistsError):
+    try:
+        try:
             os.mkdir(path)
-        _write(path, "cgroup.procs", b"0")  # 0: the writing process
+        except FileExistsError:
+            pass
+        fd = os.open(path + "/cgroup.procs", os.O_WRONLY)
+        try:
+            os.write(fd, b"0")  # 0: the writing process
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def leave_cgroup(home: str | None) -> None:
