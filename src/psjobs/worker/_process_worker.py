@@ -347,6 +347,11 @@ def _finish(writer: Writer, pump: _Pump | None, ended: Ended) -> None:
         pump.wake()
         pump.join(0.2)
     writer.finish(ended)
+    # That write woke the session's reader, and the kernel often queues it on this CPU (a socket's
+    # wake-up is "sync": the writer is expected to sleep). This process exits instead, and the
+    # tear-down of its memory ran 0.5-0.8 ms before that reader did, the other CPU idle meanwhile
+    # (perf sched: bench/FINDINGS.md, thirteenth session). The reader goes first.
+    os.sched_yield()
 
 
 def restore_pythonpath() -> None:
