@@ -351,7 +351,11 @@ def _finish(writer: Writer, pump: _Pump | None, ended: Ended) -> None:
     # wake-up is "sync": the writer is expected to sleep). This process exits instead, and the
     # tear-down of its memory ran 0.5-0.8 ms before that reader did, the other CPU idle meanwhile
     # (perf sched: bench/FINDINGS.md, thirteenth session). The reader goes first.
-    os.sched_yield()
+    if _sched_yield is not None:  # not every Unix a remote worker runs on has it
+        _sched_yield()
+
+
+_sched_yield = getattr(os, "sched_yield", None)
 
 
 def restore_pythonpath() -> None:

@@ -152,9 +152,10 @@ def join_cgroup(path: str) -> None:
 
     Called before the job's code runs (or its command is spawned), so that whatever it starts is
     born inside. A failure leaves it where it is: its process group still covers what stays in it.
-    System calls and no more: in a worker just forked, each page of the server's objects that
-    Python writes (a reference count) is copied. With contextlib.suppress and os.path.join this
-    copied ~40 pages a worker, against ~8 (bench/FINDINGS.md, thirteenth session).
+    System calls and little else: in a worker just forked, each page of the server's objects that
+    Python writes (a reference count) is copied. With contextlib.suppress and os.path.join the
+    join copied ~38 pages a worker; now ~15, the system calls alone ~8 (bench/FINDINGS.md,
+    thirteenth session).
     """
     try:
         try:
