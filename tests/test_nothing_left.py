@@ -73,6 +73,29 @@ def _job_fds(me: psutil.Process, session: psjobs.Session) -> int:
     return me.num_fds() - (len(server.spares) if server is not None else 0)
 
 
+@pytest.mark.parametrize("kind", ["callable", "command"])
+def test_a_process_jobs_descriptors_are_closed_when_wait_job_returns(kind: str) -> None:
+    """The I/O thread closes a finished process job's socket and pipes before it tells the end,
+    so none of them is open once wait_job returns: nothing to wait for, nothing closed later."""
+    session = psjobs.Session()
+    server_spares = lambda: getattr(session._backends.get("process"), "_server", None)  # noqa: E731
+    try:
+        session.remove_job(session.start_job(["true"] if kind == "command" else (lambda: 1)), force=True)
+        for _ in range(TRIES):
+            before = set(_fd_targets().values())
+            job = session.start_job(["true"] if kind == "command" else (lambda: 1))
+            opened = set(_fd_targets().values()) - before  # the job's (and maybe a new spare's socket)
+            assert session.wait_job(job, timeout=30) == [job] and job.state is JobState.COMPLETED
+            now = _fd_targets()
+            server = server_spares()
+            spares = {now.get(sock.fileno()) for _, sock in (server.spares if server is not None else ())}
+            left = (opened & set(now.values())) - spares
+            assert not left, f"{kind}: {left} of {job!r} still open when wait_job returned"
+            session.remove_job(job)
+    finally:
+        session.close()
+
+
 @pytest.mark.parametrize("kind", ["thread", "process", "command"])
 def test_case2_stop_or_remove_right_after_start_leaves_nothing_running(kind: str, tmp_path: Path) -> None:
     """A job stopped, or removed with force, right after its start never runs afterwards: its
