@@ -154,7 +154,7 @@ def join_cgroup(path: str) -> None:
     born inside. A failure leaves it where it is: its process group still covers what stays in it.
     System calls and little else: in a worker just forked, each page of the server's objects that
     Python writes (a reference count) is copied. With contextlib.suppress and os.path.join the
-    join copied ~38 pages a worker; now ~15, the system calls alone ~8 (bench/FINDINGS.md,
+    join copied ~38 pages a worker; now ~17, the system calls alone ~6-8 (bench/FINDINGS.md,
     thirteenth session).
     """
     try:
@@ -162,11 +162,7 @@ def join_cgroup(path: str) -> None:
             os.mkdir(path)
         except FileExistsError:
             pass
-        fd = os.open(path + "/cgroup.procs", os.O_WRONLY)
-        try:
-            os.write(fd, b"0")  # 0: the writing process
-        finally:
-            os.close(fd)
+        _write(path, "cgroup.procs", b"0")  # 0: the writing process
     except OSError:
         pass
 
@@ -187,7 +183,7 @@ def kill_cgroup(path: str) -> None:
 
 def _write(cgroup: str, name: str, data: bytes) -> None:
     """One write to a cgroup control file (a single write(2): the kernel acts on each one)."""
-    fd = os.open(os.path.join(cgroup, name), os.O_WRONLY)
+    fd = os.open(f"{cgroup}/{name}", os.O_WRONLY)  # not os.path.join: see join_cgroup
     try:
         os.write(fd, data)
     finally:
