@@ -146,6 +146,24 @@ def test_a_failed_dependency_fails_its_dependents_without_running_them(session: 
     assert second.attempts == 0
 
 
+def test_a_dependents_message_names_its_dependency_running_once_the_scheduler_started_it(
+        session: psjobs.Session) -> None:
+    # The scheduler's own thread starts the delayed job, then looks at the held ones before that job
+    # reports itself running: the dependent said "(NotStarted)" until the scheduler's next wake-up,
+    # up to a minute later (a CI run caught it), since a job's start woke no one.
+    gate = threading.Event()
+    first = session.start_thread_job(gate.wait, 20, delay=0.2)
+    second = session.start_thread_job(lambda: None, after=first)
+    try:
+        wait_until(lambda: first.state is JobState.RUNNING, what="the delayed job to run")
+        wait_until(lambda: second.status_message
+                   == f"waiting for Job {first.id} {first.name!r} (Running) to complete", 5,
+                   f"the dependent's message to name the dependency Running, not {second.status_message!r}")
+    finally:
+        gate.set()
+    assert session.wait_job([first, second], timeout=20) == [first, second]
+
+
 def test_a_stopped_dependency_fails_its_dependent(session: psjobs.Session) -> None:
     first = session.start_job("sleep 30")
     second = session.start_job("echo never", after=first)

@@ -451,6 +451,10 @@ class Job:
                     targets.clear()
             if new is JobState.BLOCKED:
                 session._blocks += 1
+        elif self._session._sched._held:
+            # But the scheduler, while it holds jobs: their status_message names the state of the
+            # jobs they run after ("... (Running) to complete"), and it rewrites them when woken.
+            self._session._cond.notify_all()
 
     def _rederive(self, now: float) -> None:
         assert self._children is not None and self._counts is not None
