@@ -527,3 +527,30 @@ def test_a_spill_directory_whose_lock_is_held_is_kept_whatever_its_pid(tmp_path:
         os.close(fd)  # the session ends
     _spill._prune_dead()
     assert not directory.exists()
+
+
+def test_a_spill_pass_writes_the_oldest_records_and_keeps_the_newest_in_memory(session: psjobs.Session) -> None:
+    """Past the window, a pass writes a journal's oldest records until memory is back to about half
+    the window, not the whole journal: the newest, which a reader that keeps up has not taken yet,
+    stay in memory, and every record still comes back in order."""
+    from psjobs.core import _spill
+
+    values = list(range(100_000, 130_000))
+    job = session.start_thread_job(lambda: (v for v in values))
+    assert job.wait(timeout=60)
+    journal = job._journal
+    assert isinstance(journal, _spill.SpillJournal) and journal._mem_at[0] == 0  # all in memory
+    spill = session._spill
+    window = spill.window
+    try:
+        spill.window = spill.held - 1  # just past it: one pass
+        spill.relieve()
+        base, mem = journal._mem_at
+        assert base > 0 and mem, "some records on disk, the newest in memory"
+        assert [e[1] for e in mem] == values[base:], "what stays in memory is the newest"
+        half = spill.window // 2
+        assert half * 0.9 <= spill.held <= half, (spill.held, half)
+    finally:
+        spill.window = window
+    assert [e[1] for e in journal.read(0, len(journal))] == values
+    assert job.receive() == values

@@ -5,7 +5,8 @@
     Job._extend (session lock) --> SpillJournal.extend: append, add an estimate of its bytes to
                                    Spill.held (no I/O)
     JobPort.records / record / ended, after the lock --> Spill.relieve(), when held > WINDOW:
-        under the session lock:  claim the in-memory entries of the biggest journals (no I/O)
+        under the session lock:  claim the biggest journals' oldest in-memory entries, down to
+                                 half the window (no I/O)
         outside it:              pickle them in blocks, written after what each journal's file holds
         under the session lock:  index the blocks, drop the entries from memory, held -= bytes
     Session._read (no lock) --> SpillJournal.read(start, stop): blocks read back from the file
@@ -313,8 +314,25 @@ class Spill:
                 base, mem = journal._mem_at
                 if not mem:
                     continue
-                claims.append((journal, base, list(mem), journal._sizes[:], journal._bytes))
-                excess -= journal._bytes
+                sizes = journal._sizes
+                if len(sizes) != len(mem):  # a stop landed inside a thread job's record: see _write
+                    sizes = journal._sizes = list(_sizes(mem))
+                    spill_bytes = _ENTRY * len(mem) + sum(sizes)
+                    self.held += spill_bytes - journal._bytes
+                    excess += spill_bytes - journal._bytes
+                    journal._bytes = spill_bytes
+                if journal._bytes <= excess:
+                    k, n_bytes = len(mem), journal._bytes
+                else:
+                    # Only the oldest entries that bring memory back to half the window (the count
+                    # at the journal's mean entry, then counted exactly), not the whole journal:
+                    # those are the ones already received, most likely, and a job streaming to a
+                    # reader that keeps up wrote a fifth less to disk (bench core's thread stream),
+                    # nor read back the newest ones that its reader had not taken yet.
+                    k = min(len(mem), -(-len(mem) * excess // journal._bytes))
+                    n_bytes = _ENTRY * k + sum(sizes[:k])
+                claims.append((journal, base, mem[:k], sizes[:k], n_bytes))
+                excess -= n_bytes
         if not claims:
             return
         directory = self._directory()
