@@ -598,6 +598,37 @@ def test_callable_jobs_see_the_callers_environment_when_they_start(session: psjo
                                  "PSJOBS_TEST_GONE": None, "PYTHONPATH": os.environ.get("PYTHONPATH")}]
 
 
+def test_a_change_to_the_environment_while_the_first_job_starts_reaches_the_next_job(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first process job of a session takes the environment its fork server starts with. A
+    variable another thread sets at that very moment is either in it or seen as a change: the next
+    job has it either way (the environment and the token compared against it were two reads, and a
+    change between them was taken for no change: the next job ran without the variable)."""
+    from psjobs.backends.process import _backend
+
+    real = _backend.environ_now
+    changed: list[bool] = []
+
+    def another_thread_sets_it_now() -> Any:
+        if not changed:
+            changed.append(True)
+            os.environ["PSJOBS_TEST_RACE"] = "set while the first job started"
+        return real()
+
+    monkeypatch.delenv("PSJOBS_TEST_RACE", raising=False)
+    monkeypatch.setattr(_backend, "environ_now", another_thread_sets_it_now)
+    try:
+        with psjobs.Session() as s:
+            first = s.start_job(environment, "PSJOBS_TEST_RACE")
+            assert first.wait(30)
+            second = s.start_job(environment, "PSJOBS_TEST_RACE")
+            assert second.wait(30)
+            assert changed
+            assert second.receive() == [{"PSJOBS_TEST_RACE": "set while the first job started"}]
+    finally:
+        os.environ.pop("PSJOBS_TEST_RACE", None)
+
+
 def test_process_jobs_started_from_many_threads_at_once(session: psjobs.Session) -> None:
     """Each starting thread registers its job with the session's I/O loop itself."""
     import threading

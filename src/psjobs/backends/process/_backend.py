@@ -89,6 +89,7 @@ class ProcessBackend(Backend):
         self.start_method = os.environ.get("PSJOBS_START_METHOD", "fork")
         self._base: dict[str, str] | None = None  # the environment the fork servers start with
         self._base_data: Any = None
+        self._base_lock = threading.Lock()
 
     def base_environ(self) -> dict[str, str]:
         """The environment of every fork server of this session: the caller's at the first one.
@@ -96,11 +97,22 @@ class ProcessBackend(Backend):
         A server restarted after a death gets the same one, so a job compared against it at its
         start is still right if it is handed to the new server.
         """
-        if self._base is None:
-            self._base = dict(os.environ)
-            data = environ_now()
-            self._base_data = dict(data) if data is not None else None
-        return self._base
+        base = self._base
+        if base is None:
+            with self._base_lock:
+                base = self._base
+                if base is None:
+                    # Both from one copy of the mapping, published environment last: another thread
+                    # that starts a job meanwhile, or changes os.environ, sees a pair that agrees
+                    # (two reads of os.environ could differ, and a job then ran in the wrong one).
+                    data = environ_now()
+                    if data is None:
+                        base = dict(os.environ)
+                    else:
+                        self._base_data = dict(data)
+                        base = {os.fsdecode(k): os.fsdecode(v) for k, v in self._base_data.items()}
+                    self._base = base
+        return base
 
     def _job_environ(self, spec: JobSpec) -> dict[str, str] | None:
         """What the worker must set: None when it already has the caller's environment."""
@@ -110,7 +122,6 @@ class ProcessBackend(Backend):
             return None  # a fresh interpreter inherits the caller's environment as it is now
         if self._base is None:
             self.base_environ()  # the first server is about to start with this environment
-            return None
         data = environ_now()
         if data is not None and data == self._base_data:
             return None
