@@ -326,9 +326,9 @@ class Spill:
                 else:
                     # Only the oldest entries that bring memory back to half the window (the count
                     # at the journal's mean entry, then counted exactly), not the whole journal:
-                    # those are the ones already received, most likely, and a job streaming to a
-                    # reader that keeps up wrote a fifth less to disk (bench core's thread stream),
-                    # nor read back the newest ones that its reader had not taken yet.
+                    # the newest, which a reader that keeps up has not taken yet, stay in memory,
+                    # and a thread job streaming 100,000 items spilled fewer of them (bench core's
+                    # stream: the passes' CPU 109 -> 99 ms over 9 streams, their writes 79 -> 64).
                     k = min(len(mem), -(-len(mem) * excess // journal._bytes))
                     n_bytes = _ENTRY * k + sum(sizes[:k])
                 claims.append((journal, base, mem[:k], sizes[:k], n_bytes))
