@@ -224,8 +224,6 @@ class SpillJournal:
         # _BLOCK_BYTES (as cost() counts them). The running sums are made by map/accumulate and the
         # ends found by bisect, in C: a Python loop over the entries took ~30 ms a 100,000 at load ~1 (a
         # process job streaming faster than its reader spills every entry: bench core's streaming).
-        if len(sizes) != len(entries):  # a stop landed inside a thread job's record (JobPort.record)
-            sizes = list(_sizes(entries))
         values_end = list(accumulate(sizes, initial=0))  # with _ENTRY an entry, added in the key below
         ends = range(len(entries) + 1)
         try:
@@ -315,7 +313,7 @@ class Spill:
                 if not mem:
                     continue
                 sizes = journal._sizes
-                if len(sizes) != len(mem):  # a stop landed inside a thread job's record: see _write
+                if len(sizes) != len(mem):  # a stop landed inside a thread job's record (JobPort.record)
                     sizes = journal._sizes = list(_sizes(mem))
                     spill_bytes = _ENTRY * len(mem) + sum(sizes)
                     self.held += spill_bytes - journal._bytes
@@ -363,7 +361,7 @@ class Spill:
                 # lands at a call's end): the count follows the list. The sizes after: one that
                 # lands here leaves them uneven, and the next pass sizes its entries again.
                 del journal._sizes[:len(entries)]
-                if len(journal._sizes) != len(journal._mem_at[1]):  # see _write
+                if len(journal._sizes) != len(journal._mem_at[1]):  # a stop again, while the pass wrote
                     journal._sizes = list(_sizes(journal._mem_at[1]))
 
     def _directory(self) -> str | None:
