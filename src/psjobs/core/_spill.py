@@ -326,7 +326,7 @@ class Spill:
                     # at the journal's mean entry, then counted exactly), not the whole journal:
                     # the newest, which a reader that keeps up has not taken yet, stay in memory,
                     # and a thread job streaming 100,000 items spilled fewer of them (bench core's
-                    # stream: the passes' CPU 109 -> 99 ms over 9 streams, their writes 79 -> 64).
+                    # stream: the passes' CPU 108-115 -> 97 ms over 9 streams, writes 77-83 -> 63, load 0.3).
                     k = min(len(mem), -(-len(mem) * excess // journal._bytes))
                     n_bytes = _ENTRY * k + sum(sizes[:k])
                 claims.append((journal, base, mem[:k], sizes[:k], n_bytes))

@@ -408,7 +408,7 @@ class _Server:
                 # With no token, the session finds the job it may have handed that spare by the pid.
                 self.tell(("exited", self.workers.pop(pid), pid, status))
                 if cgroup is not None:  # empty unless something of the job outlives it; removed
-                    try:  # after the word, off the job's path (20-45 us)
+                    try:  # after the word, off the job's path
                         os.rmdir(cgroup)
                     except OSError:  # not contextlib.suppress: each page this server writes after
                         pass  # a fork is copied (see from_session)
