@@ -5,7 +5,7 @@
     fork server start --make_session_cgroup--> <our cgroup>/psjobs-<server pid>/   (cgroup v2, writable)
         while it imports --Warmer (a thread)--> moves it between .../warm-a and warm-b, then home
     a worker or command, before it runs anything --join_cgroup--> .../psjobs-<server pid>/<its pid>/
-        (a command the session starts itself: .../c<n>/, joined by its vfork child: _direct)
+        (a command the session starts itself: .../c<n>/, born there by clone3, or joined by its vfork child: _direct)
     stop --ProcessTree.signal(TERM)--> every member;  kill --> cgroup.kill (or SIGSTOP, walk, SIGKILL)
     ProcessTree.gone() --> the job is Stopped only then
     the session ends --fork server: cgroup.kill on its whole directory--> nothing of any job is left

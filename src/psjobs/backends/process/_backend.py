@@ -7,7 +7,7 @@
           +-- job socket + fd 1/2 pipes --> a warm spare the fork server handed over
           +-- (no spare left) ("fork", token) + the same --> fork server --fork--+
                                            fork server --("spare"/"forked"/"exited")--> I/O loop
-    start_job("cmd" | [argv]) --_direct: vfork, into a cgroup under the fork server's, setsid, exec--> command
+    start_job("cmd" | [argv]) --_direct: clone3 (or vfork) into a cgroup under the fork server's, exec--> command
         (no cgroup or no _cspawn: ("command") + pipes --> fork server --posix_spawn--> command;
          the session host's: Popen, own session)  stdout lines -> output, stderr lines -> errors,
                                                       exit status <- pidfd, or fork server ("exited")

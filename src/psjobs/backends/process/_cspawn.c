@@ -1,22 +1,32 @@
 /* Start a command straight into a cgroup of its own, from the session's process.
  *
- *     spawn(paths, argv, envp, stdin, stdout, stderr, cwd, umask, cgroup_procs) -> (pid, 0, 0)
+ *     spawn(paths, argv, envp, stdin, stdout, stderr, cwd, umask, cgroup_dir, how) -> (pid, 0, 0, born_in)
  *
- *     session --vfork--> child (shares our memory until it execs; every signal blocked):
- *         write "0" to the job cgroup's cgroup.procs (the child moves itself: born in the
- *         session's cgroup, it is in the job's before the command runs a single instruction),
+ *     session --clone3(CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP), on a stack of its own-->
+ *         child, born in the job's cgroup (shares our memory until it execs; every signal blocked):
  *         setsid, stdio onto fd 0/1/2, every other descriptor closed, cwd, umask,
  *         handlers back to default, our signal mask back, execve of each path in turn
+ *     where clone3 cannot (not x86-64, a kernel before 5.7, a seccomp filter that refuses it):
+ *     session --vfork--> the same child, which first writes "0" to the cgroup's cgroup.procs
+ *         (it moves itself: born in the session's cgroup, it is in the job's before the command
+ *         runs a single instruction)
  *     a failed step: its errno and which step in `failure` (shared memory), _exit(127)
- *         -> (-1, errno, step): the caller raises it in Popen's words (_direct.py)
+ *         -> (-1, errno, step, born_in): the caller raises it in Popen's words (_direct.py)
+ *
+ * Why born in the cgroup: a move takes the kernel's cgroup_threadgroup_rwsem for writing, and the
+ * first move after an idle moment waits for an RCU grace period: a command started 100 ms after
+ * the last took 7.4 ms to reach its exec this way, 0.32 ms born in its cgroup (load 0.3; see
+ * bench/FINDINGS.md, "A command after a quiet moment"). A child born there takes that lock only
+ * for reading, as every fork does.
  *
  * Why not posix_spawn or subprocess: neither can put the child in a cgroup before it runs
  * (glibc 2.41's posix_spawn can, with clone3's CLONE_INTO_CGROUP; not here), so commands went
  * through the fork server, which stepped into each job's cgroup around its spawn: one more process
  * hop each way (bench/FINDINGS.md, "A command's start, split in two").
  *
- * Only async-signal-safe calls run in the child: it shares the parent's memory (vfork), so it
- * writes nothing but `failure` and its own frame (child(), below the parent's), and never returns.
+ * Only async-signal-safe calls run in the child: it shares the parent's memory, so it writes
+ * nothing but `failure` and its own frames (on its own stack, or below the parent's after vfork),
+ * and never returns.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -24,7 +34,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -34,6 +46,9 @@
 
 #ifndef SYS_close_range
 #define SYS_close_range 436
+#endif
+#ifndef SYS_clone3
+#define SYS_clone3 435
 #endif
 
 static char **
@@ -81,9 +96,52 @@ struct child_args {
     volatile int *failure;  /* [errno, step]: the parent reads it once the child has exec'd or exited */
 };
 
+static void child(const struct child_args *a);
+
+#if defined(__linux__) && defined(__x86_64__)
+#define HAVE_CLONE_INTO 1
+
+/* clone3's arguments as the kernel reads them (linux/sched.h's struct clone_args, which older
+ * headers lack or have without `cgroup`). */
+struct clone3_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+        set_tid_size, cgroup;
+};
+#define INTO_CGROUP 0x200000000ULL  /* CLONE_INTO_CGROUP, Linux >= 5.7 */
+#define CHILD_STACK (64 * 1024)     /* child() and the libc calls it makes need a few KiB */
+
+/* clone3 as vfork, but born in a cgroup: the child starts on its own stack (no libc wrapper can
+ * return there), so this calls child(a) from assembly; the parent gets the pid or -errno once the
+ * child has exec'd or exited. The child's registers are the parent's, except rax (0) and the two
+ * that the syscall instruction clobbers, so fn and a ride in r12 and r13. */
+static long
+clone3_into(struct clone3_args *cl, const struct child_args *a)
+{
+    long ret;
+    register void (*fn)(const struct child_args *) __asm__("r12") = child;
+    register const struct child_args *arg __asm__("r13") = a;
+    __asm__ volatile(
+        "syscall\n\t"
+        "test %%rax, %%rax\n\t"
+        "jnz 1f\n\t"
+        "xor %%ebp, %%ebp\n\t"  /* the child: an outermost frame on its own stack */
+        "mov %%r13, %%rdi\n\t"
+        "call *%%r12\n\t"       /* never returns */
+        "hlt\n\t"
+        "1:\n\t"
+        : "=a"(ret)
+        : "0"((long)SYS_clone3), "D"(cl), "S"(sizeof *cl), "r"(fn), "r"(arg)
+        : "rcx", "r11", "memory");
+    return ret;
+}
+
+/* Set once clone3 proved unusable here (a kernel before 5.7, a seccomp filter): vfork from then on. */
+static volatile int clone3_refused = 0;
+#endif
+
 /* The child's whole life, in a frame of its own below the parent's (the parent's frame, suspended
  * in vfork, is left as it was): it never returns. */
-static void __attribute__((noinline, noreturn))
+static void __attribute__((noinline, noreturn, used))
 child(const struct child_args *a)
 {
     int step = STEP_CGROUP;
@@ -139,8 +197,9 @@ cspawn_spawn(PyObject *self, PyObject *args)
 {
     struct child_args a;
     PyObject *paths_obj, *argv_obj, *envp_obj, *cwd_obj;
-    if (!PyArg_ParseTuple(args, "OOOiiiOii", &paths_obj, &argv_obj, &envp_obj, &a.in_fd, &a.out_fd, &a.err_fd,
-                          &cwd_obj, &a.mask, &a.cgroup_fd))
+    int cgroup_dir, how;
+    if (!PyArg_ParseTuple(args, "OOOiiiOiii", &paths_obj, &argv_obj, &envp_obj, &a.in_fd, &a.out_fd, &a.err_fd,
+                          &cwd_obj, &a.mask, &cgroup_dir, &how))
         return NULL;
     if (cwd_obj == Py_None) {
         a.cwd = NULL;
@@ -162,18 +221,55 @@ cspawn_spawn(PyObject *self, PyObject *args)
     }
     volatile int failure[2] = {0, 0};
     a.failure = failure;
+    a.cgroup_fd = -1;
     sigset_t all, old;
     sigfillset(&all);
     a.old = &old;
-    pid_t pid;
-    int vfork_errno = 0;
+    pid_t pid = -1;
+    int fork_errno = 0, born_in = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid = vfork();
-    if (pid == 0)
-        child(&a);
-    if (pid < 0)
-        vfork_errno = errno;
+#ifdef HAVE_CLONE_INTO
+    if (how == 0 && cgroup_dir >= 0 && !clone3_refused) {
+        char *stack = PyMem_RawMalloc(CHILD_STACK);  /* 16-byte aligned, as the stack's top must be */
+        if (stack != NULL) {
+            struct clone3_args cl;
+            memset(&cl, 0, sizeof cl);
+            cl.flags = CLONE_VM | CLONE_VFORK | INTO_CGROUP;
+            cl.exit_signal = SIGCHLD;
+            cl.stack = (uint64_t)(uintptr_t)stack;
+            cl.stack_size = CHILD_STACK;
+            cl.cgroup = (uint64_t)cgroup_dir;
+            long got = clone3_into(&cl, &a);
+            PyMem_RawFree(stack);  /* the child is gone from it: exec'd or exited */
+            if (got > 0) {
+                pid = (pid_t)got;
+                born_in = 1;
+            } else if (got == -ENOSYS || got == -EPERM || got == -E2BIG || got == -EINVAL) {
+                clone3_refused = 1;
+            }
+            /* Other errors (the cgroup refused us, no memory): the vfork path tries, and says why. */
+        }
+    }
+#endif
+    if (!born_in) {
+        if (cgroup_dir >= 0) {
+            a.cgroup_fd = openat(cgroup_dir, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+            if (a.cgroup_fd < 0) {
+                failure[0] = errno;
+                failure[1] = STEP_CGROUP;
+            }
+        }
+        if (failure[0] == 0) {
+            pid = vfork();
+            if (pid == 0)
+                child(&a);
+            if (pid < 0)
+                fork_errno = errno;
+        }
+        if (a.cgroup_fd >= 0)
+            close(a.cgroup_fd);
+    }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (pid > 0 && failure[0] != 0) {
         int status;
@@ -184,21 +280,23 @@ cspawn_spawn(PyObject *self, PyObject *args)
     PyMem_Free(a.paths);
     PyMem_Free(a.argv);
     PyMem_Free(a.envp);
+    if (failure[0] != 0)
+        return Py_BuildValue("(iiii)", -1, failure[0], failure[1], born_in);
     if (pid < 0) {
-        errno = vfork_errno;
+        errno = fork_errno;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    if (failure[0] != 0)
-        return Py_BuildValue("(iii)", -1, failure[0], failure[1]);
-    return Py_BuildValue("(iii)", (int)pid, 0, 0);
+    return Py_BuildValue("(iiii)", (int)pid, 0, 0, born_in);
 }
 
 static PyMethodDef methods[] = {
     {"spawn", cspawn_spawn, METH_VARARGS,
-     "spawn(paths, argv, envp, stdin, stdout, stderr, cwd, umask, cgroup_procs) -> (pid, 0, 0)\n\n"
-     "Start the first of paths that execs, in a session of its own, moved into a cgroup first (cgroup_procs: an open\n"
-     "cgroup.procs, or -1), with these descriptors as fd 0, 1, 2 and no other; cwd (bytes) None: ours;\n"
-     "umask -1: ours. (-1, errno, step) when a step failed (1 cgroup, 2 stdio, 3 cwd, 4 exec)."},
+     "spawn(paths, argv, envp, stdin, stdout, stderr, cwd, umask, cgroup_dir, how) -> (pid, 0, 0, born_in)\n\n"
+     "Start the first of paths that execs, in a session of its own, in a cgroup (cgroup_dir: an open directory of\n"
+     "cgroup v2, or -1) before it runs, with these descriptors as fd 0, 1, 2 and no other; cwd (bytes) None: ours;\n"
+     "umask -1: ours. how 0: born in the cgroup where clone3 can, else moved into it; how 1: always moved.\n"
+     "born_in: 1 when it was born there. (-1, errno, step, born_in) when a step failed (1 cgroup, 2 stdio,\n"
+     "3 cwd, 4 exec)."},
     {NULL, NULL, 0, NULL},
 };
 

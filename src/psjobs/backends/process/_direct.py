@@ -3,8 +3,9 @@
 ::
 
     start_job("cmd" | [argv]) --an empty cgroup under the fork server's (ForkClient.take_cgroup: made,
-        or one a finished command left empty), its cgroup.procs opened-->
-        _cspawn.spawn (vfork: the child moves itself into that cgroup, setsid, fd 0/1/2, exec)
+        or one a finished command left empty), its directory opened-->
+        _cspawn.spawn (clone3: the child is born in that cgroup; where clone3 cannot, vfork and the
+        child moves itself there; then setsid, fd 0/1/2, exec)
         --> the command, our child: its exit status on a pidfd (the I/O loop), as Popen's would be
     the command's end, its cgroup empty --> ForkClient.give_cgroup: the next command's
     the session ends, however (SIGKILL too) --> the fork server kills its cgroup, this one's with it
@@ -31,6 +32,9 @@ except ImportError:  # built without a C compiler: the fork server starts comman
     _cspawn = None  # type: ignore[assignment]
 
 _STEPS = {1: "cgroup", 2: "stdio", 3: "cwd", 4: "exec"}
+# False: every command is moved into its cgroup after a vfork, even where clone3 could have it
+# born there (the tests check both ways).
+born_in_cgroup = True
 
 
 def available() -> bool:
@@ -49,13 +53,14 @@ def spawn(argv: Sequence[str], env: Mapping[str, str] | None, stdio: Sequence[in
     if any("\0" in a for a in argv):
         raise ValueError("embedded null byte")  # as Popen says it (a C string would end there)
     stdin = stdio[2] if len(stdio) > 2 else _devnull()
-    procs = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+    directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        pid, err, step = _cspawn.spawn(paths, [os.fsencode(a) for a in argv], envp, stdin, stdio[0], stdio[1],
-                                       None if cwd is None else os.fsencode(cwd), -1 if umask is None else umask,
-                                       procs)
+        pid, err, step, _born_in = _cspawn.spawn(paths, [os.fsencode(a) for a in argv], envp, stdin, stdio[0],
+                                                 stdio[1], None if cwd is None else os.fsencode(cwd),
+                                                 -1 if umask is None else umask, directory,
+                                                 0 if born_in_cgroup else 1)
     finally:
-        os.close(procs)
+        os.close(directory)
     if pid < 0:
         if _STEPS.get(step) == "cgroup":
             raise OSError(err, f"the command could not join its cgroup {cgroup} ({os.strerror(err)})")
