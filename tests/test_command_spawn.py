@@ -200,6 +200,15 @@ def test_a_command_is_born_in_its_cgroup_or_moved_there_before_it_runs(session: 
                 assert born_in == 0
             elif os.uname().machine == "x86_64":
                 assert born_in == 1, "clone3 did not have the command born in its cgroup on x86-64"
+        # A cgroup that cgroup.kill once emptied: Linux 6.18 SIGKILLs a child born there, so the
+        # command is started the other way (moved in), and runs.
+        with open(os.path.join(cgroup, "cgroup.kill"), "w") as kill:
+            kill.write("1")
+        argv = [b"/bin/sh", b"-c", b"exit 3"]
+        pid, err, step, born_in = _direct._cspawn.spawn([argv[0]], argv, [], null, out_w, out_w, None, -1,
+                                                        directory, 0)
+        assert (err, step) == (0, 0) and pid > 0
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3, "the command did not run"
         # A program that is not there, either way: the exec step's error (the child is reaped).
         for how in (0, 1):
             pid, err, step, _ = _direct._cspawn.spawn([b"/nonexistent/psjobs"], [b"x"], [], null, out_w, out_w,
@@ -209,6 +218,20 @@ def test_a_command_is_born_in_its_cgroup_or_moved_there_before_it_runs(session: 
         for fd in (directory, null, out_r, out_w):
             os.close(fd)
         os.rmdir(cgroup)
+
+
+def test_commands_run_after_one_was_killed(path: str) -> None:
+    # A stopped command whose processes outlive its SIGTERM is killed with cgroup.kill; the
+    # commands after it still run (a killed cgroup is not used again, see give_cgroup).
+    with psjobs.Session(stop_grace=0.2) as session:
+        stubborn = session.start_job(["sh", "-c", "trap '' TERM; echo ready; sleep 30"])
+        wait_until(lambda: stubborn.receive(keep=True) == ["ready"], what="the command to be ready")
+        session.stop_job(stubborn)
+        assert stubborn.state is JobState.STOPPED
+        for i in range(5):
+            job = _run(session, ["sh", "-c", f"echo {i}"])
+            assert (job.state, job.receive()) == (JobState.COMPLETED, [str(i)]), \
+                job.child_jobs[0].job_state_info.reason
 
 
 def test_start_job_does_not_wait_for_the_fork_server_to_start_a_command(session: psjobs.Session, path: str) -> None:

@@ -236,6 +236,7 @@ class ProcessTree:
         # The first process was seen in the cgroup: every process it started was born there, so
         # an empty cgroup is the whole answer (a join that failed leaves this False: see gone).
         self.contained = False
+        self.killed = False  # cgroup.kill was written: no child may be born in that cgroup again (_direct)
 
     def signal(self, *sigs: int) -> list[int]:
         """Each of ``sigs``, in order, to every process of the job; the members it found."""
@@ -263,6 +264,7 @@ class ProcessTree:
         """SIGKILL every process of the job, including those that left its group."""
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)
+            self.killed = True
             self.signal(signal.SIGKILL)
             return
         # Frozen first, so none forks between the walk that finds it and the kill. A walk that

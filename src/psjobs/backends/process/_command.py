@@ -211,7 +211,8 @@ class CommandHandle(Handle):
     def released(self) -> None:
         cgroup, self.pool_cgroup = self.pool_cgroup, None
         if cgroup is not None and self.server is not None:
-            self.server.give_cgroup(cgroup)  # to the next command, if nothing is left in it
+            # To the next command, if nothing is left in it and it was never killed.
+            self.server.give_cgroup(cgroup, reuse=not (self.tree is not None and self.tree.killed))
 
     def _close_stdin(self) -> None:
         if self.stdin >= 0:

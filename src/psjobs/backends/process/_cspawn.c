@@ -93,7 +93,7 @@ struct child_args {
     char **paths, **argv, **envp;  /* paths: the files to try in turn, as Popen's child does */
     int in_fd, out_fd, err_fd, mask, cgroup_fd;
     const sigset_t *old;
-    volatile int *failure;  /* [errno, step]: the parent reads it once the child has exec'd or exited */
+    volatile int *failure;  /* [errno, step, ran]: the parent reads it once the child has exec'd or exited */
 };
 
 static void child(const struct child_args *a);
@@ -144,6 +144,7 @@ static volatile int clone3_refused = 0;
 static void __attribute__((noinline, noreturn, used))
 child(const struct child_args *a)
 {
+    a->failure[2] = 1;  /* it ran: a child the kernel killed at birth never gets here (see cspawn_spawn) */
     int step = STEP_CGROUP;
     if (a->cgroup_fd >= 0 && write(a->cgroup_fd, "0", 1) != 1)
         goto fail;
@@ -219,7 +220,7 @@ cspawn_spawn(PyObject *self, PyObject *args)
         PyMem_Free(a.argv);  /* NULL is fine */
         return NULL;
     }
-    volatile int failure[2] = {0, 0};
+    volatile int failure[3] = {0, 0, 0};
     a.failure = failure;
     a.cgroup_fd = -1;
     sigset_t all, old;
@@ -242,7 +243,14 @@ cspawn_spawn(PyObject *self, PyObject *args)
             cl.cgroup = (uint64_t)cgroup_dir;
             long got = clone3_into(&cl, &a);
             PyMem_RawFree(stack);  /* the child is gone from it: exec'd or exited */
-            if (got > 0) {
+            if (got > 0 && failure[2] == 0) {
+                /* Killed before it ran a single instruction: Linux 6.18 SIGKILLs a child born in a
+                 * cgroup that cgroup.kill once emptied (its kill count differs from the parent's).
+                 * Reaped, and started again the other way, which such a cgroup lets in. */
+                int status;
+                while (waitpid((pid_t)got, &status, 0) < 0 && errno == EINTR)
+                    ;
+            } else if (got > 0) {
                 pid = (pid_t)got;
                 born_in = 1;
             } else if (got == -ENOSYS || got == -EPERM || got == -E2BIG || got == -EINVAL) {

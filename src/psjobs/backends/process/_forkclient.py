@@ -203,12 +203,14 @@ class ForkClient:
             except FileExistsError:
                 continue  # left by a server of ours with the same pid: another name
 
-    def give_cgroup(self, path: str) -> None:
+    def give_cgroup(self, path: str, reuse: bool = True) -> None:
         """A command's cgroup once it ended: kept for the next command when nothing is left in it
-        (an escapee of the command keeps it, until the session's end kills it)."""
+        (an escapee of the command keeps it, until the session's end kills it). One that
+        cgroup.kill emptied (``reuse`` False) is removed: Linux 6.18 kills a child born in it
+        (_cspawn.c, which then starts the command the slower way)."""
         if cgroup_members(path) != []:
             return
-        if self.alive and len(self.free_cgroups) < FREE_CGROUPS:
+        if reuse and self.alive and len(self.free_cgroups) < FREE_CGROUPS:
             self.free_cgroups.append(path)
             return
         with contextlib.suppress(OSError):
