@@ -300,34 +300,6 @@ def test_jobs_run_with_few_or_no_warm_spares(monkeypatch: pytest.MonkeyPatch, sp
             assert not s._backends["process"]._server.spares  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("spares", ["2", "1"])
-def test_jobs_that_outran_the_spares_raise_their_number_up_to_twice_the_setting(
-        monkeypatch: pytest.MonkeyPatch, spares: str) -> None:
-    """Jobs forked on request (none of the spares left) raise the number of spares the fork server
-    keeps, so that the next burst finds them ready; never past twice PSJOBS_SPARES."""
-    import psutil
-
-    monkeypatch.setenv("PSJOBS_SPARES", spares)
-    most = 2 * int(spares)
-    with psjobs.Session() as s:
-        assert s.start_job(lambda: 1).wait(DEADLINE)
-        server: Any = s._backends["process"]._server  # type: ignore[attr-defined]
-        _held_spares(s, int(spares))
-        for _ in range(2):  # the first burst outruns the spares; so may the second, up to the most
-            jobs = [s.start_job(lambda i=i: i) for i in range(most + 3)]
-            assert s.wait_job(jobs, timeout=DEADLINE) == jobs
-            assert [j.receive() for j in jobs] == [[i] for i in range(most + 3)]
-            s.remove_job(jobs)
-        _held_spares(s, most)
-        children = lambda: psutil.Process(server.proc.pid).children()  # noqa: E731
-        wait_until(lambda: len(children()) == most, what=f"the fork server to have {most} children, its spares")
-        ready = {p.pid for p in children()}
-        burst = [s.start_job(lambda: 0) for _ in range(most)]
-        assert {j.child_jobs[0].pid for j in burst} <= ready, \
-            "a job of a burst no larger than the spares was forked on request"
-        assert s.wait_job(burst, timeout=DEADLINE) == burst
-
-
 def test_spawn_fallback_runs_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PSJOBS_START_METHOD", "spawn")
     with psjobs.Session() as s:

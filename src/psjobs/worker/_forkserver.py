@@ -64,14 +64,8 @@ if TYPE_CHECKING:  # only _spawn's Popen fallback loads it (with json: 0.2 MiB h
     import subprocess
 
 # Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
-# faults of a new process (3-8 us a page here, several ms in all) before its job arrives, and the
-# move into its cgroup: the first move after a quiet moment waits for an RCU grace period, so
-# three jobs started at once after 150 ms of quiet took 9.9-13.7 ms with two spares, against
-# 2.6-2.7 ms before jobs had cgroups (load 0.1-0.4). Jobs that outran the spares (forked on
-# request) raise their number, up to twice PSJOBS_SPARES: the next such burst finds them ready
-# (2.1 ms, load 0.7; bench/FINDINGS.md, "Born in its cgroup").
+# faults of a new process (3-8 us a page here, several ms in all) before its job arrives.
 SPARES = max(0, int(os.environ.get("PSJOBS_SPARES", "2")))
-MAX_SPARES = 2 * SPARES
 # Modules of callables pickled by reference are imported here once (when idle), so the next spares
 # have them: a worker importing the caller's module itself cost 2.8 ms a job (measured).
 PRELOAD = os.environ.get("PSJOBS_PRELOAD", "1") != "0"
@@ -139,7 +133,6 @@ class _Server:
         self.by_fd: dict[int, int] = {}                  # that end's fd -> pid
         self.unready: set[int] = set()                   # spares forked that have not said "ready"
         self.backoff = 0                                 # ms before the next spare: spares that die unready
-        self.want = SPARES                               # spares to keep: more once jobs outran them
         self.poller = select.poll()
         self.held: list[int] = []                        # descriptors of requests read, not handled yet
         self.adopted: list[str] = []                     # cgroups of this session's lost servers: see adopt
@@ -170,7 +163,7 @@ class _Server:
             # per pass, so a request that comes meanwhile is served first (a fork takes 1.2 ms here).
             # Spares that die before they are ready (no memory?) are forked again after a wait that
             # doubles each time, never in a tight loop.
-            short = len(self.spares) < self.want
+            short = len(self.spares) < SPARES
             if short:
                 idle_ms = max(self.backoff, first_wait, 0 if quiet else QUIET_MS)
             else:
@@ -245,8 +238,6 @@ class _Server:
             self.held = []
             for token, pid in forked:
                 self.tell(("forked", token, pid))
-            if forked:  # these jobs found no spare: keep more (after the forks, whose pages are shared)
-                self.want = min(MAX_SPARES, self.want + len(forked))
         if not msg:
             raise SessionGone()
 

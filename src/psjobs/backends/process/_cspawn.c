@@ -16,7 +16,7 @@
  * Why born in the cgroup: a move takes the kernel's cgroup_threadgroup_rwsem for writing, and the
  * first move after an idle moment waits for an RCU grace period: a command started 100 ms after
  * the last took 7.4 ms to reach its exec this way, 0.32 ms born in its cgroup (load 0.3; see
- * bench/FINDINGS.md, "Born in its cgroup"). A child born there takes that lock only
+ * bench/FINDINGS.md, "A command after a quiet moment"). A child born there takes that lock only
  * for reading, as every fork does.
  *
  * Why not posix_spawn or subprocess: neither can put the child in a cgroup before it runs
