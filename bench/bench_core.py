@@ -387,7 +387,7 @@ def case_command_start(s: psjobs.Session, z: Sizes) -> list[Row]:
         ratio = value_of(rows, case, "psjobs") / value_of(rows, case, "Popen + wait")
         set_target(rows, case, "<= 1.5x Popen + wait", bool(ratio <= 1.5))
     # After a quiet moment: a command moved into its cgroup then waited for an RCU grace period
-    # (7.4 ms), one born there does not (bench/FINDINGS.md, "A command after a quiet moment").
+    # (5.7 ms more, load 0.3), one born there does not (bench/FINDINGS.md, "Born in its cgroup").
     case = "command job `true` (argv) after 100 ms quiet: start -> end"
 
     def quiet(measure: Callable[[], float]) -> Callable[[], float]:

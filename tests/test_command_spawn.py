@@ -178,7 +178,7 @@ def test_a_finished_commands_cgroup_goes_to_the_next_unless_something_of_it_is_l
 def test_a_command_is_born_in_its_cgroup_or_moved_there_before_it_runs(session: psjobs.Session, path: str,
                                                                         tmp_path: Path) -> None:
     # Born there (clone3) spares the move's wait for an RCU grace period after a quiet moment
-    # (7.4 ms a command); the move (vfork) is what a kernel before 5.7 or a seccomp filter leaves.
+    # (bench/FINDINGS.md); the move (vfork) is what a kernel before 5.7 or a seccomp filter leaves.
     server = _server(session)
     if path != "direct" or server.cgroup is None:
         pytest.skip("only commands started straight from the session, where cgroup v2 is writable")

@@ -64,7 +64,9 @@ if TYPE_CHECKING:  # only _spawn's Popen fallback loads it (with json: 0.2 MiB h
     import subprocess
 
 # Warm spares: children forked ahead of need that wait for a job. A spare pays the copy-on-write
-# faults of a new process (3-8 us a page here, several ms in all) before its job arrives.
+# faults of a new process (3-8 us a page here, several ms in all) before its job arrives, and the
+# move into its cgroup, whose first after a quiet moment waits for an RCU grace period (a job
+# forked on request pays it: bench/FINDINGS.md, "Born in its cgroup").
 SPARES = max(0, int(os.environ.get("PSJOBS_SPARES", "2")))
 # Modules of callables pickled by reference are imported here once (when idle), so the next spares
 # have them: a worker importing the caller's module itself cost 2.8 ms a job (measured).

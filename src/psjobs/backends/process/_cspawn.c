@@ -16,7 +16,7 @@
  * Why born in the cgroup: a move takes the kernel's cgroup_threadgroup_rwsem for writing, and the
  * first move after an idle moment waits for an RCU grace period: a command started 100 ms after
  * the last took 7.4 ms to reach its exec this way, 0.32 ms born in its cgroup (load 0.3; see
- * bench/FINDINGS.md, "A command after a quiet moment"). A child born there takes that lock only
+ * bench/FINDINGS.md, "Born in its cgroup"). A child born there takes that lock only
  * for reading, as every fork does.
  *
  * Why not posix_spawn or subprocess: neither can put the child in a cgroup before it runs
@@ -139,8 +139,8 @@ clone3_into(struct clone3_args *cl, const struct child_args *a)
 static volatile int clone3_refused = 0;
 #endif
 
-/* The child's whole life, in a frame of its own below the parent's (the parent's frame, suspended
- * in vfork, is left as it was): it never returns. */
+/* The child's whole life, on a stack of its own (clone3) or in a frame below the parent's (vfork:
+ * the parent's frame, suspended, is left as it was): it never returns. */
 static void __attribute__((noinline, noreturn, used))
 child(const struct child_args *a)
 {
