@@ -248,7 +248,39 @@ def case_process_start(s: psjobs.Session, z: Sizes) -> list[Row]:
     set_target(rows, case, f"<= 3.0x a warm ProcessPoolExecutor(1) round trip: {pool_ratio:.2f}x "
                f"(first wave: {fs_first / mine:.1f}x mp forkserver's first Process, {fs / mine:.1f}x a warm one)",
                bool(pool_ratio <= 3.0))
+    rows += _burst_after_quiet(s, z)
     return rows
+
+
+def _burst_after_quiet(s: psjobs.Session, z: Sizes) -> list[Row]:
+    """Three jobs at once after 150 ms of quiet: two go to the warm spares, the third is forked on
+    request and first waits for the kernel to let it into its cgroup (bench/FINDINGS.md, "Born in
+    its cgroup"). No target: the figure is there to be seen, against a warm pool's."""
+    case = "3 process jobs at once after 150 ms quiet: start -> all results"
+
+    def psj() -> float:
+        time.sleep(0.15)  # not timed: the quiet moment the case is about
+        t = now()
+        jobs = [s.start_job(_jobs.trivial) for _ in range(3)]
+        _wait(s, jobs)
+        got = [job.receive() for job in jobs]
+        dt = now() - t
+        assert got == [[1]] * 3, got
+        _drop(s, jobs)
+        return ms(dt)
+
+    with ProcessPoolExecutor(max_workers=3) as ppe:
+        def pool() -> float:
+            time.sleep(0.15)
+            t = now()
+            got = [f.result() for f in [ppe.submit(_jobs.trivial) for _ in range(3)]]
+            dt = now() - t
+            assert got == [1] * 3
+            return ms(dt)
+
+        samples = interleave({"psjobs": psj, "ProcessPoolExecutor (3 warm workers)": pool}, z.rounds,
+                             warmup=z.warmup)
+    return [row(case, name, metric(v), "ms", "lower") for name, v in samples.items()]
 
 
 def case_back_to_back(s: psjobs.Session, z: Sizes) -> list[Row]:
