@@ -428,21 +428,9 @@ def case_command_start(s: psjobs.Session, z: Sizes) -> list[Row]:
             return measure()
         return one
 
-    def psj_argv() -> float:
-        t = now()
-        job = s.start_job(["true"])
-        _wait(s, job)
-        dt = now() - t
-        assert job.state is psjobs.JobState.COMPLETED
-        _drop(s, job)
-        return ms(dt)
-
-    def popen_argv() -> float:
-        t = now()
-        subprocess.Popen(["true"]).wait()
-        return ms(now() - t)
-
-    samples = interleave({"psjobs": quiet(psj_argv), "Popen + wait": quiet(popen_argv)}, z.rounds, warmup=z.warmup)
+    # psj and bare of the loop above, on the argv form.
+    samples = interleave({"psjobs": quiet(lambda: psj(["true"])), "Popen + wait": quiet(lambda: bare(False))},
+                         z.rounds, warmup=z.warmup)
     rows += [row(case, name, metric(v), "ms", "lower") for name, v in samples.items()]
     ratio = value_of(rows, case, "psjobs") / value_of(rows, case, "Popen + wait")
     set_target(rows, case, "<= 1.5x Popen + wait", bool(ratio <= 1.5))
