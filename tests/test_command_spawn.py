@@ -224,14 +224,18 @@ def test_commands_run_after_one_was_killed(path: str) -> None:
     # A stopped command whose processes outlive its SIGTERM is killed with cgroup.kill; the
     # commands after it still run (a killed cgroup is not used again, see give_cgroup).
     with psjobs.Session(stop_grace=0.2) as session:
-        stubborn = session.start_job(["sh", "-c", "trap '' TERM; echo ready; sleep 30"])
-        wait_until(lambda: stubborn.receive(keep=True) == ["ready"], what="the command to be ready")
+        stubborn = session.start_job(["sh", "-c", "trap '' TERM; grep ^0:: /proc/self/cgroup; sleep 30"])
+        wait_until(lambda: len(stubborn.receive(keep=True)) == 1, what="the command to be ready")
+        killed_in = stubborn.receive()[0]
         session.stop_job(stubborn)
         assert stubborn.state is JobState.STOPPED
         for i in range(5):
-            job = _run(session, ["sh", "-c", f"echo {i}"])
-            assert (job.state, job.receive()) == (JobState.COMPLETED, [str(i)]), \
-                job.child_jobs[0].job_state_info.reason
+            job = _run(session, ["sh", "-c", f"echo {i}; grep ^0:: /proc/self/cgroup"])
+            assert job.state is JobState.COMPLETED, job.child_jobs[0].job_state_info.reason
+            echoed, cgroup = job.receive()
+            assert echoed == str(i)
+            if path == "direct":
+                assert cgroup != killed_in, "a killed cgroup went to the next command"
 
 
 def test_start_job_does_not_wait_for_the_fork_server_to_start_a_command(session: psjobs.Session, path: str) -> None:
