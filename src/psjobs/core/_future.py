@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from .._compat import cancel_running_future
 from .._records import Stream
 from . import _dispatch
+from ._spin import spin
 from ._state import JobState
 
 if TYPE_CHECKING:
@@ -329,6 +330,7 @@ def _wait_finished(job: Job, timeout: float | None, verb: str) -> None:
     cond = job._session._cond
     job._watched(1)
     try:
+        spin(job, finished=True, limit=timeout)
         with cond:
             while not job._state.is_finished:
                 remaining = None if deadline is None else deadline - time.monotonic()

@@ -15,7 +15,8 @@ back range is claimed again like any other). Records of the other streams that w
 shown after the first such item are shown again with it: shown twice rather than lost.
 
 The waits of receive and wait_job are here too (``wait_on``, ``wait_locked``): a wait for every
-job of a list waits for one job at a time, released only by that job's state changes.
+job of a list waits for one job at a time, released only by that job's state changes. A wait for
+one job looks at it for a moment before it sleeps (``_future.spin``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from ._session import Session
 
 T = TypeVar("T")
+
 
 _OUTPUT = 0  # Stream.OUTPUT: entries hold the stream as an int (IntEnum)
 

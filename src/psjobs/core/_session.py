@@ -54,6 +54,7 @@ from ._sched import Scheduler, SchedulingVerbs, When, keep_recipe, make_when
 from ._select import descendants, leaves_of, resolve, select_jobs
 from ._spec import CALL, JobSpec, check_directory, make_env, make_spec
 from ._spill import Spill
+from ._spin import spin
 from ._state import JobState
 from ._tree import (
     check_as_job,
@@ -479,6 +480,8 @@ class Session(SchedulingVerbs):
                 return self._wait_showing(selected, any, deadline, shown)
             finally:
                 shown.close()
+        if len(selected) == 1:
+            spin(selected[0], limit=timeout)
         with self._cond:
             result = wait_locked(self, selected, any, deadline)
         assert result is not None
