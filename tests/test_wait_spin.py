@@ -51,6 +51,7 @@ def test_only_process_jobs_look_and_only_with_two_cpus(session: psjobs.Session) 
     # A thread job's end comes from this process (looking slowed it), an SSH or Dask job's takes
     # milliseconds; with one CPU the looking would hold up the very threads it waits for.
     assert (_spin.SPIN_S > 0) == (_spin._cpus() > 1)
+    assert _spin.SPIN_S in (0.0, 0.0003)  # the 0.3 ms the guide states
     jobs = [session.start_job(abs, -1), session.start_thread_job(abs, -1), session.start_job(["true"])]
     assert [_spin._kind(job) for job in jobs] == ["process", "thread", "process"]  # a command is a process job
     session.wait_job(jobs, timeout=30)
