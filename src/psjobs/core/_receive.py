@@ -16,7 +16,7 @@ shown after the first such item are shown again with it: shown twice rather than
 
 The waits of receive and wait_job are here too (``wait_on``, ``wait_locked``): a wait for every
 job of a list waits for one job at a time, released only by that job's state changes. A wait for
-one job looks at it for a moment before it sleeps (``_future.spin``).
+one process job looks at it for a moment before it sleeps (``_spin.spin``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from ._session import Session
 
 T = TypeVar("T")
-
 
 _OUTPUT = 0  # Stream.OUTPUT: entries hold the stream as an int (IntEnum)
 

@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._job import Job
 
-# How long a wait for one job looks at it before it sleeps. Its end comes through two other
-# threads (worker, then the session's I/O thread), and a thread that sleeps leaves its CPU idle:
-# on the virtual machines measured, waking an idle CPU took ~0.13 ms (perf sched: 130 us from
-# the waking to the run), a quarter of a process job's start -> result. A waiter that looks for
-# 0.3 ms keeps its CPU awake for the end of a short job; a longer job costs it 0.3 ms of CPU once.
-# Not with one CPU: the looking would only delay the threads it waits for. Only for a process
-# job: a thread job's end comes from a thread of this process, which the looking slowed (thread
-# job start -> result 85-92 us against 71-83, load 0.5-0.9); an SSH or Dask job takes longer.
+
 def _cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))  # the CPUs this process may run on
@@ -30,6 +23,15 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+# How long a wait for one job looks at it before it sleeps. Its end comes through two other
+# threads (worker, then the session's I/O thread), and a thread that sleeps leaves its CPU idle:
+# on the virtual machine measured (Firecracker, no cpuidle driver), waking an idle CPU took
+# ~0.13 ms (perf sched: 128-131 us from the waking to the run), a quarter of a process job's
+# start -> result (bench/FINDINGS.md, sixteenth session). A waiter that looks for 0.3 ms keeps
+# its CPU awake for the end of a short job; a longer job costs it 0.3 ms of CPU once.
+# Not with one CPU: the looking would only delay the threads it waits for. Only for a process
+# job: a thread job's end comes from a thread of this process, which the looking slowed (thread
+# job start -> result 85-92 us against 71-83, load 0.5-0.9); an SSH or Dask job takes longer.
 SPIN_S = 0.0003 if _cpus() > 1 else 0.0
 
 
