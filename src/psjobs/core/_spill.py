@@ -7,7 +7,8 @@
     JobPort.records / record / ended, after the lock --> Spill.relieve(), when held > WINDOW:
         under the session lock:  claim the biggest journals' oldest in-memory entries, down to
                                  half the window (no I/O)
-        outside it:              pickle them in blocks, written after what each journal's file holds
+        outside it:              encode them in blocks (plain records: _cspill.c; others: pickle),
+                                 written after what each journal's file holds
         under the session lock:  index the blocks, drop the entries from memory, held -= bytes
     Session._read (no lock) --> SpillJournal.read(start, stop): blocks read back from the file
                                 (pread), then the entries still in memory, in order
@@ -25,8 +26,8 @@ waits for it when memory is at twice the window.
 
 A job's journal starts as a :class:`MemoryJournal` (most jobs hold one value); past
 :data:`SMALL` entries it becomes a :class:`SpillJournal`, whose in-memory entries count against
-its session's window. Spilled entries come back as equal copies, not the same objects
-(they were pickled); an entry that cannot be pickled stays in memory where it is.
+its session's window. Spilled entries come back as equal copies of the same types, not the same
+objects (they were encoded); an entry that cannot be pickled stays in memory where it is.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ from .._errors import JobStateError
 from ._journal import ENTRY, Entry, MemoryJournal
 from ._pshost import describe_job
 
+try:
+    from . import _cspill  # optional (setup.py): without it every block is pickled
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _cspill = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from ._job import Job
 
@@ -63,6 +69,7 @@ WINDOW = 4 << 20
 _BLOCK_ENTRIES = 4096   # a block is read back whole: a read of one position unpickles at most this
 _BLOCK_BYTES = 1 << 20
 _RETRY_SECONDS = 5.0    # after a failed write (disk full), memory grows until the next try
+_PLAIN = b"\x01"  # the first byte of a block _cspill wrote (a pickle's is 0x80)
 _log = logging.getLogger("psjobs")
 
 
@@ -180,15 +187,24 @@ class SpillJournal:
             pos = start
             while pos < stop:
                 first = self._starts[i]
-                streams, values, times = pickle.loads(os.pread(fd, self._lens[i], self._offs[i]))
-                a, b = pos - first, min(len(values), stop - first)
-                block = list(zip(streams[a:b], values[a:b], times[a:b]))
+                data = os.pread(fd, self._lens[i], self._offs[i])
+                if data[:1] == _PLAIN:
+                    assert _cspill is not None  # only _cspill writes such a block
+                    entries = _cspill.decode(data)
+                    a, b = pos - first, min(len(entries), stop - first)
+                    block = entries[a:b]
+                    count = len(entries)
+                else:
+                    streams, values, times = pickle.loads(data)
+                    a, b = pos - first, min(len(values), stop - first)
+                    block = list(zip(streams[a:b], values[a:b], times[a:b]))
+                    count = len(values)
                 if pinned:  # entries that could not be pickled: a None in the file
                     for k in range(a, b):
                         if first + k in pinned:
                             block[k - a] = pinned[first + k]
                 out.extend(block)
-                pos = first + len(values)
+                pos = first + count
                 i += 1
         finally:
             os.close(fd)
@@ -220,18 +236,10 @@ class SpillJournal:
         blocks: list[tuple[int, int, int]] = []
         offset = self._size
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
-        # Where each block ends: at _BLOCK_ENTRIES entries, or at the entry that brings it to
-        # _BLOCK_BYTES (as cost() counts them). The running sums are made by map/accumulate and the
-        # ends found by bisect, in C: a Python loop over the entries took ~30 ms a 100,000 at load ~1 (a
-        # process job streaming faster than its reader spills every entry: bench core's streaming).
-        values_end = list(accumulate(sizes, initial=0))  # with _ENTRY an entry, added in the key below
-        ends = range(len(entries) + 1)
         try:
             i = 0
             while i < len(entries):
-                j = min(bisect.bisect_left(ends, values_end[i] + _ENTRY * i + _BLOCK_BYTES, i + 1,
-                                           key=lambda k: values_end[k] + _ENTRY * k),
-                        i + _BLOCK_ENTRIES, len(entries))
+                j = self._block_end(sizes, i)
                 data = self._pickle(base + i, entries[i:j])
                 view = memoryview(data)
                 at = offset
@@ -246,7 +254,29 @@ class SpillJournal:
         self._size = offset
         return blocks
 
+    @staticmethod
+    def _block_end(sizes: list[int], i: int) -> int:
+        """Where the block from ``i`` ends: at _BLOCK_ENTRIES entries, or at the entry that brings
+        it to _BLOCK_BYTES (as cost() counts them)."""
+        j = min(i + _BLOCK_ENTRIES, len(sizes))
+        # Most blocks hold _BLOCK_ENTRIES small entries: one C sum says so. A running sum over every
+        # entry (accumulate) made an int object each, ~15 ns an entry of a pass's ~130 (a thread
+        # job's stream of 100,000 ints, thread_time).
+        if sum(sizes[i:j]) + _ENTRY * (j - i) <= _BLOCK_BYTES:
+            return j
+        ends = list(accumulate(sizes[i:j], initial=0))
+        # The first end past _BLOCK_BYTES, that entry included (a block holds at least one entry).
+        k = bisect.bisect_left(range(j - i + 1), _BLOCK_BYTES, 1, key=lambda n: ends[n] + _ENTRY * n)
+        return i + min(k, j - i)
+
     def _pickle(self, first: int, block: list[Entry]) -> bytes:
+        # Plain entries (None, bools, 64-bit ints, floats, str, bytes: most streams) in one C pass
+        # (core/_cspill.c): ~5 ns an entry, against ~55 to take the tuples apart into columns and
+        # pickle them (a thread job's stream of 100,000 ints, thread_time). Any other block is pickled.
+        if _cspill is not None:
+            data = _cspill.encode(block)
+            if data is not None:
+                return data
         # In columns, as the worker wire sends them: a list of 3-tuples pickled at ~900 instructions
         # an int item (each tuple saved and memoized), the columns at ~320 (callgrind). Not
         # zip(*block), which makes an iterator per entry; an array("d") of the times cost more than
