@@ -240,7 +240,7 @@ class SpillJournal:
             i = 0
             while i < len(entries):
                 j = self._block_end(sizes, i)
-                data = self._pickle(base + i, entries[i:j])
+                data = self._encode(base + i, entries[i:j])
                 view = memoryview(data)
                 at = offset
                 while view:
@@ -269,9 +269,9 @@ class SpillJournal:
         k = bisect.bisect_left(range(j - i + 1), _BLOCK_BYTES, 1, key=lambda n: ends[n] + _ENTRY * n)
         return i + min(k, j - i)
 
-    def _pickle(self, first: int, block: list[Entry]) -> bytes:
+    def _encode(self, first: int, block: list[Entry]) -> bytes:
         # Plain entries (None, bools, 64-bit ints, floats, str, bytes: most streams) in one C pass
-        # (core/_cspill.c): ~5 ns an entry, against ~55 to take the tuples apart into columns and
+        # (core/_cspill.c): ~11 ns an entry, against ~55 to take the tuples apart into columns and
         # pickle them (a thread job's stream of 100,000 ints, thread_time). Any other block is pickled.
         if _cspill is not None:
             data = _cspill.encode(block)
