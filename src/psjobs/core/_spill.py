@@ -261,7 +261,7 @@ class SpillJournal:
         j = min(i + _BLOCK_ENTRIES, len(sizes))
         # Most blocks hold _BLOCK_ENTRIES small entries: one C sum says so. A running sum over every
         # entry (accumulate) made an int object each, ~15 ns an entry of a pass's ~130 (a thread
-        # job's stream of 100,000 ints, thread_time).
+        # job's stream of 100,000 ints, thread_time, load 0.4-2.5).
         if sum(sizes[i:j]) + _ENTRY * (j - i) <= _BLOCK_BYTES:
             return j
         ends = list(accumulate(sizes[i:j], initial=0))
@@ -272,7 +272,8 @@ class SpillJournal:
     def _encode(self, first: int, block: list[Entry]) -> bytes:
         # Plain entries (None, bools, 64-bit ints, floats, str, bytes: most streams) in one C pass
         # (core/_cspill.c): ~11 ns an entry, against ~55 to take the tuples apart into columns and
-        # pickle them (a thread job's stream of 100,000 ints, thread_time). Any other block is pickled.
+        # pickle them (a thread job's stream of 100,000 ints, thread_time, load 0.4-2.5). Any other
+        # block is pickled.
         if _cspill is not None:
             data = _cspill.encode(block)
             if data is not None:
